@@ -1,0 +1,117 @@
+"""The full config schema with its defaults; every other config starts from it.
+
+Every key a run can use exists here, so ``training.config_check.validate`` can refuse an
+unknown key, a wrong type or an unknown name before anything is built. Experiment configs
+(``configs/<name>.py``) call :func:`get_config` and change values, never add keys.
+
+Stable keys (other issues build on them): ``train.steps``, ``train.batch_size``,
+``train.eval_every``, ``checkpoint.every``, ``mesh.data|fsdp|expert|tensor`` (-1 = the
+rest), ``model.name``, ``data.name``, ``seed``, ``model.moe.*``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---------------------------------------------------------------- model
+    m = c.model = ml_collections.ConfigDict()
+    m.name = "decoder_lm"
+    m.vocab_size = 258          # byte tokenizer: 256 bytes + pad (0) + eos (1)
+    m.num_layers = 2
+    m.d_model = 128
+    m.num_heads = 4
+    m.num_kv_heads = 2           # grouped-query attention (== num_heads: plain MHA)
+    m.head_dim = 32
+    m.mlp_dim = 512
+    m.mlp_type = "swiglu"        # swiglu | geglu | gelu | relu
+    m.norm = "rmsnorm"           # rmsnorm | layernorm
+    m.norm_eps = 1e-6
+    m.tie_embeddings = True
+    m.max_len = 256
+    m.rope_theta = 10000.0
+    m.dtype = "auto"             # compute dtype: auto (bf16 on GPU/TPU, f32 on CPU) | bfloat16 | float32
+    m.param_dtype = "float32"
+    m.attention_impl = "auto"    # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+    # Feed-forward slot per layer: "mlp" everywhere, "moe" (every `moe.every`-th layer, the
+    # others "mlp"), or a comma-separated list with one entry per layer, e.g. "mlp,moe".
+    m.ffn = "mlp"
+
+    moe = m.moe = ml_collections.ConfigDict()
+    moe.num_experts = 8
+    moe.k = 2
+    moe.router = "top_k"               # top_k | expert_choice
+    moe.dispatch = "dropless"          # capacity | dropless
+    moe.capacity_factor = 1.25         # training
+    moe.eval_capacity_factor = 2.0     # evaluation
+    moe.min_capacity = 4
+    moe.expert_dim = 256               # hidden width F of each expert
+    moe.expert_type = "swiglu"         # swiglu | gelu
+    moe.num_shared_experts = 0         # DeepSeekMoE / Qwen-MoE shared experts
+    moe.shared_expert_dim = 0          # 0: same as expert_dim
+    moe.residual_mlp = False           # residual MoE: MoE output + a dense MLP
+    moe.every = 1                      # MoE in every N-th layer when model.ffn == "moe"
+    moe.renormalize = True             # renormalise top-k weights (ignored for k=1)
+    moe.jitter = 0.0                   # multiplicative jitter x*U(1-eps, 1+eps) in training
+    moe.load_balance_coef = 0.01       # Switch load-balancing loss
+    moe.z_loss_coef = 1e-3             # ST-MoE router z-loss
+    moe.bias_update_rate = 0.0         # aux-loss-free balancing (DeepSeek-V3); 0 = off
+    moe.batch_prioritized = False      # BPR: fill capacity by top-1 probability
+    moe.group_size = 0                 # routing-group size in tokens; 0 = one group per sequence
+    moe.gmm_backend = "auto"           # auto | ragged_dot | dense
+    moe.router_init_scale = 0.1
+
+    # ---------------------------------------------------------------- mesh
+    mesh = c.mesh = ml_collections.ConfigDict()
+    mesh.data = -1
+    mesh.fsdp = 1
+    mesh.expert = 1
+    mesh.tensor = 1
+    mesh.rules = ""   # "" = layers.sharding.DEFAULT_RULES; else JSON list of [logical, mesh_axes]
+
+    # ---------------------------------------------------------------- data
+    d = c.data = ml_collections.ConfigDict()
+    d.name = "stdlib"            # stdlib (offline, Python's own sources) | any TFDS dataset name
+    d.data_dir = ""              # TFDS data dir; "" = $ROUTEZOO_DATA_DIR or ~/tensorflow_datasets
+    d.text_key = "text"          # feature holding the text for named TFDS datasets
+    d.train_split = "train"
+    d.eval_split = "validation"
+    d.seq_len = 128
+    d.tokenizer = "byte"         # byte | sentencepiece
+    d.spm_model = ""             # path to a SentencePiece model; "" = train one on the train split
+    d.spm_vocab_size = 4096
+    d.shuffle = True
+    d.num_workers = 0            # grain worker processes (0 = in-process)
+
+    # ---------------------------------------------------------------- train
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.batch_size = 16            # global batch, in sequences
+    t.grad_accum = 1             # micro-batches per step
+    t.eval_every = 200
+    t.eval_steps = 8             # batches per evaluation
+    t.log_every = 10
+    t.progress = True            # progress bar on process 0
+
+    o = c.optimizer = ml_collections.ConfigDict()
+    o.name = "adamw"             # adamw | adafactor | sgd
+    o.learning_rate = 3e-3
+    o.schedule = "cosine"        # cosine | linear | constant
+    o.warmup_steps = 50
+    o.end_lr_fraction = 0.1
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.1
+    o.weight_decay_mask = "matrices"   # matrices (ndim >= 2, no embeddings) | all | none
+    o.clip_norm = 1.0            # global-norm clipping; 0 = off
+
+    ck = c.checkpoint = ml_collections.ConfigDict()
+    ck.every = 200
+    ck.keep = 3
+    ck.async_save = True
+    ck.verify = True             # checksum manifest written after each save, checked on restore
+
+    return c

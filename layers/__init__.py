@@ -1,0 +1,1 @@
+"""routezoo.layers"""

@@ -1,0 +1,191 @@
+"""Dense Transformer building blocks: embeddings, norms, rotary embeddings, attention, MLPs.
+
+Einsum letters: ``B`` batch, ``L`` length (queries), ``M`` length (keys), ``D`` embed,
+``H`` query heads, ``G`` key/value heads, ``K`` head dim, ``F`` mlp, ``V`` vocab.
+
+Every parameter carries logical axis names (see :mod:`routezoo.layers.sharding`) and every
+large activation is constrained by name, so the same modules run unsharded, data-parallel,
+FSDP or tensor-parallel depending only on the mesh and the rules in context.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from routezoo.layers.sharding import constrain, param
+
+Dtype = Any
+default_kernel_init = nn.initializers.lecun_normal()
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": nn.gelu,
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+MLP_TYPES = ("swiglu", "geglu", "gelu", "relu")
+NORMS = ("rmsnorm", "layernorm")
+
+
+class Embed(nn.Module):
+    """Token embedding ``(V, D)``; :meth:`attend` is the tied output projection ``D -> V``."""
+
+    vocab_size: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", param(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            (self.vocab_size, self.features), self.param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        # ids: [B, L] -> [B, L, D]
+        x = jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        # x: [B, L, D] -> logits [B, L, V]
+        logits = jnp.einsum("BLD,VD->BLV", x, jnp.asarray(self.embedding, self.dtype))
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich, 2019), computed in float32."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", param(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Layer norm with scale and bias, computed in float32."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", param(nn.initializers.ones, ("norm",)), (d,), self.param_dtype)
+        bias = self.param("bias", param(nn.initializers.zeros, ("norm",)), (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale + bias).astype(self.dtype)
+
+
+def make_norm(kind: str, eps: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    if kind == "layernorm":
+        return LayerNorm(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    raise ValueError(f"unknown norm {kind!r}; allowed: {', '.join(NORMS)}")
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Applies rotary position embeddings (Su et al., 2021, RoFormer) to ``x: [B, L, H, K]``.
+
+    Uses the half-split convention (pairs ``(i, i + K/2)``), as GPT-NeoX and Llama do.
+    ``positions: [B, L]`` integer positions.
+    """
+    k = x.shape[-1]
+    if k % 2:
+        raise ValueError(f"rotary embeddings need an even head dim, got {k}")
+    freq = theta ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k)      # [K/2]
+    angle = positions.astype(jnp.float32)[..., None] * freq                     # [B, L, K/2]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]      # [B, L, 1, K/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped key/value heads and rotary embeddings.
+
+    Attention itself goes through :func:`jax.nn.dot_product_attention`, so GPUs get the
+    cuDNN flash kernel (``implementation='cudnn'``) and other platforms the XLA path.
+    ``num_kv_heads`` divides ``num_heads``; with ``num_kv_heads == num_heads`` it is plain
+    multi-head attention, with 1 it is multi-query attention.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    causal: bool = True
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None,
+                 segment_mask: jax.Array | None = None) -> jax.Array:
+        # x: [B, L, D]
+        b, l, d = x.shape
+        h, g, k = self.num_heads, self.num_kv_heads, self.head_dim
+        if h % g:
+            raise ValueError(f"num_heads ({h}) must be divisible by num_kv_heads ({g})")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+
+        def proj(name, heads, head_axis):
+            w = self.param(name, param(default_kernel_init, ("embed", head_axis, "head_dim")),
+                           (d, heads, k), self.param_dtype)
+            return jnp.einsum("BLD,DHK->BLHK", x, jnp.asarray(w, self.dtype))
+
+        q = constrain(proj("q", h, "heads"), ("batch", "length", "act_heads", None))
+        kk = constrain(proj("k", g, "kv_heads"), ("batch", "length", "act_kv_heads", None))
+        v = constrain(proj("v", g, "kv_heads"), ("batch", "length", "act_kv_heads", None))
+        q = rotary_embedding(q, positions, self.rope_theta)
+        kk = rotary_embedding(kk, positions, self.rope_theta)
+        impl = None if self.implementation in (None, "auto") else self.implementation
+        out = jax.nn.dot_product_attention(
+            q, kk, v, mask=segment_mask, is_causal=self.causal, implementation=impl)   # [B, L, H, K]
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        wo = self.param("o", param(default_kernel_init, ("heads", "head_dim", "embed")),
+                        (h, k, d), self.param_dtype)
+        y = jnp.einsum("BLHK,HKD->BLD", out, jnp.asarray(wo, self.dtype))
+        return constrain(y, ("batch", "length", "act_embed"))
+
+
+class MLP(nn.Module):
+    """Feed-forward block: gated (SwiGLU, GeGLU; Shazeer, 2020) or plain (GELU, ReLU)."""
+
+    hidden_dim: int
+    mlp_type: str = "swiglu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # x: [B, L, D]
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"unknown mlp_type {self.mlp_type!r}; allowed: {', '.join(MLP_TYPES)}")
+        d, f = x.shape[-1], self.hidden_dim
+        w_in = self.param("wi", param(default_kernel_init, ("embed", "mlp")), (d, f), self.param_dtype)
+        hid = jnp.einsum("BLD,DF->BLF", x, jnp.asarray(w_in, self.dtype))
+        if self.mlp_type in ("swiglu", "geglu"):
+            w_gate = self.param("wg", param(default_kernel_init, ("embed", "mlp")), (d, f), self.param_dtype)
+            gate = jnp.einsum("BLD,DF->BLF", x, jnp.asarray(w_gate, self.dtype))
+            act = nn.silu if self.mlp_type == "swiglu" else nn.gelu
+            hid = act(gate) * hid
+        else:
+            hid = ACTIVATIONS[self.mlp_type](hid)
+        hid = constrain(hid, ("batch", "length", "act_mlp"))
+        w_out = self.param("wo", param(default_kernel_init, ("mlp", "embed")), (f, d), self.param_dtype)
+        y = jnp.einsum("BLF,FD->BLD", hid, jnp.asarray(w_out, self.dtype))
+        return constrain(y, ("batch", "length", "act_embed"))

@@ -1,0 +1,123 @@
+"""Validation of a run config before anything is built, compiled or written.
+
+Every problem is a :class:`ConfigError` whose message is one line naming the key, the
+problem and the allowed values. The CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from routezoo.configs import base
+from routezoo.layers import dense
+from routezoo.layers.sharding import MESH_AXES, resolve_mesh_shape
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_schema(cfg: Any, schema: Any, prefix: str) -> None:
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown config key {path!r}; allowed under "
+                              f"{prefix.rstrip('.') or 'config'}: {', '.join(sorted(schema.keys()))}")
+        want, got = schema[key], cfg[key]
+        if isinstance(want, ml_collections.ConfigDict):
+            if not isinstance(got, ml_collections.ConfigDict):
+                raise ConfigError(f"config key {path!r} must be a group of keys, got {type(got).__name__}")
+            _check_schema(got, want, path + ".")
+        elif isinstance(want, bool) or isinstance(got, bool):
+            if type(got) is not type(want):
+                raise ConfigError(f"config key {path!r} must be {type(want).__name__}, got {got!r}")
+        elif isinstance(want, float) and isinstance(got, (int, float)):
+            pass
+        elif type(got) is not type(want):
+            raise ConfigError(f"config key {path!r} must be {type(want).__name__}, got {got!r}")
+
+
+def _one_of(value: Any, allowed, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {key} {value!r}; allowed: {', '.join(map(str, allowed))}")
+
+
+def _positive(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {node}")
+
+
+def validate(config: Any, *, num_devices: int | None = None, process_count: int | None = None) -> None:
+    """Raises :class:`ConfigError` for the first problem found in ``config``."""
+    import jax
+
+    from routezoo import zoo
+    from routezoo.training import data as data_lib
+    from routezoo.training.optim import DECAY_MASKS, OPTIMIZERS, SCHEDULES
+
+    _check_schema(config, base.get_config(), "")
+    m, t, o, d = config.model, config.train, config.optimizer, config.data
+    _one_of(m.name, sorted(zoo.MODELS), "model.name")
+    _one_of(m.mlp_type, dense.MLP_TYPES, "model.mlp_type")
+    _one_of(m.norm, dense.NORMS, "model.norm")
+    _one_of(m.dtype, ("auto", "bfloat16", "float32"), "model.dtype")
+    _one_of(m.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
+    _one_of(m.attention_impl, ("auto", "xla", "cudnn"), "model.attention_impl")
+    _one_of(o.name, OPTIMIZERS, "optimizer.name")
+    _one_of(o.schedule, SCHEDULES, "optimizer.schedule")
+    _one_of(o.weight_decay_mask, DECAY_MASKS, "optimizer.weight_decay_mask")
+    _one_of(d.tokenizer, ("byte", "sentencepiece"), "data.tokenizer")
+    if not data_lib.known_dataset(d.name):
+        raise ConfigError(f"unknown data.name {d.name!r}; allowed: stdlib, or a TFDS dataset name "
+                          "(e.g. lm1b, wikipedia/20230601.en) prepared in array_record format")
+    _positive(config, "model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
+              "model.head_dim", "model.mlp_dim", "model.vocab_size", "data.seq_len", "train.steps",
+              "train.batch_size", "train.grad_accum", "train.eval_every", "train.eval_steps",
+              "train.log_every", "checkpoint.every", "checkpoint.keep", "optimizer.learning_rate")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads "
+                          f"({m.num_kv_heads})")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {m.head_dim}")
+    if d.tokenizer == "byte" and m.vocab_size < 258:
+        raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than the byte tokenizer's 258")
+    if d.tokenizer == "sentencepiece" and m.vocab_size < d.spm_vocab_size:
+        raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than data.spm_vocab_size "
+                          f"{d.spm_vocab_size}")
+
+    try:
+        kinds = zoo.ffn_kinds(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    process_count = jax.process_count() if process_count is None else process_count
+    try:
+        sizes = dict(zip(MESH_AXES, resolve_mesh_shape({a: config.mesh[a] for a in MESH_AXES}, num_devices)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    if t.batch_size % dp:
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the data-parallel size "
+                          f"{dp} (mesh data*fsdp*expert = {sizes['data']}*{sizes['fsdp']}*{sizes['expert']}); "
+                          f"allowed: multiples of {dp}")
+    if t.batch_size % (dp * t.grad_accum):
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by data-parallel size {dp} "
+                          f"times train.grad_accum {t.grad_accum}")
+    if t.batch_size % process_count:
+        raise ConfigError(f"train.batch_size {t.batch_size} is not divisible by the {process_count} processes")
+    if m.num_heads % sizes["tensor"] or m.mlp_dim % sizes["tensor"]:
+        raise ConfigError(f"model.num_heads ({m.num_heads}) and model.mlp_dim ({m.mlp_dim}) must be "
+                          f"divisible by mesh.tensor ({sizes['tensor']})")
+    if "moe" in kinds:
+        from routezoo.layers.moe import validate_moe_config
+        try:
+            validate_moe_config(m.moe, causal=True, mesh_shape=sizes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None

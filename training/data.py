@@ -1,0 +1,594 @@
+"""Data: TFDS sources, tokenizers and checkpointable grain pipelines.
+
+Sources. Every split is read through ``tfds.data_source`` (array_record files, random
+access, no TensorFlow):
+
+* ``stdlib`` (the default, offline): the ``.py`` files of the running interpreter's
+  standard library (``sysconfig.get_paths()['stdlib']``, subpackages included;
+  ``site-packages``, ``__pycache__`` and the test suites, i.e. directories named
+  ``test``, ``tests`` or ``idle_test``, left out; about 900 files / 14 MB for 3.11).
+  A file belongs to ``validation`` when a SHA-1 of its POSIX path relative to the stdlib
+  root falls in the lowest 5% (:func:`stdlib_split_of`), else to ``train``. It is built
+  once per data dir by the local TFDS builder ``routezoo_stdlib`` whose config is keyed
+  by the Python version (``routezoo_stdlib/py3_11``); features ``text`` and ``path``.
+  The build runs under an ``fcntl`` lock, so concurrent processes build it once.
+* any other ``data.name``: a TFDS dataset already prepared in array_record format in
+  the data dir (``tfds build NAME --file_format=array_record``); ``data.text_key`` holds
+  the text. Nothing is downloaded here.
+
+The data dir is ``data.data_dir``, else ``$ROUTEZOO_DATA_DIR``, else
+``~/tensorflow_datasets``.
+
+Tokenizers (:func:`get_tokenizer`): ``byte`` (pad 0, eos 1, byte b -> b + 2, 258 ids) or
+``sentencepiece`` (pad 0, eos 1, unk 2, byte fallback; loaded from ``data.spm_model`` or
+trained once on a bounded sample of the train split and cached in the data dir).
+``token_bytes[id]`` is the number of UTF-8 bytes a token stands for (0 for pad, eos and
+other control ids), for bits per byte = sum NLL / ln 2 / sum token_bytes[targets].
+
+Training pipeline (:func:`make_train_iterator`), per process::
+
+    source[process_index::process_count]      disjoint documents per process
+      -> shuffle(seed)  -> repeat()           reshuffled every epoch (grain MapDataset)
+      -> encode + EOS                         int32 token ids per document
+      -> PackIterDataset(seq_len + 1)         concatenate documents, cut rows, no padding
+      -> batch(batch_size // process_count)   {'inputs', 'targets', 'weights'}
+
+``inputs = row[:-1]``, ``targets = row[1:]``, ``weights = (targets != pad)``; each
+process packs its own documents, so the processes' rows are disjoint and together cover
+each epoch of the split once. The returned grain ``DatasetIterator`` is checkpointable
+(``get_state``/``set_state``, JSON-able dicts); :func:`iterator_save_args` and
+:func:`iterator_restore_args` give the Orbax args (grain's ``CheckpointSave`` /
+``CheckpointRestore``, one ``process_<i>-of-<n>.json`` per process) for a composite
+``CheckpointManager``.
+
+Evaluation (:func:`eval_batches`): the eval split, unshuffled, packed the same way; the
+last row and the last batch are padded with pad ids (weight 0), and every process yields
+exactly ``train.eval_steps`` batches (all-pad batches once its share runs out) so that
+multi-host evaluation steps stay in lockstep.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import hashlib
+import io
+import logging
+import os
+import pathlib
+import sys
+import sysconfig
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+log = logging.getLogger(__name__)
+
+STDLIB = "stdlib"
+PAD_ID = 0
+EOS_ID = 1
+BYTE_OFFSET = 2                      # byte b -> id b + 2
+VALIDATION_PER_MILLE = 50            # 5% of the stdlib files go to validation
+SPM_SAMPLE_BYTES = 4_000_000         # text sampled from the train split to train SentencePiece
+_EXCLUDED_DIRS = frozenset({"site-packages", "__pycache__", "test", "tests", "idle_test"})
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
+
+
+# ------------------------------------------------------------------------- data dir
+
+
+def resolve_data_dir(data_cfg: Any) -> str:
+    """``data.data_dir``, else ``$ROUTEZOO_DATA_DIR``, else ``~/tensorflow_datasets``."""
+    data_dir = data_cfg.data_dir or os.environ.get("ROUTEZOO_DATA_DIR", "")
+    return os.path.expanduser(data_dir or "~/tensorflow_datasets")
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path) -> Iterator[None]:
+    """Exclusive ``fcntl`` lock on ``path`` (created if missing), across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------ stdlib dataset
+
+
+def stdlib_root() -> pathlib.Path:
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_split_of(relpath: str) -> str:
+    """The split of a stdlib file, from a stable hash of its relative POSIX path."""
+    digest = hashlib.sha1(relpath.encode("utf-8")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % 1000
+    return "validation" if bucket < VALIDATION_PER_MILLE else "train"
+
+
+def stdlib_files(root: pathlib.Path | None = None) -> dict[str, list[str]]:
+    """Sorted relative paths of the stdlib ``.py`` files, per split."""
+    root = root or stdlib_root()
+    splits: dict[str, list[str]] = {"train": [], "validation": []}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
+        for filename in filenames:
+            if filename.endswith(".py"):
+                rel = (pathlib.Path(dirpath) / filename).relative_to(root).as_posix()
+                splits[stdlib_split_of(rel)].append(rel)
+    return {split: sorted(paths) for split, paths in splits.items()}
+
+
+def _stdlib_config_name() -> str:
+    return f"py{sys.version_info.major}_{sys.version_info.minor}"
+
+
+class RoutezooStdlib(tfds.core.GeneratorBasedBuilder):
+    """The running interpreter's standard-library sources, one example per file."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=_stdlib_config_name())]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = tfds.features.FeaturesDict(
+            {"text": tfds.features.Text(), "path": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+        del dl_manager
+        files = stdlib_files()
+        return {split: self._generate_examples(paths) for split, paths in files.items()}
+
+    def _generate_examples(self, paths: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
+        root = stdlib_root()
+        for rel in paths:
+            text = (root / rel).read_bytes().decode("utf-8", errors="replace")
+            yield rel, {"text": text, "path": rel}
+
+
+def _stdlib_tfds_name() -> str:
+    return f"{RoutezooStdlib.name}/{_stdlib_config_name()}"
+
+
+def _build_stdlib(data_dir: str) -> None:
+    """Prepares the stdlib dataset in ``data_dir`` unless it is there already."""
+    with _file_lock(pathlib.Path(data_dir) / f"{RoutezooStdlib.name}.lock"):
+        builder = RoutezooStdlib(data_dir=data_dir, config=_stdlib_config_name(),
+                                 file_format="array_record")
+        if builder.is_prepared():
+            return
+        builder.download_and_prepare()
+        sizes = {name: (split.num_examples, split.num_bytes)
+                 for name, split in builder.info.splits.items()}
+        log.info("built %s in %s: %s", _stdlib_tfds_name(), data_dir, ", ".join(
+            f"{name} {n} files {b} bytes" for name, (n, b) in sorted(sizes.items())))
+
+
+# ------------------------------------------------------------------- named datasets
+
+
+def _dataset_base_name(name: str) -> str:
+    return name.split("/")[0].split(":")[0]
+
+
+def _registered_builders() -> set[str]:
+    """Registered TFDS builder names, community datasets excluded (they need TF)."""
+    names = set(tfds.list_builders(with_community_datasets=False))
+    return names
+
+
+def known_dataset(name: str, data_dir: str | None = None) -> bool:
+    """'stdlib', a registered TFDS builder, or a dataset directory in ``data_dir``."""
+    if name == STDLIB:
+        return True
+    base = _dataset_base_name(name)
+    if not base:
+        return False
+    if base in _registered_builders():
+        return True
+    with contextlib.suppress(Exception):
+        tfds.builder_cls(base)   # registered, but missed by list_builders
+        return True
+    return bool(data_dir) and (pathlib.Path(data_dir) / base).is_dir()
+
+
+def _unknown_dataset_error(name: str) -> ValueError:
+    return ValueError(
+        f"data.name={name!r} is not a known dataset; allowed: 'stdlib' or a TFDS dataset "
+        "name prepared in array_record format in data.data_dir")
+
+
+def ensure_dataset(data_cfg: Any) -> str:
+    """Builds (stdlib) or checks (named) the dataset; returns the data dir."""
+    data_dir = resolve_data_dir(data_cfg)
+    if data_cfg.name == STDLIB:
+        _build_stdlib(data_dir)
+    elif not known_dataset(data_cfg.name, data_dir):
+        raise _unknown_dataset_error(data_cfg.name)
+    return data_dir
+
+
+def get_source(data_cfg: Any, split: str) -> Sequence[Any]:
+    """The random-access TFDS data source of one split (records are feature dicts)."""
+    data_dir = ensure_dataset(data_cfg)
+    name = _stdlib_tfds_name() if data_cfg.name == STDLIB else data_cfg.name
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # noqa: BLE001 - TFDS raises many types; report one line
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"cannot read split {split!r} of dataset {name!r} from {data_dir} "
+            f"(prepare it with `tfds build {name} --file_format=array_record "
+            f"--data_dir={data_dir}`): {first_line}") from e
+
+
+def _text_key(data_cfg: Any) -> str:
+    return "text" if data_cfg.name == STDLIB else data_cfg.text_key
+
+
+# ---------------------------------------------------------------------- tokenizers
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+    token_bytes: np.ndarray   # int32[vocab_size]: UTF-8 bytes per id, 0 for control ids
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes: pad 0, eos 1, byte b -> b + 2."""
+
+    vocab_size = 256 + BYTE_OFFSET
+    pad_id = PAD_ID
+    eos_id = EOS_ID
+
+    def __init__(self) -> None:
+        self.token_bytes = np.array([0] * BYTE_OFFSET + [1] * 256, np.int32)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + BYTE_OFFSET
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).ravel()
+        ids = ids[ids >= BYTE_OFFSET] - BYTE_OFFSET
+        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model trained (or expected) with pad 0, eos 1 and byte fallback."""
+
+    def __init__(self, model_proto: bytes) -> None:
+        import sentencepiece as spm
+        self._proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = int(self._sp.vocab_size())
+        self.pad_id = int(self._sp.pad_id())
+        self.eos_id = int(self._sp.eos_id())
+        if (self.pad_id, self.eos_id) != (PAD_ID, EOS_ID):
+            raise ValueError(f"SentencePiece model must have pad_id={PAD_ID} and "
+                             f"eos_id={EOS_ID}, got {self.pad_id} and {self.eos_id}")
+        self.token_bytes = np.array([self._piece_bytes(i) for i in range(self.vocab_size)],
+                                    np.int32)
+
+    def _piece_bytes(self, i: int) -> int:
+        sp = self._sp
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            return 0
+        if sp.is_byte(i):
+            return 1
+        return len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._sp.encode(text), np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        keep = [int(i) for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray)
+                                           else ids).ravel() if i not in (PAD_ID, EOS_ID)]
+        return self._sp.decode(keep)
+
+    def __getstate__(self) -> dict[str, bytes]:   # picklable for grain worker processes
+        return {"proto": self._proto}
+
+    def __setstate__(self, state: dict[str, bytes]) -> None:
+        self.__init__(state["proto"])
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
+    """Trains a unigram SentencePiece model on ``texts``; returns the model proto.
+
+    Ids: pad 0, eos 1, unk 2, newline 3, then 256 byte-fallback pieces. Whitespace is
+    kept as is (identity normalisation, no dummy prefix), so decode(encode(t)) == t.
+    """
+    import sentencepiece as spm
+    lines = (line for text in texts for line in text.split("\n") if line)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", pad_id=PAD_ID, eos_id=EOS_ID, unk_id=2, bos_id=-1,
+        user_defined_symbols=["\n"], byte_fallback=True, character_coverage=0.9995,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+    return model.getvalue()
+
+
+def _sample_texts(source: Sequence[Any], text_key: str, max_bytes: int) -> Iterator[str]:
+    """Texts of a fixed pseudo-random order of ``source``, up to ``max_bytes``."""
+    order = grain.MapDataset.range(len(source)).shuffle(seed=0)
+    total = 0
+    for index in order:
+        text = _text_of(source[index], text_key)
+        yield text[: max_bytes - total]
+        total += len(text)
+        if total >= max_bytes:
+            return
+
+
+def _cached_spm_model(data_cfg: Any) -> bytes:
+    data_dir = pathlib.Path(ensure_dataset(data_cfg))
+    key = f"{data_cfg.name.replace('/', '_').replace(':', '_')}-{data_cfg.spm_vocab_size}"
+    if data_cfg.name == STDLIB:
+        key = f"{STDLIB}_{_stdlib_config_name()}-{data_cfg.spm_vocab_size}"
+    path = data_dir / "routezoo_spm" / f"{key}.model"
+    with _file_lock(path.with_suffix(".lock")):
+        if not path.exists():
+            source = get_source(data_cfg, data_cfg.train_split)
+            texts = _sample_texts(source, _text_key(data_cfg), SPM_SAMPLE_BYTES)
+            proto = train_sentencepiece(texts, data_cfg.spm_vocab_size)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(proto)
+            tmp.rename(path)
+            log.info("trained SentencePiece model %s", path)
+    return path.read_bytes()
+
+
+def get_tokenizer(data_cfg: Any) -> Tokenizer:
+    if data_cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if data_cfg.tokenizer == "sentencepiece":
+        if data_cfg.spm_model:
+            return SentencePieceTokenizer(pathlib.Path(data_cfg.spm_model).read_bytes())
+        return SentencePieceTokenizer(_cached_spm_model(data_cfg))
+    raise ValueError(f"data.tokenizer={data_cfg.tokenizer!r}; allowed: byte | sentencepiece")
+
+
+# ------------------------------------------------------------------------- packing
+
+
+def _text_of(record: Any, text_key: str) -> str:
+    value = record[text_key] if isinstance(record, Mapping) else record
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+class EncodeDocument:
+    """record -> int32 token ids of its text followed by EOS (picklable grain map)."""
+
+    def __init__(self, tokenizer: Tokenizer, text_key: str) -> None:
+        self.tokenizer = tokenizer
+        self.text_key = text_key
+
+    def __call__(self, record: Any) -> np.ndarray:
+        ids = self.tokenizer.encode(_text_of(record, self.text_key))
+        return np.append(ids, np.int32(self.tokenizer.eos_id)).astype(np.int32)
+
+
+class PackIterDataset(grain.IterDataset):
+    """Concatenates 1-D token arrays in order and cuts them into rows of ``length``.
+
+    Every token appears in exactly one row, in order. With ``pad_final`` the last,
+    partial row is padded with ``pad_id``; otherwise it is dropped.
+    """
+
+    def __init__(self, parent: grain.IterDataset, length: int, *, pad_id: int = PAD_ID,
+                 pad_final: bool = False) -> None:
+        super().__init__(parent)
+        self._length = length
+        self._pad_id = pad_id
+        self._pad_final = pad_final
+
+    def __iter__(self) -> PackIterator:
+        return PackIterator(self._parent.__iter__(), self._length, self._pad_id,
+                            self._pad_final)
+
+    def __str__(self) -> str:
+        return f"PackIterDataset(length={self._length})"
+
+
+class PackIterator(grain.DatasetIterator):
+    """State: the parent's state before the oldest document with unemitted tokens, and
+    how many of its tokens were emitted already; restoring re-reads that document."""
+
+    def __init__(self, parent: grain.DatasetIterator, length: int, pad_id: int,
+                 pad_final: bool) -> None:
+        super().__init__(parent)
+        self._length = length
+        self._pad_id = pad_id
+        self._pad_final = pad_final
+        # [parent state before the document, its tokens, tokens already emitted]
+        self._docs: collections.deque[list[Any]] = collections.deque()
+        self._available = 0
+
+    def _read_document(self, offset: int = 0) -> bool:
+        state = self._parent.get_state()
+        try:
+            tokens = next(self._parent)
+        except StopIteration:
+            return False
+        if len(tokens) > offset:
+            self._docs.append([state, tokens, offset])
+            self._available += len(tokens) - offset
+        return True
+
+    def __next__(self) -> np.ndarray:
+        while self._available < self._length:
+            if not self._read_document():
+                if self._available == 0 or not self._pad_final:
+                    raise StopIteration
+                break
+        pieces, needed = [], min(self._length, self._available)
+        while needed:
+            doc = self._docs[0]
+            take = min(needed, len(doc[1]) - doc[2])
+            pieces.append(doc[1][doc[2]: doc[2] + take])
+            doc[2] += take
+            needed -= take
+            if doc[2] == len(doc[1]):
+                self._docs.popleft()
+        row = np.concatenate(pieces).astype(np.int32)
+        self._available -= len(row)
+        return np.pad(row, (0, self._length - len(row)), constant_values=self._pad_id)
+
+    def get_state(self) -> dict[str, Any]:
+        if self._docs:
+            return {"parent": self._docs[0][0], "offset": int(self._docs[0][2])}
+        return {"parent": self._parent.get_state(), "offset": 0}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._docs.clear()
+        self._available = 0
+        if state["offset"]:
+            self._read_document(offset=state["offset"])
+
+
+class MakeBatch:
+    """Rows int32[n, L + 1] -> {'inputs', 'targets', 'weights'} with ``batch_size`` rows
+    (missing rows are pad, weight 0)."""
+
+    def __init__(self, batch_size: int, pad_id: int = PAD_ID) -> None:
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+
+    def __call__(self, rows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        tokens = np.stack(rows).astype(np.int32)
+        missing = self.batch_size - tokens.shape[0]
+        tokens = np.pad(tokens, ((0, missing), (0, 0)), constant_values=self.pad_id)
+        targets = tokens[:, 1:]
+        return {"inputs": tokens[:, :-1], "targets": targets,
+                "weights": (targets != self.pad_id).astype(np.float32)}
+
+
+# ------------------------------------------------------------------------ pipelines
+
+
+def _per_process_batch(batch_size: int, process_count: int) -> int:
+    if batch_size % process_count:
+        raise ValueError(f"train.batch_size={batch_size} is not divisible by "
+                         f"process_count={process_count}")
+    return batch_size // process_count
+
+
+def _process_shard(source: Sequence[Any], process_index: int,
+                   process_count: int) -> grain.MapDataset:
+    return grain.MapDataset.source(source)[process_index::process_count]
+
+
+def train_dataset(source: Sequence[Any], tokenizer: Tokenizer, *, text_key: str,
+                  seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
+                  process_index: int = 0, process_count: int = 1,
+                  num_workers: int = 0) -> grain.IterDataset:
+    """The endless training dataset of one process; ``batch_size`` is per process."""
+    docs = _process_shard(source, process_index, process_count)
+    if len(docs) == 0:
+        raise ValueError(f"process {process_index} of {process_count} gets no documents "
+                         f"(the split has {len(source)})")
+    if shuffle:
+        docs = docs.shuffle(seed=seed)
+    docs = docs.repeat().map(EncodeDocument(tokenizer, text_key))
+    rows = PackIterDataset(docs.to_iter_dataset(_READ_OPTIONS), seq_len + 1,
+                           pad_id=tokenizer.pad_id)
+    ds = rows.batch(batch_size, drop_remainder=True,
+                    batch_fn=MakeBatch(batch_size, tokenizer.pad_id))
+    if num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return ds
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def make_train_iterator(config: Any, *, process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
+    """The checkpointable training iterator of this process (see the module docstring)."""
+    process_index, process_count = _process_info(process_index, process_count)
+    d = config.data
+    ds = train_dataset(
+        get_source(d, d.train_split), get_tokenizer(d), text_key=_text_key(d),
+        seq_len=d.seq_len, batch_size=_per_process_batch(config.train.batch_size,
+                                                         process_count),
+        seed=config.seed, shuffle=d.shuffle, process_index=process_index,
+        process_count=process_count, num_workers=d.num_workers)
+    return iter(ds)
+
+
+class EvalBatches:
+    """Re-iterable: every pass yields the same ``num_batches`` batches."""
+
+    def __init__(self, source: Sequence[Any], tokenizer: Tokenizer, *, text_key: str,
+                 seq_len: int, batch_size: int, num_batches: int, process_index: int = 0,
+                 process_count: int = 1) -> None:
+        self._docs = _process_shard(source, process_index, process_count).map(
+            EncodeDocument(tokenizer, text_key))
+        self._seq_len = seq_len
+        self._batch_size = batch_size
+        self._num_batches = max(num_batches, 0)
+        self._pad_id = tokenizer.pad_id
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        make_batch = MakeBatch(self._batch_size, self._pad_id)
+        rows = PackIterDataset(self._docs.to_iter_dataset(_READ_OPTIONS), self._seq_len + 1,
+                               pad_id=self._pad_id, pad_final=True)
+        batches = iter(rows.batch(self._batch_size, batch_fn=make_batch))
+        empty = make_batch([np.full(self._seq_len + 1, self._pad_id, np.int32)])
+        for _ in range(self._num_batches):
+            yield next(batches, empty)
+
+
+def eval_batches(config: Any, *, process_index: int | None = None,
+                 process_count: int | None = None) -> EvalBatches:
+    """``train.eval_steps`` deterministic batches of the eval split for this process."""
+    process_index, process_count = _process_info(process_index, process_count)
+    d = config.data
+    return EvalBatches(
+        get_source(d, d.eval_split), get_tokenizer(d), text_key=_text_key(d),
+        seq_len=d.seq_len, batch_size=_per_process_batch(config.train.batch_size,
+                                                         process_count),
+        num_batches=config.train.eval_steps, process_index=process_index,
+        process_count=process_count)
+
+
+# -------------------------------------------------------------------------- orbax
+
+
+def iterator_save_args(it: grain.DatasetIterator) -> Any:
+    """Orbax args that save ``it`` (each process writes ``process_<i>-of-<n>.json``)."""
+    return grain.checkpoint.CheckpointSave(item=it)
+
+
+def iterator_restore_args(it: grain.DatasetIterator) -> Any:
+    """Orbax args that restore this process's saved state into ``it`` (in place)."""
+    return grain.checkpoint.CheckpointRestore(item=it)

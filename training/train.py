@@ -1,0 +1,352 @@
+"""The one training loop: a pure, jitted ``train_step`` for every model, router and adapter.
+
+``train_step(state, batch) -> (state, metrics)`` is jitted once with in/out shardings
+and a donated state. What differs between models lives in the model and in the loss
+terms it returns (``aux['losses']``, added to the cross-entropy and logged by name), never
+in a forked loop. Non-parameter collections a model keeps (e.g. a router's balancing
+bias) are carried in ``state.model_state`` and applied as mutable.
+
+Mixed precision: parameters and optimizer state in ``model.param_dtype`` (float32),
+compute in ``model.dtype``. Gradient accumulation: ``train.grad_accum`` micro-batches
+through ``lax.scan``, averaging their gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from routezoo import zoo
+from routezoo.layers import sharding as shd
+from routezoo.training import checkpoint as ckpt_lib
+from routezoo.training import data as data_lib
+from routezoo.training import metrics as metrics_lib
+from routezoo.training.optim import make_optimizer
+
+RNG_STREAMS = ("dropout", "jitter", "router")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    model_state: Any      # non-parameter collections, e.g. {'router_state': ...}
+    rng: jax.Array        # raw uint32 key
+
+
+# --------------------------------------------------------------------------- setup
+
+def maybe_initialize_distributed() -> None:
+    """Calls ``jax.distributed.initialize()`` when launched as one of several processes.
+
+    Detected from the coordinator variables JAX reads (``JAX_COORDINATOR_ADDRESS`` with
+    ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``), or SLURM / TPU pod environments, where
+    ``initialize()`` discovers the cluster itself.
+    """
+    if jax.distributed.is_initialized():
+        return
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env.get("JAX_PROCESS_ID", "0")))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()
+
+
+def mesh_and_rules(config) -> tuple[jax.sharding.Mesh, shd.Rules]:
+    rules = shd.rules_from_config(json.loads(config.mesh.rules) if config.mesh.rules else None)
+    mesh = shd.make_mesh({a: config.mesh[a] for a in shd.MESH_AXES})
+    return mesh, rules
+
+
+def _variables(model: nn.Module, config) -> Callable[[jax.Array], Any]:
+    tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+    return lambda rng: model.init({"params": rng, **{s: rng for s in RNG_STREAMS}}, tokens)
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, config, mesh, rules):
+    """(abstract TrainState with shardings, its NamedSharding tree, boxed abstract params)."""
+    abstract_vars = jax.eval_shape(_variables(model, config), jax.random.PRNGKey(0))
+    logical = nn.get_partition_spec(abstract_vars)
+    var_shard = nn.logical_to_mesh_sharding(logical, mesh, rules)
+    unboxed = nn.unbox(abstract_vars)
+    params = unboxed["params"]
+    param_shard = var_shard["params"]
+    opt_abstract = jax.eval_shape(tx.init, params)
+
+    replicated = NamedSharding(mesh, P())
+
+    def fit(s, leaf):
+        # Optimizer leaves shaped like their parameter take its sharding; others replicate.
+        if not isinstance(s, NamedSharding) or len(s.spec) > leaf.ndim:
+            return replicated
+        for dim, axes in zip(leaf.shape, s.spec):
+            axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+            if dim % math.prod(mesh.shape[a] for a in axes):
+                return replicated
+        return s
+
+    opt_shard = optax.tree_map_params(
+        tx, lambda leaf, s: fit(s, leaf), opt_abstract, param_shard,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+    model_state = {k: v for k, v in unboxed.items() if k != "params"}
+    shardings = TrainState(
+        step=replicated, params=param_shard, opt_state=opt_shard,
+        model_state={k: var_shard[k] for k in model_state}, rng=replicated)
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_abstract,
+        model_state=model_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return abstract, shardings, abstract_vars["params"]
+
+
+def create_state(model, tx, config, shardings) -> TrainState:
+    init_vars = _variables(model, config)
+
+    def init(seed):
+        rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
+        variables = nn.unbox(init_vars(init_rng))
+        params = variables.pop("params")
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          model_state=dict(variables), rng=rng)
+    return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed)
+
+
+# --------------------------------------------------------------------------- steps
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+    """Per-token negative log-likelihood (float32) and correctness."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return nll * weights, correct * weights
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
+                    schedule: optax.Schedule) -> Callable:
+    accum = int(config.train.grad_accum)
+
+    def loss_fn(params, model_state, batch, rng):
+        rngs = {s: jax.random.fold_in(rng, i) for i, s in enumerate(RNG_STREAMS)}
+        mutable = list(model_state)
+        out = model.apply({"params": params, **model_state}, batch["inputs"], deterministic=False,
+                          rngs=rngs, mutable=mutable if mutable else False)
+        (logits, aux), new_model_state = out if mutable else (out, {})
+        w = batch["weights"]
+        nll, correct = cross_entropy(logits, batch["targets"], w)
+        denom = jnp.maximum(w.sum(), 1.0)
+        ce = nll.sum() / denom
+        losses = aux.get("losses", {})
+        total = ce + sum(losses.values()) if losses else ce
+        metrics = {"ce": ce, "accuracy": correct.sum() / denom, **losses,
+                   **{f"moe/{k}": v for k, v in aux.get("stats", {}).items()}}
+        return total, (metrics, dict(new_model_state))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if accum == 1:
+            (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+            def body(carry, mb_i):
+                g_acc, l_acc, m_acc, ms = carry
+                mb, i = mb_i
+                (l, (m, ms)), g = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
+                        jax.tree.map(jnp.add, m_acc, m), ms), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            m0 = jax.eval_shape(lambda: grad_fn(state.params, state.model_state,
+                                                jax.tree.map(lambda x: x[0], micro), rng)[0][1][0])
+            m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+            (grads, loss, metrics, model_state), _ = jax.lax.scan(
+                body, (zeros, 0.0, m0, state.model_state), (micro, jnp.arange(accum)))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            loss, metrics = loss / accum, jax.tree.map(lambda m: m / accum, metrics)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads),
+                   "learning_rate": schedule(state.step)}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  model_state=model_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, token_bytes: np.ndarray) -> Callable:
+    table = jnp.asarray(token_bytes, jnp.float32)
+
+    def eval_step(state: TrainState, batch):
+        logits, _ = model.apply({"params": state.params, **state.model_state}, batch["inputs"],
+                                deterministic=True)
+        w = batch["weights"]
+        nll, correct = cross_entropy(logits, batch["targets"], w)
+        return {"nll": nll.sum(), "correct": correct.sum(), "tokens": w.sum(),
+                "bytes": (table[batch["targets"]] * w).sum()}
+    return eval_step
+
+
+def evaluate(eval_step, state, config, mesh, batch_sharding) -> dict[str, float]:
+    sums = {"nll": 0.0, "correct": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for local in data_lib.eval_batches(config):
+        out = jax.device_get(eval_step(state, to_global(local, batch_sharding)))
+        for k in sums:
+            sums[k] += float(out[k])
+    tokens = max(sums["tokens"], 1.0)
+    return {"eval_loss": sums["nll"] / tokens, "eval_accuracy": sums["correct"] / tokens,
+            "eval_bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
+
+
+def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Per-process batch -> global arrays sharded over the batch axes of the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+# --------------------------------------------------------------------------- loop
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and returns at the next step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def any_process(self) -> bool:
+        flag = self.signum is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+
+def describe_model(params_boxed, config) -> dict[str, float]:
+    total, active = zoo.count_params(params_boxed, config.model)
+    flops = zoo.flops_per_token(config.model, config.data.seq_len, active)
+    return {"params_total": total, "params_active": active,
+            "flops_per_token_forward": flops["forward"], "flops_per_token_train": flops["train"]}
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and returns the
+    last train and eval metrics. The config must already be validated."""
+    maybe_initialize_distributed()
+    is_main = jax.process_index() == 0
+    workdir = os.path.abspath(workdir)
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    mesh, rules = mesh_and_rules(config)
+    data_lib.ensure_dataset(config.data)
+    tokenizer = data_lib.get_tokenizer(config.data)
+    model = zoo.build(config.model)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    batch_sharding = NamedSharding(mesh, shd.batch_spec(2))
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    progress_log = print if is_main else (lambda *_: None)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract, shardings, boxed_params = state_shardings(model, tx, config, mesh, rules)
+        info = describe_model(boxed_params, config)
+        progress_log(
+            f"model {config.model.name}: {info['params_total'] / 1e6:.2f}M parameters, "
+            f"{info['params_active'] / 1e6:.2f}M active per token, "
+            f"{info['flops_per_token_train'] / 1e6:.1f} MFLOP/token (train); "
+            f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, "
+            f"{jax.process_count()} process(es)")
+
+        train_iter = data_lib.make_train_iterator(config)
+        checkpointer = ckpt_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+            async_save=config.checkpoint.async_save, verify=config.checkpoint.verify, log=progress_log)
+        restored = checkpointer.restore_latest(abstract, data_lib.iterator_restore_args(train_iter))
+        if restored is None:
+            state = create_state(model, tx, config, shardings)
+            start = 0
+        else:
+            start, state, _ = restored
+            progress_log(f"resumed from step {start} ({checkpointer.step_dir(start)})")
+
+        train_step = jax.jit(make_train_step(model, tx, config, schedule),
+                             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                             donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes),
+                            in_shardings=(shardings, batch_sharding))
+        if start == 0 and is_main:
+            writer.write(0, info)
+
+        steps, last_metrics, last_eval = config.train.steps, {}, {}
+        tokens_per_step = config.train.batch_size * config.data.seq_len
+        progress = metrics_lib.Progress(steps, min(start, steps), enabled=is_main and config.train.progress)
+        t_last, step_last = time.time(), start
+        step = start
+        with _StopFlag() as stop:
+            while step < steps:
+                batch = to_global(next(train_iter), batch_sharding)
+                state, metrics = train_step(state, batch)
+                step += 1
+                log_now = step % config.train.log_every == 0 or step == steps
+                eval_now = step % config.train.eval_every == 0 or step == steps
+                if log_now or eval_now:
+                    last_metrics = jax.device_get(metrics)
+                    now = time.time()
+                    tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+                    t_last, step_last = now, step
+                    record = {**last_metrics, "tokens_per_second": tps}
+                    if eval_now:
+                        last_eval = evaluate(eval_step, state, config, mesh, batch_sharding)
+                        record.update(last_eval)
+                        progress.write(f"step {step}: loss {float(last_metrics['loss']):.4f}, "
+                                       f"eval loss {last_eval['eval_loss']:.4f}, "
+                                       f"eval bits/byte {last_eval['eval_bits_per_byte']:.4f}")
+                    writer.write(step, record)
+                    progress.update_to(step, loss=f"{float(last_metrics['loss']):.3f}", tok_s=f"{tps:,.0f}")
+                if step % config.checkpoint.every == 0 or step == steps:
+                    checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
+                if stop.any_process():
+                    checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
+                    progress.write(f"stopped by signal at step {step}; checkpoint saved")
+                    break
+        progress.close()
+        checkpointer.close()
+        writer.close()
+    if is_main:
+        metrics_lib.plot_metrics(workdir)
+    return {"step": step, **{k: float(np.mean(v)) for k, v in last_metrics.items()}, **last_eval}

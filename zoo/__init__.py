@@ -1,0 +1,64 @@
+"""routezoo.zoo: models built from routezoo layers, by name.
+
+``build(config.model)`` returns the Flax module for ``config.model.name``;
+``count_params`` and ``flops_per_token`` give the figures logged at the start of a run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from routezoo.zoo.lm import DecoderLM, ffn_kinds
+
+MODELS: dict[str, Callable[[Any], nn.Module]] = {
+    "decoder_lm": lambda cfg: DecoderLM(cfg),
+}
+
+
+def build(model_cfg: Any) -> nn.Module:
+    """The Flax module for ``model_cfg.name``; ``ValueError`` lists the known names."""
+    name = model_cfg.name
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
+    return MODELS[name](model_cfg)
+
+
+def count_params(params: Any, model_cfg: Any) -> tuple[int, int]:
+    """(total, active per token) parameter counts.
+
+    ``params`` may be boxed (``nn.LogicallyPartitioned``) or abstract shapes. A parameter
+    whose first logical axis is ``expert`` counts toward the active total in proportion
+    ``k / num_experts`` (each token uses k of the stacked experts).
+    """
+    total, active = 0, 0.0
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    moe = getattr(model_cfg, "moe", None)
+    frac = (moe.k / moe.num_experts) if moe is not None and moe.num_experts else 1.0
+    for leaf in leaves:
+        names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
+        value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
+        size = int(np.prod(value.shape))
+        total += size
+        active += size * (frac if names and names[0] == "expert" else 1.0)
+    return total, int(round(active))
+
+
+def flops_per_token(model_cfg: Any, seq_len: int, active_params: int) -> dict[str, float]:
+    """Forward and training FLOPs per token (PaLM appendix B convention).
+
+    Forward: ``2·N`` for the matmuls of the N active non-embedding parameters, plus the
+    unembedding ``2·D·V``, plus attention ``4·layers·H·K·L`` (scores and values, full
+    length, no causal discount). Training is three times the forward.
+    """
+    c = model_cfg
+    embed = c.vocab_size * c.d_model
+    n_matmul = active_params - embed * (1 if c.tie_embeddings else 2)
+    fwd = 2.0 * n_matmul + 2.0 * c.d_model * c.vocab_size + 4.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+    return {"forward": fwd, "train": 3.0 * fwd}
+
+
+__all__ = ["MODELS", "build", "count_params", "flops_per_token", "ffn_kinds", "DecoderLM"]
