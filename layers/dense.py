@@ -31,7 +31,11 @@ NORMS = ("rmsnorm", "layernorm")
 
 
 class Embed(nn.Module):
-    """Token embedding ``(V, D)``; :meth:`attend` is the tied output projection ``D -> V``."""
+    """Token embedding ``(V, D)``, initialised with unit variance.
+
+    :meth:`attend` is the tied output projection ``D -> V``, scaled by ``D**-0.5`` (as T5
+    does) so that initial logits have unit scale.
+    """
 
     vocab_size: int
     features: int
@@ -50,7 +54,7 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         # x: [B, L, D] -> logits [B, L, V]
-        logits = jnp.einsum("BLD,VD->BLV", x, jnp.asarray(self.embedding, self.dtype))
+        logits = jnp.einsum("BLD,VD->BLV", x, jnp.asarray(self.embedding, self.dtype)) * self.features ** -0.5
         return constrain(logits, ("batch", "length", "act_vocab"))
 
 

@@ -110,9 +110,11 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | N
     """Builds a mesh with axes :data:`MESH_AXES` from ``{'data': -1, ...}`` (default all data)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(shape or {"data": -1}, len(devices))
-    if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
-        return jax.make_mesh(sizes, MESH_AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    # Auto axes: layers annotate with sharding constraints and XLA propagates the rest.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
 
 
 def rules_from_config(rules: Any | None) -> Rules:

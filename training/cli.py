@@ -38,7 +38,7 @@ def _resolve_config_arg(argv: list[str]) -> list[str]:
     out = list(argv)
     for i, a in enumerate(out):
         value, prefix = None, None
-        if a.startswith("--config=") and not a.startswith("--config.") :
+        if a.startswith("--config="):
             value, prefix = a.split("=", 1)[1], "--config="
         elif a == "--config" and i + 1 < len(out):
             value, prefix = out[i + 1], None
@@ -61,23 +61,43 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _check_override_keys(argv: list[str]) -> None:
+    """Refuses ``--config.a.b=...`` for a key the schema (configs/base.py) does not have."""
+    from routezoo.configs import base
+    schema = base.get_config()
+    for a in argv:
+        if not a.startswith("--config."):
+            continue
+        path = a[len("--config."):].split("=", 1)[0]
+        node, done = schema, []
+        for part in path.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                where = ".".join(done) or "config"
+                allowed = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(no sub-keys)"
+                raise SystemExit(_fail(f"unknown config key {path!r}; allowed under {where}: {allowed}"))
+            node, done = node[part], done + [part]
+
+
 def parse_train_flags(argv: list[str]):
     """(config, workdir) from ``train`` flags; raises SystemExit(2) on any problem."""
     from absl import flags
     from ml_collections import config_flags
 
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", default=os.path.join(_configs_dir(), "default.py"),
-        help_string="config file (get_config()) or name of a shipped config", flag_values=fv,
-        lock_config=True)
-    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, plots", flag_values=fv)
+    argv = _resolve_config_arg(argv)
     if any(a in ("-h", "--help", "-help") for a in argv):
         print("usage: routezoo train [--config FILE|NAME] --workdir DIR [--config.a.b=value ...]\n")
-        print(fv.get_help())
+        print("  --config: config file (get_config()) or name of a shipped config; default: default")
+        print("  --workdir: directory for checkpoints, metrics.jsonl, TensorBoard events, plots")
+        print("  --config.KEY=VALUE: override any key of the config, e.g. --config.train.steps=100")
         raise SystemExit(0)
-    argv = _resolve_config_arg(argv)
+    _check_override_keys(argv)
+    fv = flags.FlagValues()
     try:
+        config_flags.DEFINE_config_file(
+            "config", default=os.path.join(_configs_dir(), "default.py"),
+            help_string="config file (get_config()) or name of a shipped config", flag_values=fv,
+            lock_config=True, sys_argv=["routezoo train", *argv])
+        flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, plots", flag_values=fv)
         fv(["routezoo train", *argv])
         config = fv.config
     except SystemExit:

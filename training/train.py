@@ -79,12 +79,18 @@ def _variables(model: nn.Module, config) -> Callable[[jax.Array], Any]:
     return lambda rng: model.init({"params": rng, **{s: rng for s in RNG_STREAMS}}, tokens)
 
 
+def strip_boxes(tree: Any) -> Any:
+    """Removes ``nn.LogicallyPartitioned`` boxes without adding sharding constraints."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, config, mesh, rules):
     """(abstract TrainState with shardings, its NamedSharding tree, boxed abstract params)."""
     abstract_vars = jax.eval_shape(_variables(model, config), jax.random.PRNGKey(0))
     logical = nn.get_partition_spec(abstract_vars)
     var_shard = nn.logical_to_mesh_sharding(logical, mesh, rules)
-    unboxed = nn.unbox(abstract_vars)
+    unboxed = strip_boxes(abstract_vars)
     params = unboxed["params"]
     param_shard = var_shard["params"]
     opt_abstract = jax.eval_shape(tx.init, params)
