@@ -1,6 +1,45 @@
-"""Test setup: 8 simulated CPU devices so every sharding path runs in CI."""
+"""Test setup: 8 simulated CPU devices so every sharding path runs in CI, and shared
+fixtures (one stdlib dataset per session, a tiny config)."""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A data dir holding the stdlib dataset, built once for the whole test session."""
+    from routezoo.configs import base
+    from routezoo.training import data
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    c = base.get_config()
+    c.data.data_dir = path
+    data.ensure_dataset(c.data)
+    return path
+
+
+def tiny_config(data_dir: str, **overrides):
+    """A small dense LM config that trains a step in well under a second on CPU."""
+    from routezoo.configs import base
+
+    c = base.get_config()
+    c.data.data_dir = data_dir
+    c.data.seq_len = 32
+    m = c.model
+    m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2, 32, 2, 1, 16, 64
+    m.moe.expert_dim = 32
+    c.train.steps, c.train.batch_size, c.train.eval_every, c.train.eval_steps = 8, 16, 4, 2
+    c.train.log_every, c.train.progress = 1, False
+    c.checkpoint.every = 4
+    c.optimizer.warmup_steps = 2
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

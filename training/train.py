@@ -191,7 +191,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
             loss, metrics = loss / accum, jax.tree.map(lambda m: m / accum, metrics)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state.step)}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   model_state=model_state)
@@ -268,9 +268,13 @@ def describe_model(params_boxed, config) -> dict[str, float]:
             "flops_per_token_forward": flops["forward"], "flops_per_token_train": flops["train"]}
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and returns the
-    last train and eval metrics. The config must already be validated."""
+    last train and eval metrics. The config must already be validated.
+
+    ``stop_after``: leave after this many steps of this call (saving a checkpoint), as a
+    preempted job does; running again resumes. The schedule still spans ``train.steps``.
+    """
     maybe_initialize_distributed()
     is_main = jax.process_index() == 0
     workdir = os.path.abspath(workdir)
@@ -346,9 +350,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     progress.update_to(step, loss=f"{float(last_metrics['loss']):.3f}", tok_s=f"{tps:,.0f}")
                 if step % config.checkpoint.every == 0 or step == steps:
                     checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
-                if stop.any_process():
+                if stop.any_process() or (stop_after is not None and step - start >= stop_after):
                     checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
-                    progress.write(f"stopped by signal at step {step}; checkpoint saved")
+                    progress.write(f"stopped at step {step}; checkpoint saved; run again to resume")
                     break
         progress.close()
         checkpointer.close()
