@@ -1,0 +1,158 @@
+"""Dense layers against plain reference computations, and sharded against unsharded."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from routezoo.layers import dense
+from routezoo.layers import sharding as shd
+
+
+def _rand(*shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def test_rmsnorm_and_layernorm_formulas():
+    x = _rand(2, 3, 8)
+    y = dense.RMSNorm().apply({"params": {"scale": jnp.full(8, 2.0)}}, x)
+    want = 2.0 * x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(y, want, rtol=1e-5)
+    y = dense.LayerNorm().apply({"params": {"scale": jnp.full(8, 2.0), "bias": jnp.ones(8)}}, x)
+    want = 2.0 * (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6) + 1.0
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_preserves_norm_and_is_relative():
+    q, k = _rand(1, 1, 1, 8, seed=1), _rand(1, 1, 1, 8, seed=2)
+    rot = lambda x, p: dense.rotary_embedding(x, jnp.array([[p]]))
+    np.testing.assert_allclose(jnp.linalg.norm(rot(q, 5)), jnp.linalg.norm(q), rtol=1e-5)
+    # <R(m) q, R(n) k> depends only on m - n
+    dots = [float(jnp.sum(rot(q, m) * rot(k, m - 3))) for m in (3, 7, 20)]
+    np.testing.assert_allclose(dots, dots[0], rtol=1e-4)
+    np.testing.assert_allclose(rot(q, 0), q, rtol=1e-6)
+
+
+def _reference_attention(params, x, h, g, k):
+    b, l, _ = x.shape
+    pos = jnp.broadcast_to(jnp.arange(l), (b, l))
+    q = dense.rotary_embedding(jnp.einsum("BLD,DHK->BLHK", x, params["q"]), pos)
+    kk = dense.rotary_embedding(jnp.einsum("BLD,DHK->BLHK", x, params["k"]), pos)
+    v = jnp.einsum("BLD,DHK->BLHK", x, params["v"])
+    kk, v = jnp.repeat(kk, h // g, axis=2), jnp.repeat(v, h // g, axis=2)
+    s = jnp.einsum("BLHK,BMHK->BHLM", q, kk) / np.sqrt(k)
+    s = jnp.where(np.tril(np.ones((l, l), bool)), s, -1e30)
+    o = jnp.einsum("BHLM,BMHK->BLHK", jax.nn.softmax(s, -1), v)
+    return jnp.einsum("BLHK,HKD->BLD", o, params["o"])
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 4), (4, 2), (4, 1)])
+def test_attention_matches_reference_and_is_causal(heads, kv):
+    att = dense.Attention(num_heads=heads, num_kv_heads=kv, head_dim=8)
+    x = _rand(2, 6, 16)
+    params = nn.unbox(att.init(jax.random.key(0), x))["params"]
+    y = att.apply({"params": params}, x)
+    np.testing.assert_allclose(y, _reference_attention(params, x, heads, kv, 8), rtol=1e-4, atol=1e-5)
+    # changing a later token does not change earlier outputs
+    x2 = x.at[:, 4].set(7.0)
+    y2 = att.apply({"params": params}, x2)
+    np.testing.assert_allclose(y2[:, :4], y[:, :4], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y2[:, 4], y[:, 4])
+
+
+@pytest.mark.parametrize("kind", dense.MLP_TYPES)
+def test_mlp_formulas(kind):
+    mlp = dense.MLP(hidden_dim=12, mlp_type=kind)
+    x = _rand(2, 3, 8)
+    p = nn.unbox(mlp.init(jax.random.key(0), x))["params"]
+    h = x @ p["wi"]
+    if kind == "swiglu":
+        h = jax.nn.silu(x @ p["wg"]) * h
+    elif kind == "geglu":
+        h = jax.nn.gelu(x @ p["wg"]) * h
+    else:
+        h = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}[kind](h)
+    np.testing.assert_allclose(mlp.apply({"params": p}, x), h @ p["wo"], rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embedding_logits():
+    emb = dense.Embed(vocab_size=11, features=4)
+    p = nn.unbox(emb.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+    ids = jnp.array([[3, 5]])
+    x = emb.apply({"params": p}, ids)
+    np.testing.assert_array_equal(x[0, 1], p["embedding"][5])
+    logits = emb.apply({"params": p}, x, method=emb.attend)
+    np.testing.assert_allclose(logits, x @ p["embedding"].T / 2.0, rtol=1e-5)
+
+
+def _lm_config(**kw):
+    from routezoo.configs import base
+    c = base.get_config()
+    m = c.model
+    m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2, 16, 4, 2, 8, 32
+    for k, v in kw.items():
+        m[k] = v
+    return c
+
+
+def test_every_parameter_has_logical_names():
+    from routezoo import zoo
+    c = _lm_config(tie_embeddings=False, norm="layernorm")
+    v = jax.eval_shape(lambda: zoo.build(c.model).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    leaves = jax.tree.leaves(v["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)
+    names = {n for x in leaves for n in x.names}
+    assert names <= {a for a, _ in shd.DEFAULT_RULES}
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 4, "tensor": 2}])
+def test_lm_sharded_equals_single_device(mesh_shape):
+    from routezoo import zoo
+    c = _lm_config()
+    model = zoo.build(c.model)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (8, 16)), jnp.int32)
+    variables = model.init(jax.random.key(0), tokens)
+    params = nn.unbox(variables)["params"]
+
+    def loss(p, t):
+        logits, _ = model.apply({"params": p}, t)
+        return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
+
+    (l0, lg0), g0 = jax.value_and_grad(loss, has_aux=True)(params, tokens)
+    mesh = shd.make_mesh(mesh_shape)
+    specs = nn.get_partition_spec(variables)["params"]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
+        shardings = nn.logical_to_mesh_sharding(specs, mesh, shd.DEFAULT_RULES)
+        p_sh = jax.device_put(params, shardings)
+        t_sh = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, shd.batch_spec(2)))
+        (l1, lg1), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True))(p_sh, t_sh)
+    # parameters really are sharded on this mesh
+    if mesh_shape.get("tensor", 1) > 1:
+        assert not p_sh["layer0"]["mlp"]["wi"].sharding.is_fully_replicated
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    np.testing.assert_allclose(lg1, lg0, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mesh_shape_errors():
+    with pytest.raises(ValueError, match="multiply to 6, but there are 8 devices"):
+        shd.resolve_mesh_shape({"data": 3, "fsdp": 2}, 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        shd.resolve_mesh_shape({"data": -1, "fsdp": 3}, 8)
+    assert shd.resolve_mesh_shape({"data": -1, "expert": 4}, 8) == (2, 1, 4, 1)
+
+
+def test_param_and_flop_counts_match_formulas():
+    from routezoo import zoo
+    c = _lm_config()
+    m = c.model
+    v = jax.eval_shape(lambda: zoo.build(m).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    total, active = zoo.count_params(v["params"], m)
+    d, f, h, g, k, V = m.d_model, m.mlp_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.vocab_size
+    per_layer = d * h * k * 2 + d * g * k * 2 + 3 * d * f + 2 * d
+    assert total == active == V * d + m.num_layers * per_layer + d
+    fl = zoo.flops_per_token(m, 64, active)
+    assert fl["forward"] == 2 * (total - V * d) + 2 * d * V + 4 * m.num_layers * h * k * 64
+    assert fl["train"] == 3 * fl["forward"]
