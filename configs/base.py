@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.spm_vocab_size = 4096
     d.shuffle = True
     d.num_workers = 0            # grain worker processes (0 = in-process)
+    # rows: every process packs the global stream and keeps its rows (results independent
+    # of the process count); documents: each process reads its own share of documents.
+    d.process_sharding = "rows"
 
     # ---------------------------------------------------------------- train
     t = c.train = ml_collections.ConfigDict()

@@ -79,7 +79,7 @@ def _check_override_keys(argv: list[str]) -> None:
 
 
 def parse_train_flags(argv: list[str]):
-    """(config, workdir) from ``train`` flags; raises SystemExit(2) on any problem."""
+    """(config, workdir, stop_after) from ``train`` flags; SystemExit(2) on any problem."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -89,6 +89,7 @@ def parse_train_flags(argv: list[str]):
         print("  --config: config file (get_config()) or name of a shipped config; default: default")
         print("  --workdir: directory for checkpoints, metrics.jsonl, TensorBoard events, plots")
         print("  --config.KEY=VALUE: override any key of the config, e.g. --config.train.steps=100")
+        print("  --stop_after=N: leave after N steps of this run (checkpoint saved); run again to resume")
         raise SystemExit(0)
     _check_override_keys(argv)
     fv = flags.FlagValues()
@@ -98,6 +99,8 @@ def parse_train_flags(argv: list[str]):
             help_string="config file (get_config()) or name of a shipped config", flag_values=fv,
             lock_config=True, sys_argv=["routezoo train", *argv])
         flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, plots", flag_values=fv)
+        flags.DEFINE_integer("stop_after", None, "leave after this many steps (checkpoint saved); "
+                             "running again resumes", flag_values=fv)
         fv(["routezoo train", *argv])
         config = fv.config
     except SystemExit:
@@ -107,19 +110,21 @@ def parse_train_flags(argv: list[str]):
         raise SystemExit(_fail(msg[:500])) from None
     if not fv.workdir:
         raise SystemExit(_fail("--workdir is required"))
-    return config, fv.workdir
+    return config, fv.workdir, fv.stop_after
 
 
 def train_main(argv: list[str]) -> int:
     from routezoo.training import config_check
 
-    config, workdir = parse_train_flags(argv)
+    config, workdir, stop_after = parse_train_flags(argv)
+    from routezoo.training.train import maybe_initialize_distributed
+    maybe_initialize_distributed()   # before anything touches the XLA backend
     try:
         config_check.validate(config)
     except config_check.ConfigError as e:
         return _fail(str(e))
     from routezoo.training.train import train_and_evaluate
-    result = train_and_evaluate(config, workdir)
+    result = train_and_evaluate(config, workdir, stop_after=stop_after)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                         if k in ("step", "loss", "eval_loss", "eval_bits_per_byte"))
     print(f"done: {summary}; outputs in {os.path.abspath(workdir)}")

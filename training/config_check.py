@@ -73,6 +73,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     _one_of(o.schedule, SCHEDULES, "optimizer.schedule")
     _one_of(o.weight_decay_mask, DECAY_MASKS, "optimizer.weight_decay_mask")
     _one_of(d.tokenizer, ("byte", "sentencepiece"), "data.tokenizer")
+    _one_of(d.process_sharding, data_lib.PROCESS_SHARDING, "data.process_sharding")
     if not data_lib.known_dataset(d.name):
         raise ConfigError(f"unknown data.name {d.name!r}; allowed: stdlib, or a TFDS dataset name "
                           "(e.g. lm1b, wikipedia/20230601.en) prepared in array_record format")

@@ -25,7 +25,8 @@ trained once on a bounded sample of the train split and cached in the data dir).
 ``token_bytes[id]`` is the number of UTF-8 bytes a token stands for (0 for pad, eos and
 other control ids), for bits per byte = sum NLL / ln 2 / sum token_bytes[targets].
 
-Training pipeline (:func:`make_train_iterator`), per process::
+Training pipeline (:func:`make_train_iterator`), per process, with
+``data.process_sharding='documents'``::
 
     source[process_index::process_count]      disjoint documents per process
       -> shuffle(seed)  -> repeat()           reshuffled every epoch (grain MapDataset)
@@ -35,7 +36,11 @@ Training pipeline (:func:`make_train_iterator`), per process::
 
 ``inputs = row[:-1]``, ``targets = row[1:]``, ``weights = (targets != pad)``; each
 process packs its own documents, so the processes' rows are disjoint and together cover
-each epoch of the split once. The returned grain ``DatasetIterator`` is checkpointable
+each epoch of the split once. With ``'rows'`` (the default) every process builds the
+same global stream of batches and keeps its slice of rows, so the data a run sees (and
+the iterator state) does not depend on the number of processes; that costs each process
+the tokenizing and packing of the whole stream, cheap for text next to a training step.
+The returned grain ``DatasetIterator`` is checkpointable
 (``get_state``/``set_state``, JSON-able dicts); :func:`iterator_save_args` and
 :func:`iterator_restore_args` give the Orbax args (grain's ``CheckpointSave`` /
 ``CheckpointRestore``, one ``process_<i>-of-<n>.json`` per process) for a composite
@@ -546,11 +551,42 @@ def _process_shard(source: Sequence[Any], process_index: int,
     return grain.MapDataset.source(source)[process_index::process_count]
 
 
+class TakeRows:
+    """Keeps rows ``[index * n, (index + 1) * n)`` of a global batch (``rows`` sharding)."""
+
+    def __init__(self, process_index: int, process_count: int) -> None:
+        self.index, self.count = process_index, process_count
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = next(iter(batch.values())).shape[0] // self.count
+        return {k: v[self.index * n:(self.index + 1) * n] for k, v in batch.items()}
+
+
+PROCESS_SHARDING = ("rows", "documents")
+
+
+def _check_sharding(sharding: str) -> None:
+    if sharding not in PROCESS_SHARDING:
+        raise ValueError(f"unknown data.process_sharding {sharding!r}; allowed: {', '.join(PROCESS_SHARDING)}")
+
+
 def train_dataset(source: Sequence[Any], tokenizer: Tokenizer, *, text_key: str,
                   seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
                   process_index: int = 0, process_count: int = 1,
-                  num_workers: int = 0) -> grain.IterDataset:
-    """The endless training dataset of one process; ``batch_size`` is per process."""
+                  num_workers: int = 0, process_sharding: str = "documents") -> grain.IterDataset:
+    """The endless training dataset of one process; ``batch_size`` is per process.
+
+    ``process_sharding='documents'``: this process packs its own share of documents.
+    ``'rows'``: every process packs the same global stream of ``batch_size *
+    process_count`` rows per batch and keeps its slice, so the global batches do not
+    depend on the number of processes.
+    """
+    _check_sharding(process_sharding)
+    by_rows = process_sharding == "rows" and process_count > 1
+    if by_rows:
+        return train_dataset(source, tokenizer, text_key=text_key, seq_len=seq_len,
+                             batch_size=batch_size * process_count, seed=seed, shuffle=shuffle,
+                             num_workers=num_workers).map(TakeRows(process_index, process_count))
     docs = _process_shard(source, process_index, process_count)
     if len(docs) == 0:
         raise ValueError(f"process {process_index} of {process_count} gets no documents "
@@ -587,16 +623,26 @@ def make_train_iterator(config: Any, *, process_index: int | None = None,
         seq_len=d.seq_len, batch_size=_per_process_batch(config.train.batch_size,
                                                          process_count),
         seed=config.seed, shuffle=d.shuffle, process_index=process_index,
-        process_count=process_count, num_workers=d.num_workers)
+        process_count=process_count, num_workers=d.num_workers,
+        process_sharding=d.process_sharding)
     return iter(ds)
 
 
 class EvalBatches:
-    """Re-iterable: every pass yields the same ``num_batches`` batches."""
+    """Re-iterable: every pass yields the same ``num_batches`` batches.
+
+    ``process_sharding`` as in :func:`train_dataset`: ``rows`` packs the global eval stream
+    on every process and keeps this process's rows of each batch.
+    """
 
     def __init__(self, source: Sequence[Any], tokenizer: Tokenizer, *, text_key: str,
                  seq_len: int, batch_size: int, num_batches: int, process_index: int = 0,
-                 process_count: int = 1) -> None:
+                 process_count: int = 1, process_sharding: str = "documents") -> None:
+        _check_sharding(process_sharding)
+        self._take = None
+        if process_sharding == "rows" and process_count > 1:
+            self._take = TakeRows(process_index, process_count)
+            batch_size, process_index, process_count = batch_size * process_count, 0, 1
         self._docs = _process_shard(source, process_index, process_count).map(
             EncodeDocument(tokenizer, text_key))
         self._seq_len = seq_len
@@ -614,7 +660,8 @@ class EvalBatches:
         batches = iter(rows.batch(self._batch_size, batch_fn=make_batch))
         empty = make_batch([np.full(self._seq_len + 1, self._pad_id, np.int32)])
         for _ in range(self._num_batches):
-            yield next(batches, empty)
+            batch = next(batches, empty)
+            yield self._take(batch) if self._take else batch
 
 
 def eval_batches(config: Any, *, process_index: int | None = None,
@@ -627,7 +674,7 @@ def eval_batches(config: Any, *, process_index: int | None = None,
         seq_len=d.seq_len, batch_size=_per_process_batch(config.train.batch_size,
                                                          process_count),
         num_batches=config.train.eval_steps, process_index=process_index,
-        process_count=process_count)
+        process_count=process_count, process_sharding=d.process_sharding)
 
 
 # -------------------------------------------------------------------------- orbax

@@ -348,10 +348,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                                        f"eval bits/byte {last_eval['eval_bits_per_byte']:.4f}")
                     writer.write(step, record)
                     progress.update_to(step, loss=f"{float(last_metrics['loss']):.3f}", tok_s=f"{tps:,.0f}")
-                if step % config.checkpoint.every == 0 or step == steps:
+                stopping = stop.any_process() or (stop_after is not None and step - start >= stop_after)
+                if stopping or step % config.checkpoint.every == 0 or step == steps:
                     checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
-                if stop.any_process() or (stop_after is not None and step - start >= stop_after):
-                    checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
+                if stopping:
                     progress.write(f"stopped at step {step}; checkpoint saved; run again to resume")
                     break
         progress.close()
@@ -360,3 +360,45 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     if is_main:
         metrics_lib.plot_metrics(workdir)
     return {"step": step, **{k: float(np.mean(v)) for k, v in last_metrics.items()}, **last_eval}
+
+
+def load_trained(workdir: str, step: int | None = None, mesh_shape: dict[str, int] | None = None):
+    """(config, model, state) from a run's ``config.json`` and its newest (or given) checkpoint.
+
+    The state is restored onto ``mesh_shape`` (default: all devices on ``data``).
+    """
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from routezoo.configs import base
+
+    workdir = os.path.abspath(workdir)
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: not a routezoo workdir")
+    config = base.get_config()
+    config.update_from_flattened_dict(_flatten(json.load(open(path))))
+    for axis in shd.MESH_AXES:
+        config.mesh[axis] = (mesh_shape or {"data": -1}).get(axis, 1)
+    mesh, rules = mesh_and_rules(config)
+    model = zoo.build(config.model)
+    tx, _ = make_optimizer(config.optimizer, config.train.steps)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract, _, _ = state_shardings(model, tx, config, mesh, rules)
+        manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        manager.close()
+    return config, model, state
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

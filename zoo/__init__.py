@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import ml_collections
 import numpy as np
 from flax import linen as nn
 
@@ -24,7 +25,8 @@ def build(model_cfg: Any) -> nn.Module:
     name = model_cfg.name
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODELS))}")
-    return MODELS[name](model_cfg)
+    # A frozen config is hashable, so the module can be a static argument of jax.jit.
+    return MODELS[name](ml_collections.FrozenConfigDict(model_cfg))
 
 
 def count_params(params: Any, model_cfg: Any) -> tuple[int, int]:
