@@ -1,0 +1,489 @@
+"""Dispatchers: move token copies to experts, run the experts, combine the results.
+
+Einsum letters: ``T`` tokens, ``D`` embed, ``F`` expert_mlp, ``E`` experts, ``C`` capacity,
+``K`` experts per token (slots), ``G`` routing groups, ``S`` group size, ``M`` rows of a
+grouped matmul (token copies), ``N`` expert shards (size of the ``expert`` mesh axes).
+
+Experts are given as a dict of stacked weights (already in the compute dtype):
+``wi`` ``[E, D, F]``, ``wo`` ``[E, F, D]`` and, for SwiGLU, ``wi_gate`` ``[E, D, F]``;
+their logical axis names are :data:`EXPERT_PARAM_NAMES`.
+
+Three dispatchers, all pure functions:
+
+* :func:`capacity_moe` (Switch Transformers, GShard): fixed ``[G, E, C, D]`` buffers per
+  routing group. Copies fill an expert's ``C`` slots in slot order (all first choices,
+  then all second choices, as GShard), within a slot in token order or, with
+  ``Routing.priority``, by decreasing priority (batch-prioritised routing). Copies over
+  capacity are dropped: their MoE output is 0 and the residual carries the token. Two
+  implementations of the same maths: ``'index'`` (gathers only, into and out of the
+  buffers, with gather VJPs; the main path, memory ``O(S·K·D)``) and ``'einsum'``
+  (one-hot ``[G, S, E, C]`` dispatch and combine tensors, the vmoe/flaxformer
+  formulation, memory ``O(S·E·C)``; a reference for tests). Expert
+  parallelism comes from sharding constraints: the buffers are constrained with experts
+  on ``act_expert`` and groups on ``batch`` (minus the mesh axes ``act_expert`` took), so
+  XLA inserts the all-to-all.
+* :func:`expert_choice_moe`: the expert-major routing of expert choice (each expert
+  already holds exactly ``C`` tokens): a gather into ``[G, E, C, D]``, the experts, a
+  scatter-add back. Sharded like the capacity buffers.
+* :func:`dropless_moe` (MegaBlocks-style dropless MoE): token copies sorted by expert,
+  one grouped matmul per weight (backend chosen by name, :data:`GMM_BACKENDS`), unsorted
+  and combined; nothing is dropped. Row moves use :func:`take_rows`, a gather with a
+  custom VJP that is again a gather (the inverse permutation comes from a scatter of
+  ``arange``, never an argsort). Under a mesh it runs in ``jax.shard_map`` over the mesh
+  axes of ``batch`` and of the ``expert`` parameter axis; with more than one expert shard
+  it sends token copies with ``jax.lax.all_to_all`` in padded buffers ``[N, T·K, D]``:
+  one fixed-size block per destination, large enough for all local copies, so even
+  when every token picks the same expert nothing is dropped (``N``-fold memory for the
+  exchange; ``ragged_all_to_all`` would avoid it, but padded runs on every backend).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+from routezoo.layers import sharding
+
+Array = jax.Array
+Params = Mapping[str, Array]
+
+EXPERT_PARAM_NAMES: dict[str, tuple[str, str, str]] = {
+    "wi": ("expert", "embed", "expert_mlp"),
+    "wi_gate": ("expert", "embed", "expert_mlp"),
+    "wo": ("expert", "expert_mlp", "embed"),
+}
+EXPERT_TYPES = ("swiglu", "gelu")
+CAPACITY_IMPLS = ("index", "einsum")
+
+
+# ------------------------------------------------------------------ expert maths
+
+
+def _activation(h_in: Array, h_gate: Array | None, expert_type: str) -> Array:
+    if expert_type == "swiglu":
+        return jax.nn.silu(h_gate) * h_in
+    if expert_type == "gelu":
+        return jax.nn.gelu(h_in)
+    raise ValueError(f"unknown expert_type {expert_type!r}; known: {list(EXPERT_TYPES)}")
+
+
+def ffn_batched(buf: Array, params: Params, *, expert_type: str) -> Array:
+    """Experts on capacity buffers: ``[G, E, C, D] -> [G, E, C, D]``."""
+    names = ("batch", "act_expert", "capacity", "act_mlp")
+    h = jnp.einsum("GECD,EDF->GECF", buf, params["wi"])
+    g = jnp.einsum("GECD,EDF->GECF", buf, params["wi_gate"]) if expert_type == "swiglu" else None
+    h = constrain_expert_parallel(_activation(h, g, expert_type), names)
+    return jnp.einsum("GECF,EFD->GECD", h, params["wo"])
+
+
+def gmm_ragged_dot(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """Grouped matmul ``[M, D] x [E, D, F] -> [M, F]`` with ``jax.lax.ragged_dot``.
+
+    Rows ``sum(group_sizes)..M`` are unspecified; callers mask them.
+    """
+    out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    return out.astype(lhs.dtype)
+
+
+def gmm_dense(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """Reference grouped matmul: every expert on every row, then a mask (tests only)."""
+    num_groups = rhs.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    row_group = jnp.searchsorted(ends, jnp.arange(lhs.shape[0]), side="right")  # [M], E = none
+    mask = jax.nn.one_hot(row_group, num_groups, dtype=jnp.float32)  # [M, E]
+    out = jnp.einsum("MD,EDF->MEF", lhs, rhs, preferred_element_type=jnp.float32)
+    return jnp.einsum("MEF,ME->MF", out, mask).astype(lhs.dtype)
+
+
+GMM_BACKENDS: dict[str, Callable[[Array, Array, Array], Array]] = {
+    "ragged_dot": gmm_ragged_dot,
+    "dense": gmm_dense,
+}
+GMM_BACKEND_NAMES = ("auto", *GMM_BACKENDS)
+
+
+def resolve_gmm_backend(name: str) -> Callable[[Array, Array, Array], Array]:
+    """``'auto'`` (today ``ragged_dot`` on every platform), or a :data:`GMM_BACKENDS` key."""
+    if name == "auto":
+        name = "ragged_dot"
+    if name not in GMM_BACKENDS:
+        raise ValueError(f"unknown gmm_backend {name!r}; known: {list(GMM_BACKEND_NAMES)}")
+    return GMM_BACKENDS[name]
+
+
+def ffn_grouped(rows: Array, group_sizes: Array, params: Params, *, expert_type: str,
+                gmm: Callable[[Array, Array, Array], Array]) -> Array:
+    """Experts on rows sorted by expert: ``[M, D] -> [M, D]`` (``group_sizes`` ``[E]``)."""
+    h = gmm(rows, params["wi"], group_sizes)  # [M, F]
+    g = gmm(rows, params["wi_gate"], group_sizes) if expert_type == "swiglu" else None
+    return gmm(_activation(h, g, expert_type), params["wo"], group_sizes)  # [M, D]
+
+
+# ------------------------------------------------------------------ row moves
+
+
+@jax.custom_vjp
+def take_rows(x: Array, idx: Array, inv: Array) -> Array:
+    """``out[i] = x[idx[i]]``, or 0 where ``idx[i]`` is out of range (``>= len(x)``).
+
+    ``idx`` must be injective on its in-range entries and ``inv`` its inverse:
+    ``inv[j]`` is the output row that holds ``x[j]`` (out of range if none). The VJP is
+    then the gather ``dx[j] = dout[inv[j]]`` instead of a scatter-add.
+    """
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x, idx, inv):
+    return take_rows(x, idx, inv), inv
+
+
+def _take_rows_bwd(inv, g):
+    return jnp.take(g, inv, axis=0, mode="fill", fill_value=0), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def invert_permutation(perm: Array) -> Array:
+    """Inverse of a permutation by a scatter of ``arange`` (no second argsort)."""
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+
+
+def _sorted_expert_ffn(rows: Array, ids: Array, num_experts: int, params: Params, *,
+                       expert_type: str, gmm) -> Array:
+    """Experts on unsorted rows ``[M, D]`` with expert ids ``[M]`` (``>= E``: none).
+
+    Sorts the rows by expert, runs the grouped matmul, unsorts; rows without an expert
+    get 0.
+    """
+    ids = jnp.where((ids < 0) | (ids >= num_experts), num_experts, ids).astype(jnp.int32)
+    perm = jnp.argsort(ids, stable=True)  # [M]
+    inv = invert_permutation(perm)
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[ids].add(1, mode="drop")  # [E]
+    sorted_rows = take_rows(rows, perm, inv)  # [M, D]
+    out = ffn_grouped(sorted_rows, group_sizes, params, expert_type=expert_type, gmm=gmm)
+    out = jnp.where((ids[perm] < num_experts)[:, None], out, jnp.zeros((), out.dtype))
+    return take_rows(out, inv, perm)  # [M, D]
+
+
+def _combine(copies: Array, weights: Array, out_dtype) -> Array:
+    # copies [T, K, D], weights [T, K] -> [T, D]; combined in float32
+    y = jnp.einsum("TKD,TK->TD", copies.astype(jnp.float32), weights.astype(jnp.float32))
+    return y.astype(out_dtype)
+
+
+# ------------------------------------------------------------------ mesh helpers
+
+
+def _mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def mesh_axes_of(logical: str, mesh) -> tuple[str, ...]:
+    """Mesh axes (of size > 1) that the rules in context map logical name ``logical`` to."""
+    if mesh is None:
+        return ()
+    spec = nn.logical_to_mesh_axes((logical,))
+    if spec is None or spec[0] is None:
+        return ()
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def constrain_expert_parallel(x: Array, names: Sequence[str | None]) -> Array:
+    """:func:`sharding.constrain` for expert-parallel buffers.
+
+    Flax resolves rules in table order, so ``batch`` (listed first and mapped to
+    ``data, fsdp, expert``) would take the ``expert`` axis and leave ``act_expert``
+    unsharded. Here every other name is resolved first and ``batch`` gets the mesh axes
+    that are left: groups on ``data, fsdp``, experts on ``expert`` with the default rules.
+    """
+    mesh = _mesh()
+    if mesh is None or not nn.get_logical_axis_rules():
+        return x
+    spec: list[Any] = [None] * len(names)
+    used: set[str] = set()
+    for i, name in enumerate(names):
+        if name is not None and name != "batch":
+            axes = tuple(a for a in mesh_axes_of(name, mesh) if a not in used)
+            used.update(axes)
+            spec[i] = axes or None
+    if "batch" in names:
+        axes = tuple(a for a in mesh_axes_of("batch", mesh) if a not in used)
+        spec[list(names).index("batch")] = axes or None
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+# ------------------------------------------------------------------ capacity
+
+
+def _experts_on_buffers(buf: Array, params: Params, *, expert_type: str) -> tuple[Array, Array]:
+    """Experts on ``[G, E, C, D]`` buffers, with the layout changes that make the
+    all-to-all: built group-sharded, computed expert-sharded, returned group-sharded.
+
+    The group-sharded constraint on ``buf`` matters for the backward pass: without it the
+    cotangent would reach the dispatch gather expert-sharded and XLA would all-reduce
+    whole buffers instead of exchanging them.
+    """
+    by_group = ("batch", None, "capacity", "act_embed")
+    by_expert = ("batch", "act_expert", "capacity", "act_embed")
+    buf = constrain_expert_parallel(sharding.constrain(buf, by_group), by_expert)
+    out = constrain_expert_parallel(ffn_batched(buf, params, expert_type=expert_type), by_expert)
+    return buf, sharding.constrain(out, by_group)
+
+
+def capacity_slots(indices: Array, priority: Array | None, num_experts: int,
+                   capacity: int) -> tuple[Array, Array]:
+    """Buffer slots of one group's token copies, and the copy in each slot.
+
+    Copies queue for their expert in fill order: slot level ``k`` major (all first
+    choices before any second choice, as GShard), then token order or, with
+    ``priority``, decreasing priority (batch-prioritised routing). The first ``C`` of
+    each queue are kept. Computed with one stable sort and gathers, memory ``O(S·K)``.
+
+    Args:
+      indices: int32 ``[S, K]`` expert per slot (``-1``: none).
+      priority: ``[S]`` or ``None``.
+      num_experts: ``E``. capacity: ``C``.
+
+    Returns:
+      slot: int32 ``[S, K]``: flat buffer slot ``e·C + c`` of each copy, ``E·C`` if the
+        copy is dropped or empty.
+      src: int32 ``[E·C]``: copy id ``t·K + k`` held by each buffer slot, ``S·K`` if empty.
+    """
+    s, k = indices.shape
+    e, c = num_experts, capacity
+    if priority is None:
+        token_order = jnp.arange(s, dtype=jnp.int32)
+    else:
+        token_order = jnp.argsort(-priority, stable=True).astype(jnp.int32)  # [S]
+    # copy ids (t·K + k) in fill order: all slot-0 copies, then slot 1, ...
+    order = (token_order[None, :] * k + jnp.arange(k, dtype=jnp.int32)[:, None]).reshape(-1)  # [K·S]
+    flat = indices.reshape(-1)
+    ids = jnp.where(flat < 0, e, flat)[order]  # [K·S] expert of each copy in fill order
+    perm = jnp.argsort(ids, stable=True)  # queue of each expert, contiguous
+    sorted_ids = ids[perm]
+    counts = jnp.zeros((e + 1,), jnp.int32).at[ids].add(1)  # [E+1]
+    starts = jnp.cumsum(counts) - counts
+    rank = jnp.arange(s * k, dtype=jnp.int32) - starts[sorted_ids]  # place in its queue
+    kept = (sorted_ids < e) & (rank < c)
+    sorted_slot = jnp.where(kept, sorted_ids * c + rank, e * c)
+    slot = jnp.zeros((s * k,), jnp.int32).at[order[perm]].set(sorted_slot)  # [S·K]
+
+    # slot (e, c) holds queue entry starts[e] + c when c < counts[e]
+    q = starts[:e, None] + jnp.arange(c, dtype=jnp.int32)[None, :]  # [E, C]
+    full = jnp.arange(c, dtype=jnp.int32)[None, :] < counts[:e, None]
+    src = jnp.where(full, order[perm[jnp.minimum(q, s * k - 1)]], s * k).reshape(-1)  # [E·C]
+    return slot.reshape(s, k), src
+
+
+def capacity_moe(x: Array, indices: Array, weights: Array, priority: Array | None,
+                 params: Params, *, capacity: int, expert_type: str,
+                 impl: str = "index") -> tuple[Array, Array]:
+    """Capacity-buffer MoE on routing groups.
+
+    Args:
+      x: ``[G, S, D]`` token states (compute dtype).
+      indices, weights: ``[G, S, K]`` routing (``-1``: empty slot).
+      priority: ``[G, S]`` or ``None`` (see :func:`capacity_slots`).
+      params: expert weights (see module docstring).
+      capacity: ``C`` slots per expert and group.
+      impl: ``'index'`` (gathers with :func:`take_rows`) or ``'einsum'`` (one-hot
+        ``[G, S, E, C]`` reference).
+
+    Returns: ``y [G, S, D]`` and the dropped fraction of routed copies (scalar).
+    """
+    if impl not in CAPACITY_IMPLS:
+        raise ValueError(f"unknown capacity impl {impl!r}; known: {list(CAPACITY_IMPLS)}")
+    g, s, d = x.shape
+    k = indices.shape[-1]
+    e, c = params["wi"].shape[0], capacity
+    slot, src = jax.vmap(functools.partial(capacity_slots, num_experts=e, capacity=c))(
+        indices, priority)  # [G, S, K], [G, E·C]
+    valid = indices >= 0
+    kept = slot < e * c  # [G, S, K]
+    dropped = jnp.sum(valid & ~kept) / jnp.maximum(jnp.sum(valid), 1)
+    combine_w = jnp.where(kept, weights, 0.0).astype(jnp.float32)  # [G, S, K]
+
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+    if impl == "index":
+        copies = jnp.broadcast_to(x[:, :, None, :], (g, s, k, d)).reshape(g, s * k, d)  # [G, S·K, D]
+        slot_flat = slot.reshape(g, s * k)
+        buf = jax.vmap(take_rows)(copies, src, slot_flat).reshape(g, e, c, d)  # [G, E, C, D]
+    else:
+        dispatch = jnp.sum(jax.nn.one_hot(slot, e * c, dtype=x.dtype), axis=2).reshape(g, s, e, c)
+        buf = jnp.einsum("GSEC,GSD->GECD", dispatch, x)
+
+    buf, out = _experts_on_buffers(buf, params, expert_type=expert_type)  # [G, E, C, D]
+
+    if impl == "index":
+        out_copies = jax.vmap(take_rows)(out.reshape(g, e * c, d), slot_flat, src)  # [G, S·K, D]
+        y = jnp.einsum("GSKD,GSK->GSD", out_copies.reshape(g, s, k, d).astype(jnp.float32), combine_w)
+    else:
+        one_hot = jax.nn.one_hot(slot, e * c, dtype=jnp.float32).reshape(g, s, k, e, c)
+        combine = jnp.einsum("GSKEC,GSK->GSEC", one_hot, combine_w)
+        y = jnp.einsum("GSEC,GECD->GSD", combine, out.astype(jnp.float32))
+    y = sharding.constrain(y.astype(x.dtype), ("batch", "length", "act_embed"))
+    return y, dropped.astype(jnp.float32)
+
+
+def expert_choice_moe(x: Array, expert_indices: Array, expert_weights: Array, params: Params, *,
+                      expert_type: str) -> Array:
+    """Expert-major MoE (expert choice): ``x [G, S, D]``, ``expert_indices/weights
+    [G, E, C]`` (group-local token index per slot) ``-> y [G, S, D]``."""
+    g, s, d = x.shape
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
+    buf = jax.vmap(lambda xg, ig: jnp.take(xg, ig, axis=0))(x, expert_indices)  # [G, E, C, D]
+    buf, out = _experts_on_buffers(buf, params, expert_type=expert_type)
+    out = jnp.einsum("GECD,GEC->GECD", out.astype(jnp.float32), expert_weights.astype(jnp.float32))
+
+    def scatter(og, ig):  # [E, C, D], [E, C] -> [S, D]
+        return jnp.zeros((s, d), jnp.float32).at[ig.reshape(-1)].add(og.reshape(-1, d))
+    y = jax.vmap(scatter)(out, expert_indices)
+    return sharding.constrain(y.astype(x.dtype), ("batch", "length", "act_embed"))
+
+
+# ------------------------------------------------------------------ dropless
+
+
+def _dropless_local(x: Array, indices: Array, weights: Array, params: Params, *,
+                    expert_type: str, gmm) -> Array:
+    """Single-shard dropless MoE: ``x [T, D]``, ``indices/weights [T, K]`` -> ``[T, D]``."""
+    t, k = indices.shape
+    d = x.shape[-1]
+    num_experts = params["wi"].shape[0]
+    copies = jnp.broadcast_to(x[:, None, :], (t, k, d)).reshape(t * k, d)  # [T·K, D]
+    out = _sorted_expert_ffn(copies, indices.reshape(-1), num_experts, params,
+                             expert_type=expert_type, gmm=gmm)  # [T·K, D]
+    return _combine(out.reshape(t, k, d), weights, x.dtype)
+
+
+def _dropless_all_to_all(x: Array, indices: Array, weights: Array, params: Params, *,
+                         num_experts: int, expert_axes: tuple[str, ...], num_shards: int,
+                         expert_type: str, gmm) -> Array:
+    """Expert-parallel dropless MoE inside ``shard_map`` (local views).
+
+    ``x [T, D]``, ``indices/weights [T, K]`` are this shard's tokens; ``params`` hold this
+    shard's ``E/N`` experts. Copies are sorted by expert (hence by destination shard),
+    packed into padded blocks ``[N, T·K, D]`` (block ``j`` goes to shard ``j``), exchanged
+    with ``all_to_all``, run on the local experts, and sent back the same way.
+    """
+    t, k = indices.shape
+    d = x.shape[-1]
+    m = t * k
+    n = num_shards
+    e_local = num_experts // n
+    ids = indices.reshape(-1)
+    ids = jnp.where(ids < 0, num_experts, ids).astype(jnp.int32)  # [M]; E = none
+    perm = jnp.argsort(ids, stable=True)
+    inv = invert_permutation(perm)
+    sorted_ids = ids[perm]  # [M]
+    copies = jnp.broadcast_to(x[:, None, :], (t, k, d)).reshape(m, d)
+    rows = take_rows(copies, perm, inv)  # [M, D] sorted by expert
+
+    dest = sorted_ids // e_local  # [M]; N = none
+    counts = jnp.zeros((n,), jnp.int32).at[dest].add(1, mode="drop")  # [N]
+    starts = jnp.cumsum(counts) - counts
+    r = jnp.arange(m, dtype=jnp.int32)
+    slot = jnp.where(dest < n, dest * m + r - starts[jnp.minimum(dest, n - 1)], n * m)  # [M]
+    src = jnp.full((n * m,), m, jnp.int32).at[slot].set(r, mode="drop")  # [N·M]
+    send = take_rows(rows, src, slot).reshape(n, m, d)  # [N, M, D]
+    send_ids = jnp.full((n * m,), e_local, jnp.int32).at[slot].set(
+        sorted_ids - dest * e_local, mode="drop").reshape(n, m)  # [N, M] local expert id
+
+    axis = expert_axes if len(expert_axes) > 1 else expert_axes[0]
+    recv = jax.lax.all_to_all(send, axis, 0, 0)  # [N, M, D]: block i came from shard i
+    recv_ids = jax.lax.all_to_all(send_ids, axis, 0, 0)
+    out = _sorted_expert_ffn(recv.reshape(n * m, d), recv_ids.reshape(-1), e_local, params,
+                             expert_type=expert_type, gmm=gmm)  # [N·M, D]
+    back = jax.lax.all_to_all(out.reshape(n, m, d), axis, 0, 0).reshape(n * m, d)
+    out_sorted = take_rows(back, slot, src)  # [M, D]
+    out_copies = take_rows(out_sorted, inv, perm)  # [M, D] in (t, k) order
+    return _combine(out_copies.reshape(t, k, d), weights, x.dtype)
+
+
+def _prod(mesh, axes: Sequence[str]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def dropless_moe(x: Array, indices: Array, weights: Array, params: Params, *,
+                 expert_type: str, gmm_backend: str = "auto") -> Array:
+    """Dropless MoE: ``x [T, D]``, ``indices/weights [T, K]`` -> ``y [T, D]``.
+
+    With no mesh in context (``jax.set_mesh``) or no logical axis rules
+    (``nn.logical_axis_rules``), or when ``T`` does not split over the batch shards, the
+    single-shard path runs (XLA partitions it as it can). Otherwise the computation runs
+    in ``jax.shard_map`` over the mesh axes of the ``batch`` activations and of the
+    ``expert``/``embed``/``expert_mlp`` parameter axes:
+
+    * tokens are split over the ``batch`` mesh axes (each shard sorts its own copies);
+    * experts are split over the ``expert`` axes; with more than one expert shard the
+      copies travel by padded ``all_to_all`` (see the module docstring);
+    * weights sharded over ``embed`` (FSDP) are all-gathered on entry; weights sharded
+      over ``expert_mlp`` (tensor parallel) stay sharded and the partial outputs are
+      summed with ``psum`` (if those axes also split the tokens they are all-gathered
+      instead).
+    """
+    gmm = resolve_gmm_backend(gmm_backend)
+    mesh = _mesh()
+    num_experts = params["wi"].shape[0]
+    t = x.shape[0]
+    run_local = functools.partial(_dropless_local, expert_type=expert_type, gmm=gmm)
+    if mesh is None or not nn.get_logical_axis_rules():
+        return run_local(x, indices, weights, params)
+
+    if not any(mesh.shape[a] > 1 for a in mesh.axis_names):
+        return run_local(x, indices, weights, params)
+    # Parameter specs as the rules in context give them (what the parameters carry); only
+    # mesh axes of size > 1 are named, so nothing varies over axes of size 1.
+    param_specs = {name: nn.logical_to_mesh_axes(EXPERT_PARAM_NAMES[name]) for name in params}
+
+    def spec_axes(name: str, logical: str) -> tuple[str, ...]:
+        entry = param_specs[name][EXPERT_PARAM_NAMES[name].index(logical)]
+        entry = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        return tuple(a for a in entry if mesh.shape.get(a, 1) > 1)
+
+    batch_axes = mesh_axes_of("batch", mesh)
+    expert_axes = spec_axes("wi", "expert")
+    n_tok = _prod(mesh, batch_axes)
+    n_exp = _prod(mesh, expert_axes)
+    if t % n_tok or num_experts % n_exp:
+        return run_local(x, indices, weights, params)
+
+    mlp_axes = spec_axes("wo", "expert_mlp")
+    gather_mlp = bool(set(mlp_axes) & set(batch_axes))  # tokens split there: psum would mix them
+    psum_axes = () if gather_mlp else mlp_axes
+
+    def local_fn(x, indices, weights, params):
+        local = {}
+        for name, w in params.items():
+            for dim, logical in enumerate(EXPERT_PARAM_NAMES[name]):
+                if logical == "embed" or (logical == "expert_mlp" and gather_mlp):
+                    axes = spec_axes(name, logical)
+                    if axes:
+                        w = jax.lax.all_gather(w, axes if len(axes) > 1 else axes[0], axis=dim, tiled=True)
+            local[name] = w
+        if n_exp > 1:
+            y = _dropless_all_to_all(x, indices, weights, local, num_experts=num_experts,
+                                     expert_axes=expert_axes, num_shards=n_exp,
+                                     expert_type=expert_type, gmm=gmm)
+        else:
+            y = run_local(x, indices, weights, local)
+        if psum_axes:
+            y = jax.lax.psum(y, psum_axes if len(psum_axes) > 1 else psum_axes[0])
+        return y
+
+    tok = P(batch_axes or None, None)
+    param_in_specs = {name: P(*(spec_axes(name, logical) or None for logical in EXPERT_PARAM_NAMES[name]))
+                      for name in params}
+    fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(tok, tok, tok, param_in_specs), out_specs=tok)
+    x = sharding.constrain(x, ("batch", "act_embed"))
+    return fn(x, indices, weights, dict(params))

@@ -1,0 +1,367 @@
+"""Routers: token states to a :class:`Routing` (which experts, with what weight).
+
+Einsum letters: ``T`` tokens, ``D`` embed, ``E`` experts, ``K`` experts per token (slots),
+``G`` routing groups, ``S`` group size (tokens per group, ``T = G·S``), ``C`` capacity.
+
+A router is a Linen module ``__call__(x [T, D], *, deterministic, group_size=None) ->
+Routing``. It knows nothing about dispatch: it says which experts each token goes to and
+with what combine weight, which auxiliary losses it wants added to the training loss (by
+name, already multiplied by their coefficient) and statistics for logging. ``group_size``
+(``S``) splits the ``T`` tokens into ``G = T/S`` routing groups of consecutive tokens; the
+load-balancing loss is averaged over groups and expert choice picks tokens within a group.
+
+Conventions fixed here, for every router (later routers must keep them):
+
+* Router math runs in float32 whatever the model's compute dtype; the router kernel is a
+  float32 ``(D, E)`` parameter with logical names ``('embed', None)``, initialised as
+  Switch does: truncated normal, fan-in variance scaled by ``init_scale`` (0.1).
+* Jitter (Switch Transformers, Fedus et al. 2021): in training the router input is
+  multiplied by ``U(1-eps, 1+eps)``. Its random numbers come from the ``'dropout'`` RNG
+  stream, which every training loop already provides.
+* Load-balancing loss (Switch Transformers; flaxformer's constant):
+  ``L_b = E · Σ_e f_e · P_e`` per group, averaged over groups, where ``f_e`` is the fraction
+  of the group's tokens whose selected experts include ``e`` (a token counts at most once
+  per expert) and ``P_e`` the mean router probability of ``e``. Uniform routing gives
+  ``L_b = K``. See :func:`load_balance_loss`.
+* Router z-loss (ST-MoE, Zoph et al. 2022): ``L_z = mean_t (logsumexp_e h_te)^2`` over all
+  tokens. See :func:`router_z_loss`.
+* ``Routing.losses`` holds ``'load_balance'`` and ``'z_loss'`` multiplied by their
+  coefficients, and only when the coefficient is > 0; ``Routing.stats`` always holds the
+  unscaled values (``load_balance_loss``, ``z_loss``) with ``load`` ``[E]`` (fraction of
+  token copies per expert), ``experts_per_token`` and ``router_entropy``.
+
+Routers: :class:`TopKRouter` (Switch top-1, GShard/Mixtral top-k, DeepSeek-V3
+aux-loss-free balancing, batch-prioritised routing) and :class:`ExpertChoiceRouter`
+(Zhou et al. 2022). :data:`ROUTERS` maps config names to classes; later routers register
+themselves there and implement :meth:`Router.from_config` / :meth:`Router.check_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import struct
+
+from routezoo.layers import sharding
+
+Array = jax.Array
+
+
+@struct.dataclass
+class Routing:
+    """Routing decision for ``T`` tokens (a pytree).
+
+    Attributes:
+      indices: int32 ``[T, K]``: expert of each token slot; ``-1`` marks an empty slot.
+      weights: float32 ``[T, K]``: combine weight of each slot (0 on empty slots).
+      losses: auxiliary losses by name, scalars, already multiplied by their coefficient.
+      stats: statistics by name for logging (``load`` ``[E]``, scalars otherwise).
+      priority: optional float32 ``[T]``: order in which capacity buffers are filled
+        (higher first; batch-prioritised routing). ``None``: token order.
+      expert_indices: optional int32 ``[G, E, C]``: expert-major form (expert choice):
+        the group-local token index (in ``[0, S)``) taken by each expert's ``C`` slots.
+        When present, dispatchers use it instead of ``indices``; ``indices``/``weights``
+        then hold the same decision token-major with ``K = E``.
+      expert_weights: optional float32 ``[G, E, C]``: combine weights of ``expert_indices``.
+    """
+
+    indices: Array
+    weights: Array
+    losses: dict[str, Array] = struct.field(default_factory=dict)
+    stats: dict[str, Array] = struct.field(default_factory=dict)
+    priority: Array | None = None
+    expert_indices: Array | None = None
+    expert_weights: Array | None = None
+
+    def dense_weights(self, num_experts: int) -> Array:
+        """Combine weights as a dense ``[T, E]`` matrix (for references and analysis)."""
+        one_hot = jax.nn.one_hot(self.indices, num_experts, dtype=jnp.float32)  # [T, K, E]
+        return jnp.einsum("TKE,TK->TE", one_hot, self.weights.astype(jnp.float32))
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+def expert_capacity(group_size: int, num_experts: int, k: int, capacity_factor: float,
+                    min_capacity: int = 0) -> int:
+    """Slots per expert and group: ``C = min(S, max(round(cf·K·S/E), min_capacity))``.
+
+    This is Switch's ``max(round(cf·S/E), min_capacity)`` with the ``S·K`` token copies of
+    top-k routing in place of ``S`` tokens (rounded half up), capped at ``S`` because a
+    token sends at most one copy to an expert, so ``C = S`` never drops anything.
+    """
+    c = int(math.floor(capacity_factor * k * group_size / num_experts + 0.5))
+    return max(1, min(group_size, max(c, int(min_capacity))))
+
+
+def load_balance_loss(probs: Array, expert_mask: Array) -> Array:
+    """Switch load-balancing loss, flaxformer's constant.
+
+    Args:
+      probs: ``[G, S, E]`` router probabilities.
+      expert_mask: ``[G, S, E]``, 1 where the token's selected experts include ``e``
+        (a token counts at most once per expert).
+
+    Returns: ``mean_G (E · Σ_e f_e · P_e)`` = ``E² · mean_{G,E}(f · P)``; 1 for balanced
+    top-1 routing, ``K`` for balanced top-k.
+    """
+    num_experts = probs.shape[-1]
+    f = jnp.mean(expert_mask.astype(jnp.float32), axis=1)  # [G, E]
+    p = jnp.mean(probs.astype(jnp.float32), axis=1)  # [G, E]
+    return jnp.mean(f * p) * num_experts ** 2
+
+
+def router_z_loss(logits: Array) -> Array:
+    """ST-MoE router z-loss: ``mean_t (logsumexp_e h_te)^2`` for logits ``[..., E]``."""
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    return jnp.mean(jnp.square(lse))
+
+
+def routing_stats(indices: Array, probs: Array, num_experts: int) -> dict[str, Array]:
+    """``load`` ``[E]`` (fraction of token copies per expert), ``experts_per_token`` and
+    ``router_entropy`` (mean over tokens) from ``indices [T, K]`` and ``probs [T, E]``."""
+    valid = indices >= 0
+    counts = jnp.zeros((num_experts,), jnp.float32).at[jnp.where(valid, indices, num_experts)].add(
+        1.0, mode="drop")  # [E]
+    total = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+    logp = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))
+    entropy = -jnp.sum(probs * logp, axis=-1)  # [T]
+    return {
+        "load": counts / total,
+        "experts_per_token": jnp.mean(jnp.sum(valid, axis=-1).astype(jnp.float32)),
+        "router_entropy": jnp.mean(entropy),
+    }
+
+
+def top_k(x: Array, k: int) -> tuple[Array, Array]:
+    """``jax.lax.top_k`` along the last axis, by a stable descending sort.
+
+    Same result (ties go to the lower index), but it partitions over the leading axes:
+    XLA's TopK op is replicated by the SPMD partitioner on some backends (CPU), which
+    would gather every token's logits onto every device.
+    """
+    idx = jnp.argsort(-x, axis=-1, stable=True)[..., :k]
+    return jnp.take_along_axis(x, idx, axis=-1), idx.astype(jnp.int32)
+
+
+def _num_groups(num_tokens: int, group_size: int | None) -> tuple[int, int]:
+    s = num_tokens if not group_size else int(group_size)
+    if num_tokens % s:
+        raise ValueError(f"router: {num_tokens} tokens are not divisible into groups of {s}")
+    return num_tokens // s, s
+
+
+# ------------------------------------------------------------------ routers
+
+
+class Router(nn.Module):
+    """Base class: the router kernel, jitter and the z-loss.
+
+    Subclasses implement ``__call__(x [T, D], *, deterministic, group_size=None) ->
+    Routing``, :meth:`from_config` (build from ``config.model.moe``) and may extend
+    :meth:`check_config`. ``causal = False`` marks routers that look at other tokens of
+    the sequence (they must not be used in decoders).
+    """
+
+    num_experts: int
+    jitter: float = 0.0
+    z_loss_coef: float = 0.0
+    init_scale: float = 0.1
+
+    causal: ClassVar[bool] = True
+
+    def router_logits(self, x: Array, deterministic: bool) -> Array:
+        """float32 logits ``[T, E]`` of ``x [T, D]`` (jitter applied in training)."""
+        x = x.astype(jnp.float32)
+        if self.jitter > 0 and not deterministic:
+            noise = jax.random.uniform(self.make_rng("dropout"), x.shape, jnp.float32,
+                                       1.0 - self.jitter, 1.0 + self.jitter)
+            x = x * noise
+        init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
+        kernel = self.param("kernel", sharding.param(init, ("embed", None)),
+                            (x.shape[-1], self.num_experts), jnp.float32)
+        return jnp.einsum("TD,DE->TE", x, kernel, precision=jax.lax.Precision.HIGHEST)
+
+    def z_losses(self, logits: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+        z = router_z_loss(logits)
+        losses = {"z_loss": self.z_loss_coef * z} if self.z_loss_coef > 0 else {}
+        return losses, {"z_loss": z}
+
+    @classmethod
+    def common_kwargs(cls, moe_cfg: Any) -> dict[str, Any]:
+        return dict(num_experts=int(moe_cfg.num_experts), jitter=float(moe_cfg.jitter),
+                    z_loss_coef=float(moe_cfg.z_loss_coef),
+                    init_scale=float(moe_cfg.router_init_scale))
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "Router":
+        return cls(**cls.common_kwargs(moe_cfg), **kwargs)
+
+    @classmethod
+    def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
+        """Raises ``ValueError`` (one line) for settings this router cannot run."""
+        if not cls.causal and causal:
+            name = next((k for k, v in ROUTERS.items() if v is cls), cls.__name__)
+            causal_ok = sorted(k for k, v in ROUTERS.items() if v.causal)
+            raise ValueError(f"moe.router={name!r} looks at other tokens of the sequence and "
+                             f"cannot be used in a causal model; use one of {causal_ok}")
+
+
+class TopKRouter(Router):
+    """Token choice: each token picks its ``k`` highest-scoring experts.
+
+    * ``k = 1`` is Switch Transformers (Fedus et al. 2021): the combine weight is the raw
+      probability ``p_e*`` (never renormalised; renormalising a single weight makes it
+      the constant 1 and gives the router zero gradient).
+    * ``k >= 2`` is GShard (Lepikhin et al. 2020) / Mixtral top-k; with ``renormalize``
+      the selected weights are divided by their sum.
+    * Losses: Switch load balancing (``load_balance_coef``) and ST-MoE z-loss
+      (``z_loss_coef``), see the module docstring.
+    * ``bias_update_rate > 0``: auxiliary-loss-free balancing (DeepSeek-V3, 2024). A
+      per-expert bias ``b`` in the non-parameter collection ``'router_state'`` is added
+      to the probabilities for *selection only* (weights stay the raw probabilities);
+      in training, when ``'router_state'`` is mutable, it is updated outside the gradient
+      by ``b_e += rate · sign(mean_load - load_e)`` from this batch's token counts.
+      DeepSeek-V3 adds the bias to sigmoid affinities; here it is added to softmax
+      probabilities, which live on the same ``[0, 1]`` scale.
+    * ``batch_prioritized``: batch-prioritised routing (Riquelme et al. 2021, V-MoE; Switch
+      ``tokens_choose`` configs): capacity buffers are filled in order of each token's
+      top-1 probability instead of sequence order (sets ``Routing.priority``).
+    """
+
+    k: int = 2
+    renormalize: bool = True
+    load_balance_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    batch_prioritized: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
+        # x: [T, D]
+        num_tokens, num_experts = x.shape[0], self.num_experts
+        g, s = _num_groups(num_tokens, group_size)
+        logits = self.router_logits(x, deterministic)  # [T, E]
+        probs = jax.nn.softmax(logits, axis=-1)  # [T, E]
+
+        scores = probs
+        if self.bias_update_rate > 0:
+            bias = self.variable("router_state", "bias", jnp.zeros, (num_experts,), jnp.float32)
+            scores = probs + jax.lax.stop_gradient(bias.value)[None, :]
+        _, indices = top_k(scores, self.k)  # [T, K]
+        weights = jnp.take_along_axis(probs, indices, axis=-1)  # [T, K]
+        if self.k > 1 and self.renormalize:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+
+        expert_mask = jnp.max(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32), axis=1)  # [T, E]
+        lb = load_balance_loss(probs.reshape(g, s, num_experts), expert_mask.reshape(g, s, num_experts))
+        losses, stats = self.z_losses(logits)
+        if self.load_balance_coef > 0:
+            losses["load_balance"] = self.load_balance_coef * lb
+        stats["load_balance_loss"] = lb
+        stats.update(routing_stats(indices, probs, num_experts))
+
+        if (self.bias_update_rate > 0 and not deterministic and not self.is_initializing()
+                and self.is_mutable_collection("router_state")):
+            load = jnp.sum(expert_mask, axis=0)  # [E] token copies per expert
+            step = self.bias_update_rate * jnp.sign(jnp.mean(load) - load)
+            bias.value = bias.value + jax.lax.stop_gradient(step)
+
+        priority = probs.max(axis=-1) if self.batch_prioritized else None  # [T]
+        return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
+                       losses=losses, stats=stats, priority=priority)
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "TopKRouter":
+        return cls(**cls.common_kwargs(moe_cfg), k=int(moe_cfg.k),
+                   renormalize=bool(moe_cfg.renormalize),
+                   load_balance_coef=float(moe_cfg.load_balance_coef),
+                   bias_update_rate=float(moe_cfg.bias_update_rate),
+                   batch_prioritized=bool(moe_cfg.batch_prioritized), **kwargs)
+
+    @classmethod
+    def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
+        super().check_config(moe_cfg, causal=causal)
+        k, e = int(moe_cfg.k), int(moe_cfg.num_experts)
+        if not 1 <= k <= e:
+            raise ValueError(f"moe.k={k} must be between 1 and moe.num_experts={e}")
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022): each expert takes its top ``C`` tokens of a group.
+
+    ``C = min(S, max(round(cf·S/E), min_capacity))`` (see :func:`expert_capacity` with
+    ``K = 1``), ``cf`` = ``capacity_factor`` in training and ``eval_capacity_factor`` when
+    deterministic. A token may be taken by no expert or by many; its combine weight for
+    expert ``e`` is its probability ``p_e``. There is no load-balancing loss (balance holds
+    by construction); the z-loss applies if ``z_loss_coef > 0``. Non-causal: a token's
+    routing depends on later tokens of its group, so it must not be used in decoders.
+
+    The decision is returned expert-major (``expert_indices``/``expert_weights``
+    ``[G, E, C]``) and token-major with ``K = E`` (slot ``e`` holds ``e`` or ``-1``).
+    """
+
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 0
+
+    causal: ClassVar[bool] = False
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
+        # x: [T, D]
+        num_tokens, num_experts = x.shape[0], self.num_experts
+        g, s = _num_groups(num_tokens, group_size)
+        logits = self.router_logits(x, deterministic)  # [T, E]
+        probs = jax.nn.softmax(logits, axis=-1)  # [T, E]
+        cf = self.eval_capacity_factor if deterministic else self.capacity_factor
+        c = expert_capacity(s, num_experts, 1, cf, self.min_capacity)
+
+        probs_ges = probs.reshape(g, s, num_experts).transpose(0, 2, 1)  # [G, E, S]
+        expert_weights, expert_indices = top_k(probs_ges, c)  # [G, E, C]
+        gi = jnp.arange(g)[:, None, None]
+        ei = jnp.arange(num_experts)[None, :, None]
+        chosen = jnp.zeros((g, s, num_experts), bool).at[gi, expert_indices, ei].set(True)  # [G, S, E]
+        chosen = chosen.reshape(num_tokens, num_experts)  # [T, E]
+        indices = jnp.where(chosen, jnp.arange(num_experts, dtype=jnp.int32)[None, :], -1)  # [T, K=E]
+        weights = jnp.where(chosen, probs, 0.0)  # [T, K=E]
+
+        losses, stats = self.z_losses(logits)
+        stats.update(routing_stats(indices, probs, num_experts))
+        return Routing(indices=indices, weights=weights, losses=losses, stats=stats,
+                       expert_indices=expert_indices.astype(jnp.int32),
+                       expert_weights=expert_weights.astype(jnp.float32))
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "ExpertChoiceRouter":
+        return cls(**cls.common_kwargs(moe_cfg), capacity_factor=float(moe_cfg.capacity_factor),
+                   eval_capacity_factor=float(moe_cfg.eval_capacity_factor),
+                   min_capacity=int(moe_cfg.min_capacity), **kwargs)
+
+    @classmethod
+    def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
+        super().check_config(moe_cfg, causal=causal)
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            if float(moe_cfg[key]) <= 0:
+                raise ValueError(f"moe.{key}={moe_cfg[key]} must be > 0 with "
+                                 f"moe.router='expert_choice'")
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "top_k": TopKRouter,
+    "expert_choice": ExpertChoiceRouter,
+}
+
+
+def router_from_config(moe_cfg: Any, **module_kwargs) -> Router:
+    """Builds the router named by ``moe_cfg.router`` (a :data:`ROUTERS` key).
+
+    ``module_kwargs`` go to the Linen constructor (``name``, ``parent``); pass
+    ``parent=None`` for a router that another module will adopt as its attribute.
+    """
+    if moe_cfg.router not in ROUTERS:
+        raise ValueError(f"moe.router={moe_cfg.router!r} is unknown; known: {sorted(ROUTERS)}")
+    return ROUTERS[moe_cfg.router].from_config(moe_cfg, **module_kwargs)
