@@ -23,6 +23,7 @@ TIMEOUT_PER_CELL_S = 300
 # name -> (substrings that must appear in the stream outputs, output mime types that must appear)
 EXPECTED_OUTPUTS = {
     "quickstart.ipynb": (["----- sampled text -----", "validation bits per byte"], ["image/png"]),
+    "expert_parallel.ipynb": (["expert 0: devices [0, 4]", "all-to-all ops in compiled HLO", "single device|", "train loss:"], ["image/png"]),
 }
 
 
