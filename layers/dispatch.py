@@ -107,32 +107,34 @@ def gmm_blocked(lhs: Array, rhs: Array, group_sizes: Array, block: int | None = 
 
     Each expert's rows are padded to a multiple of ``block`` (``P`` rows in all, at most
     ``M + E·(block - 1)``), so every block of ``block`` rows belongs to one expert; the
-    blocks are multiplied by their expert's weight, gathered per block:
-    ``[B, block, D] x [B, D, F]``. Work is at most about twice the useful work, never
-    ``E`` times as in a masked dense matmul; the price is the ``[B, D, F]`` weight
-    gather, which is why this is the CPU choice and not the GPU one. Rows past
-    ``sum(group_sizes)`` come back as 0.
+    blocks are multiplied by their expert's weight: ``[B, block, D] x [B, D, F]``. The
+    per-block weights come from a one-hot einsum over experts (its transpose is again an
+    einsum, not a scatter-add), and rows move with :func:`take_rows` (gathers both ways).
+    The default ``block`` keeps the padding under about a quarter of the rows; the price
+    is the ``[B, D, F]`` per-block weights, which is why a kernel beats this on GPUs.
+    Rows past ``sum(group_sizes)`` come back as 0.
     """
     m, d = lhs.shape
     e = rhs.shape[0]
-    if block is None:   # about one block per expert when the load is balanced
-        block = max(8, -(-m // (8 * e)) * 8)
+    if block is None:
+        block = max(64, (m // (4 * e)) // 8 * 8)
     nb = -(-(m + e * (block - 1)) // block)
+    p = nb * block
     padded = -(-group_sizes // block) * block                      # [E]
     pad_start = jnp.cumsum(padded) - padded                        # [E]
     ends = jnp.cumsum(group_sizes)
     row = jnp.arange(m)
     g = jnp.searchsorted(ends, row, side="right")                  # [M]; E = past the end
-    valid = g < e
     gc = jnp.minimum(g, e - 1)
-    dest = jnp.where(valid, pad_start[gc] + row - (ends[gc] - group_sizes[gc]), nb * block)
-    x = jnp.zeros((nb * block, d), lhs.dtype).at[dest].set(lhs, mode="drop")
+    dest = jnp.where(g < e, pad_start[gc] + row - (ends[gc] - group_sizes[gc]), p)  # [M] -> [P]
+    src = jnp.full((p,), m, dest.dtype).at[dest].set(row.astype(dest.dtype), mode="drop")  # [P] -> [M]
+    x = take_rows(lhs, src, dest)                                  # [P, D]
     block_expert = jnp.minimum(
         jnp.searchsorted(jnp.cumsum(padded), jnp.arange(nb) * block, side="right"), e - 1)
-    y = jnp.einsum("BRD,BDF->BRF", x.reshape(nb, block, d), rhs[block_expert],
-                   preferred_element_type=jnp.float32).reshape(nb * block, -1)
-    out = jnp.take(y, jnp.minimum(dest, nb * block - 1), axis=0)
-    return jnp.where(valid[:, None], out, 0).astype(lhs.dtype)
+    w = jnp.einsum("BE,EDF->BDF", jax.nn.one_hot(block_expert, e, dtype=rhs.dtype), rhs)
+    y = jnp.einsum("BRD,BDF->BRF", x.reshape(nb, block, d), w,
+                   preferred_element_type=jnp.float32).astype(lhs.dtype).reshape(p, -1)
+    return take_rows(y, dest, src)                                 # [M, F]
 
 
 GMM_BACKENDS: dict[str, Callable[[Array, Array, Array], Array]] = {

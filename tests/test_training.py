@@ -39,7 +39,8 @@ def test_outputs(full_run):
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == list(range(1, 9))
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [4, 8]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert evals[0]["eval_loss"] > evals[-1]["eval_loss"]
     for r in evals:
         assert math.isfinite(r["eval_loss"]) and r["eval_bits_per_byte"] > 0
     assert records[0]["params_total"] > 0 and records[0]["flops_per_token_train"] > 0

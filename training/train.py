@@ -319,8 +319,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                              donate_argnums=0)
         eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes),
                             in_shardings=(shardings, batch_sharding))
-        if start == 0 and is_main:
-            writer.write(0, info)
+        if start == 0:   # model size and the untrained model's eval, as step 0
+            first = evaluate(eval_step, state, config, mesh, batch_sharding)
+            writer.write(0, {**info, **first})
+            progress_log(f"step 0: eval loss {first['eval_loss']:.4f}, "
+                         f"eval bits/byte {first['eval_bits_per_byte']:.4f}")
 
         steps, last_metrics, last_eval = config.train.steps, {}, {}
         tokens_per_step = config.train.batch_size * config.data.seq_len
