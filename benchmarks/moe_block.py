@@ -32,6 +32,7 @@ SHAPES = {
 VARIANTS = [
     ("dropless", "ragged_dot", None),
     ("dropless", "blocked", None),
+    ("dropless", "pallas", None),
     ("capacity", "auto", 1.0),
     ("capacity", "auto", 1.25),
 ]

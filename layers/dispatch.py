@@ -137,9 +137,17 @@ def gmm_blocked(lhs: Array, rhs: Array, group_sizes: Array, block: int | None = 
     return take_rows(y, dest, src)                                 # [M, F]
 
 
+def gmm_pallas(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """Pallas (Triton) grouped-matmul kernel, :mod:`routezoo.layers.kernels.gmm_pallas`
+    (interpreted off GPU: for tests, slow)."""
+    from routezoo.layers.kernels.gmm_pallas import gmm_backend
+    return gmm_backend(lhs, rhs, group_sizes)
+
+
 GMM_BACKENDS: dict[str, Callable[[Array, Array, Array], Array]] = {
     "ragged_dot": gmm_ragged_dot,
     "blocked": gmm_blocked,
+    "pallas": gmm_pallas,
     "dense": gmm_dense,
 }
 GMM_BACKEND_NAMES = ("auto", *GMM_BACKENDS)

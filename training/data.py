@@ -193,9 +193,9 @@ def _build_stdlib(data_dir: str) -> None:
         tfds.disable_progress_bar()
         with contextlib.redirect_stdout(io.StringIO()):   # TFDS's own banner
             builder.download_and_prepare()
-        print(f"built the {_stdlib_tfds_name()} dataset in {data_dir}: " + ", ".join(
-            f"{name} {split.num_examples} files, {int(split.num_bytes)} bytes"
-            for name, split in sorted(builder.info.splits.items())), flush=True)
+        log.info("built %s in %s: %s", _stdlib_tfds_name(), data_dir, ", ".join(
+            f"{name} {split.num_examples} files {int(split.num_bytes)} bytes"
+            for name, split in sorted(builder.info.splits.items())))
 
 
 # ------------------------------------------------------------------- named datasets

@@ -1,0 +1,313 @@
+"""Pallas-Triton grouped matmul (``routezoo.layers.kernels.gmm_pallas``) against the dense
+matmul and a perfectly balanced batched einsum, on GPU.
+
+For each shape ``(E experts, M rows, K, N)`` (bf16 in, f32 accumulation, bf16 out) it
+times, with random balanced-ish group sizes (multinomial, equal probabilities):
+
+* ``dense``: ``[M, K] @ [K, N]`` (the same FLOPs, no grouping: the ceiling);
+* ``einsum``: ``[E, M/E, K] x [E, K, N]`` (perfectly balanced groups, capacity dispatch);
+* ``gmm``: for several tilings ``(bm, bk, bn)``, ``num_warps``, ``num_stages``:
+  forward, the backward data matmul ``d_lhs = gmm(d_out, rhs^T)`` alone, and forward +
+  backward (``jax.vjp``: ``gmm``, ``gmm^T``, ``tgmm``);
+* ``tgmm`` alone (the weight gradient) for several tilings;
+* jax's own Mosaic GPU Hopper kernels (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``
+  and ``transposed_ragged_dot_mgpu``) where they import and run, for comparison.
+
+Useful FLOPs: ``2·M·K·N`` per matmul (forward), ``3x`` for forward + backward. ``% dense``
+is against the dense matmul of the same shape and mode, measured in the same process;
+the ``8192^3`` dense rate is printed as well. Timing: ``block_until_ready`` after 3
+warm-up calls, median of ``--iters``. A correctness check (bf16 and f32 against a masked
+dense reference, empty groups and rows past the end included) runs first. Each case is
+in its own try/except; failures are printed and recorded, the rest goes on.
+
+    python3 benchmarks/gmm_kernel.py --out gmm_kernel.json [--shapes mixtral,deepseek,small]
+        [--iters 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHAPES = {
+    # name: (E, M, K, N)
+    "mixtral": (8, 32768, 4096, 14336),
+    "deepseek": (64, 98304, 2048, 1408),
+    "small": (128, 16384, 1024, 4096),
+    "tiny": (4, 512, 128, 256),   # smoke test only (runs interpreted on CPU)
+}
+DEFAULT_SHAPES = "mixtral,deepseek,small"
+# (bm, bk, bn), num_warps, num_stages
+GMM_CONFIGS = [
+    ((128, 64, 128), 4, 3),
+    ((128, 64, 128), 8, 3),
+    ((128, 64, 128), 4, 4),
+    ((128, 64, 256), 8, 3),
+    ((128, 64, 256), 8, 4),
+    ((64, 64, 128), 4, 3),
+    ((64, 64, 256), 4, 4),
+    ((128, 32, 128), 4, 4),
+    ((256, 64, 128), 8, 3),
+]
+GMM_CONFIGS_QUICK = [GMM_CONFIGS[0], GMM_CONFIGS[3], GMM_CONFIGS[5]]
+# tgmm: (bm rows per step, bk, bn), num_warps, num_stages
+TGMM_CONFIGS = [
+    ((128, 128, 128), 4, 3),
+    ((128, 128, 128), 8, 3),
+    ((64, 128, 128), 4, 3),
+    ((64, 128, 128), 4, 4),
+    ((32, 128, 128), 4, 4),
+    ((128, 64, 128), 4, 3),
+    ((64, 128, 256), 8, 3),
+]
+TGMM_CONFIGS_QUICK = [TGMM_CONFIGS[0], TGMM_CONFIGS[2]]
+
+
+INTERPRET = False   # set in main(): True off GPU (smoke runs of --shapes tiny on CPU)
+
+
+def bench(fn, *args, iters: int) -> float:
+    for _ in range(3):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def dense_8192(iters: int) -> float:
+    n = 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    return 2 * n ** 3 / bench(jax.jit(lambda a, b: a @ b), a, b, iters=iters) / 1e12
+
+
+def fwd_bwd(f):
+    """``(x, w, ct) -> (out, dx, dw)``: the forward and both cotangents."""
+    def run(x, w, ct):
+        out, vjp = jax.vjp(f, x, w)
+        return (out, *vjp(ct))
+    return jax.jit(run)
+
+
+def group_sizes_for(e: int, m: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).multinomial(m, np.full(e, 1.0 / e)).astype(np.int32)
+
+
+def correctness_check(gp) -> dict:
+    """Small bf16 and f32 problems against a masked dense reference (f32 maths)."""
+    m, k, n, e = 4096, 512, 768, 8
+    sizes = np.array([700, 0, 512, 1000, 0, 333, 900, 300], np.int32)   # sum 3745 < m
+    rx, rw, rc = jax.random.split(jax.random.key(7), 3)
+    out = {}
+    for dtype in (jnp.bfloat16, jnp.float32):
+        x = jax.random.normal(rx, (m, k), dtype)
+        w = jax.random.normal(rw, (e, k, n), dtype)
+        ct = jax.random.normal(rc, (m, n), dtype)
+        gs = jnp.asarray(sizes)
+
+        def ref(x, w):
+            ends = jnp.cumsum(gs)
+            g = jnp.searchsorted(ends, jnp.arange(m), side="right")
+            mask = jax.nn.one_hot(g, e, dtype=jnp.float32)
+            y = jnp.einsum("MK,EKN->MEN", x.astype(jnp.float32), w.astype(jnp.float32),
+                           precision="highest")
+            return jnp.einsum("MEN,ME->MN", y, mask, precision="highest")
+
+        got = fwd_bwd(lambda a, b: gp.gmm(a, b, gs, interpret=INTERPRET))(x, w, ct)
+        want = fwd_bwd(ref)(x, w, ct.astype(jnp.float32))
+        errs = {}
+        for name, a, b in zip(("out", "d_lhs", "d_rhs"), got, want):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            errs[name] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+        total = int(sizes.sum())
+        errs["tail_rows_zero"] = bool(np.all(np.asarray(got[0])[total:] == 0)
+                                      and np.all(np.asarray(got[1])[total:] == 0))
+        errs["empty_groups_zero"] = bool(np.all(np.asarray(got[2])[[1, 4]] == 0))
+        out[jnp.dtype(dtype).name] = errs
+    return out
+
+
+def pct(x, ref):
+    return None if x is None or ref is None else 100.0 * x / ref
+
+
+def run_shape(name, e, m, k, n, args, gp, rows):
+    gs_np = group_sizes_for(e, m)
+    gs = jnp.asarray(gs_np)
+    kx, kw, kc = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    w = jax.random.normal(kw, (e, k, n), jnp.bfloat16) * (k ** -0.5)
+    ct = jax.random.normal(kc, (m, n), jnp.bfloat16)
+    flops = 2.0 * m * k * n
+    iters = args.iters
+    print(f"\n== {name}: E={e} M={m} K={k} N={n}  group sizes min/max "
+          f"{gs_np.min()}/{gs_np.max()} (mean {m / e:.0f})", flush=True)
+    base: dict[str, float | None] = {"fwd": None, "fwdbwd": None}
+    rows.append({"shape": name, "E": e, "M": m, "K": k, "N": n, "variant": "group_sizes",
+                 "sizes": gs_np.tolist()})
+
+    def record(variant, mode, fn, *fargs, mult=1.0, ref_mode=None, extra=None):
+        row = {"shape": name, "E": e, "M": m, "K": k, "N": n, "variant": variant, "mode": mode}
+        row.update(extra or {})
+        try:
+            t = bench(fn, *fargs, iters=iters)
+            tf = mult * flops / t / 1e12
+            row.update(ms=t * 1e3, tflops=tf, pct_dense=pct(tf, base.get(ref_mode or mode)))
+        except Exception as exc:  # noqa: BLE001 - one failure must not stop the rest
+            row.update(error=f"{type(exc).__name__}: {exc}"[:2000],
+                       traceback=traceback.format_exc()[-4000:])
+        rows.append(row)
+        if "error" in row:
+            print(f"  {variant:<44} {mode:<7} FAILED {row['error'][:300]}", flush=True)
+        else:
+            p = row["pct_dense"]
+            print(f"  {variant:<44} {mode:<7} {row['ms']:9.3f} ms {row['tflops']:7.1f} TF/s"
+                  f"  {'' if p is None else f'{p:5.1f}% dense'}", flush=True)
+        return row
+
+    # Dense ceiling of the same shape, and the balanced batched einsum.
+    w0 = w[0]
+    r = record("dense [M,K]@[K,N]", "fwd", jax.jit(lambda a, b: a @ b), x, w0)
+    base["fwd"] = r.get("tflops")
+    r = record("dense [M,K]@[K,N]", "fwdbwd", fwd_bwd(lambda a, b: a @ b), x, w0, ct, mult=3)
+    base["fwdbwd"] = r.get("tflops")
+    base["dlhs"] = base["tgmm"] = base["fwd"]
+
+    def einsum(a, b):
+        return jnp.einsum("EMK,EKN->EMN", a.reshape(e, m // e, k), b).reshape(m, n)
+    record("einsum balanced [E,M/E,K]x[E,K,N]", "fwd", jax.jit(einsum), x, w)
+    record("einsum balanced [E,M/E,K]x[E,K,N]", "fwdbwd", fwd_bwd(einsum), x, w, ct, mult=3)
+
+    configs = GMM_CONFIGS_QUICK if args.quick else GMM_CONFIGS
+    for tiling, warps, stages in configs:
+        label = f"gmm {tiling} w{warps} s{stages}"
+        extra = {"tiling": tiling, "num_warps": warps, "num_stages": stages}
+
+        def f(a, b, tiling=tiling, warps=warps, stages=stages):
+            return gp.gmm(a, b, gs, tiling=tiling, num_warps=warps, num_stages=stages,
+                          interpret=INTERPRET)
+        record(label, "fwd", jax.jit(f), x, w, extra=extra)
+        cfg = gp.GmmConfig(tiling=tiling, num_warps=warps, num_stages=stages,
+                           interpret=INTERPRET)
+        dlhs = jax.jit(lambda d, b, cfg=cfg: gp._gmm_call(d, b, gs, tiling=cfg.tiling, cfg=cfg,
+                                                          transpose_rhs=True))
+        record(label, "dlhs", dlhs, ct, w, extra=extra)
+        record(label, "fwdbwd", fwd_bwd(f), x, w, ct, mult=3, extra=extra)
+
+    for tiling, warps, stages in (TGMM_CONFIGS_QUICK if args.quick else TGMM_CONFIGS):
+        t = jax.jit(lambda a, d, tiling=tiling, warps=warps, stages=stages:
+                    gp.tgmm(a, d, gs, tiling=tiling, num_warps=warps, num_stages=stages,
+                            interpret=INTERPRET))
+        record(f"tgmm {tiling} w{warps} s{stages}", "tgmm", t, x, ct,
+               extra={"tiling": tiling, "num_warps": warps, "num_stages": stages})
+
+    if not args.skip_mgpu:   # jax's Mosaic GPU (Hopper) kernels, for comparison
+        try:
+            from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as rd
+            for bm, bn, steps, gbn in ((128, 128, 4, 1), (128, 128, 4, 4), (64, 128, 4, 2)):
+                if n % (bn * gbn):
+                    continue
+                f = jax.jit(lambda a, b, bm=bm, bn=bn, steps=steps, gbn=gbn: rd.ragged_dot(
+                    a, b, group_sizes=gs, block_m=bm, block_n=bn, block_k=64,
+                    max_concurrent_steps=steps, grid_block_n=gbn))
+                record(f"mgpu ragged_dot bm{bm} bn{bn} st{steps} gbn{gbn}", "fwd", f, x, w)
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"shape": name, "variant": "mgpu ragged_dot", "error": repr(exc)[:2000]})
+            print(f"  mgpu ragged_dot unavailable: {exc!r}"[:300], flush=True)
+        try:
+            from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
+            f = jax.jit(lambda a, d: trd.transposed_ragged_dot(
+                a, d, group_sizes=gs, block_m=128, block_n=128, block_k=64,
+                max_concurrent_steps=4, grid_block_n=1))
+            record("mgpu transposed_ragged_dot 128/128/64 st4", "tgmm", f, x, ct)
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"shape": name, "variant": "mgpu transposed_ragged_dot",
+                         "error": repr(exc)[:2000]})
+            print(f"  mgpu transposed_ragged_dot unavailable: {exc!r}"[:300], flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="gmm_kernel.json")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"of {list(SHAPES)}")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="3 gmm and 2 tgmm configurations")
+    p.add_argument("--skip-mgpu", action="store_true", help="skip jax's Mosaic GPU kernels")
+    p.add_argument("--skip-check", action="store_true")
+    args = p.parse_args()
+
+    from routezoo.layers.kernels import gmm_pallas as gp
+
+    dev = jax.devices()[0]
+    info = {"device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
+            "jax": jax.__version__, "python": platform.python_version(),
+            "iters": args.iters, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(json.dumps(info), flush=True)
+    global INTERPRET
+    INTERPRET = jax.default_backend() != "gpu"
+    if INTERPRET:
+        print("warning: not on a GPU: Pallas kernels run interpreted (smoke test only), "
+              "no 8192^3 ceiling, no Mosaic GPU kernels")
+        args.skip_mgpu = True
+    rows: list[dict] = []
+    result = {"info": info, "rows": rows}
+
+    def save():
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+
+    if not args.skip_check:
+        try:
+            result["check"] = correctness_check(gp)
+        except Exception as exc:  # noqa: BLE001
+            result["check"] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
+                               "traceback": traceback.format_exc()[-4000:]}
+        print("correctness:", json.dumps(result["check"])[:3000], flush=True)
+        save()
+    try:
+        if INTERPRET:
+            raise RuntimeError("skipped off GPU")
+        info["dense_8192_tflops"] = dense_8192(args.iters)
+        print(f"dense bf16 8192^3: {info['dense_8192_tflops']:.1f} TFLOP/s", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        info["dense_8192_error"] = repr(exc)
+
+    for name in args.shapes.split(","):
+        e, m, k, n = SHAPES[name]
+        try:
+            run_shape(name, e, m, k, n, args, gp, rows)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory creating the inputs
+            rows.append({"shape": name, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                         "traceback": traceback.format_exc()[-4000:]})
+            print(f"shape {name} FAILED: {exc!r}"[:500], flush=True)
+        save()
+
+    # Summary: best gmm configuration per shape and mode.
+    print("\n== best gmm configuration per shape and mode")
+    print(f"{'shape':<10} {'mode':<7} {'variant':<44} {'TF/s':>7} {'% dense':>8}")
+    for name in args.shapes.split(","):
+        for mode in ("fwd", "dlhs", "fwdbwd", "tgmm"):
+            cands = [r for r in rows if r.get("shape") == name and r.get("mode") == mode
+                     and "tflops" in r and (r["variant"].startswith("gmm")
+                                            or r["variant"].startswith("tgmm"))]
+            if cands:
+                b = max(cands, key=lambda r: r["tflops"])
+                pd = "" if b["pct_dense"] is None else f"{b['pct_dense']:.1f}"
+                print(f"{name:<10} {mode:<7} {b['variant']:<44} {b['tflops']:7.1f} {pd:>8}")
+    save()
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
