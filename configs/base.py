@@ -30,11 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
     m.norm = "rmsnorm"           # rmsnorm | layernorm
     m.norm_eps = 1e-6
     m.tie_embeddings = True
+    m.scale_tied_logits = True   # tied logits x @ E^T times d_model**-0.5 (T5); False: plain (HF Llama-style)
     m.max_len = 256
     m.rope_theta = 10000.0
     m.dtype = "auto"             # compute dtype: auto (bf16 on GPU/TPU, f32 on CPU) | bfloat16 | float32
     m.param_dtype = "float32"
     m.attention_impl = "auto"    # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+    m.qkv_bias = False           # biases on the q/k/v projections (Qwen2, Qwen2-MoE)
+    m.qk_norm = "none"           # RMSNorm of q and k before rotary: none | head (Qwen3) | full (OLMoE, over H*K)
+    m.hf_architecture = ""       # HF class imported from (zoo.hf), the default for export; "" = inferred
     # Feed-forward slot per layer: "mlp" everywhere, "moe" (every `moe.every`-th layer, the
     # others "mlp"), or a comma-separated list with one entry per layer, e.g. "mlp,moe".
     m.ffn = "mlp"
@@ -51,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe.expert_type = "swiglu"         # swiglu | gelu
     moe.num_shared_experts = 0         # DeepSeekMoE / Qwen-MoE shared experts
     moe.shared_expert_dim = 0          # 0: same as expert_dim
+    moe.shared_expert_gate = False     # Qwen2-MoE: shared experts' output times sigmoid(x @ w), w [D, 1]
     moe.residual_mlp = False           # residual MoE: MoE output + a dense MLP
     moe.every = 1                      # MoE in every N-th layer when model.ffn == "moe"
     moe.renormalize = True             # renormalise top-k weights (ignored for k=1)
@@ -62,6 +67,22 @@ def get_config() -> ml_collections.ConfigDict:
     moe.group_size = 0                 # routing-group size in tokens; 0 = one group per sequence
     moe.gmm_backend = "auto"           # auto | ragged_dot | dense
     moe.router_init_scale = 0.1
+    # Router zoo (layers/router_zoo.py): more moe.router values: hash | thor | smoe_dropout |
+    # top_p | null_experts. Each key below is read only by the router it is prefixed with.
+    moe.hash_seed = 0                  # hash: seed of the fixed token-id -> expert map (Roller et al. 2021)
+    moe.hash_vocab_size = 0            # hash: V > 0: random permutation of [0, V) mod E (exactly balanced); 0: integer hash of the id
+    moe.thor_train_level = "token"     # thor: random expert per token | sequence (routing group) | batch (authors' code: one per pass)
+    moe.thor_inference = "sequence"    # thor: at eval one random expert per sequence (authors' script) | token
+    moe.thor_seed = 0                  # thor: fixed eval draw when no 'router' rng is given
+    moe.smoe_k_schedule = "linear"     # smoe_dropout: k over training: linear | cosine | steps (1, 2, 4, ... k_end)
+    moe.smoe_k_start = 1               # smoe_dropout: k at step 0 (authors' enwik8 script: E/2)
+    moe.smoe_k_end = 0                 # smoe_dropout: final k; 0 = num_experts
+    moe.smoe_k_steps = 1000            # smoe_dropout: steps (counted router calls in training) to reach smoe_k_end
+    moe.smoe_eval_k = 0                # smoe_dropout: k at evaluation (self-slimmable, any 1..E); 0 = final k
+    moe.top_p_threshold = 0.4          # top_p: smallest expert set with probability >= p, p in (0, 1] (Huang et al. 2024)
+    moe.top_p_max_k = 0                # top_p: cap on experts per token (static slots); 0 = num_experts
+    moe.top_p_entropy_coef = 1e-4      # top_p: dynamic (router-entropy) loss coefficient beta (value unverified)
+    moe.num_null_experts = 8           # null_experts: m null experts (AdaMoE); top-k (moe.k) over E + m
 
     # ---------------------------------------------------------------- mesh
     mesh = c.mesh = ml_collections.ConfigDict()
@@ -116,5 +137,11 @@ def get_config() -> ml_collections.ConfigDict:
     ck.keep = 3
     ck.async_save = True
     ck.verify = True             # checksum manifest written after each save, checked on restore
+
+    # ---------------------------------------------------------------- init
+    i = c.init = ml_collections.ConfigDict()
+    # Start from pretrained weights: a Hugging Face checkpoint directory (config.json +
+    # *.safetensors) or the output of `routezoo convert`; "" = random init.
+    i.from_hf = ""
 
     return c

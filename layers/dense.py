@@ -28,19 +28,22 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 MLP_TYPES = ("swiglu", "geglu", "gelu", "relu")
 NORMS = ("rmsnorm", "layernorm")
+QK_NORMS = ("none", "head", "full")
 
 
 class Embed(nn.Module):
     """Token embedding ``(V, D)``, initialised with unit variance.
 
     :meth:`attend` is the tied output projection ``D -> V``, scaled by ``D**-0.5`` (as T5
-    does) so that initial logits have unit scale.
+    does) so that initial logits have unit scale; ``scale_attend=False`` gives the plain
+    ``x @ E^T`` of Llama-style models with tied embeddings (imported checkpoints).
     """
 
     vocab_size: int
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    scale_attend: bool = True
 
     def setup(self):
         self.embedding = self.param(
@@ -54,7 +57,9 @@ class Embed(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         # x: [B, L, D] -> logits [B, L, V]
-        logits = jnp.einsum("BLD,VD->BLV", x, jnp.asarray(self.embedding, self.dtype)) * self.features ** -0.5
+        logits = jnp.einsum("BLD,VD->BLV", x, jnp.asarray(self.embedding, self.dtype))
+        if self.scale_attend:
+            logits = logits * self.features ** -0.5
         return constrain(logits, ("batch", "length", "act_vocab"))
 
 
@@ -124,6 +129,15 @@ class Attention(nn.Module):
     cuDNN flash kernel (``implementation='cudnn'``) and other platforms the XLA path.
     ``num_kv_heads`` divides ``num_heads``; with ``num_kv_heads == num_heads`` it is plain
     multi-head attention, with 1 it is multi-query attention.
+
+    Options used by imported checkpoints (defaults: off):
+
+    * ``qkv_bias``: biases ``q_bias`` ``[H, K]``, ``k_bias``/``v_bias`` ``[G, K]`` added to
+      the projections (Qwen2 / Qwen2-MoE).
+    * ``qk_norm``: RMSNorm of queries and keys before the rotary embedding, in float32:
+      ``'head'`` normalises each head over ``K`` with scales ``q_norm``/``k_norm`` ``[K]``
+      (Qwen3, Qwen3-MoE); ``'full'`` normalises all heads together over ``H·K`` (resp.
+      ``G·K``) with scales ``q_norm`` ``[H, K]`` / ``k_norm`` ``[G, K]`` (OLMo, OLMoE).
     """
 
     num_heads: int
@@ -134,6 +148,23 @@ class Attention(nn.Module):
     implementation: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    qkv_bias: bool = False
+    qk_norm: str = "none"
+    qk_norm_eps: float = 1e-6
+
+    def _qk_rmsnorm(self, name: str, x: jax.Array, head_axis: str) -> jax.Array:
+        # x: [B, L, H, K] (or G heads); float32 RMSNorm over K ('head') or H·K ('full').
+        heads, k = x.shape[-2], x.shape[-1]
+        if self.qk_norm == "head":
+            scale = self.param(name, param(nn.initializers.ones, ("head_dim",)), (k,), self.param_dtype)
+            axes = (-1,)
+        else:
+            scale = self.param(name, param(nn.initializers.ones, (head_axis, "head_dim")), (heads, k),
+                               self.param_dtype)
+            axes = (-2, -1)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axes, keepdims=True) + self.qk_norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
@@ -143,17 +174,27 @@ class Attention(nn.Module):
         h, g, k = self.num_heads, self.num_kv_heads, self.head_dim
         if h % g:
             raise ValueError(f"num_heads ({h}) must be divisible by num_kv_heads ({g})")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"unknown qk_norm {self.qk_norm!r}; allowed: {', '.join(QK_NORMS)}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(l), (b, l))
 
         def proj(name, heads, head_axis):
             w = self.param(name, param(default_kernel_init, ("embed", head_axis, "head_dim")),
                            (d, heads, k), self.param_dtype)
-            return jnp.einsum("BLD,DHK->BLHK", x, jnp.asarray(w, self.dtype))
+            y = jnp.einsum("BLD,DHK->BLHK", x, jnp.asarray(w, self.dtype))
+            if self.qkv_bias:
+                bias = self.param(f"{name}_bias", param(nn.initializers.zeros, (head_axis, "head_dim")),
+                                  (heads, k), self.param_dtype)
+                y = y + jnp.asarray(bias, self.dtype)
+            return y
 
         q = constrain(proj("q", h, "heads"), ("batch", "length", "act_heads", None))
         kk = constrain(proj("k", g, "kv_heads"), ("batch", "length", "act_kv_heads", None))
         v = constrain(proj("v", g, "kv_heads"), ("batch", "length", "act_kv_heads", None))
+        if self.qk_norm != "none":
+            q = self._qk_rmsnorm("q_norm", q, "heads")
+            kk = self._qk_rmsnorm("k_norm", kk, "kv_heads")
         q = rotary_embedding(q, positions, self.rope_theta)
         kk = rotary_embedding(kk, positions, self.rope_theta)
         impl = None if self.implementation in (None, "auto") else self.implementation

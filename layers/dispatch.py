@@ -157,10 +157,12 @@ def resolve_gmm_backend(name: str) -> Callable[[Array, Array, Array], Array]:
     """``'auto'`` or a :data:`GMM_BACKENDS` key.
 
     ``auto``: ``blocked`` on CPU (XLA:CPU lowers ``ragged_dot`` to a masked matmul over
-    every expert, E times the work), ``ragged_dot`` elsewhere.
+    every expert, E times the work), ``pallas`` on NVIDIA GPUs (XLA:GPU lowers
+    ``ragged_dot`` to dense ``[E, M, D]`` buffers: out of memory at real sizes; see
+    BENCHMARKS.md), ``ragged_dot`` elsewhere (TPU).
     """
     if name == "auto":
-        name = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+        name = {"cpu": "blocked", "gpu": "pallas"}.get(jax.default_backend(), "ragged_dot")
     if name not in GMM_BACKENDS:
         raise ValueError(f"unknown gmm_backend {name!r}; known: {list(GMM_BACKEND_NAMES)}")
     return GMM_BACKENDS[name]

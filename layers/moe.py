@@ -26,7 +26,8 @@ What is where:
   routed output; fine-grained experts (DeepSeekMoE) are just many small experts (large
   ``num_experts``, small ``expert_dim``); ``residual_mlp`` (residual MoE, as in ST-MoE's
   dense MLP in sparse layers): a dense FFN of width ``expert_dim`` added as well.
-  Both use the experts' ``expert_type``.
+  Both use the experts' ``expert_type``. ``shared_expert_gate`` (Qwen2-MoE) scales the
+  shared experts' output per token by ``sigmoid(x · w)``, ``w`` ``[D, 1]``.
 
 Routing groups: the router and the capacity buffers work on groups of ``S`` consecutive
 tokens, ``S = group_size`` or, with ``group_size = 0``, one group per sequence (``S = L``).
@@ -102,6 +103,8 @@ class MoE(nn.Module):
       capacity_impl: ``'index'`` (scatter/gather) or ``'einsum'`` (one-hot reference).
       expert_type: ``'swiglu'`` or ``'gelu'``.
       num_shared_experts / shared_expert_dim: shared experts (0 width: ``expert_dim``).
+      shared_expert_gate: multiply the shared experts' output by a per-token sigmoid gate
+        (parameter ``shared_expert_gate`` ``[D, 1]``), as Qwen2-MoE does.
       residual_mlp: add a dense FFN of width ``expert_dim``.
       d_model: if set, the input width must equal it.
       dtype / param_dtype: expert compute dtype / parameter dtype.
@@ -120,14 +123,17 @@ class MoE(nn.Module):
     expert_type: str = "swiglu"
     num_shared_experts: int = 0
     shared_expert_dim: int = 0
+    shared_expert_gate: bool = False
     residual_mlp: bool = False
     d_model: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool) -> tuple[Array, dict[str, dict[str, Array]]]:
-        # x: [B, L, D]
+    def __call__(self, x: Array, *, deterministic: bool,
+                 token_ids: Array | None = None) -> tuple[Array, dict[str, dict[str, Array]]]:
+        # x: [B, L, D]; token_ids: int32 [B, L], passed (as [T]) only to routers that
+        # declare ``needs_token_ids`` (the hash router); others never see it.
         b, l, d = x.shape
         if self.d_model is not None and d != self.d_model:
             raise ValueError(f"MoE: input width {d} != d_model {self.d_model}")
@@ -143,7 +149,10 @@ class MoE(nn.Module):
         router = self.router if self.router is not None else TopKRouter(num_experts=self.num_experts, name="router")
         if router.num_experts != self.num_experts:
             raise ValueError(f"MoE: router has {router.num_experts} experts, MoE has {self.num_experts}")
-        routing: Routing = router(x.reshape(t, d), deterministic=deterministic, group_size=s)
+        router_kwargs = {}
+        if getattr(router, "needs_token_ids", False):
+            router_kwargs["token_ids"] = None if token_ids is None else jnp.reshape(token_ids, (t,))
+        routing: Routing = router(x.reshape(t, d), deterministic=deterministic, group_size=s, **router_kwargs)
 
         params = Experts(self.num_experts, self.expert_dim, self.expert_type, self.param_dtype,
                          name="experts")(d)
@@ -170,8 +179,13 @@ class MoE(nn.Module):
 
         if self.num_shared_experts > 0:
             width = self.num_shared_experts * (self.shared_expert_dim or self.expert_dim)
-            y = y + MLP(width, self.expert_type, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="shared_experts")(xc)
+            shared = MLP(width, self.expert_type, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="shared_experts")(xc)
+            if self.shared_expert_gate:
+                w = self.param("shared_expert_gate", sharding.param(nn.initializers.lecun_normal(),
+                                                                    ("embed", None)), (d, 1), self.param_dtype)
+                shared = shared * jax.nn.sigmoid(jnp.einsum("BLD,DO->BLO", xc, jnp.asarray(w, self.dtype)))
+            y = y + shared
         if self.residual_mlp:
             y = y + MLP(self.expert_dim, self.expert_type, dtype=self.dtype,
                         param_dtype=self.param_dtype, name="residual_mlp")(xc)
@@ -201,6 +215,7 @@ def moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dt
         expert_type=str(moe_cfg.expert_type),
         num_shared_experts=int(moe_cfg.num_shared_experts),
         shared_expert_dim=int(moe_cfg.shared_expert_dim),
+        shared_expert_gate=bool(moe_cfg.get("shared_expert_gate", False)),
         residual_mlp=bool(moe_cfg.residual_mlp),
         d_model=int(d_model),
         dtype=_dtype(dtype),

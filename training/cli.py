@@ -17,6 +17,8 @@ USAGE = """usage: routezoo COMMAND [flags]
 
 commands:
   train     train a model: routezoo train [--config FILE|NAME] --workdir DIR [--config.a.b=value ...]
+  convert   Hugging Face checkpoints: routezoo convert --from-hf DIR --workdir OUT
+            (and back: routezoo convert --workdir DIR --to-hf OUT [--dtype bfloat16])
 
 Run 'routezoo COMMAND --help' for the flags of a command.
 Configs shipped with routezoo: {configs}
@@ -119,6 +121,14 @@ def train_main(argv: list[str]) -> int:
     config, workdir, stop_after = parse_train_flags(argv)
     from routezoo.training.train import maybe_initialize_distributed
     maybe_initialize_distributed()   # before anything touches the XLA backend
+    if config.init.from_hf:
+        from routezoo.zoo import hf
+        try:
+            changes = hf.update_config_from_hf(config)
+        except (ValueError, FileNotFoundError) as e:
+            return _fail(" ".join(str(e).split()))
+        if changes:
+            print(f"init.from_hf: model config from the checkpoint: {', '.join(changes)}")
     try:
         config_check.validate(config)
     except config_check.ConfigError as e:
@@ -131,7 +141,67 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main}
+CONVERT_USAGE = """usage: routezoo convert --from-hf HF_DIR --workdir OUT
+       routezoo convert --workdir DIR --to-hf HF_OUT [--dtype float32|bfloat16]
+
+  --from-hf HF_DIR: a Hugging Face checkpoint (config.json + *.safetensors) of a supported
+      architecture; OUT gets config.json (a routezoo config), hf_config.json and
+      params*.safetensors. Train from it (or from HF_DIR) with --config.init.from_hf=DIR.
+  --to-hf HF_OUT: export DIR (a converted directory or a training workdir, its newest
+      checkpoint) as a Hugging Face checkpoint loadable by transformers.
+  --dtype: tensor dtype written by --to-hf (default: the parameters' dtype).
+"""
+
+
+def convert_main(argv: list[str]) -> int:
+    import argparse
+
+    if any(a in ("-h", "--help", "-help") for a in argv):
+        print(CONVERT_USAGE)
+        return 0
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise SystemExit(_fail(f"convert: {message}"))
+
+    parser = _Parser(prog="routezoo convert", add_help=False)
+    parser.add_argument("--from-hf", dest="from_hf")
+    parser.add_argument("--to-hf", dest="to_hf")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
+    args = parser.parse_args(argv)
+    if bool(args.from_hf) == bool(args.to_hf):
+        return _fail("convert: give exactly one of --from-hf HF_DIR or --to-hf HF_OUT")
+
+    from routezoo.zoo import hf
+    try:
+        if args.from_hf:
+            from routezoo.configs import base
+            config = base.get_config()
+            hf.convert_to_routezoo(args.from_hf, args.workdir, full_config=config)
+            print(f"converted {args.from_hf} to {os.path.abspath(args.workdir)}; train from it with "
+                  f"--config.init.from_hf={args.workdir}")
+            return 0
+        if os.path.isdir(os.path.join(args.workdir, "checkpoints")):   # a training run
+            from routezoo.training.train import load_trained
+            config, _, state = load_trained(args.workdir)
+            base_config = None
+            if config.init.from_hf:
+                base_config = hf.open_source(config.init.from_hf).hf_config
+            hf.to_hf(config.model, state.params, args.to_hf, base_config=base_config, dtype=args.dtype)
+        else:                                                           # a converted directory
+            source = hf.open_source(args.workdir)
+            if source.kind != "converted":
+                return _fail(f"convert: {args.workdir} is neither a training workdir nor a converted directory")
+            model, params = hf.from_hf(args.workdir)
+            hf.to_hf(model.cfg, params, args.to_hf, base_config=source.hf_config, dtype=args.dtype)
+        print(f"exported {os.path.abspath(args.workdir)} to {os.path.abspath(args.to_hf)}")
+        return 0
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(f"convert: {' '.join(str(e).split())}")
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "convert": convert_main}
 
 
 def main(argv: list[str] | None = None) -> int:

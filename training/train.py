@@ -126,13 +126,20 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, config, 
 def create_state(model, tx, config, shardings) -> TrainState:
     init_vars = _variables(model, config)
 
-    def init(seed):
+    # Pretrained weights (config.init.from_hf), read shard by shard onto the mesh.
+    loaded = None
+    if config.init.from_hf:
+        from routezoo.zoo import hf
+        loaded = hf.load_params_for_config(config, None, shardings)
+
+    def init(seed, loaded):
         rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
         variables = nn.unbox(init_vars(init_rng))
-        params = variables.pop("params")
+        fresh = variables.pop("params")
+        params = fresh if loaded is None else loaded
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           model_state=dict(variables), rng=rng)
-    return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed)
+    return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed, loaded)
 
 
 # --------------------------------------------------------------------------- steps

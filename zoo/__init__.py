@@ -14,6 +14,7 @@ import numpy as np
 from flax import linen as nn
 
 from routezoo.zoo.lm import DecoderLM, ffn_kinds
+from routezoo.zoo.hf import from_hf, to_hf
 
 MODELS: dict[str, Callable[[Any], nn.Module]] = {
     "decoder_lm": lambda cfg: DecoderLM(cfg),
@@ -63,4 +64,4 @@ def flops_per_token(model_cfg: Any, seq_len: int, active_params: int) -> dict[st
     return {"forward": fwd, "train": 3.0 * fwd}
 
 
-__all__ = ["MODELS", "build", "count_params", "flops_per_token", "ffn_kinds", "DecoderLM"]
+__all__ = ["MODELS", "build", "count_params", "flops_per_token", "ffn_kinds", "DecoderLM", "from_hf", "to_hf"]

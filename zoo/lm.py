@@ -86,7 +86,9 @@ class Block(nn.Module):
         x = x + dense.Attention(
             num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
             rope_theta=c.rope_theta, causal=True, implementation=c.attention_impl,
-            dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h, positions)
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            qkv_bias=bool(c.get("qkv_bias", False)), qk_norm=str(c.get("qk_norm", "none")),
+            qk_norm_eps=float(c.norm_eps), name="attn")(h, positions)
         h = norm("ffn_norm")(x)
         ffn = FFN_BUILDERS[self.ffn_kind](c, self.dtype, self.param_dtype, self.ffn_kind)
         y, aux = ffn(h, deterministic=deterministic)
@@ -105,7 +107,8 @@ class DecoderLM(nn.Module):
         dtype, param_dtype = resolve_dtype(c.dtype), jnp.dtype(c.param_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        embed = dense.Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype, name="embed")
+        embed = dense.Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
+                            scale_attend=bool(c.get("scale_tied_logits", True)), name="embed")
         x = embed(tokens)
         losses: dict[str, jax.Array] = {}
         stats: dict[str, jax.Array] = {}

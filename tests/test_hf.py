@@ -1,0 +1,369 @@
+"""Hugging Face import/export (routezoo.zoo.hf).
+
+Parity tests build tiny randomly initialised models with ``transformers`` (PyTorch, CPU,
+float32), save them, import them and compare logits and router top-k choices on a
+right-padded batch: routezoo's LM has no padding mask, and with right padding and causal
+attention the non-padded positions do not see the padding, so logits are compared there
+only (the HF model gets the attention mask). They skip when torch/transformers are not
+installed (``pip install routezoo[hf]``); the error, sharding and round-trip-on-disk
+tests need only ``safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from routezoo.layers import sharding as shd
+from routezoo.layers.routers import TopKRouter
+from routezoo.zoo import hf
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# family -> (config class, extra config); each tiny, 2 layers.
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True, head_dim=16)),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict()),                       # q/k/v bias
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),            # per-head QK norm
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # layer 0 dense (mlp_only_layers), norm_topk_prob False, shared expert with its gate, qkv bias
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, mlp_only_layers=[0],
+                                         norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                         head_dim=16, norm_topk_prob=True)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)),
+}
+ARCH = {"llama": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
+        "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+LENGTHS = (12, 7, 9)  # right padding: rows 1 and 2 are padded
+RTOL = 1e-4
+
+
+def _tokens():
+    rng = np.random.RandomState(0)
+    toks = rng.randint(3, COMMON["vocab_size"], (len(LENGTHS), max(LENGTHS)))
+    mask = np.arange(max(LENGTHS))[None, :] < np.asarray(LENGTHS)[:, None]
+    return np.where(mask, toks, 0).astype(np.int32), mask
+
+
+def _rel_err(a, b, mask):
+    a, b = np.asarray(a)[mask], np.asarray(b)[mask]
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def _randomize(model, torch, seed=0):
+    """Random values everywhere (HF inits biases to 0 and norms to 1, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(noise * p.shape[-1] ** -0.5)
+
+
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """family -> (directory, torch model) of a saved tiny random HF model (made once)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    def make(family):
+        if family not in _CACHE:
+            cls_name, extra = FAMILIES[family]
+            cfg = getattr(transformers, cls_name)(**COMMON, **extra)
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+            _randomize(model, torch)
+            path = str(tmp_path_factory.mktemp(family))
+            model.save_pretrained(path)
+            _CACHE[family] = (path, model)
+        return _CACHE[family]
+    return make
+
+
+def _hf_forward(model, tokens, mask):
+    import torch
+    with torch.no_grad():
+        out = model(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                    output_router_logits=getattr(model.config, "num_experts_per_tok", None) is not None)
+    logits = out.logits.float().numpy()
+    routers = [r.float().numpy() for r in (getattr(out, "router_logits", None) or ())]
+    return logits, routers
+
+
+def _rz_forward(model, params, tokens):
+    (logits, _), state = model.apply({"params": params}, jnp.asarray(tokens), mutable=["intermediates"],
+                                     capture_intermediates=lambda mdl, method: isinstance(mdl, TopKRouter))
+    inter = state.get("intermediates", {})
+    routers = [inter.get(f"layer{i}", {}).get("moe", {}).get("router", {}) for i in range(model.cfg.num_layers)]
+    return np.asarray(logits), [r["__call__"][0] for r in routers if "__call__" in r]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_matches_transformers(family, hf_dir):
+    path, ref_model = hf_dir(family)
+    model, params = hf.from_hf(path)
+    tokens, mask = _tokens()
+    ref_logits, ref_routers = _hf_forward(ref_model, tokens, mask)
+    logits, routings = _rz_forward(model, params, tokens)
+    assert logits.shape == ref_logits.shape
+    assert _rel_err(logits, ref_logits, mask) <= RTOL
+    assert len(routings) == len(ref_routers) == sum(k == "moe" for k in hf._ffn_kinds(model.cfg))
+    k = model.cfg.moe.k
+    flat_mask = mask.reshape(-1)
+    for routing, ref in zip(routings, ref_routers):
+        ref_idx = np.sort(np.argsort(-ref, axis=-1, kind="stable")[:, :k], axis=-1)
+        got_idx = np.sort(np.asarray(routing.indices), axis=-1)
+        np.testing.assert_array_equal(got_idx[flat_mask], ref_idx[flat_mask])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_is_bit_identical_and_loads_in_transformers(family, hf_dir, tmp_path):
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    path, ref_model = hf_dir(family)
+    model, params = hf.from_hf(path)
+    out = str(tmp_path / "export")
+    hf.to_hf(model.cfg, params, out)
+    assert json.load(open(os.path.join(out, "config.json")))["architectures"] == [ARCH[family]]
+    # Same tensors, same names, same bits as the checkpoint transformers wrote.
+    original, exported = load_file(os.path.join(path, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    for name, value in original.items():
+        assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+    # Import of the export: bit-identical parameters.
+    _, params2 = hf.from_hf(out)
+    for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree_util.tree_leaves_with_path(params2)):
+        assert p1 == p2 and np.array_equal(np.asarray(a), np.asarray(b)), p1
+    # transformers loads the export and computes the same logits.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(reloaded) is type(ref_model)
+    tokens, mask = _tokens()
+    np.testing.assert_array_equal(_hf_forward(reloaded, tokens, mask)[0], _hf_forward(ref_model, tokens, mask)[0])
+
+
+def test_bfloat16_checkpoint(hf_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    path, ref_model = hf_dir("mixtral")
+    bf = str(tmp_path / "bf16")
+    ref_model.to(torch.bfloat16).save_pretrained(bf)
+    ref_model.to(torch.float32)
+    model, params = hf.from_hf(bf)
+    want = load_file(os.path.join(bf, "model.safetensors"))["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    got = np.asarray(params["layer1"]["moe"]["experts"]["wo"][3])   # [F, D]
+    np.testing.assert_array_equal(got, want.float().numpy().T)
+    out = str(tmp_path / "bf16_export")
+    hf.to_hf(model.cfg, params, out, dtype="bfloat16")
+    _, params2 = hf.from_hf(out)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
+
+
+# ----------------------------------------------------------------------------- no torch needed
+
+
+def _random_checkpoint(directory, hf_config, seed=0, max_shard_bytes=hf.DEFAULT_MAX_SHARD_BYTES):
+    """An HF checkpoint written by routezoo itself from a random init (needs no torch)."""
+    m = hf.model_config_from_hf(hf_config)
+    from routezoo import zoo
+    model = zoo.build(m)
+    params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32)))["params"]
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), params)
+    hf.to_hf(m, params, directory, max_shard_bytes=max_shard_bytes)
+    return model, params
+
+
+MIXTRAL_CFG = dict(COMMON, architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
+                   num_experts_per_tok=2, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+QWEN2_MOE_CFG = dict(COMMON, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                     mlp_only_layers=[1], tie_word_embeddings=True)
+OLMOE_CFG = dict(COMMON, architectures=["OlmoeForCausalLM"], model_type="olmoe", num_experts=4,
+                 num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("hf_config", [QWEN2_MOE_CFG, OLMOE_CFG], ids=["qwen2_moe", "olmoe"])
+def test_sharded_import_matches_unsharded(hf_config, tmp_path):
+    path = str(tmp_path / "ckpt")
+    _, ref_params = _random_checkpoint(path, hf_config)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 1, "expert": 2, "tensor": 2})
+    model, params = hf.from_hf(path, mesh=mesh)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tokens, mask = _tokens()
+    tokens = np.concatenate([tokens, tokens[:1]])          # batch 4: divisible by data*expert
+    ref_logits, _ = model.apply({"params": ref_params}, tokens)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
+        logits, _ = jax.jit(model.apply)({"params": params}, tokens)
+    assert _rel_err(logits, ref_logits, np.ones(tokens.shape, bool)) <= RTOL
+
+
+def test_sharded_import_reads_only_each_devices_slice(tmp_path, monkeypatch):
+    path = str(tmp_path / "mixtral")
+    _, ref_params = _random_checkpoint(path, MIXTRAL_CFG)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
+    reads = []
+    original_get = hf._Reader.get
+
+    def recording_get(self, name, index):
+        out = original_get(self, name, index)
+        reads.append((name, out.shape))
+        return out
+    monkeypatch.setattr(hf._Reader, "get", recording_get)
+    model, params = hf.from_hf(path, mesh=mesh)
+
+    wi = params["layer0"]["moe"]["experts"]["wi"]                          # [E, D, F] = [4, 32, 48]
+    assert wi.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
+    assert {s.data.shape for s in wi.addressable_shards} == {(2, 16, 24)}
+    q = params["layer1"]["attn"]["q"]                                       # [D, H, K] = [32, 4, 8]
+    assert {s.data.shape for s in q.addressable_shards} == {(16, 2, 8)}
+    # No read of an expert or q tensor covers more than one device's slice.
+    assert all(shape == (24, 16) for name, shape in reads if name.endswith("experts.0.w3.weight"))
+    assert all(shape == (16, 16) for name, shape in reads if name == "model.layers.1.self_attn.q_proj.weight")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tokens, mask = _tokens()
+    ref_logits, _ = model.apply({"params": ref_params}, tokens)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
+        logits, _ = jax.jit(model.apply)({"params": params}, tokens)
+    assert _rel_err(logits, ref_logits, mask) <= RTOL
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    path = tmp_path / "gpt2"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(hf.HFError) as e:
+        hf.from_hf(str(path))
+    msg = str(e.value)
+    assert "GPT2LMHeadModel" in msg
+    for arch in ("LlamaForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM"):
+        assert arch in msg
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
+    path = str(tmp_path / "mixtral")
+    _random_checkpoint(path, MIXTRAL_CFG)
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["intermediate_size"] = 40
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    with pytest.raises(hf.HFError) as e:
+        hf.from_hf(path)
+    msg = str(e.value)
+    assert "model.layers.0.block_sparse_moe.experts.0.w" in msg and "[48, 32]" in msg and "[40, 32]" in msg
+
+
+def test_missing_shard_file_is_named(tmp_path):
+    path = str(tmp_path / "sharded")
+    _random_checkpoint(path, MIXTRAL_CFG, max_shard_bytes=20_000)
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2
+    model, params = hf.from_hf(path)   # sharded checkpoints load
+    os.remove(os.path.join(path, files[1]))
+    with pytest.raises(FileNotFoundError, match=files[1]):
+        hf.from_hf(path)
+
+
+def test_imported_config_passes_validation():
+    from routezoo.configs import base
+    from routezoo.training import config_check
+
+    mixtral = dict(MIXTRAL_CFG, vocab_size=300)   # >= the byte tokenizer's 258
+    for cfg in (mixtral, dict(mixtral, architectures=["LlamaForCausalLM"], model_type="llama")):
+        config = base.get_config()
+        config.model = hf.model_config_from_hf(cfg)
+        config_check.validate(config, num_devices=1, process_count=1)
+
+
+def test_convert_cli_and_training_init(tmp_path):
+    """`routezoo convert` both ways; init.from_hf onto the training state's shardings."""
+    from routezoo.configs import base
+    from routezoo.training import cli
+    from routezoo.training.optim import make_optimizer
+    from routezoo.training.train import mesh_and_rules, state_shardings
+    from routezoo import zoo
+
+    src = str(tmp_path / "hf")
+    _, ref_params = _random_checkpoint(src, MIXTRAL_CFG)
+    out = str(tmp_path / "converted")
+    assert cli.main(["convert", "--from-hf", src, "--workdir", out]) == 0
+    _, params = hf.from_hf(out)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back = str(tmp_path / "back")
+    assert cli.main(["convert", "--workdir", out, "--to-hf", back]) == 0
+    _, params2 = hf.from_hf(back)
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    for from_dir in (src, out):
+        config = base.get_config()
+        config.mesh.data, config.mesh.expert = 4, 2
+        config.init.from_hf = from_dir
+        changes = hf.update_config_from_hf(config)
+        assert "model.moe.num_experts=4" in changes and config.model.d_model == 32
+        mesh, rules = mesh_and_rules(config)
+        model = zoo.build(config.model)
+        tx, _ = make_optimizer(config.optimizer, config.train.steps)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            _, shardings, _ = state_shardings(model, tx, config, mesh, rules)
+            loaded = hf.load_params_for_config(config, mesh, shardings)
+        assert loaded["layer0"]["moe"]["experts"]["wi"].sharding == shardings.params["layer0"]["moe"]["experts"]["wi"]
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ref_params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    config = base.get_config()
+    config.init.from_hf = src
+    with pytest.raises(hf.HFError, match="does not match the checkpoint"):
+        hf.load_params_for_config(config, None, None)
+    assert cli.main(["convert", "--from-hf", str(tmp_path / "nowhere"), "--workdir", out]) == 2
+
+
+def test_train_from_hf_starts_from_the_checkpoint(tmp_path, data_dir):
+    """`routezoo train --config.init.from_hf=DIR`: the step-0 eval loss is the imported
+    model's loss on the same eval batches."""
+    from routezoo.training import cli, data
+    from routezoo.training.metrics import read_metrics
+
+    src = str(tmp_path / "hf")
+    _random_checkpoint(src, dict(MIXTRAL_CFG, vocab_size=300))   # >= the byte tokenizer's 258
+    wd = str(tmp_path / "run")
+    flags = [f"--config.init.from_hf={src}", f"--config.data.data_dir={data_dir}", "--config.data.seq_len=32",
+             "--config.train.steps=1", "--config.train.eval_steps=2", "--config.train.progress=false"]
+    assert cli.main(["train", "--workdir", wd, *flags]) == 0
+    e0 = read_metrics(wd)[0]["eval_loss"]
+
+    config, _, _ = cli.parse_train_flags(["--workdir", wd, *flags])
+    model, params = hf.from_hf(src)
+    nll = count = 0.0
+    for b in data.eval_batches(config):
+        logits = model.apply({"params": params}, jnp.asarray(b["inputs"]))[0]
+        logp = jax.nn.log_softmax(logits, -1)
+        tok = -jnp.take_along_axis(logp, jnp.asarray(b["targets"])[..., None], -1)[..., 0]
+        nll += float((tok * b["weights"]).sum())
+        count += float(b["weights"].sum())
+    assert e0 == pytest.approx(nll / count, rel=1e-5)

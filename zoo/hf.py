@@ -1,0 +1,980 @@
+"""Hugging Face checkpoints: import into zoo models, sharded onto a mesh; export back.
+
+Einsum letters: ``D`` embed, ``H`` query heads, ``G`` key/value heads, ``K`` head dim,
+``F`` mlp / expert_mlp, ``E`` experts, ``V`` vocab.
+
+    model, params = from_hf("path/to/hf_dir", mesh=None)
+    logits, aux = model.apply({"params": params}, tokens)      # logits as the HF model's
+    to_hf(model.cfg, params, "out_dir")                         # loadable by transformers
+
+Families (``architectures[0]`` of ``config.json``): dense ``LlamaForCausalLM``,
+``MistralForCausalLM`` (no sliding window), ``Qwen2ForCausalLM`` (q/k/v bias),
+``Qwen3ForCausalLM`` (per-head QK norm); mixture-of-experts ``MixtralForCausalLM``,
+``Qwen2MoeForCausalLM`` (shared expert with sigmoid gate), ``Qwen3MoeForCausalLM``,
+``OlmoeForCausalLM`` (QK norm over all heads). Each maps onto
+:class:`routezoo.zoo.lm.DecoderLM` with dropless top-k routing (softmax over all experts,
+top-k, renormalised when the family does: Mixtral always, Qwen/OLMoE by
+``norm_topk_prob``), plain ``x @ E^T`` tied logits (``scale_tied_logits=False``).
+
+Loading never holds the whole model on one device, nor (except for one tensor at a time
+when a device's shard needs all of it) on the host: safetensors files are opened lazily
+and every parameter is placed with :func:`jax.make_array_from_callback`, whose callback
+reads only the slice each device holds (for stacked experts, only the experts of that
+slice, each from its own HF tensor). bfloat16/float8 tensors, which numpy cannot name,
+are read through a memory map of the file.
+
+Each routezoo parameter is a :class:`TensorMap` of one HF tensor (or one per expert,
+stacked on a leading ``E`` axis): the HF tensor is reshaped to its ``split`` dims and
+transposed by ``perm``. Export applies the inverse and writes safetensors shards, an
+index and ``config.json`` (with ``architectures``) in the HF layout and naming.
+
+A *converted* directory (``routezoo convert``) holds ``config.json`` (a full routezoo
+config), ``hf_config.json`` (the original HF config) and ``params*.safetensors`` in
+routezoo naming (``layer0/attn/q``); :func:`from_hf` and :func:`load_params_for_config`
+read it as well.
+
+Only ``numpy``, ``safetensors``, ``jax`` and ``flax`` are needed; ``torch`` and
+``transformers`` are not imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+HF_CONFIG = "config.json"
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+RZ_HF_CONFIG = "hf_config.json"          # converted dir: the original HF config
+RZ_INDEX = "params.safetensors.index.json"
+RZ_SINGLE = "params.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
+
+# HF checkpoint tensors that carry no parameter (buffers some old checkpoints saved).
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias)$")
+
+
+class HFError(ValueError):
+    """A checkpoint or config this module cannot import or export; the message says why."""
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one HF architecture maps onto DecoderLM.
+
+    Attributes:
+      architecture / model_type: HF names.
+      moe: ``None`` (dense) or ``'mixtral'`` / ``'qwen'`` (tensor naming of the MoE block).
+      qkv_bias: q/k/v projections have biases.
+      qk_norm: ``'none'``, ``'head'`` or ``'full'`` (see ``layers.dense.Attention``).
+      shared_expert: one shared expert with a sigmoid gate (Qwen2-MoE).
+      renormalize: ``True``/``False``: fixed; ``None``: from ``norm_topk_prob``.
+      sparse_step: the family has ``decoder_sparse_step`` / ``mlp_only_layers``.
+      expert_dim_key: HF config key of the expert width.
+      num_experts_keys: HF config keys of the expert count, first present wins.
+    """
+
+    architecture: str
+    model_type: str
+    moe: str | None = None
+    qkv_bias: bool = False
+    qk_norm: str = "none"
+    shared_expert: bool = False
+    renormalize: bool | None = None
+    sparse_step: bool = False
+    expert_dim_key: str = "intermediate_size"
+    num_experts_keys: tuple[str, ...] = ("num_experts",)
+    sliding_window_flag: bool = False   # sliding window enabled by `use_sliding_window`
+
+
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (
+    Family("LlamaForCausalLM", "llama"),
+    Family("MistralForCausalLM", "mistral"),
+    Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True, sliding_window_flag=True),
+    Family("Qwen3ForCausalLM", "qwen3", qk_norm="head", sliding_window_flag=True),
+    Family("MixtralForCausalLM", "mixtral", moe="mixtral", renormalize=True,
+           num_experts_keys=("num_local_experts", "num_experts")),
+    Family("Qwen2MoeForCausalLM", "qwen2_moe", moe="qwen", qkv_bias=True, shared_expert=True,
+           sparse_step=True, expert_dim_key="moe_intermediate_size", sliding_window_flag=True),
+    Family("Qwen3MoeForCausalLM", "qwen3_moe", moe="qwen", qk_norm="head", sparse_step=True,
+           expert_dim_key="moe_intermediate_size", num_experts_keys=("num_experts", "num_local_experts"),
+           sliding_window_flag=True),
+    Family("OlmoeForCausalLM", "olmoe", moe="qwen", qk_norm="full"),
+)}
+_BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def family_of(hf_cfg: Mapping[str, Any]) -> Family:
+    """The :class:`Family` of an HF config dict; :class:`HFError` lists the supported ones."""
+    archs = list(hf_cfg.get("architectures") or [])
+    for a in archs:
+        if a in FAMILIES:
+            return FAMILIES[a]
+    if not archs and hf_cfg.get("model_type") in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[hf_cfg["model_type"]]
+    got = ", ".join(archs) or f"model_type {hf_cfg.get('model_type')!r}"
+    raise HFError(f"unsupported architecture {got}; supported: {', '.join(supported_architectures())}")
+
+
+# ----------------------------------------------------------------------------- configs
+
+# Keys of config.model that describe the architecture: taken from the checkpoint. The
+# others (dtypes, dispatch, capacity, loss coefficients, ...) are choices of a run.
+MODEL_ARCH_KEYS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                   "mlp_type", "norm", "norm_eps", "tie_embeddings", "scale_tied_logits", "rope_theta",
+                   "qkv_bias", "qk_norm", "ffn")
+MOE_ARCH_KEYS = ("num_experts", "k", "router", "expert_dim", "expert_type", "num_shared_experts",
+                 "shared_expert_dim", "shared_expert_gate", "residual_mlp", "every", "renormalize",
+                 "bias_update_rate")
+
+
+def _default_model_config() -> ml_collections.ConfigDict:
+    # The schema's defaults for every key not set from the checkpoint (imported lazily:
+    # configs sits above zoo; only its plain defaults are read here).
+    from routezoo.configs import base
+    return base.get_config().model
+
+
+def _rope(hf: Mapping[str, Any]) -> float:
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise HFError(f"rope type {kind!r} is not supported (only 'default' rotary embeddings)")
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def _layer_kinds(fam: Family, hf: Mapping[str, Any], n: int, num_experts: int) -> list[str]:
+    if fam.moe is None:
+        return ["mlp"] * n
+    if not fam.sparse_step:
+        return ["moe"] * n
+    step = int(hf.get("decoder_sparse_step", 1) or 1)
+    only = set(hf.get("mlp_only_layers") or [])
+    return ["moe" if (i not in only and num_experts > 0 and (i + 1) % step == 0) else "mlp"
+            for i in range(n)]
+
+
+def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
+                         param_dtype: str = "float32") -> ml_collections.ConfigDict:
+    """A complete ``config.model`` for an HF ``config.json`` dict: the schema's defaults
+    (``configs/base.py``) with the architecture from the checkpoint, dropless routing and
+    the checkpoint's router loss coefficient. :class:`HFError` for settings DecoderLM
+    cannot reproduce."""
+    fam = family_of(hf)
+
+    def need(key):
+        if key not in hf or hf[key] is None:
+            raise HFError(f"config.json of {fam.architecture} has no {key!r}")
+        return hf[key]
+
+    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise HFError(f"hidden_act {act!r} is not supported (only 'silu': SwiGLU MLPs)")
+    for key in ("mlp_bias",) + (() if fam.qkv_bias else ("attention_bias",)):
+        if hf.get(key):
+            raise HFError(f"{key}=true is not supported for {fam.architecture}")
+    if hf.get("clip_qkv") is not None:
+        raise HFError(f"clip_qkv={hf['clip_qkv']} is not supported")
+    window = hf.get("sliding_window")
+    uses_window = hf.get("use_sliding_window", False) if fam.sliding_window_flag else window is not None
+    if uses_window and window:
+        raise HFError(f"sliding-window attention (sliding_window={window}) is not supported")
+
+    n = int(need("num_hidden_layers"))
+    d, h = int(need("hidden_size")), int(need("num_attention_heads"))
+    m = _default_model_config()
+    m.name = "decoder_lm"
+    m.vocab_size = int(need("vocab_size"))
+    m.num_layers = n
+    m.d_model = d
+    m.num_heads = h
+    m.num_kv_heads = int(hf.get("num_key_value_heads") or h)
+    m.head_dim = int(hf.get("head_dim") or d // h)
+    m.mlp_dim = int(need("intermediate_size"))
+    m.mlp_type = "swiglu"
+    m.norm = "rmsnorm"
+    m.norm_eps = float(hf.get("rms_norm_eps", 1e-6))
+    m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
+    m.scale_tied_logits = False
+    m.max_len = int(hf.get("max_position_embeddings") or m.max_len)
+    m.rope_theta = _rope(hf)
+    m.dtype = dtype
+    m.param_dtype = param_dtype
+    m.qkv_bias = fam.qkv_bias
+    m.qk_norm = fam.qk_norm
+    m.hf_architecture = fam.architecture
+    if fam.moe is None:
+        m.ffn = "mlp"
+        return m
+
+    moe = m.moe
+    num_experts = next((int(hf[k]) for k in fam.num_experts_keys if hf.get(k)), 0)
+    if num_experts < 1:
+        raise HFError(f"config.json of {fam.architecture} has no expert count "
+                      f"({' or '.join(fam.num_experts_keys)})")
+    kinds = _layer_kinds(fam, hf, n, num_experts)
+    m.ffn = "mlp" if "moe" not in kinds else ("moe" if all(k == "moe" for k in kinds) else ",".join(kinds))
+    moe.num_experts = num_experts
+    moe.k = int(need("num_experts_per_tok"))
+    moe.router = "top_k"
+    moe.dispatch = "dropless"          # HF models drop no token
+    moe.expert_dim = int(hf.get(fam.expert_dim_key) or m.mlp_dim)
+    moe.expert_type = "swiglu"
+    moe.num_shared_experts = 1 if fam.shared_expert else 0
+    moe.shared_expert_dim = int(need("shared_expert_intermediate_size")) if fam.shared_expert else 0
+    moe.shared_expert_gate = fam.shared_expert
+    moe.residual_mlp = False
+    moe.every = 1
+    moe.renormalize = fam.renormalize if fam.renormalize is not None else bool(hf.get("norm_topk_prob", False))
+    if moe.k == 1 and moe.renormalize:
+        raise HFError("num_experts_per_tok=1 with renormalised top-k weights (always 1.0) is not supported: "
+                      "routezoo's top-1 routing keeps the raw probability (Switch)")
+    moe.jitter = 0.0
+    moe.load_balance_coef = float(hf.get("router_aux_loss_coef", 0.0) or 0.0)
+    moe.z_loss_coef = float(hf.get("router_z_loss_coef", 0.0) or 0.0)
+    moe.bias_update_rate = 0.0
+    moe.batch_prioritized = False
+    return m
+
+
+def _ffn_kinds(m: Any) -> tuple[str, ...]:
+    from routezoo.zoo.lm import ffn_kinds
+    return ffn_kinds(m)
+
+
+def infer_architecture(m: Any) -> str:
+    """The HF architecture a routezoo ``config.model`` exports to; :class:`HFError` if none fits."""
+    kinds = _ffn_kinds(m)
+    qk = str(m.get("qk_norm", "none"))
+    bias = bool(m.get("qkv_bias", False))
+    if "moe" not in kinds:
+        if qk == "head" and not bias:
+            return "Qwen3ForCausalLM"
+        if qk == "none":
+            return "Qwen2ForCausalLM" if bias else "LlamaForCausalLM"
+    else:
+        shared = int(m.moe.num_shared_experts) > 0
+        if shared and bias and qk == "none":
+            return "Qwen2MoeForCausalLM"
+        if not shared and not bias:
+            if qk == "full" and all(k == "moe" for k in kinds):
+                return "OlmoeForCausalLM"
+            if qk == "head":
+                return "Qwen3MoeForCausalLM"
+            if qk == "none" and all(k == "moe" for k in kinds) and bool(m.moe.renormalize):
+                return "MixtralForCausalLM"
+    raise HFError(f"no supported HF architecture has this model's layout (ffn {','.join(kinds)}, "
+                  f"qk_norm {qk}, qkv_bias {bias}); supported: {', '.join(supported_architectures())}")
+
+
+def _check_exportable(m: Any, fam: Family) -> None:
+    problems = []
+    if str(m.get("qk_norm", "none")) != fam.qk_norm:
+        problems.append(f"qk_norm {m.get('qk_norm', 'none')!r} (needs {fam.qk_norm!r})")
+    if bool(m.get("qkv_bias", False)) != fam.qkv_bias:
+        problems.append(f"qkv_bias {bool(m.get('qkv_bias', False))} (needs {fam.qkv_bias})")
+    if ("moe" in _ffn_kinds(m)) != (fam.moe is not None):
+        problems.append("a dense model for a MoE family or the reverse")
+    if m.mlp_type != "swiglu":
+        problems.append(f"mlp_type {m.mlp_type!r} (HF families here use swiglu)")
+    if m.norm != "rmsnorm":
+        problems.append(f"norm {m.norm!r} (needs rmsnorm)")
+    if m.tie_embeddings and bool(m.get("scale_tied_logits", True)):
+        problems.append("tied logits scaled by d_model**-0.5 (HF computes plain x @ E^T; "
+                        "needs scale_tied_logits=False)")
+    if "moe" in _ffn_kinds(m):
+        mo = m.moe
+        if mo.router != "top_k" or mo.expert_type != "swiglu" or mo.residual_mlp or mo.bias_update_rate:
+            problems.append("MoE must be top_k routing with swiglu experts, no residual MLP, no routing bias")
+        if fam.shared_expert and (int(mo.num_shared_experts) != 1 or not bool(mo.get("shared_expert_gate"))):
+            problems.append("Qwen2-MoE needs exactly one gated shared expert")
+        if int(mo.k) == 1 and fam.renormalize is None and bool(mo.renormalize):
+            problems.append("k=1 is never renormalised here, but norm_topk_prob would renormalise it")
+        if fam.renormalize is True and not bool(mo.renormalize):
+            problems.append(f"{fam.architecture} always renormalises top-k weights")
+    if problems:
+        raise HFError(f"cannot export as {fam.architecture}: " + "; ".join(problems))
+
+
+def hf_config_from_model(m: Any, architecture: str | None = None,
+                         base: Mapping[str, Any] | None = None, dtype: str = "float32") -> dict:
+    """The HF ``config.json`` dict for a routezoo ``config.model`` (inverse of
+    :func:`model_config_from_hf`); ``base`` (e.g. the imported checkpoint's config) supplies
+    the keys routezoo does not model (token ids, ...)."""
+    arch = architecture or str(m.get("hf_architecture", "") or "") or infer_architecture(m)
+    if arch not in FAMILIES:
+        raise HFError(f"unsupported architecture {arch}; supported: {', '.join(supported_architectures())}")
+    fam = FAMILIES[arch]
+    _check_exportable(m, fam)
+    kinds = _ffn_kinds(m)
+    out = {k: v for k, v in dict(base or {}).items()
+           if k not in ("rope_scaling", "rope_parameters", "torch_dtype", "dtype", "transformers_version")}
+    out.update({
+        "architectures": [arch],
+        "model_type": fam.model_type,
+        "vocab_size": int(m.vocab_size),
+        "hidden_size": int(m.d_model),
+        "intermediate_size": int(m.mlp_dim),
+        "num_hidden_layers": int(m.num_layers),
+        "num_attention_heads": int(m.num_heads),
+        "num_key_value_heads": int(m.num_kv_heads),
+        "head_dim": int(m.head_dim),
+        "hidden_act": "silu",
+        "rms_norm_eps": float(m.norm_eps),
+        "max_position_embeddings": int(m.max_len),
+        "rope_theta": float(m.rope_theta),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rope_theta)},
+        "tie_word_embeddings": bool(m.tie_embeddings),
+        "torch_dtype": dtype,
+    })
+    if fam.model_type in ("llama", "mistral", "olmoe", "qwen3", "qwen3_moe"):
+        out["attention_bias"] = False
+    if fam.model_type in ("mistral", "mixtral"):
+        out["sliding_window"] = None
+    if fam.sliding_window_flag:
+        out["use_sliding_window"] = False
+    if fam.model_type == "olmoe":
+        out["clip_qkv"] = None
+    if fam.moe:
+        mo = m.moe
+        out["num_experts_per_tok"] = int(mo.k)
+        for key in fam.num_experts_keys:
+            out[key] = int(mo.num_experts)
+        out["router_aux_loss_coef"] = float(mo.load_balance_coef)
+        out["output_router_logits"] = False
+        if fam.renormalize is None:
+            out["norm_topk_prob"] = bool(mo.renormalize)
+        if fam.sparse_step:
+            out["decoder_sparse_step"] = 1
+            out["mlp_only_layers"] = [i for i, k in enumerate(kinds) if k == "mlp"]
+            out["moe_intermediate_size"] = int(mo.expert_dim)
+        elif not all(k == "moe" for k in kinds):
+            raise HFError(f"{arch} has a MoE block in every layer; this model has ffn {','.join(kinds)}")
+        else:
+            out["intermediate_size"] = int(mo.expert_dim)
+        if fam.shared_expert:
+            out["shared_expert_intermediate_size"] = int(mo.num_shared_experts) * int(
+                mo.shared_expert_dim or mo.expert_dim)
+    return out
+
+
+# ----------------------------------------------------------------------------- tensor maps
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One routezoo parameter from one HF tensor, or one per expert stacked on axis 0.
+
+    The HF tensor (shape ``prod(g) for g in split``) is reshaped to the flattened ``split``
+    dims and transposed by ``perm``: ``target = hf.reshape(split dims).transpose(perm)``.
+    """
+
+    path: tuple[str, ...]
+    hf: tuple[str, ...]
+    split: tuple[tuple[int, ...], ...]
+    perm: tuple[int, ...]
+    stacked: bool = False
+
+    @property
+    def split_dims(self) -> tuple[int, ...]:
+        return tuple(s for group in self.split for s in group)
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(math.prod(g) for g in self.split)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        inner = tuple(self.split_dims[p] for p in self.perm)
+        return ((len(self.hf),) + inner) if self.stacked else inner
+
+    def read(self, reader: "_Reader", index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """The target-layout block ``index`` (a tuple of slices; ``None``: all), reading
+        only the HF rows (and experts) it needs."""
+        bounds = _bounds(index, self.shape)
+        if self.stacked:
+            (e0, e1), rest = bounds[0], bounds[1:]
+            return np.stack([self._read_one(reader, self.hf[e], rest) for e in range(e0, e1)])
+        return self._read_one(reader, self.hf[0], bounds)
+
+    def _read_one(self, reader: "_Reader", name: str, bounds: list[tuple[int, int]]) -> np.ndarray:
+        split_bounds: list[tuple[int, int]] = [(0, 0)] * len(self.split_dims)
+        for t, p in enumerate(self.perm):
+            split_bounds[p] = bounds[t]
+        hf_index, block_shape, post, j = [], [], [], 0
+        for group in self.split:
+            inner = math.prod(group[1:])
+            a0, a1 = split_bounds[j]
+            # Outer split dim: a contiguous row range of the HF dim; inner ones sliced after.
+            hf_index.append(slice(a0 * inner, a1 * inner))
+            block_shape += [a1 - a0, *group[1:]]
+            post.append(slice(None))
+            post += [slice(*split_bounds[j + q]) for q in range(1, len(group))]
+            j += len(group)
+        block = reader.get(name, tuple(hf_index)).reshape(block_shape)[tuple(post)]
+        return block.transpose(self.perm)
+
+    def to_hf(self, value: np.ndarray) -> Iterable[tuple[str, np.ndarray]]:
+        """(HF name, HF-layout array) pairs of a full target-layout ``value``."""
+        inv = tuple(np.argsort(self.perm))
+        values = list(value) if self.stacked else [value]
+        for name, v in zip(self.hf, values):
+            yield name, np.ascontiguousarray(np.asarray(v).transpose(inv).reshape(self.hf_shape))
+
+
+def _bounds(index: tuple[slice, ...] | None, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    if index is None:
+        return [(0, n) for n in shape]
+    out = []
+    for s, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"strided shard index {s} is not supported")
+        out.append((start, stop))
+    return out
+
+
+def _identity(path: tuple[str, ...], name: str, shape: tuple[int, ...]) -> TensorMap:
+    return TensorMap(path, (name,), tuple((n,) for n in shape), tuple(range(len(shape))))
+
+
+def _linear(path, name, out_dim: int, in_dim: int) -> TensorMap:
+    # torch Linear weight [out, in] -> kernel [in, out]
+    return TensorMap(path, (name,), ((out_dim,), (in_dim,)), (1, 0))
+
+
+def _stacked_linear(path, names, out_dim: int, in_dim: int) -> TensorMap:
+    return TensorMap(path, tuple(names), ((out_dim,), (in_dim,)), (1, 0), stacked=True)
+
+
+def tensor_maps(m: Any, fam: Family) -> list[TensorMap]:
+    """Every parameter of DecoderLM(``m``) as a :class:`TensorMap` of HF tensors of ``fam``."""
+    d, h, g, k, v = int(m.d_model), int(m.num_heads), int(m.num_kv_heads), int(m.head_dim), int(m.vocab_size)
+    maps = [_identity(("embed", "embedding"), "model.embed_tokens.weight", (v, d)),
+            _identity(("final_norm", "scale"), "model.norm.weight", (d,))]
+    if not m.tie_embeddings:
+        maps.append(_linear(("unembed",), "lm_head.weight", v, d))
+    for i, kind in enumerate(_ffn_kinds(m)):
+        p, L = f"layer{i}", f"model.layers.{i}"
+        a = f"{L}.self_attn"
+        maps += [
+            _identity((p, "attn_norm", "scale"), f"{L}.input_layernorm.weight", (d,)),
+            _identity((p, "ffn_norm", "scale"), f"{L}.post_attention_layernorm.weight", (d,)),
+            # q/k/v: [H·K, D] -> [D, H, K]; o: [D, H·K] -> [H, K, D]
+            TensorMap((p, "attn", "q"), (f"{a}.q_proj.weight",), ((h, k), (d,)), (2, 0, 1)),
+            TensorMap((p, "attn", "k"), (f"{a}.k_proj.weight",), ((g, k), (d,)), (2, 0, 1)),
+            TensorMap((p, "attn", "v"), (f"{a}.v_proj.weight",), ((g, k), (d,)), (2, 0, 1)),
+            TensorMap((p, "attn", "o"), (f"{a}.o_proj.weight",), ((d,), (h, k)), (1, 2, 0)),
+        ]
+        if fam.qkv_bias:
+            for name, heads in (("q", h), ("k", g), ("v", g)):
+                maps.append(TensorMap((p, "attn", f"{name}_bias"), (f"{a}.{name}_proj.bias",), ((heads, k),), (0, 1)))
+        if fam.qk_norm == "head":
+            maps += [_identity((p, "attn", "q_norm"), f"{a}.q_norm.weight", (k,)),
+                     _identity((p, "attn", "k_norm"), f"{a}.k_norm.weight", (k,))]
+        elif fam.qk_norm == "full":
+            maps += [TensorMap((p, "attn", "q_norm"), (f"{a}.q_norm.weight",), ((h, k),), (0, 1)),
+                     TensorMap((p, "attn", "k_norm"), (f"{a}.k_norm.weight",), ((g, k),), (0, 1))]
+        if kind == "mlp":
+            f = int(m.mlp_dim)
+            maps += [_linear((p, "mlp", "wi"), f"{L}.mlp.up_proj.weight", f, d),
+                     _linear((p, "mlp", "wg"), f"{L}.mlp.gate_proj.weight", f, d),
+                     _linear((p, "mlp", "wo"), f"{L}.mlp.down_proj.weight", d, f)]
+            continue
+        mo = m.moe
+        e, f = int(mo.num_experts), int(mo.expert_dim)
+        if fam.moe == "mixtral":
+            blk = f"{L}.block_sparse_moe"
+            up, gate, down = "w3", "w1", "w2"
+        else:
+            blk = f"{L}.mlp"
+            up, gate, down = "up_proj", "gate_proj", "down_proj"
+        ex = lambda w: [f"{blk}.experts.{j}.{w}.weight" for j in range(e)]
+        maps += [
+            _linear((p, "moe", "router", "kernel"), f"{blk}.gate.weight", e, d),
+            _stacked_linear((p, "moe", "experts", "wi"), ex(up), f, d),
+            _stacked_linear((p, "moe", "experts", "wi_gate"), ex(gate), f, d),
+            _stacked_linear((p, "moe", "experts", "wo"), ex(down), d, f),
+        ]
+        if fam.shared_expert:
+            fs = int(mo.num_shared_experts) * int(mo.shared_expert_dim or mo.expert_dim)
+            s = f"{blk}.shared_expert"
+            maps += [_linear((p, "moe", "shared_experts", "wi"), f"{s}.up_proj.weight", fs, d),
+                     _linear((p, "moe", "shared_experts", "wg"), f"{s}.gate_proj.weight", fs, d),
+                     _linear((p, "moe", "shared_experts", "wo"), f"{s}.down_proj.weight", d, fs),
+                     _linear((p, "moe", "shared_expert_gate"), f"{blk}.shared_expert_gate.weight", 1, d)]
+    return maps
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+_RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class _Reader:
+    """Lazy reader of a set of safetensors files (an index with its shards, or one file)."""
+
+    def __init__(self, directory: str, index_name: str, single_name: str):
+        from safetensors import safe_open
+
+        self.directory = directory
+        index_path = os.path.join(directory, index_name)
+        single_path = os.path.join(directory, single_name)
+        if os.path.exists(index_path):
+            with open(index_path) as fh:
+                weight_map = json.load(fh)["weight_map"]
+            for file in sorted(set(weight_map.values())):
+                if not os.path.exists(os.path.join(directory, file)):
+                    users = sorted(n for n, f in weight_map.items() if f == file)
+                    raise FileNotFoundError(
+                        f"shard file {file!r} listed in {index_path} is missing (it holds "
+                        f"{len(users)} tensors, e.g. {users[0]!r})")
+        elif os.path.exists(single_path):
+            weight_map = None
+        else:
+            found = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".safetensors")))
+            raise FileNotFoundError(f"no {single_name} or {index_name} in {directory}"
+                                    + (f" (found {', '.join(found[:5])}; only safetensors is read)" if found else ""))
+        self._stack = contextlib.ExitStack()
+        self._files: dict[str, Any] = {}
+        self._headers: dict[str, dict] = {}
+        files = sorted(set(weight_map.values())) if weight_map else [single_name]
+        self.location: dict[str, str] = {}
+        for file in files:
+            handle = self._stack.enter_context(safe_open(os.path.join(directory, file), framework="numpy"))
+            self._files[file] = handle
+            for name in handle.keys():
+                self.location[name] = file
+        if weight_map:
+            missing = sorted(n for n in weight_map if n not in self.location)
+            if missing:
+                raise HFError(f"tensor {missing[0]!r} is listed in {index_name} for "
+                              f"{weight_map[missing[0]]!r} but that file does not hold it")
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def names(self) -> list[str]:
+        return list(self.location)
+
+    def _slice(self, name: str):
+        if name not in self.location:
+            raise HFError(f"tensor {name!r} is missing from the checkpoint in {self.directory}")
+        return self._files[self.location[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def get(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        sl = self._slice(name)
+        if sl.get_dtype() in _RAW_DTYPES:
+            return np.asarray(self._raw(name)[index])
+        return np.asarray(sl[index])
+
+    def _raw(self, name: str) -> np.ndarray:
+        """A read-only memory map of a tensor whose dtype numpy cannot name (bfloat16, ...)."""
+        import ml_dtypes
+
+        file = os.path.join(self.directory, self.location[name])
+        if file not in self._headers:
+            with open(file, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                self._headers[file] = {"__start__": 8 + n, **json.loads(fh.read(n))}
+        header = self._headers[file]
+        info = header[name]
+        b, e = info["data_offsets"]
+        dtype = np.dtype(getattr(ml_dtypes, _RAW_DTYPES[info["dtype"]]))
+        raw = np.memmap(file, dtype=np.uint8, mode="r", offset=header["__start__"] + b, shape=(e - b,))
+        return raw.view(dtype).reshape(info["shape"])
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass
+class Source:
+    """A directory to import: an HF checkpoint or a ``routezoo convert`` output."""
+
+    directory: str
+    kind: str                              # "hf" | "converted"
+    hf_config: dict                        # HF config.json (converted: the original's)
+    model_config: ml_collections.ConfigDict
+    family: Family | None                  # None for converted dirs
+
+    def maps(self, m: Any | None = None, param_shapes: Mapping[tuple[str, ...], tuple] | None = None
+             ) -> list[TensorMap]:
+        if self.kind == "hf":
+            return tensor_maps(m if m is not None else self.model_config, self.family)
+        return [_identity(path, "/".join(path), tuple(shape)) for path, shape in param_shapes.items()]
+
+    def reader(self) -> _Reader:
+        if self.kind == "hf":
+            return _Reader(self.directory, HF_INDEX, HF_SINGLE)
+        return _Reader(self.directory, RZ_INDEX, RZ_SINGLE)
+
+
+def open_source(path: str, *, dtype: str = "float32", param_dtype: str = "float32") -> Source:
+    """Reads the config of an HF checkpoint directory or a converted directory."""
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, HF_CONFIG)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
+    if isinstance(cfg.get("model"), dict) and os.path.exists(os.path.join(path, RZ_HF_CONFIG)):
+        with open(os.path.join(path, RZ_HF_CONFIG)) as fh:
+            hf_cfg = json.load(fh)
+        m = ml_collections.ConfigDict(cfg["model"])
+        m.dtype, m.param_dtype = dtype, param_dtype
+        return Source(path, "converted", hf_cfg, m, None)
+    fam = family_of(cfg)
+    return Source(path, "hf", cfg, model_config_from_hf(cfg, dtype=dtype, param_dtype=param_dtype), fam)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _flat(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def abstract_params(model: nn.Module) -> dict:
+    """Boxed abstract parameters of ``model`` (shapes, dtypes, logical axis names)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"]
+
+
+def _strip(tree: Any) -> Any:
+    """Removes ``nn.LogicallyPartitioned`` boxes without adding sharding constraints."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def param_shardings(model: nn.Module, mesh: jax.sharding.Mesh | None, rules=None) -> dict:
+    """Sharding of every parameter: from its logical names on ``mesh`` (``None``: device 0)."""
+    boxed = abstract_params(model)
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: dev, _strip(boxed))
+    from routezoo.layers import sharding as shd
+    rules = shd.DEFAULT_RULES if rules is None else rules
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+
+
+def load_params(source: Source, model_cfg: Any, shardings: Any, abstract: Any) -> dict:
+    """Params tree of DecoderLM(``model_cfg``), each leaf placed with its sharding from
+    ``shardings``; ``abstract`` gives shapes and dtypes (unboxed ShapeDtypeStructs)."""
+    flat_abs = _flat(abstract)
+    flat_shd = _flat(shardings)
+    maps = source.maps(model_cfg, {p: a.shape for p, a in flat_abs.items()})
+    by_path = {tm.path: tm for tm in maps}
+    missing = sorted(set(flat_abs) - set(by_path))
+    extra = sorted(set(by_path) - set(flat_abs))
+    if missing or extra:  # a bug in the tables, not in the checkpoint
+        raise AssertionError(f"tensor maps do not cover the model: missing {missing[:3]}, extra {extra[:3]}")
+    out = {}
+    with source.reader() as reader:
+        expected = {name for tm in maps for name in tm.hf}
+        if source.kind == "hf" and model_cfg.tie_embeddings:
+            expected.add("lm_head.weight")  # some tied checkpoints store it anyway; unused
+        unexpected = sorted(n for n in reader.names() if n not in expected and not _IGNORED.search(n))
+        if unexpected:
+            raise HFError(f"{len(unexpected)} tensors in {source.directory} are not used by the model built "
+                          f"from its config, e.g. {', '.join(repr(n) for n in unexpected[:3])}")
+        for tm in maps:
+            for name in tm.hf:
+                got = reader.shape(name)
+                if got != tm.hf_shape:
+                    raise HFError(f"tensor {name!r} ({reader.location[name]}) has shape {list(got)}, but the "
+                                  f"config implies {list(tm.hf_shape)}")
+            if tm.shape != tuple(flat_abs[tm.path].shape):
+                raise AssertionError(f"{'/'.join(tm.path)}: map shape {tm.shape} != model {flat_abs[tm.path].shape}")
+        for tm in maps:
+            out[tm.path] = _place(tm, reader, flat_abs[tm.path], flat_shd[tm.path])
+    return _nest(out)
+
+
+def _place(tm: TensorMap, reader: _Reader, abstract: Any, sharding: Any) -> jax.Array:
+    dtype = np.dtype(abstract.dtype)
+    cache: dict[tuple, np.ndarray] = {}   # replicated shards ask for the same block many times
+
+    def callback(index):
+        key = tuple(_bounds(index, tm.shape))
+        if key not in cache:
+            cache[key] = np.ascontiguousarray(tm.read(reader, index).astype(dtype))
+        return cache[key]
+
+    return jax.make_array_from_callback(tuple(abstract.shape), sharding, callback)
+
+
+def _build(model_cfg: Any) -> nn.Module:
+    from routezoo import zoo
+    return zoo.build(model_cfg)
+
+
+def from_hf(path: str, mesh: jax.sharding.Mesh | None = None, *, rules=None, dtype: str = "float32",
+            param_dtype: str = "float32") -> tuple[nn.Module, dict]:
+    """``(model, params)`` from an HF checkpoint directory (or a converted directory).
+
+    ``mesh``: place each parameter sharded by its logical names under ``rules`` (default
+    ``layers.sharding.DEFAULT_RULES``); ``None``: everything on the first device.
+    ``model.apply({'params': params}, tokens)`` returns ``(logits, aux)``; run it under
+    ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)`` when sharded.
+    """
+    source = open_source(path, dtype=dtype, param_dtype=param_dtype)
+    model = _build(source.model_config)
+    shardings = param_shardings(model, mesh, rules)
+    abstract = _strip(abstract_params(model))
+    return model, load_params(source, source.model_config, shardings, abstract)
+
+
+def load_params_for_config(config: Any, mesh: jax.sharding.Mesh | None, shardings: Any) -> dict:
+    """Params for a training run from ``config.init.from_hf``, placed with ``shardings``.
+
+    ``config.model`` must describe the checkpoint's architecture (see
+    :func:`update_config_from_hf`); ``shardings`` is the params' sharding tree, or a
+    TrainState of shardings (its ``.params`` is used). Dtypes follow
+    ``config.model.param_dtype``.
+    """
+    path = config.init.from_hf
+    if not path:
+        raise ValueError("config.init.from_hf is empty")
+    shardings = getattr(shardings, "params", shardings)
+    source = open_source(path, param_dtype=str(config.model.param_dtype))
+    _check_same_architecture(config.model, source.model_config, path)
+    model = _build(config.model)
+    abstract = _strip(abstract_params(model))
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            return load_params(source, config.model, shardings, abstract)
+    return load_params(source, config.model, shardings, abstract)
+
+
+def _arch_items(m: Any) -> dict[str, Any]:
+    out = {k: m[k] for k in MODEL_ARCH_KEYS}
+    if "moe" in _ffn_kinds(m):   # a dense model ignores its moe section
+        out.update({f"moe.{k}": m.moe[k] for k in MOE_ARCH_KEYS})
+    return out
+
+
+def _check_same_architecture(run: Any, ckpt: Any, path: str) -> None:
+    a, b = _arch_items(run), _arch_items(ckpt)
+    diff = [f"model.{k}={a.get(k)!r} (checkpoint: {b[k]!r})" for k in sorted(b) if a.get(k) != b[k]]
+    if diff:
+        raise HFError(f"config.model does not match the checkpoint in {path}: {'; '.join(diff[:4])}; "
+                      "call routezoo.zoo.hf.update_config_from_hf(config) first")
+
+
+def update_config_from_hf(config: Any) -> list[str]:
+    """Sets the architecture keys of ``config.model`` from ``config.init.from_hf``'s
+    checkpoint (keeping dtypes, dispatch, capacity and loss settings of the run); returns
+    the ``model.KEY=value`` changes. Call it before building the model."""
+    path = config.init.from_hf
+    if not path:
+        return []
+    ckpt = open_source(path).model_config
+    changes = []
+    if config.model.get("hf_architecture", None) is not None:
+        config.model.hf_architecture = ckpt.hf_architecture
+    for key, value in _arch_items(ckpt).items():
+        node, leaf = (config.model.moe, key[4:]) if key.startswith("moe.") else (config.model, key)
+        if node[leaf] != value:
+            changes.append(f"model.{key}={value!r}")
+            node[leaf] = value
+    return changes
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _host_value(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _np_dtype(name: str | None):
+    if name is None:
+        return None
+    return np.dtype(jnp.dtype(name))
+
+
+def _write_shards(directory: str, tensors: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]],
+                  index_name: str, single_name: str, max_shard_bytes: int, itemsize: Callable[[str], int]
+                  ) -> list[str]:
+    """Writes ``(name, shape, get)`` tensors into safetensors shards (one tensor in memory
+    at a time per shard being written); returns the file names."""
+    from safetensors.numpy import save_file
+
+    groups: list[list] = [[]]
+    size = 0
+    for item in tensors:
+        nbytes = math.prod(item[1]) * itemsize(item[0])
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes
+    stem, ext = os.path.splitext(single_name)
+    names = ([single_name] if len(groups) == 1 else
+             [f"{stem}-{i + 1:05d}-of-{len(groups):05d}{ext}" for i in range(len(groups))])
+    weight_map, total = {}, 0
+    is_main = jax.process_index() == 0
+    for file, group in zip(names, groups):
+        arrays = {}
+        for name, _, get in group:
+            arrays[name] = get()
+            total += arrays[name].nbytes
+            weight_map[name] = file
+        if is_main:
+            save_file(arrays, os.path.join(directory, file), metadata={"format": "pt"})
+        del arrays
+    for stale in (index_name,):
+        if is_main and len(names) == 1 and os.path.exists(os.path.join(directory, stale)):
+            os.remove(os.path.join(directory, stale))
+    if is_main and len(names) > 1:
+        with open(os.path.join(directory, index_name), "w") as fh:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                      fh, indent=2)
+    return names
+
+
+def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architecture: str | None = None,
+          base_config: Mapping[str, Any] | None = None, dtype: str | None = None,
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+    """Writes ``params`` of DecoderLM(``model_cfg``) as an HF checkpoint in ``out_dir``.
+
+    ``architecture``: an HF class name (default: inferred from the layout); ``base_config``:
+    HF config keys to keep (e.g. the imported checkpoint's token ids); ``dtype``: tensor
+    dtype on disk (default: the parameters'). Each tensor is gathered to the host on its
+    own (all processes take part; process 0 writes). Returns ``out_dir``.
+    """
+    arch = (architecture or str(model_cfg.get("hf_architecture", "") or "")
+            or (base_config or {}).get("architectures", [None])[0] or infer_architecture(model_cfg))
+    if arch not in FAMILIES:
+        raise HFError(f"unsupported architecture {arch}; supported: {', '.join(supported_architectures())}")
+    fam = FAMILIES[arch]
+    flat = _flat(params)
+    maps = tensor_maps(model_cfg, fam)
+    disk = _np_dtype(dtype)
+    first = next(iter(flat.values()))
+    hf_cfg = hf_config_from_model(model_cfg, arch, base_config,
+                                  dtype=str(jnp.dtype(dtype or first.dtype).name))
+    os.makedirs(out_dir, exist_ok=True)
+
+    items = []
+    for tm in maps:
+        def get_all(tm=tm):
+            value = _host_value(flat[tm.path])
+            return dict(tm.to_hf(value if disk is None else value.astype(disk)))
+        # Experts of one parameter share one gather; each HF tensor is taken from it.
+        cache: dict = {}
+
+        def getter(name, tm=tm, get_all=get_all, cache=cache):
+            if "v" not in cache:
+                cache["v"] = get_all()
+            out = cache["v"].pop(name)
+            if not cache["v"]:
+                cache.clear()
+            return out
+        for name in tm.hf:
+            items.append((name, tm.hf_shape, (lambda name=name, getter=getter: getter(name))))
+
+    def itemsize(name):
+        return (disk or np.dtype(flat[name_to_path[name]].dtype)).itemsize
+    name_to_path = {n: tm.path for tm in maps for n in tm.hf}
+    _write_shards(out_dir, items, HF_INDEX, HF_SINGLE, max_shard_bytes, itemsize)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, HF_CONFIG), "w") as fh:
+            json.dump(hf_cfg, fh, indent=2, sort_keys=True)
+    return out_dir
+
+
+def convert_to_routezoo(hf_dir: str, out_dir: str, full_config: Any | None = None,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ml_collections.ConfigDict:
+    """Converts an HF checkpoint to a routezoo directory on the host, one tensor at a time.
+
+    Writes ``params*.safetensors`` (routezoo names), ``hf_config.json`` and ``config.json``:
+    ``full_config`` (a full run config; its ``model`` section is replaced) or just
+    ``{"model": ...}``. Returns the model config.
+    """
+    source = open_source(hf_dir)
+    if source.kind != "hf":
+        raise HFError(f"{hf_dir} is already a converted routezoo directory")
+    m = source.model_config
+    os.makedirs(out_dir, exist_ok=True)
+    with source.reader() as reader:
+        maps = source.maps()
+        for tm in maps:
+            for name in tm.hf:
+                got = reader.shape(name)
+                if got != tm.hf_shape:
+                    raise HFError(f"tensor {name!r} ({reader.location[name]}) has shape {list(got)}, but the "
+                                  f"config implies {list(tm.hf_shape)}")
+        items = [("/".join(tm.path), tm.shape, (lambda tm=tm: np.ascontiguousarray(tm.read(reader))))
+                 for tm in maps]
+        sizes = {"/".join(tm.path): np.dtype(reader.get(tm.hf[0], tuple(slice(0, 1) for _ in tm.hf_shape)).dtype
+                                             ).itemsize for tm in maps}
+        _write_shards(out_dir, items, RZ_INDEX, RZ_SINGLE, max_shard_bytes, lambda n: sizes[n])
+    if full_config is not None:
+        full = ml_collections.ConfigDict(full_config)
+        full.model = m
+        text = full.to_json_best_effort(indent=2, sort_keys=True)
+    else:
+        text = json.dumps({"model": m.to_dict()}, indent=2, sort_keys=True)
+    with open(os.path.join(out_dir, HF_CONFIG), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(out_dir, RZ_HF_CONFIG), "w") as fh:
+        json.dump(source.hf_config, fh, indent=2, sort_keys=True)
+    return m
+
+
+__all__ = ["FAMILIES", "HFError", "TensorMap", "from_hf", "to_hf", "load_params_for_config",
+           "update_config_from_hf", "model_config_from_hf", "hf_config_from_model", "convert_to_routezoo",
+           "supported_architectures", "open_source", "tensor_maps"]
