@@ -31,7 +31,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from routezoo import zoo
 from routezoo.layers import sharding as shd
 from routezoo.training import checkpoint as ckpt_lib
-from routezoo.training import data as data_lib
 from routezoo.training import metrics as metrics_lib
 from routezoo.training.optim import make_optimizer
 
@@ -221,6 +220,7 @@ def make_eval_step(model: nn.Module, token_bytes: np.ndarray) -> Callable:
 
 
 def evaluate(eval_step, state, config, mesh, batch_sharding) -> dict[str, float]:
+    from routezoo.training import data as data_lib
     sums = {"nll": 0.0, "correct": 0.0, "tokens": 0.0, "bytes": 0.0}
     for local in data_lib.eval_batches(config):
         out = jax.device_get(eval_step(state, to_global(local, batch_sharding)))
@@ -282,6 +282,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     ``stop_after``: leave after this many steps of this call (saving a checkpoint), as a
     preempted job does; running again resumes. The schedule still spans ``train.steps``.
     """
+    from routezoo.training import data as data_lib   # the data stack only where data is read
     maybe_initialize_distributed()
     is_main = jax.process_index() == 0
     workdir = os.path.abspath(workdir)

@@ -1,0 +1,128 @@
+"""Training-step throughput and MFU of a MoE LM through routezoo's one ``train_step``.
+
+    python benchmarks/train_step.py [--config moe_1b] [--dispatch dropless:auto,capacity:1.25] [--out FILE]
+
+Builds the config's model, optimizer and sharded state exactly as ``routezoo train`` does
+(``training.train.state_shardings``/``create_state``/``make_train_step``), feeds random
+tokens (no data pipeline), and times the jitted, donated step: median of ``--iters``
+after 3 warm-up steps. MFU counts the model's training FLOPs per token (6·N_active plus
+attention, ``zoo.flops_per_token``) against two peaks: the dense bf16 matmul measured in
+the same process, and the datasheet peak given by ``--peak`` (H100 SXM: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+
+def dense_ceiling(iters: int = 10) -> float:
+    n = 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    for _ in range(3):
+        f(a, b).block_until_ready()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter(); f(a, b).block_until_ready(); ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(ts) / 1e12
+
+
+def load_config(name: str):
+    import importlib
+    return importlib.import_module(f"routezoo.configs.{name}").get_config()
+
+
+def run(config, iters: int) -> dict:
+    from routezoo import zoo
+    from routezoo.training.optim import make_optimizer
+    from routezoo.training.train import (create_state, describe_model, make_train_step, mesh_and_rules,
+                                         state_shardings)
+    from jax.sharding import NamedSharding
+    from routezoo.layers import sharding as shd
+
+    mesh, rules = mesh_and_rules(config)
+    model = zoo.build(config.model)
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    b, l, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        _, shardings, boxed = state_shardings(model, tx, config, mesh, rules)
+        info = describe_model(boxed, config)
+        state = create_state(model, tx, config, shardings)
+        batch_sharding = NamedSharding(mesh, shd.batch_spec(2))
+        step = jax.jit(make_train_step(model, tx, config, schedule), in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, None), donate_argnums=0)
+        tokens = np.random.default_rng(0).integers(2, v, size=(b, l + 1)).astype(np.int32)
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, l), np.float32)}
+        batch = jax.device_put(batch, batch_sharding)
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        ts = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+            ts.append(time.perf_counter() - t0)
+        mem = jax.devices()[0].memory_stats() or {}
+    t = statistics.median(ts)
+    return {**info, "step_s": t, "tokens_per_second": b * l / t, "loss": float(metrics["loss"]),
+            "peak_gib": mem.get("peak_bytes_in_use", 0) / 2 ** 30}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="moe_1b")
+    p.add_argument("--dispatch", default="dropless:auto,capacity:1.25,capacity:1.0")
+    p.add_argument("--batch", type=int, default=0)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--peak", type=float, default=989.0)
+    p.add_argument("--out", default="train_step.json")
+    a = p.parse_args()
+    ceiling = dense_ceiling()
+    rows = []
+    for variant in a.dispatch.split(","):
+        dispatch, opt = variant.split(":")
+        c = load_config(a.config)
+        c.model.dtype = "bfloat16"
+        c.model.moe.dispatch = dispatch
+        if dispatch == "capacity":
+            c.model.moe.capacity_factor = float(opt)
+        else:
+            c.model.moe.gmm_backend = opt
+        if a.batch:
+            c.train.batch_size = a.batch
+        try:
+            r = run(c, a.iters)
+        except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
+            r = {"error": " ".join(str(e).split())[:300]}
+        r.update(variant=variant, config=a.config, batch=c.train.batch_size, seq_len=c.data.seq_len)
+        if "tokens_per_second" in r:
+            achieved = r["flops_per_token_train"] * r["tokens_per_second"] / 1e12
+            r.update(tflops=achieved, mfu_datasheet=achieved / a.peak, mfu_measured=achieved / ceiling)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceiling_tflops": ceiling,
+            "peak_tflops": a.peak}
+    json.dump({"info": info, "rows": rows}, open(a.out, "w"), indent=1)
+    print(f"\n{info['device']}, jax {info['jax']}; dense bf16 matmul {ceiling:.0f} TFLOP/s; datasheet {a.peak:.0f}")
+    print(f"{'variant':18} {'params':>8} {'active':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU(sheet)':>10} {'MFU(meas)':>9} {'peak GiB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:18} ERROR {r['error'][:100]}")
+            continue
+        print(f"{r['variant']:18} {r['params_total'] / 1e9:7.2f}B {r['params_active'] / 1e9:7.2f}B "
+              f"{r['tokens_per_second']:9.0f} {r['tflops']:8.1f} {100 * r['mfu_datasheet']:9.1f}% "
+              f"{100 * r['mfu_measured']:8.1f}% {r['peak_gib']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
