@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe.hash_vocab_size = 0            # hash: V > 0: random permutation of [0, V) mod E (exactly balanced); 0: integer hash of the id
     moe.thor_train_level = "token"     # thor: random expert per token | sequence (routing group) | batch (authors' code: one per pass)
     moe.thor_inference = "sequence"    # thor: at eval one random expert per sequence (authors' script) | token
+    moe.thor_consistency_coef = 1.0    # thor: alpha of the symmetric-KL consistency between two passes (paper's config default 1.0; IWSLT script 5.0)
     moe.thor_seed = 0                  # thor: fixed eval draw when no 'router' rng is given
     moe.smoe_k_schedule = "linear"     # smoe_dropout: k over training: linear | cosine | steps (1, 2, 4, ... k_end)
     moe.smoe_k_start = 1               # smoe_dropout: k at step 0 (authors' enwik8 script: E/2)

@@ -365,3 +365,6 @@ def router_from_config(moe_cfg: Any, **module_kwargs) -> Router:
     if moe_cfg.router not in ROUTERS:
         raise ValueError(f"moe.router={moe_cfg.router!r} is unknown; known: {sorted(ROUTERS)}")
     return ROUTERS[moe_cfg.router].from_config(moe_cfg, **module_kwargs)
+
+
+from routezoo.layers import router_zoo  # noqa: E402,F401  (registers hash, thor, smoe_dropout, top_p, null_experts)

@@ -28,7 +28,7 @@ FFN = Callable[..., tuple[jax.Array, Aux]]
 def _mlp_builder(cfg: Any, dtype, param_dtype, name: str) -> FFN:
     mlp = dense.MLP(hidden_dim=cfg.mlp_dim, mlp_type=cfg.mlp_type, dtype=dtype,
                     param_dtype=param_dtype, name=name)
-    return lambda h, deterministic: (mlp(h), {})
+    return lambda h, deterministic, token_ids=None: (mlp(h), {})
 
 
 def _moe_builder(cfg: Any, dtype, param_dtype, name: str) -> FFN:
@@ -36,7 +36,8 @@ def _moe_builder(cfg: Any, dtype, param_dtype, name: str) -> FFN:
     return moe_from_config(cfg.moe, d_model=cfg.d_model, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-# name -> builder(model_cfg, dtype, param_dtype, name) -> ffn; ffn(h, deterministic=) -> (y, aux).
+# name -> builder(model_cfg, dtype, param_dtype, name) -> ffn;
+# ffn(h, deterministic=, token_ids=) -> (y, aux); token_ids [B, L] feed token-id routers (hash).
 FFN_BUILDERS: dict[str, Callable[..., FFN]] = {"mlp": _mlp_builder, "moe": _moe_builder}
 
 
@@ -79,7 +80,7 @@ class Block(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, positions, deterministic: bool):
+    def __call__(self, x, positions, deterministic: bool, token_ids=None):
         c = self.cfg
         norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         h = norm("attn_norm")(x)
@@ -91,12 +92,21 @@ class Block(nn.Module):
             qk_norm_eps=float(c.norm_eps), name="attn")(h, positions)
         h = norm("ffn_norm")(x)
         ffn = FFN_BUILDERS[self.ffn_kind](c, self.dtype, self.param_dtype, self.ffn_kind)
-        y, aux = ffn(h, deterministic=deterministic)
+        y, aux = ffn(h, deterministic=deterministic, token_ids=token_ids)
         return x + y, aux
 
 
 class DecoderLM(nn.Module):
-    """Decoder-only LM: ``tokens [B, L] -> (logits [B, L, V] float32, aux)``."""
+    """Decoder-only LM: ``tokens [B, L] -> (logits [B, L, V] float32, aux)``.
+
+    With the THOR router (``model.moe.router='thor'``, Zuo et al. 2022) and
+    ``moe.thor_consistency_coef > 0``, a training call runs the network twice with
+    independent expert draws and returns the first pass's logits plus the loss term
+    ``thor_consistency = α · mean_tokens ½ Σ_v (p1 − p2)(log p1 − log p2)``. The paper sums
+    the term over tokens and adds the second pass's cross-entropy too; here the loop's
+    cross-entropy is on the first pass and the term is a per-token mean, so its scale
+    does not grow with the batch.
+    """
 
     cfg: Any
 
@@ -109,20 +119,32 @@ class DecoderLM(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embed = dense.Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
                             scale_attend=bool(c.get("scale_tied_logits", True)), name="embed")
-        x = embed(tokens)
-        losses: dict[str, jax.Array] = {}
-        stats: dict[str, jax.Array] = {}
-        for i, kind in enumerate(ffn_kinds(c)):
-            x, aux = Block(c, kind, dtype, param_dtype, name=f"layer{i}")(x, positions, deterministic)
-            for k, v in aux.get("losses", {}).items():
-                losses[k] = losses.get(k, 0.0) + v
-            for k, v in aux.get("stats", {}).items():
-                stats[f"layer{i}/{k}"] = v
-        x = dense.make_norm(c.norm, c.norm_eps, dtype, param_dtype, "final_norm")(x)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            w = self.param("unembed", dense.param(nn.initializers.normal(c.d_model ** -0.5), ("embed", "vocab")),
-                           (c.d_model, c.vocab_size), param_dtype)
-            logits = jnp.einsum("BLD,DV->BLV", x, jnp.asarray(w, dtype))
-        return logits.astype(jnp.float32), {"losses": losses, "stats": stats}
+        blocks = [Block(c, kind, dtype, param_dtype, name=f"layer{i}") for i, kind in enumerate(ffn_kinds(c))]
+        final_norm = dense.make_norm(c.norm, c.norm_eps, dtype, param_dtype, "final_norm")
+        unembed = None if c.tie_embeddings else self.param(
+            "unembed", dense.param(nn.initializers.normal(c.d_model ** -0.5), ("embed", "vocab")),
+            (c.d_model, c.vocab_size), param_dtype)
+
+        def forward():
+            x = embed(tokens)
+            losses: dict[str, jax.Array] = {}
+            stats: dict[str, jax.Array] = {}
+            for i, block in enumerate(blocks):
+                x, aux = block(x, positions, deterministic, tokens)
+                for k, v in aux.get("losses", {}).items():
+                    losses[k] = losses.get(k, 0.0) + v
+                for k, v in aux.get("stats", {}).items():
+                    stats[f"layer{i}/{k}"] = v
+            x = final_norm(x)
+            logits = embed.attend(x) if unembed is None else jnp.einsum("BLD,DV->BLV", x, jnp.asarray(unembed, dtype))
+            return logits.astype(jnp.float32), losses, stats
+
+        logits, losses, stats = forward()
+        coef = float(c.moe.get("thor_consistency_coef", 0.0))
+        if "moe" in ffn_kinds(c) and c.moe.router == "thor" and coef > 0 and not deterministic \
+                and not self.is_initializing():
+            logits2, _, _ = forward()          # a second, independent draw of experts
+            logp1, logp2 = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(logits2, -1)
+            sym_kl = 0.5 * jnp.sum((jnp.exp(logp1) - jnp.exp(logp2)) * (logp1 - logp2), axis=-1)
+            losses["thor_consistency"] = coef * jnp.mean(sym_kl)
+        return logits, {"losses": losses, "stats": stats}

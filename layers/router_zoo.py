@@ -1,0 +1,618 @@
+"""More routers: hash, THOR, SMoE-Dropout, top-p (dynamic) and AdaMoE null experts.
+
+Einsum letters: ``T`` tokens, ``D`` embed, ``E`` (real) experts, ``M`` null experts,
+``K`` slots per token, ``G`` routing groups, ``S`` group size (``T = G·S``).
+
+Every router here is a :class:`~routezoo.layers.routers.Router` and returns a
+:class:`~routezoo.layers.routers.Routing` with static shapes: a token that uses fewer
+experts than the ``K`` slots has ``-1`` in the unused slots (weight 0). Dispatchers skip
+``-1`` slots: dropless dispatch leaves them out of the grouped matmul (``group_sizes``
+counts only real copies), capacity dispatch never gives them a buffer slot. The routers
+register themselves in :data:`routezoo.layers.routers.ROUTERS` under these names
+(``config.model.moe.router``):
+
+==================  =====================================================================
+``hash``            :class:`HashRouter` (Roller et al. 2021): expert = fixed hash of token id
+``thor``            :class:`ThorRouter` (Zuo et al. 2022): uniformly random expert, no router
+``smoe_dropout``    :class:`SMoEDropoutRouter` (Chen et al. 2023): frozen random router,
+                    ``k`` growing over training, any ``k`` at evaluation
+``top_p``           :class:`TopPRouter` (Huang et al. 2024): smallest expert set with
+                    probability mass ``>= p``, plus the entropy ("dynamic") loss
+``null_experts``    :class:`NullExpertsRouter` (AdaMoE, Zeng et al. 2024): top-k over
+                    ``E`` real + ``M`` null experts; nulls cost nothing
+==================  =====================================================================
+
+Conventions (see :mod:`routezoo.layers.routers`): router maths in float32; learned router
+kernels are ``(D, ·)`` float32 parameters with logical names ``('embed', None)``; the
+load-balancing loss is Switch's ``E · Σ_e f_e P_e`` per group with flaxformer's constant
+(:func:`~routezoo.layers.routers.load_balance_loss`); ``Routing.losses`` are already
+scaled and only present when their coefficient is > 0; ``Routing.stats`` always carries
+``load`` ``[E]`` and ``experts_per_token``.
+
+Collections besides ``'params'``:
+
+* ``'router_state'`` (mutable in training, checkpointed by the training loop):
+  SMoE-Dropout's step counter ``step`` (int32), incremented by every non-deterministic
+  call made with ``'router_state'`` mutable.
+* ``'router_fixed'`` (never trained, never changed after init): SMoE-Dropout's random
+  router ``kernel`` ``[D, E]`` and ``bias`` ``[E]``. It is not a ``'params'`` collection,
+  so an optimizer over ``params`` never sees it; the training loop carries it with the
+  other non-parameter collections.
+
+RNG streams: THOR draws from ``'router'`` (training needs it; evaluation uses it when
+given, else a fixed seed). Jitter, where a router uses it, draws from ``'dropout'``.
+
+Routers that need the token ids (``needs_token_ids = True``: the hash router) get them
+from :class:`~routezoo.layers.moe.MoE` as ``token_ids`` int32 ``[T]``
+(``MoE(x, deterministic=..., token_ids=tokens [B, L])``).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from routezoo.layers import sharding
+from routezoo.layers.routers import (ROUTERS, Router, Routing, _num_groups, load_balance_loss,
+                                     routing_stats, top_k)
+
+Array = jax.Array
+
+THOR_TRAIN_LEVELS = ("token", "sequence", "batch")
+THOR_INFERENCE_LEVELS = ("token", "sequence")
+SMOE_SCHEDULES = ("linear", "cosine", "steps")
+
+
+def _load_stats(indices: Array, num_experts: int) -> dict[str, Array]:
+    """``load`` ``[E]`` (fraction of token copies per expert) and ``experts_per_token``."""
+    valid = indices >= 0
+    counts = jnp.zeros((num_experts,), jnp.float32).at[jnp.where(valid, indices, num_experts)].add(
+        1.0, mode="drop")
+    total = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+    return {"load": counts / total,
+            "experts_per_token": jnp.mean(jnp.sum(valid, axis=-1).astype(jnp.float32))}
+
+
+def _check_choice(moe_cfg: Any, key: str, allowed) -> None:
+    if moe_cfg[key] not in allowed:
+        raise ValueError(f"moe.{key}={moe_cfg[key]!r} is unknown; known: {sorted(allowed)}")
+
+
+def _learned_logits(module: Router, x: Array, width: int, deterministic: bool) -> Array:
+    """float32 logits ``[T, width]`` from a learned ``(D, width)`` kernel named ``kernel``:
+    :meth:`Router.router_logits` with a width other than ``num_experts`` (jitter and init
+    as there)."""
+    x = x.astype(jnp.float32)
+    if module.jitter > 0 and not deterministic:
+        x = x * jax.random.uniform(module.make_rng("dropout"), x.shape, jnp.float32,
+                                   1.0 - module.jitter, 1.0 + module.jitter)
+    init = nn.initializers.variance_scaling(module.init_scale, "fan_in", "truncated_normal")
+    kernel = module.param("kernel", sharding.param(init, ("embed", None)), (x.shape[-1], width),
+                          jnp.float32)
+    return jnp.einsum("TD,DE->TE", x, kernel, precision=jax.lax.Precision.HIGHEST)
+
+
+# ------------------------------------------------------------------ hash
+
+
+def _fmix32(h: Array) -> Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hash_table(vocab_size: int, num_experts: int, seed: int) -> np.ndarray:
+    """The fixed table of :class:`HashRouter` for ``vocab_size > 0``: a random permutation
+    of the vocabulary (``numpy`` PCG64 seeded with ``seed``) taken modulo ``E``, so every
+    expert owns ``floor(V/E)`` or ``ceil(V/E)`` token ids. int32 ``[V]``."""
+    perm = np.random.default_rng(int(seed)).permutation(int(vocab_size))
+    return (perm % int(num_experts)).astype(np.int32)
+
+
+def hash_experts(token_ids: Array, num_experts: int, seed: int, vocab_size: int = 0) -> Array:
+    """Expert of each token id (int32, same shape as ``token_ids``).
+
+    ``vocab_size > 0``: :func:`hash_table` lookup for ids in ``[0, V)``; ids outside it
+    (and every id when ``vocab_size = 0``) use the integer hash
+    ``fmix32(id XOR fmix32(seed + 0x9E3779B9)) mod E``.
+    """
+    ids = token_ids.astype(jnp.int32)
+    salt = _fmix32(jnp.uint32((int(seed) + 0x9E3779B9) & 0xFFFFFFFF))
+    hashed = (_fmix32(ids.astype(jnp.uint32) ^ salt) % jnp.uint32(num_experts)).astype(jnp.int32)
+    if vocab_size <= 0:
+        return hashed
+    table = jnp.asarray(hash_table(vocab_size, num_experts, seed))
+    inside = (ids >= 0) & (ids < vocab_size)
+    return jnp.where(inside, table[jnp.clip(ids, 0, vocab_size - 1)], hashed)
+
+
+class HashRouter(Router):
+    """Hash layer (Roller, Sukhbaatar, Szlam, Weston 2021, "Hash Layers For Large Sparse
+    Models"): each token goes to one expert chosen by a fixed hash of its token id,
+    ``e(t) = hash(x_t)``, with combine weight 1: ``y_t = FFN_{hash(x_t)}(h_t)``. No learned
+    parameters, no losses; routing never looks at the hidden state.
+
+    The hash is the paper's "Random Hash": a fixed random map from the vocabulary to the
+    experts, seeded by ``seed`` (``moe.hash_seed``). With ``vocab_size > 0``
+    (``moe.hash_vocab_size``) it is a random permutation of ``[0, V)`` modulo ``E``
+    (:func:`hash_table`), so the vocabulary is split exactly evenly; the paper draws each
+    token's expert independently, which is balanced only in expectation. With
+    ``vocab_size = 0`` it is an integer hash of the id (no table, any vocabulary). The
+    paper's "Balanced" hash (frequent tokens spread by corpus frequency) needs token
+    counts and is not implemented. Every MoE layer built from one config uses the same
+    map.
+
+    Needs the token ids: :class:`~routezoo.layers.moe.MoE` passes ``token_ids`` ``[T]``
+    (``needs_token_ids``); calling it without them raises ``ValueError``.
+    """
+
+    seed: int = 0
+    vocab_size: int = 0
+
+    needs_token_ids: ClassVar[bool] = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None,
+                 token_ids: Array | None = None) -> Routing:
+        # x: [T, D]; token_ids: [T] (or [B, L] with B·L = T)
+        num_tokens = x.shape[0]
+        _num_groups(num_tokens, group_size)
+        if token_ids is None:
+            raise ValueError("moe.router='hash' routes by token id: call the MoE block as "
+                             "MoE(x, deterministic=..., token_ids=tokens) with int32 tokens [B, L]")
+        ids = jnp.asarray(token_ids).reshape(-1)
+        if ids.shape[0] != num_tokens:
+            raise ValueError(f"hash router: {ids.shape[0]} token ids for {num_tokens} tokens")
+        experts = hash_experts(ids, self.num_experts, self.seed, self.vocab_size)  # [T]
+        indices = experts[:, None]  # [T, K=1]
+        weights = jnp.ones((num_tokens, 1), jnp.float32)
+        return Routing(indices=indices, weights=weights, losses={},
+                       stats=_load_stats(indices, self.num_experts))
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "HashRouter":
+        return cls(**cls.common_kwargs(moe_cfg), seed=int(moe_cfg.hash_seed),
+                   vocab_size=int(moe_cfg.hash_vocab_size), **kwargs)
+
+    @classmethod
+    def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
+        super().check_config(moe_cfg, causal=causal)
+        if int(moe_cfg.hash_vocab_size) < 0:
+            raise ValueError(f"moe.hash_vocab_size={moe_cfg.hash_vocab_size} must be >= 0 "
+                             "(0: integer hash of the id, no table)")
+
+
+# ------------------------------------------------------------------ THOR
+
+
+class ThorRouter(Router):
+    """THOR (Zuo et al. 2022, "Taming Sparsely Activated Transformer with Stochastic
+    Experts"): no router; each token uses one uniformly random expert, ``e ~ U{0..E-1}``,
+    with weight 1: ``y = FFN_e(x)``. Routing depends only on the RNG, never on ``x``; no
+    parameters, no losses. The consistency loss
+    ``CE(p1, y) + CE(p2, y) + α · ½ Σ (p1 - p2)(log p1 - log p2)`` needs two passes of the
+    whole model with independent draws and lives in the model, not here.
+
+    Granularity of the draw (one draw per token, per routing group of ``S`` tokens, or one
+    for all ``T`` tokens of the call):
+
+    * training (``train_level``, ``moe.thor_train_level``): ``'token'`` by default. The
+      paper says experts are "randomly activated for each input"; the authors' code
+      (``thor/transformer_thor_layer.py``) draws ONE expert per layer per forward pass for
+      the whole batch, which is ``'batch'`` here. Per-batch draws send all tokens to one
+      expert: with capacity dispatch that needs ``capacity_factor >= E`` (checked), and
+      under expert parallelism one shard does all the work.
+    * inference (``inference``, ``moe.thor_inference``): ``'sequence'`` (default; the
+      authors' script runs ``inference_level=1``, one random expert per sentence) or
+      ``'token'`` (``inference_level=0``). "Sequence" means routing group: one sequence
+      with the default ``moe.group_size = 0``. The authors' code runs every expert and
+      masks; here only the chosen expert runs.
+
+    RNG: training draws from the ``'router'`` stream (required). At inference the draw
+    uses ``'router'`` when the caller provides it, else a fixed key from ``seed``
+    (``moe.thor_seed``) folded with the module path, so evaluation is repeatable and
+    layers draw independently.
+    """
+
+    train_level: str = "token"
+    inference: str = "sequence"
+    seed: int = 0
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
+        # x: [T, D] (only its length is used)
+        num_tokens, num_experts = x.shape[0], self.num_experts
+        g, s = _num_groups(num_tokens, group_size)
+        if not deterministic:
+            if not self.has_rng("router"):
+                raise ValueError("moe.router='thor' draws experts from the 'router' RNG stream in "
+                                 "training: apply(..., rngs={'router': key}, deterministic=False)")
+            key, level = self.make_rng("router"), self.train_level
+        else:
+            if self.has_rng("router"):
+                key = self.make_rng("router")
+            else:
+                path = zlib.crc32("/".join(map(str, self.path)).encode()) & 0x7FFFFFFF
+                key = jax.random.fold_in(jax.random.PRNGKey(self.seed), path)
+            level = self.inference
+        if level == "token":
+            experts = jax.random.randint(key, (num_tokens,), 0, num_experts, jnp.int32)  # [T]
+        elif level == "sequence":
+            experts = jnp.repeat(jax.random.randint(key, (g,), 0, num_experts, jnp.int32), s)  # [T]
+        elif level == "batch":
+            experts = jnp.full((num_tokens,), jax.random.randint(key, (), 0, num_experts, jnp.int32))
+        else:
+            raise ValueError(f"thor router: unknown level {level!r}; known: {list(THOR_TRAIN_LEVELS)}")
+        indices = experts[:, None]  # [T, K=1]
+        weights = jnp.ones((num_tokens, 1), jnp.float32)
+        return Routing(indices=indices, weights=weights, losses={},
+                       stats=_load_stats(indices, num_experts))
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "ThorRouter":
+        return cls(**cls.common_kwargs(moe_cfg), train_level=str(moe_cfg.thor_train_level),
+                   inference=str(moe_cfg.thor_inference), seed=int(moe_cfg.thor_seed), **kwargs)
+
+    @classmethod
+    def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
+        super().check_config(moe_cfg, causal=causal)
+        _check_choice(moe_cfg, "thor_train_level", THOR_TRAIN_LEVELS)
+        _check_choice(moe_cfg, "thor_inference", THOR_INFERENCE_LEVELS)
+        if moe_cfg.dispatch != "capacity":
+            return
+        e = int(moe_cfg.num_experts)
+        # one expert for a whole group fits only when C = S, i.e. cf >= E (K = 1)
+        if moe_cfg.thor_train_level != "token" and float(moe_cfg.capacity_factor) < e:
+            raise ValueError(f"moe.thor_train_level={moe_cfg.thor_train_level!r} sends a whole group to one "
+                             f"expert: with moe.dispatch='capacity' it needs moe.capacity_factor >= "
+                             f"moe.num_experts={e} (got {moe_cfg.capacity_factor}); or use dispatch='dropless'")
+        if moe_cfg.thor_inference == "sequence" and float(moe_cfg.eval_capacity_factor) < e:
+            raise ValueError(f"moe.thor_inference='sequence' sends a whole group to one expert: with "
+                             f"moe.dispatch='capacity' it needs moe.eval_capacity_factor >= "
+                             f"moe.num_experts={e} (got {moe_cfg.eval_capacity_factor}); or use "
+                             "dispatch='dropless' or thor_inference='token'")
+
+
+# ------------------------------------------------------------------ SMoE-Dropout
+
+
+def smoe_k(step: Array | int, *, schedule: str, k_start: int, k_end: int, steps: int) -> Array:
+    """Number of active experts at training step ``step`` (int32 scalar, traceable).
+
+    With ``f = clip(step / steps, 0, 1)`` and the authors' ``calculate_gate_number``
+    (``new_utils.py``):
+
+    * ``'linear'`` (``linear_increase``): ``k = round((k_end - k_start)·f) + k_start``;
+    * ``'cosine'`` (``cosine_increase``): ``k = round((k_start - k_end)·cos(π f / 2)) + k_end``;
+    * ``'steps'`` (``multi_step_increase``): the levels ``1, 2, 4, ...`` (powers of two
+      below ``k_end``, then ``k_end``) in equal stages, level ``floor(n·f)`` of ``n``
+      (the last from ``f = 1`` on); for ``k_end = 16`` these are the authors' levels
+      ``[1, 2, 4, 8, 16]``.
+
+    Then clipped to ``[k_start, k_end]``. ``round`` is half-to-even, as Python's.
+    """
+    f = jnp.clip(jnp.asarray(step, jnp.float32) / max(int(steps), 1), 0.0, 1.0)
+    if schedule == "linear":
+        k = jnp.round((k_end - k_start) * f) + k_start
+    elif schedule == "cosine":
+        k = jnp.round((k_start - k_end) * jnp.cos(jnp.pi * f / 2)) + k_end
+    elif schedule == "steps":
+        levels = [2 ** i for i in range(max(1, math.ceil(math.log2(k_end))) + 1) if 2 ** i < k_end] + [k_end]
+        n = len(levels)
+        stage = jnp.minimum(jnp.floor(n * f), n - 1).astype(jnp.int32)
+        k = jnp.asarray(levels, jnp.float32)[stage]
+    else:
+        raise ValueError(f"unknown smoe_k_schedule {schedule!r}; known: {list(SMOE_SCHEDULES)}")
+    return jnp.clip(k, k_start, k_end).astype(jnp.int32)
+
+
+class SMoEDropoutRouter(Router):
+    """SMoE-Dropout (Chen, Zhang, Jaiswal, Liu, Wang 2023, "Sparse MoE as the New Dropout:
+    Scaling Dense and Self-Slimmable Transformers"): a randomly initialised router that is
+    never trained, and a number of active experts ``k`` that grows during training.
+
+    * Router: ``h = x W_r + b``, ``W_r`` ``[D, E]``, ``b`` ``[E]`` drawn at init as a PyTorch
+      ``nn.Linear`` (``U(±1/√D)``, the authors' ``CustomNaiveGate``) and kept in the
+      ``'router_fixed'`` collection, not in ``'params'``: no optimizer ever updates it
+      (the authors freeze ``gate.gate`` by ``requires_grad = False``). Gradients still
+      flow to ``x`` through the combine weights, as in the authors' code.
+    * ``I = TopK(h, k)``, ``w = softmax(h_I)`` (softmax over the selected logits only, the
+      authors' code; equal to the full softmax renormalised over ``I``),
+      ``y = Σ_{i∈I} w_i FFN_i(x)``. No load-balancing or z-loss (the coefficients in the
+      config are ignored: the router cannot learn from them).
+    * ``k`` in training: :func:`smoe_k` of the step counter ``'router_state'/step``
+      (int32, starts at 0, +1 after every non-deterministic call made with
+      ``'router_state'`` mutable), from ``k_start`` to ``k_end`` (0: ``E``) over
+      ``k_steps`` counted calls. Shapes stay static: the top ``k_end`` experts are taken
+      and slots ``>= k(step)`` become ``-1`` with weight 0 (the softmax runs over the
+      first ``k(step)`` only).
+    * Evaluation ("self-slimmable"): ``deterministic=True`` routes to the top ``eval_k``
+      (attribute, ``moe.smoe_eval_k``; 0: ``k_end``; the ``eval_k`` keyword of
+      ``__call__`` overrides it), any ``1 <= eval_k <= E``; ``K = eval_k`` slots. To
+      sweep ``k`` through an MoE block: ``moe.clone(router=moe.router.clone(eval_k=k))``
+      or rebuild it with ``moe.smoe_eval_k = k``; the variables do not change. The
+      authors evaluate at full ``k = E`` (``set_router_mode``) and sweep
+      ``{1, 2, 4, 8, 16}``.
+
+    The paper's own text was not checked beyond its abstract; the equations above follow
+    the authors' code (``custom_gate.py``, ``new_utils.py``).
+    """
+
+    k_start: int = 1
+    k_end: int = 0
+    k_steps: int = 1000
+    schedule: str = "linear"
+    eval_k: int = 0
+
+    @property
+    def k_max(self) -> int:
+        return int(self.k_end) or self.num_experts
+
+    def k_at(self, step: Array | int) -> Array:
+        """``k`` at training step ``step`` (int32 scalar)."""
+        return smoe_k(step, schedule=self.schedule, k_start=int(self.k_start), k_end=self.k_max,
+                      steps=int(self.k_steps))
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None,
+                 eval_k: int | None = None) -> Routing:
+        # x: [T, D]
+        num_tokens, num_experts = x.shape[0], self.num_experts
+        _num_groups(num_tokens, group_size)
+        d = x.shape[-1]
+        initializing = self.is_initializing()
+        if not initializing and not self.has_variable("router_fixed", "kernel"):
+            raise ValueError("moe.router='smoe_dropout': the frozen router lives in the 'router_fixed' "
+                             "collection; pass every collection returned by init to apply")
+        bound = 1.0 / math.sqrt(d)
+        kernel = self.variable("router_fixed", "kernel", lambda: jax.random.uniform(
+            self.make_rng("params"), (d, num_experts), jnp.float32, -bound, bound))
+        bias = self.variable("router_fixed", "bias", lambda: jax.random.uniform(
+            self.make_rng("params"), (num_experts,), jnp.float32, -bound, bound))
+        has_step = initializing or self.has_variable("router_state", "step")
+        step = self.variable("router_state", "step", jnp.zeros, (), jnp.int32) if has_step else None
+
+        logits = jnp.einsum("TD,DE->TE", x.astype(jnp.float32), jax.lax.stop_gradient(kernel.value),
+                            precision=jax.lax.Precision.HIGHEST)
+        logits = logits + jax.lax.stop_gradient(bias.value)[None, :]  # [T, E]
+        probs = jax.nn.softmax(logits, axis=-1)
+
+        if deterministic:
+            k = int(eval_k if eval_k is not None else self.eval_k) or self.k_max
+            if not 1 <= k <= num_experts:
+                raise ValueError(f"smoe_dropout: eval_k={k} must be between 1 and {num_experts}")
+            vals, indices = top_k(logits, k)  # [T, K]
+            weights = jax.nn.softmax(vals, axis=-1)
+            k_now = jnp.asarray(k, jnp.int32)
+        else:
+            if step is None:
+                raise ValueError("moe.router='smoe_dropout' needs its step counter in training: pass the "
+                                 "'router_state' collection (mutable to advance the schedule)")
+            k_now = self.k_at(step.value)
+            vals, idx = top_k(logits, self.k_max)  # [T, K=k_max]
+            active = jnp.arange(self.k_max)[None, :] < k_now  # [1, K]
+            weights = jax.nn.softmax(jnp.where(active, vals, -jnp.inf), axis=-1)
+            weights = jnp.where(active, weights, 0.0)
+            indices = jnp.where(active, idx, -1)
+            if not initializing and self.is_mutable_collection("router_state"):
+                step.value = step.value + 1
+
+        stats = routing_stats(indices, probs, num_experts)
+        stats["k"] = k_now.astype(jnp.float32)
+        return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
+                       losses={}, stats=stats)
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "SMoEDropoutRouter":
+        return cls(**cls.common_kwargs(moe_cfg), k_start=int(moe_cfg.smoe_k_start),
+                   k_end=int(moe_cfg.smoe_k_end), k_steps=int(moe_cfg.smoe_k_steps),
+                   schedule=str(moe_cfg.smoe_k_schedule), eval_k=int(moe_cfg.smoe_eval_k), **kwargs)
+
+    @classmethod
+    def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
+        super().check_config(moe_cfg, causal=causal)
+        _check_choice(moe_cfg, "smoe_k_schedule", SMOE_SCHEDULES)
+        e = int(moe_cfg.num_experts)
+        k_end = int(moe_cfg.smoe_k_end)
+        if not 0 <= k_end <= e:
+            raise ValueError(f"moe.smoe_k_end={k_end} must be between 0 (= num_experts) and "
+                             f"moe.num_experts={e}")
+        k_end = k_end or e
+        k_start = int(moe_cfg.smoe_k_start)
+        if not 1 <= k_start <= k_end:
+            raise ValueError(f"moe.smoe_k_start={k_start} must be between 1 and the final k={k_end}")
+        if int(moe_cfg.smoe_k_steps) < 1:
+            raise ValueError(f"moe.smoe_k_steps={moe_cfg.smoe_k_steps} must be >= 1")
+        if not 0 <= int(moe_cfg.smoe_eval_k) <= e:
+            raise ValueError(f"moe.smoe_eval_k={moe_cfg.smoe_eval_k} must be between 0 (= final k) and "
+                             f"moe.num_experts={e}")
+
+
+# ------------------------------------------------------------------ top-p
+
+
+def top_p_mask(sorted_probs: Array, threshold: float) -> Array:
+    """Which of the descending-sorted probabilities ``[..., K]`` are kept: the smallest
+    prefix whose sum reaches ``threshold`` (``keep_j = Σ_{i<j} p_i < threshold``; the
+    first is always kept). If the ``K`` slots do not reach it, all ``K`` are kept."""
+    before = jnp.concatenate([jnp.zeros_like(sorted_probs[..., :1]),
+                              jnp.cumsum(sorted_probs[..., :-1], axis=-1)], axis=-1)  # Σ_{i<j} p_i
+    return before < threshold
+
+
+class TopPRouter(Router):
+    """Top-p dynamic routing (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic
+    Routing in MoE Models").
+
+    * ``P = softmax(x W_r)`` (no bias). Sort descending; keep the smallest prefix whose
+      cumulative probability reaches ``p`` (``threshold``, ``moe.top_p_threshold``):
+      ``t = min{k : Σ_{j<=k} P_(j) >= p}``, experts ``(1)..(t)``.
+      The authors' code (``modeling_moe.py`` ``top_p_sampling_batched_all_sequence``)
+      keeps up to the first index where the cumulative sum is strictly ``> p``, which
+      differs from the paper's ``>= p`` only when a prefix sums to exactly ``p``; the
+      paper's rule is implemented.
+    * ``y = Σ_kept P_e FFN_e(x)``: weights are the raw probabilities, **not** renormalised
+      (so the output scale changes with the number of experts).
+    * Static shapes: the top ``K = max_k`` (``moe.top_p_max_k``; 0: ``E``) experts are
+      sorted and the slots past ``t`` become ``-1``. A cap ``max_k < E`` truncates tokens
+      that would need more.
+    * Losses: ``L = L_LM + α L_b + β L_d``. ``L_b`` is the Switch load balance over the
+      selected sets (``α`` = ``moe.load_balance_coef``), ``L_d = mean_t (−Σ_e P_e log P_e)``
+      the dynamic (entropy-minimising) loss (``β`` = ``entropy_coef``,
+      ``moe.top_p_entropy_coef``; the paper's value is unverified here), plus the z-loss
+      if ``moe.z_loss_coef > 0``. The released code has no training losses.
+    * Stats: ``experts_per_token`` (mean), ``experts_per_token_max``, ``dynamic_loss``.
+    """
+
+    threshold: float = 0.4
+    max_k: int = 0
+    load_balance_coef: float = 0.0
+    entropy_coef: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
+        # x: [T, D]
+        num_tokens, num_experts = x.shape[0], self.num_experts
+        g, s = _num_groups(num_tokens, group_size)
+        logits = self.router_logits(x, deterministic)  # [T, E]
+        probs = jax.nn.softmax(logits, axis=-1)
+        k = int(self.max_k) or num_experts
+        sorted_probs, idx = top_k(probs, k)  # [T, K]
+        keep = top_p_mask(sorted_probs, self.threshold)  # [T, K]
+        indices = jnp.where(keep, idx, -1)
+        weights = jnp.where(keep, sorted_probs, 0.0)
+
+        expert_mask = jnp.max(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32), axis=1)  # [T, E]
+        lb = load_balance_loss(probs.reshape(g, s, num_experts), expert_mask.reshape(g, s, num_experts))
+        logp = jnp.log(jnp.maximum(probs, jnp.finfo(jnp.float32).tiny))
+        dynamic = jnp.mean(-jnp.sum(probs * logp, axis=-1))
+        losses, stats = self.z_losses(logits)
+        if self.load_balance_coef > 0:
+            losses["load_balance"] = self.load_balance_coef * lb
+        if self.entropy_coef > 0:
+            losses["dynamic_loss"] = self.entropy_coef * dynamic
+        stats["load_balance_loss"] = lb
+        stats["dynamic_loss"] = dynamic
+        stats.update(routing_stats(indices, probs, num_experts))
+        stats["experts_per_token_max"] = jnp.max(jnp.sum(keep, axis=-1)).astype(jnp.float32)
+        return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
+                       losses=losses, stats=stats)
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "TopPRouter":
+        return cls(**cls.common_kwargs(moe_cfg), threshold=float(moe_cfg.top_p_threshold),
+                   max_k=int(moe_cfg.top_p_max_k), load_balance_coef=float(moe_cfg.load_balance_coef),
+                   entropy_coef=float(moe_cfg.top_p_entropy_coef), **kwargs)
+
+    @classmethod
+    def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
+        super().check_config(moe_cfg, causal=causal)
+        p = float(moe_cfg.top_p_threshold)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"moe.top_p_threshold={p} must be in (0, 1]")
+        e, max_k = int(moe_cfg.num_experts), int(moe_cfg.top_p_max_k)
+        if not 0 <= max_k <= e:
+            raise ValueError(f"moe.top_p_max_k={max_k} must be between 0 (= num_experts) and "
+                             f"moe.num_experts={e}")
+        if float(moe_cfg.top_p_entropy_coef) < 0:
+            raise ValueError(f"moe.top_p_entropy_coef={moe_cfg.top_p_entropy_coef} must be >= 0")
+
+
+# ------------------------------------------------------------------ AdaMoE null experts
+
+
+class NullExpertsRouter(Router):
+    """AdaMoE (Zeng et al. 2024, "AdaMoE: Token-Adaptive Routing with Null Experts for
+    Mixture-of-Experts Language Models"): ``M`` null experts (output 0, no FLOPs) next to
+    the ``E`` real ones, and a larger ``k``; a token that picks nulls runs fewer real
+    experts.
+
+    * ``h = x [W_r ; W_null]`` ``[T, E+M]`` (one learned kernel ``(D, E+M)``, columns
+      ``E..E+M-1`` are the nulls), ``p = softmax(h)``, top-``k`` over all ``E+M``.
+    * Slots that pick a null become ``-1`` with weight 0: they never reach a dispatcher's
+      expert computation (dropless ``group_sizes`` count only real copies).
+    * Weights (authors' code ``adaptive_moe_utils.py``, as in the paper): the selected
+      real experts ``S`` get ``w_e = p_e / Σ_{e'∈S} p_e'`` (renormalised over the selected
+      *real* experts only, nulls excluded); if ``S`` is empty the output is 0. With
+      ``renormalize = False`` the raw ``p_e`` are used.
+    * Load balance over ``E+M`` with the nulls as one pool: Switch's
+      ``(E+M) Σ_e f'_e P_e`` per group, where ``f'_e = f_e`` for real experts and, for each
+      null, the mean ``f`` of the nulls (authors' ``exp_1``: ``expert_mask[4:] = mean``),
+      so only the total null usage is balanced, not how it spreads over the nulls.
+      Balanced routing gives ``k``. Coefficient ``moe.load_balance_coef``; z-loss over the
+      ``E+M`` logits.
+    * Stats: ``real_experts_per_token`` (= ``experts_per_token``), ``null_fraction``
+      (fraction of slots on nulls), ``load`` ``[E]`` over real copies.
+
+    The authors' Mixtral fine-tune initialises the null rows by tiling the real rows; here
+    all ``E+M`` columns are drawn at init (training from scratch).
+    """
+
+    k: int = 2
+    num_null_experts: int = 1
+    renormalize: bool = True
+    load_balance_coef: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
+        # x: [T, D]
+        num_tokens, e, m = x.shape[0], self.num_experts, self.num_null_experts
+        g, s = _num_groups(num_tokens, group_size)
+        logits = _learned_logits(self, x, e + m, deterministic)  # [T, E+M]
+        probs = jax.nn.softmax(logits, axis=-1)
+        sel_probs, idx = top_k(probs, self.k)  # [T, K]
+        real = idx < e
+        indices = jnp.where(real, idx, -1)
+        weights = jnp.where(real, sel_probs, 0.0)
+        if self.renormalize:
+            denom = jnp.sum(weights, axis=-1, keepdims=True)
+            weights = weights / jnp.where(denom > 0, denom, 1.0)
+
+        chosen = jnp.max(jax.nn.one_hot(idx, e + m, dtype=jnp.float32), axis=1)  # [T, E+M]
+        null_pool = jnp.broadcast_to(jnp.mean(chosen[:, e:], axis=-1, keepdims=True), (num_tokens, m))
+        mask = jnp.concatenate([chosen[:, :e], null_pool], axis=-1)  # [T, E+M]
+        lb = load_balance_loss(probs.reshape(g, s, e + m), mask.reshape(g, s, e + m))
+        losses, stats = self.z_losses(logits)
+        if self.load_balance_coef > 0:
+            losses["load_balance"] = self.load_balance_coef * lb
+        stats["load_balance_loss"] = lb
+        stats.update(routing_stats(indices, probs, e))
+        stats["real_experts_per_token"] = stats["experts_per_token"]
+        stats["null_fraction"] = jnp.mean((~real).astype(jnp.float32))
+        return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
+                       losses=losses, stats=stats)
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "NullExpertsRouter":
+        return cls(**cls.common_kwargs(moe_cfg), k=int(moe_cfg.k),
+                   num_null_experts=int(moe_cfg.num_null_experts),
+                   renormalize=bool(moe_cfg.renormalize),
+                   load_balance_coef=float(moe_cfg.load_balance_coef), **kwargs)
+
+    @classmethod
+    def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
+        super().check_config(moe_cfg, causal=causal)
+        m = int(moe_cfg.num_null_experts)
+        if m < 1:
+            raise ValueError(f"moe.num_null_experts={m} must be >= 1 with moe.router='null_experts'")
+        k, e = int(moe_cfg.k), int(moe_cfg.num_experts)
+        if not 1 <= k <= e + m:
+            raise ValueError(f"moe.k={k} must be between 1 and moe.num_experts + moe.num_null_experts={e + m}")
+
+
+ROUTERS.update({
+    "hash": HashRouter,
+    "thor": ThorRouter,
+    "smoe_dropout": SMoEDropoutRouter,
+    "top_p": TopPRouter,
+    "null_experts": NullExpertsRouter,
+})
