@@ -451,3 +451,23 @@ def test_moe_from_config_inside_a_parent_keeps_router_under_moe():
     assert set(params) == {"moe"}
     assert set(params["moe"]) == {"router", "experts"}
     assert params["moe"]["experts"]["wi"].shape == (E, D, F)
+
+
+@pytest.mark.parametrize("backend,dense_expected", [("blocked", False), ("ragged_dot", True)])
+def test_compiled_dropless_has_no_dense_expert_by_token_buffer(backend, dense_expected):
+    """The dropless path must not materialise an ``[E, T·K, D]``-sized buffer (a masked
+    grouped matmul over every expert); XLA:CPU's ``ragged_dot`` lowering does, as a control."""
+    import re
+    e, d, f, b, l = 8, 64, 128, 4, 64
+    cfg = make_cfg(dispatch="dropless", gmm_backend=backend, num_experts=e, expert_dim=f, k=2)
+    model = moe_lib.moe_from_config(cfg, d_model=d, dtype=jnp.float32, param_dtype=jnp.float32)
+    x = jnp.zeros((b, l, d), jnp.float32)
+    variables = jax.jit(lambda: model.init(jax.random.key(0), x, deterministic=True))()
+
+    def loss(v, x):
+        return jnp.sum(model.apply(v, x, deterministic=True)[0])
+
+    hlo = jax.jit(jax.grad(loss)).lower(variables, x).compile().as_text()
+    limit = e * (b * l * 2) * min(d, f)            # E x (T*K rows) x width
+    sizes = [np.prod([int(n) for n in dims.split(",") if n]) for dims in re.findall(r"[fbs]\d+\[([\d,]+)\]", hlo)]
+    assert (max(sizes) >= limit) == dense_expected, (backend, max(sizes), limit)
