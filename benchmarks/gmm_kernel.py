@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from timing import bench, dense_ceiling
 
 SHAPES = {
     # name: (E, M, K, N)
@@ -74,22 +75,8 @@ TGMM_CONFIGS_QUICK = [TGMM_CONFIGS[0], TGMM_CONFIGS[2]]
 INTERPRET = False   # set in main(): True off GPU (smoke runs of --shapes tiny on CPU)
 
 
-def bench(fn, *args, iters: int) -> float:
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def dense_8192(iters: int) -> float:
-    n = 8192
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    return 2 * n ** 3 / bench(jax.jit(lambda a, b: a @ b), a, b, iters=iters) / 1e12
+    return dense_ceiling(iters)
 
 
 def fwd_bwd(f):

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from timing import bench, dense_ceiling
 
 SHAPES = {
     # name: (E, k, D, F, shared experts)
@@ -36,25 +36,6 @@ VARIANTS = [
     ("capacity", "auto", 1.0),
     ("capacity", "auto", 1.25),
 ]
-
-
-def bench(fn, *args, iters: int) -> float:
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def dense_ceiling(iters: int) -> float:
-    n = 8192
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda a, b: a @ b)
-    return 2 * n ** 3 / bench(f, a, b, iters=iters) / 1e12
 
 
 def moe_case(name: str, tokens: int, dispatch: str, backend: str, cf: float | None, iters: int):

@@ -22,18 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-
-def dense_ceiling(iters: int = 10) -> float:
-    n = 8192
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda a, b: a @ b)
-    for _ in range(3):
-        f(a, b).block_until_ready()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter(); f(a, b).block_until_ready(); ts.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(ts) / 1e12
+from timing import dense_ceiling
 
 
 def load_config(name: str):

@@ -20,7 +20,7 @@ import statistics
 import time
 
 
-def torch_side(model_cfg, batch: int, seq: int, iters: int) -> list[dict]:
+def torch_side(model_cfg, batch: int, seq: int, iters: int, out_path: str) -> list[dict]:
     import torch
     import transformers
 
@@ -69,6 +69,7 @@ def torch_side(model_cfg, batch: int, seq: int, iters: int) -> list[dict]:
             rows.append({"side": "transformers", "experts_implementation": impl,
                          "error": " ".join(str(e).split())[:300]})
         print(json.dumps(rows[-1]), flush=True)
+        json.dump(rows, open(out_path, "w"), indent=1)
     return rows
 
 
@@ -84,15 +85,21 @@ def main():
     config = importlib.import_module(f"routezoo.configs.{a.config}").get_config()
     config.train.batch_size = a.batch
     seq = config.data.seq_len
-    rows = torch_side(config.model, a.batch, seq, a.iters)
+    rows = torch_side(config.model, a.batch, seq, a.iters, a.out)
     if not a.skip_jax:
         import os
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
         from train_step import run
         config.model.dtype = "bfloat16"
-        r = run(config, a.iters)
-        rows.append({"side": "routezoo", "experts_implementation": f"dropless/{config.model.moe.gmm_backend}",
-                     **{k: r[k] for k in ("step_s", "tokens_per_second", "peak_gib", "params_total", "params_active")}})
+        name = f"dropless/{config.model.moe.gmm_backend}"
+        try:
+            r = run(config, a.iters)
+            rows.append({"side": "routezoo", "experts_implementation": name,
+                         **{k: r[k] for k in ("step_s", "tokens_per_second", "peak_gib", "params_total",
+                                              "params_active")}})
+        except Exception as e:  # noqa: BLE001 - keep the transformers rows
+            rows.append({"side": "routezoo", "experts_implementation": name,
+                         "error": " ".join(str(e).split())[:300]})
         print(json.dumps(rows[-1]), flush=True)
     json.dump(rows, open(a.out, "w"), indent=1)
     ok = [r for r in rows if "tokens_per_second" in r]

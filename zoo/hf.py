@@ -706,6 +706,17 @@ def param_shardings(model: nn.Module, mesh: jax.sharding.Mesh | None, rules=None
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
 
 
+def _check_shapes(maps: list[TensorMap], reader: "_Reader") -> None:
+    """Every checkpoint tensor a map reads has the shape the config implies, or HFError
+    names the tensor, its file and both shapes."""
+    for tm in maps:
+        for name in tm.hf:
+            got = reader.shape(name)
+            if got != tm.hf_shape:
+                raise HFError(f"tensor {name!r} ({reader.location[name]}) has shape {list(got)}, but the "
+                              f"config implies {list(tm.hf_shape)}")
+
+
 def load_params(source: Source, model_cfg: Any, shardings: Any, abstract: Any) -> dict:
     """Params tree of DecoderLM(``model_cfg``), each leaf placed with its sharding from
     ``shardings``; ``abstract`` gives shapes and dtypes (unboxed ShapeDtypeStructs)."""
@@ -726,15 +737,10 @@ def load_params(source: Source, model_cfg: Any, shardings: Any, abstract: Any) -
         if unexpected:
             raise HFError(f"{len(unexpected)} tensors in {source.directory} are not used by the model built "
                           f"from its config, e.g. {', '.join(repr(n) for n in unexpected[:3])}")
+        _check_shapes(maps, reader)
         for tm in maps:
-            for name in tm.hf:
-                got = reader.shape(name)
-                if got != tm.hf_shape:
-                    raise HFError(f"tensor {name!r} ({reader.location[name]}) has shape {list(got)}, but the "
-                                  f"config implies {list(tm.hf_shape)}")
             if tm.shape != tuple(flat_abs[tm.path].shape):
                 raise AssertionError(f"{'/'.join(tm.path)}: map shape {tm.shape} != model {flat_abs[tm.path].shape}")
-        for tm in maps:
             out[tm.path] = _place(tm, reader, flat_abs[tm.path], flat_shd[tm.path])
     return _nest(out)
 
@@ -951,12 +957,7 @@ def convert_to_routezoo(hf_dir: str, out_dir: str, full_config: Any | None = Non
     os.makedirs(out_dir, exist_ok=True)
     with source.reader() as reader:
         maps = source.maps()
-        for tm in maps:
-            for name in tm.hf:
-                got = reader.shape(name)
-                if got != tm.hf_shape:
-                    raise HFError(f"tensor {name!r} ({reader.location[name]}) has shape {list(got)}, but the "
-                                  f"config implies {list(tm.hf_shape)}")
+        _check_shapes(maps, reader)
         items = [("/".join(tm.path), tm.shape, (lambda tm=tm: np.ascontiguousarray(tm.read(reader))))
                  for tm in maps]
         sizes = {"/".join(tm.path): np.dtype(reader.get(tm.hf[0], tuple(slice(0, 1) for _ in tm.hf_shape)).dtype
