@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8
     moe.k = 2
-    moe.router = "top_k"               # top_k | expert_choice
+    moe.router = "top_k"               # top_k | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate
     moe.dispatch = "dropless"          # capacity | dropless
     moe.capacity_factor = 1.25         # training
     moe.eval_capacity_factor = 2.0     # evaluation
@@ -84,6 +84,13 @@ def get_config() -> ml_collections.ConfigDict:
     moe.top_p_max_k = 0                # top_p: cap on experts per token (static slots); 0 = num_experts
     moe.top_p_entropy_coef = 1e-4      # top_p: dynamic (router-entropy) loss coefficient beta (value unverified)
     moe.num_null_experts = 8           # null_experts: m null experts (AdaMoE); top-k (moe.k) over E + m
+    # Routers with state across layers / the model (layers/model_routers.py): recurrent | pregate.
+    moe.recurrent_dim = 256            # recurrent: GRU router state width R, shared across MoE layers (RMoE, Qiu et al. 2024; paper 256)
+    moe.recurrent_cell = "gru"         # recurrent: gru | rnn (the paper's ablation: h' = tanh(W x' + U h + b))
+    moe.pregate_dim = 64               # pregate: width P of the pre-gate Transformer (Read-ME, Cai et al. 2024)
+    moe.pregate_layers = 1             # pregate: causal attention + MLP blocks in the pre-gate
+    moe.pregate_heads = 2              # pregate: attention heads (pregate_dim / heads must be even)
+    moe.pregate_shared_routes = True   # pregate: True: one choice per token used by every MoE layer (Read-ME); False: one per layer
 
     # ---------------------------------------------------------------- mesh
     mesh = c.mesh = ml_collections.ConfigDict()

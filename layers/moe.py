@@ -130,10 +130,14 @@ class MoE(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool,
-                 token_ids: Array | None = None) -> tuple[Array, dict[str, dict[str, Array]]]:
+    def __call__(self, x: Array, *, deterministic: bool, token_ids: Array | None = None,
+                 router_inputs: dict[str, Any] | None = None) -> tuple[Array, dict[str, Any]]:
         # x: [B, L, D]; token_ids: int32 [B, L], passed (as [T]) only to routers that
         # declare ``needs_token_ids`` (the hash router); others never see it.
+        # router_inputs: extra keyword arguments for the router, state that lives outside
+        # this layer (recurrent: router_state [T, R] and the shared cell; pregate:
+        # pregate_logits [T, E] and routes [T, K]); see layers/model_routers.py. A router
+        # that returns ``Routing.state`` gets it back to the caller as aux['router_state'].
         b, l, d = x.shape
         if self.d_model is not None and d != self.d_model:
             raise ValueError(f"MoE: input width {d} != d_model {self.d_model}")
@@ -152,6 +156,7 @@ class MoE(nn.Module):
         router_kwargs = {}
         if getattr(router, "needs_token_ids", False):
             router_kwargs["token_ids"] = None if token_ids is None else jnp.reshape(token_ids, (t,))
+        router_kwargs.update(router_inputs or {})
         routing: Routing = router(x.reshape(t, d), deterministic=deterministic, group_size=s, **router_kwargs)
 
         params = Experts(self.num_experts, self.expert_dim, self.expert_type, self.param_dtype,
@@ -192,7 +197,10 @@ class MoE(nn.Module):
 
         stats = dict(routing.stats)
         stats["dropped_fraction"] = dropped
-        return y.astype(self.dtype), {"losses": dict(routing.losses), "stats": stats}
+        aux = {"losses": dict(routing.losses), "stats": stats}
+        if routing.state is not None:
+            aux["router_state"] = routing.state
+        return y.astype(self.dtype), aux
 
 
 def _dtype(dtype: Any) -> Any:

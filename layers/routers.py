@@ -67,6 +67,9 @@ class Routing:
         When present, dispatchers use it instead of ``indices``; ``indices``/``weights``
         then hold the same decision token-major with ``K = E``.
       expert_weights: optional float32 ``[G, E, C]``: combine weights of ``expert_indices``.
+      state: optional float32 ``[T, R]``: the router state this router hands on to the next
+        MoE layer (the recurrent router, :mod:`routezoo.layers.model_routers`); the MoE
+        block returns it as ``aux['router_state']``.
     """
 
     indices: Array
@@ -76,6 +79,7 @@ class Routing:
     priority: Array | None = None
     expert_indices: Array | None = None
     expert_weights: Array | None = None
+    state: Array | None = None
 
     def dense_weights(self, num_experts: int) -> Array:
         """Combine weights as a dense ``[T, E]`` matrix (for references and analysis)."""
@@ -368,3 +372,4 @@ def router_from_config(moe_cfg: Any, **module_kwargs) -> Router:
 
 
 from routezoo.layers import router_zoo  # noqa: E402,F401  (registers hash, thor, smoe_dropout, top_p, null_experts)
+from routezoo.layers import model_routers  # noqa: E402,F401  (registers recurrent, pregate)

@@ -15,6 +15,8 @@ ROUTER_SETTINGS = {
     "smoe_dropout": {"model.moe.smoe_k_steps": 8},
     "top_p": {},
     "null_experts": {"model.moe.num_null_experts": 4},
+    "recurrent": {"model.moe.recurrent_dim": 16},
+    "pregate": {"model.moe.pregate_dim": 16, "model.moe.dispatch": "capacity"},
 }
 
 

@@ -28,7 +28,8 @@ FFN = Callable[..., tuple[jax.Array, Aux]]
 def _mlp_builder(cfg: Any, dtype, param_dtype, name: str) -> FFN:
     mlp = dense.MLP(hidden_dim=cfg.mlp_dim, mlp_type=cfg.mlp_type, dtype=dtype,
                     param_dtype=param_dtype, name=name)
-    return lambda h, deterministic, token_ids=None: (mlp(h), {})
+    # Dense layers ignore router_inputs and return no 'router_state': the caller keeps it.
+    return lambda h, deterministic, token_ids=None, router_inputs=None: (mlp(h), {})
 
 
 def _moe_builder(cfg: Any, dtype, param_dtype, name: str) -> FFN:
@@ -37,7 +38,11 @@ def _moe_builder(cfg: Any, dtype, param_dtype, name: str) -> FFN:
 
 
 # name -> builder(model_cfg, dtype, param_dtype, name) -> ffn;
-# ffn(h, deterministic=, token_ids=) -> (y, aux); token_ids [B, L] feed token-id routers (hash).
+# ffn(h, deterministic=, token_ids=, router_inputs=) -> (y, aux); token_ids [B, L] feed
+# token-id routers (hash); router_inputs (a dict, passed only when not None) carries state
+# that lives outside the layer to the router (recurrent: router_state, router_cell;
+# pregate: pregate_logits, routes), and aux['router_state'], when present, is the new
+# recurrent router state (see layers/model_routers.py).
 FFN_BUILDERS: dict[str, Callable[..., FFN]] = {"mlp": _mlp_builder, "moe": _moe_builder}
 
 
@@ -80,7 +85,7 @@ class Block(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, positions, deterministic: bool, token_ids=None):
+    def __call__(self, x, positions, deterministic: bool, token_ids=None, router_inputs=None):
         c = self.cfg
         norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         h = norm("attn_norm")(x)
@@ -92,7 +97,8 @@ class Block(nn.Module):
             qk_norm_eps=float(c.norm_eps), name="attn")(h, positions)
         h = norm("ffn_norm")(x)
         ffn = FFN_BUILDERS[self.ffn_kind](c, self.dtype, self.param_dtype, self.ffn_kind)
-        y, aux = ffn(h, deterministic=deterministic, token_ids=token_ids)
+        extra = {} if router_inputs is None else {"router_inputs": router_inputs}
+        y, aux = ffn(h, deterministic=deterministic, token_ids=token_ids, **extra)
         return x + y, aux
 
 
@@ -106,17 +112,68 @@ class DecoderLM(nn.Module):
     the term over tokens and adds the second pass's cross-entropy too; here the loop's
     cross-entropy is on the first pass and the term is a per-token mean, so its scale
     does not grow with the batch.
+
+    Routers with state outside one layer (``layers/model_routers.py``) get it explicitly:
+
+    * ``model.moe.router='recurrent'`` (RMoE): the model owns the one GRU cell
+      ``router_cell`` shared by all MoE layers and threads the router state ``h``
+      ``[B·L, R]`` (zeros at the start) through the layers: each MoE layer gets
+      ``router_inputs={'router_state': h, 'router_cell': cell}`` and returns the new
+      ``h`` as ``aux['router_state']``; dense layers pass it unchanged. When the
+      ``'intermediates'`` collection is mutable, the state after layer ``i`` is sown as
+      ``layer{i}_router_state``.
+    * ``model.moe.router='pregate'`` (Read-ME): the model owns the pre-gate network
+      ``pregate`` (:class:`~routezoo.layers.model_routers.PreGate`), which reads only the
+      token ids. :meth:`routes` returns the experts of every MoE layer before the backbone
+      runs, int32 ``[M, B, L, K]`` (``M`` MoE layers in layer order, see
+      :meth:`moe_layers`): ``model.apply(variables, tokens, method=model.routes)``.
+      ``model.apply(variables, tokens, routes=r)`` makes the forward pass use exactly
+      ``r``; without ``routes`` it computes the same selection in the pass.
     """
 
     cfg: Any
 
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the MoE layers (the ``M`` axis of :meth:`routes`)."""
+        return tuple(i for i, kind in enumerate(ffn_kinds(self.cfg)) if kind == "moe")
+
+    def routes(self, tokens: jax.Array, *, positions: jax.Array | None = None) -> jax.Array:
+        """Read-ME pre-gating: experts of every MoE layer, int32 ``[M, B, L, K]``, computed
+        from the token ids alone, before (and without) the backbone."""
+        return self(tokens, positions=positions, _routes_only=True)
+
     @nn.compact
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
-                 positions: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+                 positions: jax.Array | None = None, routes: jax.Array | None = None,
+                 _routes_only: bool = False) -> tuple[jax.Array, Aux]:
         c = self.cfg
         dtype, param_dtype = resolve_dtype(c.dtype), jnp.dtype(c.param_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        moe_layers = self.moe_layers()
+        router_kind = str(c.moe.router) if moe_layers else None
+        b, l = tokens.shape
+        pregate_logits = None
+        if router_kind == "pregate":
+            from routezoo.layers.model_routers import PreGate, pregate_select
+            pregate_logits = PreGate(
+                vocab_size=c.vocab_size, num_experts=int(c.moe.num_experts), num_moe_layers=len(moe_layers),
+                features=int(c.moe.pregate_dim), num_layers=int(c.moe.pregate_layers),
+                num_heads=int(c.moe.pregate_heads), shared_routes=bool(c.moe.pregate_shared_routes),
+                init_scale=float(c.moe.router_init_scale), dtype=dtype, param_dtype=param_dtype,
+                name="pregate")(tokens, positions)  # [M, B, L, E]
+            if _routes_only:
+                return pregate_select(pregate_logits, int(c.moe.k))  # [M, B, L, K]
+        elif _routes_only:
+            raise ValueError(f"DecoderLM.routes needs model.moe.router='pregate' (and MoE layers); "
+                             f"got router {router_kind!r}")
+        if routes is not None and router_kind != "pregate":
+            raise ValueError("DecoderLM: routes= is only for model.moe.router='pregate'")
+        router_cell = None
+        if router_kind == "recurrent":
+            from routezoo.layers.model_routers import RecurrentRouterCell
+            router_cell = RecurrentRouterCell(int(c.moe.recurrent_dim), str(c.moe.recurrent_cell),
+                                              name="router_cell")
         embed = dense.Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
                             scale_attend=bool(c.get("scale_tied_logits", True)), name="embed")
         blocks = [Block(c, kind, dtype, param_dtype, name=f"layer{i}") for i, kind in enumerate(ffn_kinds(c))]
@@ -129,8 +186,20 @@ class DecoderLM(nn.Module):
             x = embed(tokens)
             losses: dict[str, jax.Array] = {}
             stats: dict[str, jax.Array] = {}
+            state = None if router_cell is None else jnp.zeros((b * l, int(c.moe.recurrent_dim)), jnp.float32)
             for i, block in enumerate(blocks):
-                x, aux = block(x, positions, deterministic, tokens)
+                router_inputs = None
+                if i in moe_layers and router_cell is not None:
+                    router_inputs = {"router_state": state, "router_cell": router_cell}
+                elif i in moe_layers and pregate_logits is not None:
+                    j = moe_layers.index(i)
+                    router_inputs = {"pregate_logits": pregate_logits[j].reshape(b * l, -1),
+                                     "routes": None if routes is None else routes[j].reshape(b * l, -1)}
+                x, aux = block(x, positions, deterministic, tokens, router_inputs)
+                if router_cell is not None:
+                    state = aux.get("router_state", state)   # dense layers: unchanged
+                    if not self.is_initializing():
+                        self.sow("intermediates", f"layer{i}_router_state", state)
                 for k, v in aux.get("losses", {}).items():
                     losses[k] = losses.get(k, 0.0) + v
                 for k, v in aux.get("stats", {}).items():
