@@ -197,7 +197,13 @@ class Attention(nn.Module):
             kk = self._qk_rmsnorm("k_norm", kk, "kv_heads")
         q = rotary_embedding(q, positions, self.rope_theta)
         kk = rotary_embedding(kk, positions, self.rope_theta)
-        impl = None if self.implementation in (None, "auto") else self.implementation
+        impl = self.implementation
+        if impl in (None, "auto"):
+            # cuDNN flash attention where it applies (GPU, 16-bit, head dim <= 128); the XLA
+            # path materialises [B, H, L, L] scores, which runs out of memory at length 2048.
+            use_cudnn = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+                         and k <= 128 and segment_mask is None)
+            impl = "cudnn" if use_cudnn else None
         out = jax.nn.dot_product_attention(
             q, kk, v, mask=segment_mask, is_causal=self.causal, implementation=impl)   # [B, L, H, K]
         out = constrain(out, ("batch", "length", "act_heads", None))
