@@ -19,6 +19,7 @@ commands:
   train     train a model: routezoo train [--config FILE|NAME] --workdir DIR [--config.a.b=value ...]
   convert   Hugging Face checkpoints: routezoo convert --from-hf DIR --workdir OUT
             (and back: routezoo convert --workdir DIR --to-hf OUT [--dtype bfloat16])
+  analyze   routing analytics of a trained MoE: routezoo analyze --workdir DIR [--steps N] (writes DIR/analysis/)
 
 Run 'routezoo COMMAND --help' for the flags of a command.
 Configs shipped with routezoo: {configs}
@@ -201,7 +202,13 @@ def convert_main(argv: list[str]) -> int:
         return _fail(f"convert: {' '.join(str(e).split())}")
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "convert": convert_main}
+def analyze_main(argv: list[str]) -> int:
+    from routezoo.training import analyze
+    return analyze.main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "convert": convert_main,
+                                                   "analyze": analyze_main}
 
 
 def main(argv: list[str] | None = None) -> int:
