@@ -145,8 +145,9 @@ def get_config() -> ml_collections.ConfigDict:
     # *.safetensors) or the output of `routezoo convert`; "" = random init.
     i.from_hf = ""
     # Start from another run's trained parameters: its workdir (config.json + checkpoints/).
-    # "from" is a Python keyword: read it as config.init["from"]; CLI: --config.init.from=DIR.
-    i["from"] = ""
+    # CLI: --config.init.from=DIR is accepted as the spelling of --config.init.from_workdir=DIR
+    # ("from" is a Python keyword, which config_flags cannot parse as a key).
+    i.from_workdir = ""
 
     # ---------------------------------------------------------------- adapter
     # Parameter-efficient fine-tuning (layers/adapters.py): the base parameters are frozen

@@ -44,12 +44,12 @@ def test_lora_counts_equal_peft_formula(data_dir):
 def test_lora_counts_per_expert(data_dir):
     c = tiny_config(data_dir, **{"model.ffn": "moe"})
     _, params = _boxed_params(c)
-    lora = adapters.LoRA("moe/(wi|wo)", rank=2)
+    lora = adapters.LoRA("experts/(wi|wo)", rank=2)
     e, d, fe = c.model.moe.num_experts, c.model.d_model, c.model.moe.expert_dim
     assert lora.count(params) == c.model.num_layers * 2 * e * 2 * (d + fe)
     init = nn.unbox(jax.eval_shape(lambda: lora.init(jax.random.PRNGKey(0), params)))
-    assert init["layer0"]["moe"]["wi"]["lora_a"].shape == (e, d, 2)
-    assert init["layer0"]["moe"]["wo"]["lora_b"].shape == (e, 2, d)
+    assert init["layer0"]["moe"]["experts"]["wi"]["lora_a"].shape == (e, d, 2)
+    assert init["layer0"]["moe"]["experts"]["wo"]["lora_b"].shape == (e, 2, d)
 
 
 def test_rslora_scale():
@@ -117,11 +117,11 @@ def test_cli_accepts_init_from(tmp_path):
     from routezoo.training import cli
     config, _, _ = cli.parse_train_flags(["--config.init.from=/some/run", "--config.adapter.method=lora",
                                           f"--workdir={tmp_path}"])
-    assert config.init["from"] == "/some/run" and config.adapter.method == "lora"
+    assert config.init.from_workdir == "/some/run" and config.adapter.method == "lora"
 
 
 def test_train_step_freezes_base_and_optimizes_adapter_only(data_dir):
-    c = tiny_config(data_dir, **{"adapter.method": "lora", "adapter.targets": "attn/(q|v)", "mesh.data": 1})
+    c = tiny_config(data_dir, **{"adapter.method": "lora", "adapter.targets": "attn/(q|v)"})
     mesh, rules = train_lib.mesh_and_rules(c)
     model = zoo.build(c.model)
     lora = adapters.from_config(c.adapter)
@@ -134,9 +134,9 @@ def test_train_step_freezes_base_and_optimizes_adapter_only(data_dir):
         step = jax.jit(train_lib.make_train_step(model, tx, c, schedule, lora))
         rng = np.random.default_rng(0)
         for _ in range(3):
-            ids = rng.integers(2, 258, (4, c.data.seq_len + 1))
+            ids = rng.integers(2, 258, (8, c.data.seq_len + 1))
             batch = {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
-                     "weights": jnp.ones((4, c.data.seq_len))}
+                     "weights": jnp.ones((8, c.data.seq_len))}
             state, metrics = step(state, batch, base)
     # Base bit-identical; adapter B moved away from its zero init.
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), before, base)
@@ -156,7 +156,7 @@ def test_finetune_from_trained_base_saves_adapter_with_fingerprint(data_dir, tmp
     train_lib.train_and_evaluate(tiny_config(data_dir, **{"train.steps": 4}), base_wd)
     c = tiny_config(data_dir, **{"train.steps": 4, "adapter.method": "lora", "adapter.targets": "attn/(q|v)|mlp/wo",
                                  "adapter.rank": 4, "adapter.rslora": True})
-    c.init["from"] = base_wd
+    c.init.from_workdir = base_wd
     out = train_lib.train_and_evaluate(c, ft_wd)
     assert math.isfinite(out["eval_loss"])
 

@@ -188,7 +188,7 @@ def restore_params(workdir: str, mesh, rules, step: int | None = None) -> tuple[
 def load_base(model, config, setup: AdapterSetup, mesh, rules) -> Any:
     """The frozen base of an adapter run: ``init.from`` (a workdir), ``init.from_hf``, or
     random init from ``config.seed``; placed with ``setup.base_shardings``."""
-    source = config.init["from"]
+    source = config.init.from_workdir
     if source:
         _, params = restore_params(source, mesh, rules)
         want = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), setup.base_abstract)
