@@ -151,5 +151,20 @@ def get_config() -> ml_collections.ConfigDict:
     # Start from pretrained weights: a Hugging Face checkpoint directory (config.json +
     # *.safetensors) or the output of `routezoo convert`; "" = random init.
     i.from_hf = ""
+    # Start from another run's trained parameters: its workdir (config.json + checkpoints/).
+    # CLI: --config.init.from=DIR is accepted as the spelling of --config.init.from_workdir=DIR
+    # ("from" is a Python keyword, which config_flags cannot parse as a key).
+    i.from_workdir = ""
+
+    # ---------------------------------------------------------------- adapter
+    # Parameter-efficient fine-tuning (layers/adapters.py): the base parameters are frozen
+    # (not in the optimizer state, not in the train checkpoint); the adapter's parameters
+    # train and are saved to WORKDIR/adapter/ with the base's fingerprint.
+    a = c.adapter = ml_collections.ConfigDict()
+    a.method = ""                # "" = no adapter (full training) | lora
+    a.targets = ""               # regex over parameter paths, matched at the end, e.g. "attn/(q|v)", "mlp/.*"
+    a.rank = 8                   # lora: rank r
+    a.alpha = 16.0               # lora: scale alpha / r
+    a.rslora = False             # lora: rsLoRA scale alpha / sqrt(r)
 
     return c

@@ -94,6 +94,9 @@ def parse_train_flags(argv: list[str]):
         print("  --config.KEY=VALUE: override any key of the config, e.g. --config.train.steps=100")
         print("  --stop_after=N: leave after N steps of this run (checkpoint saved); run again to resume")
         raise SystemExit(0)
+    # --config.init.from=DIR (the spelling) is --config.init.from_workdir=DIR.
+    argv = [("--config.init.from_workdir" + a[len("--config.init.from"):])
+            if a == "--config.init.from" or a.startswith("--config.init.from=") else a for a in argv]
     _check_override_keys(argv)
     fv = flags.FlagValues()
     try:

@@ -116,6 +116,16 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     if m.num_heads % sizes["tensor"] or m.mlp_dim % sizes["tensor"]:
         raise ConfigError(f"model.num_heads ({m.num_heads}) and model.mlp_dim ({m.mlp_dim}) must be "
                           f"divisible by mesh.tensor ({sizes['tensor']})")
+    a = config.adapter
+    if a.method:
+        from routezoo.layers import adapters
+        _one_of(a.method, sorted(adapters.METHODS), "adapter.method")
+        if not a.targets:
+            raise ConfigError("config key 'adapter.targets' is empty but adapter.method is "
+                              f"{a.method!r}; give a pattern over parameter paths, e.g. 'attn/(q|v)' or 'mlp/.*'")
+        _positive(config, "adapter.rank", "adapter.alpha")
+    if config.init.from_workdir and config.init.from_hf:
+        raise ConfigError("config keys 'init.from_workdir' and 'init.from_hf' are both set; allowed: one of them")
     if "moe" in kinds:
         from routezoo.layers.moe import validate_moe_config
         try:

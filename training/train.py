@@ -29,6 +29,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from routezoo import zoo
+from routezoo.layers import adapters as adapter_lib
 from routezoo.layers import sharding as shd
 from routezoo.training import checkpoint as ckpt_lib
 from routezoo.training import metrics as metrics_lib
@@ -90,8 +91,12 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, config, 
     logical = nn.get_partition_spec(abstract_vars)
     var_shard = nn.logical_to_mesh_sharding(logical, mesh, rules)
     unboxed = strip_boxes(abstract_vars)
-    params = unboxed["params"]
-    param_shard = var_shard["params"]
+    abstract, shardings = _assemble_state(tx, mesh, unboxed["params"], var_shard["params"], unboxed, var_shard)
+    return abstract, shardings, abstract_vars["params"]
+
+
+def _assemble_state(tx, mesh, params, param_shard, unboxed_vars, var_shard):
+    """Abstract TrainState (leaves carry shardings) and its sharding tree for ``params``."""
     opt_abstract = jax.eval_shape(tx.init, params)
 
     replicated = NamedSharding(mesh, P())
@@ -110,7 +115,7 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, config, 
         tx, lambda leaf, s: fit(s, leaf), opt_abstract, param_shard,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding))
-    model_state = {k: v for k, v in unboxed.items() if k != "params"}
+    model_state = {k: v for k, v in unboxed_vars.items() if k != "params"}
     shardings = TrainState(
         step=replicated, params=param_shard, opt_state=opt_shard,
         model_state={k: var_shard[k] for k in model_state}, rng=replicated)
@@ -119,7 +124,102 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, config, 
         model_state=model_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
-    return abstract, shardings, abstract_vars["params"]
+    return abstract, shardings
+
+
+# --------------------------------------------------------------------------- adapters
+
+@struct.dataclass
+class AdapterSetup:
+    """What an adapter run needs besides its TrainState (whose ``params`` are the adapter's).
+
+    ``base_abstract``/``base_shardings``: the frozen base parameters (not in the state,
+    not in the optimizer, not in the train checkpoint); ``base_boxed``/``adapter_boxed``:
+    boxed abstract trees (logical names, for counts and sharding).
+    """
+    adapter: Any = struct.field(pytree_node=False)
+    base_abstract: Any = struct.field(pytree_node=False)
+    base_shardings: Any = struct.field(pytree_node=False)
+    base_boxed: Any = struct.field(pytree_node=False)
+    adapter_boxed: Any = struct.field(pytree_node=False)
+
+
+def adapter_state_shardings(model, tx, config, mesh, rules, adapter):
+    """Like :func:`state_shardings` for an adapter run: (abstract, shardings, AdapterSetup)."""
+    abstract_vars = jax.eval_shape(_variables(model, config), jax.random.PRNGKey(0))
+    var_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_vars), mesh, rules)
+    unboxed = strip_boxes(abstract_vars)
+    adapter_boxed = jax.eval_shape(lambda r: adapter.init(r, abstract_vars["params"]), jax.random.PRNGKey(0))
+    adapter_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(adapter_boxed), mesh, rules)
+    abstract, shardings = _assemble_state(tx, mesh, strip_boxes(adapter_boxed), adapter_shard, unboxed, var_shard)
+    base_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 unboxed["params"], var_shard["params"])
+    return abstract, shardings, AdapterSetup(adapter, base_abstract, var_shard["params"],
+                                             abstract_vars["params"], adapter_boxed)
+
+
+def restore_params(workdir: str, mesh, rules, step: int | None = None) -> tuple[Any, Any]:
+    """(config, params) of another run's newest (or given) checkpoint, placed on ``mesh``.
+
+    For an adapter run the params returned are its base with the adapter merged in.
+    """
+    import orbax.checkpoint as ocp
+    config = read_workdir_config(workdir)
+    model = zoo.build(config.model)
+    tx, _ = make_optimizer(config.optimizer, config.train.steps)
+    adapter = adapter_lib.from_config(config.adapter)
+    if adapter is None:
+        abstract, _, _ = state_shardings(model, tx, config, mesh, rules)
+    else:
+        abstract, _, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter)
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    item_names=("state", "data"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints")
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    manager.close()
+    if adapter is None:
+        return config, state.params
+    base = load_base(model, config, setup, mesh, rules)
+    return config, jax.jit(adapter.merge, out_shardings=setup.base_shardings)(base, state.params)
+
+
+def load_base(model, config, setup: AdapterSetup, mesh, rules) -> Any:
+    """The frozen base of an adapter run: ``init.from`` (a workdir), ``init.from_hf``, or
+    random init from ``config.seed``; placed with ``setup.base_shardings``."""
+    source = config.init.from_workdir
+    if source:
+        _, params = restore_params(source, mesh, rules)
+        want = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), setup.base_abstract)
+        got = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), params)
+        if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+            raise ValueError(f"init.from {source!r}: its parameters differ from config.model's "
+                             "(another architecture); set config.model as that run's")
+        return jax.device_put(params, setup.base_shardings)
+    if config.init.from_hf:
+        from routezoo.zoo import hf
+        return hf.load_params_for_config(config, None, setup.base_shardings)
+    init_vars = _variables(model, config)
+
+    def init(seed):
+        _, init_rng = jax.random.split(jax.random.PRNGKey(seed))
+        return nn.unbox(init_vars(init_rng)["params"])
+    return jax.jit(init, static_argnums=0, out_shardings=setup.base_shardings)(config.seed)
+
+
+def create_adapter_state(model, tx, config, shardings, setup: AdapterSetup) -> TrainState:
+    """Fresh adapter TrainState: adapter params, optimizer state over them only."""
+    init_vars = _variables(model, config)
+
+    def init(seed):
+        rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
+        variables = nn.unbox(init_vars(init_rng))
+        variables.pop("params")
+        params = nn.unbox(setup.adapter.init(jax.random.fold_in(init_rng, 0xAD), setup.base_boxed))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          model_state=dict(variables), rng=rng)
+    return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed)
 
 
 def create_state(model, tx, config, shardings) -> TrainState:
@@ -152,13 +252,17 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, adapter: Any = None) -> Callable:
+    """``train_step(state, batch)``; with an ``adapter``, ``train_step(state, batch, base)``
+    where ``state.params`` are the adapter's and ``base`` the frozen base parameters: the
+    model runs on ``adapter.merge(base, params)`` and only ``params`` are differentiated."""
     accum = int(config.train.grad_accum)
 
-    def loss_fn(params, model_state, batch, rng):
+    def loss_fn(params, model_state, batch, rng, base):
         rngs = {s: jax.random.fold_in(rng, i) for i, s in enumerate(RNG_STREAMS)}
         mutable = list(model_state)
-        out = model.apply({"params": params, **model_state}, batch["inputs"], deterministic=False,
+        full = params if adapter is None else adapter.merge(base, params)
+        out = model.apply({"params": full, **model_state}, batch["inputs"], deterministic=False,
                           rngs=rngs, mutable=mutable if mutable else False)
         (logits, aux), new_model_state = out if mutable else (out, {})
         w = batch["weights"]
@@ -173,23 +277,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def step(state: TrainState, batch: dict[str, jax.Array], base):
         rng = jax.random.fold_in(state.rng, state.step)
         if accum == 1:
-            (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng)
+            (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng, base)
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def body(carry, mb_i):
                 g_acc, l_acc, m_acc, ms = carry
                 mb, i = mb_i
-                (l, (m, ms)), g = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i))
+                (l, (m, ms)), g = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i), base)
                 return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
                         jax.tree.map(jnp.add, m_acc, m), ms), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             m0 = jax.eval_shape(lambda: grad_fn(state.params, state.model_state,
-                                                jax.tree.map(lambda x: x[0], micro), rng)[0][1][0])
+                                                jax.tree.map(lambda x: x[0], micro), rng, base)[0][1][0])
             m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
             (grads, loss, metrics, model_state), _ = jax.lax.scan(
                 body, (zeros, 0.0, m0, state.model_state), (micro, jnp.arange(accum)))
@@ -203,27 +307,39 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
                                   model_state=model_state)
         return new_state, metrics
 
+    if adapter is not None:
+        return step
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        return step(state, batch, None)
     return train_step
 
 
-def make_eval_step(model: nn.Module, token_bytes: np.ndarray) -> Callable:
+def make_eval_step(model: nn.Module, token_bytes: np.ndarray, adapter: Any = None) -> Callable:
     table = jnp.asarray(token_bytes, jnp.float32)
 
-    def eval_step(state: TrainState, batch):
-        logits, _ = model.apply({"params": state.params, **state.model_state}, batch["inputs"],
+    def step(state: TrainState, batch, base):
+        params = state.params if adapter is None else adapter.merge(base, state.params)
+        logits, _ = model.apply({"params": params, **state.model_state}, batch["inputs"],
                                 deterministic=True)
         w = batch["weights"]
         nll, correct = cross_entropy(logits, batch["targets"], w)
         return {"nll": nll.sum(), "correct": correct.sum(), "tokens": w.sum(),
                 "bytes": (table[batch["targets"]] * w).sum()}
+
+    if adapter is not None:
+        return step
+
+    def eval_step(state: TrainState, batch):
+        return step(state, batch, None)
     return eval_step
 
 
-def evaluate(eval_step, state, config, mesh, batch_sharding) -> dict[str, float]:
+def evaluate(eval_step, state, config, mesh, batch_sharding, extra=()) -> dict[str, float]:
     from routezoo.training import data as data_lib
     sums = {"nll": 0.0, "correct": 0.0, "tokens": 0.0, "bytes": 0.0}
     for local in data_lib.eval_batches(config):
-        out = jax.device_get(eval_step(state, to_global(local, batch_sharding)))
+        out = jax.device_get(eval_step(state, to_global(local, batch_sharding), *extra))
         for k in sums:
             sums[k] += float(out[k])
     tokens = max(sums["tokens"], 1.0)
@@ -295,13 +411,18 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     data_lib.ensure_dataset(config.data)
     tokenizer = data_lib.get_tokenizer(config.data)
     model = zoo.build(config.model)
+    adapter = adapter_lib.from_config(config.adapter)
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
     batch_sharding = NamedSharding(mesh, shd.batch_spec(2))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     progress_log = print if is_main else (lambda *_: None)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract, shardings, boxed_params = state_shardings(model, tx, config, mesh, rules)
+        if adapter is None:
+            abstract, shardings, boxed_params = state_shardings(model, tx, config, mesh, rules)
+        else:
+            abstract, shardings, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter)
+            boxed_params = setup.base_boxed
         info = describe_model(boxed_params, config)
         progress_log(
             f"model {config.model.name}: {info['params_total'] / 1e6:.2f}M parameters, "
@@ -310,25 +431,41 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, "
             f"{jax.process_count()} process(es)")
 
+        extra, adapter_meta = (), None
+        if adapter is not None:   # the frozen base, passed to every step beside the state
+            base = load_base(model, config, setup, mesh, rules)
+            adapter_meta = adapter_metadata(config, setup, base)
+            check_adapter_dir(os.path.join(workdir, ADAPTER_DIR), adapter_meta["base_fingerprint"])
+            info.update(params_trainable=adapter_meta["params_trainable"],
+                        params_total_with_adapter=adapter_meta["params_total"])
+            progress_log(f"adapter {adapter.name} on {adapter_meta['num_targets']} weights "
+                         f"({config.adapter.targets!r}): {adapter_meta['params_trainable']:,} trainable of "
+                         f"{adapter_meta['params_total']:,} parameters "
+                         f"({100 * adapter_meta['params_trainable'] / adapter_meta['params_total']:.3f}%); "
+                         f"base {adapter_meta['base_fingerprint']} frozen")
+            extra = (base,)
+
         train_iter = data_lib.make_train_iterator(config)
         checkpointer = ckpt_lib.Checkpointer(
             os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save, verify=config.checkpoint.verify, log=progress_log)
         restored = checkpointer.restore_latest(abstract, data_lib.iterator_restore_args(train_iter))
         if restored is None:
-            state = create_state(model, tx, config, shardings)
+            state = (create_state(model, tx, config, shardings) if adapter is None
+                     else create_adapter_state(model, tx, config, shardings, setup))
             start = 0
         else:
             start, state, _ = restored
             progress_log(f"resumed from step {start} ({checkpointer.step_dir(start)})")
 
-        train_step = jax.jit(make_train_step(model, tx, config, schedule),
-                             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                             donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes),
-                            in_shardings=(shardings, batch_sharding))
+        base_shard = () if adapter is None else (setup.base_shardings,)
+        train_step = jax.jit(make_train_step(model, tx, config, schedule, adapter),
+                             in_shardings=(shardings, batch_sharding, *base_shard),
+                             out_shardings=(shardings, None), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes, adapter),
+                            in_shardings=(shardings, batch_sharding, *base_shard))
         if start == 0:   # model size and the untrained model's eval, as step 0
-            first = evaluate(eval_step, state, config, mesh, batch_sharding)
+            first = evaluate(eval_step, state, config, mesh, batch_sharding, extra)
             writer.write(0, {**info, **first})
             progress_log(f"step 0: eval loss {first['eval_loss']:.4f}, "
                          f"eval bits/byte {first['eval_bits_per_byte']:.4f}")
@@ -341,7 +478,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         with _StopFlag() as stop:
             while step < steps:
                 batch = to_global(next(train_iter), batch_sharding)
-                state, metrics = train_step(state, batch)
+                state, metrics = train_step(state, batch, *extra)
                 step += 1
                 log_now = step % config.train.log_every == 0 or step == steps
                 eval_now = step % config.train.eval_every == 0 or step == steps
@@ -352,7 +489,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                     t_last, step_last = now, step
                     record = {**last_metrics, "tokens_per_second": tps}
                     if eval_now:
-                        last_eval = evaluate(eval_step, state, config, mesh, batch_sharding)
+                        last_eval = evaluate(eval_step, state, config, mesh, batch_sharding, extra)
                         record.update(last_eval)
                         progress.write(f"step {step}: loss {float(last_metrics['loss']):.4f}, "
                                        f"eval loss {last_eval['eval_loss']:.4f}, "
@@ -362,6 +499,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                 stopping = stop.any_process() or (stop_after is not None and step - start >= stop_after)
                 if stopping or step % config.checkpoint.every == 0 or step == steps:
                     checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
+                    if adapter is not None:
+                        save_adapter(os.path.join(workdir, ADAPTER_DIR), state.params, adapter_meta, step)
                 if stopping:
                     progress.write(f"stopped at step {step}; checkpoint saved; run again to resume")
                     break
@@ -373,35 +512,113 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     return {"step": step, **{k: float(np.mean(v)) for k, v in last_metrics.items()}, **last_eval}
 
 
-def load_trained(workdir: str, step: int | None = None, mesh_shape: dict[str, int] | None = None):
-    """(config, model, state) from a run's ``config.json`` and its newest (or given) checkpoint.
+# --------------------------------------------------------------------------- adapter checkpoints
 
-    The state is restored onto ``mesh_shape`` (default: all devices on ``data``).
+ADAPTER_DIR = "adapter"          # WORKDIR/adapter/: params/ (Orbax) + adapter.json
+ADAPTER_JSON = "adapter.json"
+
+
+def adapter_metadata(config, setup: AdapterSetup, base) -> dict[str, Any]:
+    """Method, hyper-parameters, counts and base fingerprint, as stored with the adapter."""
+    trainable = adapter_lib.num_params(setup.adapter_boxed)
+    base_count = adapter_lib.num_params(setup.base_boxed)
+    return {"method": config.adapter.method, "adapter": config.adapter.to_dict(),
+            "num_targets": len(setup.adapter.select(setup.base_boxed)),
+            "params_trainable": trainable, "params_base": base_count,
+            "params_total": trainable + base_count,
+            "base_fingerprint": adapter_lib.fingerprint(base)}
+
+
+def check_adapter_dir(directory: str, fingerprint: str) -> None:
+    """Refuses an adapter directory written for another base (one-line ValueError)."""
+    path = os.path.join(directory, ADAPTER_JSON)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)["base_fingerprint"]
+    if saved != fingerprint:
+        raise ValueError(f"adapter in {directory} belongs to base {saved}, not to this base {fingerprint}; "
+                         "refusing to load it (use that base, or another workdir)")
+
+
+def save_adapter(directory: str, adapter_params, meta: dict[str, Any], step: int) -> None:
+    """Writes the adapter's own small Orbax checkpoint: ``directory/params`` and
+    ``directory/adapter.json`` (method, hyper-parameters, counts, base fingerprint, step)."""
+    import orbax.checkpoint as ocp
+    directory = os.path.abspath(directory)
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(os.path.join(directory, "params"), adapter_params, force=True)
+        ck.wait_until_finished()
+    if jax.process_index() == 0:
+        tmp = os.path.join(directory, ADAPTER_JSON + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({**meta, "step": int(step)}, f, indent=2, sort_keys=True)
+        os.replace(tmp, os.path.join(directory, ADAPTER_JSON))
+
+
+def load_adapter(directory: str, base) -> tuple[Any, Any, dict[str, Any]]:
+    """(adapter method, adapter params, metadata) from ``directory`` for ``base``.
+
+    Raises ``ValueError`` when the adapter was trained on another base (fingerprint).
     """
     import ml_collections
     import orbax.checkpoint as ocp
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, ADAPTER_JSON)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: not an adapter directory")
+    with open(path) as f:
+        meta = json.load(f)
+    check_adapter_dir(directory, adapter_lib.fingerprint(base))
+    adapter = adapter_lib.from_config(ml_collections.ConfigDict(meta["adapter"]))
+    with ocp.StandardCheckpointer() as ck:
+        params = ck.restore(os.path.join(directory, "params"))
+    return adapter, params, meta
 
+
+def read_workdir_config(workdir: str):
+    """The resolved config a run wrote to ``workdir/config.json`` (on top of the defaults)."""
     from routezoo.configs import base
-
-    workdir = os.path.abspath(workdir)
-    path = os.path.join(workdir, "config.json")
+    path = os.path.join(os.path.abspath(workdir), "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: not a routezoo workdir")
     config = base.get_config()
     config.update_from_flattened_dict(_flatten(json.load(open(path))))
+    return config
+
+
+def load_trained(workdir: str, step: int | None = None, mesh_shape: dict[str, int] | None = None):
+    """(config, model, state) from a run's ``config.json`` and its newest (or given) checkpoint.
+
+    The state is restored onto ``mesh_shape`` (default: all devices on ``data``). For an
+    adapter run ``state.params`` are the base with the adapter merged in (inference-ready;
+    ``state.opt_state`` is the adapter's).
+    """
+    import orbax.checkpoint as ocp
+
+    config = read_workdir_config(workdir)
+    workdir = os.path.abspath(workdir)
     for axis in shd.MESH_AXES:
         config.mesh[axis] = (mesh_shape or {"data": -1}).get(axis, 1)
     mesh, rules = mesh_and_rules(config)
     model = zoo.build(config.model)
+    adapter = adapter_lib.from_config(config.adapter)
     tx, _ = make_optimizer(config.optimizer, config.train.steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract, _, _ = state_shardings(model, tx, config, mesh, rules)
+        if adapter is None:
+            abstract, _, _ = state_shardings(model, tx, config, mesh, rules)
+        else:
+            abstract, _, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter)
         manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         manager.close()
+        if adapter is not None:   # an adapter run: its base with the adapter merged in
+            base = load_base(model, config, setup, mesh, rules)
+            state = state.replace(params=jax.jit(adapter.merge, out_shardings=setup.base_shardings)(
+                base, state.params))
     return config, model, state
 
 
