@@ -15,7 +15,7 @@ ROUTER_SETTINGS = {
     "smoe_dropout": {"model.moe.smoe_k_steps": 8},
     "top_p": {},
     "null_experts": {"model.moe.num_null_experts": 4},
-    "recurrent": {"model.moe.recurrent_dim": 16},
+    "recurrent": {"model.moe.recurrent_dim": 16, "model.num_layers": 2},   # state passes layer to layer
     "pregate": {"model.moe.pregate_dim": 16, "model.moe.dispatch": "capacity"},
 }
 
@@ -24,7 +24,8 @@ ROUTER_SETTINGS = {
 def test_router_trains_resumes_and_runs_expert_parallel(router, data_dir, tmp_path):
     overrides = {"model.ffn": "moe", "model.moe.router": router, "model.moe.num_experts": 8,
                  "model.moe.k": 2, "model.moe.expert_dim": 32, "mesh.data": 2, "mesh.expert": 4,
-                 "train.steps": 8, "optimizer.learning_rate": 1e-2, **ROUTER_SETTINGS[router]}
+                 "train.steps": 8, "optimizer.learning_rate": 1e-2, "model.num_layers": 1,
+                 **ROUTER_SETTINGS[router]}
     config = tiny_config(data_dir, **overrides)
     from routezoo.training import config_check
     config_check.validate(config)

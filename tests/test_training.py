@@ -221,7 +221,8 @@ def test_sigterm_saves_and_resumes(data_dir, tmp_path):
     wd = str(tmp_path / "run")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     p = _cli("train", "--workdir", wd, f"--config.data.data_dir={data_dir}", "--config.data.seq_len=32",
-             "--config.model.d_model=32", "--config.model.mlp_dim=64", "--config.train.steps=100000",
+             "--config.model.d_model=32", "--config.model.mlp_dim=64", "--config.model.ffn=mlp",
+             "--config.model.num_layers=1", "--config.train.steps=100000",
              "--config.train.log_every=1", "--config.train.progress=false", "--config.checkpoint.every=100000",
              env=env)
     metrics = os.path.join(wd, "metrics.jsonl")
