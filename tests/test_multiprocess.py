@@ -11,7 +11,10 @@ from conftest import tiny_config
 from routezoo.training.metrics import read_metrics
 from routezoo.training.train import train_and_evaluate
 
-FLAGS = ["--config.data.seq_len=32", "--config.model.num_layers=2", "--config.model.d_model=32",
+# The same tiny MoE LM on both sides (the CLI starts from configs/default.py).
+MOE = {"model.ffn": "moe", "model.moe.num_experts": 8, "model.moe.k": 2, "model.moe.expert_dim": 32}
+FLAGS = [f"--config.{k}={v}" for k, v in MOE.items()] + [
+         "--config.data.seq_len=32", "--config.model.num_layers=2", "--config.model.d_model=32",
          "--config.model.num_heads=2", "--config.model.num_kv_heads=1", "--config.model.head_dim=16",
          "--config.model.mlp_dim=64", "--config.train.steps=8", "--config.train.batch_size=16",
          "--config.train.eval_every=4", "--config.train.eval_steps=2", "--config.train.log_every=1",
@@ -42,7 +45,7 @@ def _launch_two(workdir: str, data_dir: str, *extra: str) -> None:
 
 def test_two_processes_match_one_and_resume(data_dir, tmp_path):
     ref = str(tmp_path / "one")
-    train_and_evaluate(tiny_config(data_dir), ref)          # one process, 8 devices, data=8
+    train_and_evaluate(tiny_config(data_dir, **MOE), ref)   # one process, 8 devices, data=8
     two = str(tmp_path / "two")
     _launch_two(two, data_dir, "--stop_after=4")            # 2 processes x 4 devices, save at 4
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(os.path.join(two, "checkpoints", "4", "data")))
