@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from routezoo.layers import dense, sharding
-from routezoo.layers.routers import (ROUTERS, Router, Routing, _num_groups, load_balance_loss,
+from routezoo.layers.routers import (ROUTERS, Router, Routing, _num_groups, check_k, load_balance_loss,
                                      routing_stats, top_k)
 
 Array = jax.Array
@@ -193,9 +193,7 @@ class RecurrentRouter(Router):
     @classmethod
     def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
         super().check_config(moe_cfg, causal=causal)
-        k, e = int(moe_cfg.k), int(moe_cfg.num_experts)
-        if not 1 <= k <= e:
-            raise ValueError(f"moe.k={k} must be between 1 and moe.num_experts={e}")
+        check_k(moe_cfg)
         if int(moe_cfg.recurrent_dim) < 1:
             raise ValueError(f"moe.recurrent_dim={moe_cfg.recurrent_dim} must be >= 1 with moe.router='recurrent'")
         if moe_cfg.recurrent_cell not in RECURRENT_CELLS:
@@ -316,9 +314,7 @@ class PreGateRouter(Router):
     @classmethod
     def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
         super().check_config(moe_cfg, causal=causal)
-        k, e = int(moe_cfg.k), int(moe_cfg.num_experts)
-        if not 1 <= k <= e:
-            raise ValueError(f"moe.k={k} must be between 1 and moe.num_experts={e}")
+        check_k(moe_cfg)
         for key in ("pregate_dim", "pregate_layers", "pregate_heads"):
             if int(moe_cfg[key]) < 1:
                 raise ValueError(f"moe.{key}={moe_cfg[key]} must be >= 1 with moe.router='pregate'")

@@ -90,6 +90,13 @@ class Routing:
 # ------------------------------------------------------------------ shared pieces
 
 
+def check_k(moe_cfg: Any) -> None:
+    """One-line ``ValueError`` unless ``1 <= moe.k <= moe.num_experts``."""
+    k, e = int(moe_cfg.k), int(moe_cfg.num_experts)
+    if not 1 <= k <= e:
+        raise ValueError(f"moe.k={k} must be between 1 and moe.num_experts={e}")
+
+
 def expert_capacity(group_size: int, num_experts: int, k: int, capacity_factor: float,
                     min_capacity: int = 0) -> int:
     """Slots per expert and group: ``C = min(S, max(round(cf·K·S/E), min_capacity))``.
@@ -289,9 +296,7 @@ class TopKRouter(Router):
     @classmethod
     def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
         super().check_config(moe_cfg, causal=causal)
-        k, e = int(moe_cfg.k), int(moe_cfg.num_experts)
-        if not 1 <= k <= e:
-            raise ValueError(f"moe.k={k} must be between 1 and moe.num_experts={e}")
+        check_k(moe_cfg)
 
 
 class ExpertChoiceRouter(Router):
