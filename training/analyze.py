@@ -664,16 +664,13 @@ def write_report(acc: RoutingAccumulator, out_dir: str, *, tokenizer: Any, setti
 
 
 def read_run_config(workdir: str):
-    """The resolved config of a run (``config.json``), as ``load_trained`` reads it."""
-    from routezoo.configs import base
-    from routezoo.training.train import _flatten
-    path = os.path.join(os.path.abspath(workdir), "config.json")
-    if not os.path.exists(path):
-        raise AnalyzeError(f"{path} not found: {workdir} is not a routezoo training workdir")
-    config = base.get_config()
-    with open(path) as f:
-        config.update_from_flattened_dict(_flatten(json.load(f)))
-    return config
+    """The resolved config of a run, read by :func:`training.train.read_workdir_config`;
+    a missing ``config.json`` is an :class:`AnalyzeError`."""
+    from routezoo.training.train import read_workdir_config
+    try:
+        return read_workdir_config(workdir)
+    except FileNotFoundError as e:
+        raise AnalyzeError(str(e)) from None
 
 
 def analyze(workdir: str, *, steps: int | None = None, top: int = 10, min_count: int = 10,
