@@ -581,7 +581,7 @@ def read_workdir_config(workdir: str):
     from routezoo.configs import base
     path = os.path.join(os.path.abspath(workdir), "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: not a routezoo workdir")
+        raise FileNotFoundError(f"{path} not found: not a routezoo training workdir")
     config = base.get_config()
     config.update_from_flattened_dict(_flatten(json.load(open(path))))
     return config
