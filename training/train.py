@@ -158,31 +158,38 @@ def adapter_state_shardings(model, tx, config, mesh, rules, adapter):
                                              abstract_vars["params"], adapter_boxed)
 
 
-def restore_params(workdir: str, mesh, rules, step: int | None = None) -> tuple[Any, Any]:
-    """(config, params) of another run's newest (or given) checkpoint, placed on ``mesh``.
-
-    For an adapter run the params returned are its base with the adapter merged in.
-    """
+def _restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: int | None = None) -> TrainState:
+    """The TrainState of a run's newest (or given) checkpoint, placed on ``mesh``; for an
+    adapter run ``params`` are its base with the adapter merged in. Call it inside the
+    mesh and rules context."""
     import orbax.checkpoint as ocp
-    config = read_workdir_config(workdir)
-    model = zoo.build(config.model)
+    workdir = os.path.abspath(workdir)
     tx, _ = make_optimizer(config.optimizer, config.train.steps)
     adapter = adapter_lib.from_config(config.adapter)
     if adapter is None:
         abstract, _, _ = state_shardings(model, tx, config, mesh, rules)
     else:
         abstract, _, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter)
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                    item_names=("state", "data"))
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.abspath(workdir)}/checkpoints")
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     manager.close()
-    if adapter is None:
-        return config, state.params
-    base = load_base(model, config, setup, mesh, rules)
-    return config, jax.jit(adapter.merge, out_shardings=setup.base_shardings)(base, state.params)
+    if adapter is not None:   # an adapter run: its base with the adapter merged in
+        base = load_base(model, config, setup, mesh, rules)
+        state = state.replace(params=jax.jit(adapter.merge, out_shardings=setup.base_shardings)(
+            base, state.params))
+    return state
+
+
+def restore_params(workdir: str, mesh, rules, step: int | None = None) -> tuple[Any, Any]:
+    """(config, params) of another run's newest (or given) checkpoint, placed on ``mesh``.
+
+    For an adapter run the params returned are its base with the adapter merged in.
+    """
+    config = read_workdir_config(workdir)
+    return config, _restore_state(workdir, config, zoo.build(config.model), mesh, rules, step).params
 
 
 def load_base(model, config, setup: AdapterSetup, mesh, rules) -> Any:
@@ -594,31 +601,13 @@ def load_trained(workdir: str, step: int | None = None, mesh_shape: dict[str, in
     adapter run ``state.params`` are the base with the adapter merged in (inference-ready;
     ``state.opt_state`` is the adapter's).
     """
-    import orbax.checkpoint as ocp
-
     config = read_workdir_config(workdir)
-    workdir = os.path.abspath(workdir)
     for axis in shd.MESH_AXES:
         config.mesh[axis] = (mesh_shape or {"data": -1}).get(axis, 1)
     mesh, rules = mesh_and_rules(config)
     model = zoo.build(config.model)
-    adapter = adapter_lib.from_config(config.adapter)
-    tx, _ = make_optimizer(config.optimizer, config.train.steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        if adapter is None:
-            abstract, _, _ = state_shardings(model, tx, config, mesh, rules)
-        else:
-            abstract, _, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter)
-        manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        manager.close()
-        if adapter is not None:   # an adapter run: its base with the adapter merged in
-            base = load_base(model, config, setup, mesh, rules)
-            state = state.replace(params=jax.jit(adapter.merge, out_shardings=setup.base_shardings)(
-                base, state.params))
+        state = _restore_state(workdir, config, model, mesh, rules, step)
     return config, model, state
 
 
