@@ -80,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe.smoe_k_end = 0                 # smoe_dropout: final k; 0 = num_experts
     moe.smoe_k_steps = 1000            # smoe_dropout: steps (counted router calls in training) to reach smoe_k_end
     moe.smoe_eval_k = 0                # smoe_dropout: k at evaluation (self-slimmable, any 1..E); 0 = final k
+    moe.smoe_eval_sweep = "auto"       # smoe_dropout: also evaluate at these k during training (eval_loss@k2, ...): auto (1, 2, 4, ... E) | "" | "1,4"
     moe.top_p_threshold = 0.4          # top_p: smallest expert set with probability >= p, p in (0, 1] (Huang et al. 2024)
     moe.top_p_max_k = 0                # top_p: cap on experts per token (static slots); 0 = num_experts
     moe.top_p_entropy_coef = 1e-4      # top_p: dynamic (router-entropy) loss coefficient beta (value unverified)

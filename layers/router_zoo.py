@@ -341,7 +341,9 @@ class SMoEDropoutRouter(Router):
       sweep ``k`` through an MoE block: ``moe.clone(router=moe.router.clone(eval_k=k))``
       or rebuild it with ``moe.smoe_eval_k = k``; the variables do not change. The
       authors evaluate at full ``k = E`` (``set_router_mode``) and sweep
-      ``{1, 2, 4, 8, 16}``.
+      ``{1, 2, 4, 8, 16}``. The training loop does that sweep at every evaluation
+      (:meth:`eval_variants`, ``moe.smoe_eval_sweep``) and logs ``eval_loss@k1``,
+      ``eval_bits_per_byte@k1``, ... beside the plain ``eval_loss`` (at ``eval_k``).
 
     The paper's own text was not checked beyond its abstract; the equations above follow
     the authors' code (``custom_gate.py``, ``new_utils.py``).
@@ -412,6 +414,29 @@ class SMoEDropoutRouter(Router):
                        losses={}, stats=stats)
 
     @classmethod
+    def eval_ks(cls, moe_cfg: Any) -> list[int]:
+        """The ``k`` of the evaluations reported during training (``moe.smoe_eval_sweep``):
+        ``'auto'``: the authors' sweep, powers of two up to ``E`` and ``E`` itself
+        (``{1, 2, 4, 8, 16}`` for 16 experts); ``''``: none; else comma-separated ints."""
+        spec, e = str(moe_cfg.smoe_eval_sweep).strip(), int(moe_cfg.num_experts)
+        if spec == "auto":
+            return sorted({2 ** i for i in range(e.bit_length()) if 2 ** i <= e} | {e})
+        try:
+            ks = [int(v) for v in spec.split(",") if v.strip()]
+        except ValueError:
+            ks = [0]
+        if any(not 1 <= k <= e for k in ks):
+            raise ValueError(f"moe.smoe_eval_sweep={spec!r} must be 'auto', '' or comma-separated k "
+                             f"between 1 and moe.num_experts={e}")
+        return sorted(set(ks))
+
+    @classmethod
+    def eval_variants(cls, moe_cfg: Any) -> dict[str, dict[str, Any]]:
+        """Self-slimmable evaluation: the same model evaluated at every ``k`` of
+        :meth:`eval_ks` (metrics ``eval_loss@k4``, ...)."""
+        return {f"k{k}": {"smoe_eval_k": k} for k in cls.eval_ks(moe_cfg)}
+
+    @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "SMoEDropoutRouter":
         return cls(**cls.common_kwargs(moe_cfg), k_start=int(moe_cfg.smoe_k_start),
                    k_end=int(moe_cfg.smoe_k_end), k_steps=int(moe_cfg.smoe_k_steps),
@@ -432,6 +457,7 @@ class SMoEDropoutRouter(Router):
             raise ValueError(f"moe.smoe_k_start={k_start} must be between 1 and the final k={k_end}")
         if int(moe_cfg.smoe_k_steps) < 1:
             raise ValueError(f"moe.smoe_k_steps={moe_cfg.smoe_k_steps} must be >= 1")
+        cls.eval_ks(moe_cfg)
         if not 0 <= int(moe_cfg.smoe_eval_k) <= e:
             raise ValueError(f"moe.smoe_eval_k={moe_cfg.smoe_eval_k} must be between 0 (= final k) and "
                              f"moe.num_experts={e}")

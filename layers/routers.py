@@ -213,6 +213,14 @@ class Router(nn.Module):
         return cls(**cls.common_kwargs(moe_cfg), **kwargs)
 
     @classmethod
+    def eval_variants(cls, moe_cfg: Any) -> dict[str, dict[str, Any]]:
+        """Extra evaluations the training loop runs beside the plain one:
+        ``{suffix: {moe_key: value}}``; each is the same variables evaluated with
+        ``config.model.moe`` changed by the overrides, reported as ``eval_*@suffix``.
+        The overrides must not change parameter shapes. None by default."""
+        return {}
+
+    @classmethod
     def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
         """Raises ``ValueError`` (one line) for settings this router cannot run."""
         if not cls.causal and causal:

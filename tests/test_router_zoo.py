@@ -168,6 +168,15 @@ def test_smoe_k_schedules():
     assert k("steps", 4, 16) == [4, 4, 4, 4, 4, 4, 8, 8, 16, 16, 16, 16]  # clipped at k_start
 
 
+def test_smoe_eval_sweep_ks():
+    ks = lambda e, spec: rz.SMoEDropoutRouter.eval_ks(make_cfg("smoe_dropout", num_experts=e, smoe_eval_sweep=spec))
+    assert ks(16, "auto") == [1, 2, 4, 8, 16]          # the authors' sweep
+    assert ks(6, "auto") == [1, 2, 4, 6]
+    assert ks(8, "") == [] and ks(8, "4, 1,4") == [1, 4]
+    variants = rz.SMoEDropoutRouter.eval_variants(make_cfg("smoe_dropout", smoe_eval_sweep="2,8"))
+    assert variants == {"k2": {"smoe_eval_k": 2}, "k8": {"smoe_eval_k": 8}}
+
+
 def _smoe_state(step):
     return {"router": {"step": jnp.asarray(step, jnp.int32)}}
 
@@ -375,6 +384,7 @@ def test_null_experts_never_reach_the_grouped_matmul(monkeypatch):
     ("smoe_dropout", dict(smoe_k_end=9), r"moe.smoe_k_end=9 must be between 0"),
     ("smoe_dropout", dict(smoe_k_steps=0), r"moe.smoe_k_steps=0 must be >= 1"),
     ("smoe_dropout", dict(smoe_eval_k=9), r"moe.smoe_eval_k=9 must be between 0"),
+    ("smoe_dropout", dict(smoe_eval_sweep="1,9"), r"moe.smoe_eval_sweep=.1,9. must be .auto."),
     ("thor", dict(thor_inference="ensemble"), r"moe.thor_inference='ensemble' is unknown"),
     ("thor", dict(thor_train_level="layer"), r"moe.thor_train_level='layer' is unknown"),
     ("thor", dict(dispatch="capacity", eval_capacity_factor=2.0), r"eval_capacity_factor >= moe.num_experts=8"),

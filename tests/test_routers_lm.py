@@ -12,7 +12,7 @@ ROUTER_SETTINGS = {
     "top_k": {},
     "hash": {"model.moe.k": 1},
     "thor": {"model.moe.k": 1},
-    "smoe_dropout": {"model.moe.smoe_k_steps": 8},
+    "smoe_dropout": {"model.moe.smoe_k_steps": 8, "model.moe.smoe_eval_sweep": "1,8"},
     "top_p": {},
     "null_experts": {"model.moe.num_null_experts": 4},
     "recurrent": {"model.moe.recurrent_dim": 16, "model.num_layers": 2},   # state passes layer to layer
@@ -44,3 +44,9 @@ def test_router_trains_resumes_and_runs_expert_parallel(router, data_dir, tmp_pa
         assert 0 < train[8]["moe/layer0/real_experts_per_token"] <= 2
     if router == "smoe_dropout":                          # k grows from 1 to E over 8 steps
         assert train[1]["moe/layer0/k"] < train[8]["moe/layer0/k"]
+        # evaluated at every k of the sweep; k=8 is the final k, the plain evaluation's
+        ev = [r for r in records if "eval_loss" in r]
+        for r in ev:
+            assert r["eval_loss@k8"] == pytest.approx(r["eval_loss"], rel=1e-6)
+            assert np.isfinite(r["eval_loss@k1"]) and np.isfinite(r["eval_bits_per_byte@k1"])
+        assert ev[-1]["eval_loss@k1"] != pytest.approx(ev[-1]["eval_loss"], rel=1e-4)

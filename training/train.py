@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 from flax import linen as nn
 from flax import struct
@@ -354,6 +355,33 @@ def evaluate(eval_step, state, config, mesh, batch_sharding, extra=()) -> dict[s
             "eval_bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
 
 
+def eval_variants(config) -> dict[str, nn.Module]:
+    """``{suffix: model}``: the extra evaluations the router asks for
+    (:meth:`~routezoo.layers.routers.Router.eval_variants`, e.g. SMoE-Dropout at several
+    ``k``), each the same variables under a changed ``model.moe``; logged as
+    ``eval_loss@suffix``. Empty for dense models and most routers."""
+    from routezoo.layers.routers import ROUTERS
+    m = config.model
+    if "moe" not in m or "moe" not in zoo.ffn_kinds(m) or m.moe.router not in ROUTERS:
+        return {}
+    out = {}
+    for suffix, overrides in ROUTERS[m.moe.router].eval_variants(m.moe).items():
+        variant = ml_collections.ConfigDict(m.to_dict())
+        variant.moe.update(overrides)
+        out[suffix] = zoo.build(variant)
+    return out
+
+
+def evaluate_all(eval_steps: dict[str, Callable], state, config, mesh, batch_sharding, extra=()) -> dict[str, float]:
+    """:func:`evaluate` for each of ``{suffix: eval_step}``; suffix ``''`` is the plain
+    evaluation, others are reported as ``eval_loss@suffix`` and so on."""
+    out = {}
+    for suffix, eval_step in eval_steps.items():
+        res = evaluate(eval_step, state, config, mesh, batch_sharding, extra)
+        out.update(res if not suffix else {f"{k}@{suffix}": v for k, v in res.items()})
+    return out
+
+
 def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Per-process batch -> global arrays sharded over the batch axes of the mesh."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
@@ -469,10 +497,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         train_step = jax.jit(make_train_step(model, tx, config, schedule, adapter),
                              in_shardings=(shardings, batch_sharding, *base_shard),
                              out_shardings=(shardings, None), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes, adapter),
-                            in_shardings=(shardings, batch_sharding, *base_shard))
+        eval_steps = {suffix: jax.jit(make_eval_step(m, tokenizer.token_bytes, adapter),
+                                      in_shardings=(shardings, batch_sharding, *base_shard))
+                      for suffix, m in {"": model, **eval_variants(config)}.items()}
         if start == 0:   # model size and the untrained model's eval, as step 0
-            first = evaluate(eval_step, state, config, mesh, batch_sharding, extra)
+            first = evaluate_all(eval_steps, state, config, mesh, batch_sharding, extra)
             writer.write(0, {**info, **first})
             progress_log(f"step 0: eval loss {first['eval_loss']:.4f}, "
                          f"eval bits/byte {first['eval_bits_per_byte']:.4f}")
@@ -496,7 +525,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                     t_last, step_last = now, step
                     record = {**last_metrics, "tokens_per_second": tps}
                     if eval_now:
-                        last_eval = evaluate(eval_step, state, config, mesh, batch_sharding, extra)
+                        last_eval = evaluate_all(eval_steps, state, config, mesh, batch_sharding, extra)
                         record.update(last_eval)
                         progress.write(f"step {step}: loss {float(last_metrics['loss']):.4f}, "
                                        f"eval loss {last_eval['eval_loss']:.4f}, "
