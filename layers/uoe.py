@@ -60,9 +60,12 @@ their language-modelling runs), on purpose:
   heads process zero-score filler tokens; here ``C`` is fixed by the capacity factor and
   the overflow is dropped and counted, as capacity-based MoE does.
 * UoME token selection. The code's slices each take the top half of the tokens by score
-  (non-causal, like the attention); here tokens choose their top-``k`` slices (causal).
-  ``moe.dispatch='capacity'`` with ``capacity_factor = 1`` and ``k/E = 1/2`` gives every
-  slice ``S/2`` buffer slots, the code's size, filled in time order.
+  (non-causal, like the attention); here tokens choose their top-``k`` slices, and with
+  ``moe.dispatch='dropless'`` no token is dropped, which keeps the decoder causal.
+  ``moe.dispatch='capacity'`` with ``capacity_factor = 1`` and ``k/E = 1/2`` would give
+  every slice the code's ``S/2`` slots, but the capacity dispatcher queues all first
+  choices of a group before any second choice (GShard), so for ``k >= 2`` a later token's
+  first choice can push out an earlier token's second choice: not causal in a decoder.
 * Weights. The combine weight of a slice is its softmax probability; with
   ``moe.renormalize`` (the default) the ``k`` selected probabilities are renormalised to
   sum to 1, as :class:`~routezoo.layers.routers.TopKRouter` does (raw probability for

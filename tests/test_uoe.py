@@ -286,15 +286,19 @@ def lm_config(**overrides):
 
 
 def test_lm_gates_receive_gradient_from_the_loss():
-    """Cross-entropy only (no auxiliary loss): both gates of the MoE layer get gradient;
-    the dense layer keeps grouped-query attention, the MoE layer has selective attention."""
+    """Cross-entropy only (no auxiliary loss): both gates of an MoE layer get gradient.
+    With ``model.ffn='mlp,moe'`` the dense layer keeps grouped-query attention and only
+    the MoE layer has selective attention."""
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 2, 258)
     cfg = lm_config()
     config_check.validate(cfg)
-    model = zoo.build(cfg.model)
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 2, 258)
+    shapes = jax.eval_shape(zoo.build(cfg.model).init, jax.random.PRNGKey(1), tokens)["params"]
+    shapes = nn.unbox(shapes)
+    assert "gate_kernel" not in shapes["layer0"]["attn"] and shapes["layer0"]["attn"]["k"].shape[1] == 2
+    assert shapes["layer1"]["attn"]["k"].shape[1] == H and "gate_kernel" in shapes["layer1"]["attn"]
+
+    model = zoo.build(lm_config(**{"model.ffn": "moe", "model.num_layers": 1}).model)
     params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens))["params"]
-    assert "gate_kernel" not in params["layer0"]["attn"] and params["layer0"]["attn"]["k"].shape[1] == 2
-    assert params["layer1"]["attn"]["k"].shape[1] == H and "gate_kernel" in params["layer1"]["attn"]
 
     def loss(p):
         logits, aux = model.apply({"params": p}, tokens[:, :-1], deterministic=False)
@@ -303,13 +307,14 @@ def test_lm_gates_receive_gradient_from_the_loss():
 
     (_, aux), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     assert aux["losses"] == {}
-    assert aux["stats"]["layer1/attn/load"].shape == (H,)
-    assert 0 <= float(aux["stats"]["layer1/attn/dropped_fraction"]) < 1
-    assert float(jnp.abs(g["layer1"]["attn"]["gate_kernel"]).max()) > 0
-    assert float(jnp.abs(g["layer1"]["attn"]["gate_bias"]).max()) > 0
-    assert float(jnp.abs(g["layer1"]["moe"]["router"]["kernel"]).max()) > 0
+    assert aux["stats"]["layer0/attn/load"].shape == (H,)
+    assert 0 <= float(aux["stats"]["layer0/attn/dropped_fraction"]) < 1
+    assert float(jnp.abs(g["layer0"]["attn"]["gate_kernel"]).max()) > 0
+    assert float(jnp.abs(g["layer0"]["attn"]["gate_bias"]).max()) > 0
+    assert float(jnp.abs(g["layer0"]["moe"]["router"]["kernel"]).max()) > 0
     # with coefficients, the head gate's losses come back by name
-    model2 = zoo.build(lm_config(**{"model.moe.load_balance_coef": 0.01}).model)
+    model2 = zoo.build(lm_config(**{"model.ffn": "moe", "model.num_layers": 1,
+                                    "model.moe.load_balance_coef": 0.01}).model)
     _, aux = jax.eval_shape(functools.partial(model2.apply, deterministic=True), {"params": params}, tokens)
     assert {"attn_load_balance", "load_balance"} <= set(aux["losses"])
 
@@ -342,8 +347,12 @@ def test_cli_refuses_bad_uoe_setting_with_exit_2(tmp_path, capsys):
     assert not wd.exists()
 
 
-def test_default_config_with_uoe_is_valid():
+def test_shipped_config_and_defaults_are_valid():
+    from routezoo.configs import uoe as uoe_config
+    c = uoe_config.get_config()
+    config_check.validate(c)
+    assert isinstance(moe_lib.router_from_config(c.model.moe), uoe.UoERouter)
+    assert uoe.attention_capacity(c.data.seq_len, c.model.num_heads, c.model.moe.uoe_attn_k, 1.0) == 64
     c = base.get_config()
     c.model.ffn, c.model.moe.router = "moe", "uoe"
     config_check.validate(c)
-    assert isinstance(moe_lib.router_from_config(c.model.moe), uoe.UoERouter)
