@@ -10,8 +10,12 @@ slices), z-loss 1e-3. The rest is the default run (4 layers, d_model 128, bytes,
 sequences of 128, batch 16, 1000 steps).
 
 Command:  routezoo train --config uoe --workdir runs/uoe
-Expected: not measured yet; the default run takes 5.5 minutes on a 2-core CPU, and this
-one does more work per attention layer (gathers, per-head buffers).
+Measured (one run, 2-core CPU shared with other jobs, so the time is an upper bound):
+7 minutes; validation bits per byte 9.45 at step 0, 3.35 at step 250, 2.99 at step 750,
+3.00 at step 1000 (the default run: 2.45 at step 1000). The heads dropped 20-31% of the
+token copies at step 1000 (``moe/layer{i}/attn/dropped_fraction``): each head holds at
+most L/2 tokens while the gate does not spread tokens evenly; a larger
+``moe.uoe_capacity_factor`` drops fewer.
 """
 
 from routezoo.configs import default
