@@ -71,6 +71,8 @@ their language-modelling runs), on purpose:
   sum to 1, as :class:`~routezoo.layers.routers.TopKRouter` does (raw probability for
   ``k = 1``). The head multiplier is the raw ``g[t, h]`` (not renormalised over the kept
   heads). Neither detail is verified against the paper's text.
+* Biases. The code's per-head and per-slice linear maps have biases; here, as in the rest
+  of routezoo's layers, they have none (the head gate has one, ``gate_bias``).
 * Losses. The code computes none; here the head gate gets the Switch load-balancing loss
   over heads (``moe.load_balance_coef``, per sequence) and the ST-MoE z-loss
   (``moe.z_loss_coef``), the UoME gate the same through :class:`UoERouter`.

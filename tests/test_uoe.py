@@ -32,19 +32,23 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def make_x(seed=0, shape=(B, L, D)):
-    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 POS = jnp.broadcast_to(jnp.arange(L) + 5, (B, L))  # positions that are not 0..L-1
 
 
+def random_params(module, *args, seed=1, scale=D ** -0.5, **kw):
+    """Normal(0, scale²) values in the shapes of ``module``'s parameters (no init compile)."""
+    shapes = nn.unbox(jax.eval_shape(functools.partial(module.init, **kw), jax.random.PRNGKey(0), *args))["params"]
+    rng = np.random.default_rng(seed)  # numpy: no compile per shape
+    return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
 @functools.lru_cache(maxsize=None)
 def attn_params():
-    """Selective-attention parameters with a gate far from uniform (init scale 1)."""
-    m = uoe.SelectiveAttention(num_heads=H, head_dim=K, init_scale=1.0)
-    params = nn.unbox(jax.jit(m.init)(jax.random.PRNGKey(1), make_x(), POS))["params"]
-    params["gate_bias"] = jnp.asarray([0.3, -0.2, 0.1, 0.0], jnp.float32)
-    return params
+    """Selective-attention parameters; the gate far from uniform (kernel std D^-1/2)."""
+    return random_params(uoe.SelectiveAttention(num_heads=H, head_dim=K), make_x(), POS)
 
 
 def attn(**kw):
@@ -202,7 +206,7 @@ def test_attention_gate_gradient_only_through_the_output():
 @functools.lru_cache(maxsize=None)
 def dense_mlp(mlp_type):
     mlp = dense.MLP(hidden_dim=E * F, mlp_type=mlp_type)
-    return mlp, nn.unbox(jax.jit(mlp.init)(jax.random.PRNGKey(2), make_x()))["params"]
+    return mlp, random_params(mlp, make_x(), seed=2)
 
 
 def uome(dispatch="dropless", k=E, gate_in_output=True, mlp_type="swiglu"):
@@ -212,7 +216,24 @@ def uome(dispatch="dropless", k=E, gate_in_output=True, mlp_type="swiglu"):
 
 
 def router_kernel():
-    return jax.random.normal(jax.random.PRNGKey(4), (D, E), jnp.float32)
+    return make_x(4, (D, E))
+
+
+def np_uome(x, kernel, slices, k):
+    """Σ over the top-k slices of (renormalised softmax weight) · SwiGLU slice, in float64."""
+    xt = np.asarray(x, np.float64).reshape(-1, D)
+    logits = xt @ np.asarray(kernel, np.float64)
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    top = np.argsort(-prob, -1, kind="stable")[:, :k]
+    w = np.zeros_like(prob)
+    np.put_along_axis(w, top, np.take_along_axis(prob, top, -1), -1)
+    w /= w.sum(-1, keepdims=True)
+    s = {n: np.asarray(v, np.float64) for n, v in slices.items()}
+    gate = [xt @ s["wi_gate"][e] for e in range(E)]
+    per_slice = np.stack([(gate[e] / (1 + np.exp(-gate[e])) * (xt @ s["wi"][e])) @ s["wo"][e]
+                          for e in range(E)], 1)  # [T, E, D]
+    return np.einsum("TE,TED->TD", w, per_slice).reshape(x.shape)
 
 
 @pytest.mark.parametrize("dispatch,mlp_type", [("capacity", "swiglu"), ("dropless", "swiglu"), ("dropless", "gelu")])
@@ -231,28 +252,18 @@ def test_all_slices_with_weight_one_are_the_dense_mlp(dispatch, mlp_type):
     assert float(aux["stats"]["dropped_fraction"]) == 0.0
     # with the gate: slice e weighted by its (top-k renormalised) softmax probability
     if dispatch == "dropless" and mlp_type == "swiglu":
-        xt = np.asarray(x, np.float64).reshape(-1, D)
-        logits = xt @ np.asarray(router_kernel(), np.float64)
-        prob = np.exp(logits - logits.max(-1, keepdims=True))
-        prob /= prob.sum(-1, keepdims=True)
-        top = np.argsort(-prob, -1, kind="stable")[:, :2]
-        w = np.zeros_like(prob)
-        np.put_along_axis(w, top, np.take_along_axis(prob, top, -1), -1)
-        w /= w.sum(-1, keepdims=True)
-        s = {n: np.asarray(v, np.float64) for n, v in slices.items()}
-        per_slice = np.stack([((xt @ s["wi_gate"][e]) / (1 + np.exp(-(xt @ s["wi_gate"][e]))) * (xt @ s["wi"][e]))
-                              @ s["wo"][e] for e in range(E)], 1)  # [T, E, D]
-        want = np.einsum("TE,TED->TD", w, per_slice).reshape(B, L, D)
         y2, _ = fwd(uome(dispatch, k=2), variables)
-        np.testing.assert_allclose(y2, want, **TOL)
+        np.testing.assert_allclose(y2, np_uome(x, router_kernel(), slices, 2), **TOL)
 
 
 def test_uome_expert_mesh_equals_single_device_and_gate_learns():
-    """Capacity dispatch (the LM test in test_routers_lm.py runs dropless on expert=4)."""
+    """Jitted forward and gradient on data=2 x expert=4 (experts sharded 4 ways) against the
+    loop reference. Capacity dispatch (test_routers_lm.py runs dropless on expert=4); its
+    capacity 8 = L drops nothing."""
     model = uome("capacity", k=2)
     x, cot = make_x(2, (8, L, D)), make_x(7, (8, L, D))
-    boxed = jax.jit(functools.partial(model.init, deterministic=True))(jax.random.PRNGKey(3), x)
-    params = nn.unbox(boxed)["params"]
+    boxed = jax.eval_shape(functools.partial(model.init, deterministic=True), jax.random.PRNGKey(3), x)
+    params = random_params(model, x, seed=3, deterministic=True)
 
     def loss_and_grads(p, x):
         def loss(p):
@@ -261,7 +272,6 @@ def test_uome_expert_mesh_equals_single_device_and_gate_learns():
         (_, y), g = jax.value_and_grad(loss, has_aux=True)(p)
         return y, g
 
-    y_ref, _ = jax.jit(loss_and_grads)(params, x)
     mesh = sharding.make_mesh({"data": 2, "expert": 4})
     rules = sharding.DEFAULT_RULES
     shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)["params"]
@@ -270,7 +280,7 @@ def test_uome_expert_mesh_equals_single_device_and_gate_learns():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         y, g = jax.jit(loss_and_grads)(p_s, x_s)
     assert p_s["experts"]["wi"].addressable_shards[0].data.shape[0] == E // 4
-    np.testing.assert_allclose(y, y_ref, **TOL)
+    np.testing.assert_allclose(y, np_uome(x, params["router"]["kernel"], params["experts"], 2), **TOL)
     assert float(jnp.abs(g["router"]["kernel"]).max()) > 0  # the MLP gate is in the gradient path
 
 
@@ -289,7 +299,7 @@ def test_lm_gates_receive_gradient_from_the_loss():
     """Cross-entropy only (no auxiliary loss): both gates of an MoE layer get gradient.
     With ``model.ffn='mlp,moe'`` the dense layer keeps grouped-query attention and only
     the MoE layer has selective attention."""
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 2, 258)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (2, 16)), jnp.int32)
     cfg = lm_config()
     config_check.validate(cfg)
     shapes = jax.eval_shape(zoo.build(cfg.model).init, jax.random.PRNGKey(1), tokens)["params"]
@@ -298,7 +308,7 @@ def test_lm_gates_receive_gradient_from_the_loss():
     assert shapes["layer1"]["attn"]["k"].shape[1] == H and "gate_kernel" in shapes["layer1"]["attn"]
 
     model = zoo.build(lm_config(**{"model.ffn": "moe", "model.num_layers": 1}).model)
-    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens))["params"]
+    params = random_params(model, tokens, scale=0.2)
 
     def loss(p):
         logits, aux = model.apply({"params": p}, tokens[:, :-1], deterministic=False)
