@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
     moe.pregate_layers = 1             # pregate: causal attention + MLP blocks in the pre-gate
     moe.pregate_heads = 2              # pregate: attention heads (pregate_dim / heads must be even)
     moe.pregate_shared_routes = True   # pregate: True: one choice per token used by every MoE layer (Read-ME); False: one per layer
+    # Union of Experts (layers/uoe.py; Yang et al. 2025): moe.router=uoe makes each MoE layer's attention
+    # selective (heads as experts over the tokens they chose) and its FFN the union of MLP slices (top-moe.k of num_experts).
+    moe.uoe_attn_k = 0                 # uoe: heads per token k_h, 0..model.num_heads; 0 = num_heads // 2 (the authors' H/2)
+    moe.uoe_capacity_factor = 1.25     # uoe: tokens per head and sequence C = min(L, ceil(cf * L * k_h / H)), filled in time order; the rest dropped for that head
 
     # ---------------------------------------------------------------- mesh
     mesh = c.mesh = ml_collections.ConfigDict()

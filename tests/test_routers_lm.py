@@ -17,6 +17,7 @@ ROUTER_SETTINGS = {
     "null_experts": {"model.moe.num_null_experts": 4},
     "recurrent": {"model.moe.recurrent_dim": 16, "model.num_layers": 2},   # state passes layer to layer
     "pregate": {"model.moe.pregate_dim": 16, "model.moe.dispatch": "capacity"},
+    "uoe": {"model.moe.uoe_capacity_factor": 1.0},   # selective attention drops tokens per head too
 }
 
 
@@ -42,6 +43,8 @@ def test_router_trains_resumes_and_runs_expert_parallel(router, data_dir, tmp_pa
         assert all(r["thor_consistency"] > 0 for r in train.values())
     if router == "null_experts":
         assert 0 < train[8]["moe/layer0/real_experts_per_token"] <= 2
+    if router == "uoe":                                   # the head gate's statistics are logged
+        assert 0 <= train[8]["moe/layer0/attn/dropped_fraction"] < 1
     if router == "smoe_dropout":                          # k grows from 1 to E over 8 steps
         assert train[1]["moe/layer0/k"] < train[8]["moe/layer0/k"]
         # evaluated at every k of the sweep; k=8 is the final k, the plain evaluation's

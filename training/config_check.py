@@ -127,8 +127,11 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     if config.init.from_workdir and config.init.from_hf:
         raise ConfigError("config keys 'init.from_workdir' and 'init.from_hf' are both set; allowed: one of them")
     if "moe" in kinds:
-        from routezoo.layers.moe import validate_moe_config
+        from routezoo.layers.moe import ROUTERS, validate_moe_config
         try:
             validate_moe_config(m.moe, causal=True, mesh_shape=sizes)
+            check_model = getattr(ROUTERS[m.moe.router], "check_model_config", None)
+            if check_model is not None:   # routers that also change the model (uoe: its attention)
+                check_model(m)
         except ValueError as e:
             raise ConfigError(str(e)) from None

@@ -89,16 +89,27 @@ class Block(nn.Module):
         c = self.cfg
         norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         h = norm("attn_norm")(x)
-        x = x + dense.Attention(
-            num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-            rope_theta=c.rope_theta, causal=True, implementation=c.attention_impl,
-            dtype=self.dtype, param_dtype=self.param_dtype,
-            qkv_bias=bool(c.get("qkv_bias", False)), qk_norm=str(c.get("qk_norm", "none")),
-            qk_norm_eps=float(c.norm_eps), name="attn")(h, positions)
+        attn_aux = None
+        if self.ffn_kind == "moe" and c.moe.router == "uoe":   # UoE: heads as experts (layers/uoe.py)
+            from routezoo.layers.uoe import selective_attention_from_config
+            y, attn_aux = selective_attention_from_config(
+                c, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h, positions)
+            x = x + y
+        else:
+            x = x + dense.Attention(
+                num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                rope_theta=c.rope_theta, causal=True, implementation=c.attention_impl,
+                dtype=self.dtype, param_dtype=self.param_dtype,
+                qkv_bias=bool(c.get("qkv_bias", False)), qk_norm=str(c.get("qk_norm", "none")),
+                qk_norm_eps=float(c.norm_eps), name="attn")(h, positions)
         h = norm("ffn_norm")(x)
         ffn = FFN_BUILDERS[self.ffn_kind](c, self.dtype, self.param_dtype, self.ffn_kind)
         extra = {} if router_inputs is None else {"router_inputs": router_inputs}
         y, aux = ffn(h, deterministic=deterministic, token_ids=token_ids, **extra)
+        if attn_aux is not None:   # the attention gate's losses (attn_*) and stats (attn/*)
+            aux = {**aux, "losses": {**aux.get("losses", {}),
+                                     **{f"attn_{k}": v for k, v in attn_aux["losses"].items()}},
+                   "stats": {**aux.get("stats", {}), **{f"attn/{k}": v for k, v in attn_aux["stats"].items()}}}
         return x + y, aux
 
 
@@ -129,6 +140,11 @@ class DecoderLM(nn.Module):
       :meth:`moe_layers`): ``model.apply(variables, tokens, method=model.routes)``.
       ``model.apply(variables, tokens, routes=r)`` makes the forward pass use exactly
       ``r``; without ``routes`` it computes the same selection in the pass.
+
+    With ``model.moe.router='uoe'`` (Union of Experts, ``layers/uoe.py``) the MoE layers'
+    attention is :class:`~routezoo.layers.uoe.SelectiveAttention` (heads as experts) and
+    their MoE the union of MLP slices; the attention gate's losses come back as
+    ``attn_load_balance`` / ``attn_z_loss`` and its statistics as ``layer{i}/attn/...``.
     """
 
     cfg: Any
