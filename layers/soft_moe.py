@@ -55,8 +55,9 @@ Statistics (``aux['stats']``): ``load`` ``[E]`` (share of the tokens' combine we
 goes to each expert's slots, sums to 1), ``dispatch_entropy`` (mean over slots of the
 entropy, in nats, of its weights over the ``M`` tokens; ``log M`` = uniform mix),
 ``combine_entropy`` (mean over tokens, over the ``E·S`` slots; ``log E·S`` = uniform),
-``dispatch_max`` / ``combine_max`` (mean largest weight of a slot / of a token),
-``slots_per_expert``.
+``slot_load_max`` (the busiest slot's share of the combine weight times ``E·S``; 1 =
+every slot used equally), ``dispatch_max`` / ``combine_max`` (mean largest weight of a
+slot / of a token), ``slots_per_expert``.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class SoftRouter(Router):
 
         stats = {
             "load": jnp.mean(jnp.sum(combine, axis=3), axis=(0, 1)),  # [E]
+            "slot_load_max": jnp.max(jnp.mean(combine, axis=(0, 1))) * (e * s),
             "dispatch_entropy": jnp.mean(_entropy(dispatch, axis=1)),
             "combine_entropy": jnp.mean(_entropy(combine, axis=(2, 3))),
             "dispatch_max": jnp.mean(jnp.max(dispatch, axis=1)),

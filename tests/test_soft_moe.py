@@ -154,6 +154,8 @@ def test_dispatch_and_combine_weights_are_convex_and_stats():
     assert 0 < float(st["dispatch_entropy"]) <= np.log(L) + 1e-5
     assert 0 < float(st["combine_entropy"]) <= np.log(E * 2) + 1e-5
     assert float(st["dispatch_max"]) == pytest.approx(dispatch.max(axis=1).mean(), rel=1e-5)
+    assert float(st["slot_load_max"]) == pytest.approx(combine.mean(axis=(0, 1)).max() * E * 2, rel=1e-5)
+    assert float(st["slot_load_max"]) > 1.0
 
 
 def test_permutation_equivariance_and_no_mixing_across_sequences():
@@ -192,8 +194,11 @@ def test_expert_mesh_matches_single_device():
     p_s = jax.device_put(params, shard["params"])
     x_s = jax.device_put(x, sharding.logical_sharding(mesh, ("batch", "length", "act_embed"), rules))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        y, g = jax.jit(loss_and_grads)(p_s, x_s)
+        compiled = jax.jit(loss_and_grads).lower(p_s, x_s).compile()
+        y, g = compiled(p_s, x_s)
     assert p_s["experts"]["wi"].addressable_shards[0].data.shape[0] == E // 4
+    hlo = compiled.as_text()     # slots move to their expert's device; expert weights stay put
+    assert "all-to-all" in hlo and "all-gather" not in hlo
     assert float(jnp.abs(y_ref).max()) > 0
     np.testing.assert_allclose(y, y_ref, **TOL)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
