@@ -25,7 +25,9 @@ in decoders (``causal = False``) and runs in the encoder (:mod:`routezoo.zoo.enc
 Choices and deviations (documented, check them before comparing with the paper):
 
 * ``normalize`` defaults to True. The paper adds the normalisation for stability at
-  large ``D`` (the softmax becomes too peaked); the authors' code (vmoe's Soft MoE
+  large ``D`` (the softmax becomes too peaked) and reports little effect at small ``D``
+  (from the paper as recalled; its text was not re-read for this implementation, the
+  equations were checked against the authors' code); the authors' code (vmoe's Soft MoE
   router) always applies it. ``normalize=False`` gives the plain ``X Phi`` logits.
   The scale multiplies the logits; the authors' code multiplies whichever of ``X`` /
   ``Phi`` is smaller, which is the same product.

@@ -16,8 +16,8 @@ position is selected with probability ``model.mask_rate`` (0.15); a selected tok
 replaced by the mask id ``vocab_size - 1`` with probability 0.8, by a random id with 0.1
 and left unchanged with 0.1; the loss is the cross-entropy of the original token at the
 selected positions only. Differences from BERT: positions are selected independently
-(Bernoulli, as Hugging Face's data collator does; BERT picks exactly ``round(0.15·n)``
-per sequence), there is no next-sentence task, no segment embeddings and no extra
+(Bernoulli, as Hugging Face's data collator does; BERT's data script picks
+``round(0.15·n)`` per sequence, capped; not re-checked here), there is no next-sentence task, no segment embeddings and no extra
 transform before the tied output projection, and positions are rotary, as in the
 decoder. The mask id must be unused by the tokenizer, so ``model.vocab_size`` must be at
 least the tokenizer's vocabulary + 1 (259 for bytes; checked by the config validation).
