@@ -42,11 +42,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Feed-forward slot per layer: "mlp" everywhere, "moe" (every `moe.every`-th layer, the
     # others "mlp"), or a comma-separated list with one entry per layer, e.g. "mlp,moe".
     m.ffn = "mlp"
+    # Masked-token models (model.name=encoder_mlm): fraction of valid (non-padding) positions
+    # predicted per sequence; of those 80% -> mask id vocab_size - 1, 10% random id, 10% unchanged (BERT).
+    m.mask_rate = 0.15
 
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8
     moe.k = 2
-    moe.router = "top_k"               # top_k | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate
+    moe.router = "top_k"               # top_k | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate | soft
     moe.dispatch = "dropless"          # capacity | dropless
     moe.capacity_factor = 1.25         # training
     moe.eval_capacity_factor = 2.0     # evaluation
@@ -96,6 +99,9 @@ def get_config() -> ml_collections.ConfigDict:
     # selective (heads as experts over the tokens they chose) and its FFN the union of MLP slices (top-moe.k of num_experts).
     moe.uoe_attn_k = 0                 # uoe: heads per token k_h, 0..model.num_heads; 0 = num_heads // 2 (the authors' H/2)
     moe.uoe_capacity_factor = 1.25     # uoe: tokens per head and sequence C = min(L, ceil(cf * L * k_h / H)), filled in time order; the rest dropped for that head
+    # Soft MoE (layers/soft_moe.py, Puigcerver et al. 2023), moe.router=soft: encoders only (not causal).
+    moe.soft_slots_per_expert = 0      # soft: slots S per expert; 0 = max(1, round(tokens per group / num_experts)), about one slot per token
+    moe.soft_normalize = True          # soft: L2-normalise tokens and slot parameters, times a learned scale (paper, for large d_model); False: plain X @ Phi
 
     # ---------------------------------------------------------------- mesh
     mesh = c.mesh = ml_collections.ConfigDict()

@@ -208,8 +208,12 @@ def _dtype(dtype: Any) -> Any:
 
 
 def moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dtype,
-                    name: str | None = None) -> MoE:
-    """Builds :class:`MoE` from ``config.model.moe`` (see ``configs/base.py`` for keys)."""
+                    name: str | None = None) -> nn.Module:
+    """Builds :class:`MoE` from ``config.model.moe`` (see ``configs/base.py`` for keys);
+    ``moe.router='soft'``: :class:`~routezoo.layers.soft_moe.SoftMoE` (same interface)."""
+    if str(moe_cfg.router) == "soft":
+        from routezoo.layers.soft_moe import soft_moe_from_config
+        return soft_moe_from_config(moe_cfg, d_model=d_model, dtype=dtype, param_dtype=param_dtype, name=name)
     return MoE(
         num_experts=int(moe_cfg.num_experts),
         expert_dim=int(moe_cfg.expert_dim),
@@ -267,3 +271,6 @@ def validate_moe_config(moe_cfg: Any, *, causal: bool, mesh_shape: dict[str, int
         raise ValueError(f"moe.num_experts={e} is not divisible by mesh.expert={n_exp}; "
                          f"mesh.expert must divide it: one of {divisors}")
     ROUTERS[moe_cfg.router].check_config(moe_cfg, causal=causal)
+
+
+from routezoo.layers import soft_moe  # noqa: E402,F401  (registers soft; imports this module)

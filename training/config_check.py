@@ -92,6 +92,17 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than data.spm_vocab_size "
                           f"{d.spm_vocab_size}")
 
+    model = zoo.build(m)   # only constructed: its class says whether it is causal and its objective
+    causal = bool(getattr(model, "causal", True))
+    if getattr(model, "objective", "causal_lm") == "masked_lm":
+        need = (d.spm_vocab_size if d.tokenizer == "sentencepiece" else 258) + 1
+        if m.vocab_size < need:
+            raise ConfigError(f"model.vocab_size {m.vocab_size} leaves no id for the mask token of "
+                              f"model.name={m.name!r} (id vocab_size - 1, above the {d.tokenizer} tokenizer's "
+                              f"{need - 1} ids); allowed: >= {need}")
+        if not 0 < m.mask_rate <= 1:
+            raise ConfigError(f"config key 'model.mask_rate' must be in (0, 1], got {m.mask_rate}")
+
     try:
         kinds = zoo.ffn_kinds(m)
     except ValueError as e:
@@ -129,7 +140,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     if "moe" in kinds:
         from routezoo.layers.moe import ROUTERS, validate_moe_config
         try:
-            validate_moe_config(m.moe, causal=True, mesh_shape=sizes)
+            validate_moe_config(m.moe, causal=causal, mesh_shape=sizes)
             check_model = getattr(ROUTERS[m.moe.router], "check_model_config", None)
             if check_model is not None:   # routers that also change the model (uoe: its attention)
                 check_model(m)

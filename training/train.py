@@ -3,7 +3,8 @@
 ``train_step(state, batch) -> (state, metrics)`` is jitted once with in/out shardings
 and a donated state. What differs between models lives in the model and in the loss
 terms it returns (``aux['losses']``, added to the cross-entropy and logged by name), never
-in a forked loop. Non-parameter collections a model keeps (e.g. a router's balancing
+in a forked loop; the model class's ``objective`` picks what the loss sees
+(:func:`objective_batch`: next tokens for decoders, masked tokens for the encoder). Non-parameter collections a model keeps (e.g. a router's balancing
 bias) are carried in ``state.model_state`` and applied as mutable.
 
 Mixed precision: parameters and optimizer state in ``model.param_dtype`` (float32),
@@ -259,6 +260,25 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     return nll * weights, correct * weights
 
 
+EVAL_MASK_SEED = 0   # masked_lm evaluation masks with this fixed key: a deterministic eval loss
+
+
+def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Array):
+    """``(inputs, targets, weights)`` that ``model`` trains on, by its class's ``objective``:
+    ``'causal_lm'`` (DecoderLM, and the default): the batch's next-token ``inputs``,
+    ``targets``, ``weights`` unchanged; ``'masked_lm'`` (EncoderMLM):
+    :func:`routezoo.zoo.encoder.masked_lm_batch` with ``model.mask_rate`` and the mask id
+    ``model.vocab_size - 1``, drawn from ``rng``."""
+    objective = getattr(model, "objective", "causal_lm")
+    if objective == "causal_lm":
+        return batch["inputs"], batch["targets"], batch["weights"]
+    if objective == "masked_lm":
+        from routezoo.zoo.encoder import masked_lm_batch
+        return masked_lm_batch(batch, rng, mask_rate=float(model.cfg.mask_rate),
+                               mask_id=int(model.cfg.vocab_size) - 1)
+    raise ValueError(f"unknown objective {objective!r} of {type(model).__name__}; known: causal_lm, masked_lm")
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
                     schedule: optax.Schedule, adapter: Any = None) -> Callable:
     """``train_step(state, batch)``; with an ``adapter``, ``train_step(state, batch, base)``
@@ -270,11 +290,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
         rngs = {s: jax.random.fold_in(rng, i) for i, s in enumerate(RNG_STREAMS)}
         mutable = list(model_state)
         full = params if adapter is None else adapter.merge(base, params)
-        out = model.apply({"params": full, **model_state}, batch["inputs"], deterministic=False,
+        inputs, targets, w = objective_batch(model, batch, jax.random.fold_in(rng, len(RNG_STREAMS)))
+        out = model.apply({"params": full, **model_state}, inputs, deterministic=False,
                           rngs=rngs, mutable=mutable if mutable else False)
         (logits, aux), new_model_state = out if mutable else (out, {})
-        w = batch["weights"]
-        nll, correct = cross_entropy(logits, batch["targets"], w)
+        nll, correct = cross_entropy(logits, targets, w)
         denom = jnp.maximum(w.sum(), 1.0)
         ce = nll.sum() / denom
         losses = aux.get("losses", {})
@@ -328,12 +348,11 @@ def make_eval_step(model: nn.Module, token_bytes: np.ndarray, adapter: Any = Non
 
     def step(state: TrainState, batch, base):
         params = state.params if adapter is None else adapter.merge(base, state.params)
-        logits, _ = model.apply({"params": params, **state.model_state}, batch["inputs"],
-                                deterministic=True)
-        w = batch["weights"]
-        nll, correct = cross_entropy(logits, batch["targets"], w)
+        inputs, targets, w = objective_batch(model, batch, jax.random.PRNGKey(EVAL_MASK_SEED))
+        logits, _ = model.apply({"params": params, **state.model_state}, inputs, deterministic=True)
+        nll, correct = cross_entropy(logits, targets, w)
         return {"nll": nll.sum(), "correct": correct.sum(), "tokens": w.sum(),
-                "bytes": (table[batch["targets"]] * w).sum()}
+                "bytes": (table[targets] * w).sum()}
 
     if adapter is not None:
         return step
@@ -420,7 +439,7 @@ class _StopFlag:
 
 
 def describe_model(params_boxed, config) -> dict[str, float]:
-    total, active = zoo.count_params(params_boxed, config.model)
+    total, active = zoo.count_params(params_boxed, config.model, config.data.seq_len)
     flops = zoo.flops_per_token(config.model, config.data.seq_len, active)
     return {"params_total": total, "params_active": active,
             "flops_per_token_forward": flops["forward"], "flops_per_token_train": flops["train"]}

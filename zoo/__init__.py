@@ -13,11 +13,13 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from routezoo.zoo.encoder import EncoderMLM
 from routezoo.zoo.lm import DecoderLM, ffn_kinds
 from routezoo.zoo.hf import from_hf, to_hf
 
 MODELS: dict[str, Callable[[Any], nn.Module]] = {
     "decoder_lm": lambda cfg: DecoderLM(cfg),
+    "encoder_mlm": lambda cfg: EncoderMLM(cfg),   # bidirectional, masked-token objective
 }
 
 
@@ -30,17 +32,25 @@ def build(model_cfg: Any) -> nn.Module:
     return MODELS[name](ml_collections.FrozenConfigDict(model_cfg))
 
 
-def count_params(params: Any, model_cfg: Any) -> tuple[int, int]:
+def count_params(params: Any, model_cfg: Any, seq_len: int | None = None) -> tuple[int, int]:
     """(total, active per token) parameter counts.
 
     ``params`` may be boxed (``nn.LogicallyPartitioned``) or abstract shapes. A parameter
     whose first logical axis is ``expert`` counts toward the active total in proportion
-    ``k / num_experts`` (each token uses k of the stacked experts).
+    ``k / num_experts`` (each token uses k of the stacked experts). Soft MoE
+    (``moe.router='soft'``): in proportion ``S / M`` (the ``E·S`` slots of a group of ``M``
+    tokens cost ``E·S/M`` experts per token; ``M`` = ``moe.group_size`` or ``seq_len``;
+    without either, ``1 / num_experts``).
     """
     total, active = 0, 0.0
     leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     moe = getattr(model_cfg, "moe", None)
     frac = (moe.k / moe.num_experts) if moe is not None and moe.num_experts else 1.0
+    if moe is not None and moe.router == "soft" and moe.num_experts:
+        from routezoo.layers.soft_moe import slots_per_expert
+        m = int(moe.group_size) or seq_len
+        frac = (slots_per_expert(m, moe.num_experts, int(moe.soft_slots_per_expert)) / m if m
+                else 1.0 / moe.num_experts)
     for leaf in leaves:
         names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
         value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
@@ -64,4 +74,5 @@ def flops_per_token(model_cfg: Any, seq_len: int, active_params: int) -> dict[st
     return {"forward": fwd, "train": 3.0 * fwd}
 
 
-__all__ = ["MODELS", "build", "count_params", "flops_per_token", "ffn_kinds", "DecoderLM", "from_hf", "to_hf"]
+__all__ = ["MODELS", "build", "count_params", "flops_per_token", "ffn_kinds", "DecoderLM", "EncoderMLM",
+           "from_hf", "to_hf"]

@@ -13,7 +13,7 @@ over layers, already scaled) and statistics it logs (per layer, ``layer{i}/{name
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,7 @@ class Block(nn.Module):
     ffn_kind: str
     dtype: Any
     param_dtype: Any
+    causal: bool = True          # False: bidirectional attention (the encoder, zoo/encoder.py)
 
     @nn.compact
     def __call__(self, x, positions, deterministic: bool, token_ids=None, router_inputs=None):
@@ -98,7 +99,7 @@ class Block(nn.Module):
         else:
             x = x + dense.Attention(
                 num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                rope_theta=c.rope_theta, causal=True, implementation=c.attention_impl,
+                rope_theta=c.rope_theta, causal=self.causal, implementation=c.attention_impl,
                 dtype=self.dtype, param_dtype=self.param_dtype,
                 qkv_bias=bool(c.get("qkv_bias", False)), qk_norm=str(c.get("qk_norm", "none")),
                 qk_norm_eps=float(c.norm_eps), name="attn")(h, positions)
@@ -149,6 +150,9 @@ class DecoderLM(nn.Module):
 
     cfg: Any
 
+    causal: ClassVar[bool] = True             # attention mask; EncoderMLM: False
+    objective: ClassVar[str] = "causal_lm"    # training objective (training/train.py objective_batch)
+
     def moe_layers(self) -> tuple[int, ...]:
         """Indices of the MoE layers (the ``M`` axis of :meth:`routes`)."""
         return tuple(i for i, kind in enumerate(ffn_kinds(self.cfg)) if kind == "moe")
@@ -192,7 +196,8 @@ class DecoderLM(nn.Module):
                                               name="router_cell")
         embed = dense.Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
                             scale_attend=bool(c.get("scale_tied_logits", True)), name="embed")
-        blocks = [Block(c, kind, dtype, param_dtype, name=f"layer{i}") for i, kind in enumerate(ffn_kinds(c))]
+        blocks = [Block(c, kind, dtype, param_dtype, causal=self.causal, name=f"layer{i}")
+                  for i, kind in enumerate(ffn_kinds(c))]
         final_norm = dense.make_norm(c.norm, c.norm_eps, dtype, param_dtype, "final_norm")
         unembed = None if c.tie_embeddings else self.param(
             "unembed", dense.param(nn.initializers.normal(c.d_model ** -0.5), ("embed", "vocab")),
