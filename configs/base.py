@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8
     moe.k = 2
-    moe.router = "top_k"               # top_k | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate
+    moe.router = "top_k"               # top_k | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate | duo
     moe.dispatch = "dropless"          # capacity | dropless
     moe.capacity_factor = 1.25         # training
     moe.eval_capacity_factor = 2.0     # evaluation
@@ -92,6 +92,15 @@ def get_config() -> ml_collections.ConfigDict:
     moe.pregate_layers = 1             # pregate: causal attention + MLP blocks in the pre-gate
     moe.pregate_heads = 2              # pregate: attention heads (pregate_dim / heads must be even)
     moe.pregate_shared_routes = True   # pregate: True: one choice per token used by every MoE layer (Read-ME); False: one per layer
+    # Duo-LLM (layers/duo.py; Alizadeh et al. 2024): moe.router=duo puts a DuoFFN in every MoE slot:
+    # per token a big FFN (width expert_dim), a small FFN or skip. moe.num_experts / k are not used.
+    moe.duo_mode = "random"            # duo: random (stage 1: options drawn from duo_probs in training) | router (stage 3: learned router)
+    moe.duo_small_dim = 0              # duo: hidden width of the small FFN; 0 = expert_dim // 4 (paper's width unverified)
+    moe.duo_probs = "0.5,0.25,0.25"    # duo: random mode's training probabilities of big,small,skip (paper's values unverified)
+    moe.duo_eval_route = "auto"        # duo: route at evaluation: auto (random: big; router: router) | big | small | skip | router
+    moe.duo_eval_sweep = ""            # duo: also evaluate with these routes during training (eval_loss@big, ...), e.g. "big,small,skip"
+    moe.duo_router_sample = False      # duo: router mode, training: sample the option from the router's softmax instead of argmax
+    moe.duo_cost_coef = 0.01           # duo: router mode: coef * mean_tokens sum_o p_o cost_o (cost big 1, small small/expert_dim, skip 0; value unverified)
 
     # ---------------------------------------------------------------- mesh
     mesh = c.mesh = ml_collections.ConfigDict()

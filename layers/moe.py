@@ -209,7 +209,14 @@ def _dtype(dtype: Any) -> Any:
 
 def moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dtype,
                     name: str | None = None) -> MoE:
-    """Builds :class:`MoE` from ``config.model.moe`` (see ``configs/base.py`` for keys)."""
+    """Builds :class:`MoE` from ``config.model.moe`` (see ``configs/base.py`` for keys).
+
+    ``moe.router == 'duo'`` builds a :class:`~routezoo.layers.duo.DuoFFN` instead (Duo-LLM:
+    big / small / skip per token; same call signature)."""
+    if str(moe_cfg.router) == "duo":
+        from routezoo.layers.duo import duo_from_config
+        return duo_from_config(moe_cfg, d_model=d_model, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype),
+                               name=name)
     return MoE(
         num_experts=int(moe_cfg.num_experts),
         expert_dim=int(moe_cfg.expert_dim),
