@@ -26,7 +26,16 @@ model trains, with the compute loss ``moe.duo_cost_coef``)::
     routezoo train --config duo --workdir runs/duo_router --config.init.from=runs/duo_random \\
         --config.model.moe.duo_mode=router --config.train.steps=300
 
-Expected: see the README (the Duo-LLM paragraph) for measured times and results.
+Measured on a shared 2-core CPU (other jobs running; float32):
+
+* stage 1: 12.5 min; eval loss all big 1.791 (2.58 bits/byte), all small 1.806 (2.61),
+  all skip 2.285 (3.30);
+* stage 2 (the snippet above, 4 x 63 tokens): 14 s; oracle mean loss 2.167 at mean cost
+  0.69 big modules per token, against 2.587 all big (cost 4): lower than all big on 83% of
+  the tokens; share of big modules by position quarter 0.10, 0.10, 0.11, 0.07;
+* stage 3 (300 steps): 2 min; eval loss 1.851 (2.67 bits/byte) on the router's routes,
+  which by the end skip the FFN almost always in 3 of 4 layers (last training batch: 0.017
+  big modules per token and layer).
 """
 
 from routezoo.configs import base
