@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8
     moe.k = 2
-    moe.router = "top_k"               # top_k | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate | soft
+    moe.router = "top_k"               # top_k | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate | duo | uoe | soft
     moe.dispatch = "dropless"          # capacity | dropless
     moe.capacity_factor = 1.25         # training
     moe.eval_capacity_factor = 2.0     # evaluation
@@ -102,6 +102,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Soft MoE (layers/soft_moe.py, Puigcerver et al. 2023), moe.router=soft: encoders only (not causal).
     moe.soft_slots_per_expert = 0      # soft: slots S per expert; 0 = max(1, round(tokens per group / num_experts)), about one slot per token
     moe.soft_normalize = True          # soft: L2-normalise tokens and slot parameters, times a learned scale (paper, for large d_model); False: plain X @ Phi
+    # Duo-LLM (layers/duo.py; Alizadeh et al. 2024): moe.router=duo puts a DuoFFN in every MoE slot:
+    # per token a big FFN (width expert_dim), a small FFN or skip. moe.num_experts / k are not used.
+    moe.duo_mode = "random"            # duo: random (stage 1: options drawn from duo_probs in training) | router (stage 3: learned router)
+    moe.duo_small_dim = 0              # duo: hidden width of the small FFN; 0 = expert_dim // 4 (paper's width unverified)
+    moe.duo_probs = "0.5,0.25,0.25"    # duo: random mode's training probabilities of big,small,skip (paper's values unverified)
+    moe.duo_eval_route = "auto"        # duo: route at evaluation: auto (random: big; router: router) | big | small | skip | router
+    moe.duo_eval_sweep = ""            # duo: also evaluate with these routes during training (eval_loss@big, ...), e.g. "big,small,skip"
+    moe.duo_router_sample = False      # duo: router mode, training: sample the option from the router's softmax instead of argmax
+    moe.duo_cost_coef = 0.01           # duo: router mode: coef * mean_tokens sum_o p_o cost_o (cost big 1, small small/expert_dim, skip 0; value unverified)
 
     # ---------------------------------------------------------------- mesh
     mesh = c.mesh = ml_collections.ConfigDict()

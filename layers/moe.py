@@ -209,11 +209,18 @@ def _dtype(dtype: Any) -> Any:
 
 def moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dtype,
                     name: str | None = None) -> nn.Module:
-    """Builds :class:`MoE` from ``config.model.moe`` (see ``configs/base.py`` for keys);
-    ``moe.router='soft'``: :class:`~routezoo.layers.soft_moe.SoftMoE` (same interface)."""
+    """Builds :class:`MoE` from ``config.model.moe`` (see ``configs/base.py`` for keys).
+
+    Routers that replace the whole block build their own module with the same interface:
+    ``moe.router='soft'``: :class:`~routezoo.layers.soft_moe.SoftMoE`; ``moe.router='duo'``:
+    :class:`~routezoo.layers.duo.DuoFFN` (Duo-LLM: big / small / skip per token)."""
     if str(moe_cfg.router) == "soft":
         from routezoo.layers.soft_moe import soft_moe_from_config
         return soft_moe_from_config(moe_cfg, d_model=d_model, dtype=dtype, param_dtype=param_dtype, name=name)
+    if str(moe_cfg.router) == "duo":
+        from routezoo.layers.duo import duo_from_config
+        return duo_from_config(moe_cfg, d_model=d_model, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype),
+                               name=name)
     return MoE(
         num_experts=int(moe_cfg.num_experts),
         expert_dim=int(moe_cfg.expert_dim),

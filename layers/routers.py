@@ -387,3 +387,4 @@ def router_from_config(moe_cfg: Any, **module_kwargs) -> Router:
 from routezoo.layers import router_zoo  # noqa: E402,F401  (registers hash, thor, smoe_dropout, top_p, null_experts)
 from routezoo.layers import model_routers  # noqa: E402,F401  (registers recurrent, pregate)
 from routezoo.layers import uoe  # noqa: E402,F401  (registers uoe)
+from routezoo.layers import duo  # noqa: E402,F401  (registers duo: Duo-LLM big / small / skip)

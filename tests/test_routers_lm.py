@@ -18,6 +18,7 @@ ROUTER_SETTINGS = {
     "recurrent": {"model.moe.recurrent_dim": 16, "model.num_layers": 2},   # state passes layer to layer
     "pregate": {"model.moe.pregate_dim": 16, "model.moe.dispatch": "capacity"},
     "uoe": {"model.moe.uoe_capacity_factor": 1.0},   # selective attention drops tokens per head too
+    "duo": {"model.moe.duo_eval_sweep": "big,skip"},     # random routing (Duo-LLM stage 1)
 }
 
 
@@ -53,3 +54,29 @@ def test_router_trains_resumes_and_runs_expert_parallel(router, data_dir, tmp_pa
             assert r["eval_loss@k8"] == pytest.approx(r["eval_loss"], rel=1e-6)
             assert np.isfinite(r["eval_loss@k1"]) and np.isfinite(r["eval_bits_per_byte@k1"])
         assert ev[-1]["eval_loss@k1"] != pytest.approx(ev[-1]["eval_loss"], rel=1e-4)
+    if router == "duo":                                   # options drawn with moe.duo_probs (0.5, 0.25, 0.25)
+        for name, p in (("big", 0.5), ("small", 0.25), ("skip", 0.25)):
+            assert np.mean([r[f"moe/layer0/frac_{name}"] for r in train.values()]) == pytest.approx(p, abs=0.05)
+        ev = [r for r in records if "eval_loss" in r]      # evaluation route 'auto' is all big
+        assert all(r["eval_loss@big"] == pytest.approx(r["eval_loss"], rel=1e-6) for r in ev)
+        assert ev[-1]["eval_loss@skip"] != pytest.approx(ev[-1]["eval_loss"], rel=1e-4)
+        _check_duo_stage3_starts_from(wd, config)
+
+
+def _check_duo_stage3_starts_from(workdir, config):
+    """Duo-LLM stage 3: a router-mode run with ``init.from`` the random-routing run starts
+    from its trained parameters (the router's included, created in random mode too)."""
+    from routezoo.training import train
+    config = config.copy_and_resolve_references()
+    config.model.moe.duo_mode, config.init.from_workdir = "router", workdir
+    model = train.zoo.build(config.model)
+    tx, _ = train.make_optimizer(config.optimizer, config.train.steps)
+    mesh, rules = train.mesh_and_rules(config)
+    with train.jax.set_mesh(mesh), train.nn.logical_axis_rules(rules):
+        _, shardings, _ = train.state_shardings(model, tx, config, mesh, rules)
+        state = train.create_state(model, tx, config, shardings)
+        _, trained = train.restore_params(workdir, mesh, rules)
+    assert train.jax.tree.structure(state.params) == train.jax.tree.structure(trained)
+    for a, b in zip(train.jax.tree.leaves(state.params), train.jax.tree.leaves(trained)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(state.step) == 0

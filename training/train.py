@@ -194,18 +194,23 @@ def restore_params(workdir: str, mesh, rules, step: int | None = None) -> tuple[
     return config, _restore_state(workdir, config, zoo.build(config.model), mesh, rules, step).params
 
 
+def _workdir_params(source: str, want_abstract, param_shardings, mesh, rules) -> Any:
+    """``init.from``: another run's trained parameters, checked against the shapes and
+    dtypes of ``want_abstract`` and placed with ``param_shardings``."""
+    _, params = restore_params(source, mesh, rules)
+    want = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), want_abstract)
+    got = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), params)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise ValueError(f"init.from {source!r}: its parameters differ from config.model's "
+                         "(another architecture); set config.model as that run's")
+    return jax.device_put(params, param_shardings)
+
+
 def load_base(model, config, setup: AdapterSetup, mesh, rules) -> Any:
     """The frozen base of an adapter run: ``init.from`` (a workdir), ``init.from_hf``, or
     random init from ``config.seed``; placed with ``setup.base_shardings``."""
-    source = config.init.from_workdir
-    if source:
-        _, params = restore_params(source, mesh, rules)
-        want = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), setup.base_abstract)
-        got = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), params)
-        if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-            raise ValueError(f"init.from {source!r}: its parameters differ from config.model's "
-                             "(another architecture); set config.model as that run's")
-        return jax.device_put(params, setup.base_shardings)
+    if config.init.from_workdir:
+        return _workdir_params(config.init.from_workdir, setup.base_abstract, setup.base_shardings, mesh, rules)
     if config.init.from_hf:
         from routezoo.zoo import hf
         return hf.load_params_for_config(config, None, setup.base_shardings)
@@ -234,11 +239,15 @@ def create_adapter_state(model, tx, config, shardings, setup: AdapterSetup) -> T
 def create_state(model, tx, config, shardings) -> TrainState:
     init_vars = _variables(model, config)
 
-    # Pretrained weights (config.init.from_hf), read shard by shard onto the mesh.
+    # Pretrained weights (config.init.from_hf), read shard by shard onto the mesh, or
+    # another run's trained parameters (config.init.from_workdir; optimizer starts fresh).
     loaded = None
     if config.init.from_hf:
         from routezoo.zoo import hf
         loaded = hf.load_params_for_config(config, None, shardings)
+    elif config.init.from_workdir:
+        want = jax.eval_shape(lambda r: nn.unbox(init_vars(r))["params"], jax.random.PRNGKey(0))
+        loaded = _workdir_params(config.init.from_workdir, want, shardings.params, *mesh_and_rules(config))
 
     def init(seed, loaded):
         rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))

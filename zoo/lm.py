@@ -141,6 +141,9 @@ class DecoderLM(nn.Module):
       :meth:`moe_layers`): ``model.apply(variables, tokens, method=model.routes)``.
       ``model.apply(variables, tokens, routes=r)`` makes the forward pass use exactly
       ``r``; without ``routes`` it computes the same selection in the pass.
+    * ``model.moe.router='duo'`` (Duo-LLM, :mod:`routezoo.layers.duo`): ``routes=r``, int32
+      ``[M, B, L]`` with values 0 big, 1 small, 2 skip, fixes every token's option in every
+      MoE layer (the oracle, :mod:`routezoo.zoo.duo`, evaluates routes this way).
 
     With ``model.moe.router='uoe'`` (Union of Experts, ``layers/uoe.py``) the MoE layers'
     attention is :class:`~routezoo.layers.uoe.SelectiveAttention` (heads as experts) and
@@ -187,8 +190,11 @@ class DecoderLM(nn.Module):
         elif _routes_only:
             raise ValueError(f"DecoderLM.routes needs model.moe.router='pregate' (and MoE layers); "
                              f"got router {router_kind!r}")
-        if routes is not None and router_kind != "pregate":
-            raise ValueError("DecoderLM: routes= is only for model.moe.router='pregate'")
+        if routes is not None and router_kind not in ("pregate", "duo"):
+            raise ValueError("DecoderLM: routes= is only for model.moe.router='pregate' or 'duo'")
+        if routes is not None and router_kind == "duo" and routes.shape != (len(moe_layers), b, l):
+            raise ValueError(f"DecoderLM: duo routes must be int32 [M, B, L] = {(len(moe_layers), b, l)}, "
+                             f"got {routes.shape}")
         router_cell = None
         if router_kind == "recurrent":
             from routezoo.layers.model_routers import RecurrentRouterCell
@@ -216,6 +222,8 @@ class DecoderLM(nn.Module):
                     j = moe_layers.index(i)
                     router_inputs = {"pregate_logits": pregate_logits[j].reshape(b * l, -1),
                                      "routes": None if routes is None else routes[j].reshape(b * l, -1)}
+                elif i in moe_layers and routes is not None:   # duo: options fixed from outside
+                    router_inputs = {"routes": routes[moe_layers.index(i)].reshape(b * l)}
                 x, aux = block(x, positions, deterministic, tokens, router_inputs)
                 if router_cell is not None:
                     state = aux.get("router_state", state)   # dense layers: unchanged
