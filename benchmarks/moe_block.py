@@ -8,6 +8,10 @@ experts, against a dense bf16 ``8192^3`` matmul measured in the same process.
 
     python benchmarks/moe_block.py [--tokens 16384] [--shapes mixtral,deepseek,small] [--out results.json]
 
+Memory (target 5): the compiled step's peak (arguments + outputs + scratch, from XLA's
+memory analysis) against the analytical minimum (parameters and gradients, input and its
+gradient, and the per-copy activations the backward pass needs), as a ratio.
+
 Prints a table and writes JSON. Timing: ``block_until_ready`` after 3 warm-up calls,
 median of ``--iters`` calls. Parameters and compute in bf16 (no cast overhead).
 """
@@ -65,11 +69,21 @@ def moe_case(name: str, tokens: int, dispatch: str, backend: str, cf: float | No
     (_, stats), _ = step(variables, x)
     useful = 3 * 2 * tokens * d * f * 3 * (k + shared)
     mem = step.lower(variables, x).compile().memory_analysis()
-    temp = getattr(mem, "temp_size_in_bytes", 0) if mem is not None else 0
+    size = lambda attr: getattr(mem, attr, 0) if mem is not None else 0
+    temp = size("temp_size_in_bytes")
+    # peak of the compiled step: its inputs, outputs and scratch (XLA's own accounting),
+    # against the analytical minimum: parameters + their gradients, x + dx, and what the
+    # backward pass must keep per routed copy (the permuted input [T·k, D], gate and up
+    # [T·k, F] each, the activation [T·k, F], the expert output [T·k, D]), all bf16.
+    peak = size("argument_size_in_bytes") + size("output_size_in_bytes") + temp - size("alias_size_in_bytes")
+    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables))
+    copies = tokens * (k + shared)
+    analytic = 2 * (2 * n_params + 2 * tokens * d + copies * (2 * d + 3 * f))
     return {"shape": name, "dispatch": dispatch, "backend": backend, "capacity_factor": cf,
             "tokens": tokens, "ms": t * 1e3, "tflops": useful / t / 1e12,
             "dropped": float(np.mean(jax.device_get(stats["dropped_fraction"]))),
-            "temp_gib": temp / 2 ** 30}
+            "temp_gib": temp / 2 ** 30, "peak_gib": peak / 2 ** 30, "analytic_gib": analytic / 2 ** 30,
+            "peak_over_analytic": peak / analytic}
 
 
 def main():
@@ -98,14 +112,16 @@ def main():
     with open(a.out, "w") as fh:
         json.dump({"info": info, "rows": rows}, fh, indent=1)
     print(f"\n{info['device']}, jax {info['jax']}, dense bf16 8192^3: {ceiling:.0f} TFLOP/s, tokens {a.tokens}")
-    print(f"{'shape':9} {'dispatch':9} {'backend':11} {'cf':>5} {'ms':>8} {'TFLOP/s':>8} {'% dense':>8} {'dropped':>8} {'temp GiB':>8}")
+    print(f"{'shape':9} {'dispatch':9} {'backend':11} {'cf':>5} {'ms':>8} {'TFLOP/s':>8} {'% dense':>8} {'dropped':>8} "
+          f"{'temp GiB':>8} {'peak GiB':>8} {'/analytic':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:9} {r['dispatch']:9} {r['backend']:11} {'':>5} ERROR {r['error'][:80]}")
             continue
         cf = f"{r['capacity_factor']:.2f}" if r["capacity_factor"] else "-"
         print(f"{r['shape']:9} {r['dispatch']:9} {r['backend']:11} {cf:>5} {r['ms']:8.2f} {r['tflops']:8.1f} "
-              f"{100 * r['tflops'] / ceiling:7.1f}% {r['dropped']:8.3f} {r['temp_gib']:8.2f}")
+              f"{100 * r['tflops'] / ceiling:7.1f}% {r['dropped']:8.3f} {r['temp_gib']:8.2f} {r['peak_gib']:8.2f} "
+              f"{r['peak_over_analytic']:9.2f}")
 
 
 if __name__ == "__main__":

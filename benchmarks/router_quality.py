@@ -5,6 +5,8 @@
     python benchmarks/router_quality.py prepare --out .bench_data/stdlib_512.npz
     # 2. train and evaluate every router on them (a GPU for the default size)
     python benchmarks/router_quality.py run --data .bench_data/stdlib_512.npz [--routers top_k,hash]
+    # 3. (optional) join the JSON of several runs, e.g. one per device call
+    python benchmarks/router_quality.py merge rq1.json rq2.json --json router_quality.json
 
 Every router trains the same decoder LM (``--size``: ``medium`` is 8 layers, d_model 512,
 8 experts of width 1024 in every layer) through routezoo's own ``train_step`` (the one
@@ -44,14 +46,15 @@ def router_setups(f: int, e: int) -> dict[str, tuple[dict, dict, str]]:
         "hash": ({"router": "hash", "k": 1, "expert_dim": 2 * f, "hash_vocab_size": 258}, {},
                  "k=1, experts 2F wide (2x total params)"),
         "thor": ({"router": "thor", "k": 1, "expert_dim": 2 * f}, {}, "k=1, experts 2F wide; eval: one expert per sequence"),
-        "smoe_dropout": ({"router": "smoe_dropout", "smoe_k_start": 1, "smoe_k_end": e, "smoe_eval_k": 2},
+        "smoe_dropout": ({"router": "smoe_dropout", "smoe_k_start": 1, "smoe_k_end": e, "smoe_eval_k": 2,
+                          "smoe_eval_sweep": "auto"},
                          {}, f"k 1 -> {e} linear over training; ranked at eval k=2"),
         "top_p": ({"router": "top_p", "top_p_threshold": 0.4, "top_p_max_k": 4}, {}, "p=0.4, at most 4 experts"),
         "null_experts": ({"router": "null_experts", "k": 4, "num_null_experts": e}, {},
                          f"top-4 over {e} real + {e} null experts"),
         "recurrent": ({"router": "recurrent", "k": 2, "recurrent_dim": 128}, {}, "GRU state 128"),
         "pregate": ({"router": "pregate", "k": 2, "pregate_dim": 128}, {}, "pre-gate width 128, one route for all layers"),
-        "duo": ({"router": "duo", "expert_dim": 2 * f}, {}, "big 2F / small / skip, random routing; eval all big"),
+        "duo": ({"router": "duo", "expert_dim": 2 * f, "duo_eval_sweep": "small,skip"}, {}, "big 2F / small / skip, random routing; eval all big"),
         "uoe": ({"router": "uoe", "k": 2}, {}, "selective heads + top-2 of E MLP slices"),
     }
 
@@ -123,8 +126,8 @@ def train_one(config, data, steps: int, eval_every: int, log=print) -> dict:
     from routezoo.layers import sharding as shd
     from routezoo.layers.moe import validate_moe_config
     from routezoo.training.optim import make_optimizer
-    from routezoo.training.train import (create_state, describe_model, make_eval_step, make_train_step,
-                                         mesh_and_rules, state_shardings)
+    from routezoo.training.train import (create_state, describe_model, eval_variants, make_eval_step,
+                                         make_train_step, mesh_and_rules, state_shardings)
 
     if "moe" in zoo.ffn_kinds(config.model):
         validate_moe_config(config.model.moe, causal=True, mesh_shape={})
@@ -174,12 +177,18 @@ def train_one(config, data, steps: int, eval_every: int, log=print) -> dict:
                     f"bpb {ev['eval_bits_per_byte']:.4f}")
         jax.block_until_ready(state.params)
         elapsed = time.perf_counter() - t0 - t_eval
+        # the router's extra evaluations (SMoE-Dropout at several k, Duo-LLM's routes), at the end
+        variants = {}
+        for suffix, m in eval_variants(config).items():
+            eval_fn = jax.jit(make_eval_step(m, table), in_shardings=(shardings, bs))
+            variants[suffix] = evaluate()
         last = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
     per_token = [v for k, v in last.items() if k.endswith("/experts_per_token") or k.endswith("/real_experts_per_token")]
     real = [v for k, v in last.items() if k.endswith("/real_experts_per_token")]
     return {**info, **curve[-1], "curve": curve, "compile_s": t_compile,
             "tokens_per_second": b * int(config.data.seq_len) * (steps - 1 - i0) / max(elapsed, 1e-9),
             "experts_per_token": float(np.mean(real or per_token)) if per_token else None,
+            "eval_variants": variants,
             "last_train_metrics": last}
 
 
@@ -232,6 +241,9 @@ def print_table(rows) -> None:
     for r in rows:
         if "error" in r:
             print(f"{r['router']:13} ERROR {r['error'][:200]}")
+    for r in ok:
+        for suffix, ev in (r.get("eval_variants") or {}).items():
+            print(f"{r['router']}@{suffix}: val loss {ev['eval_loss']:.4f}, bpb {ev['eval_bits_per_byte']:.3f}")
 
 
 def plot(rows, path: str) -> None:
@@ -239,9 +251,10 @@ def plot(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if "curve" in r:
-            ax.plot([p["step"] for p in r["curve"]], [p["eval_bits_per_byte"] for p in r["curve"]], label=r["router"])
+    colors = plt.cm.tab20.colors
+    for i, r in enumerate(r for r in rows if "curve" in r):
+        ax.plot([p["step"] for p in r["curve"]], [p["eval_bits_per_byte"] for p in r["curve"]], label=r["router"],
+                color=colors[(2 * i) % 20 + (i >= 10)], linestyle="--" if r["router"] == "dense" else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("validation bits per byte")
     ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
@@ -249,6 +262,22 @@ def plot(rows, path: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def merge(a) -> None:
+    """Joins the JSON of several ``run`` calls (e.g. one per device call) into one."""
+    rows, info = [], None
+    for path in a.inputs:
+        d = json.load(open(path))
+        info = info or d["info"]
+        if any(d["info"][k] != info[k] for k in ("device", "jax", "size", "steps", "batch", "seq_len")):
+            raise SystemExit(f"{path}: run settings {d['info']} differ from {info}")
+        rows += [r for r in d["rows"] if r["router"] not in {x["router"] for x in rows}]
+    json.dump({"info": info, "rows": rows}, open(a.json, "w"), indent=1)
+    print(json.dumps(info))
+    print_table(rows)
+    if a.plot:
+        plot(rows, a.plot)
 
 
 def main() -> None:
@@ -270,8 +299,12 @@ def main() -> None:
     pr.add_argument("--json", default="router_quality.json")
     pr.add_argument("--plot", default="router_quality.png")
     pr.add_argument("--resume", action="store_true", help="keep the routers already in --json")
+    pm = sub.add_parser("merge")
+    pm.add_argument("inputs", nargs="+")
+    pm.add_argument("--json", default="router_quality.json")
+    pm.add_argument("--plot", default="router_quality.png")
     a = p.parse_args()
-    prepare(a) if a.cmd == "prepare" else run(a)
+    {"prepare": prepare, "run": run, "merge": merge}[a.cmd](a)
 
 
 if __name__ == "__main__":
