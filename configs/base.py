@@ -66,7 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
     moe.load_balance_coef = 0.01       # Switch load-balancing loss
     moe.z_loss_coef = 1e-3             # ST-MoE router z-loss
     moe.bias_update_rate = 0.0         # aux-loss-free balancing (DeepSeek-V3); 0 = off
-    moe.batch_prioritized = False      # BPR: fill capacity by top-1 probability
+    moe.batch_prioritized = False      # BPR: fill capacity by top-1 probability (not causal: encoders only)
+    moe.capacity_fill = "token"        # capacity dispatch queue order: token (each token's copies together; causal) | slot (GShard: all first choices first; encoders only for k >= 2)
     moe.group_size = 0                 # routing-group size in tokens; 0 = one group per sequence
     moe.gmm_backend = "auto"           # auto | ragged_dot | dense
     moe.router_init_scale = 0.1

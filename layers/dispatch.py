@@ -11,9 +11,12 @@ their logical axis names are :data:`EXPERT_PARAM_NAMES`.
 Three dispatchers, all pure functions:
 
 * :func:`capacity_moe` (Switch Transformers, GShard): fixed ``[G, E, C, D]`` buffers per
-  routing group. Copies fill an expert's ``C`` slots in slot order (all first choices,
-  then all second choices, as GShard), within a slot in token order or, with
-  ``Routing.priority``, by decreasing priority (batch-prioritised routing). Copies over
+  routing group. Copies fill an expert's ``C`` slots in token order (``fill='token'``:
+  token 0's copies, then token 1's, ...; the only order that keeps a decoder causal,
+  since whether a copy is kept then depends on earlier tokens only) or in slot order
+  (``fill='slot'``: all first choices, then all second choices, as GShard; with ``K >= 2``
+  a later token's first choice can displace an earlier token's second choice), and
+  with ``Routing.priority`` by decreasing priority (batch-prioritised routing). Copies over
   capacity are dropped: their MoE output is 0 and the residual carries the token. Two
   implementations of the same maths: ``'index'`` (gathers only, into and out of the
   buffers, with gather VJPs; the main path, memory ``O(S·K·D)``) and ``'einsum'``
@@ -61,6 +64,7 @@ EXPERT_PARAM_NAMES: dict[str, tuple[str, str, str]] = {
 }
 EXPERT_TYPES = ("swiglu", "gelu")
 CAPACITY_IMPLS = ("index", "einsum")
+CAPACITY_FILLS = ("token", "slot")
 
 
 # ------------------------------------------------------------------ expert maths
@@ -291,18 +295,20 @@ def _experts_on_buffers(buf: Array, params: Params, *, expert_type: str) -> tupl
 
 
 def capacity_slots(indices: Array, priority: Array | None, num_experts: int,
-                   capacity: int) -> tuple[Array, Array]:
+                   capacity: int, fill: str = "token") -> tuple[Array, Array]:
     """Buffer slots of one group's token copies, and the copy in each slot.
 
-    Copies queue for their expert in fill order: slot level ``k`` major (all first
-    choices before any second choice, as GShard), then token order or, with
-    ``priority``, decreasing priority (batch-prioritised routing). The first ``C`` of
-    each queue are kept. Computed with one stable sort and gathers, memory ``O(S·K)``.
+    Copies queue for their expert in fill order: tokens in order (or, with
+    ``priority``, by decreasing priority: batch-prioritised routing), and then
+    ``fill='token'``: each token's copies together (token-major, causal) or
+    ``fill='slot'``: slot level ``k`` major (all first choices before any second
+    choice, as GShard). The first ``C`` of each queue are kept. Computed with one stable
+    sort and gathers, memory ``O(S·K)``.
 
     Args:
       indices: int32 ``[S, K]`` expert per slot (``-1``: none).
       priority: ``[S]`` or ``None``.
-      num_experts: ``E``. capacity: ``C``.
+      num_experts: ``E``. capacity: ``C``. fill: ``'token'`` or ``'slot'``.
 
     Returns:
       slot: int32 ``[S, K]``: flat buffer slot ``e·C + c`` of each copy, ``E·C`` if the
@@ -315,8 +321,12 @@ def capacity_slots(indices: Array, priority: Array | None, num_experts: int,
         token_order = jnp.arange(s, dtype=jnp.int32)
     else:
         token_order = jnp.argsort(-priority, stable=True).astype(jnp.int32)  # [S]
-    # copy ids (t·K + k) in fill order: all slot-0 copies, then slot 1, ...
-    order = (token_order[None, :] * k + jnp.arange(k, dtype=jnp.int32)[:, None]).reshape(-1)  # [K·S]
+    if fill not in CAPACITY_FILLS:
+        raise ValueError(f"unknown capacity fill order {fill!r}; known: {list(CAPACITY_FILLS)}")
+    copy_ids = token_order[None, :] * k + jnp.arange(k, dtype=jnp.int32)[:, None]  # [K, S]
+    # copy ids (t·K + k) in fill order: slot: all slot-0 copies, then slot 1, ...;
+    # token: token 0's copies, then token 1's, ...
+    order = (copy_ids if fill == "slot" else copy_ids.T).reshape(-1)  # [K·S]
     flat = indices.reshape(-1)
     ids = jnp.where(flat < 0, e, flat)[order]  # [K·S] expert of each copy in fill order
     perm = jnp.argsort(ids, stable=True)  # queue of each expert, contiguous
@@ -337,7 +347,7 @@ def capacity_slots(indices: Array, priority: Array | None, num_experts: int,
 
 def capacity_moe(x: Array, indices: Array, weights: Array, priority: Array | None,
                  params: Params, *, capacity: int, expert_type: str,
-                 impl: str = "index") -> tuple[Array, Array]:
+                 impl: str = "index", fill: str = "token") -> tuple[Array, Array]:
     """Capacity-buffer MoE on routing groups.
 
     Args:
@@ -348,6 +358,7 @@ def capacity_moe(x: Array, indices: Array, weights: Array, priority: Array | Non
       capacity: ``C`` slots per expert and group.
       impl: ``'index'`` (gathers with :func:`take_rows`) or ``'einsum'`` (one-hot
         ``[G, S, E, C]`` reference).
+      fill: queue order of the copies, ``'token'`` or ``'slot'`` (:func:`capacity_slots`).
 
     Returns: ``y [G, S, D]`` and the dropped fraction of routed copies (scalar).
     """
@@ -356,7 +367,7 @@ def capacity_moe(x: Array, indices: Array, weights: Array, priority: Array | Non
     g, s, d = x.shape
     k = indices.shape[-1]
     e, c = params["wi"].shape[0], capacity
-    slot, src = jax.vmap(functools.partial(capacity_slots, num_experts=e, capacity=c))(
+    slot, src = jax.vmap(functools.partial(capacity_slots, num_experts=e, capacity=c, fill=fill))(
         indices, priority)  # [G, S, K], [G, E·C]
     valid = indices >= 0
     kept = slot < e * c  # [G, S, K]

@@ -101,6 +101,9 @@ class MoE(nn.Module):
       group_size: routing group size ``S``; 0 = one group per sequence.
       gmm_backend: dropless grouped matmul: ``'auto'``, ``'ragged_dot'`` or ``'dense'``.
       capacity_impl: ``'index'`` (scatter/gather) or ``'einsum'`` (one-hot reference).
+      capacity_fill: order in which copies fill the buffers: ``'token'`` (each token's
+        copies together, in token order: causal) or ``'slot'`` (all first choices, then
+        all second choices, as GShard: not causal for ``k >= 2``).
       expert_type: ``'swiglu'`` or ``'gelu'``.
       num_shared_experts / shared_expert_dim: shared experts (0 width: ``expert_dim``).
       shared_expert_gate: multiply the shared experts' output by a per-token sigmoid gate
@@ -120,6 +123,7 @@ class MoE(nn.Module):
     group_size: int = 0
     gmm_backend: str = "auto"
     capacity_impl: str = "index"
+    capacity_fill: str = "token"
     expert_type: str = "swiglu"
     num_shared_experts: int = 0
     shared_expert_dim: int = 0
@@ -176,7 +180,8 @@ class MoE(nn.Module):
             priority = None if routing.priority is None else routing.priority.reshape(g, s)
             y, dropped = dispatch_lib.capacity_moe(
                 xc.reshape(g, s, d), routing.indices.reshape(g, s, k), routing.weights.reshape(g, s, k),
-                priority, params, capacity=c, expert_type=self.expert_type, impl=self.capacity_impl)
+                priority, params, capacity=c, expert_type=self.expert_type, impl=self.capacity_impl,
+                fill=self.capacity_fill)
         else:
             y = dispatch_lib.dropless_moe(xc.reshape(t, d), routing.indices, routing.weights, params,
                                           expert_type=self.expert_type, gmm_backend=self.gmm_backend)
@@ -231,6 +236,7 @@ def moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dt
         min_capacity=int(moe_cfg.min_capacity),
         group_size=int(moe_cfg.group_size),
         gmm_backend=str(moe_cfg.gmm_backend),
+        capacity_fill=str(moe_cfg.get("capacity_fill", "token")),
         expert_type=str(moe_cfg.expert_type),
         num_shared_experts=int(moe_cfg.num_shared_experts),
         shared_expert_dim=int(moe_cfg.shared_expert_dim),
@@ -259,6 +265,7 @@ def validate_moe_config(moe_cfg: Any, *, causal: bool, mesh_shape: dict[str, int
     choose("dispatch", DISPATCH_MODES)
     choose("gmm_backend", GMM_BACKENDS)
     choose("expert_type", EXPERT_TYPES)
+    choose("capacity_fill", dispatch_lib.CAPACITY_FILLS)
     e = int(moe_cfg.num_experts)
     if e < 1:
         raise ValueError(f"moe.num_experts={e} must be >= 1")
@@ -272,6 +279,14 @@ def validate_moe_config(moe_cfg: Any, *, causal: bool, mesh_shape: dict[str, int
         for key in ("capacity_factor", "eval_capacity_factor"):
             if float(moe_cfg[key]) <= 0:
                 raise ValueError(f"moe.{key}={moe_cfg[key]} must be > 0 with moe.dispatch='capacity'")
+        if causal and moe_cfg.capacity_fill == "slot" and int(moe_cfg.k) > 1:
+            raise ValueError(f"moe.capacity_fill='slot' with moe.k={moe_cfg.k} lets a later token's first choice "
+                             "displace an earlier token's second choice, which a causal model cannot allow; "
+                             "use moe.capacity_fill='token' (or k=1)")
+        if causal and bool(moe_cfg.batch_prioritized):
+            raise ValueError("moe.batch_prioritized=True fills capacity by router probability across the "
+                             "group, so later tokens decide which earlier ones are dropped; a causal model "
+                             "cannot allow it: use batch_prioritized=False (or moe.dispatch='dropless')")
     n_exp = int(mesh_shape.get("expert", 1))
     if n_exp > 1 and e % n_exp:
         divisors = [n for n in range(1, e + 1) if e % n == 0]

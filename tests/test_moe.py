@@ -471,3 +471,38 @@ def test_compiled_dropless_has_no_dense_expert_by_token_buffer(backend, dense_ex
     limit = e * (b * l * 2) * min(d, f)            # E x (T*K rows) x width
     sizes = [np.prod([int(n) for n in dims.split(",") if n]) for dims in re.findall(r"[fbs]\d+\[([\d,]+)\]", hlo)]
     assert (max(sizes) >= limit) == dense_expected, (backend, max(sizes), limit)
+
+
+def test_capacity_token_fill_is_causal_and_slot_fill_is_gshard():
+    """Two tokens, k=2, one slot per expert. Token 0 picks (e0, e1), token 1 picks (e1, e0).
+    GShard's slot order queues both first choices first: token 1's first choice takes e1
+    from token 0's second choice (a later token changes an earlier one's output). Token
+    order keeps token 0's two copies and drops token 1's."""
+    indices = jnp.array([[0, 1], [1, 0]], jnp.int32)
+    slots = jax.jit(dispatch_lib.capacity_slots, static_argnames=("num_experts", "capacity", "fill"))
+    slot, _ = slots(indices, None, num_experts=2, capacity=1, fill="slot")
+    assert np.asarray(slot).tolist() == [[0, 2], [1, 2]]        # 2 = dropped: token 0 lost e1
+    slot, _ = slots(indices, None, num_experts=2, capacity=1, fill="token")
+    assert np.asarray(slot).tolist() == [[0, 1], [2, 2]]        # token 0 complete, token 1 dropped
+    # causality through the block: with token fill, changing the last token of a group
+    # leaves every earlier token's output unchanged, with drops happening
+    x = make_x()
+    model, _, variables = build(make_cfg(dispatch="capacity", capacity_factor=0.5, eval_capacity_factor=0.5,
+                                         min_capacity=0), x)
+    y1 = np.asarray(_apply(model, variables, x)[0])
+    y2, aux = _apply(model, variables, x.at[:, -1].set(make_x(9)[:, -1]))
+    assert float(aux["stats"]["dropped_fraction"]) > 0
+    np.testing.assert_array_equal(y1[:, :-1], np.asarray(y2)[:, :-1])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(dispatch="capacity", capacity_fill="slot", k=2), r"moe.capacity_fill='slot' with moe.k=2 .* causal"),
+    (dict(dispatch="capacity", batch_prioritized=True), r"moe.batch_prioritized=True .* causal"),
+    (dict(dispatch="capacity", capacity_fill="bogus"), r"moe.capacity_fill='bogus' is unknown"),
+])
+def test_non_causal_capacity_options_are_refused_in_decoders(overrides, match):
+    with pytest.raises(ValueError, match=match) as err:
+        moe_lib.validate_moe_config(make_cfg(**overrides), causal=True, mesh_shape={})
+    assert "\n" not in str(err.value)
+    if "bogus" not in overrides.get("capacity_fill", ""):
+        moe_lib.validate_moe_config(make_cfg(**overrides), causal=False, mesh_shape={})   # encoders may

@@ -143,7 +143,7 @@ def capture_routing(model: Any, variables: dict[str, Any], tokens: jax.Array, *,
 
 
 def dropped_mask(indices: jax.Array, priority: jax.Array | None, *, num_experts: int,
-                 group_size: int, capacity: int) -> jax.Array:
+                 group_size: int, capacity: int, fill: str = "token") -> jax.Array:
     """bool ``[T, K]``: routed copies (``indices >= 0``) that capacity dispatch drops.
 
     Same rule as the dispatcher: :func:`routezoo.layers.dispatch.capacity_slots` per
@@ -155,7 +155,7 @@ def dropped_mask(indices: jax.Array, priority: jax.Array | None, *, num_experts:
     idx = jnp.asarray(indices).reshape(g, group_size, k)
     prio = None if priority is None else jnp.asarray(priority).reshape(g, group_size)
     slot, _ = jax.vmap(functools.partial(capacity_slots, num_experts=num_experts,
-                                         capacity=capacity))(idx, prio)
+                                         capacity=capacity, fill=fill))(idx, prio)
     return ((idx >= 0) & (slot >= num_experts * capacity)).reshape(t, k)
 
 
@@ -193,7 +193,8 @@ def make_forward(model: Any, moe_cfg: Any, seq_len: int) -> Any:
                 if c is None or r.expert_indices is not None:
                     d = jnp.zeros(r.indices.shape, bool)
                 else:
-                    d = dropped_mask(r.indices, r.priority, num_experts=e, group_size=s, capacity=c)
+                    d = dropped_mask(r.indices, r.priority, num_experts=e, group_size=s, capacity=c,
+                                     fill=str(moe_cfg.capacity_fill))
                 dropped[name] = d.reshape(b, l, k)
             # the setting this forward pass ran (eval or dropless), over all tokens, padding
             # included, as the model's own statistic counts: a check of the recomputation
