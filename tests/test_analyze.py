@@ -196,6 +196,11 @@ def test_errors_are_one_line_exit_2(capacity_run, data_dir, tmp_path, capsys):
     (dense / "config.json").write_text(tiny_config(data_dir).to_json())
     assert "no MoE layers" in run(dense)
 
+    duo = tmp_path / "duo"
+    duo.mkdir()
+    (duo / "config.json").write_text(tiny_config(data_dir, **{"model.ffn": "moe", "model.moe.router": "duo"}).to_json())
+    assert "moe.router='duo' (Duo-LLM) chooses big/small/skip" in run(duo)
+
     assert "not a routezoo training workdir" in run(tmp_path / "missing")
     assert cli.main(["analyze", "--workdir", capacity_run, "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err

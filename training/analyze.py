@@ -697,9 +697,14 @@ def analyze(workdir: str, *, steps: int | None = None, top: int = 10, min_count:
     if not layers:
         raise AnalyzeError(f"the model in {workdir} has no MoE layers (model.ffn={config.model.ffn!r}); "
                            f"routing analysis needs at least one")
-    if str(config.model.moe.router) == "soft":
-        raise AnalyzeError("moe.router='soft' (Soft MoE) makes no token-to-expert decisions to analyse "
-                           "(every token reaches every slot); its routing statistics are in metrics.jsonl")
+    no_experts = {   # routers whose layers make no token-to-expert choices
+        "soft": "moe.router='soft' (Soft MoE) makes no token-to-expert decisions to analyse "
+                "(every token reaches every slot); its routing statistics are in metrics.jsonl",
+        "duo": "moe.router='duo' (Duo-LLM) chooses big/small/skip, not experts; its option fractions are in "
+               "metrics.jsonl and routezoo.zoo.duo.summarize_oracle analyses oracle routes",
+    }
+    if str(config.model.moe.router) in no_experts:
+        raise AnalyzeError(no_experts[str(config.model.moe.router)])
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
         raise AnalyzeError(f"no checkpoint in {ckpt_dir}")
