@@ -618,6 +618,12 @@ class NullExpertsRouter(Router):
                        losses=losses, stats=stats)
 
     @classmethod
+    def active_expert_fraction(cls, moe_cfg: Any, seq_len: int | None = None) -> float:
+        """``k / (E + m)``: the real experts a token uses when the load is spread evenly
+        over the ``E + m`` experts (the load-balance target), divided by ``E``."""
+        return int(moe_cfg.k) / (int(moe_cfg.num_experts) + int(moe_cfg.num_null_experts))
+
+    @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "NullExpertsRouter":
         return cls(**cls.common_kwargs(moe_cfg), k=int(moe_cfg.k),
                    num_null_experts=int(moe_cfg.num_null_experts),

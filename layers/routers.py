@@ -213,6 +213,12 @@ class Router(nn.Module):
         return cls(**cls.common_kwargs(moe_cfg), **kwargs)
 
     @classmethod
+    def active_expert_fraction(cls, moe_cfg: Any, seq_len: int | None = None) -> float:
+        """Share of the stacked experts' parameters that one token uses, for the
+        active-parameter count (``zoo.count_params``): ``k / num_experts`` by default."""
+        return int(moe_cfg.k) / int(moe_cfg.num_experts)
+
+    @classmethod
     def eval_variants(cls, moe_cfg: Any) -> dict[str, dict[str, Any]]:
         """Extra evaluations the training loop runs beside the plain one:
         ``{suffix: {moe_key: value}}``; each is the same variables evaluated with

@@ -161,6 +161,14 @@ class SoftRouter(Router):
         return SoftRouting(dispatch=dispatch, combine=combine, stats=stats)
 
     @classmethod
+    def active_expert_fraction(cls, moe_cfg: Any, seq_len: int | None = None) -> float:
+        """``S / M``: the ``E·S`` slots of a group of ``M`` tokens cost ``E·S/M`` experts per
+        token (``M`` = ``moe.group_size`` or ``seq_len``; without either, ``1 / E``)."""
+        m = int(moe_cfg.group_size) or seq_len
+        e = int(moe_cfg.num_experts)
+        return slots_per_expert(m, e, int(moe_cfg.soft_slots_per_expert)) / m if m else 1.0 / e
+
+    @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "SoftRouter":
         return cls(**cls.common_kwargs(moe_cfg), slots_per_expert=int(moe_cfg.soft_slots_per_expert),
                    normalize=bool(moe_cfg.soft_normalize), **kwargs)

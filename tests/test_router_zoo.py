@@ -468,3 +468,18 @@ def test_moe_block_both_dispatchers_on_an_expert_mesh(router, dispatch):
     assert float(jnp.abs(g_x).max()) > 0
     if router in ("top_p", "null_experts"):
         assert float(jnp.abs(g_params["router"]["kernel"]).max()) > 0  # learned routers learn
+
+
+def test_active_parameter_count_follows_the_router():
+    """zoo.count_params counts expert parameters by the router's share per token: k/E for
+    top-k, k/(E+m) real experts with m null experts (AdaMoE's balanced target)."""
+    from routezoo import zoo
+    e, f, d = 8, 16, 4
+    params = {"experts": {"wi": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((e, d, f), jnp.float32),
+                                                        ("expert", "embed", "expert_mlp"))},
+              "dense": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((d, d), jnp.float32), ("embed", "mlp"))}
+    model_cfg = base.get_config().model
+    model_cfg.moe.update(num_experts=e, k=4, router="top_k")
+    assert zoo.count_params(params, model_cfg) == (e * d * f + d * d, e * d * f // 2 + d * d)
+    model_cfg.moe.update(router="null_experts", num_null_experts=8)
+    assert zoo.count_params(params, model_cfg) == (e * d * f + d * d, e * d * f // 4 + d * d)

@@ -36,21 +36,20 @@ def count_params(params: Any, model_cfg: Any, seq_len: int | None = None) -> tup
     """(total, active per token) parameter counts.
 
     ``params`` may be boxed (``nn.LogicallyPartitioned``) or abstract shapes. A parameter
-    whose first logical axis is ``expert`` counts toward the active total in proportion
-    ``k / num_experts`` (each token uses k of the stacked experts). Soft MoE
-    (``moe.router='soft'``): in proportion ``S / M`` (the ``E·S`` slots of a group of ``M``
-    tokens cost ``E·S/M`` experts per token; ``M`` = ``moe.group_size`` or ``seq_len``;
-    without either, ``1 / num_experts``).
+    whose first logical axis is ``expert`` counts toward the active total in the proportion
+    the router gives (:meth:`~routezoo.layers.routers.Router.active_expert_fraction`:
+    ``k / num_experts`` for top-k; ``k / (E + m)`` with ``m`` null experts; ``S / M`` for
+    Soft MoE's slots over a group of ``M`` tokens).
     """
     total, active = 0, 0.0
     leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     moe = getattr(model_cfg, "moe", None)
-    frac = (moe.k / moe.num_experts) if moe is not None and moe.num_experts else 1.0
-    if moe is not None and moe.router == "soft" and moe.num_experts:
-        from routezoo.layers.soft_moe import slots_per_expert
-        m = int(moe.group_size) or seq_len
-        frac = (slots_per_expert(m, moe.num_experts, int(moe.soft_slots_per_expert)) / m if m
-                else 1.0 / moe.num_experts)
+    frac = 1.0
+    if moe is not None and moe.num_experts:
+        from routezoo.layers.moe import ROUTERS   # the MoE module registers every router
+        router = ROUTERS.get(str(moe.router))
+        frac = (router.active_expert_fraction(moe, seq_len) if router is not None
+                else moe.k / moe.num_experts)
     for leaf in leaves:
         names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
         value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
