@@ -1,10 +1,9 @@
 """Hugging Face import/export (routezoo.zoo.hf).
 
 Parity tests build tiny randomly initialised models with ``transformers`` (PyTorch, CPU,
-float32), save them, import them and compare logits and router top-k choices on a
-right-padded batch: routezoo's LM has no padding mask, and with right padding and causal
-attention the non-padded positions do not see the padding, so logits are compared there
-only (the HF model gets the attention mask). They skip when torch/transformers are not
+float32), save them, import them and compare logits and router top-k choices on a padded
+batch (one full row, one right-padded, one left-padded): both sides get the attention
+mask and the positions ``cumsum(mask) - 1``, and logits are compared at real tokens. They skip when torch/transformers are not
 installed (``pip install routezoo[hf]``); the error, sharding and round-trip-on-disk
 tests need only ``safetensors``.
 """
@@ -24,6 +23,7 @@ from flax import linen as nn
 from routezoo.layers import sharding as shd
 from routezoo.layers.routers import TopKRouter
 from routezoo.zoo import hf
+from routezoo.zoo.lm import positions_from_mask
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -47,7 +47,7 @@ FAMILIES = {
 ARCH = {"llama": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
         "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
-LENGTHS = (12, 7, 9)  # right padding: rows 1 and 2 are padded
+LENGTHS = (12, 7, 9)  # row 1 right-padded, row 2 left-padded
 RTOL = 1e-4
 
 
@@ -55,6 +55,7 @@ def _tokens():
     rng = np.random.RandomState(0)
     toks = rng.randint(3, COMMON["vocab_size"], (len(LENGTHS), max(LENGTHS)))
     mask = np.arange(max(LENGTHS))[None, :] < np.asarray(LENGTHS)[:, None]
+    mask[2] = mask[2][::-1]                                       # left padding
     return np.where(mask, toks, 0).astype(np.int32), mask
 
 
@@ -101,16 +102,19 @@ def hf_dir(tmp_path_factory):
 
 def _hf_forward(model, tokens, mask):
     import torch
+    positions = np.asarray(positions_from_mask(mask))
     with torch.no_grad():
         out = model(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                    position_ids=torch.tensor(positions, dtype=torch.long),
                     output_router_logits=getattr(model.config, "num_experts_per_tok", None) is not None)
     logits = out.logits.float().numpy()
     routers = [r.float().numpy() for r in (getattr(out, "router_logits", None) or ())]
     return logits, routers
 
 
-def _rz_forward(model, params, tokens):
-    (logits, _), state = model.apply({"params": params}, jnp.asarray(tokens), mutable=["intermediates"],
+def _rz_forward(model, params, tokens, mask):
+    (logits, _), state = model.apply({"params": params}, jnp.asarray(tokens), attention_mask=mask,
+                                     positions=positions_from_mask(mask), mutable=["intermediates"],
                                      capture_intermediates=lambda mdl, method: isinstance(mdl, TopKRouter))
     inter = state.get("intermediates", {})
     routers = [inter.get(f"layer{i}", {}).get("moe", {}).get("router", {}) for i in range(model.cfg.num_layers)]
@@ -123,7 +127,7 @@ def test_import_matches_transformers(family, hf_dir):
     model, params = hf.from_hf(path)
     tokens, mask = _tokens()
     ref_logits, ref_routers = _hf_forward(ref_model, tokens, mask)
-    logits, routings = _rz_forward(model, params, tokens)
+    logits, routings = _rz_forward(model, params, tokens, mask)
     assert logits.shape == ref_logits.shape
     assert _rel_err(logits, ref_logits, mask) <= RTOL
     assert len(routings) == len(ref_routers) == sum(k == "moe" for k in hf._ffn_kinds(model.cfg))

@@ -156,3 +156,32 @@ def test_param_and_flop_counts_match_formulas():
     fl = zoo.flops_per_token(m, 64, active)
     assert fl["forward"] == 2 * (total - V * d) + 2 * d * V + 4 * m.num_layers * h * k * 64
     assert fl["train"] == 3 * fl["forward"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_mask_makes_padded_rows_equal_unpadded(causal):
+    """With ``attention_mask`` (and ``positions_from_mask`` for left padding) a padded
+    row's logits at its real tokens equal those of the unpadded row, for the decoder
+    (left padding) and the bidirectional encoder (right padding: without the mask its
+    real tokens would attend to the padding)."""
+    from routezoo import zoo
+    from routezoo.configs import base
+    from routezoo.zoo.lm import positions_from_mask
+    c = base.get_config().model
+    c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.mlp_dim = 2, 32, 2, 1, 16, 64
+    c.ffn, c.moe.expert_dim = "mlp,moe", 32
+    if not causal:
+        c.name, c.vocab_size = "encoder_mlm", 259
+    model = zoo.build(c)
+    tokens = jax.random.randint(jax.random.key(0), (1, 7), 2, 258)
+    variables = model.init(jax.random.key(1), tokens)
+    ref, _ = model.apply(variables, tokens)
+    pad = jnp.zeros((1, 3), tokens.dtype)
+    padded = jnp.concatenate([pad, tokens] if causal else [tokens, pad], axis=1)
+    mask = (jnp.arange(10) >= 3) if causal else (jnp.arange(10) < 7)
+    mask = mask[None].astype(jnp.int32)
+    out, _ = model.apply(variables, padded, attention_mask=mask, positions=positions_from_mask(mask))
+    real = out[:, 3:] if causal else out[:, :7]
+    np.testing.assert_allclose(real, ref, rtol=1e-5, atol=1e-5)
+    unmasked, _ = model.apply(variables, padded, positions=positions_from_mask(mask))
+    assert not np.allclose(unmasked[:, 3:] if causal else unmasked[:, :7], ref, atol=1e-3)

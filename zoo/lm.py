@@ -69,6 +69,14 @@ def ffn_kinds(cfg: Any) -> tuple[str, ...]:
     return kinds
 
 
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Rotary positions of a padded batch: ``cumsum(mask) - 1`` (0 at padding), so a
+    left-padded row's first real token is at position 0, as Hugging Face's ``generate``
+    numbers them. int32 ``[B, L]``."""
+    m = jnp.asarray(attention_mask).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
 def resolve_dtype(name: str) -> Any:
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -86,12 +94,17 @@ class Block(nn.Module):
     causal: bool = True          # False: bidirectional attention (the encoder, zoo/encoder.py)
 
     @nn.compact
-    def __call__(self, x, positions, deterministic: bool, token_ids=None, router_inputs=None):
+    def __call__(self, x, positions, deterministic: bool, token_ids=None, router_inputs=None,
+                 segment_mask=None):
+        # segment_mask: bool [B, 1, L, L] (True: query may attend to key) or None
         c = self.cfg
         norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         h = norm("attn_norm")(x)
         attn_aux = None
         if self.ffn_kind == "moe" and c.moe.router == "uoe":   # UoE: heads as experts (layers/uoe.py)
+            if segment_mask is not None:
+                raise ValueError("DecoderLM: attention_mask is not supported with moe.router='uoe' "
+                                 "(selective attention has no padding mask)")
             from routezoo.layers.uoe import selective_attention_from_config
             y, attn_aux = selective_attention_from_config(
                 c, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h, positions)
@@ -102,7 +115,7 @@ class Block(nn.Module):
                 rope_theta=c.rope_theta, causal=self.causal, implementation=c.attention_impl,
                 dtype=self.dtype, param_dtype=self.param_dtype,
                 qkv_bias=bool(c.get("qkv_bias", False)), qk_norm=str(c.get("qk_norm", "none")),
-                qk_norm_eps=float(c.norm_eps), name="attn")(h, positions)
+                qk_norm_eps=float(c.norm_eps), name="attn")(h, positions, segment_mask)
         h = norm("ffn_norm")(x)
         ffn = FFN_BUILDERS[self.ffn_kind](c, self.dtype, self.param_dtype, self.ffn_kind)
         extra = {} if router_inputs is None else {"router_inputs": router_inputs}
@@ -124,6 +137,13 @@ class DecoderLM(nn.Module):
     the term over tokens and adds the second pass's cross-entropy too; here the loop's
     cross-entropy is on the first pass and the term is a per-token mean, so its scale
     does not grow with the batch.
+
+    Padded batches: ``attention_mask`` int/bool ``[B, L]`` (1 = real token) keeps every
+    query from attending to padded keys; outputs at padded positions are meaningless.
+    Positions default to ``0..L-1`` in every row (Hugging Face's forward does the same);
+    for left padding pass ``positions=positions_from_mask(mask)``. Routing is per token,
+    so padded tokens never change a real token's experts, except through capacity
+    dispatch (they take buffer slots) and the Read-ME pre-gate (its attention sees them).
 
     Routers with state outside one layer (``layers/model_routers.py``) get it explicitly:
 
@@ -168,11 +188,17 @@ class DecoderLM(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                  positions: jax.Array | None = None, routes: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None,
                  _routes_only: bool = False) -> tuple[jax.Array, Aux]:
         c = self.cfg
         dtype, param_dtype = resolve_dtype(c.dtype), jnp.dtype(c.param_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        # Padding: no query attends to a key whose attention_mask is 0 (queries at padded
+        # positions still run; their outputs mean nothing and are to be ignored).
+        segment_mask = None
+        if attention_mask is not None:
+            segment_mask = (jnp.asarray(attention_mask) > 0)[:, None, None, :]   # [B, 1, 1, L]: keys
         moe_layers = self.moe_layers()
         router_kind = str(c.moe.router) if moe_layers else None
         b, l = tokens.shape
@@ -224,7 +250,7 @@ class DecoderLM(nn.Module):
                                      "routes": None if routes is None else routes[j].reshape(b * l, -1)}
                 elif i in moe_layers and routes is not None:   # duo: options fixed from outside
                     router_inputs = {"routes": routes[moe_layers.index(i)].reshape(b * l)}
-                x, aux = block(x, positions, deterministic, tokens, router_inputs)
+                x, aux = block(x, positions, deterministic, tokens, router_inputs, segment_mask)
                 if router_cell is not None:
                     state = aux.get("router_state", state)   # dense layers: unchanged
                     if not self.is_initializing():
