@@ -38,6 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
     m.attention_impl = "auto"    # jax.nn.dot_product_attention implementation: auto | xla | cudnn
     m.qkv_bias = False           # biases on the q/k/v projections (Qwen2, Qwen2-MoE)
     m.qk_norm = "none"           # RMSNorm of q and k before rotary: none | head (Qwen3) | full (OLMoE, over H*K)
+    m.attention = "mha"          # mha (layers/dense.Attention) | mla (multi-head latent attention, DeepSeek-V2/V3: layers/mla.py)
+    m.mla_q_lora_rank = 0        # mla: query latent rank Q (with its RMSNorm); 0 = plain query projection
+    m.mla_kv_lora_rank = 64      # mla: key/value latent rank R
+    m.mla_qk_nope_head_dim = 32  # mla: per-head query/key dims without rotary N
+    m.mla_qk_rope_head_dim = 16  # mla: rotary query/key dims P (the rotary key is shared by all heads)
+    m.mla_v_head_dim = 32        # mla: value head dim V
+    m.mla_rope_interleave = True # mla: rotary pairs (0,1),(2,3),... (DeepSeek checkpoints); False: (i, i+P/2)
     m.hf_architecture = ""       # HF class imported from (zoo.hf), the default for export; "" = inferred
     # Feed-forward slot per layer: "mlp" everywhere, "moe" (every `moe.every`-th layer, the
     # others "mlp"), or a comma-separated list with one entry per layer, e.g. "mlp,moe".
@@ -49,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8
     moe.k = 2
-    moe.router = "top_k"               # top_k | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate | duo | uoe | soft
+    moe.router = "top_k"               # top_k | deepseek_v3 | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate | duo | uoe | soft
     moe.dispatch = "dropless"          # capacity | dropless
     moe.capacity_factor = 1.25         # training
     moe.eval_capacity_factor = 2.0     # evaluation
@@ -71,6 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
     moe.group_size = 0                 # routing-group size in tokens; 0 = one group per sequence
     moe.gmm_backend = "auto"           # auto | ragged_dot | dense
     moe.router_init_scale = 0.1
+    # DeepSeek-V3 routing (layers/deepseek_router.py), moe.router=deepseek_v3: sigmoid scores, group-limited top-k,
+    # a selection-only correction bias (a frozen parameter); moe.renormalize is norm_topk_prob.
+    moe.deepseek_v3_n_group = 1        # deepseek_v3: expert groups N (E divisible by N); 1 = plain top-k
+    moe.deepseek_v3_topk_group = 1     # deepseek_v3: groups kept per token (by the sum of each group's top-2 scores)
+    moe.deepseek_v3_scaling_factor = 1.0  # deepseek_v3: routed_scaling_factor multiplying the combine weights
     # Router zoo (layers/router_zoo.py): more moe.router values: hash | thor | smoe_dropout |
     # top_p | null_experts. Each key below is read only by the router it is prefixed with.
     moe.hash_seed = 0                  # hash: seed of the fixed token-id -> expert map (Roller et al. 2021)

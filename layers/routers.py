@@ -394,3 +394,4 @@ from routezoo.layers import router_zoo  # noqa: E402,F401  (registers hash, thor
 from routezoo.layers import model_routers  # noqa: E402,F401  (registers recurrent, pregate)
 from routezoo.layers import uoe  # noqa: E402,F401  (registers uoe)
 from routezoo.layers import duo  # noqa: E402,F401  (registers duo: Duo-LLM big / small / skip)
+from routezoo.layers import deepseek_router  # noqa: E402,F401  (registers deepseek_v3)

@@ -69,6 +69,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     _one_of(m.dtype, ("auto", "bfloat16", "float32"), "model.dtype")
     _one_of(m.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
     _one_of(m.attention_impl, ("auto", "xla", "cudnn"), "model.attention_impl")
+    _one_of(m.attention, ("mha", "mla"), "model.attention")
     _one_of(o.name, OPTIMIZERS, "optimizer.name")
     _one_of(o.schedule, SCHEDULES, "optimizer.schedule")
     _one_of(o.weight_decay_mask, DECAY_MASKS, "optimizer.weight_decay_mask")

@@ -109,6 +109,10 @@ class Block(nn.Module):
             y, attn_aux = selective_attention_from_config(
                 c, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h, positions)
             x = x + y
+        elif str(c.get("attention", "mha")) == "mla":   # DeepSeek-V2/V3 latent attention (layers/mla.py)
+            from routezoo.layers.mla import mla_from_config
+            x = x + mla_from_config(c, causal=self.causal, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    name="attn")(h, positions, segment_mask)
         else:
             x = x + dense.Attention(
                 num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,

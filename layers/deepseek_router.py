@@ -1,0 +1,117 @@
+"""DeepSeek-V3 routing: sigmoid affinities, group-limited top-k, a selection-only bias.
+
+Einsum letters: ``T`` tokens, ``D`` embed, ``E`` experts, ``K`` experts per token,
+``N`` expert groups (``n_group``), ``J`` experts per group (``E / N``), ``G`` routing
+groups and ``S`` group size (``T = G·S``, for the load-balancing statistic only).
+
+DeepSeek-AI (2024), "DeepSeek-V3 Technical Report" (and "DeepSeek-V2", 2024, for
+device/group-limited routing). :class:`DeepSeekV3Router` (``moe.router='deepseek_v3'``):
+
+    s      = sigmoid(x @ W)                           [T, E] affinities, float32
+    c      = s + b                                    selection scores (b: correction bias)
+    group  = sum of the top-2 c of each of N groups   [T, N]
+    keep the topk_group best groups; top-k of c over their experts -> indices [T, K]
+    w      = s[indices] (/ (sum + 1e-20) if renormalize) · routed_scaling_factor
+
+The bias ``b`` only chooses experts; the weights are the raw affinities. This matches
+the Hugging Face ``transformers`` DeepseekV3TopkRouter (including the ``1e-20`` in the
+denominator and renormalising even for ``k = 1``, unlike :class:`TopKRouter`).
+
+Deviation (documented choice): the correction bias is the parameter ``score_bias`` ``[E]``
+(float32, replicated: logical names ``(None,)``) of the ``'params'`` collection, read through
+``stop_gradient`` (it gets no gradient), so that imported checkpoints carry it in and
+out with the other parameters (``zoo/hf.py``'s ``e_score_correction_bias``). The paper
+updates it online (``b_e += γ·sign(mean load − load_e)``); that update is not done
+here, and ``moe.bias_update_rate > 0`` is refused with this router (use
+``moe.router='top_k'`` with ``bias_update_rate`` for online aux-loss-free balancing).
+Being 1-D, the bias is outside the default ``'matrices'`` weight-decay mask; with
+``optimizer.weight_decay_mask='all'`` decoupled weight decay would shrink it.
+
+Losses/stats: the Switch load-balancing loss (``load_balance_coef``) and the statistics
+use the affinities normalised over experts, ``s / Σ_e s`` (DeepSeek-V3's
+complementary sequence-wise loss normalises them the same way; its loss form differs
+and is not implemented); the z-loss is on the logits ``x @ W``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from routezoo.layers import sharding
+from routezoo.layers.routers import (ROUTERS, Routing, TopKRouter, _num_groups, check_k, load_balance_loss,
+                                     routing_stats, top_k)
+
+Array = jax.Array
+
+
+class DeepSeekV3Router(TopKRouter):
+    """DeepSeek-V3 router (see the module docstring). ``renormalize`` is
+    ``norm_topk_prob``; ``n_group = 1`` is plain top-k over all experts."""
+
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
+        # x: [T, D]
+        t, e = x.shape[0], self.num_experts
+        g, s = _num_groups(t, group_size)
+        logits = self.router_logits(x, deterministic)                          # [T, E]
+        scores = jax.nn.sigmoid(logits)                                        # [T, E]
+        bias = self.param("score_bias", sharding.param(nn.initializers.zeros, (None,)), (e,), jnp.float32)
+        choice = scores + jax.lax.stop_gradient(bias)[None, :]                 # [T, E]
+        if self.n_group > 1:
+            n, j = self.n_group, e // self.n_group
+            top2, _ = top_k(choice.reshape(t, n, j), 2)                        # [T, N, 2]
+            _, groups = top_k(jnp.sum(top2, axis=-1), self.topk_group)          # [T, topk_group]
+            keep = jnp.max(jax.nn.one_hot(groups, n, dtype=bool), axis=1)      # [T, N]
+            choice = jnp.where(jnp.repeat(keep, j, axis=1), choice, -jnp.inf)  # [T, E]
+        _, indices = top_k(choice, self.k)                                     # [T, K]
+        weights = jnp.take_along_axis(scores, indices, axis=-1)                # [T, K]
+        if self.renormalize:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)              # [T, E]
+        expert_mask = jnp.max(jax.nn.one_hot(indices, e, dtype=jnp.float32), axis=1)  # [T, E]
+        lb = load_balance_loss(probs.reshape(g, s, e), expert_mask.reshape(g, s, e))
+        losses, stats = self.z_losses(logits)
+        if self.load_balance_coef > 0:
+            losses["load_balance"] = self.load_balance_coef * lb
+        stats["load_balance_loss"] = lb
+        stats.update(routing_stats(indices, probs, e))
+        return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
+                       losses=losses, stats=stats)
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "DeepSeekV3Router":
+        return cls(**cls.common_kwargs(moe_cfg), k=int(moe_cfg.k), renormalize=bool(moe_cfg.renormalize),
+                   load_balance_coef=float(moe_cfg.load_balance_coef),
+                   n_group=int(moe_cfg.deepseek_v3_n_group), topk_group=int(moe_cfg.deepseek_v3_topk_group),
+                   routed_scaling_factor=float(moe_cfg.deepseek_v3_scaling_factor), **kwargs)
+
+    @classmethod
+    def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
+        super(TopKRouter, cls).check_config(moe_cfg, causal=causal)
+        check_k(moe_cfg)
+        e, n, tg, k = (int(moe_cfg.num_experts), int(moe_cfg.deepseek_v3_n_group),
+                       int(moe_cfg.deepseek_v3_topk_group), int(moe_cfg.k))
+        if float(moe_cfg.bias_update_rate) != 0:
+            raise ValueError(f"moe.bias_update_rate={moe_cfg.bias_update_rate} must be 0 with moe.router='deepseek_v3' "
+                             "(its correction bias is a frozen parameter); use moe.router='top_k' for online updates")
+        if n < 1 or e % n or (n > 1 and e // n < 2):
+            raise ValueError(f"moe.deepseek_v3_n_group={n} must be >= 1 and divide moe.num_experts={e} "
+                             "into groups of at least 2 experts (or be 1)")
+        if n > 1 and not (1 <= tg <= n and k <= tg * (e // n)):
+            raise ValueError(f"moe.deepseek_v3_topk_group={tg} must be in [1, deepseek_v3_n_group={n}] and keep "
+                             f"at least moe.k={k} experts ({e // n} per group)")
+        if float(moe_cfg.deepseek_v3_scaling_factor) <= 0:
+            raise ValueError(f"moe.deepseek_v3_scaling_factor={moe_cfg.deepseek_v3_scaling_factor} must be > 0")
+
+
+ROUTERS["deepseek_v3"] = DeepSeekV3Router

@@ -1,0 +1,134 @@
+"""Multi-head latent attention (MLA; DeepSeek-AI 2024, "DeepSeek-V2: A Strong, Economical,
+and Efficient Mixture-of-Experts Language Model"; also DeepSeek-V3 Technical Report, 2024).
+
+Einsum letters: ``B`` batch, ``L`` length (queries), ``M`` length (keys), ``D`` embed,
+``H`` heads, ``Q`` query latent rank (``q_lora_rank``), ``R`` key/value latent rank
+(``kv_lora_rank``), ``N`` no-rope query/key head dim (``qk_nope_head_dim``), ``P`` rope
+head dim (``qk_rope_head_dim``), ``K = N + P`` query/key head dim, ``V`` value head dim.
+
+    q  = (RMSNorm(x @ q_a) @ q_b)  or  x @ q           [B, L, H, K] = [q_nope (N) | q_rope (P)]
+    c, k_rope = split(x @ kv_a, [R, P])                 c: [B, L, R], k_rope: [B, L, P] (one for all heads)
+    k_nope, v = split(RMSNorm(c) @ kv_b, [N, V])        [B, L, H, N], [B, L, H, V]
+    k  = [k_nope | rope(k_rope) broadcast over H]       [B, L, H, K]
+    y  = softmax(q·k / sqrt(K) + mask) @ v @ o          [B, L, D]
+
+Parameters (logical names): ``q_a`` ``[D, Q]`` (embed, rank), ``q_a_norm/scale`` ``[Q]``,
+``q_b`` ``[Q, H, K]`` (rank, heads, head_dim) when ``q_lora_rank > 0``, else ``q``
+``[D, H, K]``; ``kv_a`` ``[D, R + P]`` (embed, rank), ``kv_a_norm/scale`` ``[R]``, ``kv_b``
+``[R, H, N + V]`` (rank, heads, head_dim), ``o`` ``[H, V, D]`` (heads, head_dim, embed).
+``kv_a`` is one parameter (latent and rope key together) as in the checkpoints.
+
+Choices, as the Hugging Face ``transformers`` DeepSeek-V3 implementation computes them:
+the latent RMSNorms use ``latent_norm_eps`` (1e-6: transformers builds them with the
+RMSNorm default, not the model's ``rms_norm_eps``); the softmax scale is ``K**-0.5`` (rope scaling,
+which changes it by YaRN's mscale, is out of scope: ``zoo/hf.py`` refuses such configs);
+``rope_interleave=True`` rotates the rope dims as interleaved pairs ``(0, 1), (2, 3), ...``
+(the DeepSeek checkpoints' layout); ``False``: half-split pairs ``(i, i + P/2)``. Keys are
+not cached in latent form here (no decoding cache in this layer): attention runs on the
+expanded ``[B, M, H, K]`` keys with an explicit float32 softmax (``V != K`` in general, so
+:func:`jax.nn.dot_product_attention`'s fused kernels do not apply); it materialises the
+``[B, H, L, M]`` scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from routezoo.layers.dense import RMSNorm, default_kernel_init, rotary_embedding
+from routezoo.layers.sharding import constrain, param
+
+Dtype = Any
+
+
+class MLAttention(nn.Module):
+    """Causal (or bidirectional) multi-head latent attention; see the module docstring.
+
+    ``__call__(x [B, L, D], positions [B, L] | None, segment_mask | None) -> [B, L, D]``;
+    ``segment_mask`` is bool, broadcastable to ``[B, 1, L, M]`` (True: the query may attend
+    to the key), as for :class:`routezoo.layers.dense.Attention`.
+    """
+
+    num_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int = 0            # 0: plain query projection
+    rope_theta: float = 10000.0
+    rope_interleave: bool = True
+    latent_norm_eps: float = 1e-6
+    causal: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        # x: [B, L, H, P]; interleaved pairs are gathered to halves first (a fixed permutation
+        # of the P dims, the same for queries and keys, so q·k is unchanged by it).
+        if self.rope_interleave:
+            x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+        return rotary_embedding(x, positions, self.rope_theta)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array | None = None,
+                 segment_mask: jax.Array | None = None) -> jax.Array:
+        b, l, d = x.shape
+        h, n, p, v, r = (self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim,
+                         self.kv_lora_rank)
+        k = n + p
+        if p % 2:
+            raise ValueError(f"MLA: qk_rope_head_dim={p} must be even")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+
+        def w(name, shape, names):
+            return jnp.asarray(self.param(name, param(default_kernel_init, names), shape, self.param_dtype),
+                               self.dtype)
+
+        norm = lambda name: RMSNorm(eps=self.latent_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        if self.q_lora_rank > 0:
+            cq = jnp.einsum("BLD,DQ->BLQ", x, w("q_a", (d, self.q_lora_rank), ("embed", "rank")))
+            q = jnp.einsum("BLQ,QHK->BLHK", norm("q_a_norm")(cq),
+                           w("q_b", (self.q_lora_rank, h, k), ("rank", "heads", "head_dim")))
+        else:
+            q = jnp.einsum("BLD,DHK->BLHK", x, w("q", (d, h, k), ("embed", "heads", "head_dim")))
+        q = constrain(q, ("batch", "length", "act_heads", None))
+        ckv = jnp.einsum("BLD,DR->BLR", x, w("kv_a", (d, r + p), ("embed", "rank")))   # [B, L, R + P]
+        c, k_rope = ckv[..., :r], ckv[..., r:]
+        kv = jnp.einsum("BLR,RHK->BLHK", norm("kv_a_norm")(c),
+                        w("kv_b", (r, h, n + v), ("rank", "heads", "head_dim")))        # [B, L, H, N + V]
+        kv = constrain(kv, ("batch", "length", "act_heads", None))
+        k_nope, val = kv[..., :n], kv[..., n:]
+        q_rope = self._rope(q[..., n:], positions)                                       # [B, L, H, P]
+        k_rope = self._rope(k_rope[:, :, None, :], positions)                            # [B, L, 1, P]
+        qq = jnp.concatenate([q[..., :n], q_rope], axis=-1)                              # [B, L, H, K]
+        kk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, l, h, p))], axis=-1)  # [B, M, H, K]
+
+        scores = jnp.einsum("BLHK,BMHK->BHLM", qq.astype(jnp.float32), kk.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST) * k ** -0.5
+        allowed = jnp.ones((1, 1, l, l), bool)
+        if self.causal:
+            allowed = allowed & (jnp.arange(l)[:, None] >= jnp.arange(l)[None, :])[None, None]
+        if segment_mask is not None:
+            allowed = allowed & segment_mask
+        # A finite floor, not -inf: a query with no allowed key (padding) gets finite junk.
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)                       # [B, H, L, M]
+        out = jnp.einsum("BHLM,BMHV->BLHV", probs, val)
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        y = jnp.einsum("BLHV,HVD->BLD", out, w("o", (h, v, d), ("heads", "head_dim", "embed")))
+        return constrain(y, ("batch", "length", "act_embed"))
+
+
+def mla_from_config(cfg: Any, *, causal: bool, dtype: Dtype, param_dtype: Dtype,
+                    name: str | None = None) -> MLAttention:
+    """:class:`MLAttention` from ``config.model`` (``num_heads``, ``rope_theta`` and the ``mla_*`` keys of ``configs/base.py``)."""
+    return MLAttention(
+        num_heads=int(cfg.num_heads), kv_lora_rank=int(cfg.mla_kv_lora_rank),
+        qk_nope_head_dim=int(cfg.mla_qk_nope_head_dim), qk_rope_head_dim=int(cfg.mla_qk_rope_head_dim),
+        v_head_dim=int(cfg.mla_v_head_dim), q_lora_rank=int(cfg.mla_q_lora_rank),
+        rope_theta=float(cfg.rope_theta), rope_interleave=bool(cfg.mla_rope_interleave),
+        causal=causal, dtype=dtype, param_dtype=param_dtype, name=name)
