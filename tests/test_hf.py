@@ -43,10 +43,24 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                          head_dim=16, norm_topk_prob=True)),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=False)),
+    # latent attention with q latent, interleaved rope; 8 experts in 4 groups (2 kept), random correction
+    # bias, 2 shared experts, layer 0 dense, renormalised weights times 2.5
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                                             moe_intermediate_size=16, n_shared_experts=2, n_group=4, topk_group=2,
+                                             first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10,
+                                             routed_scaling_factor=2.5, norm_topk_prob=True)),
+    # plain q projection, half-split rope, one group, raw sigmoid weights, every layer MoE
+    "deepseek_v3_plain": ("DeepseekV3Config", dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=16, n_shared_experts=1, n_group=1,
+                                                   topk_group=1, first_k_dense_replace=0, q_lora_rank=None,
+                                                   kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                   v_head_dim=16, rope_interleave=False, norm_topk_prob=False)),
 }
 ARCH = {"llama": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM",
         "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+        "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+        "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_plain": "DeepseekV3ForCausalLM"}
 LENGTHS = (12, 7, 9)  # row 1 right-padded, row 2 left-padded
 RTOL = 1e-4
 
@@ -76,6 +90,9 @@ def _randomize(model, torch, seed=0):
                 p.copy_(0.2 * noise)
             else:
                 p.copy_(noise * p.shape[-1] ** -0.5)
+        for name, b in model.named_buffers():   # DeepSeek-V3's selection-only bias (zeros at init)
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=g))
 
 
 _CACHE: dict = {}
@@ -90,7 +107,7 @@ def hf_dir(tmp_path_factory):
     def make(family):
         if family not in _CACHE:
             cls_name, extra = FAMILIES[family]
-            cfg = getattr(transformers, cls_name)(**COMMON, **extra)
+            cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
             model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
             _randomize(model, torch)
             path = str(tmp_path_factory.mktemp(family))
@@ -100,13 +117,23 @@ def hf_dir(tmp_path_factory):
     return make
 
 
-def _hf_forward(model, tokens, mask):
+def _hf_forward(model, tokens, mask, chosen=None):
+    """(logits, router logits per MoE layer); ``chosen`` (a list) gets the experts each
+    router chose where the router returns them (DeepSeek-V3: its top-k is not the top-k
+    of its logits)."""
     import torch
     positions = np.asarray(positions_from_mask(mask))
+    hooks = []
+    if chosen is not None:
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                hooks.append(module.register_forward_hook(lambda mod, inp, out: chosen.append(out[2].numpy())))
     with torch.no_grad():
         out = model(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
                     position_ids=torch.tensor(positions, dtype=torch.long),
                     output_router_logits=getattr(model.config, "num_experts_per_tok", None) is not None)
+    for hook in hooks:
+        hook.remove()
     logits = out.logits.float().numpy()
     routers = [r.float().numpy() for r in (getattr(out, "router_logits", None) or ())]
     return logits, routers
@@ -126,15 +153,16 @@ def test_import_matches_transformers(family, hf_dir):
     path, ref_model = hf_dir(family)
     model, params = hf.from_hf(path)
     tokens, mask = _tokens()
-    ref_logits, ref_routers = _hf_forward(ref_model, tokens, mask)
+    chosen = []
+    ref_logits, ref_routers = _hf_forward(ref_model, tokens, mask, chosen)
     logits, routings = _rz_forward(model, params, tokens, mask)
     assert logits.shape == ref_logits.shape
     assert _rel_err(logits, ref_logits, mask) <= RTOL
     assert len(routings) == len(ref_routers) == sum(k == "moe" for k in hf._ffn_kinds(model.cfg))
     k = model.cfg.moe.k
     flat_mask = mask.reshape(-1)
-    for routing, ref in zip(routings, ref_routers):
-        ref_idx = np.sort(np.argsort(-ref, axis=-1, kind="stable")[:, :k], axis=-1)
+    for i, (routing, ref) in enumerate(zip(routings, ref_routers)):
+        ref_idx = np.sort(chosen[i] if chosen else np.argsort(-ref, axis=-1, kind="stable")[:, :k], axis=-1)
         got_idx = np.sort(np.asarray(routing.indices), axis=-1)
         np.testing.assert_array_equal(got_idx[flat_mask], ref_idx[flat_mask])
 
@@ -371,3 +399,39 @@ def test_train_from_hf_starts_from_the_checkpoint(tmp_path, data_dir):
         nll += float((tok * b["weights"]).sum())
         count += float(b["weights"].sum())
     assert e0 == pytest.approx(nll / count, rel=1e-5)
+
+
+DEEPSEEK_CFG = dict(COMMON, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=300,
+                    num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                    n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=24,
+                    kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10,
+                    routed_scaling_factor=2.5, norm_topk_prob=True)
+
+
+def test_deepseek_v3_config_validation_and_refusals():
+    """The imported DeepSeek-V3 config passes validation and round-trips through
+    hf_config_from_model; unsupported settings give one-line errors naming the key."""
+    from routezoo.configs import base
+    from routezoo.layers.moe import validate_moe_config
+    from routezoo.training import config_check
+
+    config = base.get_config()
+    config.model = hf.model_config_from_hf(DEEPSEEK_CFG)
+    config_check.validate(config, num_devices=1, process_count=1)
+    back = hf.hf_config_from_model(config.model)
+    for key in ("n_routed_experts", "n_group", "topk_group", "routed_scaling_factor", "q_lora_rank", "kv_lora_rank",
+                "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "first_k_dense_replace", "n_shared_experts",
+                "moe_intermediate_size", "norm_topk_prob"):
+        assert back[key] == DEEPSEEK_CFG[key], key
+    assert hf.model_config_from_hf(back).to_dict() == config.model.to_dict()
+
+    for bad, match in ((dict(n_group=3), "deepseek_v3_n_group=3"), (dict(topk_group=5), "deepseek_v3_topk_group=5"),
+                       (dict(num_key_value_heads=2), "num_key_value_heads=2"),
+                       (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "yarn")):
+        with pytest.raises(hf.HFError, match=match) as e:
+            hf.model_config_from_hf(dict(DEEPSEEK_CFG, **bad))
+        assert "\n" not in str(e.value)
+    moe = hf.model_config_from_hf(DEEPSEEK_CFG).moe
+    moe.bias_update_rate = 1e-3
+    with pytest.raises(ValueError, match="bias_update_rate"):
+        validate_moe_config(moe, causal=True, mesh_shape={})

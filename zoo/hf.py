@@ -11,7 +11,10 @@ Families (``architectures[0]`` of ``config.json``): dense ``LlamaForCausalLM``,
 ``MistralForCausalLM`` (no sliding window), ``Qwen2ForCausalLM`` (q/k/v bias),
 ``Qwen3ForCausalLM`` (per-head QK norm); mixture-of-experts ``MixtralForCausalLM``,
 ``Qwen2MoeForCausalLM`` (shared expert with sigmoid gate), ``Qwen3MoeForCausalLM``,
-``OlmoeForCausalLM`` (QK norm over all heads). Each maps onto
+``OlmoeForCausalLM`` (QK norm over all heads), ``DeepseekV3ForCausalLM`` (multi-head latent
+attention, :mod:`routezoo.layers.mla`; sigmoid group-limited routing with a correction
+bias and scaled weights, :mod:`routezoo.layers.deepseek_router`; shared experts; the
+first ``first_k_dense_replace`` layers dense; no rope scaling, no MTP module). Each maps onto
 :class:`routezoo.zoo.lm.DecoderLM` with dropless top-k routing (softmax over all experts,
 top-k, renormalised when the family does: Mixtral always, Qwen/OLMoE by
 ``norm_topk_prob``), plain ``x @ E^T`` tied logits (``scale_tied_logits=False``).
@@ -99,6 +102,7 @@ class Family:
     expert_dim_key: str = "intermediate_size"
     num_experts_keys: tuple[str, ...] = ("num_experts",)
     sliding_window_flag: bool = False   # sliding window enabled by `use_sliding_window`
+    mla: bool = False                   # DeepSeek-V3: latent attention, deepseek_v3 routing, shared experts
 
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
@@ -114,6 +118,8 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
            expert_dim_key="moe_intermediate_size", num_experts_keys=("num_experts", "num_local_experts"),
            sliding_window_flag=True),
     Family("OlmoeForCausalLM", "olmoe", moe="qwen", qk_norm="full"),
+    Family("DeepseekV3ForCausalLM", "deepseek_v3", moe="qwen", mla=True, expert_dim_key="moe_intermediate_size",
+           num_experts_keys=("n_routed_experts",)),
 )}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 
@@ -140,10 +146,11 @@ def family_of(hf_cfg: Mapping[str, Any]) -> Family:
 # others (dtypes, dispatch, capacity, loss coefficients, ...) are choices of a run.
 MODEL_ARCH_KEYS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                    "mlp_type", "norm", "norm_eps", "tie_embeddings", "scale_tied_logits", "rope_theta",
-                   "qkv_bias", "qk_norm", "ffn")
+                   "qkv_bias", "qk_norm", "ffn", "attention", "mla_q_lora_rank", "mla_kv_lora_rank",
+                   "mla_qk_nope_head_dim", "mla_qk_rope_head_dim", "mla_v_head_dim", "mla_rope_interleave")
 MOE_ARCH_KEYS = ("num_experts", "k", "router", "expert_dim", "expert_type", "num_shared_experts",
                  "shared_expert_dim", "shared_expert_gate", "residual_mlp", "every", "renormalize",
-                 "bias_update_rate")
+                 "bias_update_rate", "deepseek_v3_n_group", "deepseek_v3_topk_group", "deepseek_v3_scaling_factor")
 
 
 def _default_model_config() -> ml_collections.ConfigDict:
@@ -166,6 +173,9 @@ def _rope(hf: Mapping[str, Any]) -> float:
 def _layer_kinds(fam: Family, hf: Mapping[str, Any], n: int, num_experts: int) -> list[str]:
     if fam.moe is None:
         return ["mlp"] * n
+    if fam.mla:
+        first = int(hf.get("first_k_dense_replace") or 0)
+        return ["mlp" if i < first else "moe" for i in range(n)]
     if not fam.sparse_step:
         return ["moe"] * n
     step = int(hf.get("decoder_sparse_step", 1) or 1)
@@ -223,6 +233,8 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
     m.qkv_bias = fam.qkv_bias
     m.qk_norm = fam.qk_norm
     m.hf_architecture = fam.architecture
+    if fam.mla:
+        _mla_config_from_hf(hf, m, need)
     if fam.moe is None:
         m.ffn = "mlp"
         return m
@@ -246,7 +258,7 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
     moe.residual_mlp = False
     moe.every = 1
     moe.renormalize = fam.renormalize if fam.renormalize is not None else bool(hf.get("norm_topk_prob", False))
-    if moe.k == 1 and moe.renormalize:
+    if moe.k == 1 and moe.renormalize and not fam.mla:
         raise HFError("num_experts_per_tok=1 with renormalised top-k weights (always 1.0) is not supported: "
                       "routezoo's top-1 routing keeps the raw probability (Switch)")
     moe.jitter = 0.0
@@ -254,7 +266,35 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
     moe.z_loss_coef = float(hf.get("router_z_loss_coef", 0.0) or 0.0)
     moe.bias_update_rate = 0.0
     moe.batch_prioritized = False
+    if fam.mla:   # DeepSeek-V3 routing and shared experts
+        moe.router = "deepseek_v3"
+        moe.renormalize = bool(hf.get("norm_topk_prob", False))
+        moe.deepseek_v3_n_group = int(hf.get("n_group") or 1)
+        moe.deepseek_v3_topk_group = int(hf.get("topk_group") or moe.deepseek_v3_n_group)
+        moe.deepseek_v3_scaling_factor = float(hf.get("routed_scaling_factor", 1.0) or 1.0)
+        moe.num_shared_experts = int(hf.get("n_shared_experts") or 0)
+        moe.shared_expert_dim = moe.expert_dim if moe.num_shared_experts else 0
+        try:
+            from routezoo.layers.deepseek_router import DeepSeekV3Router
+            DeepSeekV3Router.check_config(moe, causal=True)
+        except ValueError as e:
+            raise HFError(f"{fam.architecture}: {e}") from e
     return m
+
+
+def _mla_config_from_hf(hf: Mapping[str, Any], m: Any, need: Callable[[str], Any]) -> None:
+    """DeepSeek-V3 multi-head latent attention keys of ``config.model`` (in place)."""
+    if int(m.num_kv_heads) != int(m.num_heads):
+        raise HFError(f"num_key_value_heads={m.num_kv_heads} != num_attention_heads={m.num_heads} is not "
+                      "supported for DeepSeek-V3 (latent attention expands keys to every head)")
+    m.attention = "mla"
+    m.mla_q_lora_rank = int(hf.get("q_lora_rank") or 0)
+    m.mla_kv_lora_rank = int(need("kv_lora_rank"))
+    m.mla_qk_nope_head_dim = int(need("qk_nope_head_dim"))
+    m.mla_qk_rope_head_dim = int(need("qk_rope_head_dim"))
+    m.mla_v_head_dim = int(need("v_head_dim"))
+    m.mla_rope_interleave = bool(hf.get("rope_interleave", True))
+    m.head_dim = m.mla_qk_rope_head_dim   # as transformers sets it (unused by latent attention)
 
 
 def _ffn_kinds(m: Any) -> tuple[str, ...]:
@@ -267,6 +307,8 @@ def infer_architecture(m: Any) -> str:
     kinds = _ffn_kinds(m)
     qk = str(m.get("qk_norm", "none"))
     bias = bool(m.get("qkv_bias", False))
+    if str(m.get("attention", "mha")) == "mla":
+        return "DeepseekV3ForCausalLM"
     if "moe" not in kinds:
         if qk == "head" and not bias:
             return "Qwen3ForCausalLM"
@@ -289,6 +331,8 @@ def infer_architecture(m: Any) -> str:
 
 def _check_exportable(m: Any, fam: Family) -> None:
     problems = []
+    if (str(m.get("attention", "mha")) == "mla") != fam.mla:
+        problems.append(f"attention {m.get('attention', 'mha')!r} (needs {'mla' if fam.mla else 'mha'!r})")
     if str(m.get("qk_norm", "none")) != fam.qk_norm:
         problems.append(f"qk_norm {m.get('qk_norm', 'none')!r} (needs {fam.qk_norm!r})")
     if bool(m.get("qkv_bias", False)) != fam.qkv_bias:
@@ -304,8 +348,16 @@ def _check_exportable(m: Any, fam: Family) -> None:
                         "needs scale_tied_logits=False)")
     if "moe" in _ffn_kinds(m):
         mo = m.moe
-        if mo.router != "top_k" or mo.expert_type != "swiglu" or mo.residual_mlp or mo.bias_update_rate:
-            problems.append("MoE must be top_k routing with swiglu experts, no residual MLP, no routing bias")
+        router = "deepseek_v3" if fam.mla else "top_k"
+        if mo.router != router or mo.expert_type != "swiglu" or mo.residual_mlp or mo.bias_update_rate:
+            problems.append(f"MoE must be {router} routing with swiglu experts, no residual MLP, no routing bias")
+        if fam.mla:
+            if bool(mo.get("shared_expert_gate")) or (int(mo.num_shared_experts) and
+                                                      int(mo.shared_expert_dim or mo.expert_dim) != int(mo.expert_dim)):
+                problems.append("DeepSeek-V3 shared experts are ungated, each of width expert_dim")
+            n_dense = next((i for i, k in enumerate(_ffn_kinds(m)) if k == "moe"), 0)
+            if any(k != "mlp" for k in _ffn_kinds(m)[:n_dense]) or any(k != "moe" for k in _ffn_kinds(m)[n_dense:]):
+                problems.append("DeepSeek-V3 layers are dense first, then all MoE (first_k_dense_replace)")
         if fam.shared_expert and (int(mo.num_shared_experts) != 1 or not bool(mo.get("shared_expert_gate"))):
             problems.append("Qwen2-MoE needs exactly one gated shared expert")
         if int(mo.k) == 1 and fam.renormalize is None and bool(mo.renormalize):
@@ -355,6 +407,23 @@ def hf_config_from_model(m: Any, architecture: str | None = None,
         out["use_sliding_window"] = False
     if fam.model_type == "olmoe":
         out["clip_qkv"] = None
+    if fam.mla:
+        mo = m.moe
+        q_rank = int(m.mla_q_lora_rank)
+        out.update({
+            "attention_bias": False, "num_key_value_heads": int(m.num_heads),
+            "q_lora_rank": q_rank if q_rank > 0 else None, "kv_lora_rank": int(m.mla_kv_lora_rank),
+            "qk_nope_head_dim": int(m.mla_qk_nope_head_dim), "qk_rope_head_dim": int(m.mla_qk_rope_head_dim),
+            "qk_head_dim": int(m.mla_qk_nope_head_dim) + int(m.mla_qk_rope_head_dim),
+            "head_dim": int(m.mla_qk_rope_head_dim), "v_head_dim": int(m.mla_v_head_dim),
+            "rope_interleave": bool(m.mla_rope_interleave),
+            "n_routed_experts": int(mo.num_experts), "num_experts_per_tok": int(mo.k),
+            "moe_intermediate_size": int(mo.expert_dim), "n_shared_experts": int(mo.num_shared_experts),
+            "n_group": int(mo.deepseek_v3_n_group), "topk_group": int(mo.deepseek_v3_topk_group),
+            "routed_scaling_factor": float(mo.deepseek_v3_scaling_factor), "norm_topk_prob": bool(mo.renormalize),
+            "first_k_dense_replace": sum(k == "mlp" for k in kinds), "num_nextn_predict_layers": 0,
+        })
+        return out
     if fam.moe:
         mo = m.moe
         out["num_experts_per_tok"] = int(mo.k)
@@ -479,13 +548,17 @@ def tensor_maps(m: Any, fam: Family) -> list[TensorMap]:
         a = f"{L}.self_attn"
         maps += [
             _identity((p, "attn_norm", "scale"), f"{L}.input_layernorm.weight", (d,)),
-            _identity((p, "ffn_norm", "scale"), f"{L}.post_attention_layernorm.weight", (d,)),
+            _identity((p, "ffn_norm", "scale"), f"{L}.post_attention_layernorm.weight", (d,))]
+        if fam.mla:
+            maps += _mla_maps(m, p, a)
+        else:
+            maps += [
             # q/k/v: [H·K, D] -> [D, H, K]; o: [D, H·K] -> [H, K, D]
             TensorMap((p, "attn", "q"), (f"{a}.q_proj.weight",), ((h, k), (d,)), (2, 0, 1)),
             TensorMap((p, "attn", "k"), (f"{a}.k_proj.weight",), ((g, k), (d,)), (2, 0, 1)),
             TensorMap((p, "attn", "v"), (f"{a}.v_proj.weight",), ((g, k), (d,)), (2, 0, 1)),
             TensorMap((p, "attn", "o"), (f"{a}.o_proj.weight",), ((d,), (h, k)), (1, 2, 0)),
-        ]
+            ]
         if fam.qkv_bias:
             for name, heads in (("q", h), ("k", g), ("v", g)):
                 maps.append(TensorMap((p, "attn", f"{name}_bias"), (f"{a}.{name}_proj.bias",), ((heads, k),), (0, 1)))
@@ -516,6 +589,14 @@ def tensor_maps(m: Any, fam: Family) -> list[TensorMap]:
             _stacked_linear((p, "moe", "experts", "wi_gate"), ex(gate), f, d),
             _stacked_linear((p, "moe", "experts", "wo"), ex(down), d, f),
         ]
+        if fam.mla:
+            fs = int(mo.num_shared_experts) * int(mo.shared_expert_dim or mo.expert_dim)
+            s = f"{blk}.shared_experts"
+            maps += [_identity((p, "moe", "router", "score_bias"), f"{blk}.gate.e_score_correction_bias", (e,))]
+            if fs:
+                maps += [_linear((p, "moe", "shared_experts", "wi"), f"{s}.up_proj.weight", fs, d),
+                         _linear((p, "moe", "shared_experts", "wg"), f"{s}.gate_proj.weight", fs, d),
+                         _linear((p, "moe", "shared_experts", "wo"), f"{s}.down_proj.weight", d, fs)]
         if fam.shared_expert:
             fs = int(mo.num_shared_experts) * int(mo.shared_expert_dim or mo.expert_dim)
             s = f"{blk}.shared_expert"
@@ -524,6 +605,28 @@ def tensor_maps(m: Any, fam: Family) -> list[TensorMap]:
                      _linear((p, "moe", "shared_experts", "wo"), f"{s}.down_proj.weight", d, fs),
                      _linear((p, "moe", "shared_expert_gate"), f"{blk}.shared_expert_gate.weight", 1, d)]
     return maps
+
+
+def _mla_maps(m: Any, p: str, a: str) -> list[TensorMap]:
+    """Latent attention (``layers/mla.py``) of layer ``p`` from the HF tensors under ``a``.
+    Letters: ``D`` embed, ``H`` heads, ``Q``/``R`` query/kv latent ranks, ``N``/``P``
+    no-rope/rope dims, ``K = N + P``, ``V`` value dim."""
+    d, h = int(m.d_model), int(m.num_heads)
+    q_rank, r = int(m.mla_q_lora_rank), int(m.mla_kv_lora_rank)
+    n, rope, v = int(m.mla_qk_nope_head_dim), int(m.mla_qk_rope_head_dim), int(m.mla_v_head_dim)
+    k = n + rope
+    if q_rank > 0:   # q_a [Q, D] -> [D, Q]; q_b [H·K, Q] -> [Q, H, K]
+        maps = [_linear((p, "attn", "q_a"), f"{a}.q_a_proj.weight", q_rank, d),
+                _identity((p, "attn", "q_a_norm", "scale"), f"{a}.q_a_layernorm.weight", (q_rank,)),
+                TensorMap((p, "attn", "q_b"), (f"{a}.q_b_proj.weight",), ((h, k), (q_rank,)), (2, 0, 1))]
+    else:            # q [H·K, D] -> [D, H, K]
+        maps = [TensorMap((p, "attn", "q"), (f"{a}.q_proj.weight",), ((h, k), (d,)), (2, 0, 1))]
+    return maps + [
+        _linear((p, "attn", "kv_a"), f"{a}.kv_a_proj_with_mqa.weight", r + rope, d),      # [D, R + P]
+        _identity((p, "attn", "kv_a_norm", "scale"), f"{a}.kv_a_layernorm.weight", (r,)),
+        TensorMap((p, "attn", "kv_b"), (f"{a}.kv_b_proj.weight",), ((h, n + v), (r,)), (2, 0, 1)),  # [R, H, N+V]
+        TensorMap((p, "attn", "o"), (f"{a}.o_proj.weight",), ((d,), (h, v)), (1, 2, 0)),           # [H, V, D]
+    ]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -802,9 +905,10 @@ def load_params_for_config(config: Any, mesh: jax.sharding.Mesh | None, sharding
 
 
 def _arch_items(m: Any) -> dict[str, Any]:
-    out = {k: m[k] for k in MODEL_ARCH_KEYS}
+    d = _default_model_config()   # keys a config written before they existed lacks
+    out = {k: m[k] if k in m else d[k] for k in MODEL_ARCH_KEYS}
     if "moe" in _ffn_kinds(m):   # a dense model ignores its moe section
-        out.update({f"moe.{k}": m.moe[k] for k in MOE_ARCH_KEYS})
+        out.update({f"moe.{k}": m.moe[k] if k in m.moe else d.moe[k] for k in MOE_ARCH_KEYS})
     return out
 
 
