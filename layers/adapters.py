@@ -121,6 +121,8 @@ def adaptable(params: Params) -> dict[str, Target]:
     """Every weight an adapter can target, by path."""
     out = {}
     for path, leaf in flat_params(params).items():
+        if path.rsplit("/", 1)[-1].endswith("bias"):   # q_bias [H, K] has two axes but is no weight
+            continue
         value, names = _unbox(leaf), _names(leaf)
         split = split_axes(tuple(value.shape), names)
         if split is not None:
@@ -259,8 +261,9 @@ def _init_a(bound):
 
 @dataclasses.dataclass(frozen=True)
 class MoS:
-    """MoS, Mixture of Shards (Wang et al., ICLR 2025, "Mixture of Shards: ... LoRA ... with
-    ... parameter sharing", arXiv 2410.00938; PEFT.md section 1).
+    """MoS, Mixture of Shards (Sheng Wang et al., ICLR 2025, "MoS: Unleashing Parameter
+    Efficiency of Low-Rank Adaptation with Mixture of Shards", arXiv 2410.00938; PEFT.md
+    section 1).
 
     Per projection type (the target path without its ``layer<i>/`` prefix, e.g. ``attn/q``)
     one global pool of A-shards ``a_pool [P, I/n]`` and one of B-shards ``b_pool [P, O/n]``
@@ -449,7 +452,91 @@ class MoS:
                    for ts in self.groups(params).values())
 
 
-METHODS: dict[str, Callable[..., Any]] = {"lora": LoRA, "mos": MoS}
+# --------------------------------------------------------------------------- Hydra
+
+@dataclasses.dataclass(frozen=True)
+class Hydra:
+    """Hydra (Kim et al., 2023, "Hydra: Multi-head Low-rank Adaptation for Parameter
+    Efficient Fine-tuning", arXiv 2309.06922; PEFT.md section 3): a parallel LoRA branch on
+    the layer input plus a sequential low-rank branch on the pretrained output::
+
+        h0 = x·W + b                                   # W [I, O], b [O] if the base has one
+        y  = h0 + s·(x·A_p)·B_p + s·(h0·A_s)·B_s       # A_p [I, R], B_p [R, O], A_s [O, S], B_s [S, O]
+        W' = W + s·(A_p·B_p + W·A_s·B_s),   b' = b + s·b·A_s·B_s      (merge, exact)
+
+    ``R`` = ``rank`` (r_p), ``S`` = ``seq_rank`` (r_s), ``s`` = ``scale`` (a plain factor, as
+    the authors' code: 0.1 ViT CIFAR, 1 RoBERTa GLUE). The sequential branch sees the
+    output including the bias (card's pitfall): a sibling ``<name>_bias`` of the target's
+    output shape (e.g. ``attn/q_bias``) is merged as above. The branches' own biases and
+    dropout of the authors' ViT code are not implemented (dropout is not mergeable).
+    Implemented from the card's equations, not the released NLU code (typos there; its
+    attention merge reuses ``mlp.fc2``). Init as the NLU code: ``A`` U(±1/√fan_in)
+    (kaiming a=√5), ``B`` = 0, so the adapted model starts equal to the base.
+    Parameters per adapted matrix: ``r_p·(I + O) + 2·r_s·O`` (times ``E`` for experts).
+    """
+
+    targets: str
+    rank: int = 4          # r_p
+    seq_rank: int = 8      # r_s
+    scale: float = 1.0     # s
+
+    name = "hydra"
+    mergeable = True
+
+    def __post_init__(self):
+        if self.seq_rank < 1:
+            raise ValueError(f"adapter.hydra_seq_rank={self.seq_rank} must be >= 1")
+
+    def select(self, params: Params) -> dict[str, Target]:
+        return select_targets(params, self.targets)
+
+    def init(self, rng: jax.Array, params: Params) -> Params:
+        """``{path: {'par_a' [E?, I.., R], 'par_b' [E?, R, O..], 'seq_a' [E?, O.., S],
+        'seq_b' [E?, S, O..]}}`` (boxed)."""
+        out = {}
+        for i, (path, t) in enumerate(sorted(self.select(params).items())):
+            e = (t.num_experts,) if t.experts else ()
+            lead = ("expert",) if t.experts else ()
+            names = t.names[t.experts:] if t.names else (None,) * (len(t.shape) - t.experts)
+            in_names, out_names = tuple(names[:t.num_in]), tuple(names[t.num_in:])
+            key = jax.random.fold_in(rng, i)
+            for kind, fan_in, inn, r in (("par", t.d_in, (in_names, t.in_shape), self.rank),
+                                         ("seq", t.d_out, (out_names, t.out_shape), self.seq_rank)):
+                out[f"{path}/{kind}_a"] = logical_param(_init_a(1.0 / math.sqrt(fan_in)), lead + inn[0] + ("rank",))(
+                    jax.random.fold_in(key, kind == "seq"), (*e, *inn[1], r), jnp.float32)
+                out[f"{path}/{kind}_b"] = logical_param(nn.initializers.zeros, lead + ("rank",) + out_names)(
+                    rng, (*e, r, *t.out_shape), jnp.float32)
+        return _nest(out)
+
+    def merge(self, base: Params, adapter: Params) -> Params:
+        """Base with ``W' = W + s(A_p B_p + W A_s B_s)`` (and ``b'``) for every target."""
+        flat = flat_params(nn.unbox(base))
+        ad = flat_params(nn.unbox(adapter))
+        for path in sorted({p.rsplit("/", 1)[0] for p in ad}):
+            if path not in flat:
+                raise ValueError(f"adapter parameter {path!r} has no matching base weight")
+            w, pa, pb, sa, sb = (flat[path], *(ad[f"{path}/{k}"] for k in ("par_a", "par_b", "seq_a", "seq_b")))
+            experts = pa.ndim + pb.ndim - w.ndim - 2
+            t = Target(path, tuple(w.shape), None, experts, pa.ndim - 1 - experts)
+            e = (t.num_experts,) if experts else ()
+            w32 = w.astype(jnp.float32)
+            seq = jnp.matmul(sa.reshape(*e, t.d_out, self.seq_rank), sb.reshape(*e, self.seq_rank, t.d_out))  # [E?, O, O]
+            w_seq = jnp.matmul(w32.reshape(*e, t.d_in, t.d_out), seq).reshape(t.shape)
+            flat[path] = (w32 + self.scale * (lora_delta(t, pa, pb) + w_seq)).astype(w.dtype)
+            bias = flat.get(f"{path}_bias")
+            if bias is not None and not experts and tuple(bias.shape) == t.out_shape:
+                b32 = bias.astype(jnp.float32)
+                flat[f"{path}_bias"] = (b32 + self.scale * (b32.reshape(t.d_out) @ seq).reshape(bias.shape)
+                                        ).astype(bias.dtype)
+        return _nest(flat)
+
+    def count(self, params: Params) -> int:
+        """Adapter parameters: ``Σ E·(r_p·(I + O) + 2·r_s·O)`` over targets (PEFT.md)."""
+        return sum(t.num_experts * (self.rank * (t.d_in + t.d_out) + 2 * self.seq_rank * t.d_out)
+                   for t in self.select(params).values())
+
+
+METHODS: dict[str, Callable[..., Any]] = {"hydra": Hydra, "lora": LoRA, "mos": MoS}
 
 
 def from_config(cfg: Any):
@@ -470,6 +557,9 @@ def from_config(cfg: Any):
                    shards_per_vector=int(cfg.mos_shards_per_vector),
                    subset_selection=bool(cfg.mos_subset_selection),
                    pair_dissociation=bool(cfg.mos_pair_dissociation), seed=int(cfg.mos_seed))
+    if method == "hydra":
+        return Hydra(targets=str(cfg.targets), rank=int(cfg.rank), seq_rank=int(cfg.hydra_seq_rank),
+                     scale=float(cfg.hydra_scale))
     raise AssertionError(method)
 
 
@@ -506,5 +596,5 @@ def fingerprint(params: Params) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["LoRA", "METHODS", "MoS", "Target", "adaptable", "fingerprint", "flat_params", "from_config",
+__all__ = ["Hydra", "LoRA", "METHODS", "MoS", "Target", "adaptable", "fingerprint", "flat_params", "from_config",
            "lora_delta", "lora_dense", "num_params", "projection_type", "select_targets"]

@@ -1,6 +1,7 @@
-"""Adapters (layers/adapters.py) and their training path: LoRA parameter counts against
-PEFT.md's formula, merged == unmerged, frozen base bit-identical, only adapter parameters
-in the optimizer state, the adapter checkpoint and its base fingerprint, and the errors."""
+"""Adapters (layers/adapters.py) and their training path: LoRA, MoS and Hydra parameter
+counts against PEFT.md's formulas, MoS == LoRA with private shards only, MoS index
+buffers, merged == unmerged, frozen base bit-identical, only adapter parameters in the
+optimizer state, the adapter checkpoint and its base fingerprint, and the errors."""
 
 import json
 import math
@@ -103,9 +104,9 @@ def test_target_matching_nothing_lists_paths(data_dir):
 
 def test_unknown_method_and_empty_targets(data_dir):
     c = tiny_config(data_dir, **{"adapter.method": "dora", "adapter.targets": "attn/q"})
-    with pytest.raises(config_check.ConfigError, match="unknown adapter.method 'dora'; allowed: lora, mos$"):
+    with pytest.raises(config_check.ConfigError, match="unknown adapter.method 'dora'; allowed: hydra, lora, mos$"):
         config_check.validate(c)
-    with pytest.raises(ValueError, match="allowed: lora, mos$"):
+    with pytest.raises(ValueError, match="allowed: hydra, lora, mos$"):
         adapters.from_config(c.adapter)
     c = tiny_config(data_dir, **{"adapter.method": "lora"})
     with pytest.raises(config_check.ConfigError, match="adapter.targets"):
@@ -120,7 +121,7 @@ def test_cli_accepts_init_from(tmp_path):
     assert config.init.from_workdir == "/some/run" and config.adapter.method == "lora"
 
 
-_METHOD_KEYS = {"lora": {},
+_METHOD_KEYS = {"lora": {}, "hydra": {"adapter.rank": 2, "adapter.hydra_seq_rank": 2},
                "mos": {"adapter.rank": 4, "adapter.mos_equiv_rank": 3, "adapter.mos_shards_per_vector": 2}}
 
 
@@ -194,6 +195,14 @@ def test_finetune_from_trained_base_saves_adapter_with_fingerprint(data_dir, tmp
 
 # --------------------------------------------------------------------------- MoS
 
+def _random_adapter(method, params, seed=1):
+    """Adapter parameters of ``method``'s shapes with random (non-zero) numpy values; no
+    device computation (eager JAX ops each compile once: slow on CPU)."""
+    rng = np.random.default_rng(seed)
+    shapes = nn.unbox(jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), params)))
+    return jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+
+
 _MOS = dict(rank=4, alpha=8.0, equiv_rank=3, private_rank=1, shards_per_vector=2)
 
 
@@ -226,7 +235,7 @@ def test_mos_private_only_equals_lora_exactly():
     params = _stack_params(3)
     lora = adapters.LoRA("attn/q", rank=3, alpha=6.0)
     mos = adapters.MoS("attn/q", rank=3, alpha=6.0, equiv_rank=3, private_rank=3, shards_per_vector=1)
-    ad = _nonzero_adapter(lora, params)
+    ad = _random_adapter(lora, params)
     q = lambda i: ad[f"layer{i}"]["attn"]["q"]
     pools = {"mos": {"attn": {"q": {                       # layer i owns rows [3i, 3i+3)
         "a_pool": jnp.concatenate([q(i)["lora_a"].T for i in range(3)]),          # [P, D]
@@ -243,7 +252,7 @@ def test_mos_factors_gather_shards_by_reference():
     for every layer and both factors; the merge adds (alpha/r)·A·B."""
     params = _stack_params(4)
     mos = adapters.MoS("attn/q", **_MOS)
-    pools = _nonzero_adapter(mos, params)
+    pools = _random_adapter(mos, params)
     a_pool, b_pool = pools["mos"]["attn"]["q"]["a_pool"], pools["mos"]["attn"]["q"]["b_pool"]
     idx_a, idx_b = mos.indices("attn/q", 4)
     factors = mos.factors(params, pools)
@@ -280,6 +289,10 @@ def test_mos_index_buffers_strategies():
     np.testing.assert_array_equal(adapters.MoS("y", **_MOS).indices("attn/q", layers)[0], ia)
     assert not np.array_equal(adapters.MoS("x", **_MOS, seed=1).indices("attn/q", layers)[0], ia)
     assert not np.array_equal(mos.indices("attn/k", layers)[0], ia)
+    # Pinned values: the buffers are regenerated (not stored) when an adapter is loaded, so a
+    # change of the generator would silently re-wire saved adapters.
+    assert ia[0].tolist() == [10, 0, 12, 11, 1, 9, 16, 17] and ib[0].tolist() == [12, 13, 0, 1, 6, 8, 16, 17]
+    assert ia[3].tolist() == [13, 1, 8, 10, 15, 7, 22, 23]
 
 
 def test_mos_config_errors(data_dir):
@@ -299,9 +312,9 @@ def test_mos_config_errors(data_dir):
 
 
 def test_mos_trains_saves_and_restores_index_buffers(data_dir, tmp_path):
-    """train_and_evaluate with mos: adapter.json keeps the seed, load_adapter regenerates the
-    same index buffers, and the loaded pools merged == the run's merged parameters."""
-    c = tiny_config(data_dir, **{"train.steps": 2, "train.eval_every": 2, "checkpoint.every": 2,
+    """train_and_evaluate with mos: adapter.json keeps the seed, and load_adapter rebuilds
+    the same method, whose regenerated index buffers equal the training run's."""
+    c = tiny_config(data_dir, **{"train.steps": 2, "train.eval_every": 2, "train.eval_steps": 1, "checkpoint.every": 2,
                                  "adapter.method": "mos", "adapter.targets": "attn/q|mlp/wo", "adapter.rank": 4,
                                  "adapter.mos_equiv_rank": 3, "adapter.mos_seed": 7})
     out = train_lib.train_and_evaluate(c, str(tmp_path))
@@ -310,20 +323,21 @@ def test_mos_trains_saves_and_restores_index_buffers(data_dir, tmp_path):
     m = c.model
     assert meta["params_trainable"] == 3 * m.num_layers * ((m.d_model + m.num_heads * m.head_dim) + (m.mlp_dim + m.d_model))
     assert meta["adapter"]["mos_seed"] == 7
-    _, model, state = train_lib.load_trained(str(tmp_path))
     mesh, rules = train_lib.mesh_and_rules(c)
     mos = adapters.from_config(c.adapter)
+    model = zoo.build(c.model)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         tx, _ = make_optimizer(c.optimizer, c.train.steps)
         _, _, setup = train_lib.adapter_state_shardings(model, tx, c, mesh, rules, mos)
         base = train_lib.load_base(model, c, setup, mesh, rules)
         loaded, pools, _ = train_lib.load_adapter(os.path.join(tmp_path, "adapter"), base)
+    assert loaded == mos   # the same hyper-parameters and seed, from adapter.json
     for kind in ("attn/q", "mlp/wo"):
         for got, want in zip(loaded.indices(kind, m.num_layers), mos.indices(kind, m.num_layers)):
             np.testing.assert_array_equal(got, want)
-    assert float(jnp.abs(pools["mos"]["mlp"]["wo"]["b_pool"]).max()) > 0
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6),
-                 loaded.merge(base, pools), state.params)
+    # The saved pools are the trained ones (B moved off zero), shaped as a fresh init.
+    assert jax.tree.map(np.shape, pools) == jax.tree.map(np.shape, nn.unbox(setup.adapter_boxed))
+    assert float(np.abs(pools["mos"]["mlp"]["wo"]["b_pool"]).max()) > 0
 
 
 def test_mos_experts_and_unboxed_base():
@@ -339,7 +353,7 @@ def test_mos_experts_and_unboxed_base():
                                                           ("expert", "expert_mlp", "embed"))}}} for i in range(L)}
     mos = adapters.MoS("attn/o|experts/wo", rank=2, alpha=4.0, equiv_rank=1, private_rank=0, shards_per_vector=2)
     assert mos.count(params) == L * ((h * k + d) + e * (f + d))
-    pools = _nonzero_adapter(mos, params)
+    pools = _random_adapter(mos, params)
     assert pools["mos"]["moe"]["experts"]["wo"]["a_pool"].shape == (L * e * 2, f // 2)
     assert pools["mos"]["attn"]["o"]["a_pool"].shape == (L * 2, h * k // 2)
     boxed, unboxed = mos.merge(params, pools), mos.merge(nn.unbox(params), pools)
@@ -349,3 +363,62 @@ def test_mos_experts_and_unboxed_base():
     w = nn.unbox(params)["layer1"]["moe"]["experts"]["wo"]
     np.testing.assert_allclose(boxed["layer1"]["moe"]["experts"]["wo"], w + 2.0 * np.einsum("EFR,ERD->EFD", a, b),
                                rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- Hydra
+
+def test_hydra_counts_equal_peft_formula(data_dir):
+    c = tiny_config(data_dir, **{"model.ffn": "moe"})
+    m = c.model
+    _, params = _boxed_params(c)
+    hydra = adapters.Hydra("attn/(q|o)|experts/wo", rank=3, seq_rank=2)
+    d, hk, e, fe = m.d_model, m.num_heads * m.head_dim, m.moe.num_experts, m.moe.expert_dim
+    # r_p (d_in + d_out) + 2 r_s d_out per matrix, times E for stacked experts
+    per = lambda i, o: 3 * (i + o) + 2 * 2 * o
+    want = m.num_layers * (per(d, hk) + per(hk, d) + e * per(fe, d))
+    init = nn.unbox(jax.eval_shape(lambda: hydra.init(jax.random.PRNGKey(0), params)))
+    assert hydra.count(params) == want == adapters.num_params(init)
+    o = init["layer0"]["attn"]["o"]   # o [H, K, D]: parallel branch reads H·K, sequential reads D
+    assert o["par_a"].shape == (m.num_heads, m.head_dim, 3) and o["seq_a"].shape == (d, 2)
+    assert init["layer0"]["moe"]["experts"]["wo"]["seq_b"].shape == (e, 2, d)
+
+
+def test_hydra_merged_equals_unmerged():
+    """x·W' + b' == h0 + s·(x A_p) B_p + s·(h0 A_s) B_s with h0 = x W + b, by plain einsums:
+    q [D, H, K] with its bias q_bias [H, K], o [H, K, D] (two input axes), and experts [E, F, D]."""
+    key, rng = jax.random.PRNGKey(0), np.random.default_rng(0)
+    r = lambda i, shape: rng.standard_normal(shape).astype(np.float32)
+    d, h, k, e, f = 6, 2, 4, 3, 5
+    params = {"attn": {"q": nn.LogicallyPartitioned(r(0, (d, h, k)), ("embed", "heads", "head_dim")),
+                       "q_bias": nn.LogicallyPartitioned(r(1, (h, k)), ("heads", "head_dim")),
+                       "o": nn.LogicallyPartitioned(r(2, (h, k, d)), ("heads", "head_dim", "embed"))},
+              "experts": {"wo": nn.LogicallyPartitioned(r(3, (e, f, d)), ("expert", "expert_mlp", "embed"))}}
+    hydra = adapters.Hydra(".*", rank=2, seq_rank=3, scale=0.5)
+    assert "attn/q_bias" not in adapters.adaptable(params)      # a 2-axis bias is no target
+    ad = jax.tree.map(np.asarray, _random_adapter(hydra, params))
+    p, s = nn.unbox(params), 0.5
+    merged = jax.tree.map(np.asarray, hydra.merge(params, ad))
+    x = r(4, (2, 3, d))
+
+    q = ad["attn"]["q"]
+    h0 = np.einsum("BLD,DHK->BLHK", x, p["attn"]["q"]) + p["attn"]["q_bias"]
+    want = (h0 + s * np.einsum("BLR,RHK->BLHK", np.einsum("BLD,DR->BLR", x, q["par_a"]), q["par_b"])
+            + s * np.einsum("BLS,SHK->BLHK", np.einsum("BLHK,HKS->BLS", h0, q["seq_a"]), q["seq_b"]))
+    got = np.einsum("BLD,DHK->BLHK", x, merged["attn"]["q"]) + merged["attn"]["q_bias"]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+    o, heads = ad["attn"]["o"], r(5, (2, 3, h, k))
+    h0 = np.einsum("BLHK,HKD->BLD", heads, p["attn"]["o"])
+    want = (h0 + s * np.einsum("BLR,RD->BLD", np.einsum("BLHK,HKR->BLR", heads, o["par_a"]), o["par_b"])
+            + s * np.einsum("BLS,SD->BLD", np.einsum("BLD,DS->BLS", h0, o["seq_a"]), o["seq_b"]))
+    np.testing.assert_allclose(np.einsum("BLHK,HKD->BLD", heads, merged["attn"]["o"]), want, rtol=2e-5, atol=2e-5)
+
+    w, hid = ad["experts"]["wo"], r(6, (e, 4, f))        # [E, C, F] tokens per expert
+    h0 = np.einsum("ECF,EFD->ECD", hid, p["experts"]["wo"])
+    want = (h0 + s * np.einsum("ECR,ERD->ECD", np.einsum("ECF,EFR->ECR", hid, w["par_a"]), w["par_b"])
+            + s * np.einsum("ECS,ESD->ECD", np.einsum("ECD,EDS->ECS", h0, w["seq_a"]), w["seq_b"]))
+    np.testing.assert_allclose(np.einsum("ECF,EFD->ECD", hid, merged["experts"]["wo"]), want, rtol=2e-5, atol=2e-5)
+    # Same merge from the unboxed base (as inside training); zero B at init leaves the base as it is.
+    jax.tree.map(np.testing.assert_array_equal, hydra.merge(p, ad), merged)
+    fresh = hydra.merge(params, nn.unbox(hydra.init(key, params)))
+    jax.tree.map(np.testing.assert_array_equal, fresh, p)
