@@ -1,7 +1,8 @@
 """MoS fine-tuning (Mixture of Shards, Wang et al., ICLR 2025; PEFT.md section 1) of the
-default LM: every attention and MLP projection, active rank r = 8 at the parameter budget
-of LoRA rank r_eq = 3, one private rank vector per layer, 2 shards per rank vector, alpha 16
-(the authors' LLaMA2 recipe uses all 7 projections and alpha 16); the base stays frozen.
+default LM: every attention projection and expert matrix, active rank r = 8 at the
+parameter budget of LoRA rank r_eq = 3, one private rank vector per layer, 2 shards per
+rank vector, alpha 16 (the authors' LLaMA2 recipe adapts all 7 projections with alpha 16);
+the base stays frozen.
 
 Command (a base run first, then the adapter on top of it):
     routezoo train --config default --workdir runs/base
@@ -9,8 +10,9 @@ Command (a base run first, then the adapter on top of it):
 Output: runs/mos/adapter/ (params/ = the shard pools + adapter.json: base fingerprint,
 counts, and config.adapter with mos_seed, from which the frozen index buffers are
 regenerated); ``training.train.load_trained('runs/mos')`` gives the merged weights.
-Expected: trainable parameters = LoRA at rank 3 on the same matrices,
-3 x 4 layers x sum over matrices of (d_in + d_out) = 43,008, printed at start.
+Expected: trainable parameters = LoRA at rank 3 on the same matrices (each of the 8
+experts' matrices is one owner): 3 x 4 layers x ((128+128) + 2 x (128+64) + (128+128)
++ 8 x 3 x (128+256)) = 121,344, printed at start.
 Time and result: not measured yet. Ablations: --config.adapter.mos_private_rank=0,
 --config.adapter.mos_pair_dissociation=False, --config.adapter.mos_subset_selection=False,
 --config.adapter.mos_shards_per_vector=1.

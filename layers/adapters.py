@@ -290,8 +290,8 @@ class MoS:
     drawn at random once. They are NOT stored as arrays: :meth:`indices` regenerates them
     deterministically (numpy PCG64) from ``seed`` (``adapter.mos_seed``, saved in the
     adapter checkpoint's ``adapter.json`` with the rest of ``config.adapter``), the
-    projection type's name and the target shapes (covered by the base fingerprint), so an
-    adapter restored with :func:`training.train.load_adapter` gets identical buffers and
+    projection type's name, the hyper-parameters and the owner count, so an adapter
+    restored with :func:`training.train.load_adapter` gets identical buffers and
     the optimizer never sees them. (The authors save torch buffers ``lora_pair_mask``.)
 
     Init as the card: ``a_pool`` U(±1/√I), ``b_pool`` = 0. Scale ``alpha / r`` with the
