@@ -194,10 +194,22 @@ def get_config() -> ml_collections.ConfigDict:
     # (not in the optimizer state, not in the train checkpoint); the adapter's parameters
     # train and are saved to WORKDIR/adapter/ with the base's fingerprint.
     a = c.adapter = ml_collections.ConfigDict()
-    a.method = ""                # "" = no adapter (full training) | lora
+    a.method = ""                # "" = no adapter (full training) | hydra | lora | mos
     a.targets = ""               # regex over parameter paths, matched at the end, e.g. "attn/(q|v)", "mlp/.*"
-    a.rank = 8                   # lora: rank r
-    a.alpha = 16.0               # lora: scale alpha / r
+    a.rank = 8                   # lora: rank r; mos: active rank r; hydra: parallel rank r_p
+    a.alpha = 16.0               # lora, mos: scale alpha / r
     a.rslora = False             # lora: rsLoRA scale alpha / sqrt(r)
+    # mos (Mixture of Shards, PEFT.md 1): rank = active rank r, scale alpha / r; per projection
+    # type one pool of A- and B-shards shared by all layers, picked by frozen random indices.
+    a.mos_equiv_rank = 2         # mos: r_eq, parameters = LoRA at rank r_eq (pool P = r_eq * layers * n)
+    a.mos_private_rank = 1       # mos: r_pri rank vectors per layer on private shards (0 = no privatisation)
+    a.mos_shards_per_vector = 1  # mos: n shards per rank vector (vector sharding; 1 = off); divides d_in, d_out
+    a.mos_subset_selection = True   # mos: each layer draws its own public-shard subset (False: all share one)
+    a.mos_pair_dissociation = True  # mos: B's shard indices drawn independently of A's (False: B uses A's)
+    a.mos_seed = 0               # mos: seed of the index buffers (regenerated from it, saved in adapter.json)
+    # hydra (PEFT.md 3): rank = r_p of the parallel LoRA branch on x; a sequential branch on the
+    # base output W x (+ b). Merged: W' = W + s (A_p B_p + W A_s B_s).
+    a.hydra_seq_rank = 8         # hydra: rank r_s of the sequential branch (>= 1)
+    a.hydra_scale = 1.0          # hydra: s, the factor of both branches (alpha is not used)
 
     return c

@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import math
 import re
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -120,6 +121,8 @@ def adaptable(params: Params) -> dict[str, Target]:
     """Every weight an adapter can target, by path."""
     out = {}
     for path, leaf in flat_params(params).items():
+        if path.rsplit("/", 1)[-1].endswith("bias"):   # q_bias [H, K] has two axes but is no weight
+            continue
         value, names = _unbox(leaf), _names(leaf)
         split = split_axes(tuple(value.shape), names)
         if split is not None:
@@ -237,7 +240,303 @@ class LoRA:
         return sum(t.num_experts * self.rank * (t.d_in + t.d_out) for t in self.select(params).values())
 
 
-METHODS: dict[str, Callable[..., Any]] = {"lora": LoRA}
+# --------------------------------------------------------------------------- MoS
+
+_LAYER = re.compile(r"(?<![^/])layer(\d+)/")
+
+
+def projection_type(path: str) -> str:
+    """A target's path with its layer prefix removed: ``layer3/attn/q`` -> ``attn/q``."""
+    return _LAYER.sub("", path, count=1)
+
+
+def _layer_order(path: str) -> tuple:
+    m = _LAYER.search(path)
+    return (int(m.group(1)) if m else -1, path)
+
+
+def _init_a(bound):
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoS:
+    """MoS, Mixture of Shards (Sheng Wang et al., ICLR 2025, "MoS: Unleashing Parameter
+    Efficiency of Low-Rank Adaptation with Mixture of Shards", arXiv 2410.00938; PEFT.md
+    section 1).
+
+    Per projection type (the target path without its ``layer<i>/`` prefix, e.g. ``attn/q``)
+    one global pool of A-shards ``a_pool [P, I/n]`` and one of B-shards ``b_pool [P, O/n]``
+    is shared by the ``M`` matrices of that type (``M`` = layers with the projection, times
+    ``E`` for stacked experts: each expert matrix is one owner). ``P = r_eq·M·n`` shards.
+    Owner ``m``'s factors are gathered through frozen index buffers of length ``r·n``::
+
+        I_A[m] = concat(perm_A[m][:(r - r_pri)·n], P_pub + [m·r_pri·n, (m+1)·r_pri·n))
+        A[m]   = a_pool[I_A[m]].reshape(R, I)      # rank vector j = shards j·n .. j·n+n-1
+        B[m]   = b_pool[I_B[m]].reshape(R, O)
+        W'     = W + (alpha / r) · A[m]ᵀ B[m]      # A [I, R], B [R, O] as in LoRA
+
+    with ``P_pub = (r_eq - r_pri)·M·n`` public shards. The four strategies, each switchable:
+    subset selection (``subset_selection``: each owner draws its own random permutation of
+    the public shards; off: one permutation shared by all owners, so they all use the same
+    public shards), pair dissociation (``pair_dissociation``: B's permutation is drawn
+    independently of A's; off: B uses A's), vector sharding (``shards_per_vector`` n > 1:
+    one rank vector is stitched from n sub-vector shards; n = 1 off), shard privatisation
+    (``private_rank`` r_pri > 0: each owner's last r_pri rank vectors are its own shards;
+    0 off). The "off" behaviours of the first two are this project's reading; the card
+    (the authors' ``modules/Tied_LoRA.py``) documents only the "on" recipe.
+
+    The routing is not learned and does not depend on the input: the index buffers are
+    drawn at random once. They are NOT stored as arrays: :meth:`indices` regenerates them
+    deterministically (numpy PCG64) from ``seed`` (``adapter.mos_seed``, saved in the
+    adapter checkpoint's ``adapter.json`` with the rest of ``config.adapter``), the
+    projection type's name, the hyper-parameters and the owner count, so an adapter
+    restored with :func:`training.train.load_adapter` gets identical buffers and
+    the optimizer never sees them. (The authors save torch buffers ``lora_pair_mask``.)
+
+    Init as the card: ``a_pool`` U(±1/√I), ``b_pool`` = 0. Scale ``alpha / r`` with the
+    ACTIVE rank r (the card's pitfall: raising r shrinks the update). Mergeable.
+    Parameters per type: ``P·(I + O)/n = r_eq·M·(I + O)``, LoRA at rank r_eq; compute is
+    LoRA at rank r. With ``r_pri = r_eq = r`` and n = 1 every owner has private shards
+    only and MoS is exactly LoRA at rank r.
+    """
+
+    targets: str
+    rank: int = 8                 # r, the active rank
+    alpha: float = 16.0
+    equiv_rank: int = 2           # r_eq, the parameter budget in LoRA-rank units
+    private_rank: int = 1         # r_pri
+    shards_per_vector: int = 1    # n
+    subset_selection: bool = True
+    pair_dissociation: bool = True
+    seed: int = 0
+
+    name = "mos"
+    mergeable = True
+
+    def __post_init__(self):
+        r, r_eq, r_pri, n = self.rank, self.equiv_rank, self.private_rank, self.shards_per_vector
+        if r_eq < 1:
+            raise ValueError(f"adapter.mos_equiv_rank={r_eq} must be >= 1")
+        if n < 1:
+            raise ValueError(f"adapter.mos_shards_per_vector={n} must be >= 1")
+        if not 0 <= r_pri <= min(r, r_eq):
+            raise ValueError(f"adapter.mos_private_rank={r_pri} must be in [0, min(adapter.rank={r}, "
+                             f"adapter.mos_equiv_rank={r_eq})]")
+        if r_pri == r_eq and r != r_eq:
+            raise ValueError(f"adapter.mos_private_rank == adapter.mos_equiv_rank == {r_eq} leaves no public "
+                             f"shards, so adapter.rank={r} must equal {r_eq} (plain LoRA)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def select(self, params: Params) -> dict[str, Target]:
+        return select_targets(params, self.targets)
+
+    def groups(self, params: Params) -> dict[str, list[Target]]:
+        """Targets by projection type, in layer order (owner ``m`` = position, times experts)."""
+        out: dict[str, list[Target]] = {}
+        for path, t in sorted(self.select(params).items(), key=lambda kv: _layer_order(kv[0])):
+            out.setdefault(projection_type(path), []).append(t)
+        n = self.shards_per_vector
+        for kind, ts in out.items():
+            t0 = ts[0]
+            if any((t.d_in, t.d_out, t.experts) != (t0.d_in, t0.d_out, t0.experts) for t in ts):
+                raise ValueError(f"adapter mos: the {kind!r} weights differ in shape across layers; "
+                                 "one shard pool needs one shape per projection type")
+            if t0.d_in % n or t0.d_out % n:
+                raise ValueError(f"adapter.mos_shards_per_vector={n} must divide d_in={t0.d_in} and "
+                                 f"d_out={t0.d_out} of {kind!r}")
+            owners = sum(t.num_experts for t in ts)
+            if self.rank - self.private_rank > (self.equiv_rank - self.private_rank) * owners:
+                raise ValueError(f"adapter.rank={self.rank} too large for {kind!r}: needs (rank - mos_private_rank)"
+                                 f" <= (mos_equiv_rank - mos_private_rank) * {owners} matrices")
+        return out
+
+    def pool_size(self, owners: int) -> tuple[int, int]:
+        """(P, P_pub) shards of a pool shared by ``owners`` matrices."""
+        n = self.shards_per_vector
+        return self.equiv_rank * owners * n, (self.equiv_rank - self.private_rank) * owners * n
+
+    def indices(self, kind: str, owners: int) -> tuple[np.ndarray, np.ndarray]:
+        """The frozen index buffers ``(I_A, I_B)``, int32 ``[owners, r·n]``, of one type."""
+        r, r_pri, n = self.rank, self.private_rank, self.shards_per_vector
+        p, p_pub = self.pool_size(owners)
+        rng = np.random.default_rng([self.seed, zlib.crc32(kind.encode())])
+        n_pub = (r - r_pri) * n
+        perms_a = [rng.permutation(p_pub) for _ in range(owners if self.subset_selection else 1)]
+        perms_b = ([rng.permutation(p_pub) for _ in range(len(perms_a))] if self.pair_dissociation
+                   else perms_a)
+        out = []
+        for perms in (perms_a, perms_b):
+            rows = []
+            for m in range(owners):
+                pub = perms[m if self.subset_selection else 0][:n_pub]
+                private = p_pub + np.arange(m * r_pri * n, (m + 1) * r_pri * n)
+                rows.append(np.concatenate([pub, private]))
+            out.append(np.stack(rows).astype(np.int32))
+        return out[0], out[1]
+
+    def init(self, rng: jax.Array, params: Params) -> Params:
+        """``{'mos': {type: {'a_pool': [P, I/n], 'b_pool': [P, O/n]}}}`` (boxed)."""
+        out = {}
+        n = self.shards_per_vector
+        for i, (kind, ts) in enumerate(sorted(self.groups(params).items())):
+            t = ts[0]
+            p, _ = self.pool_size(sum(x.num_experts for x in ts))
+            a = logical_param(_init_a(1.0 / math.sqrt(t.d_in)), ("rank", None))(
+                jax.random.fold_in(rng, i), (p, t.d_in // n), jnp.float32)
+            b = logical_param(nn.initializers.zeros, ("rank", None))(rng, (p, t.d_out // n), jnp.float32)
+            out[f"mos/{kind}/a_pool"], out[f"mos/{kind}/b_pool"] = a, b
+        return _nest(out)
+
+    def _resolve(self, params: Params, pools: dict[str, Any]) -> dict[str, list[Target]]:
+        """Targets by type, their ``[E?, I, O]`` split read off the pool shapes.
+
+        The frozen base arrives unboxed inside training (no logical names, so
+        :func:`split_axes` cannot tell ``o [H, K, D]`` or ``[E, D, F]`` apart); the pool
+        widths ``I/n``, ``O/n`` and owner count ``P/(r_eq·n)`` fix the split, as they were
+        made from the named base at :meth:`init`.
+        """
+        groups: dict[str, list[Target]] = {}
+        for path, t in sorted(self.select(params).items(), key=lambda kv: _layer_order(kv[0])):
+            groups.setdefault(projection_type(path), []).append(t)
+        n, out = self.shards_per_vector, {}
+        for kind, ts in groups.items():
+            if f"mos/{kind}/a_pool" not in pools:
+                raise ValueError(f"adapter mos has no shard pool for {kind!r}; pools: "
+                                 f"{', '.join(sorted({k.rsplit('/', 1)[0][4:] for k in pools}))}")
+            (p, i_n), (_, o_n) = pools[f"mos/{kind}/a_pool"].shape, pools[f"mos/{kind}/b_pool"].shape
+            shape = ts[0].shape
+            split = next(((e, k) for e in (0, 1) for k in range(1, len(shape) - e)
+                          if p == self.equiv_rank * n * len(ts) * (shape[0] if e else 1)
+                          and math.prod(shape[e:e + k]) == i_n * n and math.prod(shape[e + k:]) == o_n * n),
+                         None)
+            if split is None:
+                raise ValueError(f"adapter mos pools of {kind!r} ({p}, {i_n}), ({p}, {o_n}) do not fit its "
+                                 f"{len(ts)} weights of shape {shape}")
+            out[kind] = [Target(t.path, t.shape, t.names, *split) for t in ts]
+        return out
+
+    def factors(self, params: Params, adapter: Params) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """``{path: (A [E?, I, R], B [E?, R, O])}``: every target's gathered LoRA factors."""
+        pools = flat_params(nn.unbox(adapter))
+        out = {}
+        r = self.rank
+        for kind, ts in self._resolve(params, pools).items():
+            a_pool, b_pool = pools[f"mos/{kind}/a_pool"], pools[f"mos/{kind}/b_pool"]
+            idx_a, idx_b = self.indices(kind, sum(t.num_experts for t in ts))
+            m = 0
+            for t in ts:
+                e = t.num_experts
+                # [e, r·n, I/n] -> [e, R, I] (rank vector j = its n shards concatenated) -> [e, I, R]
+                a = jnp.take(a_pool, idx_a[m:m + e], axis=0).reshape(e, r, t.d_in).transpose(0, 2, 1)
+                b = jnp.take(b_pool, idx_b[m:m + e], axis=0).reshape(e, r, t.d_out)
+                out[t.path] = (a, b) if t.experts else (a[0], b[0])
+                m += e
+        return out
+
+    def merge(self, base: Params, adapter: Params) -> Params:
+        """Base parameters with ``(alpha/r)·A·B`` added to every target (unboxed arrays)."""
+        targets = {t.path: t for ts in self._resolve(base, flat_params(nn.unbox(adapter))).values() for t in ts}
+        flat = flat_params(nn.unbox(base))
+        for path, (a, b) in self.factors(base, adapter).items():
+            w = flat[path]
+            flat[path] = (w.astype(jnp.float32) + self.scale * lora_delta(targets[path], a, b)).astype(w.dtype)
+        return _nest(flat)
+
+    def count(self, params: Params) -> int:
+        """Adapter parameters: ``Σ_types r_eq·M·(I + O)`` (PEFT.md: ``P·(I+O)/n``)."""
+        return sum(self.equiv_rank * sum(t.num_experts for t in ts) * (ts[0].d_in + ts[0].d_out)
+                   for ts in self.groups(params).values())
+
+
+# --------------------------------------------------------------------------- Hydra
+
+@dataclasses.dataclass(frozen=True)
+class Hydra:
+    """Hydra (Kim et al., 2023, "Hydra: Multi-head Low-rank Adaptation for Parameter
+    Efficient Fine-tuning", arXiv 2309.06922; PEFT.md section 3): a parallel LoRA branch on
+    the layer input plus a sequential low-rank branch on the pretrained output::
+
+        h0 = x·W + b                                   # W [I, O], b [O] if the base has one
+        y  = h0 + s·(x·A_p)·B_p + s·(h0·A_s)·B_s       # A_p [I, R], B_p [R, O], A_s [O, S], B_s [S, O]
+        W' = W + s·(A_p·B_p + W·A_s·B_s),   b' = b + s·b·A_s·B_s      (merge, exact)
+
+    ``R`` = ``rank`` (r_p), ``S`` = ``seq_rank`` (r_s), ``s`` = ``scale`` (a plain factor, as
+    the authors' code: 0.1 ViT CIFAR, 1 RoBERTa GLUE). The sequential branch sees the
+    output including the bias (card's pitfall): a sibling ``<name>_bias`` of the target's
+    output shape (e.g. ``attn/q_bias``) is merged as above. The branches' own biases and
+    dropout of the authors' ViT code are not implemented (dropout is not mergeable).
+    Implemented from the card's equations, not the released NLU code (typos there; its
+    attention merge reuses ``mlp.fc2``). Init as the NLU code: ``A`` U(±1/√fan_in)
+    (kaiming a=√5), ``B`` = 0, so the adapted model starts equal to the base.
+    Parameters per adapted matrix: ``r_p·(I + O) + 2·r_s·O`` (times ``E`` for experts).
+    """
+
+    targets: str
+    rank: int = 4          # r_p
+    seq_rank: int = 8      # r_s
+    scale: float = 1.0     # s
+
+    name = "hydra"
+    mergeable = True
+
+    def __post_init__(self):
+        if self.seq_rank < 1:
+            raise ValueError(f"adapter.hydra_seq_rank={self.seq_rank} must be >= 1")
+
+    def select(self, params: Params) -> dict[str, Target]:
+        return select_targets(params, self.targets)
+
+    def init(self, rng: jax.Array, params: Params) -> Params:
+        """``{path: {'par_a' [E?, I.., R], 'par_b' [E?, R, O..], 'seq_a' [E?, O.., S],
+        'seq_b' [E?, S, O..]}}`` (boxed)."""
+        out = {}
+        for i, (path, t) in enumerate(sorted(self.select(params).items())):
+            e = (t.num_experts,) if t.experts else ()
+            lead = ("expert",) if t.experts else ()
+            names = t.names[t.experts:] if t.names else (None,) * (len(t.shape) - t.experts)
+            in_names, out_names = tuple(names[:t.num_in]), tuple(names[t.num_in:])
+            key = jax.random.fold_in(rng, i)
+            for kind, fan_in, inn, r in (("par", t.d_in, (in_names, t.in_shape), self.rank),
+                                         ("seq", t.d_out, (out_names, t.out_shape), self.seq_rank)):
+                out[f"{path}/{kind}_a"] = logical_param(_init_a(1.0 / math.sqrt(fan_in)), lead + inn[0] + ("rank",))(
+                    jax.random.fold_in(key, kind == "seq"), (*e, *inn[1], r), jnp.float32)
+                out[f"{path}/{kind}_b"] = logical_param(nn.initializers.zeros, lead + ("rank",) + out_names)(
+                    rng, (*e, r, *t.out_shape), jnp.float32)
+        return _nest(out)
+
+    def merge(self, base: Params, adapter: Params) -> Params:
+        """Base with ``W' = W + s(A_p B_p + W A_s B_s)`` (and ``b'``) for every target."""
+        flat = flat_params(nn.unbox(base))
+        ad = flat_params(nn.unbox(adapter))
+        for path in sorted({p.rsplit("/", 1)[0] for p in ad}):
+            if path not in flat:
+                raise ValueError(f"adapter parameter {path!r} has no matching base weight")
+            w, pa, pb, sa, sb = (flat[path], *(ad[f"{path}/{k}"] for k in ("par_a", "par_b", "seq_a", "seq_b")))
+            experts = pa.ndim + pb.ndim - w.ndim - 2
+            t = Target(path, tuple(w.shape), None, experts, pa.ndim - 1 - experts)
+            e = (t.num_experts,) if experts else ()
+            w32 = w.astype(jnp.float32)
+            seq = jnp.matmul(sa.reshape(*e, t.d_out, self.seq_rank), sb.reshape(*e, self.seq_rank, t.d_out))  # [E?, O, O]
+            w_seq = jnp.matmul(w32.reshape(*e, t.d_in, t.d_out), seq).reshape(t.shape)
+            flat[path] = (w32 + self.scale * (lora_delta(t, pa, pb) + w_seq)).astype(w.dtype)
+            bias = flat.get(f"{path}_bias")
+            if bias is not None and not experts and tuple(bias.shape) == t.out_shape:
+                b32 = bias.astype(jnp.float32)
+                flat[f"{path}_bias"] = (b32 + self.scale * (b32.reshape(t.d_out) @ seq).reshape(bias.shape)
+                                        ).astype(bias.dtype)
+        return _nest(flat)
+
+    def count(self, params: Params) -> int:
+        """Adapter parameters: ``Σ E·(r_p·(I + O) + 2·r_s·O)`` over targets (PEFT.md)."""
+        return sum(t.num_experts * (self.rank * (t.d_in + t.d_out) + 2 * self.seq_rank * t.d_out)
+                   for t in self.select(params).values())
+
+
+METHODS: dict[str, Callable[..., Any]] = {"hydra": Hydra, "lora": LoRA, "mos": MoS}
 
 
 def from_config(cfg: Any):
@@ -252,6 +551,15 @@ def from_config(cfg: Any):
     if method == "lora":
         return LoRA(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha),
                     rslora=bool(cfg.rslora))
+    if method == "mos":
+        return MoS(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha),
+                   equiv_rank=int(cfg.mos_equiv_rank), private_rank=int(cfg.mos_private_rank),
+                   shards_per_vector=int(cfg.mos_shards_per_vector),
+                   subset_selection=bool(cfg.mos_subset_selection),
+                   pair_dissociation=bool(cfg.mos_pair_dissociation), seed=int(cfg.mos_seed))
+    if method == "hydra":
+        return Hydra(targets=str(cfg.targets), rank=int(cfg.rank), seq_rank=int(cfg.hydra_seq_rank),
+                     scale=float(cfg.hydra_scale))
     raise AssertionError(method)
 
 
@@ -288,5 +596,5 @@ def fingerprint(params: Params) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["LoRA", "METHODS", "Target", "adaptable", "fingerprint", "flat_params", "from_config",
-           "lora_delta", "lora_dense", "num_params", "select_targets"]
+__all__ = ["Hydra", "LoRA", "METHODS", "MoS", "Target", "adaptable", "fingerprint", "flat_params", "from_config",
+           "lora_delta", "lora_dense", "num_params", "projection_type", "select_targets"]

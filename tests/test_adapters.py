@@ -1,6 +1,7 @@
-"""Adapters (layers/adapters.py) and their training path: LoRA parameter counts against
-PEFT.md's formula, merged == unmerged, frozen base bit-identical, only adapter parameters
-in the optimizer state, the adapter checkpoint and its base fingerprint, and the errors."""
+"""Adapters (layers/adapters.py) and their training path: LoRA, MoS and Hydra parameter
+counts against PEFT.md's formulas, MoS == LoRA with private shards only, MoS index
+buffers, merged == unmerged, frozen base bit-identical, only adapter parameters in the
+optimizer state, the adapter checkpoint and its base fingerprint, and the errors."""
 
 import json
 import math
@@ -103,9 +104,9 @@ def test_target_matching_nothing_lists_paths(data_dir):
 
 def test_unknown_method_and_empty_targets(data_dir):
     c = tiny_config(data_dir, **{"adapter.method": "dora", "adapter.targets": "attn/q"})
-    with pytest.raises(config_check.ConfigError, match="unknown adapter.method 'dora'; allowed: lora"):
+    with pytest.raises(config_check.ConfigError, match="unknown adapter.method 'dora'; allowed: hydra, lora, mos$"):
         config_check.validate(c)
-    with pytest.raises(ValueError, match="allowed: lora"):
+    with pytest.raises(ValueError, match="allowed: hydra, lora, mos$"):
         adapters.from_config(c.adapter)
     c = tiny_config(data_dir, **{"adapter.method": "lora"})
     with pytest.raises(config_check.ConfigError, match="adapter.targets"):
@@ -120,8 +121,13 @@ def test_cli_accepts_init_from(tmp_path):
     assert config.init.from_workdir == "/some/run" and config.adapter.method == "lora"
 
 
-def test_train_step_freezes_base_and_optimizes_adapter_only(data_dir):
-    c = tiny_config(data_dir, **{"adapter.method": "lora", "adapter.targets": "attn/(q|v)"})
+_METHOD_KEYS = {"lora": {}, "hydra": {"adapter.rank": 2, "adapter.hydra_seq_rank": 2},
+               "mos": {"adapter.rank": 4, "adapter.mos_equiv_rank": 3, "adapter.mos_shards_per_vector": 2}}
+
+
+@pytest.mark.parametrize("method", sorted(_METHOD_KEYS))
+def test_train_step_freezes_base_and_optimizes_adapter_only(data_dir, method):
+    c = tiny_config(data_dir, **{"adapter.method": method, "adapter.targets": "attn/(q|v)", **_METHOD_KEYS[method]})
     mesh, rules = train_lib.mesh_and_rules(c)
     model = zoo.build(c.model)
     lora = adapters.from_config(c.adapter)
@@ -131,6 +137,7 @@ def test_train_step_freezes_base_and_optimizes_adapter_only(data_dir):
         base = train_lib.load_base(model, c, setup, mesh, rules)
         before = jax.tree.map(np.array, base)
         state = train_lib.create_adapter_state(model, tx, c, shardings, setup)
+        init = jax.tree.map(np.array, state.params)
         step = jax.jit(train_lib.make_train_step(model, tx, c, schedule, lora))
         rng = np.random.default_rng(0)
         for _ in range(3):
@@ -138,9 +145,9 @@ def test_train_step_freezes_base_and_optimizes_adapter_only(data_dir):
             batch = {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
                      "weights": jnp.ones((8, c.data.seq_len))}
             state, metrics = step(state, batch, base)
-    # Base bit-identical; adapter B moved away from its zero init.
+    # Base bit-identical; every adapter parameter moved (B away from its zero init).
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), before, base)
-    assert float(jnp.abs(state.params["layer0"]["attn"]["q"]["lora_b"]).max()) > 0
+    jax.tree.map(lambda a, b: np.testing.assert_array_less(0, np.abs(a - np.asarray(b)).max()), init, state.params)
     # The optimizer state holds adapter-shaped leaves only (no base weight shapes).
     adapter_paths = set(adapters.flat_params(state.params))
     mu = next(s for s in jax.tree_util.tree_leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
@@ -184,3 +191,234 @@ def test_finetune_from_trained_base_saves_adapter_with_fingerprint(data_dir, tmp
         other = jax.tree.map(lambda x: x + 1e-3, base)
         with pytest.raises(ValueError, match="belongs to base .* refusing"):
             train_lib.load_adapter(os.path.join(ft_wd, "adapter"), other)
+
+
+# --------------------------------------------------------------------------- MoS
+
+def _random_adapter(method, params, seed=1):
+    """Adapter parameters of ``method``'s shapes with random (non-zero) numpy values; no
+    device computation (eager JAX ops each compile once: slow on CPU)."""
+    rng = np.random.default_rng(seed)
+    shapes = nn.unbox(jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), params)))
+    return jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+
+
+_MOS = dict(rank=4, alpha=8.0, equiv_rank=3, private_rank=1, shards_per_vector=2)
+
+
+def _stack_params(num_layers, shape=(8, 2, 4), names=("embed", "heads", "head_dim"), seed=0):
+    """``{'layer<i>': {'attn': {'q': W}}}``, boxed, with real values."""
+    key = jax.random.PRNGKey(seed)
+    return {f"layer{i}": {"attn": {"q": nn.LogicallyPartitioned(
+        jax.random.normal(jax.random.fold_in(key, i), shape), names)}} for i in range(num_layers)}
+
+
+def test_mos_counts_equal_peft_formula(data_dir):
+    c = tiny_config(data_dir)
+    m = c.model
+    _, params = _boxed_params(c)
+    mos = adapters.MoS("attn/(q|v)|mlp/wo", **_MOS)
+    d, h, g, k, f = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+    # Per type r_eq·L·(d_in + d_out) (= P·(d_in + d_out)/n): LoRA at rank r_eq.
+    want = 3 * m.num_layers * ((d + h * k) + (d + g * k) + (f + d))
+    init = nn.unbox(jax.eval_shape(lambda: mos.init(jax.random.PRNGKey(0), params)))
+    assert mos.count(params) == want == adapters.num_params(init)
+    assert want == adapters.LoRA("attn/(q|v)|mlp/wo", rank=3).count(params)
+    # P = r_eq·L·n shards of d/n: one pool per projection type, no per-layer parameters.
+    assert set(init) == {"mos"} and set(init["mos"]) == {"attn", "mlp"}
+    assert init["mos"]["mlp"]["wo"]["a_pool"].shape == (3 * m.num_layers * 2, f // 2)
+    assert init["mos"]["attn"]["v"]["b_pool"].shape == (3 * m.num_layers * 2, g * k // 2)
+
+
+def test_mos_private_only_equals_lora_exactly():
+    """r_pri = r_eq = r, n = 1: every layer's shards are its own, MoS == LoRA (bitwise)."""
+    params = _stack_params(3)
+    lora = adapters.LoRA("attn/q", rank=3, alpha=6.0)
+    mos = adapters.MoS("attn/q", rank=3, alpha=6.0, equiv_rank=3, private_rank=3, shards_per_vector=1)
+    ad = _random_adapter(lora, params)
+    q = lambda i: ad[f"layer{i}"]["attn"]["q"]
+    pools = {"mos": {"attn": {"q": {                       # layer i owns rows [3i, 3i+3)
+        "a_pool": jnp.concatenate([q(i)["lora_a"].T for i in range(3)]),          # [P, D]
+        "b_pool": jnp.concatenate([q(i)["lora_b"].reshape(3, 8) for i in range(3)])}}}}   # [P, H·K]
+    assert jax.tree.map(jnp.shape, pools) == jax.tree.map(
+        jnp.shape, nn.unbox(mos.init(jax.random.PRNGKey(0), params)))
+    want, got = lora.merge(params, ad), mos.merge(params, pools)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert not np.allclose(got["layer1"]["attn"]["q"], nn.unbox(params)["layer1"]["attn"]["q"], atol=1e-3)
+
+
+def test_mos_factors_gather_shards_by_reference():
+    """Vector sharding (n = 2): rank vector j of layer l is its n indexed shards concatenated,
+    for every layer and both factors; the merge adds (alpha/r)·A·B."""
+    params = _stack_params(4)
+    mos = adapters.MoS("attn/q", **_MOS)
+    pools = _random_adapter(mos, params)
+    a_pool, b_pool = pools["mos"]["attn"]["q"]["a_pool"], pools["mos"]["attn"]["q"]["b_pool"]
+    idx_a, idx_b = mos.indices("attn/q", 4)
+    factors = mos.factors(params, pools)
+    merged = mos.merge(params, pools)
+    for layer in range(4):
+        a, b = factors[f"layer{layer}/attn/q"]
+        for j in range(4):
+            np.testing.assert_array_equal(a[:, j], np.concatenate([a_pool[idx_a[layer, 2 * j + s]] for s in (0, 1)]))
+            np.testing.assert_array_equal(b[j], np.concatenate([b_pool[idx_b[layer, 2 * j + s]] for s in (0, 1)]))
+        w = nn.unbox(params)[f"layer{layer}"]["attn"]["q"]
+        np.testing.assert_allclose(merged[f"layer{layer}"]["attn"]["q"],
+                                   w + 2.0 * np.einsum("DR,RO->DO", a, b).reshape(8, 2, 4), rtol=1e-5, atol=1e-6)
+
+
+def test_mos_index_buffers_strategies():
+    layers, (r, r_pri, n) = 4, (4, 1, 2)
+    mos = adapters.MoS("x", **_MOS)
+    p, p_pub = mos.pool_size(layers)
+    assert (p, p_pub) == (3 * layers * n, 2 * layers * n)
+    ia, ib = mos.indices("attn/q", layers)
+    assert ia.shape == ib.shape == (layers, r * n) and ia.dtype == np.int32
+    pub = (r - r_pri) * n
+    for idx in (ia, ib):
+        for m in range(layers):   # public shards distinct and public; last r_pri·n private to layer m
+            assert len(set(idx[m, :pub])) == pub and idx[m, :pub].max() < p_pub
+            np.testing.assert_array_equal(idx[m, pub:], p_pub + np.arange(m * r_pri * n, (m + 1) * r_pri * n))
+    assert len({tuple(row[:pub]) for row in ia}) == layers              # subset selection
+    assert not np.array_equal(ia, ib)                                   # pair dissociation
+    same = adapters.MoS("x", **_MOS, subset_selection=False).indices("attn/q", layers)[0]
+    assert all(np.array_equal(same[0, :pub], row[:pub]) for row in same)
+    tied = adapters.MoS("x", **_MOS, pair_dissociation=False).indices("attn/q", layers)
+    np.testing.assert_array_equal(tied[0], tied[1])
+    # Deterministic in (seed, type): a fresh object regenerates them; another seed does not.
+    np.testing.assert_array_equal(adapters.MoS("y", **_MOS).indices("attn/q", layers)[0], ia)
+    assert not np.array_equal(adapters.MoS("x", **_MOS, seed=1).indices("attn/q", layers)[0], ia)
+    assert not np.array_equal(mos.indices("attn/k", layers)[0], ia)
+    # Pinned values: the buffers are regenerated (not stored) when an adapter is loaded, so a
+    # change of the generator would silently re-wire saved adapters.
+    assert ia[0].tolist() == [10, 0, 12, 11, 1, 9, 16, 17] and ib[0].tolist() == [12, 13, 0, 1, 6, 8, 16, 17]
+    assert ia[3].tolist() == [13, 1, 8, 10, 15, 7, 22, 23]
+
+
+def test_mos_config_errors(data_dir):
+    def cfg(**kw):
+        return tiny_config(data_dir, **{"adapter.method": "mos", "adapter.targets": "attn/q", "adapter.rank": 4,
+                                        **{f"adapter.{k}": v for k, v in kw.items()}})
+    with pytest.raises(config_check.ConfigError, match=r"^adapter.mos_private_rank=5 must be in \[0, min"):
+        config_check.validate(cfg(mos_private_rank=5))
+    with pytest.raises(config_check.ConfigError, match="adapter.rank=4 must equal 2"):
+        config_check.validate(cfg(mos_private_rank=2, mos_equiv_rank=2))
+    _, params = _boxed_params(cfg())
+    with pytest.raises(ValueError, match="mos_shards_per_vector=3 must divide d_in=32"):
+        adapters.from_config(cfg(mos_shards_per_vector=3).adapter).count(params)
+    with pytest.raises(ValueError, match=r"adapter.rank=4 too large for 'attn/q'"):
+        adapters.from_config(cfg().adapter).count(params)     # 4 - 1 > (2 - 1) * 2 layers
+    config_check.validate(cfg(mos_equiv_rank=3))
+
+
+def test_mos_trains_saves_and_restores_index_buffers(data_dir, tmp_path):
+    """train_and_evaluate with mos: adapter.json keeps the seed, and load_adapter rebuilds
+    the same method, whose regenerated index buffers equal the training run's."""
+    c = tiny_config(data_dir, **{"train.steps": 2, "train.eval_every": 2, "train.eval_steps": 1, "checkpoint.every": 2,
+                                 "adapter.method": "mos", "adapter.targets": "attn/q|mlp/wo", "adapter.rank": 4,
+                                 "adapter.mos_equiv_rank": 3, "adapter.mos_seed": 7})
+    out = train_lib.train_and_evaluate(c, str(tmp_path))
+    assert math.isfinite(out["eval_loss"])
+    meta = json.load(open(os.path.join(tmp_path, "adapter", "adapter.json")))
+    m = c.model
+    assert meta["params_trainable"] == 3 * m.num_layers * ((m.d_model + m.num_heads * m.head_dim) + (m.mlp_dim + m.d_model))
+    assert meta["adapter"]["mos_seed"] == 7
+    mesh, rules = train_lib.mesh_and_rules(c)
+    mos = adapters.from_config(c.adapter)
+    model = zoo.build(c.model)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        tx, _ = make_optimizer(c.optimizer, c.train.steps)
+        _, _, setup = train_lib.adapter_state_shardings(model, tx, c, mesh, rules, mos)
+        base = train_lib.load_base(model, c, setup, mesh, rules)
+        loaded, pools, _ = train_lib.load_adapter(os.path.join(tmp_path, "adapter"), base)
+    assert loaded == mos   # the same hyper-parameters and seed, from adapter.json
+    for kind in ("attn/q", "mlp/wo"):
+        for got, want in zip(loaded.indices(kind, m.num_layers), mos.indices(kind, m.num_layers)):
+            np.testing.assert_array_equal(got, want)
+    # The saved pools are the trained ones (B moved off zero), shaped as a fresh init.
+    assert jax.tree.map(np.shape, pools) == jax.tree.map(np.shape, nn.unbox(setup.adapter_boxed))
+    assert float(np.abs(pools["mos"]["mlp"]["wo"]["b_pool"]).max()) > 0
+
+
+def test_mos_experts_and_unboxed_base():
+    """Stacked experts: each expert matrix owns shards (M = L·E); merging into the unboxed
+    base (as inside training, no logical names) equals merging into the boxed base, and for
+    the attention output projection o [H, K, D] the input is H·K."""
+    L, e, f, h, k, d = 2, 3, 8, 2, 4, 6
+    key = jax.random.PRNGKey(0)
+    params = {f"layer{i}": {
+        "attn": {"o": nn.LogicallyPartitioned(jax.random.normal(jax.random.fold_in(key, i), (h, k, d)),
+                                              ("heads", "head_dim", "embed"))},
+        "moe": {"experts": {"wo": nn.LogicallyPartitioned(jax.random.normal(jax.random.fold_in(key, 9 + i), (e, f, d)),
+                                                          ("expert", "expert_mlp", "embed"))}}} for i in range(L)}
+    mos = adapters.MoS("attn/o|experts/wo", rank=2, alpha=4.0, equiv_rank=1, private_rank=0, shards_per_vector=2)
+    assert mos.count(params) == L * ((h * k + d) + e * (f + d))
+    pools = _random_adapter(mos, params)
+    assert pools["mos"]["moe"]["experts"]["wo"]["a_pool"].shape == (L * e * 2, f // 2)
+    assert pools["mos"]["attn"]["o"]["a_pool"].shape == (L * 2, h * k // 2)
+    boxed, unboxed = mos.merge(params, pools), mos.merge(nn.unbox(params), pools)
+    jax.tree.map(np.testing.assert_array_equal, boxed, unboxed)
+    a, b = mos.factors(params, pools)["layer1/moe/experts/wo"]
+    assert a.shape == (e, f, 2) and b.shape == (e, 2, d)
+    w = nn.unbox(params)["layer1"]["moe"]["experts"]["wo"]
+    np.testing.assert_allclose(boxed["layer1"]["moe"]["experts"]["wo"], w + 2.0 * np.einsum("EFR,ERD->EFD", a, b),
+                               rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- Hydra
+
+def test_hydra_counts_equal_peft_formula(data_dir):
+    c = tiny_config(data_dir, **{"model.ffn": "moe"})
+    m = c.model
+    _, params = _boxed_params(c)
+    hydra = adapters.Hydra("attn/(q|o)|experts/wo", rank=3, seq_rank=2)
+    d, hk, e, fe = m.d_model, m.num_heads * m.head_dim, m.moe.num_experts, m.moe.expert_dim
+    # r_p (d_in + d_out) + 2 r_s d_out per matrix, times E for stacked experts
+    per = lambda i, o: 3 * (i + o) + 2 * 2 * o
+    want = m.num_layers * (per(d, hk) + per(hk, d) + e * per(fe, d))
+    init = nn.unbox(jax.eval_shape(lambda: hydra.init(jax.random.PRNGKey(0), params)))
+    assert hydra.count(params) == want == adapters.num_params(init)
+    o = init["layer0"]["attn"]["o"]   # o [H, K, D]: parallel branch reads H·K, sequential reads D
+    assert o["par_a"].shape == (m.num_heads, m.head_dim, 3) and o["seq_a"].shape == (d, 2)
+    assert init["layer0"]["moe"]["experts"]["wo"]["seq_b"].shape == (e, 2, d)
+
+
+def test_hydra_merged_equals_unmerged():
+    """x·W' + b' == h0 + s·(x A_p) B_p + s·(h0 A_s) B_s with h0 = x W + b, by plain einsums:
+    q [D, H, K] with its bias q_bias [H, K], o [H, K, D] (two input axes), and experts [E, F, D]."""
+    key, rng = jax.random.PRNGKey(0), np.random.default_rng(0)
+    r = lambda i, shape: rng.standard_normal(shape).astype(np.float32)
+    d, h, k, e, f = 6, 2, 4, 3, 5
+    params = {"attn": {"q": nn.LogicallyPartitioned(r(0, (d, h, k)), ("embed", "heads", "head_dim")),
+                       "q_bias": nn.LogicallyPartitioned(r(1, (h, k)), ("heads", "head_dim")),
+                       "o": nn.LogicallyPartitioned(r(2, (h, k, d)), ("heads", "head_dim", "embed"))},
+              "experts": {"wo": nn.LogicallyPartitioned(r(3, (e, f, d)), ("expert", "expert_mlp", "embed"))}}
+    hydra = adapters.Hydra(".*", rank=2, seq_rank=3, scale=0.5)
+    assert "attn/q_bias" not in adapters.adaptable(params)      # a 2-axis bias is no target
+    ad = jax.tree.map(np.asarray, _random_adapter(hydra, params))
+    p, s = nn.unbox(params), 0.5
+    merged = jax.tree.map(np.asarray, hydra.merge(params, ad))
+    x = r(4, (2, 3, d))
+
+    q = ad["attn"]["q"]
+    h0 = np.einsum("BLD,DHK->BLHK", x, p["attn"]["q"]) + p["attn"]["q_bias"]
+    want = (h0 + s * np.einsum("BLR,RHK->BLHK", np.einsum("BLD,DR->BLR", x, q["par_a"]), q["par_b"])
+            + s * np.einsum("BLS,SHK->BLHK", np.einsum("BLHK,HKS->BLS", h0, q["seq_a"]), q["seq_b"]))
+    got = np.einsum("BLD,DHK->BLHK", x, merged["attn"]["q"]) + merged["attn"]["q_bias"]
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+    o, heads = ad["attn"]["o"], r(5, (2, 3, h, k))
+    h0 = np.einsum("BLHK,HKD->BLD", heads, p["attn"]["o"])
+    want = (h0 + s * np.einsum("BLR,RD->BLD", np.einsum("BLHK,HKR->BLR", heads, o["par_a"]), o["par_b"])
+            + s * np.einsum("BLS,SD->BLD", np.einsum("BLD,DS->BLS", h0, o["seq_a"]), o["seq_b"]))
+    np.testing.assert_allclose(np.einsum("BLHK,HKD->BLD", heads, merged["attn"]["o"]), want, rtol=2e-5, atol=2e-5)
+
+    w, hid = ad["experts"]["wo"], r(6, (e, 4, f))        # [E, C, F] tokens per expert
+    h0 = np.einsum("ECF,EFD->ECD", hid, p["experts"]["wo"])
+    want = (h0 + s * np.einsum("ECR,ERD->ECD", np.einsum("ECF,EFR->ECR", hid, w["par_a"]), w["par_b"])
+            + s * np.einsum("ECS,ESD->ECD", np.einsum("ECD,EDS->ECS", h0, w["seq_a"]), w["seq_b"]))
+    np.testing.assert_allclose(np.einsum("ECF,EFD->ECD", hid, merged["experts"]["wo"]), want, rtol=2e-5, atol=2e-5)
+    # Same merge from the unboxed base (as inside training); zero B at init leaves the base as it is.
+    jax.tree.map(np.testing.assert_array_equal, hydra.merge(p, ad), merged)
+    fresh = hydra.merge(params, nn.unbox(hydra.init(key, params)))
+    jax.tree.map(np.testing.assert_array_equal, fresh, p)

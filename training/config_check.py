@@ -136,6 +136,10 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
             raise ConfigError("config key 'adapter.targets' is empty but adapter.method is "
                               f"{a.method!r}; give a pattern over parameter paths, e.g. 'attn/(q|v)' or 'mlp/.*'")
         _positive(config, "adapter.rank", "adapter.alpha")
+        try:   # the method's own hyper-parameter checks (one line each)
+            adapters.from_config(a)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if config.init.from_workdir and config.init.from_hf:
         raise ConfigError("config keys 'init.from_workdir' and 'init.from_hf' are both set; allowed: one of them")
     if "moe" in kinds:
