@@ -24,6 +24,10 @@ TIMEOUT_PER_CELL_S = 300
 EXPECTED_OUTPUTS = {
     "quickstart.ipynb": (["----- sampled text -----", "validation bits per byte"], ["image/png"]),
     "expert_parallel.ipynb": (["expert 0: devices [0, 4]", "all-to-all ops in compiled HLO", "single device|", "train loss:"], ["image/png"]),
+    "routers_tour.ipynb": (["| router       | setting", "| top_k        |", "| hash         |", "| top_p        |",
+                            "| smoe_dropout |", "eval_loss@k1 ", "eval_loss@k8 ", "token-id information",
+                            "top_p: top_p/analysis/experts_per_token.png", "hash: hash/analysis/affinity_layer0_layer1.png"],
+                           ["image/png"]),
 }
 
 
