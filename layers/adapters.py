@@ -75,6 +75,16 @@ def flat_params(params: Params) -> dict[str, Any]:
     return leaves
 
 
+def adapted_paths(flat_base: dict[str, Any], flat_adapter: dict[str, Any]) -> list[str]:
+    """Paths of the base weights an adapter tree adapts (its leaves are ``PATH/name``),
+    sorted; ``ValueError`` if one has no matching base weight."""
+    paths = sorted({p.rsplit("/", 1)[0] for p in flat_adapter})
+    for path in paths:
+        if path not in flat_base:
+            raise ValueError(f"adapter parameter {path!r} has no matching base weight")
+    return paths
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One adapted weight: its path, shape, and how it splits into ``[E?, I, O]``."""
@@ -225,9 +235,7 @@ class LoRA:
         """Base parameters with ``s·A·B`` added to every target (unboxed arrays)."""
         flat = flat_params(nn.unbox(base))
         ad = flat_params(nn.unbox(adapter))
-        for path in sorted({p.rsplit("/", 1)[0] for p in ad}):
-            if path not in flat:
-                raise ValueError(f"adapter parameter {path!r} has no matching base weight")
+        for path in adapted_paths(flat, ad):
             w, a, b = flat[path], ad[f"{path}/lora_a"], ad[f"{path}/lora_b"]
             # A [E?, I.., R], B [E?, R, O..], W [E?, I.., O..]: the split follows from the ranks.
             experts = a.ndim + b.ndim - w.ndim - 2
@@ -512,9 +520,7 @@ class Hydra:
         """Base with ``W' = W + s(A_p B_p + W A_s B_s)`` (and ``b'``) for every target."""
         flat = flat_params(nn.unbox(base))
         ad = flat_params(nn.unbox(adapter))
-        for path in sorted({p.rsplit("/", 1)[0] for p in ad}):
-            if path not in flat:
-                raise ValueError(f"adapter parameter {path!r} has no matching base weight")
+        for path in adapted_paths(flat, ad):
             w, pa, pb, sa, sb = (flat[path], *(ad[f"{path}/{k}"] for k in ("par_a", "par_b", "seq_a", "seq_b")))
             experts = pa.ndim + pb.ndim - w.ndim - 2
             t = Target(path, tuple(w.shape), None, experts, pa.ndim - 1 - experts)
