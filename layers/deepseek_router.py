@@ -42,8 +42,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from routezoo.layers import sharding
-from routezoo.layers.routers import (ROUTERS, Routing, TopKRouter, _num_groups, check_k, load_balance_loss,
-                                     routing_stats, top_k)
+from routezoo.layers.routers import (ROUTERS, Routing, TopKRouter, _num_groups, check_k,
+                                     top_k)
 
 Array = jax.Array
 
@@ -78,13 +78,7 @@ class DeepSeekV3Router(TopKRouter):
         weights = weights * self.routed_scaling_factor
 
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)              # [T, E]
-        expert_mask = jnp.max(jax.nn.one_hot(indices, e, dtype=jnp.float32), axis=1)  # [T, E]
-        lb = load_balance_loss(probs.reshape(g, s, e), expert_mask.reshape(g, s, e))
-        losses, stats = self.z_losses(logits)
-        if self.load_balance_coef > 0:
-            losses["load_balance"] = self.load_balance_coef * lb
-        stats["load_balance_loss"] = lb
-        stats.update(routing_stats(indices, probs, e))
+        losses, stats = self.balance_losses(logits, probs, indices, g, s)
         return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
                        losses=losses, stats=stats)
 

@@ -281,23 +281,30 @@ class TopKRouter(Router):
         if self.k > 1 and self.renormalize:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
 
-        expert_mask = jnp.max(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32), axis=1)  # [T, E]
-        lb = load_balance_loss(probs.reshape(g, s, num_experts), expert_mask.reshape(g, s, num_experts))
-        losses, stats = self.z_losses(logits)
-        if self.load_balance_coef > 0:
-            losses["load_balance"] = self.load_balance_coef * lb
-        stats["load_balance_loss"] = lb
-        stats.update(routing_stats(indices, probs, num_experts))
+        losses, stats = self.balance_losses(logits, probs, indices, g, s)
 
         if (self.bias_update_rate > 0 and not deterministic and not self.is_initializing()
                 and self.is_mutable_collection("router_state")):
-            load = jnp.sum(expert_mask, axis=0)  # [E] token copies per expert
+            load = jnp.sum(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32), axis=(0, 1))  # [E] copies per expert
             step = self.bias_update_rate * jnp.sign(jnp.mean(load) - load)
             bias.value = bias.value + jax.lax.stop_gradient(step)
 
         priority = probs.max(axis=-1) if self.batch_prioritized else None  # [T]
         return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
                        losses=losses, stats=stats, priority=priority)
+
+    def balance_losses(self, logits: Array, probs: Array, indices: Array, g: int, s: int):
+        """z-loss, the Switch load-balance loss of ``probs [T, E]`` against the chosen
+        ``indices [T, K]`` per group (``T = g·s``), and the routing statistics."""
+        e = probs.shape[-1]
+        expert_mask = jnp.max(jax.nn.one_hot(indices, e, dtype=jnp.float32), axis=1)  # [T, E]
+        lb = load_balance_loss(probs.reshape(g, s, e), expert_mask.reshape(g, s, e))
+        losses, stats = self.z_losses(logits)
+        if self.load_balance_coef > 0:
+            losses["load_balance"] = self.load_balance_coef * lb
+        stats["load_balance_loss"] = lb
+        stats.update(routing_stats(indices, probs, e))
+        return losses, stats
 
     @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "TopKRouter":
