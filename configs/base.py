@@ -188,6 +188,9 @@ def get_config() -> ml_collections.ConfigDict:
     # CLI: --config.init.from=DIR is accepted as the spelling of --config.init.from_workdir=DIR
     # ("from" is a Python keyword, which config_flags cannot parse as a key).
     i.from_workdir = ""
+    # Start the adapter from another adapter run's trained adapter (its workdir, or its
+    # adapter/ directory), e.g. Poly/MHR few-shot modes from the multi-task adapter.
+    i.adapter_from = ""
 
     # ---------------------------------------------------------------- adapter
     # Parameter-efficient fine-tuning (layers/adapters.py): the base parameters are frozen
@@ -196,6 +199,9 @@ def get_config() -> ml_collections.ConfigDict:
     a = c.adapter = ml_collections.ConfigDict()
     a.method = ""                # "" = no adapter (full training) | hydra | lora | mos
     a.targets = ""               # regex over parameter paths, matched at the end, e.g. "attn/(q|v)", "mlp/.*"
+    # Trained adapters that a method combines (scalearn, phatgoose, glider, multi_lora):
+    # comma-separated workdirs (or their adapter/ directories), all trained on this base.
+    a.library = ""
     a.rank = 8                   # lora: rank r; mos: active rank r; hydra: parallel rank r_p
     a.alpha = 16.0               # lora, mos: scale alpha / r
     a.rslora = False             # lora: rsLoRA scale alpha / sqrt(r)

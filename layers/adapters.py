@@ -43,7 +43,7 @@ import hashlib
 import math
 import re
 import zlib
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,20 @@ from flax import traverse_util
 from routezoo.layers.sharding import param as logical_param
 
 Params = Any
+
+METHODS: dict[str, Any] = {}
+
+
+def register(cls):
+    """Class decorator: makes ``cls`` selectable as ``adapter.method=cls.name``.
+
+    A method class has ``name``, ``mergeable``, ``from_config(cfg)`` (a classmethod taking
+    ``config.adapter``), ``select``, ``init``, ``merge`` and ``count``; methods that act on
+    activations (per example or per token) also define ``hook`` (see
+    :mod:`routezoo.layers.adapter_hooks`).
+    """
+    METHODS[cls.name] = cls
+    return cls
 
 
 # --------------------------------------------------------------------------- paths
@@ -189,6 +203,7 @@ def lora_dense(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: fl
     return base + scale * low
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class LoRA:
     """LoRA (Hu et al., 2021): ``W = W0 + s·A·B``, ``A [I, R]``, ``B [R, O]``, B = 0 at init.
@@ -205,6 +220,10 @@ class LoRA:
 
     name = "lora"
     mergeable = True
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LoRA":
+        return cls(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha), rslora=bool(cfg.rslora))
 
     @property
     def scale(self) -> float:
@@ -267,6 +286,7 @@ def _init_a(bound):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class MoS:
     """MoS, Mixture of Shards (Sheng Wang et al., ICLR 2025, "MoS: Unleashing Parameter
@@ -321,6 +341,14 @@ class MoS:
 
     name = "mos"
     mergeable = True
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "MoS":
+        return cls(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha),
+                   equiv_rank=int(cfg.mos_equiv_rank), private_rank=int(cfg.mos_private_rank),
+                   shards_per_vector=int(cfg.mos_shards_per_vector),
+                   subset_selection=bool(cfg.mos_subset_selection),
+                   pair_dissociation=bool(cfg.mos_pair_dissociation), seed=int(cfg.mos_seed))
 
     def __post_init__(self):
         r, r_eq, r_pri, n = self.rank, self.equiv_rank, self.private_rank, self.shards_per_vector
@@ -462,6 +490,7 @@ class MoS:
 
 # --------------------------------------------------------------------------- Hydra
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Hydra:
     """Hydra (Kim et al., 2023, "Hydra: Multi-head Low-rank Adaptation for Parameter
@@ -490,6 +519,11 @@ class Hydra:
 
     name = "hydra"
     mergeable = True
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Hydra":
+        return cls(targets=str(cfg.targets), rank=int(cfg.rank), seq_rank=int(cfg.hydra_seq_rank),
+                   scale=float(cfg.hydra_scale))
 
     def __post_init__(self):
         if self.seq_rank < 1:
@@ -542,9 +576,6 @@ class Hydra:
                    for t in self.select(params).values())
 
 
-METHODS: dict[str, Callable[..., Any]] = {"hydra": Hydra, "lora": LoRA, "mos": MoS}
-
-
 def from_config(cfg: Any):
     """The adapter for ``config.adapter`` (``None`` when ``method`` is empty)."""
     method = str(cfg.method)
@@ -554,19 +585,7 @@ def from_config(cfg: Any):
         raise ValueError(f"unknown adapter.method {method!r}; allowed: {', '.join(sorted(METHODS))}")
     if not str(cfg.targets):
         raise ValueError("adapter.targets is empty; give a pattern over parameter paths, e.g. 'attn/(q|v)'")
-    if method == "lora":
-        return LoRA(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha),
-                    rslora=bool(cfg.rslora))
-    if method == "mos":
-        return MoS(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha),
-                   equiv_rank=int(cfg.mos_equiv_rank), private_rank=int(cfg.mos_private_rank),
-                   shards_per_vector=int(cfg.mos_shards_per_vector),
-                   subset_selection=bool(cfg.mos_subset_selection),
-                   pair_dissociation=bool(cfg.mos_pair_dissociation), seed=int(cfg.mos_seed))
-    if method == "hydra":
-        return Hydra(targets=str(cfg.targets), rank=int(cfg.rank), seq_rank=int(cfg.hydra_seq_rank),
-                     scale=float(cfg.hydra_scale))
-    raise AssertionError(method)
+    return METHODS[method].from_config(cfg)
 
 
 # --------------------------------------------------------------------------- counts, fingerprint
@@ -603,4 +622,4 @@ def fingerprint(params: Params) -> str:
 
 
 __all__ = ["Hydra", "LoRA", "METHODS", "MoS", "Target", "adaptable", "fingerprint", "flat_params", "from_config",
-           "lora_delta", "lora_dense", "num_params", "projection_type", "select_targets"]
+           "lora_delta", "lora_dense", "num_params", "projection_type", "register", "select_targets"]

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from routezoo.layers.adapter_hooks import project
 from routezoo.layers.sharding import constrain, param
 
 Dtype = Any
@@ -182,7 +183,7 @@ class Attention(nn.Module):
         def proj(name, heads, head_axis):
             w = self.param(name, param(default_kernel_init, ("embed", head_axis, "head_dim")),
                            (d, heads, k), self.param_dtype)
-            y = jnp.einsum("BLD,DHK->BLHK", x, jnp.asarray(w, self.dtype))
+            y = project(self, name, "BLD,DHK->BLHK", x, jnp.asarray(w, self.dtype))
             if self.qkv_bias:
                 bias = self.param(f"{name}_bias", param(nn.initializers.zeros, (head_axis, "head_dim")),
                                   (heads, k), self.param_dtype)
@@ -209,7 +210,7 @@ class Attention(nn.Module):
         out = constrain(out, ("batch", "length", "act_heads", None))
         wo = self.param("o", param(default_kernel_init, ("heads", "head_dim", "embed")),
                         (h, k, d), self.param_dtype)
-        y = jnp.einsum("BLHK,HKD->BLD", out, jnp.asarray(wo, self.dtype))
+        y = project(self, "o", "BLHK,HKD->BLD", out, jnp.asarray(wo, self.dtype), num_in=2)
         return constrain(y, ("batch", "length", "act_embed"))
 
 
@@ -228,15 +229,15 @@ class MLP(nn.Module):
             raise ValueError(f"unknown mlp_type {self.mlp_type!r}; allowed: {', '.join(MLP_TYPES)}")
         d, f = x.shape[-1], self.hidden_dim
         w_in = self.param("wi", param(default_kernel_init, ("embed", "mlp")), (d, f), self.param_dtype)
-        hid = jnp.einsum("BLD,DF->BLF", x, jnp.asarray(w_in, self.dtype))
+        hid = project(self, "wi", "...D,DF->...F", x, jnp.asarray(w_in, self.dtype))
         if self.mlp_type in ("swiglu", "geglu"):
             w_gate = self.param("wg", param(default_kernel_init, ("embed", "mlp")), (d, f), self.param_dtype)
-            gate = jnp.einsum("BLD,DF->BLF", x, jnp.asarray(w_gate, self.dtype))
+            gate = project(self, "wg", "...D,DF->...F", x, jnp.asarray(w_gate, self.dtype))
             act = nn.silu if self.mlp_type == "swiglu" else nn.gelu
             hid = act(gate) * hid
         else:
             hid = ACTIVATIONS[self.mlp_type](hid)
         hid = constrain(hid, ("batch", "length", "act_mlp"))
         w_out = self.param("wo", param(default_kernel_init, ("mlp", "embed")), (f, d), self.param_dtype)
-        y = jnp.einsum("BLF,FD->BLD", hid, jnp.asarray(w_out, self.dtype))
+        y = project(self, "wo", "...F,FD->...D", hid, jnp.asarray(w_out, self.dtype))
         return constrain(y, ("batch", "length", "act_embed"))

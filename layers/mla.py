@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from routezoo.layers.adapter_hooks import project
 from routezoo.layers.dense import RMSNorm, default_kernel_init, rotary_embedding
 from routezoo.layers.sharding import constrain, param
 
@@ -90,16 +91,16 @@ class MLAttention(nn.Module):
 
         norm = lambda name: RMSNorm(eps=self.latent_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.q_lora_rank > 0:
-            cq = jnp.einsum("BLD,DQ->BLQ", x, w("q_a", (d, self.q_lora_rank), ("embed", "rank")))
-            q = jnp.einsum("BLQ,QHK->BLHK", norm("q_a_norm")(cq),
-                           w("q_b", (self.q_lora_rank, h, k), ("rank", "heads", "head_dim")))
+            cq = project(self, "q_a", "BLD,DQ->BLQ", x, w("q_a", (d, self.q_lora_rank), ("embed", "rank")))
+            q = project(self, "q_b", "BLQ,QHK->BLHK", norm("q_a_norm")(cq),
+                        w("q_b", (self.q_lora_rank, h, k), ("rank", "heads", "head_dim")))
         else:
-            q = jnp.einsum("BLD,DHK->BLHK", x, w("q", (d, h, k), ("embed", "heads", "head_dim")))
+            q = project(self, "q", "BLD,DHK->BLHK", x, w("q", (d, h, k), ("embed", "heads", "head_dim")))
         q = constrain(q, ("batch", "length", "act_heads", None))
-        ckv = jnp.einsum("BLD,DR->BLR", x, w("kv_a", (d, r + p), ("embed", "rank")))   # [B, L, R + P]
+        ckv = project(self, "kv_a", "BLD,DR->BLR", x, w("kv_a", (d, r + p), ("embed", "rank")))   # [B, L, R + P]
         c, k_rope = ckv[..., :r], ckv[..., r:]
-        kv = jnp.einsum("BLR,RHK->BLHK", norm("kv_a_norm")(c),
-                        w("kv_b", (r, h, n + v), ("rank", "heads", "head_dim")))        # [B, L, H, N + V]
+        kv = project(self, "kv_b", "BLR,RHK->BLHK", norm("kv_a_norm")(c),
+                     w("kv_b", (r, h, n + v), ("rank", "heads", "head_dim")))        # [B, L, H, N + V]
         kv = constrain(kv, ("batch", "length", "act_heads", None))
         k_nope, val = kv[..., :n], kv[..., n:]
         q_rope = self._rope(q[..., n:], positions)                                       # [B, L, H, P]
@@ -119,7 +120,7 @@ class MLAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)                       # [B, H, L, M]
         out = jnp.einsum("BHLM,BMHV->BLHV", probs, val)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        y = jnp.einsum("BLHV,HVD->BLD", out, w("o", (h, v, d), ("heads", "head_dim", "embed")))
+        y = project(self, "o", "BLHV,HVD->BLD", out, w("o", (h, v, d), ("heads", "head_dim", "embed")), num_in=2)
         return constrain(y, ("batch", "length", "act_embed"))
 
 

@@ -31,6 +31,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from routezoo import zoo
+from routezoo.layers import adapter_hooks
 from routezoo.layers import adapters as adapter_lib
 from routezoo.layers import sharding as shd
 from routezoo.training import checkpoint as ckpt_lib
@@ -146,12 +147,14 @@ class AdapterSetup:
     adapter_boxed: Any = struct.field(pytree_node=False)
 
 
-def adapter_state_shardings(model, tx, config, mesh, rules, adapter):
-    """Like :func:`state_shardings` for an adapter run: (abstract, shardings, AdapterSetup)."""
+def adapter_state_shardings(model, tx, config, mesh, rules, adapter, sources=None):
+    """Like :func:`state_shardings` for an adapter run: (abstract, shardings, AdapterSetup).
+    ``sources``: :func:`adapter_sources` (trained adapters the method starts from)."""
     abstract_vars = jax.eval_shape(_variables(model, config), jax.random.PRNGKey(0))
     var_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_vars), mesh, rules)
     unboxed = strip_boxes(abstract_vars)
-    adapter_boxed = jax.eval_shape(lambda r: adapter.init(r, abstract_vars["params"]), jax.random.PRNGKey(0))
+    adapter_boxed = jax.eval_shape(lambda r: adapter.init(r, abstract_vars["params"], **_source_params(sources)),
+                                   jax.random.PRNGKey(0))
     adapter_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(adapter_boxed), mesh, rules)
     abstract, shardings = _assemble_state(tx, mesh, strip_boxes(adapter_boxed), adapter_shard, unboxed, var_shard)
     base_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -166,12 +169,17 @@ def _restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: in
     mesh and rules context."""
     import orbax.checkpoint as ocp
     workdir = os.path.abspath(workdir)
-    tx, _ = make_optimizer(config.optimizer, config.train.steps)
     adapter = adapter_lib.from_config(config.adapter)
+    if adapter_hooks.is_activation_adapter(adapter):
+        raise ValueError(f"{workdir}: adapter.method={adapter.name!r} acts on activations and cannot be merged "
+                         "into the weights; use train.load_adapter(WORKDIR/adapter, base) and "
+                         "routezoo.layers.adapter_hooks.bind around model.apply")
+    tx, _ = optimizer_for(config, adapter)
     if adapter is None:
         abstract, _, _ = state_shardings(model, tx, config, mesh, rules)
     else:
-        abstract, _, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter)
+        abstract, _, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter,
+                                                     adapter_sources(config))
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -222,18 +230,59 @@ def load_base(model, config, setup: AdapterSetup, mesh, rules) -> Any:
     return jax.jit(init, static_argnums=0, out_shardings=setup.base_shardings)(config.seed)
 
 
-def create_adapter_state(model, tx, config, shardings, setup: AdapterSetup) -> TrainState:
+def create_adapter_state(model, tx, config, shardings, setup: AdapterSetup, sources=None) -> TrainState:
     """Fresh adapter TrainState: adapter params, optimizer state over them only."""
     init_vars = _variables(model, config)
 
-    def init(seed):
+    def init(seed, src):
         rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
         variables = nn.unbox(init_vars(init_rng))
         variables.pop("params")
-        params = nn.unbox(setup.adapter.init(jax.random.fold_in(init_rng, 0xAD), setup.base_boxed))
+        params = nn.unbox(setup.adapter.init(jax.random.fold_in(init_rng, 0xAD), setup.base_boxed, **src))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           model_state=dict(variables), rng=rng)
-    return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed)
+    return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed, _source_params(sources))
+
+
+def adapter_sources(config) -> dict[str, Any]:
+    """Trained adapters an adapter run starts from, read from disk (host arrays):
+    ``{'previous': (params, meta)}`` from ``init.adapter_from`` (a workdir whose
+    ``adapter/`` initialises this one, e.g. Poly's few-shot modes) and ``{'library':
+    [(params, meta), ...]}`` from ``adapter.library`` (comma-separated workdirs of trained
+    adapters that ScaLearn, PHATGOOSE, GLIDER or a many-adapter batch combine). Their base
+    fingerprints are checked against the base by :func:`check_sources`."""
+    out: dict[str, Any] = {}
+    if config.init.adapter_from:
+        out["previous"] = read_adapter_dir(_adapter_dir_of(config.init.adapter_from))
+    library = [p.strip() for p in str(config.adapter.library).split(",") if p.strip()]
+    if library:
+        out["library"] = [read_adapter_dir(_adapter_dir_of(p)) for p in library]
+    return out
+
+
+def _adapter_dir_of(workdir: str) -> str:
+    sub = os.path.join(workdir, ADAPTER_DIR)
+    return sub if os.path.isdir(sub) else workdir
+
+
+def _source_params(sources) -> dict[str, Any]:
+    if not sources:
+        return {}
+    out = {}
+    if "previous" in sources:
+        out["previous"] = sources["previous"][0]
+    if "library" in sources:
+        out["library"] = [p for p, _ in sources["library"]]
+    return out
+
+
+def check_sources(sources, fingerprint: str) -> None:
+    """Every source adapter must belong to this base (one-line ValueError)."""
+    for meta in ([sources["previous"][1]] if "previous" in (sources or {}) else []) + \
+            [m for _, m in (sources or {}).get("library", [])]:
+        if meta["base_fingerprint"] != fingerprint:
+            raise ValueError(f"adapter in {meta['directory']} belongs to base {meta['base_fingerprint']}, "
+                             f"not to this base {fingerprint}; refusing to load it")
 
 
 def create_state(model, tx, config, shardings) -> TrainState:
@@ -257,6 +306,35 @@ def create_state(model, tx, config, shardings) -> TrainState:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           model_state=dict(variables), rng=rng)
     return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed, loaded)
+
+
+def optimizer_for(config, adapter=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``config.optimizer``'s transformation, split by the adapter's parameter groups.
+
+    An adapter may name groups of its parameters with learning-rate multipliers
+    (``adapter.param_groups(params)`` -> a tree of group names, ``adapter.LR_GROUPS`` ->
+    ``{name: multiplier}``): multiplier 0 freezes a group (``optax.set_to_zero``: the
+    values stay bit-identical and get no optimizer state), any other scales its updates
+    (Poly's router at 100x the adapters'). ``adapter.gradient_transform()``, if any, runs
+    on the gradients first (the STABLE-RPS gradient scaler).
+    """
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    if adapter is None:
+        return tx, schedule
+    groups = getattr(adapter, "LR_GROUPS", None)
+    if groups:
+        txs = {}
+        for name, mult in groups.items():
+            if mult == 0:
+                txs[name] = optax.set_to_zero()
+            else:
+                inner = make_optimizer(config.optimizer, config.train.steps)[0]
+                txs[name] = inner if mult == 1 else optax.chain(inner, optax.scale(mult))
+        tx = optax.multi_transform(txs, adapter.param_groups)
+    grad_tx = getattr(adapter, "gradient_transform", None)
+    if grad_tx is not None:
+        tx = optax.chain(grad_tx(), tx)
+    return tx, schedule
 
 
 # --------------------------------------------------------------------------- steps
@@ -300,8 +378,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
         mutable = list(model_state)
         full = params if adapter is None else adapter.merge(base, params)
         inputs, targets, w = objective_batch(model, batch, jax.random.fold_in(rng, len(RNG_STREAMS)))
-        out = model.apply({"params": full, **model_state}, inputs, deterministic=False,
-                          rngs=rngs, mutable=mutable if mutable else False)
+        with adapter_hooks.bind(adapter, base, params, task_ids=batch.get("task_id"),
+                                rng=jax.random.fold_in(rng, len(RNG_STREAMS) + 1), deterministic=False):
+            out = model.apply({"params": full, **model_state}, inputs, deterministic=False,
+                              rngs=rngs, mutable=mutable if mutable else False)
         (logits, aux), new_model_state = out if mutable else (out, {})
         nll, correct = cross_entropy(logits, targets, w)
         denom = jnp.maximum(w.sum(), 1.0)
@@ -358,7 +438,8 @@ def make_eval_step(model: nn.Module, token_bytes: np.ndarray, adapter: Any = Non
     def step(state: TrainState, batch, base):
         params = state.params if adapter is None else adapter.merge(base, state.params)
         inputs, targets, w = objective_batch(model, batch, jax.random.PRNGKey(EVAL_MASK_SEED))
-        logits, _ = model.apply({"params": params, **state.model_state}, inputs, deterministic=True)
+        with adapter_hooks.bind(adapter, base, state.params, task_ids=batch.get("task_id")):
+            logits, _ = model.apply({"params": params, **state.model_state}, inputs, deterministic=True)
         nll, correct = cross_entropy(logits, targets, w)
         return {"nll": nll.sum(), "correct": correct.sum(), "tokens": w.sum(),
                 "bytes": (table[targets] * w).sum()}
@@ -475,8 +556,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     tokenizer = data_lib.get_tokenizer(config.data)
     model = zoo.build(config.model)
     adapter = adapter_lib.from_config(config.adapter)
-    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-    batch_sharding = NamedSharding(mesh, shd.batch_spec(2))
+    sources = adapter_sources(config) if adapter is not None else {}
+    tx, schedule = optimizer_for(config, adapter)
+    # Leading (batch) axis sharded, the rest replicated: fits inputs [B, L] and task_id [B].
+    batch_sharding = NamedSharding(mesh, shd.batch_spec(1))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     progress_log = print if is_main else (lambda *_: None)
 
@@ -484,7 +567,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         if adapter is None:
             abstract, shardings, boxed_params = state_shardings(model, tx, config, mesh, rules)
         else:
-            abstract, shardings, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter)
+            abstract, shardings, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter, sources)
             boxed_params = setup.base_boxed
         info = describe_model(boxed_params, config)
         progress_log(
@@ -498,6 +581,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         if adapter is not None:   # the frozen base, passed to every step beside the state
             base = load_base(model, config, setup, mesh, rules)
             adapter_meta = adapter_metadata(config, setup, base)
+            check_sources(sources, adapter_meta["base_fingerprint"])
             check_adapter_dir(os.path.join(workdir, ADAPTER_DIR), adapter_meta["base_fingerprint"])
             info.update(params_trainable=adapter_meta["params_trainable"],
                         params_total_with_adapter=adapter_meta["params_total"])
@@ -515,7 +599,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         restored = checkpointer.restore_latest(abstract, data_lib.iterator_restore_args(train_iter))
         if restored is None:
             state = (create_state(model, tx, config, shardings) if adapter is None
-                     else create_adapter_state(model, tx, config, shardings, setup))
+                     else create_adapter_state(model, tx, config, shardings, setup, sources))
             start = 0
         else:
             start, state, _ = restored
@@ -584,12 +668,19 @@ ADAPTER_JSON = "adapter.json"
 
 def adapter_metadata(config, setup: AdapterSetup, base) -> dict[str, Any]:
     """Method, hyper-parameters, counts and base fingerprint, as stored with the adapter."""
-    trainable = adapter_lib.num_params(setup.adapter_boxed)
+    adapter = setup.adapter
+    own = adapter_lib.num_params(setup.adapter_boxed)
+    trainable = own
+    if getattr(adapter, "LR_GROUPS", None):   # frozen groups (multiplier 0) do not train
+        groups = adapter.param_groups(strip_boxes(setup.adapter_boxed))
+        trainable = int(sum(np.prod(x.shape) for x, g in zip(jax.tree.leaves(strip_boxes(setup.adapter_boxed)),
+                                                              jax.tree.leaves(groups))
+                            if adapter.LR_GROUPS[g] != 0))
     base_count = adapter_lib.num_params(setup.base_boxed)
     return {"method": config.adapter.method, "adapter": config.adapter.to_dict(),
-            "num_targets": len(setup.adapter.select(setup.base_boxed)),
-            "params_trainable": trainable, "params_base": base_count,
-            "params_total": trainable + base_count,
+            "num_targets": len(adapter.select(setup.base_boxed)),
+            "params_trainable": trainable, "params_adapter": own, "params_base": base_count,
+            "params_total": own + base_count,
             "base_fingerprint": adapter_lib.fingerprint(base)}
 
 
@@ -626,6 +717,15 @@ def load_adapter(directory: str, base) -> tuple[Any, Any, dict[str, Any]]:
     Raises ``ValueError`` when the adapter was trained on another base (fingerprint).
     """
     import ml_collections
+    params, meta = read_adapter_dir(directory)
+    check_adapter_dir(directory, adapter_lib.fingerprint(base))
+    adapter = adapter_lib.from_config(ml_collections.ConfigDict(meta["adapter"]))
+    return adapter, params, meta
+
+
+def read_adapter_dir(directory: str) -> tuple[Any, dict[str, Any]]:
+    """(params as host arrays, metadata with ``directory``) of an adapter directory,
+    without checking its base; ``FileNotFoundError`` in one line if it is not one."""
     import orbax.checkpoint as ocp
     directory = os.path.abspath(directory)
     path = os.path.join(directory, ADAPTER_JSON)
@@ -633,11 +733,10 @@ def load_adapter(directory: str, base) -> tuple[Any, Any, dict[str, Any]]:
         raise FileNotFoundError(f"{path} not found: not an adapter directory")
     with open(path) as f:
         meta = json.load(f)
-    check_adapter_dir(directory, adapter_lib.fingerprint(base))
-    adapter = adapter_lib.from_config(ml_collections.ConfigDict(meta["adapter"]))
     with ocp.StandardCheckpointer() as ck:
         params = ck.restore(os.path.join(directory, "params"))
-    return adapter, params, meta
+    params = jax.tree.map(np.asarray, params)
+    return params, {**meta, "directory": directory}
 
 
 def read_workdir_config(workdir: str):
