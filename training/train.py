@@ -153,8 +153,9 @@ def adapter_state_shardings(model, tx, config, mesh, rules, adapter, sources=Non
     abstract_vars = jax.eval_shape(_variables(model, config), jax.random.PRNGKey(0))
     var_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_vars), mesh, rules)
     unboxed = strip_boxes(abstract_vars)
-    adapter_boxed = jax.eval_shape(lambda r: adapter.init(r, abstract_vars["params"], **_source_params(sources)),
-                                   jax.random.PRNGKey(0))
+    adapter_boxed = jax.eval_shape(
+        lambda r, src: adapter.init(r, abstract_vars["params"], **src, **_source_configs(sources)),
+        jax.random.PRNGKey(0), _source_params(sources))
     adapter_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(adapter_boxed), mesh, rules)
     abstract, shardings = _assemble_state(tx, mesh, strip_boxes(adapter_boxed), adapter_shard, unboxed, var_shard)
     base_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -238,7 +239,8 @@ def create_adapter_state(model, tx, config, shardings, setup: AdapterSetup, sour
         rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
         variables = nn.unbox(init_vars(init_rng))
         variables.pop("params")
-        params = nn.unbox(setup.adapter.init(jax.random.fold_in(init_rng, 0xAD), setup.base_boxed, **src))
+        params = nn.unbox(setup.adapter.init(jax.random.fold_in(init_rng, 0xAD), setup.base_boxed, **src,
+                                             **_source_configs(sources)))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           model_state=dict(variables), rng=rng)
     return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed, _source_params(sources))
@@ -274,6 +276,14 @@ def _source_params(sources) -> dict[str, Any]:
     if "library" in sources:
         out["library"] = [p for p, _ in sources["library"]]
     return out
+
+
+def _source_configs(sources) -> dict[str, Any]:
+    """``library_configs``: each library adapter's ``config.adapter`` (a dict: method,
+    rank, alpha, ...), beside its parameters."""
+    if not sources or "library" not in sources:
+        return {}
+    return {"library_configs": [dict(m["adapter"]) for _, m in sources["library"]]}
 
 
 def check_sources(sources, fingerprint: str) -> None:
