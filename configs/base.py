@@ -217,5 +217,12 @@ def get_config() -> ml_collections.ConfigDict:
     # base output W x (+ b). Merged: W' = W + s (A_p B_p + W A_s B_s).
     a.hydra_seq_rank = 8         # hydra: rank r_s of the sequential branch (>= 1)
     a.hydra_scale = 1.0          # hydra: s, the factor of both branches (alpha is not used)
+    # poly / mhr / mhr_z / mhr_mu (PEFT.md 2): rank = R of each skill (scale 1/R, alpha unused);
+    # every example's task id (data.tasks) picks its router row.
+    a.num_tasks = 0              # poly, mhr, mhr_z: router rows T (0 = the number of data.tasks)
+    a.poly_skills = 8            # poly, mhr: M LoRA skills per adapted weight
+    a.mhr_heads = 4              # mhr, mhr_z, mhr_mu: H routing heads (divides d_in and d_out)
+    a.poly_router_lr_mult = 100.0  # poly, mhr, mhr_z: router learning rate / adapters' (card: 0.1 vs 1e-3)
+    a.poly_relaxed = True        # poly, mhr, mhr_z: relaxed-Bernoulli skill weights in training (False: sigmoid)
 
     return c

@@ -104,7 +104,7 @@ class _Binding:
 
 
 def is_activation_adapter(adapter: Any) -> bool:
-    return adapter is not None and hasattr(adapter, "hook_delta")
+    return getattr(adapter, "hook_delta", None) is not None
 
 
 @contextlib.contextmanager

@@ -623,3 +623,6 @@ def fingerprint(params: Params) -> str:
 
 __all__ = ["Hydra", "LoRA", "METHODS", "MoS", "Target", "adaptable", "fingerprint", "flat_params", "from_config",
            "lora_delta", "lora_dense", "num_params", "projection_type", "register", "select_targets"]
+
+# Methods in their own modules register themselves on import.
+from routezoo.layers import poly  # noqa: E402,F401  poly, mhr, mhr_z, mhr_mu

@@ -137,7 +137,8 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
                               f"{a.method!r}; give a pattern over parameter paths, e.g. 'attn/(q|v)' or 'mlp/.*'")
         _positive(config, "adapter.rank", "adapter.alpha")
         try:   # the method's own hyper-parameter checks (one line each)
-            adapters.from_config(a)
+            from routezoo.training.train import adapter_config
+            adapters.from_config(adapter_config(config))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if config.init.from_workdir and config.init.from_hf:

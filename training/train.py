@@ -105,7 +105,10 @@ def _assemble_state(tx, mesh, params, param_shard, unboxed_vars, var_shard):
     replicated = NamedSharding(mesh, P())
 
     def fit(s, leaf):
-        # Optimizer leaves shaped like their parameter take its sharding; others replicate.
+        # Optimizer leaves shaped like their parameter take its sharding; others replicate;
+        # a frozen adapter group's placeholder (optax MaskedNode) stays as it is.
+        if isinstance(leaf, optax.MaskedNode):
+            return leaf
         if not isinstance(s, NamedSharding) or len(s.spec) > leaf.ndim:
             return replicated
         for dim, axes in zip(leaf.shape, s.spec):
@@ -117,7 +120,7 @@ def _assemble_state(tx, mesh, params, param_shard, unboxed_vars, var_shard):
     opt_shard = optax.tree_map_params(
         tx, lambda leaf, s: fit(s, leaf), opt_abstract, param_shard,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+        is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
     model_state = {k: v for k, v in unboxed_vars.items() if k != "params"}
     shardings = TrainState(
         step=replicated, params=param_shard, opt_state=opt_shard,
@@ -170,7 +173,7 @@ def _restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: in
     mesh and rules context."""
     import orbax.checkpoint as ocp
     workdir = os.path.abspath(workdir)
-    adapter = adapter_lib.from_config(config.adapter)
+    adapter = adapter_lib.from_config(adapter_config(config))
     if adapter_hooks.is_activation_adapter(adapter):
         raise ValueError(f"{workdir}: adapter.method={adapter.name!r} acts on activations and cannot be merged "
                          "into the weights; use train.load_adapter(WORKDIR/adapter, base) and "
@@ -244,6 +247,16 @@ def create_adapter_state(model, tx, config, shardings, setup: AdapterSetup, sour
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           model_state=dict(variables), rng=rng)
     return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed, _source_params(sources))
+
+
+def adapter_config(config):
+    """``config.adapter`` with ``num_tasks`` 0 resolved to the number of ``data.tasks``."""
+    a = config.adapter
+    tasks = [t for t in str(config.data.get("tasks", "")).split(",") if t.strip()]
+    if "num_tasks" in a and int(a.num_tasks) == 0 and tasks:
+        a = ml_collections.ConfigDict(a.to_dict())
+        a.num_tasks = len(tasks)
+    return a
 
 
 def adapter_sources(config) -> dict[str, Any]:
@@ -565,7 +578,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     data_lib.ensure_dataset(config.data)
     tokenizer = data_lib.get_tokenizer(config.data)
     model = zoo.build(config.model)
-    adapter = adapter_lib.from_config(config.adapter)
+    adapter = adapter_lib.from_config(adapter_config(config))
     sources = adapter_sources(config) if adapter is not None else {}
     tx, schedule = optimizer_for(config, adapter)
     # Leading (batch) axis sharded, the rest replicated: fits inputs [B, L] and task_id [B].
@@ -687,7 +700,7 @@ def adapter_metadata(config, setup: AdapterSetup, base) -> dict[str, Any]:
                                                               jax.tree.leaves(groups))
                             if adapter.LR_GROUPS[g] != 0))
     base_count = adapter_lib.num_params(setup.base_boxed)
-    return {"method": config.adapter.method, "adapter": config.adapter.to_dict(),
+    return {"method": config.adapter.method, "adapter": adapter_config(config).to_dict(),
             "num_targets": len(adapter.select(setup.base_boxed)),
             "params_trainable": trainable, "params_adapter": own, "params_base": base_count,
             "params_total": own + base_count,
