@@ -104,9 +104,9 @@ def test_target_matching_nothing_lists_paths(data_dir):
 
 def test_unknown_method_and_empty_targets(data_dir):
     c = tiny_config(data_dir, **{"adapter.method": "dora", "adapter.targets": "attn/q"})
-    with pytest.raises(config_check.ConfigError, match="unknown adapter.method 'dora'; allowed: hydra, lora, mos$"):
+    with pytest.raises(config_check.ConfigError, match="unknown adapter.method 'dora'; allowed: hydra, lora, mhr, mhr_mu, mhr_z, mos, poly$"):
         config_check.validate(c)
-    with pytest.raises(ValueError, match="allowed: hydra, lora, mos$"):
+    with pytest.raises(ValueError, match="allowed: hydra, lora, mhr, mhr_mu, mhr_z, mos, poly$"):
         adapters.from_config(c.adapter)
     c = tiny_config(data_dir, **{"adapter.method": "lora"})
     with pytest.raises(config_check.ConfigError, match="adapter.targets"):
