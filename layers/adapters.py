@@ -180,6 +180,25 @@ def _nest(flat: dict[str, Any]) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
+def from_previous(fresh: Params, previous: Params | None, method: str) -> Params:
+    """``fresh`` (boxed) with every leaf replaced by ``previous``'s at the same path
+    (``init.adapter_from``: continue a trained adapter of the same method and shapes);
+    ``ValueError`` naming the first path that is missing or shaped differently."""
+    if previous is None:
+        return fresh
+    prev = flat_params(nn.unbox(previous))
+    out = {}
+    for path, leaf in flat_params(fresh).items():
+        value = _unbox(leaf)
+        if path not in prev or tuple(prev[path].shape) != tuple(value.shape):
+            got = "missing" if path not in prev else f"shaped {tuple(prev[path].shape)}"
+            raise ValueError(f"init.adapter_from: {path} is {got}, adapter.method={method!r} here needs "
+                             f"{tuple(value.shape)} (same method, targets and ranks)")
+        new = jnp.asarray(prev[path], value.dtype)
+        out[path] = leaf.replace_boxed(new) if isinstance(leaf, nn.meta.AxisMetadata) else new
+    return _nest(out)
+
+
 # --------------------------------------------------------------------------- LoRA
 
 def lora_delta(t: Target, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -232,8 +251,9 @@ class LoRA:
     def select(self, params: Params) -> dict[str, Target]:
         return select_targets(params, self.targets)
 
-    def init(self, rng: jax.Array, params: Params) -> Params:
-        """Adapter parameters for the base ``params`` (boxed in, boxed out)."""
+    def init(self, rng: jax.Array, params: Params, previous: Params | None = None) -> Params:
+        """Adapter parameters for the base ``params`` (boxed in, boxed out); ``previous``
+        (``init.adapter_from``) continues a trained LoRA of the same shapes."""
         out = {}
         for i, (path, t) in enumerate(sorted(self.select(params).items())):
             e = (t.num_experts,) if t.experts else ()
@@ -248,7 +268,7 @@ class LoRA:
             b = logical_param(nn.initializers.zeros, lead + ("rank",) + tuple(out_names))(
                 rng, (*e, self.rank, *t.out_shape), jnp.float32)
             out[f"{path}/lora_a"], out[f"{path}/lora_b"] = a, b
-        return _nest(out)
+        return from_previous(_nest(out), previous, self.name)
 
     def merge(self, base: Params, adapter: Params) -> Params:
         """Base parameters with ``s·A·B`` added to every target (unboxed arrays)."""
@@ -414,7 +434,7 @@ class MoS:
             out.append(np.stack(rows).astype(np.int32))
         return out[0], out[1]
 
-    def init(self, rng: jax.Array, params: Params) -> Params:
+    def init(self, rng: jax.Array, params: Params, previous: Params | None = None) -> Params:
         """``{'mos': {type: {'a_pool': [P, I/n], 'b_pool': [P, O/n]}}}`` (boxed)."""
         out = {}
         n = self.shards_per_vector
@@ -425,7 +445,7 @@ class MoS:
                 jax.random.fold_in(rng, i), (p, t.d_in // n), jnp.float32)
             b = logical_param(nn.initializers.zeros, ("rank", None))(rng, (p, t.d_out // n), jnp.float32)
             out[f"mos/{kind}/a_pool"], out[f"mos/{kind}/b_pool"] = a, b
-        return _nest(out)
+        return from_previous(_nest(out), previous, self.name)
 
     def _resolve(self, params: Params, pools: dict[str, Any]) -> dict[str, list[Target]]:
         """Targets by type, their ``[E?, I, O]`` split read off the pool shapes.
@@ -532,7 +552,7 @@ class Hydra:
     def select(self, params: Params) -> dict[str, Target]:
         return select_targets(params, self.targets)
 
-    def init(self, rng: jax.Array, params: Params) -> Params:
+    def init(self, rng: jax.Array, params: Params, previous: Params | None = None) -> Params:
         """``{path: {'par_a' [E?, I.., R], 'par_b' [E?, R, O..], 'seq_a' [E?, O.., S],
         'seq_b' [E?, S, O..]}}`` (boxed)."""
         out = {}
@@ -548,7 +568,7 @@ class Hydra:
                     jax.random.fold_in(key, kind == "seq"), (*e, *inn[1], r), jnp.float32)
                 out[f"{path}/{kind}_b"] = logical_param(nn.initializers.zeros, lead + ("rank",) + out_names)(
                     rng, (*e, r, *t.out_shape), jnp.float32)
-        return _nest(out)
+        return from_previous(_nest(out), previous, self.name)
 
     def merge(self, base: Params, adapter: Params) -> Params:
         """Base with ``W' = W + s(A_p B_p + W A_s B_s)`` (and ``b'``) for every target."""

@@ -19,6 +19,32 @@ class ConfigError(ValueError):
     pass
 
 
+def _is_adapter_dir(path: str) -> bool:
+    import os
+    return any(os.path.isfile(os.path.join(path, *sub, "adapter.json")) for sub in ((), ("adapter",)))
+
+
+def _check_adapter_sources(config) -> None:
+    """``init.adapter_from`` and ``adapter.library``: an adapter method that uses them,
+    and directories that hold a trained adapter (``adapter.json``)."""
+    a = config.adapter
+    library = [p.strip() for p in str(a.library).split(",") if p.strip()]
+    if (config.init.adapter_from or library) and not a.method:
+        raise ConfigError("config keys 'init.adapter_from' / 'adapter.library' need adapter.method; it is empty")
+    if library:
+        from routezoo.layers import adapters
+        users = sorted(n for n, cls in adapters.METHODS.items() if getattr(cls, "uses_library", False))
+        if a.method not in users:
+            raise ConfigError(f"config key 'adapter.library' is set but adapter.method={a.method!r} does not use "
+                              f"a library of adapters; allowed: {', '.join(users) or 'none'}")
+    for key, paths in (("init.adapter_from", [config.init.adapter_from] if config.init.adapter_from else []),
+                       ("adapter.library", library)):
+        for path in paths:
+            if not _is_adapter_dir(path):
+                raise ConfigError(f"config key {key!r}: {path!r} holds no trained adapter (no adapter.json in it "
+                                  "or in its adapter/ folder); give the workdir of an adapter run")
+
+
 def _check_schema(cfg: Any, schema: Any, prefix: str) -> None:
     for key in cfg.keys():
         path = f"{prefix}{key}"
@@ -141,6 +167,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
             adapters.from_config(adapter_config(config))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    _check_adapter_sources(config)
     if config.init.from_workdir and config.init.from_hf:
         raise ConfigError("config keys 'init.from_workdir' and 'init.from_hf' are both set; allowed: one of them")
     if "moe" in kinds:
