@@ -271,6 +271,8 @@ def test_stdlib_tasks_ids_resume_and_eval(data_dir):
                 piece = (piece[piece >= data.BYTE_OFFSET] - data.BYTE_OFFSET).astype(np.uint8)
                 assert piece.tobytes() in texts[names[task_id]]
     # Eval: json has no validation file (5% by hash) and is left out; per task works.
+    assert data.eval_task_names(c.data) == [n for n in names if any(
+        p.startswith(n + "/") for p in files["validation"])] == ["email", "importlib"]
     mixed = list(data.eval_batches(c, process_index=0, process_count=1))
     assert len(mixed) == 3 and set(np.concatenate([b["task_id"] for b in mixed])) == {0, 2}
     one = list(data.eval_batches(c, task="importlib", process_index=0, process_count=1))

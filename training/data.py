@@ -914,6 +914,12 @@ def _round_robin(iterators: Sequence[Iterator[Any]]) -> Iterator[Any]:
         active = still
 
 
+def eval_task_names(data_cfg: Any) -> list[str]:
+    """The names of ``data.tasks`` with documents in ``data.eval_split`` (those that
+    ``eval_batches(config, task=NAME)`` accepts), in task-id order."""
+    return [t.name for t in split_tasks(data_cfg, data_cfg.eval_split) if t.indices]
+
+
 _WARNED_NO_EVAL_DOCS: set[tuple[str, ...]] = set()
 
 
@@ -938,7 +944,7 @@ def eval_batches(config: Any, *, task: str | None = None, process_index: int | N
     tasks = split_tasks(d, d.eval_split, None if task is None else [task])
     with_docs = [t for t in tasks if t.indices]
     if not with_docs:
-        have = [t.name for t in split_tasks(d, d.eval_split) if t.indices]
+        have = eval_task_names(d)
         raise ValueError(f"{'task ' + repr(task) if task else 'no task of data.tasks'} has "
                          f"no documents in the {d.eval_split!r} split; tasks of data.tasks "
                          f"with some: {', '.join(have) or '(none)'}")
