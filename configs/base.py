@@ -149,6 +149,11 @@ def get_config() -> ml_collections.ConfigDict:
     # rows: every process packs the global stream and keeps its rows (results independent
     # of the process count); documents: each process reads its own share of documents.
     d.process_sharding = "rows"
+    # Tasks (multi-task adapters; stdlib only): comma-separated top-level stdlib packages,
+    # e.g. "email,json,asyncio"; task id = position; batches gain task_id [B] and no row
+    # mixes tasks. "" = off. data.available_tasks(config.data) lists the names.
+    d.tasks = ""
+    d.task_sampling = "uniform"  # rows per task: uniform (equal) | proportional (to the task's train bytes)
 
     # ---------------------------------------------------------------- train
     t = c.train = ml_collections.ConfigDict()

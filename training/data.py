@@ -53,12 +53,37 @@ Evaluation (:func:`eval_batches`): the eval split, unshuffled, packed the same w
 last row and the last batch are padded with pad ids (weight 0), and every process yields
 exactly ``train.eval_steps`` batches (all-pad batches once its share runs out) so that
 multi-host evaluation steps stay in lockstep.
+
+Tasks (multi-task adapters: Poly/MHR, ScaLearn, PHATGOOSE, many adapters per batch).
+``data.tasks`` (stdlib only; "" = off, the pipelines above unchanged) is a comma-separated
+list of top-level stdlib packages (:func:`task_of_path`: the first component of a file's
+path in a subdirectory, e.g. ``email/message.py`` -> ``email``; top-level modules such as
+``os.py`` belong to no task; the ``test`` suites are not in the dataset at all). A task's
+id is its position in the list; :func:`available_tasks` lists the names with their file
+counts. The training pipeline becomes, per task ``t``::
+
+    task t's documents[process_index::process_count] -> shuffle -> repeat -> encode + EOS
+      -> PackIterDataset(seq_len + 1)                  rows of task t only, tagged id t
+    IterDataset.mix(rows of all tasks, weights)        grain's deterministic interleaving
+      -> batch                                         {..., 'task_id': int32[B]}
+
+so no row mixes tasks. ``data.task_sampling``: ``uniform`` (equal weights) or
+``proportional`` (weights = the tasks' UTF-8 text bytes in the train split, i.e. each
+task's share of the untasked stream). grain's mix is not a random draw: it interleaves the
+tasks in fixed proportions (uniform over T tasks: rows cycle 0, 1, ..., T-1), so every
+window of rows holds the tasks in (almost exactly) their proportions. The iterator state
+holds every task's packer and the mix position, so it restores exactly like the untasked
+one. Eval (:func:`eval_batches`): each task's eval documents packed on their own
+(last row padded), the tasks' rows interleaved round-robin until all run out (tasks
+without eval documents are left out); ``eval_batches(config, task=NAME)`` gives the
+batches of one task of ``data.tasks`` (for per-task eval losses).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import importlib
@@ -85,6 +110,8 @@ VALIDATION_PER_MILLE = 50            # 5% of the stdlib files go to validation
 SPM_SAMPLE_CHARS = 4_000_000         # train-split characters to train SentencePiece on
 _EXCLUDED_DIRS = frozenset({"site-packages", "__pycache__", "test", "tests", "idle_test"})
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
+# Per task (one reader per task): a row holds far less than a document, so a few do.
+_TASK_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=16)
 
 
 # ------------------------------------------------------------------------- data dir
@@ -278,6 +305,111 @@ def _why_unreadable(name: str, data_dir: str, error: Exception) -> str:
 
 def _text_key(data_cfg: Any) -> str:
     return "text" if data_cfg.name == STDLIB else data_cfg.text_key
+
+
+# --------------------------------------------------------------------------- tasks
+
+TASK_SAMPLING = ("uniform", "proportional")
+
+
+def task_of_path(path: str) -> str | None:
+    """The task of a stdlib file: its top-level package, the first component of a path in
+    a subdirectory (``email/mime/text.py`` -> ``email``); None for a top-level module
+    (``os.py``) and for a directory that is no package name (``config-3.11-x86_64-linux-gnu``)."""
+    head, sep, _ = path.partition("/")
+    return head if sep and head.isidentifier() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task of a split: its name, its id (position in ``data.tasks``), the indices of
+    its records in the split's source and its mixing weight."""
+
+    name: str
+    id: int
+    indices: tuple[int, ...]
+    weight: float = 1.0
+
+
+# (data dir, dataset, split) -> (relative paths, UTF-8 text bytes) of the split's records
+_SPLIT_FILES: dict[tuple[str, str, str], tuple[tuple[str, ...], tuple[int, ...]]] = {}
+
+
+def _split_files(data_cfg: Any, split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Paths and text sizes of a stdlib split's records, in source order (read once)."""
+    key = (resolve_data_dir(data_cfg), _stdlib_tfds_name(), split)
+    if key not in _SPLIT_FILES:
+        source = get_source(data_cfg, split)
+        records = [source[i] for i in range(len(source))]
+        _SPLIT_FILES[key] = (
+            tuple(_text_of(r, "path") for r in records),
+            tuple(len(_text_of(r, "text").encode("utf-8")) for r in records))
+    return _SPLIT_FILES[key]
+
+
+def _require_stdlib(data_cfg: Any) -> None:
+    if data_cfg.name != STDLIB:
+        raise ValueError(f"data.tasks needs data.name='stdlib' (tasks are its top-level "
+                         f"packages), got data.name={data_cfg.name!r}")
+
+
+def _task_records(paths: Sequence[str]) -> dict[str, list[int]]:
+    """Record indices per task name, in record order."""
+    out: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        name = task_of_path(path)
+        if name is not None:
+            out.setdefault(name, []).append(i)
+    return out
+
+
+def available_tasks(data_cfg: Any, split: str | None = None) -> dict[str, int]:
+    """``{task name: number of files}`` in ``split`` (default ``data.train_split``), sorted
+    by name: the names ``data.tasks`` accepts (stdlib only)."""
+    _require_stdlib(data_cfg)
+    paths, _ = _split_files(data_cfg, split or data_cfg.train_split)
+    return {name: len(idx) for name, idx in sorted(_task_records(paths).items())}
+
+
+def task_names(data_cfg: Any) -> list[str]:
+    """The checked names of ``data.tasks`` (task id = position); [] when it is empty."""
+    spec = data_cfg.tasks.strip()
+    if not spec:
+        return []
+    _require_stdlib(data_cfg)
+    if data_cfg.task_sampling not in TASK_SAMPLING:
+        raise ValueError(f"unknown data.task_sampling {data_cfg.task_sampling!r}; allowed: "
+                         f"{', '.join(TASK_SAMPLING)}")
+    names = [n.strip() for n in spec.split(",")]
+    available = available_tasks(data_cfg)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))} in data.tasks; "
+                         f"allowed (top-level stdlib packages): {', '.join(sorted(available))}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"data.tasks names {', '.join(repeated)} more than once; "
+                         "each task once (its id is its position)")
+    return names
+
+
+def split_tasks(data_cfg: Any, split: str, names: Sequence[str] | None = None) -> list[Task]:
+    """The :class:`Task` of every name of ``data.tasks`` (or of ``names``, which must be in
+    it) in ``split``, with ``data.task_sampling``'s weights; a task without records in the
+    split has no indices."""
+    all_names = task_names(data_cfg)
+    paths, sizes = _split_files(data_cfg, split)
+    records = _task_records(paths)
+    tasks = []
+    for name in names if names is not None else all_names:
+        if name not in all_names:
+            raise ValueError(f"task {name!r} is not in data.tasks; allowed: "
+                             f"{', '.join(all_names) or '(data.tasks is empty)'}")
+        indices = tuple(records.get(name, ()))
+        weight = (float(sum(sizes[i] for i in indices)) or 1.0
+                  if data_cfg.task_sampling == "proportional" else 1.0)
+        tasks.append(Task(name, all_names.index(name), indices, weight))
+    return tasks
 
 
 # ---------------------------------------------------------------------- tokenizers
@@ -538,6 +670,44 @@ class MakeBatch:
                 "weights": (targets != self.pad_id).astype(np.float32)}
 
 
+class TagTask:
+    """row -> ``{'tokens': row, 'task_id': id}`` (picklable grain map)."""
+
+    def __init__(self, task_id: int) -> None:
+        self.task_id = task_id
+
+    def __call__(self, row: np.ndarray) -> dict[str, Any]:
+        return {"tokens": row, "task_id": self.task_id}
+
+
+class MakeTaskBatch:
+    """Tagged rows -> :class:`MakeBatch`'s dict plus ``'task_id'`` int32[batch_size]
+    (missing rows: pad tokens, weight 0, task id 0)."""
+
+    def __init__(self, batch_size: int, pad_id: int = PAD_ID) -> None:
+        self.make_batch = MakeBatch(batch_size, pad_id)
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        batch = self.make_batch([r["tokens"] for r in rows])
+        task_id = np.zeros(self.make_batch.batch_size, np.int32)
+        task_id[: len(rows)] = [r["task_id"] for r in rows]
+        batch["task_id"] = task_id
+        return batch
+
+
+class _Subset:
+    """The records ``indices`` of ``source``, as a random-access source (picklable)."""
+
+    def __init__(self, source: Sequence[Any], indices: Sequence[int]) -> None:
+        self.source, self.indices = source, tuple(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.source[self.indices[i]]
+
+
 # ------------------------------------------------------------------------ pipelines
 
 
@@ -575,34 +745,64 @@ def _check_sharding(sharding: str) -> None:
 def train_dataset(source: Sequence[Any], tokenizer: Tokenizer, *, text_key: str,
                   seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
                   process_index: int = 0, process_count: int = 1,
-                  num_workers: int = 0, process_sharding: str = "documents") -> grain.IterDataset:
+                  num_workers: int = 0, process_sharding: str = "documents",
+                  tasks: Sequence[Task] | None = None) -> grain.IterDataset:
     """The endless training dataset of one process; ``batch_size`` is per process.
 
     ``process_sharding='documents'``: this process packs its own share of documents.
     ``'rows'``: every process packs the same global stream of ``batch_size *
     process_count`` rows per batch and keeps its slice, so the global batches do not
-    depend on the number of processes.
+    depend on the number of processes. ``tasks``: each task's records packed on their
+    own, the tasks' rows mixed by their weights, batches with ``'task_id'`` (module
+    docstring); None or empty: the untasked pipeline.
     """
     _check_sharding(process_sharding)
     by_rows = process_sharding == "rows" and process_count > 1
     if by_rows:
         return train_dataset(source, tokenizer, text_key=text_key, seq_len=seq_len,
                              batch_size=batch_size * process_count, seed=seed, shuffle=shuffle,
-                             num_workers=num_workers).map(TakeRows(process_index, process_count))
-    docs = _process_shard(source, process_index, process_count)
-    if len(docs) == 0:
-        raise ValueError(f"process {process_index} of {process_count} gets no documents "
-                         f"(the split has {len(source)})")
-    if shuffle:
-        docs = docs.shuffle(seed=seed)
-    docs = docs.repeat().map(EncodeDocument(tokenizer, text_key))
-    rows = PackIterDataset(docs.to_iter_dataset(_READ_OPTIONS), seq_len + 1,
-                           pad_id=tokenizer.pad_id)
-    ds = rows.batch(batch_size, drop_remainder=True,
-                    batch_fn=MakeBatch(batch_size, tokenizer.pad_id))
+                             num_workers=num_workers, tasks=tasks,
+                             ).map(TakeRows(process_index, process_count))
+    if tasks:
+        rows = _task_train_rows(source, tokenizer, tasks, text_key=text_key, seq_len=seq_len,
+                                seed=seed, shuffle=shuffle, process_index=process_index,
+                                process_count=process_count)
+        batch_fn = MakeTaskBatch(batch_size, tokenizer.pad_id)
+    else:
+        docs = _process_shard(source, process_index, process_count)
+        if len(docs) == 0:
+            raise ValueError(f"process {process_index} of {process_count} gets no documents "
+                             f"(the split has {len(source)})")
+        if shuffle:
+            docs = docs.shuffle(seed=seed)
+        docs = docs.repeat().map(EncodeDocument(tokenizer, text_key))
+        rows = PackIterDataset(docs.to_iter_dataset(_READ_OPTIONS), seq_len + 1,
+                               pad_id=tokenizer.pad_id)
+        batch_fn = MakeBatch(batch_size, tokenizer.pad_id)
+    ds = rows.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
     if num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return ds
+
+
+def _task_train_rows(source: Sequence[Any], tokenizer: Tokenizer, tasks: Sequence[Task], *,
+                     text_key: str, seq_len: int, seed: int, shuffle: bool,
+                     process_index: int, process_count: int) -> grain.IterDataset:
+    """Endless rows ``{'tokens', 'task_id'}``: each task's share of documents shuffled,
+    repeated and packed on its own, the tasks mixed by ``IterDataset.mix``."""
+    parts = []
+    for task in tasks:
+        docs = _process_shard(_Subset(source, task.indices), process_index, process_count)
+        if len(docs) == 0:
+            raise ValueError(f"process {process_index} of {process_count} gets no documents "
+                             f"of task {task.name!r} (it has {len(task.indices)} in the split)")
+        if shuffle:
+            docs = docs.shuffle(seed=seed)
+        docs = docs.repeat().map(EncodeDocument(tokenizer, text_key))
+        rows = PackIterDataset(docs.to_iter_dataset(_TASK_READ_OPTIONS), seq_len + 1,
+                               pad_id=tokenizer.pad_id)
+        parts.append(rows.map(TagTask(task.id)))
+    return grain.IterDataset.mix(parts, [task.weight for task in tasks])
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -620,13 +820,14 @@ def make_train_iterator(config: Any, *, process_index: int | None = None,
     """The checkpointable training iterator of this process (see the module docstring)."""
     process_index, process_count = _process_info(process_index, process_count)
     d = config.data
+    tasks = split_tasks(d, d.train_split) if task_names(d) else None
     ds = train_dataset(
         get_source(d, d.train_split), get_tokenizer(d), text_key=_text_key(d),
         seq_len=d.seq_len, batch_size=_per_process_batch(config.train.batch_size,
                                                          process_count),
         seed=config.seed, shuffle=d.shuffle, process_index=process_index,
         process_count=process_count, num_workers=d.num_workers,
-        process_sharding=d.process_sharding)
+        process_sharding=d.process_sharding, tasks=tasks)
     return iter(ds)
 
 
@@ -666,17 +867,94 @@ class EvalBatches:
             yield self._take(batch) if self._take else batch
 
 
-def eval_batches(config: Any, *, process_index: int | None = None,
+class TaskEvalBatches(EvalBatches):
+    """Re-iterable eval batches with ``'task_id'``: each task's documents packed on their
+    own (last row padded), the tasks' rows interleaved round-robin until all run out."""
+
+    def __init__(self, source: Sequence[Any], tokenizer: Tokenizer, *, text_key: str,
+                 seq_len: int, batch_size: int, num_batches: int, tasks: Sequence[Task],
+                 process_index: int = 0, process_count: int = 1,
+                 process_sharding: str = "documents") -> None:
+        super().__init__(source, tokenizer, text_key=text_key, seq_len=seq_len,
+                         batch_size=batch_size, num_batches=num_batches,
+                         process_index=process_index, process_count=process_count,
+                         process_sharding=process_sharding)
+        if self._take is not None:   # rows: the global stream on every process
+            process_index, process_count = 0, 1
+        encode = EncodeDocument(tokenizer, text_key)
+        self._task_docs = [
+            (task.id, _process_shard(_Subset(source, task.indices), process_index,
+                                     process_count).map(encode))
+            for task in tasks]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        make_batch = MakeTaskBatch(self._batch_size, self._pad_id)
+        rows = _round_robin([
+            iter(PackIterDataset(docs.to_iter_dataset(_TASK_READ_OPTIONS), self._seq_len + 1,
+                                 pad_id=self._pad_id, pad_final=True).map(TagTask(task_id)))
+            for task_id, docs in self._task_docs if len(docs)])
+        empty = make_batch([{"tokens": np.full(self._seq_len + 1, self._pad_id, np.int32),
+                             "task_id": 0}])
+        for _ in range(self._num_batches):
+            chunk = [row for _, row in zip(range(self._batch_size), rows)]
+            batch = make_batch(chunk) if chunk else empty
+            yield self._take(batch) if self._take else batch
+
+
+def _round_robin(iterators: Sequence[Iterator[Any]]) -> Iterator[Any]:
+    """One item of each iterator in turn, skipping those that ran out, until all have."""
+    active = list(iterators)
+    while active:
+        still = []
+        for it in active:
+            for item in it:
+                yield item
+                still.append(it)
+                break
+        active = still
+
+
+def eval_task_names(data_cfg: Any) -> list[str]:
+    """The names of ``data.tasks`` with documents in ``data.eval_split`` (those that
+    ``eval_batches(config, task=NAME)`` accepts), in task-id order."""
+    return [t.name for t in split_tasks(data_cfg, data_cfg.eval_split) if t.indices]
+
+
+_WARNED_NO_EVAL_DOCS: set[tuple[str, ...]] = set()
+
+
+def eval_batches(config: Any, *, task: str | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> EvalBatches:
-    """``train.eval_steps`` deterministic batches of the eval split for this process."""
+    """``train.eval_steps`` deterministic batches of the eval split for this process.
+
+    With ``data.tasks``: rows of every task (with ``'task_id'``; tasks without eval
+    documents left out, with a warning); ``task=NAME`` (one of ``data.tasks``): rows of
+    that task only, for its own eval loss.
+    """
     process_index, process_count = _process_info(process_index, process_count)
     d = config.data
-    return EvalBatches(
-        get_source(d, d.eval_split), get_tokenizer(d), text_key=_text_key(d),
-        seq_len=d.seq_len, batch_size=_per_process_batch(config.train.batch_size,
-                                                         process_count),
-        num_batches=config.train.eval_steps, process_index=process_index,
-        process_count=process_count, process_sharding=d.process_sharding)
+    common = dict(text_key=_text_key(d), seq_len=d.seq_len,
+                  batch_size=_per_process_batch(config.train.batch_size, process_count),
+                  num_batches=config.train.eval_steps, process_index=process_index,
+                  process_count=process_count, process_sharding=d.process_sharding)
+    if not task_names(d):
+        if task is not None:
+            raise ValueError(f"eval_batches(task={task!r}) needs data.tasks, which is empty")
+        return EvalBatches(get_source(d, d.eval_split), get_tokenizer(d), **common)
+    tasks = split_tasks(d, d.eval_split, None if task is None else [task])
+    with_docs = [t for t in tasks if t.indices]
+    if not with_docs:
+        have = eval_task_names(d)
+        raise ValueError(f"{'task ' + repr(task) if task else 'no task of data.tasks'} has "
+                         f"no documents in the {d.eval_split!r} split; tasks of data.tasks "
+                         f"with some: {', '.join(have) or '(none)'}")
+    missing = tuple(t.name for t in tasks if not t.indices)
+    if missing and missing not in _WARNED_NO_EVAL_DOCS:
+        _WARNED_NO_EVAL_DOCS.add(missing)
+        log.warning("tasks %s have no documents in the %r split: left out of evaluation",
+                    ", ".join(missing), d.eval_split)
+    return TaskEvalBatches(get_source(d, d.eval_split), get_tokenizer(d), tasks=with_docs,
+                           **common)
 
 
 # -------------------------------------------------------------------------- orbax
