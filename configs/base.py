@@ -162,6 +162,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.grad_accum = 1             # micro-batches per step
     t.eval_every = 200
     t.eval_steps = 8             # batches per evaluation
+    t.eval_per_task = False      # with data.tasks: also eval_loss@task=NAME on each task's validation rows
     t.log_every = 10
     t.progress = True            # progress bar on process 0
 

@@ -200,3 +200,51 @@ def test_errors(lm):
     with pytest.raises(ValueError, match="embed/embedding are not computed through .*project"):
         with adapter_hooks.bind(emb, base, ad, task_ids=jnp.zeros((1,), jnp.int32)):
             model.apply({"params": base}, jnp.zeros((1, 8), jnp.int32))
+
+
+def test_multitask_then_fewshot_workflow(data_dir, tmp_path):
+    """The shipped workflow at tiny size: a base, MHR on two stdlib tasks (per-task eval
+    losses logged), then MHR-z on two held-out tasks from it through init.adapter_from;
+    the saved skills load back, a run for another base is refused, and load_trained
+    names the way to use an activation-space adapter."""
+    import json
+    import os
+
+    from routezoo.configs import mhr_fewshot, poly_multitask
+    from routezoo.training import config_check
+    base_wd, mt_wd, fs_wd = (str(tmp_path / n) for n in ("base", "mhr", "mhr_z"))
+    train_lib.train_and_evaluate(tiny_config(data_dir, **{"train.steps": 2}), base_wd)
+
+    def adapter_run(cfg_module, tasks, **keys):
+        c = tiny_config(data_dir, **{"train.steps": 3, "train.eval_every": 3, "checkpoint.every": 3})
+        ref = cfg_module.get_config()
+        c.adapter.update(ref.adapter.to_dict())
+        c.adapter.update({"rank": 2, "poly_skills": 2, "mhr_heads": 2, **keys})
+        c.data.tasks, c.train.eval_per_task, c.init.from_workdir = tasks, True, base_wd
+        return c
+
+    c = adapter_run(poly_multitask, "email,importlib")
+    config_check.validate(c)
+    out = train_lib.train_and_evaluate(c, mt_wd)
+    assert np.isfinite(out["eval_loss"]) and {"eval_loss@task=email", "eval_loss@task=importlib"} <= set(out)
+    meta = json.load(open(os.path.join(mt_wd, "adapter", "adapter.json")))
+    assert meta["method"] == "mhr" and meta["adapter"]["num_tasks"] == 2
+
+    c = adapter_run(mhr_fewshot, "tomllib,zoneinfo")
+    c.init.adapter_from = mt_wd
+    config_check.validate(c)
+    out = train_lib.train_and_evaluate(c, fs_wd)
+    assert np.isfinite(out["eval_loss"])
+    fs = json.load(open(os.path.join(fs_wd, "adapter", "adapter.json")))
+    # Only the routers train: layers x targets x tasks x heads x skills.
+    assert fs["params_trainable"] == c.model.num_layers * 4 * 2 * 2 * 2 < fs["params_adapter"]
+    mt_params, _ = train_lib.read_adapter_dir(os.path.join(mt_wd, "adapter"))
+    fs_params, _ = train_lib.read_adapter_dir(os.path.join(fs_wd, "adapter"))
+    for k, v in adapters.flat_params(mt_params).items():
+        if not k.endswith("/router"):
+            np.testing.assert_array_equal(adapters.flat_params(fs_params)[k], v)   # frozen skills, bit for bit
+    with pytest.raises(ValueError, match="acts on activations.*adapter_hooks.bind"):
+        train_lib.load_trained(fs_wd)
+    with pytest.raises(config_check.ConfigError, match="holds no trained adapter"):
+        c.init.adapter_from = base_wd
+        config_check.validate(c)

@@ -475,10 +475,10 @@ def make_eval_step(model: nn.Module, token_bytes: np.ndarray, adapter: Any = Non
     return eval_step
 
 
-def evaluate(eval_step, state, config, mesh, batch_sharding, extra=()) -> dict[str, float]:
+def evaluate(eval_step, state, config, mesh, batch_sharding, extra=(), task: str | None = None) -> dict[str, float]:
     from routezoo.training import data as data_lib
     sums = {"nll": 0.0, "correct": 0.0, "tokens": 0.0, "bytes": 0.0}
-    for local in data_lib.eval_batches(config):
+    for local in data_lib.eval_batches(config, task=task):
         out = jax.device_get(eval_step(state, to_global(local, batch_sharding), *extra))
         for k in sums:
             sums[k] += float(out[k])
@@ -506,11 +506,18 @@ def eval_variants(config) -> dict[str, nn.Module]:
 
 def evaluate_all(eval_steps: dict[str, Callable], state, config, mesh, batch_sharding, extra=()) -> dict[str, float]:
     """:func:`evaluate` for each of ``{suffix: eval_step}``; suffix ``''`` is the plain
-    evaluation, others are reported as ``eval_loss@suffix`` and so on."""
+    evaluation, others are reported as ``eval_loss@suffix`` and so on. With
+    ``train.eval_per_task`` (and ``data.tasks``) the plain evaluation is also run on each
+    task's own validation rows: ``eval_loss@task=NAME``, ``eval_bits_per_byte@task=NAME``."""
+    from routezoo.training import data as data_lib
     out = {}
     for suffix, eval_step in eval_steps.items():
         res = evaluate(eval_step, state, config, mesh, batch_sharding, extra)
         out.update(res if not suffix else {f"{k}@{suffix}": v for k, v in res.items()})
+    if config.train.get("eval_per_task", False) and data_lib.task_names(config.data):
+        for name in data_lib.eval_task_names(config.data):
+            res = evaluate(eval_steps[""], state, config, mesh, batch_sharding, extra, task=name)
+            out.update({f"{k}@task={name}": v for k in ("eval_loss", "eval_bits_per_byte") for v in [res[k]]})
     return out
 
 
