@@ -217,5 +217,10 @@ def get_config() -> ml_collections.ConfigDict:
     # base output W x (+ b). Merged: W' = W + s (A_p B_p + W A_s B_s).
     a.hydra_seq_rank = 8         # hydra: rank r_s of the sequential branch (>= 1)
     a.hydra_scale = 1.0          # hydra: s, the factor of both branches (alpha is not used)
+    # multi_lora (PEFT.md 6, S-LoRA/Punica): serve the adapter.library LoRAs (mixed ranks and targets)
+    # in one batch, each example with its own adapter by batch 'task_id' (0 = base model, n = library
+    # entry n); frozen, never merged. targets ".*" serves every weight the library adapts.
+    a.multi_lora_impl = "auto"   # multi_lora: auto (gather if 1 token per example, else sorted) | gather (BGMV) | sorted (SGMV)
+    a.multi_lora_gmm_backend = "auto"   # multi_lora sorted: grouped matmul (layers/dispatch.py GMM_BACKENDS; auto by platform)
 
     return c

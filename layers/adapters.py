@@ -623,3 +623,4 @@ def fingerprint(params: Params) -> str:
 
 __all__ = ["Hydra", "LoRA", "METHODS", "MoS", "Target", "adaptable", "fingerprint", "flat_params", "from_config",
            "lora_delta", "lora_dense", "num_params", "projection_type", "register", "select_targets"]
+from routezoo.layers import multi_lora  # noqa: E402,F401  registers multi_lora
