@@ -338,9 +338,9 @@ def _valid_ids(ids: jax.Array, num_slots: int) -> jax.Array:
 def delta_gather(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array) -> jax.Array:
     """BGMV: ``x [B, S, I]``, ``a [N, I, R]``, ``b [N, R, O]``, ``ids [B]`` -> ``[B, S, O]``."""
     ids = _valid_ids(ids, a.shape[0])
-    ag = jnp.take(a, ids, axis=0).astype(x.dtype)                                     # [B, I, R]
+    ag = jnp.take(a, ids, axis=0, mode="clip").astype(x.dtype)                       # [B, I, R]
     h = jnp.einsum("BSI,BIR->BSR", x, ag, preferred_element_type=jnp.float32)         # shrink
-    bg = jnp.take(b, ids, axis=0)                                                     # [B, R, O]
+    bg = jnp.take(b, ids, axis=0, mode="clip")                                        # [B, R, O]
     return jnp.einsum("BSR,BRO->BSO", h.astype(x.dtype), bg.astype(x.dtype),
                       preferred_element_type=jnp.float32)                             # expand
 
