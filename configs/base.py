@@ -230,5 +230,10 @@ def get_config() -> ml_collections.ConfigDict:
     a.mhr_heads = 4              # mhr, mhr_z, mhr_mu: H routing heads (divides d_in and d_out)
     a.poly_router_lr_mult = 100.0  # poly, mhr, mhr_z: router learning rate / adapters' (card: 0.1 vs 1e-3)
     a.poly_relaxed = True        # poly, mhr, mhr_z: relaxed-Bernoulli skill weights in training (False: sigmoid)
+    # multi_lora (PEFT.md 6, S-LoRA/Punica): serve the adapter.library LoRAs (mixed ranks and targets)
+    # in one batch, each example with its own adapter by batch 'task_id' (0 = base model, n = library
+    # entry n); frozen, never merged. targets ".*" serves every weight the library adapts.
+    a.multi_lora_impl = "auto"   # multi_lora: auto (gather if 1 token per example, else sorted) | gather (BGMV) | sorted (SGMV)
+    a.multi_lora_gmm_backend = "auto"   # multi_lora sorted: grouped matmul (layers/dispatch.py GMM_BACKENDS; auto by platform)
 
     return c
