@@ -23,6 +23,8 @@ TIMEOUT_PER_CELL_S = 300
 # name -> (substrings that must appear in the stream outputs, output mime types that must appear)
 EXPECTED_OUTPUTS = {
     "quickstart.ipynb": (["----- sampled text -----", "validation bits per byte"], ["image/png"]),
+    "adapters.ipynb": (["| lora r=2         |", "| mos r=4, r_eq=2  |", "weights changed by the merge",
+                        "refused: adapter in"], ["image/png"]),
     "expert_parallel.ipynb": (["expert 0: devices [0, 4]", "all-to-all ops in compiled HLO", "single device|", "train loss:"], ["image/png"]),
     "routers_tour.ipynb": (["| router       | setting", "| top_k        |", "| hash         |", "| top_p        |",
                             "| smoe_dropout |", "eval_loss@k1 ", "eval_loss@k8 ", "token-id information",
