@@ -40,7 +40,7 @@ import numpy as np
 
 SIZES = {
     # name: (layers, d_model, heads, kv_heads, head_dim, mlp_dim)
-    "small": (6, 384, 6, 2, 64, 1536),
+    "small": (8, 384, 6, 2, 64, 1536),     # 8 layers: MoS r=8 at r_eq=2 with one private rank fits
     "tiny": (2, 64, 2, 1, 32, 128),          # a CPU smoke test of the script
 }
 TRAIN_TASKS = "lib2to3,idlelib,distutils,email,multiprocessing,importlib,asyncio"
