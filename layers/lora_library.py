@@ -101,10 +101,21 @@ def top_k_weights(logits: jax.Array, k: int) -> jax.Array:
 
 
 def library_outputs(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
-    """``a_k = s_k (x A_k) B_k``: x ``[B, S, I]``, A ``[K, I, R]``, B ``[K, R, O]``,
-    s ``[K]`` -> ``[B, S, K, O]`` (float32)."""
+    """Every adapter's output ``a_k = s_k (x A_k) B_k``: x ``[B, S, I]``, A ``[K, I, R]``,
+    B ``[K, R, O]``, s ``[K]`` -> ``[B, S, K, O]`` (float32; a reference, the hooks never
+    form it)."""
     h = jnp.einsum("BSI,KIR->BSKR", x.astype(jnp.float32), a.astype(jnp.float32))
     return jnp.einsum("BSKR,KRO->BSKO", h, b.astype(jnp.float32)) * scale.astype(jnp.float32)[:, None]
+
+
+def combine(x: jax.Array, a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
+    """``Σ_k w_k (x A_k) B_k`` -> ``[B, S, O]`` without forming ``[B, S, K, O]``: the
+    weights ``[B, S, K]`` (per token) or ``[K]`` multiply the rank activations
+    ``[B, S, K, R]``. Every adapter is computed (dense over ``K``, zero weights outside a
+    top-k): the intermediate is ``B·S·K·R``."""
+    h = jnp.einsum("BSI,KIR->BSKR", x.astype(jnp.float32), a.astype(jnp.float32))
+    h = h * weights.astype(jnp.float32)[..., None]
+    return jnp.einsum("BSKR,KRO->BSO", h, b.astype(jnp.float32))
 
 
 def phatgoose_scores(x: jax.Array, gates: jax.Array) -> jax.Array:
@@ -254,9 +265,11 @@ class _LibraryMethod:
                              f"adapters but got {len(library)}")
         return read_library(self.name, self.select(params), library, list(library_configs or []))
 
-    def _outputs(self, path: str, x: jax.Array, ctx) -> jax.Array:
+    def _routed(self, path: str, x: jax.Array, weights: jax.Array, ctx) -> jax.Array:
+        """``Σ_k p_k s_k (u A_k) B_k`` for routing weights ``p [B, S, K]``."""
         p = ctx.params
-        return library_outputs(x, p[f"library/{path}/lora_a"], p[f"library/{path}/lora_b"], p["library_scale"])
+        return combine(x, p[f"library/{path}/lora_a"], p[f"library/{path}/lora_b"],
+                       weights * p["library_scale"].astype(jnp.float32))
 
 
 # --------------------------------------------------------------------------- ScaLearn
@@ -341,7 +354,10 @@ class ScaLearn(_LibraryMethod):
             omega = jnp.where(keep, omega / (1.0 - self.dropout), 0.0)
         if omega.ndim == 1:
             omega = omega[:, None]
-        return jnp.einsum("BSKO,KO->BSO", self._outputs(path, x, ctx), omega)
+        # Σ_k ω_k ⊙ s_k (u A_k) B_k = Σ_k s_k (u A_k) (B_k ⊙ ω_k): ω folds into B.
+        p = ctx.params
+        b = p[f"library/{path}/lora_b"].astype(jnp.float32) * omega[:, None, :]
+        return combine(x, p[f"library/{path}/lora_a"], b, p["library_scale"])
 
 
 # --------------------------------------------------------------------------- PHATGOOSE
@@ -411,8 +427,8 @@ class PhatgooseGate(_LibraryMethod):
         p = ctx.params
         x = x.astype(jnp.float32)
         gate = jax.nn.sigmoid(jnp.einsum("BSI,I->BS", x, p[f"gate/{path}"].astype(jnp.float32)))
-        return library_outputs(x * gate[..., None], p[f"library/{path}/lora_a"], p[f"library/{path}/lora_b"],
-                               p["library_scale"])[:, :, 0]
+        return combine(x * gate[..., None], p[f"library/{path}/lora_a"], p[f"library/{path}/lora_b"],
+                       p["library_scale"])
 
 
 @register
@@ -429,8 +445,8 @@ class Phatgoose(_LibraryMethod):
     Nothing trains (0 trainable parameters): a run with it evaluates the untrained
     combination at step 0 and saves the adapter (library + gates) at its last step, for
     :func:`train.load_adapter` and :func:`adapter_hooks.bind`. The CLI needs
-    ``train.steps >= 1``; the steps change nothing (every leaf frozen). Every expert is
-    computed densely and weighted (zero outside the top-k): the library is small.
+    ``train.steps >= 1``; the steps change nothing (every leaf frozen). Every expert's rank
+    activations are computed and weighted (zero outside the top-k), ``[B, S, K, R]``.
     Deviation: each LoRA keeps its own scale (PHATGOOSE's T5 code: ``1/r``).
     """
 
@@ -469,7 +485,7 @@ class Phatgoose(_LibraryMethod):
         return top_k_weights(phatgoose_scores(x, ctx.params[f"library_gate/{path}"]), self.top_k)
 
     def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
-        return jnp.einsum("BSK,BSKO->BSO", self.weights(path, x, ctx), self._outputs(path, x, ctx))
+        return self._routed(path, x, self.weights(path, x, ctx), ctx)
 
 
 # --------------------------------------------------------------------------- GLIDER
@@ -549,7 +565,7 @@ class Glider(_LibraryMethod):
         return top_k_weights(logits, self.top_k)
 
     def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
-        return jnp.einsum("BSK,BSKO->BSO", self.weights(path, x, ctx), self._outputs(path, x, ctx))
+        return self._routed(path, x, self.weights(path, x, ctx), ctx)
 
 
 # --------------------------------------------------------------------------- task similarity
@@ -595,6 +611,6 @@ def task_similarity(model: nn.Module, base: Params, target_batches: Sequence[Any
     return np.asarray(out, np.float32)
 
 
-__all__ = ["Glider", "LIBRARY_METHODS", "Phatgoose", "PhatgooseGate", "ScaLearn", "glider_logits", "layer_norm",
-           "library_outputs", "phatgoose_scores", "read_library", "task_embedding", "task_similarity",
-           "top_k_weights"]
+__all__ = ["Glider", "LIBRARY_METHODS", "Phatgoose", "PhatgooseGate", "ScaLearn", "combine", "glider_logits",
+           "layer_norm", "library_outputs", "phatgoose_scores", "read_library", "task_embedding",
+           "task_similarity", "top_k_weights"]

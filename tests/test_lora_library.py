@@ -135,6 +135,24 @@ def test_scalearn_init_and_dropout_on_omega():
     assert not np.allclose(train, got)
 
 
+def test_scalearn_shared_omega_acts_in_every_layer():
+    """Uniform++: one ω [K] for the type ``attn/q``, used by both layers' q."""
+    params = {f"layer{i}": {"attn": {"q": nn.LogicallyPartitioned(np.zeros((16, 2, 4), np.float32),
+                                                                  ("embed", "heads", "head_dim"))}} for i in range(2)}
+    library = [_lora(params, "attn/q", 2, seed) for seed in range(2)]
+    sl = lib.ScaLearn("attn/q", num_library=2, uniform=True, shared=True)
+    ad = nn.unbox(sl.init(jax.random.PRNGKey(0), params, library=[p for _, p, _ in library],
+                          library_configs=[cf for _, _, cf in library]))
+    assert set(adapters.flat_params(ad["omega"])) == {"attn/q"}
+    ad["omega"]["attn"]["q"] = np.asarray([0.5, -2.0], np.float32)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 16)), jnp.float32)
+    for layer in ("layer0", "layer1"):
+        node = ad["library"][layer]["attn"]["q"]
+        a = lib.library_outputs(x, node["lora_a"], node["lora_b"], ad["library_scale"])
+        np.testing.assert_allclose(sl.hook_delta(f"{layer}/attn/q", x, None, _ctx(ad)),
+                                   0.5 * a[:, :, 0] - 2.0 * a[:, :, 1], rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- PHATGOOSE, GLIDER
 
 def _gate_entry(params, targets, rank, seed, gate_scale=1.0):
@@ -163,6 +181,12 @@ def test_phatgoose_gate_scales_lora_input_by_sigmoid():
     want = (x * (1 / (1 + np.exp(-(x @ v))))[..., None]) @ a @ b * pg_scale(cfg)
     np.testing.assert_allclose(pg.hook_delta("layer0/attn/q", jnp.asarray(x), None, _ctx(ad)), want,
                                rtol=1e-4, atol=1e-5)
+    # From init.adapter_from (no library config): the scale is this run's alpha / rank.
+    prev = nn.unbox(lib.PhatgooseGate("attn/q", num_library=1, rank=2, alpha=6.0).init(
+        jax.random.PRNGKey(0), _Q, previous=lora_params))
+    np.testing.assert_allclose(prev["library_scale"], [3.0])
+    np.testing.assert_array_equal(prev["library"]["layer0"]["attn"]["q"]["lora_a"],
+                                  ad["library"]["layer0"]["attn"]["q"]["lora_a"])
 
 
 def pg_scale(cfg):
@@ -216,6 +240,12 @@ def test_glider_logits_reference_and_large_lambda_is_retrieval():
     hard = lib.Glider("attn/q", num_library=k, task_similarity=sims, lam=1e4, top_k=2)
     w = np.asarray(hard.weights("layer0/attn/q", jnp.asarray(x), _ctx(ad)))
     np.testing.assert_allclose(w[..., 1], 1.0, atol=1e-6)
+    # A plain LoRA entry has no gate: its local-router column is zero.
+    _, lora_params, cfg = _lora(_Q, "attn/q", 2, 9)
+    mixed = nn.unbox(gl.init(jax.random.PRNGKey(0), _Q, library=[entries[0][0], lora_params, entries[2][0]],
+                             library_configs=[entries[0][1], cfg, entries[2][1]]))
+    router = np.asarray(mixed["router"]["layer0"]["attn"]["q"])
+    assert not np.any(router[:, 1]) and np.all(np.any(router[:, [0, 2]], axis=0))
 
 
 def test_library_entries_with_different_targets_and_ranks():
