@@ -285,9 +285,10 @@ class ScaLearn(_LibraryMethod):
     ``ω`` per target ``[K, O]`` (ScaLearn), ``[K]`` with ``uniform`` (ScaLearn-Uniform),
     one per projection type shared by all layers with ``shared`` (``attn/q`` of every
     layer: ScaLearn++ ``[K, O]``, Uniform++ ``[K]``). No softmax, no sum-to-1 (the card's
-    ablations only). Init as the authors' code (``omega_init_type="avg"``,
-    ``omega_init_scale=2``): ``ω ~ N(2/K, 0.001)`` (mean 2/K, standard deviation 0.001), so
-    the ω of one feature start summing to 2. ``dropout`` (default 0.3, the authors'
+    ablations only). Init as the card and the authors' code (``omega_init_type="avg"``,
+    ``omega_init_scale=2``; CPJKU/ScaLearn ``adapters/modeling.py`` ``ScaLearn.__init__``
+    draws ``torch.normal(2/K, 0.001)``): ``ω ~ N(2/K, 0.001)``, mean 2/K and standard
+    deviation 0.001, so the ω of one feature start summing to 2. ``dropout`` (default 0.3, the authors'
     ``scalearn_2_avg_d03``) drops entries of ω itself during training (inverted dropout, as
     ``torch.nn.Dropout``: kept entries scaled by 1/(1-p); a fresh mask per layer), never
     activations; evaluation is deterministic.
@@ -503,7 +504,9 @@ class Glider(_LibraryMethod):
     ``phatgoose_gate`` run), as the authors' code builds its ``lora_gate`` rows from each
     expert's trained sigmoid gate (UNITES-Lab/glider ``src/peft/tuners/molora/layers.py``);
     a plain ``lora`` entry gets a zero column. Frozen by default (zero-shot, as the paper);
-    ``train_router`` (``adapter.glider_train_router``) trains it from that init.
+    ``train_router`` (``adapter.glider_train_router``) trains it from that init. (The
+    authors' repository also has a script that sets an expert's gate to its mean absolute
+    input activation instead of training it; not implemented here.)
 
     Global router: ``g_k = cos(e_task, e_k)``, ``λ`` = ``adapter.glider_lambda`` (3: the
     paper's held-out setting; 100 held-in; large λ makes routing near-hard retrieval of
