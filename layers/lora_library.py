@@ -228,6 +228,7 @@ class _LibraryMethod:
 
     mergeable = False
     needs_task_ids = False
+    uses_library = True        # adapter.library is this method's input (training/config_check.py)
     LR_GROUPS = {"frozen": 0.0, "trained": 1.0}
     FROZEN = ("library", "library_scale", "library_gate")   # top-level keys that never train
 

@@ -266,7 +266,7 @@ def test_library_entries_with_different_targets_and_ranks():
         lib.read_library("scalearn", adapters.select_targets(params, "attn/v"), [qv, q], [cq, cv])
 
 
-def test_errors(data_dir):
+def test_errors(data_dir, tmp_path):
     def cfg(method, **kw):
         return tiny_config(data_dir, **{"adapter.method": method, "adapter.targets": "attn/q",
                                         **{f"adapter.{k}": v for k, v in kw.items()}})
@@ -280,7 +280,11 @@ def test_errors(data_dir):
         config_check.validate(cfg("phatgoose_gate", library="/a,/b"))
     with pytest.raises(config_check.ConfigError, match=r"^adapter.scalearn_dropout=1.0 must be in \[0, 1\)"):
         config_check.validate(cfg("scalearn", library="/a", scalearn_dropout=1.0))
-    config_check.validate(cfg("glider", library="/a,/b", glider_task_similarity="0.5, 0.1"))
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:   # what config_check looks for in a library workdir
+        os.makedirs(run / "adapter")
+        (run / "adapter" / "adapter.json").write_text("{}")
+    config_check.validate(cfg("glider", library=",".join(map(str, runs)), glider_task_similarity="0.5, 0.1"))
     config_check.validate(cfg("phatgoose_gate"))     # the LoRA may come from init.adapter_from
     # A library entry that is not a LoRA adapter: one line with what is allowed.
     _, lora_params, lcfg = _lora(_Q, "attn/q", 2, 0)
