@@ -235,5 +235,15 @@ def get_config() -> ml_collections.ConfigDict:
     # entry n); frozen, never merged. targets ".*" serves every weight the library adapts.
     a.multi_lora_impl = "auto"   # multi_lora: auto (gather if 1 token per example, else sorted) | gather (BGMV) | sorted (SGMV)
     a.multi_lora_gmm_backend = "auto"   # multi_lora sorted: grouped matmul (layers/dispatch.py GMM_BACKENDS; auto by platform)
+    # scalearn, phatgoose_gate, phatgoose, glider (PEFT.md 4, ROUTERS.md 11; layers/lora_library.py):
+    # combine the LoRA runs of adapter.library (copied into this adapter, frozen); only the
+    # method's own parameters train (scalearn: omega; phatgoose_gate: gates; phatgoose: none).
+    a.scalearn_uniform = False   # scalearn: one scalar omega per adapter ([K]) instead of per output feature ([K, O])
+    a.scalearn_shared = False    # scalearn: one omega per projection type shared by all layers (ScaLearn++, Uniform++)
+    a.scalearn_dropout = 0.3     # scalearn: dropout on omega itself while training, in [0, 1) (0 = off)
+    a.library_top_k = 2          # phatgoose, glider: library experts per token (softmax, top-k, renormalised)
+    a.glider_lambda = 3.0        # glider: lambda, scale of the global (task-similarity) logits (3 held-out, 100 held-in)
+    a.glider_task_similarity = ""  # glider: g, one cosine similarity per library entry, comma-separated (task_similarity)
+    a.glider_train_router = False  # glider: train the local router W_gate (init: the library's gates); False = frozen
 
     return c
