@@ -623,3 +623,5 @@ def fingerprint(params: Params) -> str:
 
 __all__ = ["Hydra", "LoRA", "METHODS", "MoS", "Target", "adaptable", "fingerprint", "flat_params", "from_config",
            "lora_delta", "lora_dense", "num_params", "projection_type", "register", "select_targets"]
+
+from routezoo.layers import rps  # noqa: E402,F401  registers adapter.method=rps
