@@ -9,7 +9,7 @@ RPS trains a *compressed model from scratch*: every target weight (selected by
 ``M [m]``, ``m = ceil(c·n)`` (``c`` = ``adapter.rps_compression``)::
 
     w_i = λ_l(i) · g(i) · M[h(i)]          i = global index (module offset + local index)
-    λ_l = std(weight l's original init) / init_std,     M ~ U(±init_std)
+    λ_l = std(weight l's original init) / std(M's init),     M ~ U(±init_std)
 
 with a sign hash ``g(i) ∈ {±1}`` and an index hash ``h(i) ∈ [0, m)``. Norms, biases and
 every non-target weight stay dense. Two index mappings (``adapter.rps_mapping``):
@@ -50,8 +50,12 @@ Two choices this project made where the train loop's adapter protocol leaves no 
   leftover itself, except that weight decay pulls a non-target matrix towards its init
   instead of zero (with ``optimizer.weight_decay_mask=matrices`` the default targets
   leave only the embedding, which is not decayed, and 1-D norms: no difference there).
-- ``λ_l`` is the std of the base weight, read at ``merge`` (the base is frozen, so it is
-  fixed; in training it is the model's own random init from ``config.seed``).
+- ``λ_l``'s numerator is the std of the base weight, read at ``merge`` (the base is
+  frozen, so it is fixed; in training it is the model's own random init from
+  ``config.seed``). Its denominator is the std of M's init, ``init_std/√3`` for
+  U(±init_std): PEFT.md's "init_std(M)" read as M's init std, so the recovered weights
+  start with exactly their dense init's std (with the bound itself they would start √3
+  smaller).
 
 STABLE-RPS gradient scaler (``adapter.rps_grad_scaler``, PEFT.md "v1",
 ``RoastGradScaler.scale_step``): slot ``j``'s gradient is divided by
@@ -301,9 +305,14 @@ class RPS:
                              f"not in the base {unknown[:3]}, missing {missing[:3]}")
         return shared, ad, slabs, n, m
 
+    @property
+    def shared_std(self) -> float:
+        """The std of M's init U(±init_std): ``init_std / √3``."""
+        return self.init_std / math.sqrt(3.0)
+
     def lambdas(self, flat_base: dict[str, Any], slabs) -> dict[str, jax.Array]:
-        """``λ_l = std(base weight l) / init_std`` (float32 scalars, no gradient)."""
-        return {s.path: jax.lax.stop_gradient(jnp.std(flat_base[s.path].astype(jnp.float32))) / self.init_std
+        """``λ_l = std(base weight l) / std(M's init)`` (float32 scalars, no gradient)."""
+        return {s.path: jax.lax.stop_gradient(jnp.std(flat_base[s.path].astype(jnp.float32))) / self.shared_std
                 for s in slabs}
 
     def slot_scale(self, base: Params) -> jax.Array:
