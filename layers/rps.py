@@ -22,7 +22,10 @@ every non-target weight stay dense. Two index mappings (``adapter.rps_mapping``)
   global: ``p`` counts tile rows over all targets stacked one below the other, so every
   layer hashes into the same ``M``. Edge tiles (``K`` or ``N`` not a multiple of the tile)
   use the leading part of their slice: element ``(r, s)`` of a tile reads
-  ``start + r·BN + s``.
+  ``start + r·BN + s``. The view is read off the shape alone (``merge`` sees the base
+  without logical names): it is ``(d_in, d_out)`` for 2-axis weights, attention ``o``
+  ``[H, K, D]`` and stacked experts ``[E, D, F]`` (each expert's rows in turn), but
+  ``(D·H, K)`` rather than ``(D, H·K)`` for ``q``/``k``/``v`` ``[D, H, K]``.
 - ``stable`` (STABLE-RPS, Desai, Zhou & Shrivastava, "In defense of parameter sharing for
   model-compression", ICLR 2024; "RandomFold", ``ParetoCyclicMapper``): the global index
   is folded onto ``M``: ``h(i) = (hash(⌊i/m⌋) + (i mod m)) mod m``. Each fold is a cyclic
@@ -54,7 +57,7 @@ Two choices this project made where the train loop's adapter protocol leaves no 
   frozen, so it is fixed; in training it is the model's own random init from
   ``config.seed``). Its denominator is the std of M's init, ``init_std/√3`` for
   U(±init_std): PEFT.md's "init_std(M)" read as M's init std, so the recovered weights
-  start with exactly their dense init's std (with the bound itself they would start √3
+  start with their dense init's std in expectation (with the bound itself they would start √3
   smaller).
 
 STABLE-RPS gradient scaler (``adapter.rps_grad_scaler``, PEFT.md "v1",
