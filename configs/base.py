@@ -203,7 +203,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (not in the optimizer state, not in the train checkpoint); the adapter's parameters
     # train and are saved to WORKDIR/adapter/ with the base's fingerprint.
     a = c.adapter = ml_collections.ConfigDict()
-    a.method = ""                # "" = no adapter (full training) | hydra | lora | mos
+    a.method = ""                # "" = no adapter (full training) | lora | mos | hydra | poly | mhr | mhr_z | mhr_mu | scalearn | phatgoose_gate | phatgoose | glider | multi_lora | rps
     a.targets = ""               # regex over parameter paths, matched at the end, e.g. "attn/(q|v)", "mlp/.*"
     # Trained adapters that a method combines (scalearn, phatgoose, glider, multi_lora):
     # comma-separated workdirs (or their adapter/ directories), all trained on this base.
@@ -245,5 +245,13 @@ def get_config() -> ml_collections.ConfigDict:
     a.glider_lambda = 3.0        # glider: lambda, scale of the global (task-similarity) logits (3 held-out, 100 held-in)
     a.glider_task_similarity = ""  # glider: g, one cosine similarity per library entry, comma-separated (task_similarity)
     a.glider_train_router = False  # glider: train the local router W_gate (init: the library's gates); False = frozen
+    # rps (randomized parameter sharing, PEFT.md 5; layers/rps.py): trains FROM SCRATCH; every target
+    # weight is lambda * sign * M[hash] of one global trainable M [ceil(c * n)]; all other weights train dense.
+    a.rps_compression = 0.1      # rps: c in (0, 1], m = ceil(c * n) shared weights for the n target weights
+    a.rps_mapping = "stable"     # rps: stable (STABLE-RPS RandomFold; injective at c = 1) | roast (ROAST tiles)
+    a.rps_tile = 8               # rps: roast tile BK = BN (each tile a contiguous slice of M)
+    a.rps_init_std = 0.01        # rps: M ~ U(+-init_std); lambda = std(weight's init) / init_std
+    a.rps_seed = 0               # rps: seed of the index and sign hashes (recomputed in jit, never stored)
+    a.rps_grad_scaler = True     # rps: divide slot j's gradient by (sum lambda)^2 / count_j (STABLE-RPS)
 
     return c

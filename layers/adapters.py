@@ -648,3 +648,4 @@ __all__ = ["Hydra", "LoRA", "METHODS", "MoS", "Target", "adaptable", "fingerprin
 from routezoo.layers import poly  # noqa: E402,F401  poly, mhr, mhr_z, mhr_mu
 from routezoo.layers import multi_lora  # noqa: E402,F401  registers multi_lora
 from routezoo.layers import lora_library  # noqa: E402,F401  registers scalearn, phatgoose_gate, phatgoose, glider
+from routezoo.layers import rps  # noqa: E402,F401  registers adapter.method=rps
