@@ -70,7 +70,8 @@ class HookContext:
 
     ``task_ids`` int32 ``[B]`` (per example) or None; ``rng`` a key or None
     (deterministic); ``params`` the adapter's parameters, flat by ``/``-joined path;
-    ``base`` the base parameters, flat (unboxed) by path.
+    ``base`` the base parameters, flat (unboxed) by path; ``cache`` what a method
+    computes once per :func:`bind` for all its targets (e.g. MoS's gathered factors).
     """
 
     task_ids: jax.Array | None
@@ -78,6 +79,7 @@ class HookContext:
     deterministic: bool
     params: dict[str, Any]
     base: dict[str, Any]
+    cache: dict[str, Any] = dataclasses.field(default_factory=dict)   # a method's per-bind values
 
     def rng_for(self, path: str) -> jax.Array | None:
         return None if self.rng is None else jax.random.fold_in(self.rng, zlib.crc32(path.encode()) & 0x7FFFFFFF)

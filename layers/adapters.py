@@ -201,6 +201,36 @@ def from_previous(fresh: Params, previous: Params | None, method: str) -> Params
 
 # --------------------------------------------------------------------------- LoRA
 
+def _check_dropout(method: str, p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"adapter.lora_dropout={p} of adapter.method={method!r} must be in [0, 1)")
+
+
+def _no_experts_for_dropout(method: str, targets: dict[str, Target]) -> None:
+    bad = sorted(p for p, t in targets.items() if t.experts)
+    if bad:
+        raise ValueError(f"adapter.lora_dropout > 0 runs adapter.method={method!r} on activations, which stacked "
+                         f"experts ({bad[0]}) do not pass through; use lora_dropout=0 or non-expert targets")
+
+
+def low_rank_dropout_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, p: float, ctx, path: str):
+    """``scale · (dropout(x) A) B`` for ``x [B, S, I]``, ``A [I, R]``, ``B [R, O]``
+    (inverted dropout with rate ``p``; none when the context is deterministic)."""
+    x = x.astype(jnp.float32)
+    key = ctx.rng_for(path)
+    if key is not None and p > 0:
+        keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
+        x = jnp.where(keep, x / (1.0 - p), 0.0)
+    low = jnp.einsum("BSI,IR->BSR", x, a.astype(jnp.float32))
+    return scale * jnp.einsum("BSR,RO->BSO", low, b.astype(jnp.float32))
+
+
+def _target_from_factors(path: str, w_shape: tuple, a_shape: tuple, b_shape: tuple) -> Target:
+    # A [E?, I.., R], B [E?, R, O..], W [E?, I.., O..]: the split follows from the ranks.
+    experts = len(a_shape) + len(b_shape) - len(w_shape) - 2
+    return Target(path, tuple(w_shape), None, experts, len(a_shape) - 1 - experts)
+
+
 def lora_delta(t: Target, a: jax.Array, b: jax.Array) -> jax.Array:
     """``A @ B`` reshaped to the base weight's shape, in float32 (``[E?, I.., O..]``)."""
     e = (t.num_experts,) if t.experts else ()
@@ -236,20 +266,45 @@ class LoRA:
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False
+    dropout: float = 0.0
 
     name = "lora"
     mergeable = True
 
+    def __post_init__(self):
+        _check_dropout(self.name, self.dropout)
+
     @classmethod
     def from_config(cls, cfg: Any) -> "LoRA":
-        return cls(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha), rslora=bool(cfg.rslora))
+        return cls(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha), rslora=bool(cfg.rslora),
+                   dropout=float(cfg.get("lora_dropout", 0.0)))
+
+    # With dropout (``y = xW + s·dropout(x)·A·B``, PEFT.md 0) LoRA cannot run merged in
+    # training: it runs on activations through adapter_hooks (merged for inference, where
+    # dropout is off, it is the same function).
+    @property
+    def hook_delta(self):
+        return self._dropout_delta if self.dropout > 0 else None
+
+    def hook_targets(self, base: Params, adapter: Params) -> dict[str, Target]:
+        flat, ad = flat_params(nn.unbox(base)), flat_params(nn.unbox(adapter))
+        return {p: _target_from_factors(p, flat[p].shape, ad[f"{p}/lora_a"].shape, ad[f"{p}/lora_b"].shape)
+                for p in adapted_paths(flat, ad)}
+
+    def _dropout_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
+        a, b = ctx.params[f"{path}/lora_a"], ctx.params[f"{path}/lora_b"]
+        return low_rank_dropout_delta(x, a.reshape(-1, self.rank), b.reshape(self.rank, -1), self.scale,
+                                      self.dropout, ctx, path)
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def select(self, params: Params) -> dict[str, Target]:
-        return select_targets(params, self.targets)
+        chosen = select_targets(params, self.targets)
+        if self.dropout > 0:
+            _no_experts_for_dropout(self.name, chosen)
+        return chosen
 
     def init(self, rng: jax.Array, params: Params, previous: Params | None = None) -> Params:
         """Adapter parameters for the base ``params`` (boxed in, boxed out); ``previous``
@@ -276,9 +331,7 @@ class LoRA:
         ad = flat_params(nn.unbox(adapter))
         for path in adapted_paths(flat, ad):
             w, a, b = flat[path], ad[f"{path}/lora_a"], ad[f"{path}/lora_b"]
-            # A [E?, I.., R], B [E?, R, O..], W [E?, I.., O..]: the split follows from the ranks.
-            experts = a.ndim + b.ndim - w.ndim - 2
-            t = Target(path, tuple(w.shape), None, experts, a.ndim - 1 - experts)
+            t = _target_from_factors(path, w.shape, a.shape, b.shape)
             flat[path] = (w.astype(jnp.float32) + self.scale * lora_delta(t, a, b)).astype(w.dtype)
         return _nest(flat)
 
@@ -358,9 +411,23 @@ class MoS:
     subset_selection: bool = True
     pair_dissociation: bool = True
     seed: int = 0
+    dropout: float = 0.0
 
     name = "mos"
     mergeable = True
+
+    @property
+    def hook_delta(self):   # with dropout: on activations, as LoRA
+        return self._dropout_delta if self.dropout > 0 else None
+
+    def hook_targets(self, base: Params, adapter: Params) -> dict[str, Target]:
+        return {t.path: t for ts in self._resolve(base, flat_params(nn.unbox(adapter))).values() for t in ts}
+
+    def _dropout_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
+        if "mos_factors" not in ctx.cache:   # every target's gathered factors, once per bind
+            ctx.cache["mos_factors"] = self.factors(_nest(ctx.base), _nest(ctx.params))
+        a, b = ctx.cache["mos_factors"][path]
+        return low_rank_dropout_delta(x, a, b, self.scale, self.dropout, ctx, path)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "MoS":
@@ -368,7 +435,8 @@ class MoS:
                    equiv_rank=int(cfg.mos_equiv_rank), private_rank=int(cfg.mos_private_rank),
                    shards_per_vector=int(cfg.mos_shards_per_vector),
                    subset_selection=bool(cfg.mos_subset_selection),
-                   pair_dissociation=bool(cfg.mos_pair_dissociation), seed=int(cfg.mos_seed))
+                   pair_dissociation=bool(cfg.mos_pair_dissociation), seed=int(cfg.mos_seed),
+                   dropout=float(cfg.get("lora_dropout", 0.0)))
 
     def __post_init__(self):
         r, r_eq, r_pri, n = self.rank, self.equiv_rank, self.private_rank, self.shards_per_vector
@@ -379,6 +447,7 @@ class MoS:
         if not 0 <= r_pri <= min(r, r_eq):
             raise ValueError(f"adapter.mos_private_rank={r_pri} must be in [0, min(adapter.rank={r}, "
                              f"adapter.mos_equiv_rank={r_eq})]")
+        _check_dropout(self.name, self.dropout)
         if r_pri == r_eq and r != r_eq:
             raise ValueError(f"adapter.mos_private_rank == adapter.mos_equiv_rank == {r_eq} leaves no public "
                              f"shards, so adapter.rank={r} must equal {r_eq} (plain LoRA)")
@@ -388,7 +457,10 @@ class MoS:
         return self.alpha / self.rank
 
     def select(self, params: Params) -> dict[str, Target]:
-        return select_targets(params, self.targets)
+        chosen = select_targets(params, self.targets)
+        if self.dropout > 0:
+            _no_experts_for_dropout(self.name, chosen)
+        return chosen
 
     def groups(self, params: Params) -> dict[str, list[Target]]:
         """Targets by projection type, in layer order (owner ``m`` = position, times experts)."""

@@ -124,7 +124,8 @@ def test_cli_accepts_init_from(tmp_path):
 
 
 _METHOD_KEYS = {"lora": {}, "hydra": {"adapter.rank": 2, "adapter.hydra_seq_rank": 2},
-               "mos": {"adapter.rank": 4, "adapter.mos_equiv_rank": 3, "adapter.mos_shards_per_vector": 2}}
+               "mos": {"adapter.rank": 4, "adapter.mos_equiv_rank": 3, "adapter.mos_shards_per_vector": 2,
+                       "adapter.lora_dropout": 0.1}}   # MoS with dropout: the activation path in training
 
 
 @pytest.mark.parametrize("method", sorted(_METHOD_KEYS))
@@ -424,3 +425,41 @@ def test_hydra_merged_equals_unmerged():
     jax.tree.map(np.testing.assert_array_equal, hydra.merge(p, ad), merged)
     fresh = hydra.merge(params, nn.unbox(hydra.init(key, params)))
     jax.tree.map(np.testing.assert_array_equal, fresh, p)
+
+
+def test_lora_dropout_path(data_dir):
+    """LoRA / MoS with dropout run on activations (adapter_hooks): deterministic, the hook
+    path equals the merged weights; in training the input is dropped at rate p and scaled
+    by 1/(1-p), so the low-rank term is unbiased; stacked experts are refused."""
+    from routezoo.layers import adapter_hooks
+    c = tiny_config(data_dir)
+    model, params = _boxed_params(c)
+    rng = np.random.default_rng(0)
+    base = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32), nn.unbox(params))
+    tokens = jnp.asarray(rng.integers(2, 258, (2, 8)))
+    for method in (adapters.LoRA("attn/(q|o)|mlp/wi", rank=2, alpha=4.0, dropout=0.3),
+                   adapters.MoS("attn/(q|o)", rank=2, alpha=4.0, equiv_rank=2, private_rank=1, dropout=0.3)):
+        ad = _random_adapter(method, params)
+        assert adapter_hooks.is_activation_adapter(method) and method.mergeable
+
+        @jax.jit
+        def run(ad, key):
+            with adapter_hooks.bind(method, base, ad, rng=key, deterministic=key is None):
+                return model.apply({"params": base}, tokens)[0]
+        merged = model.apply({"params": method.merge(base, ad)}, tokens)[0]
+        np.testing.assert_allclose(run(ad, None), merged, rtol=2e-5, atol=2e-5)
+        assert not np.allclose(run(ad, jax.random.PRNGKey(1)), merged, atol=1e-3)
+    # The dropped term: rate p, kept entries scaled by 1/(1-p), mean equal to the full term.
+    ctx = adapter_hooks.HookContext(None, jax.random.PRNGKey(3), False, {}, {})
+    x = jnp.ones((4, 500, 6))
+    a, b = jnp.eye(6, 2), jnp.eye(2, 3)
+    draws = adapters.low_rank_dropout_delta(x, a, b, 1.0, 0.25, ctx, "p")   # [B, S, O]: x_0, x_1, 0
+    vals = np.asarray(draws[..., :2]).ravel()
+    assert np.all(np.isclose(vals, 0.0) | np.isclose(vals, 1 / 0.75))
+    assert abs((vals == 0).mean() - 0.25) < 0.03 and abs(vals.mean() - 1.0) < 0.05
+    moe = tiny_config(data_dir, **{"model.ffn": "moe"})
+    _, moe_params = _boxed_params(moe)
+    with pytest.raises(ValueError, match="stacked experts"):
+        adapters.LoRA("experts/wi", dropout=0.1).select(moe_params)
+    with pytest.raises(ValueError, match=r"lora_dropout=1.0 .* must be in \[0, 1\)"):
+        adapters.LoRA("attn/q", dropout=1.0)

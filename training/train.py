@@ -174,7 +174,7 @@ def _restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: in
     import orbax.checkpoint as ocp
     workdir = os.path.abspath(workdir)
     adapter = adapter_lib.from_config(adapter_config(config))
-    if adapter_hooks.is_activation_adapter(adapter):
+    if adapter_hooks.is_activation_adapter(adapter) and not adapter.mergeable:
         raise ValueError(f"{workdir}: adapter.method={adapter.name!r} acts on activations and cannot be merged "
                          "into the weights; use train.load_adapter(WORKDIR/adapter, base) and "
                          "routezoo.layers.adapter_hooks.bind around model.apply")
@@ -389,6 +389,15 @@ def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Arra
     raise ValueError(f"unknown objective {objective!r} of {type(model).__name__}; known: causal_lm, masked_lm")
 
 
+def forward_params(adapter, base, params):
+    """The weights a step's forward pass runs on: the state's own params (no adapter), the
+    base with a parameter-space adapter merged in, or the base itself for an adapter that
+    acts on activations (through :func:`adapter_hooks.bind` around the forward)."""
+    if adapter is None:
+        return params
+    return base if adapter_hooks.is_activation_adapter(adapter) else adapter.merge(base, params)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
                     schedule: optax.Schedule, adapter: Any = None) -> Callable:
     """``train_step(state, batch)``; with an ``adapter``, ``train_step(state, batch, base)``
@@ -399,7 +408,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
     def loss_fn(params, model_state, batch, rng, base):
         rngs = {s: jax.random.fold_in(rng, i) for i, s in enumerate(RNG_STREAMS)}
         mutable = list(model_state)
-        full = params if adapter is None else adapter.merge(base, params)
+        full = forward_params(adapter, base, params)
         inputs, targets, w = objective_batch(model, batch, jax.random.fold_in(rng, len(RNG_STREAMS)))
         with adapter_hooks.bind(adapter, base, params, task_ids=batch.get("task_id"),
                                 rng=jax.random.fold_in(rng, len(RNG_STREAMS) + 1), deterministic=False):
@@ -459,7 +468,7 @@ def make_eval_step(model: nn.Module, token_bytes: np.ndarray, adapter: Any = Non
     table = jnp.asarray(token_bytes, jnp.float32)
 
     def step(state: TrainState, batch, base):
-        params = state.params if adapter is None else adapter.merge(base, state.params)
+        params = forward_params(adapter, base, state.params)
         inputs, targets, w = objective_batch(model, batch, jax.random.PRNGKey(EVAL_MASK_SEED))
         with adapter_hooks.bind(adapter, base, state.params, task_ids=batch.get("task_id")):
             logits, _ = model.apply({"params": params, **state.model_state}, inputs, deterministic=True)
