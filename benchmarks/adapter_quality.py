@@ -205,7 +205,7 @@ def run(a) -> None:
 
     def cfg(steps, lr):
         c = base_config(a.size, seq_len, batch, steps)
-        c.model.dtype = a.dtype
+        c.model.dtype, c.seed = a.dtype, a.seed
         c.optimizer.learning_rate, c.optimizer.weight_decay = lr, 0.0
         return c
 
@@ -218,17 +218,17 @@ def run(a) -> None:
         info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "size": a.size, "batch": batch,
                 "seq_len": seq_len, "base_steps": a.base_steps, "ft_steps": a.ft_steps, "mt_steps": a.mt_steps,
                 "fewshot_steps": a.fewshot_steps, "fewshot_rows": a.fewshot_rows, "ft_task": a.ft_task,
-                "train_tasks": train_tasks, "heldout_tasks": heldout}
+                "train_tasks": train_tasks, "heldout_tasks": heldout, "seed": a.seed}
         json.dump({"info": info, "rows": rows}, open(a.json, "w"), indent=1)
 
     print(f"base: {a.size}, {a.base_steps} steps on the whole corpus", flush=True)
     pre = data["pretrain"]
-    base, r = train_run(cfg(a.base_steps, 2e-3), None, TaskBatches([pre], batch, pad_id),
+    base, r = train_run(cfg(a.base_steps, 2e-3), None, TaskBatches([pre], batch, pad_id, seed=a.seed),
                         eval_sets([a.ft_task] + heldout), a.base_steps)
     record("base", "base", r, "dense LM pre-trained on every package")
 
     # --- LoRA vs MoS on one task -------------------------------------------------------
-    ft = TaskBatches([data[f"train/{a.ft_task}"]], batch, pad_id, seed=1)
+    ft = TaskBatches([data[f"train/{a.ft_task}"]], batch, pad_id, seed=a.seed + 1)
     r_eq, r_act = a.r_eq, a.r_active
     for name, method, keys, note in (
             (f"lora r={r_eq}", "lora", {"rank": r_eq, "alpha": 2.0 * r_eq}, "LoRA at MoS's parameter budget"),
@@ -237,7 +237,7 @@ def run(a) -> None:
              "MoS: active rank r, parameters of LoRA r_eq"),
             (f"lora r={r_act}", "lora", {"rank": r_act, "alpha": 2.0 * r_act}, "LoRA at MoS's active rank")):
         print(f"{name} on {a.ft_task}", flush=True)
-        ft.rng, ft.next = np.random.default_rng(1), [0]
+        ft.rng, ft.next = np.random.default_rng(a.seed + 1), [0]
         _, res = train_run(_adapter(cfg(a.ft_steps, a.lr), method, **keys), base, ft, eval_sets([a.ft_task]),
                            a.ft_steps)
         record(name, f"single task ({a.ft_task})", res, note)
@@ -252,7 +252,7 @@ def run(a) -> None:
                                                               "alpha": 2.0 * a.skills * a.poly_rank})):
         print(f"{name}: multi-task on {len(train_tasks)} tasks", flush=True)
         params, res = train_run(_adapter(cfg(a.mt_steps, a.lr), method, **keys), base,
-                                TaskBatches(mt_rows, batch, pad_id, seed=2), eval_sets(train_tasks), a.mt_steps)
+                                TaskBatches(mt_rows, batch, pad_id, seed=a.seed + 2), eval_sets(train_tasks), a.mt_steps)
         trained[name] = params
         record(name, "multi-task (train tasks)", res, f"{len(train_tasks)} tasks mixed")
     few = {**common, "num_tasks": len(heldout)}
@@ -269,7 +269,7 @@ def run(a) -> None:
         c = _adapter(cfg(a.fewshot_steps, a.lr), method, **keys)
         sources = None if source is None else {"previous": (trained[source], {})}
         try:
-            _, res = train_run(c, base, TaskBatches(shots, batch, pad_id, seed=3), eval_sets(heldout),
+            _, res = train_run(c, base, TaskBatches(shots, batch, pad_id, seed=a.seed + 3), eval_sets(heldout),
                                a.fewshot_steps, sources)
         except Exception as err:  # noqa: BLE001 - report and go on
             res = {"error": " ".join(str(err).split())[:400]}
@@ -316,6 +316,7 @@ def main() -> None:
     pr.add_argument("--poly_rank", type=int, default=2)
     pr.add_argument("--skills", type=int, default=4)
     pr.add_argument("--heads", type=int, default=4)
+    pr.add_argument("--seed", type=int, default=0, help="model init and batch order (the data stay the same)")
     pr.add_argument("--json", default="adapter_quality.json")
     a = p.parse_args()
     {"prepare": prepare, "run": run}[a.cmd](a)
