@@ -412,6 +412,9 @@ class MoS:
     pair_dissociation: bool = True
     seed: int = 0
     dropout: float = 0.0
+    # {kind: (I_A, I_B)} read back from an adapter directory (:meth:`with_buffers`); None:
+    # regenerate from ``seed``. Not part of equality or the hash (the config decides those).
+    saved_indices: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     name = "mos"
     mergeable = True
@@ -487,8 +490,32 @@ class MoS:
         n = self.shards_per_vector
         return self.equiv_rank * owners * n, (self.equiv_rank - self.private_rank) * owners * n
 
+    def buffers(self, params: Params) -> dict[str, np.ndarray]:
+        """Every type's index buffers by name (``'attn/q/I_A'``, ...), as saved with the
+        adapter (``WORKDIR/adapter/buffers.npz``)."""
+        out = {}
+        for kind, ts in self.groups(params).items():
+            out[f"{kind}/I_A"], out[f"{kind}/I_B"] = self.indices(kind, sum(t.num_experts for t in ts))
+        return out
+
+    def with_buffers(self, buffers: dict[str, np.ndarray]) -> "MoS":
+        """This method using saved index buffers (:meth:`buffers`) instead of regenerating
+        them: an adapter keeps its shards' assignment even where another numpy draws
+        other permutations from the same seed."""
+        kinds = sorted({k.rsplit("/", 1)[0] for k in buffers})
+        saved = {k: (np.asarray(buffers[f"{k}/I_A"], np.int32), np.asarray(buffers[f"{k}/I_B"], np.int32))
+                 for k in kinds}
+        return dataclasses.replace(self, saved_indices=saved)
+
     def indices(self, kind: str, owners: int) -> tuple[np.ndarray, np.ndarray]:
-        """The frozen index buffers ``(I_A, I_B)``, int32 ``[owners, r·n]``, of one type."""
+        """The frozen index buffers ``(I_A, I_B)``, int32 ``[owners, r·n]``, of one type:
+        the saved ones (:meth:`with_buffers`) or regenerated from ``seed``."""
+        if self.saved_indices is not None and kind in self.saved_indices:
+            ia, ib = self.saved_indices[kind]
+            if ia.shape != (owners, self.rank * self.shards_per_vector) or ib.shape != ia.shape:
+                raise ValueError(f"saved MoS index buffers of {kind!r} are shaped {ia.shape}, this config "
+                                 f"needs {(owners, self.rank * self.shards_per_vector)}")
+            return ia, ib
         r, r_pri, n = self.rank, self.private_rank, self.shards_per_vector
         p, p_pub = self.pool_size(owners)
         rng = np.random.default_rng([self.seed, zlib.crc32(kind.encode())])

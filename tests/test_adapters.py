@@ -341,6 +341,19 @@ def test_mos_trains_saves_and_restores_index_buffers(data_dir, tmp_path):
     # The saved pools are the trained ones (B moved off zero), shaped as a fresh init.
     assert jax.tree.map(np.shape, pools) == jax.tree.map(np.shape, nn.unbox(setup.adapter_boxed))
     assert float(np.abs(pools["mos"]["mlp"]["wo"]["b_pool"]).max()) > 0
+    # The index buffers are saved beside the pools, and a loaded adapter uses the saved
+    # ones (here swapped by hand, as another numpy's permutations would be).
+    saved = train_lib.read_buffers(os.path.join(tmp_path, "adapter"))
+    np.testing.assert_array_equal(saved["attn/q/I_A"], mos.indices("attn/q", m.num_layers)[0])
+    swapped = {**saved, "attn/q/I_A": saved["attn/q/I_A"][::-1], "attn/q/I_B": saved["attn/q/I_B"][::-1]}
+    np.savez(os.path.join(tmp_path, "adapter", "buffers.npz"), **{k.replace("/", "|"): v for k, v in swapped.items()})
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        again, _, _ = train_lib.load_adapter(os.path.join(tmp_path, "adapter"), base)
+    np.testing.assert_array_equal(again.indices("attn/q", m.num_layers)[0], saved["attn/q/I_A"][::-1])
+    fa = again.factors(nn.unbox(base), pools)["layer0/attn/q"][0]
+    fm = mos.factors(nn.unbox(base), pools)["layer0/attn/q"][0]
+    np.testing.assert_array_equal(fa, mos.factors(nn.unbox(base), pools)[f"layer{m.num_layers - 1}/attn/q"][0])
+    assert not np.array_equal(fa, fm)
 
 
 def test_mos_experts_and_unboxed_base():

@@ -622,6 +622,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             adapter_meta = adapter_metadata(config, setup, base)
             check_sources(sources, adapter_meta["base_fingerprint"])
             check_adapter_dir(os.path.join(workdir, ADAPTER_DIR), adapter_meta["base_fingerprint"])
+            # A resumed run keeps the buffers it saved first; a new one saves its own.
+            adapter = with_saved_buffers(adapter, os.path.join(workdir, ADAPTER_DIR))
+            adapter_buffers = adapter.buffers(setup.base_boxed) if hasattr(adapter, "buffers") else None
             info.update(params_trainable=adapter_meta["params_trainable"],
                         params_total_with_adapter=adapter_meta["params_total"])
             progress_log(f"adapter {adapter.name} on {adapter_meta['num_targets']} weights "
@@ -687,7 +690,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                 if stopping or step % config.checkpoint.every == 0 or step == steps:
                     checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
                     if adapter is not None:
-                        save_adapter(os.path.join(workdir, ADAPTER_DIR), state.params, adapter_meta, step)
+                        save_adapter(os.path.join(workdir, ADAPTER_DIR), state.params, adapter_meta, step,
+                                     adapter_buffers)
                 if stopping:
                     progress.write(f"stopped at step {step}; checkpoint saved; run again to resume")
                     break
@@ -735,14 +739,23 @@ def check_adapter_dir(directory: str, fingerprint: str) -> None:
                          "refusing to load it (use that base, or another workdir)")
 
 
-def save_adapter(directory: str, adapter_params, meta: dict[str, Any], step: int) -> None:
-    """Writes the adapter's own small Orbax checkpoint: ``directory/params`` and
-    ``directory/adapter.json`` (method, hyper-parameters, counts, base fingerprint, step)."""
+ADAPTER_BUFFERS = "buffers.npz"   # a method's frozen non-parameter arrays (MoS index buffers)
+
+
+def save_adapter(directory: str, adapter_params, meta: dict[str, Any], step: int,
+                 buffers: dict[str, np.ndarray] | None = None) -> None:
+    """Writes the adapter's own small Orbax checkpoint: ``directory/params``,
+    ``directory/adapter.json`` (method, hyper-parameters, counts, base fingerprint, step)
+    and, for a method with frozen buffers (MoS's index buffers), ``buffers.npz``."""
     import orbax.checkpoint as ocp
     directory = os.path.abspath(directory)
     with ocp.StandardCheckpointer() as ck:
         ck.save(os.path.join(directory, "params"), adapter_params, force=True)
         ck.wait_until_finished()
+    if jax.process_index() == 0 and buffers:
+        tmp = os.path.join(directory, "buffers.tmp.npz")
+        np.savez(tmp, **{k.replace("/", "|"): v for k, v in buffers.items()})
+        os.replace(tmp, os.path.join(directory, ADAPTER_BUFFERS))
     if jax.process_index() == 0:
         tmp = os.path.join(directory, ADAPTER_JSON + ".tmp")
         with open(tmp, "w") as f:
@@ -758,8 +771,25 @@ def load_adapter(directory: str, base) -> tuple[Any, Any, dict[str, Any]]:
     import ml_collections
     params, meta = read_adapter_dir(directory)
     check_adapter_dir(directory, adapter_lib.fingerprint(base))
-    adapter = adapter_lib.from_config(ml_collections.ConfigDict(meta["adapter"]))
+    adapter = with_saved_buffers(adapter_lib.from_config(ml_collections.ConfigDict(meta["adapter"])), directory)
     return adapter, params, meta
+
+
+def read_buffers(directory: str) -> dict[str, np.ndarray] | None:
+    path = os.path.join(os.path.abspath(directory), ADAPTER_BUFFERS)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        return {k.replace("|", "/"): f[k] for k in f.files}
+
+
+def with_saved_buffers(adapter, directory: str):
+    """``adapter`` using the buffers saved in ``directory`` (if any, and if the method
+    has buffers): an adapter keeps the index buffers it was trained with."""
+    buffers = read_buffers(directory)
+    if buffers is None or not hasattr(adapter, "with_buffers"):
+        return adapter
+    return adapter.with_buffers(buffers)
 
 
 def read_adapter_dir(directory: str) -> tuple[Any, dict[str, Any]]:
