@@ -36,19 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from routezoo.layers import dispatch
+from timing import call_times
 from routezoo.layers.multi_lora import delta_gather, delta_sorted, per_adapter_loop
 
 
-def timings(fn, *args, iters: int, warmup: int = 3) -> dict[str, float]:
-    """Median and minimum milliseconds of ``fn(*args)`` (blocked until ready); the
-    minimum is the steadier number on a shared machine."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+def timings(fn, *args, iters: int) -> dict[str, float]:
+    """Median and minimum milliseconds of ``fn(*args)``; the minimum is the steadier
+    number on a shared machine."""
+    times = call_times(fn, *args, iters=iters)
     return {"median": 1e3 * statistics.median(times), "min": 1e3 * min(times)}
 
 

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 
 
-def bench(fn, *args, iters: int, warmup: int = 3) -> float:
-    """Median seconds of ``fn(*args)`` (blocked until ready) over ``iters`` calls."""
+def call_times(fn, *args, iters: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn(*args)`` (blocked until ready), after
+    ``warmup`` calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -19,7 +20,12 @@ def bench(fn, *args, iters: int, warmup: int = 3) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def bench(fn, *args, iters: int, warmup: int = 3) -> float:
+    """Median seconds of ``fn(*args)`` over ``iters`` calls."""
+    return statistics.median(call_times(fn, *args, iters=iters, warmup=warmup))
 
 
 def dense_ceiling(iters: int = 10, n: int = 8192) -> float:

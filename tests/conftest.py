@@ -48,3 +48,16 @@ def tiny_config(data_dir: str, **overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def random_adapter(method, params, seed: int = 1, scale: float = 0.3, **sources):
+    """Adapter parameters of ``method``'s shapes (for base ``params``, boxed) with random,
+    non-zero numpy values; no device computation (eager JAX ops each compile once: slow
+    on CPU)."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+
+    rng = np.random.default_rng(seed)
+    shapes = nn.unbox(jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), params, **sources)))
+    return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32), shapes)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import tiny_config
+from conftest import random_adapter, tiny_config
 from routezoo import zoo
 from routezoo.layers import adapters, dense
 from routezoo.training import config_check
@@ -198,12 +198,7 @@ def test_finetune_from_trained_base_saves_adapter_with_fingerprint(data_dir, tmp
 
 # --------------------------------------------------------------------------- MoS
 
-def _random_adapter(method, params, seed=1):
-    """Adapter parameters of ``method``'s shapes with random (non-zero) numpy values; no
-    device computation (eager JAX ops each compile once: slow on CPU)."""
-    rng = np.random.default_rng(seed)
-    shapes = nn.unbox(jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), params)))
-    return jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+_random_adapter = random_adapter
 
 
 _MOS = dict(rank=4, alpha=8.0, equiv_rank=3, private_rank=1, shards_per_vector=2)

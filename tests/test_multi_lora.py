@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import tiny_config
+from conftest import random_adapter, tiny_config
 from routezoo import zoo
 from routezoo.layers import adapter_hooks, adapters
 from routezoo.layers.multi_lora import (MultiLoRA, delta_gather, delta_sorted, per_adapter_loop)
@@ -27,12 +27,6 @@ LORA_1 = adapters.LoRA("attn/(q|v)", rank=2, alpha=4.0)
 LORA_2 = adapters.LoRA("attn/(q|o)|mlp/wo", rank=4, alpha=8.0, rslora=True)
 
 
-def _random_lora(lora, boxed, seed):
-    rng = np.random.default_rng(seed)
-    shapes = nn.unbox(jax.eval_shape(lambda: lora.init(jax.random.PRNGKey(0), boxed)))
-    return jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
-
-
 @pytest.fixture(scope="module")
 def lm(data_dir):
     c = tiny_config(data_dir)
@@ -40,7 +34,7 @@ def lm(data_dir):
     tokens = jnp.zeros((1, 8), jnp.int32)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"]
     base = jax.tree.map(np.asarray, nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"]))
-    lib = [_random_lora(LORA_1, boxed, 1), _random_lora(LORA_2, boxed, 2)]
+    lib = [random_adapter(LORA_1, boxed, 1, 0.2), random_adapter(LORA_2, boxed, 2, 0.2)]
     return c, model, boxed, base, lib
 
 
@@ -215,7 +209,7 @@ def test_errors(lm, data_dir):
         MultiLoRA.stack(base, lib, [adapters.Hydra("attn/q"), LORA_2])
     mos = adapters.MoS("attn/q", rank=2, equiv_rank=2, private_rank=1)
     with pytest.raises(ValueError, match="non-LoRA parameters .* multi_lora serves: lora"):
-        MultiLoRA.stack(base, [_random_lora(mos, boxed, 0)], [LORA_1])
+        MultiLoRA.stack(base, [random_adapter(mos, boxed, 0, 0.2)], [LORA_1])
     with pytest.raises(ValueError, match="has rank 4 but its config says rank 2"):
         MultiLoRA.stack(base, [lib[1]], [LORA_1])
     with pytest.raises(ValueError, match="matches none of the library's adapted weights"):
@@ -231,4 +225,4 @@ def test_errors(lm, data_dir):
     moe_boxed = jax.eval_shape(lambda: moe_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     experts = adapters.LoRA("experts/wi", rank=2)
     with pytest.raises(ValueError, match="stacked expert weight"):
-        MultiLoRA.stack(nn.unbox(moe_boxed), [_random_lora(experts, moe_boxed, 0)], [experts])
+        MultiLoRA.stack(nn.unbox(moe_boxed), [random_adapter(experts, moe_boxed, 0, 0.2)], [experts])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import tiny_config
+from conftest import random_adapter, tiny_config
 from routezoo import zoo
 from routezoo.layers import adapter_hooks, adapters, poly
 from routezoo.training import train as train_lib
@@ -33,12 +33,6 @@ def lm(data_dir):
         return model.apply({"params": params}, tokens)[0]
 
     return c, model, base, boxed, apply
-
-
-def _random(method, boxed, seed=1, **sources):
-    rng = np.random.default_rng(seed)
-    shapes = nn.unbox(jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), boxed, **sources)))
-    return jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
 
 
 def _routed(model, method, base, ad, tokens, task_ids):
@@ -66,7 +60,7 @@ def test_counts_equal_peft_formula(lm):
 def test_poly_one_skill_equals_lora_with_poly_scaling(lm):
     _, model, base, boxed, apply = lm
     p = poly.Poly(TARGETS, rank=3, num_skills=1, num_tasks=2)
-    ad = _random(p, boxed)
+    ad = random_adapter(p, boxed)
     lora = adapters.LoRA(TARGETS, rank=3, alpha=1.0)             # scale alpha / r = 1 / r
     lora_ad = {}
     for path, leaf in adapters.flat_params(ad).items():
@@ -93,7 +87,7 @@ def test_mixed_task_batch_equals_each_task_merged(lm):
     task_ids = jnp.array([2, 0, 2])
     for cls, h in ((poly.Poly, 1), (poly.MHR, 4)):
         meth = cls(TARGETS, rank=2, num_skills=3, num_heads=h, num_tasks=3)
-        ad = _random(meth, boxed)
+        ad = random_adapter(meth, boxed)
         got = _routed(model, meth, base, ad, tokens, task_ids)
         for i, t in enumerate(np.asarray(task_ids)):
             want = apply(meth.merge_task(base, ad, int(t)), tokens[i:i + 1])
@@ -104,7 +98,7 @@ def test_mixed_task_batch_equals_each_task_merged(lm):
 def test_mhr_mu_merge_equals_routed_at_uniform_weights(lm):
     _, model, base, boxed, apply = lm
     mhr = poly.MHR(TARGETS, rank=2, num_skills=3, num_heads=4, num_tasks=1)
-    ad = _random(mhr, boxed)
+    ad = random_adapter(mhr, boxed)
     ad = jax.tree_util.tree_map_with_path(
         lambda path, x: np.zeros_like(x) if path[-1].key == "router" else x, ad)   # sigmoid(0) for all: w = 1/M
     mu = poly.MHRMu(TARGETS, rank=2, num_skills=3, num_heads=4)
@@ -190,13 +184,13 @@ def test_errors(lm):
     with pytest.raises(ValueError, match="init.adapter_from"):
         poly.MHRZ(TARGETS, num_tasks=2).init(jax.random.PRNGKey(0), boxed)
     meth = poly.Poly(TARGETS, num_tasks=2)
-    ad = _random(meth, boxed)
+    ad = random_adapter(meth, boxed)
     with pytest.raises(ValueError, match="needs a task id per example"):
         with adapter_hooks.bind(meth, base, ad):
             pass
     # A target that no projection computes (the embedding) is reported, not ignored.
     emb = poly.Poly("embed/embedding|attn/q", num_tasks=1)
-    ad = _random(emb, boxed)
+    ad = random_adapter(emb, boxed)
     with pytest.raises(ValueError, match="embed/embedding are not computed through .*project"):
         with adapter_hooks.bind(emb, base, ad, task_ids=jnp.zeros((1,), jnp.int32)):
             model.apply({"params": base}, jnp.zeros((1, 8), jnp.int32))
