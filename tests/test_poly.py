@@ -242,3 +242,28 @@ def test_multitask_then_fewshot_workflow(data_dir, tmp_path):
     with pytest.raises(config_check.ConfigError, match="holds no trained adapter"):
         c.init.adapter_from = base_wd
         config_check.validate(c)
+
+
+def test_user_flax_model_built_from_routezoo_layers():
+    """A model of the user's own, with a routezoo MLP inside, gets the hook without edits:
+    MHR on its MLP equals the task's merged weights, per example."""
+    from routezoo.layers import dense
+
+    class Mine(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(16, name="inp")(x)          # a plain Flax layer: not adaptable by the hook
+            return dense.MLP(hidden_dim=32, mlp_type="gelu", name="ffn")(h[:, None, :])[:, 0]
+
+    model = Mine()
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 8)), jnp.float32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))["params"]
+    base = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.PRNGKey(0), x)["params"]))
+    meth = poly.MHR("ffn/(wi|wo)", rank=2, num_skills=2, num_heads=2, num_tasks=2)
+    ad = random_adapter(meth, boxed)
+    ids = jnp.array([1, 0, 1])
+    with adapter_hooks.bind(meth, base, ad, task_ids=ids):
+        got = model.apply({"params": base}, x)
+    for i in range(3):
+        want = model.apply({"params": meth.merge_task(base, ad, int(ids[i]))}, x[i:i + 1])
+        np.testing.assert_allclose(got[i:i + 1], want, rtol=2e-5, atol=2e-5)
