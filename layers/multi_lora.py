@@ -146,6 +146,10 @@ class MultiLoRA:
     targets: str = ".*"
     impl: str = "auto"
     gmm_backend: str = "auto"
+    # Added to every id before lookup. 0: ids are slots (0 = base, n = library entry n).
+    # A training run (from_config) uses 1: the batch's task id t (the t-th of data.tasks)
+    # serves library entry t, the t-th of adapter.library.
+    id_offset: int = 0
 
     name = "multi_lora"
     mergeable = False
@@ -156,7 +160,7 @@ class MultiLoRA:
     @classmethod
     def from_config(cls, cfg: Any) -> "MultiLoRA":
         return cls(targets=str(cfg.targets), impl=str(cfg.multi_lora_impl),
-                   gmm_backend=str(cfg.multi_lora_gmm_backend))
+                   gmm_backend=str(cfg.multi_lora_gmm_backend), id_offset=1)
 
     def __post_init__(self):
         if self.impl not in IMPLS:
@@ -323,7 +327,7 @@ class MultiLoRA:
         del y
         # Frozen: no gradient flows into the stack (a training run with it only evaluates).
         a, b = (jax.lax.stop_gradient(ctx.params[f"{path}/{k}"]) for k in ("lora_a", "lora_b"))
-        ids = ctx.task_ids
+        ids = ctx.task_ids + self.id_offset
         if not isinstance(ids, jax.core.Tracer):
             self.check_ids(ids, a.shape[0])
         return multi_lora_delta(x, a, b, ids, impl=self.resolve_impl(x.shape[1]), gmm_backend=self.gmm_backend)

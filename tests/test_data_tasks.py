@@ -309,3 +309,16 @@ def test_available_tasks_and_one_line_errors(data_dir):
         data.task_names(other.data)
     with pytest.raises(ValueError, match="needs data.name='stdlib'"):
         data.available_tasks(other.data)
+
+
+def test_cli_refuses_tasks_without_validation_files(data_dir, tmp_path, capsys):
+    """``routezoo train`` checks data.tasks against the dataset before anything is
+    written: tasks without any validation file cannot be evaluated (one line, exit 2)."""
+    from routezoo.training import cli
+    workdir = tmp_path / "run"
+    code = cli.main(["train", f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+                     "--config.data.tasks=json", "--config.train.steps=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not workdir.exists()
+    assert len(err) == 1 and "no task of data.tasks (json) has files in the 'validation' split" in err[0]
+    assert "tasks with validation files: " in err[0] and "email" in err[0]

@@ -187,6 +187,13 @@ def test_library_through_training_loop_is_frozen(lm, data_dir, tmp_path):
         want = MultiLoRA.stack(base, lib, [dict(m["adapter"]) for _, m in sources["library"]])
         jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), state.params, want)
         assert not jax.tree.leaves(state.opt_state)      # every leaf frozen: no optimizer state
+        # In a run, task t (the t-th of data.tasks) is served by library entry t (slot t + 1).
+        assert multi.id_offset == 1
+        toks8 = jnp.asarray(np.random.default_rng(1).integers(2, 258, (2, 8)))
+        np.testing.assert_allclose(
+            _bound_apply(model, multi, base, state.params, jnp.asarray([0, 1]), toks8),
+            _bound_apply(model, MultiLoRA(impl="sorted"), base, state.params, jnp.asarray([1, 2]), toks8),
+            rtol=1e-6, atol=1e-6)
         meta = train_lib.adapter_metadata(c, setup, base)
         assert meta["params_trainable"] == 0
         assert meta["params_adapter"] == multi.count(base, state.params) == adapters.num_params(want)

@@ -137,6 +137,13 @@ def train_main(argv: list[str]) -> int:
         config_check.validate(config)
     except config_check.ConfigError as e:
         return _fail(str(e))
+    if config.data.get("tasks", ""):   # task names against the dataset itself (built here if needed)
+        from routezoo.training import data as data_lib
+        try:
+            data_lib.ensure_dataset(config.data)
+            data_lib.check_tasks(config)
+        except ValueError as e:
+            return _fail(" ".join(str(e).split()))
     from routezoo.training.train import train_and_evaluate
     result = train_and_evaluate(config, workdir, stop_after=stop_after)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()

@@ -914,6 +914,19 @@ def _round_robin(iterators: Sequence[Iterator[Any]]) -> Iterator[Any]:
         active = still
 
 
+def check_tasks(config: Any) -> None:
+    """``data.tasks`` checked against the built dataset before a run starts: known names
+    (:func:`task_names`) and, when the run evaluates, at least one task with validation
+    files. ``ValueError`` in one line."""
+    d = config.data
+    if not task_names(d):
+        return
+    if config.train.eval_steps > 0 and not eval_task_names(d):
+        raise ValueError(f"no task of data.tasks ({d.tasks}) has files in the {d.eval_split!r} split, so the "
+                         f"run cannot be evaluated; tasks with validation files: "
+                         f"{', '.join(available_tasks(d, d.eval_split))}")
+
+
 def eval_task_names(data_cfg: Any) -> list[str]:
     """The names of ``data.tasks`` with documents in ``data.eval_split`` (those that
     ``eval_batches(config, task=NAME)`` accepts), in task-id order."""
@@ -945,9 +958,10 @@ def eval_batches(config: Any, *, task: str | None = None, process_index: int | N
     with_docs = [t for t in tasks if t.indices]
     if not with_docs:
         have = eval_task_names(d)
-        raise ValueError(f"{'task ' + repr(task) if task else 'no task of data.tasks'} has "
-                         f"no documents in the {d.eval_split!r} split; tasks of data.tasks "
-                         f"with some: {', '.join(have) or '(none)'}")
+        what = f"task {task!r} has" if task else f"no task of data.tasks ({d.tasks}) has any"
+        raise ValueError(f"{what} documents in the {d.eval_split!r} split, so it cannot be evaluated; "
+                         f"tasks of data.tasks with some: {', '.join(have) or '(none)'}; tasks with "
+                         f"validation files: {', '.join(available_tasks(d, d.eval_split))}")
     missing = tuple(t.name for t in tasks if not t.indices)
     if missing and missing not in _WARNED_NO_EVAL_DOCS:
         _WARNED_NO_EVAL_DOCS.add(missing)
