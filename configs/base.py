@@ -234,7 +234,7 @@ def get_config() -> ml_collections.ConfigDict:
     # multi_lora (PEFT.md 6, S-LoRA/Punica): serve the adapter.library LoRAs (mixed ranks and targets)
     # in one batch, each example with its own adapter by batch 'task_id' (0 = base model, n = library
     # entry n); frozen, never merged. targets ".*" serves every weight the library adapts.
-    a.multi_lora_impl = "auto"   # multi_lora: auto (gather if 1 token per example, else sorted) | gather (BGMV) | sorted (SGMV)
+    a.multi_lora_impl = "auto"   # multi_lora: auto (= gather, measured faster) | gather (BGMV) | sorted (SGMV, prefill path)
     a.multi_lora_gmm_backend = "auto"   # multi_lora sorted: grouped matmul (layers/dispatch.py GMM_BACKENDS; auto by platform)
     # scalearn, phatgoose_gate, phatgoose, glider (PEFT.md 4, ROUTERS.md 11; layers/lora_library.py):
     # combine the LoRA runs of adapter.library (copied into this adapter, frozen); only the

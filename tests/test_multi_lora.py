@@ -126,12 +126,12 @@ def test_gather_sorted_loop_and_reference_agree_with_out_of_range_ids():
 
 def test_auto_rule():
     assert MultiLoRA().resolve_impl(1) == "gather"
-    assert MultiLoRA().resolve_impl(8) == "sorted"
+    assert MultiLoRA().resolve_impl(8) == "gather"
     assert MultiLoRA(impl="sorted").resolve_impl(1) == "sorted"
     assert MultiLoRA(impl="gather").resolve_impl(8) == "gather"
 
 
-def test_decode_shape_batch_auto_equals_sorted(lm):
+def test_decode_shape_batch_gather_equals_sorted(lm):
     _, model, _, base, lib = lm
     stacked = MultiLoRA.stack(base, lib, [LORA_1, LORA_2])
     tokens = jnp.asarray([[5], [9], [7], [300]], jnp.int32)       # one token per example: decode
