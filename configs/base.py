@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.rope_scaling.original_max_position_embeddings = 0 # yarn: pretraining context L0 (>= 1 with yarn)
     m.rope_scaling.beta_fast = 32.0                     # yarn: rotations in L0 above which dims extrapolate
     m.rope_scaling.beta_slow = 1.0                      # yarn: rotations in L0 below which dims interpolate
-    m.rope_scaling.mscale = 0.0                         # yarn: attention factor m(s, mscale)/m(s, mscale_all_dim) when both set
+    m.rope_scaling.mscale = 0.0                         # yarn: cos/sin times m(s, mscale)/m(s, mscale_all_dim) if both set
     m.rope_scaling.mscale_all_dim = 0.0                 # yarn: DeepSeek softmax scale times m(s, mscale_all_dim)^2
     m.rope_scaling.attention_factor = 0.0               # yarn: explicit cos/sin factor; 0 = from factor / mscale
     m.rope_scaling.truncate = True                      # yarn: floor/ceil the correction range (transformers' default)

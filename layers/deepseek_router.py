@@ -30,7 +30,7 @@ Being 1-D, the bias is outside the default ``'matrices'`` weight-decay mask; wit
 
 :class:`DeepSeekV2Router` (``moe.router='deepseek_v2'``; DeepSeek-AI 2024, "DeepSeek-V2: A
 Strong, Economical, and Efficient Mixture-of-Experts Language Model", arXiv 2405.04434,
-sections 2.2.2-2.2.3: token-to-expert affinities ``s = Softmax(u^T e)`` and device-limited
+section 2.2 (DeepSeekMoE): token-to-expert affinities ``s = Softmax(u^T e)`` and device-limited
 routing, which the released checkpoints express as ``topk_method``)::
 
     s      = softmax(x @ W)                           [T, E] scores, float32
@@ -77,6 +77,9 @@ class DeepSeekV3Router(TopKRouter):
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
 
+    router_name: ClassVar[str] = "deepseek_v3"
+    min_group_size: ClassVar[int] = 2          # the group score sums each group's top-2
+
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
         # x: [T, D]
@@ -110,9 +113,6 @@ class DeepSeekV3Router(TopKRouter):
                    n_group=int(moe_cfg.deepseek_v3_n_group), topk_group=int(moe_cfg.deepseek_v3_topk_group),
                    routed_scaling_factor=float(moe_cfg.deepseek_v3_scaling_factor), **kwargs)
 
-    router_name: ClassVar[str] = "deepseek_v3"
-    min_group_size: ClassVar[int] = 2          # the group score sums each group's top-2
-
     @classmethod
     def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
         super(TopKRouter, cls).check_config(moe_cfg, causal=causal)
@@ -120,8 +120,9 @@ class DeepSeekV3Router(TopKRouter):
         e, n, tg, k = (int(moe_cfg.num_experts), int(moe_cfg.deepseek_v3_n_group),
                        int(moe_cfg.deepseek_v3_topk_group), int(moe_cfg.k))
         if float(moe_cfg.bias_update_rate) != 0:
-            raise ValueError(f"moe.bias_update_rate={moe_cfg.bias_update_rate} must be 0 with moe.router={cls.router_name!r} "
-                             "(no online bias update); use moe.router='top_k' for online updates")
+            raise ValueError(f"moe.bias_update_rate={moe_cfg.bias_update_rate} must be 0 with "
+                             f"moe.router={cls.router_name!r} (no online bias update); use moe.router='top_k' "
+                             "for online updates")
         g = cls.min_group_size
         if n < 1 or e % n or (n > 1 and e // n < g):
             raise ValueError(f"moe.deepseek_v3_n_group={n} must be >= 1 and divide moe.num_experts={e} "
