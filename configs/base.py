@@ -33,6 +33,19 @@ def get_config() -> ml_collections.ConfigDict:
     m.scale_tied_logits = True   # tied logits x @ E^T times d_model**-0.5 (T5); False: plain (HF Llama-style)
     m.max_len = 256
     m.rope_theta = 10000.0
+    # Rotary scaling (layers/dense.RopeScaling), used by latent attention (model.attention=mla) only:
+    # type=yarn is YaRN (Peng et al. 2023) as transformers computes it; 0 = not set for mscale,
+    # mscale_all_dim and attention_factor (None in HF configs).
+    m.rope_scaling = ml_collections.ConfigDict()
+    m.rope_scaling.type = "none"                        # none | yarn
+    m.rope_scaling.factor = 1.0                         # yarn: context extension factor s
+    m.rope_scaling.original_max_position_embeddings = 0 # yarn: pretraining context L0 (>= 1 with yarn)
+    m.rope_scaling.beta_fast = 32.0                     # yarn: rotations in L0 above which dims extrapolate
+    m.rope_scaling.beta_slow = 1.0                      # yarn: rotations in L0 below which dims interpolate
+    m.rope_scaling.mscale = 0.0                         # yarn: cos/sin times m(s, mscale)/m(s, mscale_all_dim) if both set
+    m.rope_scaling.mscale_all_dim = 0.0                 # yarn: DeepSeek softmax scale times m(s, mscale_all_dim)^2
+    m.rope_scaling.attention_factor = 0.0               # yarn: explicit cos/sin factor; 0 = from factor / mscale
+    m.rope_scaling.truncate = True                      # yarn: floor/ceil the correction range (transformers' default)
     m.dtype = "auto"             # compute dtype: auto (bf16 on GPU/TPU, f32 on CPU) | bfloat16 | float32
     m.param_dtype = "float32"
     m.attention_impl = "auto"    # jax.nn.dot_product_attention implementation: auto | xla | cudnn
@@ -56,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8
     moe.k = 2
-    moe.router = "top_k"               # top_k | deepseek_v3 | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate | duo | uoe | soft
+    moe.router = "top_k"               # top_k | deepseek_v3 | deepseek_v2 | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate | duo | uoe | soft
     moe.dispatch = "dropless"          # capacity | dropless
     moe.capacity_factor = 1.25         # training
     moe.eval_capacity_factor = 2.0     # evaluation
@@ -83,6 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
     moe.deepseek_v3_n_group = 1        # deepseek_v3: expert groups N (E divisible by N); 1 = plain top-k
     moe.deepseek_v3_topk_group = 1     # deepseek_v3: groups kept per token (by the sum of each group's top-2 scores)
     moe.deepseek_v3_scaling_factor = 1.0  # deepseek_v3: routed_scaling_factor multiplying the combine weights
+    # moe.router=deepseek_v2 (DeepSeek-V2): softmax scores, groups ranked by their best score, no bias; it reads
+    # the three deepseek_v3_* keys above (n_group 1: 'greedy', > 1: 'group_limited_greedy').
     # Router zoo (layers/router_zoo.py): more moe.router values: hash | thor | smoe_dropout |
     # top_p | null_experts. Each key below is read only by the router it is prefixed with.
     moe.hash_seed = 0                  # hash: seed of the fixed token-id -> expert map (Roller et al. 2021)

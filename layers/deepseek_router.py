@@ -1,4 +1,5 @@
-"""DeepSeek-V3 routing: sigmoid affinities, group-limited top-k, a selection-only bias.
+"""DeepSeek-V3 routing (sigmoid affinities, group-limited top-k, a selection-only bias) and
+DeepSeek-V2 routing (softmax scores, group-limited greedy top-k, no bias).
 
 Einsum letters: ``T`` tokens, ``D`` embed, ``E`` experts, ``K`` experts per token,
 ``N`` expert groups (``n_group``), ``J`` experts per group (``E / N``), ``G`` routing
@@ -27,15 +28,35 @@ here, and ``moe.bias_update_rate > 0`` is refused with this router (use
 Being 1-D, the bias is outside the default ``'matrices'`` weight-decay mask; with
 ``optimizer.weight_decay_mask='all'`` decoupled weight decay would shrink it.
 
+:class:`DeepSeekV2Router` (``moe.router='deepseek_v2'``; DeepSeek-AI 2024, "DeepSeek-V2: A
+Strong, Economical, and Efficient Mixture-of-Experts Language Model", arXiv 2405.04434,
+section 2.2 (DeepSeekMoE): token-to-expert affinities ``s = Softmax(u^T e)`` and device-limited
+routing, which the released checkpoints express as ``topk_method``)::
+
+    s      = softmax(x @ W)                           [T, E] scores, float32
+    group  = max of s over each of N groups           [T, N]   (n_group > 1: 'group_limited_greedy')
+    keep the topk_group best groups; top-k of s over their experts -> indices [T, K]
+                                                      (n_group = 1: 'greedy', plain top-k)
+    w      = s[indices] (/ (sum + 1e-20) if renormalize) · routed_scaling_factor
+
+It matches the Hugging Face ``transformers`` DeepseekV2TopkRouter, which never
+renormalises (``norm_topk_prob`` is not read there; ``zoo/hf.py`` refuses it). It reads the
+same keys as ``deepseek_v3`` (``moe.deepseek_v3_n_group``, ``deepseek_v3_topk_group``,
+``deepseek_v3_scaling_factor``). Masked groups' experts get ``-inf`` for selection
+(transformers sets their scores to 0, the same choice while ``k`` experts remain, which
+:meth:`DeepSeekV3Router.check_config` requires).
+
 Losses/stats: the Switch load-balancing loss (``load_balance_coef``) and the statistics
 use the affinities normalised over experts, ``s / Σ_e s`` (DeepSeek-V3's
 complementary sequence-wise loss normalises them the same way; its loss form differs
-and is not implemented); the z-loss is on the logits ``x @ W``.
+and is not implemented), with ``deepseek_v2`` the softmax scores (DeepSeek-V2's
+expert-level balance loss is the Switch loss up to its constant; its device- and
+communication-balance losses are not implemented); the z-loss is on the logits ``x @ W``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +76,9 @@ class DeepSeekV3Router(TopKRouter):
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+
+    router_name: ClassVar[str] = "deepseek_v3"
+    min_group_size: ClassVar[int] = 2          # the group score sums each group's top-2
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
@@ -96,11 +120,13 @@ class DeepSeekV3Router(TopKRouter):
         e, n, tg, k = (int(moe_cfg.num_experts), int(moe_cfg.deepseek_v3_n_group),
                        int(moe_cfg.deepseek_v3_topk_group), int(moe_cfg.k))
         if float(moe_cfg.bias_update_rate) != 0:
-            raise ValueError(f"moe.bias_update_rate={moe_cfg.bias_update_rate} must be 0 with moe.router='deepseek_v3' "
-                             "(its correction bias is a frozen parameter); use moe.router='top_k' for online updates")
-        if n < 1 or e % n or (n > 1 and e // n < 2):
+            raise ValueError(f"moe.bias_update_rate={moe_cfg.bias_update_rate} must be 0 with "
+                             f"moe.router={cls.router_name!r} (no online bias update); use moe.router='top_k' "
+                             "for online updates")
+        g = cls.min_group_size
+        if n < 1 or e % n or (n > 1 and e // n < g):
             raise ValueError(f"moe.deepseek_v3_n_group={n} must be >= 1 and divide moe.num_experts={e} "
-                             "into groups of at least 2 experts (or be 1)")
+                             f"into groups of at least {g} experts (or be 1)")
         if n > 1 and not (1 <= tg <= n and k <= tg * (e // n)):
             raise ValueError(f"moe.deepseek_v3_topk_group={tg} must be in [1, deepseek_v3_n_group={n}] and keep "
                              f"at least moe.k={k} experts ({e // n} per group)")
@@ -108,4 +134,38 @@ class DeepSeekV3Router(TopKRouter):
             raise ValueError(f"moe.deepseek_v3_scaling_factor={moe_cfg.deepseek_v3_scaling_factor} must be > 0")
 
 
+class DeepSeekV2Router(DeepSeekV3Router):
+    """DeepSeek-V2 router (see the module docstring): softmax scores, 'greedy' top-k
+    (``n_group = 1``) or 'group_limited_greedy' (groups ranked by their best score), no
+    correction bias. ``renormalize`` divides the top-k weights by their sum before
+    ``routed_scaling_factor``."""
+
+    router_name: ClassVar[str] = "deepseek_v2"
+    min_group_size: ClassVar[int] = 1
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
+        # x: [T, D]
+        t, e = x.shape[0], self.num_experts
+        g, s = _num_groups(t, group_size)
+        logits = self.router_logits(x, deterministic)                          # [T, E]
+        scores = jax.nn.softmax(logits, axis=-1)                               # [T, E]
+        choice = scores
+        if self.n_group > 1:
+            n, j = self.n_group, e // self.n_group
+            best = jnp.max(scores.reshape(t, n, j), axis=-1)                   # [T, N]
+            _, groups = top_k(best, self.topk_group)                           # [T, topk_group]
+            keep = jnp.max(jax.nn.one_hot(groups, n, dtype=bool), axis=1)      # [T, N]
+            choice = jnp.where(jnp.repeat(keep, j, axis=1), scores, -jnp.inf)  # [T, E]
+        _, indices = top_k(choice, self.k)                                     # [T, K]
+        weights = jnp.take_along_axis(scores, indices, axis=-1)                # [T, K]
+        if self.renormalize:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        losses, stats = self.balance_losses(logits, scores, indices, g, s)
+        return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
+                       losses=losses, stats=stats)
+
+
 ROUTERS["deepseek_v3"] = DeepSeekV3Router
+ROUTERS["deepseek_v2"] = DeepSeekV2Router

@@ -10,10 +10,13 @@ FSDP or tensor-parallel depending only on the mesh and the rules in context.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from routezoo.layers.adapter_hooks import project
@@ -106,18 +109,142 @@ def make_norm(kind: str, eps: float, dtype: Dtype, param_dtype: Dtype, name: str
     raise ValueError(f"unknown norm {kind!r}; allowed: {', '.join(NORMS)}")
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+ROPE_SCALING_TYPES = ("none", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-embedding scaling (``config.model.rope_scaling``); ``type='none'``: plain RoPE.
+
+    ``type='yarn'``: YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of
+    Large Language Models", arXiv 2309.00071), as ``transformers``'
+    ``_compute_yarn_parameters`` computes it. With ``θ_i = theta^(-2i/P)`` (``i < P/2``, ``P``
+    the rotary dims) and ``c(r) = P·ln(L0 / (2π r)) / (2 ln theta)`` the dim whose
+    wavelength fits ``r`` rotations into the original context ``L0``
+    (``original_max_position_embeddings``)::
+
+        lo, hi = max(floor(c(beta_fast)), 0), min(ceil(c(beta_slow)), P - 1)   (no floor/ceil if not truncate)
+        ramp_i = clip((i - lo) / (hi - lo), 0, 1)                               (hi += 0.001 if lo == hi)
+        inv_freq_i = θ_i / factor · ramp_i + θ_i · (1 - ramp_i)
+
+    so fast dims (many rotations in ``L0``) keep their frequency (extrapolation) and slow
+    ones are divided by ``factor`` (interpolation). ``m(s, a) = 0.1·a·ln(s) + 1`` (1 for
+    ``s <= 1``); cos and sin are multiplied by :meth:`cos_sin_factor`: ``attention_factor``
+    if > 0, else ``m(factor, mscale) / m(factor, mscale_all_dim)`` when both are set
+    (DeepSeek), else ``m(factor, 1)`` (the paper's ``sqrt(1/t) = 0.1 ln(s) + 1``).
+    DeepSeek-V2/V3 attention (:mod:`routezoo.layers.mla`) also multiplies its softmax scale
+    by :meth:`softmax_factor` ``= m(factor, mscale_all_dim)^2`` (1 if ``mscale_all_dim``
+    is 0). ``0`` stands for "not set" in ``mscale``, ``mscale_all_dim`` and
+    ``attention_factor``, as ``None`` does in HF configs.
+    """
+
+    type: str = "none"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float = 0.0
+    truncate: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "RopeScaling":
+        """From ``config.model.rope_scaling`` (a ConfigDict or dict; ``None``: none)."""
+        if cfg is None:
+            return cls()
+        items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+        unknown = sorted(set(items) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"model.rope_scaling has unknown keys {unknown}; allowed: "
+                             f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+        out = cls(**{k: type(getattr(cls(), k))(v) for k, v in items.items()})
+        out.check()
+        return out
+
+    def check(self) -> None:
+        """``ValueError`` (one line) for settings that cannot run."""
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"model.rope_scaling.type={self.type!r} is unknown; allowed: "
+                             f"{', '.join(ROPE_SCALING_TYPES)}")
+        if self.type == "none":
+            return
+        if not self.factor > 0:
+            raise ValueError(f"model.rope_scaling.factor={self.factor} must be > 0")
+        if self.original_max_position_embeddings < 1:
+            raise ValueError(f"model.rope_scaling.original_max_position_embeddings="
+                             f"{self.original_max_position_embeddings} must be >= 1 with type 'yarn'")
+        if not self.beta_fast > 0 or not self.beta_slow > 0:
+            raise ValueError(f"model.rope_scaling.beta_fast={self.beta_fast} and beta_slow={self.beta_slow} "
+                             "must be > 0")
+        if min(self.mscale, self.mscale_all_dim, self.attention_factor) < 0:
+            raise ValueError("model.rope_scaling.mscale, mscale_all_dim and attention_factor must be >= 0 "
+                             "(0: not set)")
+
+    @property
+    def active(self) -> bool:
+        return self.type != "none"
+
+    def inv_freq(self, dim: int, theta: float) -> np.ndarray:
+        """float32 inverse frequencies ``[dim/2]`` of ``dim`` rotary dims (computed in float64)."""
+        pos = theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)     # [dim/2]
+        if not self.active:
+            return (1.0 / pos).astype(np.float32)
+
+        def corr(rotations):
+            return dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(theta))
+        lo, hi = corr(self.beta_fast), corr(self.beta_slow)
+        if self.truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)   # 1: interpolate
+        return (ramp / (self.factor * pos) + (1.0 - ramp) / pos).astype(np.float32)
+
+    @staticmethod
+    def _m(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    def cos_sin_factor(self) -> float:
+        """YaRN's attention factor, multiplying cos and sin (1 without scaling)."""
+        if not self.active:
+            return 1.0
+        if self.attention_factor > 0:
+            return float(self.attention_factor)
+        if self.mscale and self.mscale_all_dim:
+            return self._m(self.factor, self.mscale) / self._m(self.factor, self.mscale_all_dim)
+        return self._m(self.factor)
+
+    def softmax_factor(self) -> float:
+        """DeepSeek-V2/V3's factor on the softmax scale: ``m(factor, mscale_all_dim)^2`` (or 1)."""
+        if not self.active or not self.mscale_all_dim:
+            return 1.0
+        return self._m(self.factor, self.mscale_all_dim) ** 2
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
+                     scaling: RopeScaling | None = None) -> jax.Array:
     """Applies rotary position embeddings (Su et al., 2021, RoFormer) to ``x: [B, L, H, K]``.
 
     Uses the half-split convention (pairs ``(i, i + K/2)``), as GPT-NeoX and Llama do.
-    ``positions: [B, L]`` integer positions.
+    ``positions: [B, L]`` integer positions. ``scaling``: a :class:`RopeScaling` (YaRN
+    frequencies, cos and sin times its attention factor); ``None``: plain RoPE.
     """
     k = x.shape[-1]
     if k % 2:
         raise ValueError(f"rotary embeddings need an even head dim, got {k}")
-    freq = theta ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k)      # [K/2]
+    if scaling is not None and scaling.active:
+        freq = jnp.asarray(scaling.inv_freq(k, theta))                          # [K/2]
+        mult = scaling.cos_sin_factor()
+    else:
+        freq = theta ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k)  # [K/2]
+        mult = 1.0
     angle = positions.astype(jnp.float32)[..., None] * freq                     # [B, L, K/2]
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]      # [B, L, 1, K/2]
+    if mult != 1.0:
+        sin, cos = sin * mult, cos * mult
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)

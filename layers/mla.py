@@ -20,8 +20,12 @@ Parameters (logical names): ``q_a`` ``[D, Q]`` (embed, rank), ``q_a_norm/scale``
 
 Choices, as the Hugging Face ``transformers`` DeepSeek-V3 implementation computes them:
 the latent RMSNorms use ``latent_norm_eps`` (1e-6: transformers builds them with the
-RMSNorm default, not the model's ``rms_norm_eps``); the softmax scale is ``K**-0.5`` (rope scaling,
-which changes it by YaRN's mscale, is out of scope: ``zoo/hf.py`` refuses such configs);
+RMSNorm default, not the model's ``rms_norm_eps``); the softmax scale is ``K**-0.5``;
+``rope_scaling`` (:class:`routezoo.layers.dense.RopeScaling`, YaRN: Peng et al. 2023,
+arXiv 2309.00071) changes the rope frequencies and multiplies the rotated ``q_rope`` and
+``k_rope`` by its attention factor (transformers scales cos and sin), and, as
+DeepSeek-V2/V3 do, multiplies the softmax scale by ``m(factor, mscale_all_dim)^2``
+(:meth:`~routezoo.layers.dense.RopeScaling.softmax_factor`);
 ``rope_interleave=True`` rotates the rope dims as interleaved pairs ``(0, 1), (2, 3), ...``
 (the DeepSeek checkpoints' layout); ``False``: half-split pairs ``(i, i + P/2)``. Keys are
 not cached in latent form here (no decoding cache in this layer): attention runs on the
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from routezoo.layers.adapter_hooks import project
-from routezoo.layers.dense import RMSNorm, default_kernel_init, rotary_embedding
+from routezoo.layers.dense import RMSNorm, RopeScaling, default_kernel_init, rotary_embedding
 from routezoo.layers.sharding import constrain, param
 
 Dtype = Any
@@ -61,6 +65,7 @@ class MLAttention(nn.Module):
     q_lora_rank: int = 0            # 0: plain query projection
     rope_theta: float = 10000.0
     rope_interleave: bool = True
+    rope_scaling: RopeScaling | None = None   # None: plain rotary embeddings
     latent_norm_eps: float = 1e-6
     causal: bool = True
     dtype: Dtype = jnp.float32
@@ -71,7 +76,10 @@ class MLAttention(nn.Module):
         # of the P dims, the same for queries and keys, so q·k is unchanged by it).
         if self.rope_interleave:
             x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
-        return rotary_embedding(x, positions, self.rope_theta)
+        return rotary_embedding(x, positions, self.rope_theta, self.rope_scaling)
+
+    def _softmax_factor(self) -> float:
+        return 1.0 if self.rope_scaling is None else self.rope_scaling.softmax_factor()
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
@@ -109,7 +117,7 @@ class MLAttention(nn.Module):
         kk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, l, h, p))], axis=-1)  # [B, M, H, K]
 
         scores = jnp.einsum("BLHK,BMHK->BHLM", qq.astype(jnp.float32), kk.astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST) * k ** -0.5
+                            precision=jax.lax.Precision.HIGHEST) * (k ** -0.5 * self._softmax_factor())
         allowed = jnp.ones((1, 1, l, l), bool)
         if self.causal:
             allowed = allowed & (jnp.arange(l)[:, None] >= jnp.arange(l)[None, :])[None, None]
@@ -126,10 +134,13 @@ class MLAttention(nn.Module):
 
 def mla_from_config(cfg: Any, *, causal: bool, dtype: Dtype, param_dtype: Dtype,
                     name: str | None = None) -> MLAttention:
-    """:class:`MLAttention` from ``config.model`` (``num_heads``, ``rope_theta`` and the ``mla_*`` keys of ``configs/base.py``)."""
+    """:class:`MLAttention` from ``config.model`` (``num_heads``, ``rope_theta``, ``rope_scaling`` and the
+    ``mla_*`` keys of ``configs/base.py``)."""
+    scaling = RopeScaling.from_config(cfg.get("rope_scaling", None))
     return MLAttention(
         num_heads=int(cfg.num_heads), kv_lora_rank=int(cfg.mla_kv_lora_rank),
         qk_nope_head_dim=int(cfg.mla_qk_nope_head_dim), qk_rope_head_dim=int(cfg.mla_qk_rope_head_dim),
         v_head_dim=int(cfg.mla_v_head_dim), q_lora_rank=int(cfg.mla_q_lora_rank),
         rope_theta=float(cfg.rope_theta), rope_interleave=bool(cfg.mla_rope_interleave),
+        rope_scaling=scaling if scaling.active else None,
         causal=causal, dtype=dtype, param_dtype=param_dtype, name=name)

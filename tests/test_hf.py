@@ -427,7 +427,7 @@ def test_deepseek_v3_config_validation_and_refusals():
 
     for bad, match in ((dict(n_group=3), "deepseek_v3_n_group=3"), (dict(topk_group=5), "deepseek_v3_topk_group=5"),
                        (dict(num_key_value_heads=2), "num_key_value_heads=2"),
-                       (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "yarn")):
+                       (dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}), "dynamic")):
         with pytest.raises(hf.HFError, match=match) as e:
             hf.model_config_from_hf(dict(DEEPSEEK_CFG, **bad))
         assert "\n" not in str(e.value)

@@ -14,7 +14,13 @@ Families (``architectures[0]`` of ``config.json``): dense ``LlamaForCausalLM``,
 ``OlmoeForCausalLM`` (QK norm over all heads), ``DeepseekV3ForCausalLM`` (multi-head latent
 attention, :mod:`routezoo.layers.mla`; sigmoid group-limited routing with a correction
 bias and scaled weights, :mod:`routezoo.layers.deepseek_router`; shared experts; the
-first ``first_k_dense_replace`` layers dense; no rope scaling, no MTP module). Each maps onto
+first ``first_k_dense_replace`` layers dense; no MTP module), ``DeepseekV2ForCausalLM``
+(latent attention with or without a query latent, interleaved rope; softmax routing
+``topk_method`` 'greedy' or 'group_limited_greedy' with scaled weights, ``moe.router=
+'deepseek_v2'``; shared experts; ``first_k_dense_replace``; ``norm_topk_prob`` and
+``moe_layer_freq`` other than 1 refused, as transformers ignores them). DeepSeek-V2/V3 import
+YaRN rope scaling (``rope_type`` 'yarn', into ``model.rope_scaling``, see
+:class:`routezoo.layers.dense.RopeScaling`); other families and rope types are refused. Each maps onto
 :class:`routezoo.zoo.lm.DecoderLM` with dropless top-k routing (softmax over all experts,
 top-k, renormalised when the family does: Mixtral always, Qwen/OLMoE by
 ``norm_topk_prob``), plain ``x @ E^T`` tied logits (``scale_tied_logits=False``).
@@ -102,7 +108,7 @@ class Family:
     expert_dim_key: str = "intermediate_size"
     num_experts_keys: tuple[str, ...] = ("num_experts",)
     sliding_window_flag: bool = False   # sliding window enabled by `use_sliding_window`
-    mla: bool = False                   # DeepSeek-V3: latent attention, deepseek_v3 routing, shared experts
+    mla: bool = False                   # DeepSeek-V2/V3: latent attention, deepseek_v2/v3 routing, shared experts
 
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
@@ -119,6 +125,8 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
            sliding_window_flag=True),
     Family("OlmoeForCausalLM", "olmoe", moe="qwen", qk_norm="full"),
     Family("DeepseekV3ForCausalLM", "deepseek_v3", moe="qwen", mla=True, expert_dim_key="moe_intermediate_size",
+           num_experts_keys=("n_routed_experts",)),
+    Family("DeepseekV2ForCausalLM", "deepseek_v2", moe="qwen", mla=True, expert_dim_key="moe_intermediate_size",
            num_experts_keys=("n_routed_experts",)),
 )}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -147,7 +155,8 @@ def family_of(hf_cfg: Mapping[str, Any]) -> Family:
 MODEL_ARCH_KEYS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                    "mlp_type", "norm", "norm_eps", "tie_embeddings", "scale_tied_logits", "rope_theta",
                    "qkv_bias", "qk_norm", "ffn", "attention", "mla_q_lora_rank", "mla_kv_lora_rank",
-                   "mla_qk_nope_head_dim", "mla_qk_rope_head_dim", "mla_v_head_dim", "mla_rope_interleave")
+                   "mla_qk_nope_head_dim", "mla_qk_rope_head_dim", "mla_v_head_dim", "mla_rope_interleave",
+                   "rope_scaling")
 MOE_ARCH_KEYS = ("num_experts", "k", "router", "expert_dim", "expert_type", "num_shared_experts",
                  "shared_expert_dim", "shared_expert_gate", "residual_mlp", "every", "renormalize",
                  "bias_update_rate", "deepseek_v3_n_group", "deepseek_v3_topk_group", "deepseek_v3_scaling_factor")
@@ -160,14 +169,63 @@ def _default_model_config() -> ml_collections.ConfigDict:
     return base.get_config().model
 
 
-def _rope(hf: Mapping[str, Any]) -> float:
+def _rope(hf: Mapping[str, Any], fam: Family | None = None) -> float:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise HFError(f"rope type {kind!r} is not supported (only 'default' rotary embeddings)")
+    if kind != "default" and not (kind == "yarn" and fam is not None and fam.mla):
+        raise HFError(f"rope type {kind!r} is not supported (only 'default' rotary embeddings"
+                      + (", and 'yarn' for DeepSeek-V2/V3)" if kind == "yarn" else ")"))
     theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
     return float(theta)
+
+
+def _rope_scaling_from_hf(hf: Mapping[str, Any], m: Any) -> None:
+    """``config.model.rope_scaling`` (in place) from the HF ``rope_parameters`` /
+    ``rope_scaling`` (old configs: ``type``), read as transformers' ``standardize_rope_params``
+    and ``_compute_yarn_parameters`` do; ``type='none'`` for default rotary embeddings."""
+    p = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    if (p.get("rope_type") or p.get("type") or "default") != "yarn":
+        return
+    orig = hf.get("original_max_position_embeddings") or p.get("original_max_position_embeddings") \
+        or hf.get("max_position_embeddings")
+    if not orig:
+        raise HFError("rope type 'yarn' needs original_max_position_embeddings (or max_position_embeddings)")
+    factor = p.get("factor")
+    if factor is None:
+        factor = float(hf.get("max_position_embeddings") or 0) / float(orig)
+    r = m.rope_scaling
+    r.type = "yarn"
+    r.factor = float(factor)
+    r.original_max_position_embeddings = int(orig)
+    r.beta_fast = float(p.get("beta_fast") or 32)
+    r.beta_slow = float(p.get("beta_slow") or 1)
+    r.mscale = float(p.get("mscale") or 0.0)
+    r.mscale_all_dim = float(p.get("mscale_all_dim") or 0.0)
+    r.attention_factor = float(p.get("attention_factor") or 0.0)
+    r.truncate = bool(p.get("truncate", True))
+    from routezoo.layers.dense import RopeScaling
+    try:
+        RopeScaling.from_config(r)
+    except ValueError as e:
+        raise HFError(str(e)) from e
+
+
+def _rope_parameters_to_hf(m: Any) -> dict:
+    """The HF ``rope_parameters`` of ``config.model`` (inverse of :func:`_rope_scaling_from_hf`)."""
+    out = {"rope_type": "default", "rope_theta": float(m.rope_theta)}
+    r = m.get("rope_scaling", None)
+    if r is None or str(r.type) == "none":
+        return out
+    out.update(rope_type=str(r.type), factor=float(r.factor),
+               original_max_position_embeddings=int(r.original_max_position_embeddings),
+               beta_fast=float(r.beta_fast), beta_slow=float(r.beta_slow))
+    for key in ("mscale", "mscale_all_dim", "attention_factor"):
+        if float(r[key]):
+            out[key] = float(r[key])
+    if not bool(r.truncate):
+        out["truncate"] = False
+    return out
 
 
 def _layer_kinds(fam: Family, hf: Mapping[str, Any], n: int, num_experts: int) -> list[str]:
@@ -227,7 +285,8 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.scale_tied_logits = False
     m.max_len = int(hf.get("max_position_embeddings") or m.max_len)
-    m.rope_theta = _rope(hf)
+    m.rope_theta = _rope(hf, fam)
+    _rope_scaling_from_hf(hf, m)
     m.dtype = dtype
     m.param_dtype = param_dtype
     m.qkv_bias = fam.qkv_bias
@@ -274,26 +333,55 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
         moe.deepseek_v3_scaling_factor = float(hf.get("routed_scaling_factor", 1.0) or 1.0)
         moe.num_shared_experts = int(hf.get("n_shared_experts") or 0)
         moe.shared_expert_dim = moe.expert_dim if moe.num_shared_experts else 0
+        if fam.model_type == "deepseek_v2":
+            _deepseek_v2_routing_from_hf(hf, moe, need)
         try:
-            from routezoo.layers.deepseek_router import DeepSeekV3Router
-            DeepSeekV3Router.check_config(moe, causal=True)
+            from routezoo.layers.deepseek_router import ROUTERS
+            ROUTERS[moe.router].check_config(moe, causal=True)
         except ValueError as e:
             raise HFError(f"{fam.architecture}: {e}") from e
     return m
 
 
+def _deepseek_v2_routing_from_hf(hf: Mapping[str, Any], moe: Any, need: Callable[[str], Any]) -> None:
+    """DeepSeek-V2 routing keys of ``config.model.moe`` (in place): ``topk_method`` 'greedy'
+    (``n_group = 1``) or 'group_limited_greedy' (``n_group``/``topk_group``), softmax
+    scores times ``routed_scaling_factor``, as transformers' DeepseekV2TopkRouter."""
+    moe.router = "deepseek_v2"
+    method = hf.get("topk_method") or "greedy"
+    if method == "greedy":
+        moe.deepseek_v3_n_group = moe.deepseek_v3_topk_group = 1
+    elif method == "group_limited_greedy":
+        moe.deepseek_v3_n_group = int(need("n_group"))
+        moe.deepseek_v3_topk_group = int(need("topk_group"))
+    else:
+        raise HFError(f"DeepseekV2ForCausalLM: topk_method={method!r} is not supported; allowed: greedy, "
+                      "group_limited_greedy")
+    if hf.get("norm_topk_prob"):
+        raise HFError("DeepseekV2ForCausalLM: norm_topk_prob=true is not supported (transformers' DeepSeek-V2 "
+                      "ignores it, DeepSeek's code renormalises; released checkpoints use false)")
+    if int(hf.get("moe_layer_freq") or 1) != 1:
+        raise HFError(f"DeepseekV2ForCausalLM: moe_layer_freq={hf['moe_layer_freq']} is not supported (transformers "
+                      "puts a MoE block in every layer after first_k_dense_replace); allowed: 1")
+    if moe.num_shared_experts < 1:
+        raise HFError(f"DeepseekV2ForCausalLM: n_shared_experts={hf.get('n_shared_experts')} is not supported "
+                      "(transformers always builds the shared experts); allowed: >= 1")
+    moe.renormalize = False
+
+
 def _mla_config_from_hf(hf: Mapping[str, Any], m: Any, need: Callable[[str], Any]) -> None:
-    """DeepSeek-V3 multi-head latent attention keys of ``config.model`` (in place)."""
+    """DeepSeek-V2/V3 multi-head latent attention keys of ``config.model`` (in place)."""
     if int(m.num_kv_heads) != int(m.num_heads):
         raise HFError(f"num_key_value_heads={m.num_kv_heads} != num_attention_heads={m.num_heads} is not "
-                      "supported for DeepSeek-V3 (latent attention expands keys to every head)")
+                      "supported for DeepSeek-V2/V3 (latent attention expands keys to every head)")
     m.attention = "mla"
     m.mla_q_lora_rank = int(hf.get("q_lora_rank") or 0)
     m.mla_kv_lora_rank = int(need("kv_lora_rank"))
     m.mla_qk_nope_head_dim = int(need("qk_nope_head_dim"))
     m.mla_qk_rope_head_dim = int(need("qk_rope_head_dim"))
     m.mla_v_head_dim = int(need("v_head_dim"))
-    m.mla_rope_interleave = bool(hf.get("rope_interleave", True))
+    # DeepSeek-V2 in transformers always rotates interleaved pairs (no rope_interleave key).
+    m.mla_rope_interleave = True if hf.get("model_type") == "deepseek_v2" else bool(hf.get("rope_interleave", True))
     m.head_dim = m.mla_qk_rope_head_dim   # as transformers sets it (unused by latent attention)
 
 
@@ -308,7 +396,7 @@ def infer_architecture(m: Any) -> str:
     qk = str(m.get("qk_norm", "none"))
     bias = bool(m.get("qkv_bias", False))
     if str(m.get("attention", "mha")) == "mla":
-        return "DeepseekV3ForCausalLM"
+        return "DeepseekV2ForCausalLM" if "moe" in kinds and m.moe.router == "deepseek_v2" else "DeepseekV3ForCausalLM"
     if "moe" not in kinds:
         if qk == "head" and not bias:
             return "Qwen3ForCausalLM"
@@ -343,18 +431,25 @@ def _check_exportable(m: Any, fam: Family) -> None:
         problems.append(f"mlp_type {m.mlp_type!r} (HF families here use swiglu)")
     if m.norm != "rmsnorm":
         problems.append(f"norm {m.norm!r} (needs rmsnorm)")
+    rope_scaling = m.get("rope_scaling", None)
+    if rope_scaling is not None and str(rope_scaling.type) != "none" and not fam.mla:
+        problems.append(f"rope_scaling {rope_scaling.type!r} (only DeepSeek-V2/V3 take it here)")
+    if fam.model_type == "deepseek_v2" and not bool(m.get("mla_rope_interleave", True)):
+        problems.append("mla_rope_interleave False (DeepSeek-V2 rotates interleaved pairs)")
     if m.tie_embeddings and bool(m.get("scale_tied_logits", True)):
         problems.append("tied logits scaled by d_model**-0.5 (HF computes plain x @ E^T; "
                         "needs scale_tied_logits=False)")
     if "moe" in _ffn_kinds(m):
         mo = m.moe
-        router = "deepseek_v3" if fam.mla else "top_k"
+        router = ("deepseek_v2" if fam.model_type == "deepseek_v2" else "deepseek_v3") if fam.mla else "top_k"
         if mo.router != router or mo.expert_type != "swiglu" or mo.residual_mlp or mo.bias_update_rate:
             problems.append(f"MoE must be {router} routing with swiglu experts, no residual MLP, no routing bias")
         if fam.mla:
             if bool(mo.get("shared_expert_gate")) or (int(mo.num_shared_experts) and
                                                       int(mo.shared_expert_dim or mo.expert_dim) != int(mo.expert_dim)):
                 problems.append("DeepSeek-V3 shared experts are ungated, each of width expert_dim")
+            if fam.model_type == "deepseek_v2" and (bool(mo.renormalize) or int(mo.num_shared_experts) < 1):
+                problems.append("DeepSeek-V2 needs moe.renormalize=False and at least one shared expert")
             n_dense = next((i for i, k in enumerate(_ffn_kinds(m)) if k == "moe"), 0)
             if any(k != "mlp" for k in _ffn_kinds(m)[:n_dense]) or any(k != "moe" for k in _ffn_kinds(m)[n_dense:]):
                 problems.append("DeepSeek-V3 layers are dense first, then all MoE (first_k_dense_replace)")
@@ -395,7 +490,7 @@ def hf_config_from_model(m: Any, architecture: str | None = None,
         "rms_norm_eps": float(m.norm_eps),
         "max_position_embeddings": int(m.max_len),
         "rope_theta": float(m.rope_theta),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rope_theta)},
+        "rope_parameters": _rope_parameters_to_hf(m),
         "tie_word_embeddings": bool(m.tie_embeddings),
         "torch_dtype": dtype,
     })
@@ -423,6 +518,13 @@ def hf_config_from_model(m: Any, architecture: str | None = None,
             "routed_scaling_factor": float(mo.deepseek_v3_scaling_factor), "norm_topk_prob": bool(mo.renormalize),
             "first_k_dense_replace": sum(k == "mlp" for k in kinds), "num_nextn_predict_layers": 0,
         })
+        if fam.model_type == "deepseek_v2":
+            grouped = int(mo.deepseek_v3_n_group) > 1
+            out.update(topk_method="group_limited_greedy" if grouped else "greedy", norm_topk_prob=False,
+                       n_group=int(mo.deepseek_v3_n_group) if grouped else None,
+                       topk_group=int(mo.deepseek_v3_topk_group) if grouped else None)
+            for key in ("rope_interleave", "num_nextn_predict_layers"):   # DeepSeek-V3 only
+                del out[key]
         return out
     if fam.moe:
         mo = m.moe
@@ -592,7 +694,8 @@ def tensor_maps(m: Any, fam: Family) -> list[TensorMap]:
         if fam.mla:
             fs = int(mo.num_shared_experts) * int(mo.shared_expert_dim or mo.expert_dim)
             s = f"{blk}.shared_experts"
-            maps += [_identity((p, "moe", "router", "score_bias"), f"{blk}.gate.e_score_correction_bias", (e,))]
+            if fam.model_type != "deepseek_v2":   # DeepSeek-V2 has no correction bias
+                maps += [_identity((p, "moe", "router", "score_bias"), f"{blk}.gate.e_score_correction_bias", (e,))]
             if fs:
                 maps += [_linear((p, "moe", "shared_experts", "wi"), f"{s}.up_proj.weight", fs, d),
                          _linear((p, "moe", "shared_experts", "wg"), f"{s}.gate_proj.weight", fs, d),
@@ -934,7 +1037,7 @@ def update_config_from_hf(config: Any) -> list[str]:
     for key, value in _arch_items(ckpt).items():
         node, leaf = (config.model.moe, key[4:]) if key.startswith("moe.") else (config.model, key)
         if node[leaf] != value:
-            changes.append(f"model.{key}={value!r}")
+            changes.append(f"model.{key}={value.to_dict() if hasattr(value, 'to_dict') else value!r}")
             node[leaf] = value
     return changes
 
