@@ -224,6 +224,12 @@ class RopeScaling:
         return self._m(self.factor, self.mscale_all_dim) ** 2
 
 
+def rope_scaling_of(model_cfg: Any) -> RopeScaling | None:
+    """The active :class:`RopeScaling` of ``config.model.rope_scaling``, or None."""
+    scaling = RopeScaling.from_config(model_cfg.get("rope_scaling", None))
+    return scaling if scaling.active else None
+
+
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
                      scaling: RopeScaling | None = None) -> jax.Array:
     """Applies rotary position embeddings (Su et al., 2021, RoFormer) to ``x: [B, L, H, K]``.
@@ -266,6 +272,9 @@ class Attention(nn.Module):
       ``'head'`` normalises each head over ``K`` with scales ``q_norm``/``k_norm`` ``[K]``
       (Qwen3, Qwen3-MoE); ``'full'`` normalises all heads together over ``H·K`` (resp.
       ``G·K``) with scales ``q_norm`` ``[H, K]`` / ``k_norm`` ``[G, K]`` (OLMo, OLMoE).
+    * ``rope_scaling``: YaRN (:class:`RopeScaling`): rescaled rotary frequencies, cos and
+      sin times the attention factor, as transformers' Llama/Qwen with ``rope_type='yarn'``
+      (the softmax scale stays ``K**-0.5``; only latent attention changes it).
     """
 
     num_heads: int
@@ -279,6 +288,7 @@ class Attention(nn.Module):
     qkv_bias: bool = False
     qk_norm: str = "none"
     qk_norm_eps: float = 1e-6
+    rope_scaling: RopeScaling | None = None   # YaRN (RopeScaling); None: plain rotary embeddings
 
     def _qk_rmsnorm(self, name: str, x: jax.Array, head_axis: str) -> jax.Array:
         # x: [B, L, H, K] (or G heads); float32 RMSNorm over K ('head') or H·K ('full').
@@ -323,8 +333,8 @@ class Attention(nn.Module):
         if self.qk_norm != "none":
             q = self._qk_rmsnorm("q_norm", q, "heads")
             kk = self._qk_rmsnorm("k_norm", kk, "kv_heads")
-        q = rotary_embedding(q, positions, self.rope_theta)
-        kk = rotary_embedding(kk, positions, self.rope_theta)
+        q = rotary_embedding(q, positions, self.rope_theta, self.rope_scaling)
+        kk = rotary_embedding(kk, positions, self.rope_theta, self.rope_scaling)
         impl = self.implementation
         if impl in (None, "auto"):
             # cuDNN flash attention where it applies (GPU, 16-bit, head dim <= 128); the XLA

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from routezoo.layers.adapter_hooks import project
-from routezoo.layers.dense import RMSNorm, RopeScaling, default_kernel_init, rotary_embedding
+from routezoo.layers.dense import RMSNorm, RopeScaling, default_kernel_init, rope_scaling_of, rotary_embedding
 from routezoo.layers.sharding import constrain, param
 
 Dtype = Any
@@ -136,11 +136,11 @@ def mla_from_config(cfg: Any, *, causal: bool, dtype: Dtype, param_dtype: Dtype,
                     name: str | None = None) -> MLAttention:
     """:class:`MLAttention` from ``config.model`` (``num_heads``, ``rope_theta``, ``rope_scaling`` and the
     ``mla_*`` keys of ``configs/base.py``)."""
-    scaling = RopeScaling.from_config(cfg.get("rope_scaling", None))
+    scaling = rope_scaling_of(cfg)
     return MLAttention(
         num_heads=int(cfg.num_heads), kv_lora_rank=int(cfg.mla_kv_lora_rank),
         qk_nope_head_dim=int(cfg.mla_qk_nope_head_dim), qk_rope_head_dim=int(cfg.mla_qk_rope_head_dim),
         v_head_dim=int(cfg.mla_v_head_dim), q_lora_rank=int(cfg.mla_q_lora_rank),
         rope_theta=float(cfg.rope_theta), rope_interleave=bool(cfg.mla_rope_interleave),
-        rope_scaling=scaling if scaling.active else None,
+        rope_scaling=scaling,
         causal=causal, dtype=dtype, param_dtype=param_dtype, name=name)

@@ -203,8 +203,8 @@ def test_deepseek_v2_config_validation_round_trip_and_refusals():
             hf.model_config_from_hf(dict(V2_CFG, **bad))
         assert "\n" not in str(e.value)
     llama = dict(COMMON, architectures=["LlamaForCausalLM"], model_type="llama",
-                 rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4})
-    with pytest.raises(hf.HFError, match="yarn"):
+                 rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(hf.HFError, match="rope type 'dynamic' is not supported; supported: 'default', 'yarn'"):
         hf.model_config_from_hf(llama)
 
     for key, value, match in (("type", "ntk", "rope_scaling.type='ntk'"),
@@ -214,11 +214,10 @@ def test_deepseek_v2_config_validation_round_trip_and_refusals():
         config.model.rope_scaling[key] = value
         with pytest.raises(config_check.ConfigError, match=match):
             config_check.validate(config, num_devices=1, process_count=1)
-    config = base.get_config()
+    config = base.get_config()   # YaRN on standard attention validates too
     config.model.rope_scaling.type = "yarn"
     config.model.rope_scaling.original_max_position_embeddings = 64
-    with pytest.raises(config_check.ConfigError, match="needs model.attention='mla'"):
-        config_check.validate(config, num_devices=1, process_count=1)
+    config_check.validate(config, num_devices=1, process_count=1)
 
 
 
@@ -240,3 +239,33 @@ def test_training_config_from_a_yarn_checkpoint(hf_model):
     config.model.rope_scaling.factor = 2.0
     with pytest.raises(hf.HFError, match="rope_scaling"):
         hf.load_params_for_config(config, None, None)
+
+
+def test_yarn_on_standard_attention_matches_transformers(tmp_path):
+    """A Qwen2 model with YaRN (rope_type 'yarn': rescaled frequencies, cos and sin times
+    0.1 ln(factor) + 1, softmax scale unchanged) imports with transformers' logits and
+    exports its rope parameters back."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    yarn = {"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+    cfg = transformers.Qwen2Config(**{**COMMON, "rope_parameters": yarn})
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    _randomize(ref, torch, seed=2)
+    path = str(tmp_path / "qwen2_yarn")
+    ref.save_pretrained(path)
+    model, params = hf.from_hf(path)
+    assert model.cfg.rope_scaling.type == "yarn" and model.cfg.rope_scaling.factor == 4.0
+    tokens, mask = _tokens()
+    ref_logits, _ = _hf_forward(ref, tokens, mask)
+    logits, _ = _rz_forward(model, params, tokens, mask)
+    assert _rel_err(logits, ref_logits, mask) <= RTOL
+    plain = dict(model.cfg.to_dict())
+    plain["rope_scaling"] = dict(plain["rope_scaling"], type="none")
+    from ml_collections import ConfigDict
+    from routezoo import zoo
+    unscaled, _ = _rz_forward(zoo.build(ConfigDict(plain)), params, tokens, mask)
+    assert _rel_err(unscaled, ref_logits, mask) > 10 * RTOL      # the scaling matters at these positions
+    out = str(tmp_path / "export")
+    hf.to_hf(model.cfg, params, out)
+    written = json.load(open(os.path.join(out, "config.json")))["rope_parameters"]
+    assert {k: written[k] for k in yarn} == yarn

@@ -97,12 +97,9 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     _one_of(m.attention_impl, ("auto", "xla", "cudnn"), "model.attention_impl")
     _one_of(m.attention, ("mha", "mla"), "model.attention")
     try:
-        rope_scaling = dense.RopeScaling.from_config(m.get("rope_scaling", None))
+        dense.RopeScaling.from_config(m.get("rope_scaling", None))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if rope_scaling.active and m.attention != "mla":
-        raise ConfigError(f"model.rope_scaling.type={rope_scaling.type!r} needs model.attention='mla' "
-                          "(latent attention); allowed with mha: 'none'")
     _one_of(o.name, OPTIMIZERS, "optimizer.name")
     _one_of(o.schedule, SCHEDULES, "optimizer.schedule")
     _one_of(o.weight_decay_mask, DECAY_MASKS, "optimizer.weight_decay_mask")

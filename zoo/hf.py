@@ -169,13 +169,12 @@ def _default_model_config() -> ml_collections.ConfigDict:
     return base.get_config().model
 
 
-def _rope(hf: Mapping[str, Any], fam: Family | None = None) -> float:
+def _rope(hf: Mapping[str, Any]) -> float:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default" and not (kind == "yarn" and fam is not None and fam.mla):
-        raise HFError(f"rope type {kind!r} is not supported (only 'default' rotary embeddings"
-                      + (", and 'yarn' for DeepSeek-V2/V3)" if kind == "yarn" else ")"))
+    if kind not in ("default", "yarn"):
+        raise HFError(f"rope type {kind!r} is not supported; supported: 'default', 'yarn'")
     theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
     return float(theta)
 
@@ -285,7 +284,7 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.scale_tied_logits = False
     m.max_len = int(hf.get("max_position_embeddings") or m.max_len)
-    m.rope_theta = _rope(hf, fam)
+    m.rope_theta = _rope(hf)
     _rope_scaling_from_hf(hf, m)
     m.dtype = dtype
     m.param_dtype = param_dtype
@@ -431,9 +430,6 @@ def _check_exportable(m: Any, fam: Family) -> None:
         problems.append(f"mlp_type {m.mlp_type!r} (HF families here use swiglu)")
     if m.norm != "rmsnorm":
         problems.append(f"norm {m.norm!r} (needs rmsnorm)")
-    rope_scaling = m.get("rope_scaling", None)
-    if rope_scaling is not None and str(rope_scaling.type) != "none" and not fam.mla:
-        problems.append(f"rope_scaling {rope_scaling.type!r} (only DeepSeek-V2/V3 take it here)")
     if fam.model_type == "deepseek_v2" and not bool(m.get("mla_rope_interleave", True)):
         problems.append("mla_rope_interleave False (DeepSeek-V2 rotates interleaved pairs)")
     if m.tie_embeddings and bool(m.get("scale_tied_logits", True)):

@@ -119,7 +119,8 @@ class Block(nn.Module):
                 rope_theta=c.rope_theta, causal=self.causal, implementation=c.attention_impl,
                 dtype=self.dtype, param_dtype=self.param_dtype,
                 qkv_bias=bool(c.get("qkv_bias", False)), qk_norm=str(c.get("qk_norm", "none")),
-                qk_norm_eps=float(c.norm_eps), name="attn")(h, positions, segment_mask)
+                qk_norm_eps=float(c.norm_eps), rope_scaling=dense.rope_scaling_of(c),
+                name="attn")(h, positions, segment_mask)
         h = norm("ffn_norm")(x)
         ffn = FFN_BUILDERS[self.ffn_kind](c, self.dtype, self.param_dtype, self.ffn_kind)
         extra = {} if router_inputs is None else {"router_inputs": router_inputs}
