@@ -1147,6 +1147,10 @@ def _switch_config_from_hf(hf: Mapping[str, Any], *, dtype: str, param_dtype: st
         raise HFError("router_bias=true is not supported (routezoo routers have no bias); allowed: false")
     if str(hf.get("router_dtype", "float32")) != "float32":
         raise HFError(f"router_dtype {hf['router_dtype']!r} is not supported (routezoo routers run in float32)")
+    if not hf.get("tie_word_embeddings", True):
+        raise HFError("tie_word_embeddings=false is not supported for SwitchTransformersForConditionalGeneration "
+                      "(transformers 5 then gives the encoder and the decoder embeddings of their own, apart from "
+                      "shared.weight); allowed: true")
     n_enc = int(need("num_layers"))
     n_dec = int(hf.get("num_decoder_layers") or n_enc)
     m = _default_model_config()
@@ -1159,7 +1163,7 @@ def _switch_config_from_hf(hf: Mapping[str, Any], *, dtype: str, param_dtype: st
     m.mlp_type = "relu"
     m.norm = "rmsnorm"
     m.norm_eps = float(hf.get("layer_norm_epsilon", 1e-6))
-    m.tie_embeddings = bool(hf.get("tie_word_embeddings", True))
+    m.tie_embeddings = True
     m.scale_tied_logits = True
     m.num_layers = n_enc
     m.num_decoder_layers = n_dec
@@ -1214,6 +1218,8 @@ def _switch_hf_config(m: Any, arch: str, base: Mapping[str, Any] | None, dtype: 
                       f"{SWITCH.architecture} is model.name='encoder_decoder' and only that")
     mo = m.moe
     problems = []
+    if not m.tie_embeddings:
+        problems.append("untied embeddings (tie_word_embeddings=false has three embeddings in transformers 5)")
     if m.mlp_type != "relu" or m.norm != "rmsnorm":
         problems.append(f"mlp_type {m.mlp_type!r}, norm {m.norm!r} (needs relu, rmsnorm)")
     if (mo.router != "top_k" or int(mo.k) != 1 or mo.expert_type != "relu" or int(mo.num_shared_experts)
