@@ -16,7 +16,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from routezoo.layers import adapter_hooks
 from routezoo.layers import sharding as shd

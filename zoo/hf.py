@@ -19,6 +19,14 @@ first ``first_k_dense_replace`` layers dense; no rope scaling, no MTP module). E
 top-k, renormalised when the family does: Mixtral always, Qwen/OLMoE by
 ``norm_topk_prob``), plain ``x @ E^T`` tied logits (``scale_tied_logits=False``).
 
+Encoder-decoder: ``SwitchTransformersForConditionalGeneration`` maps onto
+:class:`routezoo.zoo.encoder_decoder.EncoderDecoderLM` (``model.name='encoder_decoder'``;
+``model.apply({'params': p}, encoder_tokens, decoder_tokens, encoder_mask=,
+decoder_mask=)``): T5 relative position buckets, ReLU FFNs, top-1 routing with the raw
+probability as the weight and HF's ``expert_capacity`` per sequence (capacity dispatch,
+tokens beyond it dropped in sequence order); tied embeddings only (see the Switch
+Transformers section at the end).
+
 Loading never holds the whole model on one device, nor (except for one tensor at a time
 when a device's shard needs all of it) on the host: safetensors files are opened lazily
 and every parameter is placed with :func:`jax.make_array_from_callback`, whose callback
@@ -1133,8 +1141,6 @@ def _switch_hf_step(num_layers: int, num_sparse: int) -> int:
 
 
 def _switch_config_from_hf(hf: Mapping[str, Any], *, dtype: str, param_dtype: str) -> ml_collections.ConfigDict:
-    from routezoo.zoo.encoder_decoder import sparse_kinds
-
     def need(key):
         if key not in hf or hf[key] is None:
             raise HFError(f"config.json of {SWITCH.architecture} has no {key!r}")
@@ -1197,7 +1203,6 @@ def _switch_config_from_hf(hf: Mapping[str, Any], *, dtype: str, param_dtype: st
     moe.z_loss_coef = float(hf.get("router_z_loss_coef", 0.0) or 0.0)
     moe.bias_update_rate = 0.0
     moe.batch_prioritized = False
-    assert sparse_kinds(n_enc, m.encoder_sparse_step)   # a valid step
     return m
 
 
