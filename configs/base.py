@@ -65,6 +65,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Masked-token models (model.name=encoder_mlm): fraction of valid (non-padding) positions
     # predicted per sequence; of those 80% -> mask id vocab_size - 1, 10% random id, 10% unchanged (BERT).
     m.mask_rate = 0.15
+    # Encoder-decoder (model.name=encoder_decoder, zoo/encoder_decoder.py: T5 / Switch Transformers). The
+    # encoder has model.num_layers layers; attention uses T5 relative position buckets, not rotary (rope_theta unused).
+    m.num_decoder_layers = 0         # encoder_decoder: decoder layers; 0 = model.num_layers
+    m.relative_attention_num_buckets = 32    # encoder_decoder: relative-position buckets N per stack
+    m.relative_attention_max_distance = 128  # encoder_decoder: distance where the last (log-spaced) bucket starts
+    m.encoder_sparse_step = 0        # encoder_decoder: encoder layer i is MoE iff step == 1 or i % step == 1 (HF Switch); 0 = none
+    m.decoder_sparse_step = 0        # encoder_decoder: the same for the decoder layers
+    m.expert_capacity = 0            # encoder_decoder: fixed slots per expert and sequence (HF Switch expert_capacity); 0 = from moe.capacity_factor
+    m.seq2seq_split = 0.5            # encoder_decoder training: each packed row's first fraction is the encoder input, the rest the decoder target
 
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8
@@ -75,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe.eval_capacity_factor = 2.0     # evaluation
     moe.min_capacity = 4
     moe.expert_dim = 256               # hidden width F of each expert
-    moe.expert_type = "swiglu"         # swiglu | gelu
+    moe.expert_type = "swiglu"         # swiglu | gelu | relu (Switch Transformers)
     moe.num_shared_experts = 0         # DeepSeekMoE / Qwen-MoE shared experts
     moe.shared_expert_dim = 0          # 0: same as expert_dim
     moe.shared_expert_gate = False     # Qwen2-MoE: shared experts' output times sigmoid(x @ w), w [D, 1]

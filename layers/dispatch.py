@@ -62,7 +62,7 @@ EXPERT_PARAM_NAMES: dict[str, tuple[str, str, str]] = {
     "wi_gate": ("expert", "embed", "expert_mlp"),
     "wo": ("expert", "expert_mlp", "embed"),
 }
-EXPERT_TYPES = ("swiglu", "gelu")
+EXPERT_TYPES = ("swiglu", "gelu", "relu")   # relu: T5 v1.0 / Switch Transformers experts
 CAPACITY_IMPLS = ("index", "einsum")
 CAPACITY_FILLS = ("token", "slot")
 
@@ -75,6 +75,8 @@ def _activation(h_in: Array, h_gate: Array | None, expert_type: str) -> Array:
         return jax.nn.silu(h_gate) * h_in
     if expert_type == "gelu":
         return jax.nn.gelu(h_in)
+    if expert_type == "relu":
+        return jax.nn.relu(h_in)
     raise ValueError(f"unknown expert_type {expert_type!r}; known: {list(EXPERT_TYPES)}")
 
 

@@ -79,6 +79,22 @@ def _positive(cfg: Any, *keys: str) -> None:
             raise ConfigError(f"config key {key!r} must be > 0, got {node}")
 
 
+def _encoder_decoder_kinds(m: Any) -> tuple[str, ...]:
+    """FFN kinds of both stacks of ``model.name='encoder_decoder'``, after its own checks."""
+    from routezoo.zoo.encoder_decoder import stack_kinds
+    for key in ("num_decoder_layers", "encoder_sparse_step", "decoder_sparse_step", "expert_capacity"):
+        if m[key] < 0:
+            raise ConfigError(f"config key 'model.{key}' must be >= 0, got {m[key]}")
+    n, dist = m.relative_attention_num_buckets, m.relative_attention_max_distance
+    if n < 4 or dist <= n // 2:
+        raise ConfigError(f"model.relative_attention_num_buckets={n} / relative_attention_max_distance={dist}: "
+                          "allowed: buckets >= 4 and max_distance > buckets // 2")
+    if not 0 < m.seq2seq_split < 1:
+        raise ConfigError(f"config key 'model.seq2seq_split' must be in (0, 1), got {m.seq2seq_split}")
+    kinds = stack_kinds(m)
+    return kinds["encoder"] + kinds["decoder"]
+
+
 def validate(config: Any, *, num_devices: int | None = None, process_count: int | None = None) -> None:
     """Raises :class:`ConfigError` for the first problem found in ``config``."""
     import jax
@@ -115,7 +131,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads "
                           f"({m.num_kv_heads})")
-    if m.head_dim % 2:
+    if m.head_dim % 2 and m.name != "encoder_decoder":   # the encoder-decoder has no rotary embeddings
         raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {m.head_dim}")
     if d.tokenizer == "byte" and m.vocab_size < 258:
         raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than the byte tokenizer's 258")
@@ -138,6 +154,8 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         kinds = zoo.ffn_kinds(m)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if m.name == "encoder_decoder":
+        kinds = _encoder_decoder_kinds(m)
 
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count

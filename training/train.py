@@ -378,7 +378,9 @@ def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Arra
     ``'causal_lm'`` (DecoderLM, and the default): the batch's next-token ``inputs``,
     ``targets``, ``weights`` unchanged; ``'masked_lm'`` (EncoderMLM):
     :func:`routezoo.zoo.encoder.masked_lm_batch` with ``model.mask_rate`` and the mask id
-    ``model.vocab_size - 1``, drawn from ``rng``."""
+    ``model.vocab_size - 1``, drawn from ``rng``; ``'seq2seq'`` (EncoderDecoderLM):
+    :func:`routezoo.zoo.encoder_decoder.seq2seq_batch` (``model.seq2seq_split``), whose
+    ``inputs`` is a dict the model takes as its first argument."""
     objective = getattr(model, "objective", "causal_lm")
     if objective == "causal_lm":
         return batch["inputs"], batch["targets"], batch["weights"]
@@ -386,7 +388,11 @@ def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Arra
         from routezoo.zoo.encoder import masked_lm_batch
         return masked_lm_batch(batch, rng, mask_rate=float(model.cfg.mask_rate),
                                mask_id=int(model.cfg.vocab_size) - 1)
-    raise ValueError(f"unknown objective {objective!r} of {type(model).__name__}; known: causal_lm, masked_lm")
+    if objective == "seq2seq":   # EncoderDecoderLM: inputs is a dict of encoder/decoder tokens and masks
+        from routezoo.zoo.encoder_decoder import seq2seq_batch
+        return seq2seq_batch(batch, split=float(model.cfg.seq2seq_split))
+    raise ValueError(f"unknown objective {objective!r} of {type(model).__name__}; "
+                     "known: causal_lm, masked_lm, seq2seq")
 
 
 def forward_params(adapter, base, params):

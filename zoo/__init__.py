@@ -14,12 +14,14 @@ import numpy as np
 from flax import linen as nn
 
 from routezoo.zoo.encoder import EncoderMLM
+from routezoo.zoo.encoder_decoder import EncoderDecoderLM
 from routezoo.zoo.lm import DecoderLM, ffn_kinds
 from routezoo.zoo.hf import from_hf, to_hf
 
 MODELS: dict[str, Callable[[Any], nn.Module]] = {
     "decoder_lm": lambda cfg: DecoderLM(cfg),
     "encoder_mlm": lambda cfg: EncoderMLM(cfg),   # bidirectional, masked-token objective
+    "encoder_decoder": lambda cfg: EncoderDecoderLM(cfg),   # T5 / Switch Transformers, seq2seq objective
 }
 
 
@@ -73,5 +75,5 @@ def flops_per_token(model_cfg: Any, seq_len: int, active_params: int) -> dict[st
     return {"forward": fwd, "train": 3.0 * fwd}
 
 
-__all__ = ["MODELS", "build", "count_params", "flops_per_token", "ffn_kinds", "DecoderLM", "EncoderMLM",
+__all__ = ["MODELS", "build", "count_params", "flops_per_token", "ffn_kinds", "DecoderLM", "EncoderMLM", "EncoderDecoderLM",
            "from_hf", "to_hf"]

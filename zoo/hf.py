@@ -25,6 +25,14 @@ YaRN rope scaling (``rope_type`` 'yarn', into ``model.rope_scaling``, see
 top-k, renormalised when the family does: Mixtral always, Qwen/OLMoE by
 ``norm_topk_prob``), plain ``x @ E^T`` tied logits (``scale_tied_logits=False``).
 
+Encoder-decoder: ``SwitchTransformersForConditionalGeneration`` maps onto
+:class:`routezoo.zoo.encoder_decoder.EncoderDecoderLM` (``model.name='encoder_decoder'``;
+``model.apply({'params': p}, encoder_tokens, decoder_tokens, encoder_mask=,
+decoder_mask=)``): T5 relative position buckets, ReLU FFNs, top-1 routing with the raw
+probability as the weight and HF's ``expert_capacity`` per sequence (capacity dispatch,
+tokens beyond it dropped in sequence order); tied embeddings only (see the Switch
+Transformers section at the end).
+
 Loading never holds the whole model on one device, nor (except for one tensor at a time
 when a device's shard needs all of it) on the host: safetensors files are opened lazily
 and every parameter is placed with :func:`jax.make_array_from_callback`, whose callback
@@ -130,6 +138,12 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
            num_experts_keys=("n_routed_experts",)),
 )}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
+
+# Encoder-decoder: Switch Transformers onto zoo/encoder_decoder.py (its own config and tensor
+# tables, in the "Switch Transformers" section at the end of this module).
+SWITCH = Family("SwitchTransformersForConditionalGeneration", "switch_transformers", moe="switch")
+FAMILIES[SWITCH.architecture] = SWITCH
+_BY_MODEL_TYPE[SWITCH.model_type] = SWITCH
 
 
 def supported_architectures() -> list[str]:
@@ -248,6 +262,8 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
     the checkpoint's router loss coefficient. :class:`HFError` for settings DecoderLM
     cannot reproduce."""
     fam = family_of(hf)
+    if fam is SWITCH:
+        return _switch_config_from_hf(hf, dtype=dtype, param_dtype=param_dtype)
 
     def need(key):
         if key not in hf or hf[key] is None:
@@ -391,6 +407,8 @@ def _ffn_kinds(m: Any) -> tuple[str, ...]:
 
 def infer_architecture(m: Any) -> str:
     """The HF architecture a routezoo ``config.model`` exports to; :class:`HFError` if none fits."""
+    if _is_encoder_decoder(m):
+        return SWITCH.architecture
     kinds = _ffn_kinds(m)
     qk = str(m.get("qk_norm", "none"))
     bias = bool(m.get("qkv_bias", False))
@@ -468,6 +486,8 @@ def hf_config_from_model(m: Any, architecture: str | None = None,
     if arch not in FAMILIES:
         raise HFError(f"unsupported architecture {arch}; supported: {', '.join(supported_architectures())}")
     fam = FAMILIES[arch]
+    if fam is SWITCH or _is_encoder_decoder(m):
+        return _switch_hf_config(m, arch, base, dtype)
     _check_exportable(m, fam)
     kinds = _ffn_kinds(m)
     out = {k: v for k, v in dict(base or {}).items()
@@ -636,6 +656,8 @@ def _stacked_linear(path, names, out_dim: int, in_dim: int) -> TensorMap:
 
 def tensor_maps(m: Any, fam: Family) -> list[TensorMap]:
     """Every parameter of DecoderLM(``m``) as a :class:`TensorMap` of HF tensors of ``fam``."""
+    if fam is SWITCH:
+        return _switch_maps(m)
     d, h, g, k, v = int(m.d_model), int(m.num_heads), int(m.num_kv_heads), int(m.head_dim), int(m.vocab_size)
     maps = [_identity(("embed", "embedding"), "model.embed_tokens.weight", (v, d)),
             _identity(("final_norm", "scale"), "model.norm.weight", (d,))]
@@ -935,6 +957,8 @@ def load_params(source: Source, model_cfg: Any, shardings: Any, abstract: Any) -
         expected = {name for tm in maps for name in tm.hf}
         if source.kind == "hf" and model_cfg.tie_embeddings:
             expected.add("lm_head.weight")  # some tied checkpoints store it anyway; unused
+        if source.kind == "hf" and source.family is SWITCH:
+            expected.update(SWITCH_TIED_COPIES)   # the stacks' copies of shared.weight, if stored
         unexpected = sorted(n for n in reader.names() if n not in expected and not _IGNORED.search(n))
         if unexpected:
             raise HFError(f"{len(unexpected)} tensors in {source.directory} are not used by the model built "
@@ -1008,6 +1032,8 @@ def _arch_items(m: Any) -> dict[str, Any]:
     out = {k: m[k] if k in m else d[k] for k in MODEL_ARCH_KEYS}
     if "moe" in _ffn_kinds(m):   # a dense model ignores its moe section
         out.update({f"moe.{k}": m.moe[k] if k in m.moe else d.moe[k] for k in MOE_ARCH_KEYS})
+    if _is_encoder_decoder(m):
+        out.update(_encdec_arch_items(m, d))
     return out
 
 
@@ -1177,6 +1203,202 @@ def convert_to_routezoo(hf_dir: str, out_dir: str, full_config: Any | None = Non
     with open(os.path.join(out_dir, RZ_HF_CONFIG), "w") as fh:
         json.dump(source.hf_config, fh, indent=2, sort_keys=True)
     return m
+
+
+# ----------------------------------------------------------------------------- Switch Transformers
+#
+# SwitchTransformersForConditionalGeneration (Fedus et al. 2021; T5 v1.0 layout) onto
+# zoo/encoder_decoder.py: shared embedding (tied logits scaled by d_model**-0.5, as HF),
+# relative attention bias in block 0 of each stack, ReLU dense FFNs, and in the sparse
+# layers (layer i of a stack with step s is sparse iff s == 1 or i % s == 1, s =
+# layers // num_sparse_*_layers as HF computes it) routezoo's MoE block: top-1 over a
+# float32 softmax, the raw probability as the weight, capacity dispatch with exactly
+# `expert_capacity` slots per expert and sequence (moe.group_size=0), filled in token order.
+
+SWITCH_TIED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+ENCDEC_ARCH_KEYS = ("name", "num_decoder_layers", "relative_attention_num_buckets",
+                    "relative_attention_max_distance", "encoder_sparse_step", "decoder_sparse_step",
+                    "expert_capacity")
+
+
+def _is_encoder_decoder(m: Any) -> bool:
+    return str(m.get("name", "decoder_lm")) == "encoder_decoder"
+
+
+def _encdec_arch_items(m: Any, d: Any) -> dict[str, Any]:
+    from routezoo.zoo.encoder_decoder import stack_kinds
+    out = {k: m[k] if k in m else d[k] for k in ENCDEC_ARCH_KEYS}
+    if any("moe" in kinds for kinds in stack_kinds(m).values()):
+        out.update({f"moe.{k}": m.moe[k] if k in m.moe else d.moe[k] for k in MOE_ARCH_KEYS})
+    return out
+
+
+def _switch_hf_step(num_layers: int, num_sparse: int) -> int:
+    """HF's sparse step of a stack (``SwitchTransformersConfig``): ``layers // sparse``,
+    or ``layers`` when ``sparse`` is 0 (which still makes layer 1 sparse, as HF does)."""
+    return num_layers // num_sparse if num_sparse > 0 else num_layers
+
+
+def _switch_config_from_hf(hf: Mapping[str, Any], *, dtype: str, param_dtype: str) -> ml_collections.ConfigDict:
+    def need(key):
+        if key not in hf or hf[key] is None:
+            raise HFError(f"config.json of {SWITCH.architecture} has no {key!r}")
+        return hf[key]
+
+    act = hf.get("dense_act_fn", "relu")
+    if act != "relu":
+        raise HFError(f"dense_act_fn {act!r} is not supported for {SWITCH.architecture} (only 'relu': T5 v1.0)")
+    if hf.get("router_bias"):
+        raise HFError("router_bias=true is not supported (routezoo routers have no bias); allowed: false")
+    if str(hf.get("router_dtype", "float32")) != "float32":
+        raise HFError(f"router_dtype {hf['router_dtype']!r} is not supported (routezoo routers run in float32)")
+    if not hf.get("tie_word_embeddings", True):
+        raise HFError("tie_word_embeddings=false is not supported for SwitchTransformersForConditionalGeneration "
+                      "(transformers 5 then gives the encoder and the decoder embeddings of their own, apart from "
+                      "shared.weight); allowed: true")
+    n_enc = int(need("num_layers"))
+    n_dec = int(hf.get("num_decoder_layers") or n_enc)
+    m = _default_model_config()
+    m.name = "encoder_decoder"
+    m.vocab_size = int(need("vocab_size"))
+    m.d_model = int(need("d_model"))
+    m.num_heads = m.num_kv_heads = int(need("num_heads"))
+    m.head_dim = int(need("d_kv"))
+    m.mlp_dim = int(need("d_ff"))
+    m.mlp_type = "relu"
+    m.norm = "rmsnorm"
+    m.norm_eps = float(hf.get("layer_norm_epsilon", 1e-6))
+    m.tie_embeddings = True
+    m.scale_tied_logits = True
+    m.num_layers = n_enc
+    m.num_decoder_layers = n_dec
+    m.relative_attention_num_buckets = int(hf.get("relative_attention_num_buckets", 32))
+    m.relative_attention_max_distance = int(hf.get("relative_attention_max_distance", 128))
+    m.encoder_sparse_step = _switch_hf_step(n_enc, int(hf.get("num_sparse_encoder_layers", 3)))
+    m.decoder_sparse_step = _switch_hf_step(n_dec, int(hf.get("num_sparse_decoder_layers", 3)))
+    m.expert_capacity = int(need("expert_capacity"))
+    if m.expert_capacity < 1:
+        raise HFError(f"expert_capacity={m.expert_capacity} must be >= 1")
+    m.ffn = "mlp"   # DecoderLM's key; the encoder-decoder's layers come from the sparse steps
+    m.dtype = dtype
+    m.param_dtype = param_dtype
+    m.hf_architecture = SWITCH.architecture
+    moe = m.moe
+    moe.num_experts = int(need("num_experts"))
+    moe.k = 1
+    moe.router = "top_k"
+    moe.renormalize = False
+    moe.dispatch = "capacity"
+    moe.capacity_fill = "token"
+    moe.group_size = 0                 # capacity per sequence, as HF's cumsum over each row
+    moe.min_capacity = 0
+    moe.expert_dim = m.mlp_dim
+    moe.expert_type = "relu"
+    moe.num_shared_experts = moe.shared_expert_dim = 0
+    moe.shared_expert_gate = moe.residual_mlp = False
+    moe.every = 1
+    moe.jitter = float(hf.get("router_jitter_noise", 0.0) or 0.0)
+    moe.load_balance_coef = float(hf.get("router_aux_loss_coef", 0.0) or 0.0)
+    moe.z_loss_coef = float(hf.get("router_z_loss_coef", 0.0) or 0.0)
+    moe.bias_update_rate = 0.0
+    moe.batch_prioritized = False
+    return m
+
+
+def _switch_num_sparse(num_layers: int, step: int, stack: str) -> int:
+    """``num_sparse_*_layers`` for which HF builds the same sparse layers as ``step``."""
+    from routezoo.zoo.encoder_decoder import sparse_kinds
+    want = sparse_kinds(num_layers, step)
+    for n in range(num_layers + 1):
+        if sparse_kinds(num_layers, _switch_hf_step(num_layers, n)) == want:
+            return n
+    raise HFError(f"the {stack}'s MoE layers ({','.join(want)}) cannot be written as {SWITCH.architecture}: HF puts "
+                  f"them at i % (layers // num_sparse) == 1 and always has one (model.{stack}_sparse_step={step})")
+
+
+def _switch_hf_config(m: Any, arch: str, base: Mapping[str, Any] | None, dtype: str) -> dict:
+    if arch != SWITCH.architecture or not _is_encoder_decoder(m):
+        raise HFError(f"cannot export model.name={m.get('name', 'decoder_lm')!r} as {arch}: "
+                      f"{SWITCH.architecture} is model.name='encoder_decoder' and only that")
+    mo = m.moe
+    problems = []
+    if not m.tie_embeddings:
+        problems.append("untied embeddings (tie_word_embeddings=false has three embeddings in transformers 5)")
+    if m.mlp_type != "relu" or m.norm != "rmsnorm":
+        problems.append(f"mlp_type {m.mlp_type!r}, norm {m.norm!r} (needs relu, rmsnorm)")
+    if (mo.router != "top_k" or int(mo.k) != 1 or mo.expert_type != "relu" or int(mo.num_shared_experts)
+            or mo.residual_mlp or float(mo.bias_update_rate) or int(mo.expert_dim) != int(m.mlp_dim)):
+        problems.append("MoE must be top_k with k=1, relu experts of width mlp_dim, no shared/residual experts, "
+                        "no routing bias")
+    if (int(m.get("expert_capacity", 0)) < 1 or mo.dispatch != "capacity" or int(mo.group_size)
+            or bool(mo.batch_prioritized)):
+        problems.append("HF drops tokens beyond a fixed capacity per sequence: needs model.expert_capacity >= 1, "
+                        "moe.dispatch='capacity', moe.group_size=0, moe.batch_prioritized=False")
+    if problems:
+        raise HFError(f"cannot export as {arch}: " + "; ".join(problems))
+    from routezoo.zoo.encoder_decoder import num_decoder_layers
+    n_enc, n_dec = int(m.num_layers), num_decoder_layers(m)
+    n_sparse_enc = _switch_num_sparse(n_enc, int(m.encoder_sparse_step), "encoder")
+    n_sparse_dec = _switch_num_sparse(n_dec, int(m.decoder_sparse_step), "decoder")
+    out = {k: v for k, v in dict(base or {}).items() if k not in ("torch_dtype", "dtype", "transformers_version")}
+    out.update({
+        "architectures": [arch], "model_type": SWITCH.model_type, "is_encoder_decoder": True,
+        "vocab_size": int(m.vocab_size), "d_model": int(m.d_model), "d_kv": int(m.head_dim), "d_ff": int(m.mlp_dim),
+        "num_heads": int(m.num_heads), "num_layers": n_enc, "num_decoder_layers": n_dec,
+        "num_sparse_encoder_layers": n_sparse_enc, "num_sparse_decoder_layers": n_sparse_dec,
+        "encoder_sparse_step": _switch_hf_step(n_enc, n_sparse_enc),
+        "decoder_sparse_step": _switch_hf_step(n_dec, n_sparse_dec),
+        "num_experts": int(mo.num_experts), "expert_capacity": int(m.expert_capacity),
+        "relative_attention_num_buckets": int(m.relative_attention_num_buckets),
+        "relative_attention_max_distance": int(m.relative_attention_max_distance),
+        "layer_norm_epsilon": float(m.norm_eps), "dense_act_fn": "relu", "router_bias": False,
+        "router_dtype": "float32", "router_jitter_noise": float(mo.jitter),
+        "router_aux_loss_coef": float(mo.load_balance_coef), "router_z_loss_coef": float(mo.z_loss_coef),
+        "tie_word_embeddings": bool(m.tie_embeddings), "dtype": dtype,
+    })
+    for key, default in (("pad_token_id", 0), ("eos_token_id", 1), ("decoder_start_token_id", 0)):
+        out.setdefault(key, default)
+    return out
+
+
+def _switch_maps(m: Any) -> list[TensorMap]:
+    """Every parameter of EncoderDecoderLM(``m``) from the HF Switch Transformers tensors."""
+    from routezoo.zoo.encoder_decoder import stack_kinds
+    d, h, k, v, f = int(m.d_model), int(m.num_heads), int(m.head_dim), int(m.vocab_size), int(m.mlp_dim)
+    e, fe = int(m.moe.num_experts), int(m.moe.expert_dim)
+
+    def attn(path, prefix):   # q/k/v: [H·K, D] -> [D, H, K]; o: [D, H·K] -> [H, K, D]
+        return [TensorMap(path + (n,), (f"{prefix}.{n}.weight",), ((h, k), (d,)), (2, 0, 1)) for n in "qkv"] + [
+            TensorMap(path + ("o",), (f"{prefix}.o.weight",), ((d,), (h, k)), (1, 2, 0))]
+
+    maps = [_identity(("embed", "embedding"), "shared.weight", (v, d))]
+    if not m.tie_embeddings:
+        maps.append(_linear(("unembed",), "lm_head.weight", v, d))
+    for stack, kinds in stack_kinds(m).items():
+        maps += [_identity((stack, "final_norm", "scale"), f"{stack}.final_layer_norm.weight", (d,)),
+                 _identity((stack, "relpos", "table"),
+                           f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                           (int(m.relative_attention_num_buckets), h))]
+        for i, kind in enumerate(kinds):
+            p, blk = (stack, f"layer{i}"), f"{stack}.block.{i}.layer"
+            maps += attn(p + ("attn",), f"{blk}.0.SelfAttention")
+            maps.append(_identity(p + ("attn_norm", "scale"), f"{blk}.0.layer_norm.weight", (d,)))
+            ff = 1
+            if stack == "decoder":
+                maps += attn(p + ("cross",), f"{blk}.1.EncDecAttention")
+                maps.append(_identity(p + ("cross_norm", "scale"), f"{blk}.1.layer_norm.weight", (d,)))
+                ff = 2
+            maps.append(_identity(p + ("ffn_norm", "scale"), f"{blk}.{ff}.layer_norm.weight", (d,)))
+            mlp = f"{blk}.{ff}.mlp"
+            if kind == "mlp":
+                maps += [_linear(p + ("mlp", "wi"), f"{mlp}.wi.weight", f, d),
+                         _linear(p + ("mlp", "wo"), f"{mlp}.wo.weight", d, f)]
+            else:
+                ex = lambda w: [f"{mlp}.experts.expert_{j}.{w}.weight" for j in range(e)]
+                maps += [_linear(p + ("moe", "router", "kernel"), f"{mlp}.router.classifier.weight", e, d),
+                         _stacked_linear(p + ("moe", "experts", "wi"), ex("wi"), fe, d),
+                         _stacked_linear(p + ("moe", "experts", "wo"), ex("wo"), d, fe)]
+    return maps
 
 
 __all__ = ["FAMILIES", "HFError", "TensorMap", "from_hf", "to_hf", "load_params_for_config",

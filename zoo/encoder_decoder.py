@@ -1,0 +1,252 @@
+"""Encoder-decoder Transformer (T5; Switch Transformers with MoE feed-forward layers).
+
+Einsum letters: ``B`` batch, ``L`` decoder length, ``M`` encoder length, ``D`` embed,
+``V`` vocab.
+
+:class:`EncoderDecoderLM` (``model.name='encoder_decoder'``) follows T5 (Raffel et al. 2020)
+v1.0 as Switch Transformers (Fedus et al. 2021) uses it, built from routezoo layers
+(:mod:`routezoo.layers.t5` for what T5 has that the decoder-only models lack):
+
+* one token embedding shared by encoder, decoder and (``model.tie_embeddings``) the output
+  projection, whose logits are scaled by ``d_model**-0.5`` (T5/Mesh TensorFlow; untied:
+  a separate ``unembed`` ``[D, V]``, unscaled);
+* pre-norm blocks with RMSNorm (``model.norm``): encoder ``x + SelfAttn(N(x))``, ``x +
+  FFN(N(x))``; decoder ``x + CausalSelfAttn(N(x))``, ``x + CrossAttn(N(x), enc)``,
+  ``x + FFN(N(x))``; a final norm per stack; relative position buckets instead of
+  rotary positions (bidirectional in the encoder, causal in the decoder, one table per
+  stack), attention logits unscaled (:class:`~routezoo.layers.t5.T5Attention`);
+* FFN of layer ``i`` of a stack with sparse step ``s`` (``model.encoder_sparse_step``,
+  ``model.decoder_sparse_step``): routezoo's MoE block (``config.model.moe``; Switch:
+  ``moe.router='top_k'``, ``k=1``, ``expert_type='relu'``, ``dispatch='capacity'``) when
+  ``s == 1`` or ``i % s == 1`` (Hugging Face's rule), else a dense ``relu`` MLP
+  (``model.mlp_dim``; ``model.mlp_type``). ``model.expert_capacity > 0`` fixes the
+  capacity to that many slots per expert and routing group (Switch's ``expert_capacity``;
+  with ``moe.group_size=0`` a group is one sequence, tokens beyond capacity dropped in
+  sequence order) in training and evaluation; 0 derives it from ``moe.capacity_factor``.
+
+Call::
+
+    logits, aux = model.apply(variables, encoder_tokens, decoder_tokens,
+                              encoder_mask=enc_mask, decoder_mask=dec_mask)
+
+``encoder_tokens`` int32 ``[B, M]``, ``decoder_tokens`` int32 ``[B, L]`` (the targets
+shifted right, starting with the decoder start id, 0 for T5), masks int/bool (1 = real
+token; ``None``: all real). ``logits`` float32 ``[B, L, V]``; ``aux = {'losses': {name:
+scalar}, 'stats': {name: array}}``: the routers' scaled losses summed over the MoE layers
+of both stacks and statistics per layer (``encoder/layer1/load``, ...). The first
+argument may also be a dict with those four keys (what :func:`seq2seq_batch` returns and
+the training loop passes). :meth:`EncoderDecoderLM.encode` and
+:meth:`EncoderDecoderLM.decode` run the halves (e.g. to decode greedily with one
+encoder pass; there is no key/value cache).
+
+Training objective (``objective = 'seq2seq'``, :func:`seq2seq_batch`): a prefix-LM split
+of every packed row; the first ``model.seq2seq_split`` of it is the encoder input, the
+decoder predicts the rest (T5's span corruption is not implemented).
+
+Not modelled: dropout (T5/Switch use 0.1 in training), key/value caching, T5 v1.1's gated
+GELU FFN (any ``model.mlp_type`` runs, but only ``relu`` exports to Hugging Face).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from routezoo.layers import dense, t5
+from routezoo.zoo.lm import resolve_dtype
+
+Aux = dict[str, dict[str, jax.Array]]
+INPUT_KEYS = ("encoder_tokens", "decoder_tokens", "encoder_mask", "decoder_mask")
+
+
+def sparse_kinds(num_layers: int, step: int) -> tuple[str, ...]:
+    """FFN kind of each layer of a stack: ``'moe'`` where ``step == 1`` or ``i % step == 1``
+    (Hugging Face Switch Transformers), else ``'mlp'``; ``step == 0``: all ``'mlp'``."""
+    if step < 0:
+        raise ValueError(f"sparse step must be >= 0, got {step}")
+    return tuple("moe" if step and (step == 1 or i % step == 1) else "mlp" for i in range(num_layers))
+
+
+def num_decoder_layers(cfg: Any) -> int:
+    return int(cfg.get("num_decoder_layers", 0) or 0) or int(cfg.num_layers)
+
+
+def stack_kinds(cfg: Any) -> dict[str, tuple[str, ...]]:
+    """``{'encoder': kinds, 'decoder': kinds}`` of a ``config.model``."""
+    return {"encoder": sparse_kinds(int(cfg.num_layers), int(cfg.get("encoder_sparse_step", 0))),
+            "decoder": sparse_kinds(num_decoder_layers(cfg), int(cfg.get("decoder_sparse_step", 0)))}
+
+
+def _moe_layer(cfg: Any, group: int, dtype, param_dtype, name: str) -> nn.Module:
+    """routezoo's MoE block from ``cfg.moe``; with ``cfg.expert_capacity = C > 0`` the
+    capacity factor is set so that the block's capacity is exactly ``C`` for groups of
+    ``group`` tokens (``round(cf·K·S/E) = C``)."""
+    from routezoo.layers.moe import moe_from_config
+    moe_cfg = cfg.moe
+    cap = int(cfg.get("expert_capacity", 0) or 0)
+    if cap > 0:
+        moe_cfg = ml_collections.ConfigDict(moe_cfg.to_dict())
+        s = int(moe_cfg.group_size) or group
+        cf = cap * int(moe_cfg.num_experts) / (int(moe_cfg.k) * s)
+        moe_cfg.capacity_factor = moe_cfg.eval_capacity_factor = cf
+        moe_cfg.min_capacity = 0
+    return moe_from_config(moe_cfg, d_model=int(cfg.d_model), dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class T5Block(nn.Module):
+    """One encoder (``decoder=False``) or decoder block; returns ``(x, aux)``."""
+
+    cfg: Any
+    ffn_kind: str
+    decoder: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, bias, mask, deterministic: bool, encoded=None, cross_mask=None):
+        c = self.cfg
+        norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
+        attn = lambda name: t5.T5Attention(int(c.num_heads), int(c.head_dim), self.dtype, self.param_dtype,
+                                           name=name)
+        x = x + attn("attn")(norm("attn_norm")(x), None, bias, mask)
+        if self.decoder:
+            x = x + attn("cross")(norm("cross_norm")(x), encoded, None, cross_mask)
+        h = norm("ffn_norm")(x)
+        if self.ffn_kind == "moe":
+            y, aux = _moe_layer(c, h.shape[1], self.dtype, self.param_dtype, "moe")(h, deterministic=deterministic)
+        else:
+            y, aux = dense.MLP(int(c.mlp_dim), str(c.mlp_type), dtype=self.dtype, param_dtype=self.param_dtype,
+                               name="mlp")(h), {}
+        return x + y.astype(x.dtype), aux
+
+
+class T5Stack(nn.Module):
+    """Encoder or decoder stack on embedded tokens: ``(hidden [B, L, D], losses, stats)``."""
+
+    cfg: Any
+    decoder: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool, encoded=None, encoder_mask=None):
+        c = self.cfg
+        l = x.shape[1]
+        kinds = stack_kinds(c)["decoder" if self.decoder else "encoder"]
+        bias = t5.RelativePositionBias(int(c.num_heads), int(c.relative_attention_num_buckets),
+                                       int(c.relative_attention_max_distance), bidirectional=not self.decoder,
+                                       param_dtype=self.param_dtype, name="relpos")(l, l)
+        self_mask = t5.causal_mask(l, mask) if self.decoder else t5.padding_mask(mask)
+        cross_mask = t5.padding_mask(encoder_mask)
+        losses: dict[str, jax.Array] = {}
+        stats: dict[str, jax.Array] = {}
+        for i, kind in enumerate(kinds):
+            x, aux = T5Block(c, kind, self.decoder, self.dtype, self.param_dtype, name=f"layer{i}")(
+                x, bias, self_mask, deterministic, encoded, cross_mask)
+            for k, v in aux.get("losses", {}).items():
+                losses[k] = losses.get(k, 0.0) + v
+            for k, v in aux.get("stats", {}).items():
+                stats[f"layer{i}/{k}"] = v
+        x = dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
+        return x, losses, stats
+
+
+def _merge(*auxes: Aux) -> Aux:
+    losses: dict[str, jax.Array] = {}
+    stats: dict[str, jax.Array] = {}
+    for aux in auxes:
+        for k, v in aux["losses"].items():
+            losses[k] = losses.get(k, 0.0) + v
+        stats.update(aux["stats"])
+    return {"losses": losses, "stats": stats}
+
+
+class EncoderDecoderLM(nn.Module):
+    """T5 / Switch Transformers encoder-decoder; see the module docstring for the call."""
+
+    cfg: Any
+
+    causal: ClassVar[bool] = True           # the decoder is causal: routers must be causal
+    objective: ClassVar[str] = "seq2seq"    # training/train.py objective_batch -> seq2seq_batch
+
+    def setup(self):
+        c = self.cfg
+        dtype, param_dtype = resolve_dtype(c.dtype), jnp.dtype(c.param_dtype)
+        self.embed = dense.Embed(int(c.vocab_size), int(c.d_model), dtype=dtype, param_dtype=param_dtype,
+                                 scale_attend=True)
+        self.encoder = T5Stack(c, False, dtype, param_dtype)
+        self.decoder = T5Stack(c, True, dtype, param_dtype)
+        if not c.tie_embeddings:
+            self.unembed = self.param("unembed", dense.param(nn.initializers.normal(1.0), ("embed", "vocab")),
+                                      (int(c.d_model), int(c.vocab_size)), param_dtype)
+
+    def encode(self, encoder_tokens: jax.Array, encoder_mask: jax.Array | None = None, *,
+               deterministic: bool = True) -> tuple[jax.Array, Aux]:
+        """Encoder output ``[B, M, D]`` and its aux (stats under ``encoder/``)."""
+        h, losses, stats = self.encoder(self.embed(encoder_tokens), encoder_mask, deterministic)
+        return h, {"losses": losses, "stats": {f"encoder/{k}": v for k, v in stats.items()}}
+
+    def decode(self, decoder_tokens: jax.Array, encoded: jax.Array, encoder_mask: jax.Array | None = None,
+               decoder_mask: jax.Array | None = None, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
+        """float32 logits ``[B, L, V]`` of the decoder over ``encoded`` (from :meth:`encode`)."""
+        y, losses, stats = self.decoder(self.embed(decoder_tokens), decoder_mask, deterministic, encoded,
+                                        encoder_mask)
+        if self.cfg.tie_embeddings:
+            logits = self.embed.attend(y)     # scaled by d_model**-0.5 (T5)
+        else:
+            logits = jnp.einsum("BLD,DV->BLV", y, jnp.asarray(self.unembed, y.dtype))
+        return logits.astype(jnp.float32), {"losses": losses,
+                                            "stats": {f"decoder/{k}": v for k, v in stats.items()}}
+
+    def __call__(self, encoder_tokens, decoder_tokens: jax.Array | None = None, *,
+                 encoder_mask: jax.Array | None = None, decoder_mask: jax.Array | None = None,
+                 deterministic: bool = True) -> tuple[jax.Array, Aux]:
+        if isinstance(encoder_tokens, Mapping):
+            unknown = sorted(set(encoder_tokens) - set(INPUT_KEYS))
+            if unknown or decoder_tokens is not None:
+                raise ValueError(f"EncoderDecoderLM: a dict input takes the keys {', '.join(INPUT_KEYS)} and no "
+                                 f"decoder_tokens argument; got keys {sorted(encoder_tokens)}")
+            inputs = encoder_tokens
+            encoder_tokens, decoder_tokens = inputs["encoder_tokens"], inputs.get("decoder_tokens")
+            encoder_mask = inputs.get("encoder_mask", encoder_mask)
+            decoder_mask = inputs.get("decoder_mask", decoder_mask)
+        if decoder_tokens is None:
+            if not self.is_initializing():
+                raise ValueError("EncoderDecoderLM needs decoder_tokens (the targets shifted right)")
+            decoder_tokens = encoder_tokens   # init from one token array (zoo's generic init)
+        encoded, enc_aux = self.encode(encoder_tokens, encoder_mask, deterministic=deterministic)
+        logits, dec_aux = self.decode(decoder_tokens, encoded, encoder_mask, decoder_mask,
+                                      deterministic=deterministic)
+        return logits, _merge(enc_aux, dec_aux)
+
+
+def seq2seq_batch(batch: Mapping[str, jax.Array], *, split: float, start_id: int = 0, pad_id: int = 0
+                  ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """Prefix-LM split of packed next-token rows into ``(inputs, targets, weights)``.
+
+    A row ``t_0 .. t_L`` (``batch['inputs']`` = ``t_0..t_{L-1}``, ``batch['targets']`` =
+    ``t_1..t_L``, ``batch['weights']`` 0 at padding) is cut at ``P = round(split·L)``
+    (clipped to ``[1, L-1]``): the encoder reads ``t_0..t_{P-1}`` (mask: not ``pad_id``), the
+    decoder predicts ``t_P..t_L`` from ``start_id, t_P..t_{L-1}`` (targets shifted right,
+    as T5). ``inputs`` is the dict :class:`EncoderDecoderLM` takes; ``targets``/``weights``
+    ``[B, L-P+1]``.
+    """
+    x, y, w = batch["inputs"], batch["targets"], batch["weights"]
+    length = x.shape[1]
+    p = int(np.clip(round(split * length), 1, length - 1))
+    enc = x[:, :p]
+    dec_targets, dec_w = y[:, p - 1:], w[:, p - 1:]
+    dec_in = jnp.concatenate([jnp.full((x.shape[0], 1), start_id, x.dtype), x[:, p:]], axis=1)
+    dec_mask = (dec_in != pad_id).at[:, 0].set(True)    # the start id is real even when it is the pad id
+    inputs = {"encoder_tokens": enc, "decoder_tokens": dec_in, "encoder_mask": (enc != pad_id).astype(jnp.int32),
+              "decoder_mask": dec_mask.astype(jnp.int32)}
+    return inputs, dec_targets, dec_w
+
+
+__all__ = ["EncoderDecoderLM", "T5Block", "T5Stack", "seq2seq_batch", "sparse_kinds", "stack_kinds"]
