@@ -89,22 +89,30 @@ class DeepSeekV3Router(TopKRouter):
         scores = jax.nn.sigmoid(logits)                                        # [T, E]
         bias = self.param("score_bias", sharding.param(nn.initializers.zeros, (None,)), (e,), jnp.float32)
         choice = scores + jax.lax.stop_gradient(bias)[None, :]                 # [T, E]
-        if self.n_group > 1:
-            n, j = self.n_group, e // self.n_group
-            top2, _ = top_k(choice.reshape(t, n, j), 2)                        # [T, N, 2]
-            _, groups = top_k(jnp.sum(top2, axis=-1), self.topk_group)          # [T, topk_group]
-            keep = jnp.max(jax.nn.one_hot(groups, n, dtype=bool), axis=1)      # [T, N]
-            choice = jnp.where(jnp.repeat(keep, j, axis=1), choice, -jnp.inf)  # [T, E]
-        _, indices = top_k(choice, self.k)                                     # [T, K]
-        weights = jnp.take_along_axis(scores, indices, axis=-1)                # [T, K]
-        if self.renormalize:
-            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-        weights = weights * self.routed_scaling_factor
+        # a group's score: the sum of its two best biased scores
+        indices, weights = self.select(choice, scores, lambda c: jnp.sum(top_k(c, 2)[0], axis=-1))
 
         probs = scores / jnp.sum(scores, axis=-1, keepdims=True)              # [T, E]
         losses, stats = self.balance_losses(logits, probs, indices, g, s)
         return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
                        losses=losses, stats=stats)
+
+    def select(self, choice: Array, scores: Array, group_score) -> tuple[Array, Array]:
+        """Group-limited top-k: keep the ``topk_group`` groups (of ``n_group``) with the best
+        ``group_score(choice [T, N, E/N]) -> [T, N]``, take the top ``k`` of ``choice`` in
+        them, weight each by its ``scores`` (renormalised if ``renormalize``) times
+        ``routed_scaling_factor``. Returns (indices, weights), each ``[T, K]``."""
+        t, e = choice.shape
+        if self.n_group > 1:
+            n, j = self.n_group, e // self.n_group
+            _, groups = top_k(group_score(choice.reshape(t, n, j)), self.topk_group)   # [T, topk_group]
+            keep = jnp.max(jax.nn.one_hot(groups, n, dtype=bool), axis=1)              # [T, N]
+            choice = jnp.where(jnp.repeat(keep, j, axis=1), choice, -jnp.inf)          # [T, E]
+        _, indices = top_k(choice, self.k)                                             # [T, K]
+        weights = jnp.take_along_axis(scores, indices, axis=-1)                        # [T, K]
+        if self.renormalize:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        return indices, weights * self.routed_scaling_factor
 
     @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "DeepSeekV3Router":
@@ -146,22 +154,12 @@ class DeepSeekV2Router(DeepSeekV3Router):
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
         # x: [T, D]
-        t, e = x.shape[0], self.num_experts
+        t = x.shape[0]
         g, s = _num_groups(t, group_size)
         logits = self.router_logits(x, deterministic)                          # [T, E]
         scores = jax.nn.softmax(logits, axis=-1)                               # [T, E]
-        choice = scores
-        if self.n_group > 1:
-            n, j = self.n_group, e // self.n_group
-            best = jnp.max(scores.reshape(t, n, j), axis=-1)                   # [T, N]
-            _, groups = top_k(best, self.topk_group)                           # [T, topk_group]
-            keep = jnp.max(jax.nn.one_hot(groups, n, dtype=bool), axis=1)      # [T, N]
-            choice = jnp.where(jnp.repeat(keep, j, axis=1), scores, -jnp.inf)  # [T, E]
-        _, indices = top_k(choice, self.k)                                     # [T, K]
-        weights = jnp.take_along_axis(scores, indices, axis=-1)                # [T, K]
-        if self.renormalize:
-            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-        weights = weights * self.routed_scaling_factor
+        # a group's score: its best expert's
+        indices, weights = self.select(scores, scores, lambda c: jnp.max(c, axis=-1))
         losses, stats = self.balance_losses(logits, scores, indices, g, s)
         return Routing(indices=indices.astype(jnp.int32), weights=weights.astype(jnp.float32),
                        losses=losses, stats=stats)
