@@ -958,7 +958,7 @@ def eval_batches(config: Any, *, task: str | None = None, process_index: int | N
     with_docs = [t for t in tasks if t.indices]
     if not with_docs:
         have = eval_task_names(d)
-        what = f"task {task!r} has" if task else f"no task of data.tasks ({d.tasks}) has any"
+        what = f"task {task!r} has no" if task else f"no task of data.tasks ({d.tasks}) has"
         raise ValueError(f"{what} documents in the {d.eval_split!r} split, so it cannot be evaluated; "
                          f"tasks of data.tasks with some: {', '.join(have) or '(none)'}; tasks with "
                          f"validation files: {', '.join(available_tasks(d, d.eval_split))}")
