@@ -16,6 +16,7 @@ import pytest
 
 from routezoo.configs import base
 from routezoo.training import data
+from test_data import _assert_batches_equal, _take
 
 SEQ_LEN = 16
 BATCH = 6
@@ -46,18 +47,6 @@ def _tasks(index, weights=None):
 def _letters(tokens):
     text = TOK.decode(np.asarray(tokens))
     return {ch for ch in text if ch.isalpha()}
-
-
-def _take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 def _rows(batch):

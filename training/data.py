@@ -769,15 +769,11 @@ def train_dataset(source: Sequence[Any], tokenizer: Tokenizer, *, text_key: str,
                                 process_count=process_count)
         batch_fn = MakeTaskBatch(batch_size, tokenizer.pad_id)
     else:
-        docs = _process_shard(source, process_index, process_count)
-        if len(docs) == 0:
-            raise ValueError(f"process {process_index} of {process_count} gets no documents "
-                             f"(the split has {len(source)})")
-        if shuffle:
-            docs = docs.shuffle(seed=seed)
-        docs = docs.repeat().map(EncodeDocument(tokenizer, text_key))
-        rows = PackIterDataset(docs.to_iter_dataset(_READ_OPTIONS), seq_len + 1,
-                               pad_id=tokenizer.pad_id)
+        rows = _packed_rows(_process_shard(source, process_index, process_count), tokenizer,
+                            text_key=text_key, seq_len=seq_len, seed=seed, shuffle=shuffle,
+                            read_options=_READ_OPTIONS,
+                            empty=f"process {process_index} of {process_count} gets no documents "
+                                  f"(the split has {len(source)})")
         batch_fn = MakeBatch(batch_size, tokenizer.pad_id)
     ds = rows.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
     if num_workers > 0:
@@ -792,17 +788,25 @@ def _task_train_rows(source: Sequence[Any], tokenizer: Tokenizer, tasks: Sequenc
     repeated and packed on its own, the tasks mixed by ``IterDataset.mix``."""
     parts = []
     for task in tasks:
-        docs = _process_shard(_Subset(source, task.indices), process_index, process_count)
-        if len(docs) == 0:
-            raise ValueError(f"process {process_index} of {process_count} gets no documents "
-                             f"of task {task.name!r} (it has {len(task.indices)} in the split)")
-        if shuffle:
-            docs = docs.shuffle(seed=seed)
-        docs = docs.repeat().map(EncodeDocument(tokenizer, text_key))
-        rows = PackIterDataset(docs.to_iter_dataset(_TASK_READ_OPTIONS), seq_len + 1,
-                               pad_id=tokenizer.pad_id)
+        rows = _packed_rows(_process_shard(_Subset(source, task.indices), process_index, process_count),
+                            tokenizer, text_key=text_key, seq_len=seq_len, seed=seed, shuffle=shuffle,
+                            read_options=_TASK_READ_OPTIONS,
+                            empty=f"process {process_index} of {process_count} gets no documents of task "
+                                  f"{task.name!r} (it has {len(task.indices)} in the split)")
         parts.append(rows.map(TagTask(task.id)))
     return grain.IterDataset.mix(parts, [task.weight for task in tasks])
+
+
+def _packed_rows(docs: grain.MapDataset, tokenizer: Tokenizer, *, text_key: str, seq_len: int, seed: int,
+                 shuffle: bool, read_options: Any, empty: str) -> grain.IterDataset:
+    """Endless rows of ``seq_len + 1`` tokens packed from ``docs`` (a process's share),
+    shuffled (each epoch anew) and repeated; ``ValueError(empty)`` if there are none."""
+    if len(docs) == 0:
+        raise ValueError(empty)
+    if shuffle:
+        docs = docs.shuffle(seed=seed)
+    docs = docs.repeat().map(EncodeDocument(tokenizer, text_key))
+    return PackIterDataset(docs.to_iter_dataset(read_options), seq_len + 1, pad_id=tokenizer.pad_id)
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
