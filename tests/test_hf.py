@@ -167,27 +167,31 @@ def test_import_matches_transformers(family, hf_dir):
         np.testing.assert_array_equal(got_idx[flat_mask], ref_idx[flat_mask])
 
 
+def assert_export_round_trip(path: str, out: str, params) -> None:
+    """The export ``out`` of the checkpoint ``path`` (imported as ``params``) holds the same
+    tensors, names and bits, and importing it gives bit-identical parameters."""
+    from safetensors.numpy import load_file
+    original, exported = (load_file(os.path.join(d, "model.safetensors")) for d in (path, out))
+    assert sorted(exported) == sorted(original)
+    for name, value in original.items():
+        assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+    _, params2 = hf.from_hf(out)
+    for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree_util.tree_leaves_with_path(params2)):
+        assert p1 == p2 and np.array_equal(np.asarray(a), np.asarray(b)), p1
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_export_is_bit_identical_and_loads_in_transformers(family, hf_dir, tmp_path):
     import torch
     import transformers
-    from safetensors.numpy import load_file
 
     path, ref_model = hf_dir(family)
     model, params = hf.from_hf(path)
     out = str(tmp_path / "export")
     hf.to_hf(model.cfg, params, out)
     assert json.load(open(os.path.join(out, "config.json")))["architectures"] == [ARCH[family]]
-    # Same tensors, same names, same bits as the checkpoint transformers wrote.
-    original, exported = load_file(os.path.join(path, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
-    assert sorted(exported) == sorted(original)
-    for name, value in original.items():
-        assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
-    # Import of the export: bit-identical parameters.
-    _, params2 = hf.from_hf(out)
-    for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
-                                jax.tree_util.tree_leaves_with_path(params2)):
-        assert p1 == p2 and np.array_equal(np.asarray(a), np.asarray(b)), p1
+    assert_export_round_trip(path, out, params)
     # transformers loads the export and computes the same logits.
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(reloaded) is type(ref_model)

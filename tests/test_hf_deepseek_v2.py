@@ -19,7 +19,7 @@ import pytest
 from routezoo.layers.dense import RopeScaling
 from routezoo.zoo import hf
 from routezoo.zoo.lm import positions_from_mask
-from test_hf import COMMON, RTOL, _randomize, _rel_err, _rz_forward, _tokens
+from test_hf import COMMON, RTOL, _randomize, _rel_err, _rz_forward, _tokens, assert_export_round_trip
 
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, moe_intermediate_size=16)
 YARN_V2 = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
@@ -110,7 +110,6 @@ def test_import_matches_transformers(name, hf_model):
 def test_export_is_bit_identical_and_loads_in_transformers(name, hf_model, tmp_path):
     import torch
     import transformers
-    from safetensors.numpy import load_file
 
     path, ref_model = hf_model(name)
     model, params = hf.from_hf(path)
@@ -124,13 +123,7 @@ def test_export_is_bit_identical_and_loads_in_transformers(name, hf_model, tmp_p
         assert written[key] == original_cfg[key], key
     if name == "v2_yarn":
         assert {k: written["rope_parameters"][k] for k in YARN_V2} == YARN_V2
-    original, exported = (load_file(os.path.join(d, "model.safetensors")) for d in (path, out))
-    assert sorted(exported) == sorted(original)
-    for key, value in original.items():
-        assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
-    _, params2 = hf.from_hf(out)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert_export_round_trip(path, out, params)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(reloaded) is type(ref_model)
     tokens, mask = _tokens()

@@ -22,6 +22,7 @@ from routezoo.layers import sharding as shd
 from routezoo.layers.routers import TopKRouter
 from routezoo.layers.t5 import relative_position_bucket
 from routezoo.zoo import hf
+from test_hf import assert_export_round_trip
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -157,23 +158,13 @@ def test_import_matches_transformers(case, switch_dir):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_export_is_bit_identical_and_loads_in_transformers(case, switch_dir, tmp_path):
-    from safetensors.numpy import load_file
-
     path, ref_model = switch_dir(case)
     model, params = hf.from_hf(path)
     out = str(tmp_path / "export")
     hf.to_hf(model.cfg, params, out)
     exported_cfg = json.load(open(os.path.join(out, "config.json")))
     assert exported_cfg["architectures"] == [ARCH]
-    original, exported = (load_file(os.path.join(path, "model.safetensors")),
-                          load_file(os.path.join(out, "model.safetensors")))
-    assert sorted(exported) == sorted(original)
-    for name, value in original.items():
-        assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
-    _, params2 = hf.from_hf(out)
-    for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
-                                jax.tree_util.tree_leaves_with_path(params2)):
-        assert p1 == p2 and np.array_equal(np.asarray(a), np.asarray(b)), p1
+    assert_export_round_trip(path, out, params)
     reloaded = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(reloaded) is type(ref_model)
     for key in ("encoder_sparse_step", "decoder_sparse_step", "expert_capacity", "num_decoder_layers"):

@@ -338,8 +338,7 @@ def optimizer_for(config, adapter=None) -> tuple[optax.GradientTransformation, o
     (``adapter.param_groups(params)`` -> a tree of group names, ``adapter.LR_GROUPS`` ->
     ``{name: multiplier}``): multiplier 0 freezes a group (``optax.set_to_zero``: the
     values stay bit-identical and get no optimizer state), any other scales its updates
-    (Poly's router at 100x the adapters'). ``adapter.gradient_transform()``, if any, runs
-    on the gradients first (the STABLE-RPS gradient scaler).
+    (Poly's router at 100x the adapters').
     """
     tx, schedule = make_optimizer(config.optimizer, config.train.steps)
     if adapter is None:
@@ -354,9 +353,6 @@ def optimizer_for(config, adapter=None) -> tuple[optax.GradientTransformation, o
                 inner = make_optimizer(config.optimizer, config.train.steps)[0]
                 txs[name] = inner if mult == 1 else optax.chain(inner, optax.scale(mult))
         tx = optax.multi_transform(txs, adapter.param_groups)
-    grad_tx = getattr(adapter, "gradient_transform", None)
-    if grad_tx is not None:
-        tx = optax.chain(grad_tx(), tx)
     return tx, schedule
 
 
