@@ -15,8 +15,8 @@ times, with random balanced-ish group sizes (multinomial, equal probabilities):
 
 Useful FLOPs: ``2·M·K·N`` per matmul (forward), ``3x`` for forward + backward. ``% dense``
 is against the dense matmul of the same shape and mode, measured in the same process;
-the ``8192^3`` dense rate is printed as well. Timing: ``block_until_ready`` after 3
-warm-up calls, median of ``--iters``. A correctness check (bf16 and f32 against a masked
+the ``8192^3`` dense rate is printed as well. Timing: after 3 warm-up calls, median of
+``--iters`` samples of ``--queue`` calls issued back to back (``timing.call_times``). A correctness check (bf16 and f32 against a masked
 dense reference, empty groups and rows past the end included) runs first. Each case is
 in its own try/except; failures are printed and recorded, the rest goes on.
 
@@ -43,6 +43,8 @@ SHAPES = {
     "mixtral": (8, 32768, 4096, 14336),
     "deepseek": (64, 98304, 2048, 1408),
     "small": (128, 16384, 1024, 4096),
+    "small_down": (128, 16384, 4096, 1024),   # the down projection of "small"
+    "small32k": (128, 32768, 1024, 4096),     # "small" at 32k tokens (256 rows per group)
     "tiny": (4, 512, 128, 256),   # smoke test only (runs interpreted on CPU)
 }
 DEFAULT_SHAPES = "mixtral,deepseek,small"
@@ -57,6 +59,9 @@ GMM_CONFIGS = [
     ((64, 64, 256), 4, 4),
     ((128, 32, 128), 4, 4),
     ((256, 64, 128), 8, 3),
+    ((64, 64, 256), 8, 3),
+    ((64, 128, 128), 4, 3),
+    ((128, 64, 128), 8, 4),
 ]
 GMM_CONFIGS_QUICK = [GMM_CONFIGS[0], GMM_CONFIGS[3], GMM_CONFIGS[5]]
 # tgmm: (bm rows per step, bk, bn), num_warps, num_stages
@@ -68,15 +73,17 @@ TGMM_CONFIGS = [
     ((32, 128, 128), 4, 4),
     ((128, 64, 128), 4, 3),
     ((64, 128, 256), 8, 3),
+    ((64, 256, 128), 8, 3),
+    ((32, 128, 256), 8, 3),
+    ((32, 128, 128), 4, 5),
+    ((32, 128, 128), 8, 4),
+    ((32, 64, 128), 4, 4),
+    ((16, 128, 128), 4, 4),
 ]
 TGMM_CONFIGS_QUICK = [TGMM_CONFIGS[0], TGMM_CONFIGS[2]]
 
 
 INTERPRET = False   # set in main(): True off GPU (smoke runs of --shapes tiny on CPU)
-
-
-def dense_8192(iters: int) -> float:
-    return dense_ceiling(iters)
 
 
 def fwd_bwd(f):
@@ -148,7 +155,7 @@ def run_shape(name, e, m, k, n, args, gp, rows):
         row = {"shape": name, "E": e, "M": m, "K": k, "N": n, "variant": variant, "mode": mode}
         row.update(extra or {})
         try:
-            t = bench(fn, *fargs, iters=iters)
+            t = bench(fn, *fargs, iters=iters, queue=args.queue)
             tf = mult * flops / t / 1e12
             row.update(ms=t * 1e3, tflops=tf, pct_dense=pct(tf, base.get(ref_mode or mode)))
         except Exception as exc:  # noqa: BLE001 - one failure must not stop the rest
@@ -229,6 +236,8 @@ def main():
     p.add_argument("--out", default="gmm_kernel.json")
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"of {list(SHAPES)}")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--queue", type=int, default=10,
+                   help="calls per timed sample, issued back to back (timing.call_times)")
     p.add_argument("--quick", action="store_true", help="3 gmm and 2 tgmm configurations")
     p.add_argument("--skip-mgpu", action="store_true", help="skip jax's Mosaic GPU kernels")
     p.add_argument("--skip-check", action="store_true")
@@ -265,7 +274,7 @@ def main():
     try:
         if INTERPRET:
             raise RuntimeError("skipped off GPU")
-        info["dense_8192_tflops"] = dense_8192(args.iters)
+        info["dense_8192_tflops"] = dense_ceiling(args.iters, queue=args.queue)
         print(f"dense bf16 8192^3: {info['dense_8192_tflops']:.1f} TFLOP/s", flush=True)
     except Exception as exc:  # noqa: BLE001
         info["dense_8192_error"] = repr(exc)

@@ -42,7 +42,41 @@ VARIANTS = [
 ]
 
 
-def moe_case(name: str, tokens: int, dispatch: str, backend: str, cf: float | None, iters: int):
+def _wide(width: int) -> tuple[int, int, int]:
+    return (128, 64, 256) if width >= 2048 else (128, 64, 128)
+
+
+# Grouped-matmul configurations to compare in one process (``--policies``): ``default`` is
+# the library's ``gmm_pallas.config_for``; ``run3`` is what run 3 measured (tiling by
+# output width, every group size alike); ``tgmm16`` a variant of the small-group rule.
+POLICIES = {
+    "default": None,
+    "run3": lambda m, g, k, n, interpret=False: _gp().GmmConfig(
+        tiling=_wide(n), dlhs_tiling=_wide(k), interpret=interpret),
+    "tgmm16": lambda m, g, k, n, interpret=False: _gp().GmmConfig(
+        tiling=_wide(n), dlhs_tiling=_wide(k), tgmm_tiling=(16, 128, 128), num_stages=4,
+        tgmm_num_stages=4, interpret=interpret),
+}
+
+
+def _gp():
+    from routezoo.layers.kernels import gmm_pallas
+    return gmm_pallas
+
+
+def moe_case(name: str, tokens: int, dispatch: str, backend: str, cf: float | None, iters: int,
+             queue: int = 1, policy: str = "default"):
+    gp = _gp()
+    library_config_for = gp.config_for
+    if POLICIES[policy] is not None:
+        gp.config_for = POLICIES[policy]
+    try:
+        return _moe_case(name, tokens, dispatch, backend, cf, iters, queue)
+    finally:
+        gp.config_for = library_config_for
+
+
+def _moe_case(name, tokens, dispatch, backend, cf, iters, queue):
     from routezoo.configs import base
     from routezoo.layers.moe import moe_from_config
 
@@ -65,7 +99,7 @@ def moe_case(name: str, tokens: int, dispatch: str, backend: str, cf: float | No
         return jnp.sum(y.astype(jnp.float32)) + sum(aux["losses"].values()), aux["stats"]
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    t = bench(step, variables, x, iters=iters)
+    t = bench(step, variables, x, iters=iters, queue=queue)
     (_, stats), _ = step(variables, x)
     useful = 3 * 2 * tokens * d * f * 3 * (k + shared)
     mem = step.lower(variables, x).compile().memory_analysis()
@@ -93,33 +127,40 @@ def main():
     p.add_argument("--variants", default="all")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default="moe_block.json")
+    p.add_argument("--queue", type=int, default=1,
+                   help="calls per timed sample, issued back to back (timing.call_times)")
+    p.add_argument("--policies", default="default",
+                   help=f"grouped-matmul configurations for dropless:pallas, of {list(POLICIES)}")
     a = p.parse_args()
-    ceiling = dense_ceiling(a.iters)
+    ceiling = dense_ceiling(a.iters, queue=a.queue)
     rows = []
     for shape in a.shapes.split(","):
         for dispatch, backend, cf in VARIANTS:
             if a.variants != "all" and f"{dispatch}:{backend}" not in a.variants.split(","):
                 continue
-            try:
-                r = moe_case(shape, a.tokens, dispatch, backend, cf, a.iters)
-            except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
-                r = {"shape": shape, "dispatch": dispatch, "backend": backend, "capacity_factor": cf,
-                     "error": " ".join(str(e).split())[:200]}
-            r["ceiling_tflops"] = ceiling
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceiling_tflops": ceiling}
+            policies = a.policies.split(",") if (dispatch, backend) == ("dropless", "pallas") else ["default"]
+            for policy in policies:
+                try:
+                    r = moe_case(shape, a.tokens, dispatch, backend, cf, a.iters, a.queue, policy)
+                except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
+                    r = {"shape": shape, "dispatch": dispatch, "backend": backend, "capacity_factor": cf,
+                         "error": " ".join(str(e).split())[:200]}
+                r["ceiling_tflops"], r["policy"] = ceiling, policy
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceiling_tflops": ceiling,
+            "iters": a.iters, "queue": a.queue, "tokens": a.tokens}
     with open(a.out, "w") as fh:
         json.dump({"info": info, "rows": rows}, fh, indent=1)
     print(f"\n{info['device']}, jax {info['jax']}, dense bf16 8192^3: {ceiling:.0f} TFLOP/s, tokens {a.tokens}")
-    print(f"{'shape':9} {'dispatch':9} {'backend':11} {'cf':>5} {'ms':>8} {'TFLOP/s':>8} {'% dense':>8} {'dropped':>8} "
+    print(f"{'shape':9} {'dispatch':9} {'backend':11} {'policy':8} {'cf':>5} {'ms':>8} {'TFLOP/s':>8} {'% dense':>8} {'dropped':>8} "
           f"{'temp GiB':>8} {'peak GiB':>8} {'/analytic':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:9} {r['dispatch']:9} {r['backend']:11} {'':>5} ERROR {r['error'][:80]}")
+            print(f"{r['shape']:9} {r['dispatch']:9} {r['backend']:11} {r['policy']:8} {'':>5} ERROR {r['error'][:80]}")
             continue
         cf = f"{r['capacity_factor']:.2f}" if r["capacity_factor"] else "-"
-        print(f"{r['shape']:9} {r['dispatch']:9} {r['backend']:11} {cf:>5} {r['ms']:8.2f} {r['tflops']:8.1f} "
+        print(f"{r['shape']:9} {r['dispatch']:9} {r['backend']:11} {r['policy']:8} {cf:>5} {r['ms']:8.2f} {r['tflops']:8.1f} "
               f"{100 * r['tflops'] / ceiling:7.1f}% {r['dropped']:8.3f} {r['temp_gib']:8.2f} {r['peak_gib']:8.2f} "
               f"{r['peak_over_analytic']:9.2f}")
 

@@ -70,7 +70,7 @@ except ImportError:  # pragma: no cover
 
 Array = jax.Array
 
-__all__ = ["GmmConfig", "gmm", "tgmm", "gmm_backend", "make_group_metadata", "num_work_items"]
+__all__ = ["GmmConfig", "gmm", "tgmm", "gmm_backend", "config_for", "make_group_metadata", "num_work_items"]
 
 DEFAULT_TILING = (128, 64, 128)        # (bm, bk, bn) of the forward gmm
 DEFAULT_TGMM_TILING = (64, 128, 128)   # (bm rows per step, bk, bn) of tgmm
@@ -514,13 +514,34 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
                       out_dtype=out_dtype or lhs.dtype)
 
 
-def _tiling_for(n: int) -> tuple[int, int, int]:
-    """Tiling by output width, from the H100 sweep in BENCHMARKS.md: 128x256 output tiles
-    (8 warps) for wide outputs, 128x128 otherwise."""
-    return (128, 64, 256) if n >= 2048 else (128, 64, 128)
+SMALL_GROUP_ROWS = 512   # mean rows per group at or below which the small-group tilings apply
+
+
+def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = False) -> GmmConfig:
+    """Kernel configuration for ``gmm([m, k], [num_groups, k, n])`` and its VJP, from the
+    H100/H200 sweeps in BENCHMARKS.md (``benchmarks/gmm_kernel.py``).
+
+    * Output tiles ``128 x 256`` (8 warps) for wide outputs (``>= 2048``), ``128 x 128``
+      otherwise; the same rule by ``k`` for the backward data matmul (its output is
+      ``k`` wide).
+    * Small groups (``m / num_groups <= SMALL_GROUP_ROWS``, e.g. 128 experts at 16-32k
+      token copies): the weight gradient walks its group's rows 32 at a time with 4
+      pipeline stages (a 128-row group is then 4 steps deep instead of 2), and the
+      forward/backward-data kernels use 4 stages. Large groups keep the defaults.
+    """
+    small = m <= SMALL_GROUP_ROWS * max(num_groups, 1)
+    wide = lambda width: (128, 64, 256) if width >= 2048 else (128, 64, 128)  # noqa: E731
+    return GmmConfig(
+        tiling=wide(n), dlhs_tiling=wide(k),
+        tgmm_tiling=(32, 128, 128) if small else DEFAULT_TGMM_TILING,
+        num_stages=4 if small else DEFAULT_NUM_STAGES,
+        tgmm_num_stages=4 if small else None,
+        interpret=interpret)
 
 
 def gmm_backend(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
-    """``GMM_BACKENDS`` entry: :func:`gmm` with tiling chosen by shape; interpreted off GPU."""
-    return gmm(lhs, rhs, group_sizes, tiling=_tiling_for(rhs.shape[2]),
-               dlhs_tiling=_tiling_for(rhs.shape[1]), interpret=jax.default_backend() != "gpu")
+    """``GMM_BACKENDS`` entry: :func:`gmm` configured by :func:`config_for`; interpreted
+    off GPU."""
+    cfg = config_for(lhs.shape[0], rhs.shape[0], rhs.shape[1], rhs.shape[2],
+                     interpret=jax.default_backend() != "gpu")
+    return gmm(lhs, rhs, group_sizes, config=cfg)
