@@ -7,6 +7,10 @@ mode and grouped-matmul backend, and reports TFLOP/s counting useful FLOPs only:
 experts, against a dense bf16 ``8192^3`` matmul measured in the same process.
 
     python benchmarks/moe_block.py [--tokens 16384] [--shapes mixtral,deepseek,small] [--out results.json]
+        [--queue 3] [--policies default,run3] [--profile]
+
+``--profile`` adds, per case, the device time of every kernel from a profiler trace
+(where the block's time goes).
 
 Memory (target 5): the compiled step's peak (arguments + outputs + scratch, from XLA's
 memory analysis) against the analytical minimum (parameters and gradients, input and its
@@ -65,18 +69,19 @@ def _gp():
 
 
 def moe_case(name: str, tokens: int, dispatch: str, backend: str, cf: float | None, iters: int,
-             queue: int = 1, policy: str = "default"):
+             queue: int = 1, policy: str = "default", profile: bool = False):
     gp = _gp()
     library_config_for = gp.config_for
     if POLICIES[policy] is not None:
         gp.config_for = POLICIES[policy]
     try:
-        return _moe_case(name, tokens, dispatch, backend, cf, iters, queue)
+        return _moe_case(name, tokens, dispatch, backend, cf, iters, queue, profile)
     finally:
         gp.config_for = library_config_for
 
 
-def _moe_case(name, tokens, dispatch, backend, cf, iters, queue):
+def build_step(name: str, tokens: int, dispatch: str, backend: str, cf: float | None):
+    """``(step, variables, x)``: the jitted forward + backward of the block at ``name``."""
     from routezoo.configs import base
     from routezoo.layers.moe import moe_from_config
 
@@ -98,9 +103,52 @@ def _moe_case(name, tokens, dispatch, backend, cf, iters, queue):
         y, aux = model.apply(v, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
         return jnp.sum(y.astype(jnp.float32)) + sum(aux["losses"].values()), aux["stats"]
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)), variables, x
+
+
+def device_kernel_table(step, args, calls: int = 3, top: int = 15) -> list[dict]:
+    """Device time per kernel (ms per call, summed over its launches), from a profiler
+    trace of ``calls`` calls: ``jax.profiler.trace(create_perfetto_trace=True)``, the
+    complete events of the processes whose name mentions a GPU."""
+    import glob
+    import gzip
+    import tempfile
+    from collections import defaultdict
+
+    jax.block_until_ready(step(*args))
+    logdir = tempfile.mkdtemp(prefix="moe_trace_")
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        for _ in range(calls):
+            out = step(*args)
+        jax.block_until_ready(out)
+    files = glob.glob(f"{logdir}/**/*perfetto_trace.json.gz", recursive=True)
+    if not files:
+        return [{"error": f"no perfetto trace under {logdir}: {glob.glob(logdir + '/**', recursive=True)[:10]}"}]
+    with gzip.open(files[0]) as fh:
+        events = json.load(fh)["traceEvents"]
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
+    total = defaultdict(float)
+    count = defaultdict(int)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu:
+            total[e["name"]] += e["dur"] / 1e3 / calls
+            count[e["name"]] += 1
+    rows = [{"kernel": k, "ms": v, "launches": count[k] // calls}
+            for k, v in sorted(total.items(), key=lambda kv: -kv[1])]
+    s = sum(r["ms"] for r in rows)
+    print(f"  device time per call, summed over kernels: {s:.3f} ms ({len(rows)} kernels)")
+    for r in rows[:top]:
+        print(f"  {r['ms']:8.3f} ms {100 * r['ms'] / max(s, 1e-9):5.1f}%  x{r['launches']:<3} {r['kernel'][:90]}")
+    return [{"sum_ms": s}] + rows[:top]
+
+
+def _moe_case(name, tokens, dispatch, backend, cf, iters, queue, profile=False):
+    step, variables, x = build_step(name, tokens, dispatch, backend, cf)
     t = bench(step, variables, x, iters=iters, queue=queue)
     (_, stats), _ = step(variables, x)
+    e, k, d, f, shared = SHAPES[name]
     useful = 3 * 2 * tokens * d * f * 3 * (k + shared)
     mem = step.lower(variables, x).compile().memory_analysis()
     size = lambda attr: getattr(mem, attr, 0) if mem is not None else 0
@@ -113,8 +161,9 @@ def _moe_case(name, tokens, dispatch, backend, cf, iters, queue):
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables))
     copies = tokens * (k + shared)
     analytic = 2 * (2 * n_params + 2 * tokens * d + copies * (2 * d + 3 * f))
+    kernels = device_kernel_table(step, (variables, x)) if profile else None
     return {"shape": name, "dispatch": dispatch, "backend": backend, "capacity_factor": cf,
-            "tokens": tokens, "ms": t * 1e3, "tflops": useful / t / 1e12,
+            "kernels": kernels, "tokens": tokens, "ms": t * 1e3, "tflops": useful / t / 1e12,
             "dropped": float(np.mean(jax.device_get(stats["dropped_fraction"]))),
             "temp_gib": temp / 2 ** 30, "peak_gib": peak / 2 ** 30, "analytic_gib": analytic / 2 ** 30,
             "peak_over_analytic": peak / analytic}
@@ -131,6 +180,8 @@ def main():
                    help="calls per timed sample, issued back to back (timing.call_times)")
     p.add_argument("--policies", default="default",
                    help=f"grouped-matmul configurations for dropless:pallas, of {list(POLICIES)}")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each case's device time per kernel (profiler trace)")
     a = p.parse_args()
     ceiling = dense_ceiling(a.iters, queue=a.queue)
     rows = []
@@ -141,13 +192,14 @@ def main():
             policies = a.policies.split(",") if (dispatch, backend) == ("dropless", "pallas") else ["default"]
             for policy in policies:
                 try:
-                    r = moe_case(shape, a.tokens, dispatch, backend, cf, a.iters, a.queue, policy)
+                    r = moe_case(shape, a.tokens, dispatch, backend, cf, a.iters, a.queue, policy,
+                                 a.profile)
                 except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
                     r = {"shape": shape, "dispatch": dispatch, "backend": backend, "capacity_factor": cf,
                          "error": " ".join(str(e).split())[:200]}
                 r["ceiling_tflops"], r["policy"] = ceiling, policy
                 rows.append(r)
-                print(json.dumps(r), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceiling_tflops": ceiling,
             "iters": a.iters, "queue": a.queue, "tokens": a.tokens}
     with open(a.out, "w") as fh:
