@@ -34,10 +34,28 @@ Three dispatchers, all pure functions:
   custom VJP that is again a gather (the inverse permutation comes from a scatter of
   ``arange``, never an argsort). Under a mesh it runs in ``jax.shard_map`` over the mesh
   axes of ``batch`` and of the ``expert`` parameter axis; with more than one expert shard
-  it sends token copies with ``jax.lax.all_to_all`` in padded buffers ``[N, T·K, D]``:
-  one fixed-size block per destination, large enough for all local copies, so even
-  when every token picks the same expert nothing is dropped (``N``-fold memory for the
-  exchange; ``ragged_all_to_all`` would avoid it, but padded runs on every backend).
+  the token copies travel by one of two exchanges (``exchange``, config
+  ``moe.ep_exchange``, :data:`EP_EXCHANGES`):
+
+  - ``'padded'`` (:func:`_dropless_all_to_all`): ``jax.lax.all_to_all`` of padded
+    buffers ``[N, T·K, D]``, one fixed-size block per destination, large enough for all
+    local copies. It runs on every backend, but sends ``N`` times the copies' bytes and
+    the receiver sorts and multiplies all ``N·T·K`` rows.
+  - ``'ragged'`` (:func:`_dropless_ragged`): ``jax.lax.ragged_all_to_all`` of the real
+    rows only (``T·K`` per shard, sorted by expert, one slice per destination). Only the
+    per-expert counts ``[E]`` travel besides (an ``all_gather`` gives every shard the
+    ``[N, E]`` matrix, from which all offsets and the receiver's reorder into
+    expert-major order follow by counting-sort arithmetic; no expert ids are sent). The
+    receive buffer has a static ``N·T·K`` rows, the worst case (every shard sends all its
+    copies to one shard), so nothing is dropped; its memory is the padded path's, the
+    bytes on the wire and the row moves are ``1/N`` of them for balanced routing.
+    ``'ragged_emulated'`` runs the same offsets and reorders over
+    :func:`ragged_exchange_emulated` (``all_to_all`` and gathers, padded bytes): the CPU
+    tests' way to check every index of the ragged path.
+  - ``'auto'`` (default): ``'ragged'`` on GPUs and TPUs, ``'padded'`` on CPU, where
+    XLA has no ``ragged-all-to-all`` (``UNIMPLEMENTED``).
+
+  Either way nothing is dropped, even when every token picks the same expert.
 """
 
 from __future__ import annotations
