@@ -79,7 +79,7 @@ def block_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype, excha
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         compiled = step.lower(variables, x).compile()
-        t = bench(step, variables, x, iters=iters)
+        t = bench(compiled, variables, x, iters=iters)
     hlo = compiled.as_text()
     mem = compiled.memory_analysis()
     ragged = hlo.count("ragged-all-to-all")
