@@ -534,7 +534,12 @@ def ragged_exchange(operand: Array, output: Array, input_offsets: Array, send_si
     ``ragged_all_to_all(ct, zeros_like(operand), o, recv_sizes,
     all_to_all(input_offsets), send_sizes)``, so rows of ``operand`` that were sent get
     their cotangent, others 0; ``output``'s cotangent is ``ct`` with the written rows
-    zeroed. Offsets and sizes must be integer (int32 here) and rank 1.
+    zeroed (jax 0.10 builds that mask from +1/-1 marks at slice starts and ends, which
+    miscounts when a zero-size slice starts where another one does; unused here, since
+    our ``output`` buffers are constants). Offsets and sizes must be integer (int32 here)
+    and rank 1. The result has ``output``'s ``shard_map`` type, so ``output`` must vary
+    over the mesh axes that ``operand`` varies over: build it with
+    ``jnp.zeros_like(operand, shape=...)``, not ``jnp.zeros``.
     """
     return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
                                      recv_sizes, axis_name=axis)

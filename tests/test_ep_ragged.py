@@ -29,7 +29,10 @@ from routezoo.layers import sharding  # noqa: E402
 T, D, F, E, K = 64, 16, 32, 8, 2
 MESHES = [{"expert": 8}, {"data": 2, "expert": 4}]
 TOL = dict(rtol=2e-5, atol=2e-5)
-mesh_id = functools.partial(lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
+
+
+def mesh_id(mesh_shape):
+    return "x".join(f"{k}{v}" for k, v in mesh_shape.items())
 
 
 # ------------------------------------------------------------------ the exchange
