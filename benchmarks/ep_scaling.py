@@ -1,21 +1,31 @@
 """Expert-parallel weak scaling of the MoE block on the GPUs of one host (issue: fast MoE on GPUs, target 4).
 
-    python benchmarks/ep_scaling.py [--shape mixtral] [--tokens_per_gpu 16384] [--link_gbps 450] [--out FILE]
+    python benchmarks/ep_scaling.py [--shape mixtral] [--tokens_per_gpu 16384] [--exchange padded,ragged]
+                                    [--link_gbps 450] [--out FILE]
 
 For ``n = 1, 2, 4, ...`` up to the number of devices: a mesh ``expert = n`` over the first
 ``n`` devices, the experts sharded ``n`` ways (``E/n`` per GPU), ``tokens_per_gpu`` tokens
 on every GPU (``n · tokens_per_gpu`` in all: weak scaling), the routezoo MoE block
-(dropless, the platform's grouped-matmul backend, padded ``all_to_all`` inside
-``shard_map``) forward + backward, median of ``--iters`` calls after warm-up.
-Efficiency = ``t(1) / t(n)`` (the same work per GPU, so 100% means the exchange is free).
+(dropless, the platform's grouped-matmul backend, inside ``shard_map``) forward +
+backward, median of ``--iters`` calls after warm-up. For ``n > 1`` one row per
+``--exchange`` (``moe.ep_exchange``, see ``layers/dispatch.py``): ``padded``
+(``all_to_all`` of ``[n, T·k, D]`` blocks) and ``ragged`` (``ragged_all_to_all`` of the
+real rows only); ``ragged_emulated`` (the ragged offsets over an emulated exchange) runs
+anywhere, e.g. ``--shape tiny`` on CPU, where XLA has no ``ragged-all-to-all`` (a
+``ragged`` row there reports that and goes on). Efficiency = ``t(1) / t(n)`` (the same
+work per GPU, so 100% means the exchange is free).
 
-The all-to-all alone: the same padded buffer ``[n, T·k, D]`` (bf16) that the block sends,
-exchanged with ``jax.lax.all_to_all`` in ``shard_map``; reported as the bytes each GPU
-sends to the others per call over the time (``(n-1)/n`` of the buffer), against
-``--link_gbps`` (per-direction NVLink bandwidth of one GPU: 450 GB/s for H100/H200
-NVLink 4, 900 GB/s both ways). The block sends the padded buffer (``n`` times the
-token copies, see ``layers/dispatch.py``), so the useful bytes are ``1/n`` of it; both
-are printed.
+The all-to-all alone, per exchange, reported as the bytes each GPU sends to the others
+per call over the time, against ``--link_gbps`` (per-direction NVLink bandwidth of one
+GPU: 450 GB/s for H100/H200 NVLink 4, 900 GB/s both ways):
+
+* ``padded``: the padded buffer ``[n, T·k, D]`` that the block sends, exchanged with
+  ``jax.lax.all_to_all``; ``(n-1)/n`` of it leaves the GPU, and only ``1/n`` of that is
+  token copies (the useful bytes; both are printed);
+* ``ragged``: the ``T·k`` real rows ``[T·k, D]``, ``T·k/n`` to each GPU (balanced
+  routing), exchanged with ``jax.lax.ragged_all_to_all`` into a ``[T·k, D]`` buffer
+  (the block's receive buffer is ``n`` times larger, its worst case, but only the real
+  rows travel); ``(n-1)/n`` of the rows leave the GPU, all of them useful.
 
 Prints a table and writes JSON (``--out``).
 """
@@ -42,7 +52,7 @@ SHAPES = {
 }
 
 
-def block_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype) -> dict:
+def block_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype, exchange: str) -> dict:
     from routezoo.configs import base
     from routezoo.layers import sharding
     from routezoo.layers.moe import moe_from_config
@@ -50,7 +60,7 @@ def block_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype) -> di
     e, k, d, f = SHAPES[shape]
     cfg = base.get_config().model.moe
     cfg.num_experts, cfg.k, cfg.expert_dim = e, k, f
-    cfg.dispatch, cfg.jitter = "dropless", 0.0
+    cfg.dispatch, cfg.jitter, cfg.ep_exchange = "dropless", 0.0, exchange
     model = moe_from_config(cfg, d_model=d, dtype=dtype, param_dtype=dtype)
     seq = min(2048, tokens_per_gpu)
     mesh = sharding.make_mesh({"data": 1, "expert": n}, devices=jax.devices()[:n])
@@ -68,26 +78,51 @@ def block_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype) -> di
             return jnp.sum(y.astype(jnp.float32)) + sum(aux["losses"].values())
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        t = bench(step, variables, x, iters=iters)
-        hlo = step.lower(variables, x).compile().as_text()
-    return {"n": n, "ms": t * 1e3, "all_to_all_in_hlo": hlo.count("all-to-all"),
-            "tokens_total": n * tokens_per_gpu}
+        compiled = step.lower(variables, x).compile()
+        t = bench(compiled, variables, x, iters=iters)
+    hlo = compiled.as_text()
+    mem = compiled.memory_analysis()
+    ragged = hlo.count("ragged-all-to-all")
+    return {"n": n, "exchange": exchange if n > 1 else "-", "ms": t * 1e3,
+            "all_to_all_in_hlo": hlo.count("all-to-all") - ragged, "ragged_all_to_all_in_hlo": ragged,
+            "temp_gib": getattr(mem, "temp_size_in_bytes", 0) / 2 ** 30, "tokens_total": n * tokens_per_gpu}
 
 
-def all_to_all_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype) -> dict:
+def all_to_all_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype, exchange: str) -> dict:
+    from routezoo.layers import dispatch
+
     e, k, d, f = SHAPES[shape]
     m = tokens_per_gpu * k
+    itemsize = jnp.dtype(dtype).itemsize
     mesh = jax.make_mesh((n,), ("expert",), devices=jax.devices()[:n])
-    buf = jax.device_put(jnp.ones((n * n, m, d), dtype), NamedSharding(mesh, P("expert")))
+    if exchange == "padded":
+        buf = jax.device_put(jnp.ones((n * n, m, d), dtype), NamedSharding(mesh, P("expert")))
 
-    @jax.jit
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"))
-    def exchange(b):                                  # b: [n, M, D] per GPU
-        return jax.lax.all_to_all(b, "expert", 0, 0)
+        @jax.jit
+        @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"))
+        def run(b):                                       # b: [n, M, D] per GPU
+            return jax.lax.all_to_all(b, "expert", 0, 0)
 
-    t = bench(exchange, buf, iters=iters)
-    sent = (n - 1) / n * n * m * d * jnp.dtype(dtype).itemsize     # bytes each GPU sends to others
-    return {"n": n, "a2a_ms": t * 1e3, "a2a_gbps": sent / t / 1e9, "a2a_useful_gbps": sent / n / t / 1e9}
+        sent = (n - 1) / n * n * m * d * itemsize         # bytes each GPU sends to others
+        useful = sent / n
+    else:
+        fn = dispatch.ragged_exchange if exchange == "ragged" else dispatch.ragged_exchange_emulated
+        buf = jax.device_put(jnp.ones((n * m, d), dtype), NamedSharding(mesh, P("expert")))
+        chunk = m // n                                    # balanced: T·k/n rows to every GPU
+
+        @jax.jit
+        @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"))
+        def run(rows):                                    # rows: [M, D] per GPU
+            me = jax.lax.axis_index("expert")
+            sizes = jnp.full((n,), chunk, jnp.int32)
+            input_offsets = jnp.arange(n, dtype=jnp.int32) * chunk
+            output_offsets = jnp.full((n,), me * chunk, jnp.int32)   # after the earlier senders' rows
+            return fn(rows, jnp.zeros_like(rows), input_offsets, sizes, output_offsets, sizes, "expert")
+
+        sent = (n - 1) / n * n * chunk * d * itemsize
+        useful = sent
+    t = bench(run, buf, iters=iters)
+    return {"a2a_ms": t * 1e3, "a2a_gbps": sent / t / 1e9, "a2a_useful_gbps": useful / t / 1e9}
 
 
 def main() -> None:
@@ -97,38 +132,50 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--link_gbps", type=float, default=450.0)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--exchange", default="padded,ragged",
+                   help="comma-separated moe.ep_exchange values: padded, ragged, ragged_emulated")
     p.add_argument("--out", default="ep_scaling.json")
     a = p.parse_args()
+    exchanges = [x for x in a.exchange.split(",") if x]
+    unknown = sorted(set(exchanges) - {"padded", "ragged", "ragged_emulated"})
+    if unknown or not exchanges:
+        p.error(f"--exchange {a.exchange!r}: allowed values are padded, ragged, ragged_emulated")
     dtype = jnp.dtype(a.dtype)
     sizes = [n for n in (1, 2, 4, 8, 16) if n <= jax.device_count() and SHAPES[a.shape][0] % n == 0]
     rows = []
     for n in sizes:
-        try:
-            r = block_case(n, a.shape, a.tokens_per_gpu, a.iters, dtype)
-            if n > 1:
-                r.update(all_to_all_case(n, a.shape, a.tokens_per_gpu, a.iters, dtype))
-        except Exception as err:  # noqa: BLE001 - report and go on
-            r = {"n": n, "error": " ".join(str(err).split())[:300]}
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+        for exchange in (exchanges if n > 1 else exchanges[:1]):
+            try:
+                if exchange == "ragged" and n > 1 and jax.default_backend() == "cpu":
+                    raise RuntimeError("XLA:CPU has no ragged-all-to-all; use --exchange ragged_emulated on CPU")
+                r = block_case(n, a.shape, a.tokens_per_gpu, a.iters, dtype, exchange)
+                if n > 1:
+                    r.update(all_to_all_case(n, a.shape, a.tokens_per_gpu, a.iters, dtype, exchange))
+            except Exception as err:  # noqa: BLE001 - report and go on
+                r = {"n": n, "exchange": exchange if n > 1 else "-", "error": " ".join(str(err).split())[:300]}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     base_ms = rows[0].get("ms")
     for r in rows:
         if "ms" in r and base_ms:
             r["efficiency"] = base_ms / r["ms"]
     info = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
-            "shape": a.shape, "tokens_per_gpu": a.tokens_per_gpu, "link_gbps": a.link_gbps}
+            "shape": a.shape, "tokens_per_gpu": a.tokens_per_gpu, "link_gbps": a.link_gbps,
+            "exchanges": exchanges}
     json.dump({"info": info, "rows": rows}, open(a.out, "w"), indent=1)
     e, k, d, f = SHAPES[a.shape]
     print(f"\n{info['device']} x{info['devices']}, jax {info['jax']}; shape {a.shape} (E={e}, k={k}, D={d}, F={f}), "
           f"{a.tokens_per_gpu} tokens per GPU, dropless, forward + backward")
-    print(f"{'GPUs':>4} {'ms':>8} {'efficiency':>10} {'a2a ms':>8} {'a2a GB/s':>9} {'% link':>7} {'useful GB/s':>11}")
+    print(f"{'GPUs':>4} {'exchange':>15} {'ms':>8} {'efficiency':>10} {'temp GiB':>8} {'a2a ms':>8} "
+          f"{'a2a GB/s':>9} {'% link':>7} {'useful GB/s':>11}")
     for r in rows:
         if "error" in r:
-            print(f"{r['n']:4d} ERROR {r['error'][:120]}")
+            print(f"{r['n']:4d} {r['exchange']:>15} ERROR {r['error'][:120]}")
             continue
         a2a = (f"{r['a2a_ms']:8.2f} {r['a2a_gbps']:9.1f} {100 * r['a2a_gbps'] / a.link_gbps:6.1f}% "
                f"{r['a2a_useful_gbps']:11.1f}") if "a2a_ms" in r else f"{'-':>8} {'-':>9} {'-':>7} {'-':>11}"
-        print(f"{r['n']:4d} {r['ms']:8.2f} {100 * r['efficiency']:9.1f}% {a2a}")
+        print(f"{r['n']:4d} {r['exchange']:>15} {r['ms']:8.2f} {100 * r['efficiency']:9.1f}% "
+              f"{r['temp_gib']:8.2f} {a2a}")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,28 @@ Three dispatchers, all pure functions:
   custom VJP that is again a gather (the inverse permutation comes from a scatter of
   ``arange``, never an argsort). Under a mesh it runs in ``jax.shard_map`` over the mesh
   axes of ``batch`` and of the ``expert`` parameter axis; with more than one expert shard
-  it sends token copies with ``jax.lax.all_to_all`` in padded buffers ``[N, T·K, D]``:
-  one fixed-size block per destination, large enough for all local copies, so even
-  when every token picks the same expert nothing is dropped (``N``-fold memory for the
-  exchange; ``ragged_all_to_all`` would avoid it, but padded runs on every backend).
+  the token copies travel by one of two exchanges (``exchange``, config
+  ``moe.ep_exchange``, :data:`EP_EXCHANGES`):
+
+  - ``'padded'`` (:func:`_dropless_all_to_all`): ``jax.lax.all_to_all`` of padded
+    buffers ``[N, T·K, D]``, one fixed-size block per destination, large enough for all
+    local copies. It runs on every backend, but sends ``N`` times the copies' bytes and
+    the receiver sorts and multiplies all ``N·T·K`` rows.
+  - ``'ragged'`` (:func:`_dropless_ragged`): ``jax.lax.ragged_all_to_all`` of the real
+    rows only (``T·K`` per shard, sorted by expert, one slice per destination). Only the
+    per-expert counts ``[E]`` travel besides (an ``all_gather`` gives every shard the
+    ``[N, E]`` matrix, from which all offsets and the receiver's reorder into
+    expert-major order follow by counting-sort arithmetic; no expert ids are sent). The
+    receive buffer has a static ``N·T·K`` rows, the worst case (every shard sends all its
+    copies to one shard), so nothing is dropped; its memory is the padded path's, the
+    bytes on the wire and the row moves are ``1/N`` of them for balanced routing.
+    ``'ragged_emulated'`` runs the same offsets and reorders over
+    :func:`ragged_exchange_emulated` (``all_to_all`` and gathers, padded bytes): the CPU
+    tests' way to check every index of the ragged path.
+  - ``'auto'`` (default): ``'ragged'`` on GPUs and TPUs, ``'padded'`` on CPU, where
+    XLA has no ``ragged-all-to-all`` (``UNIMPLEMENTED``).
+
+  Either way nothing is dropped, even when every token picks the same expert.
 """
 
 from __future__ import annotations
@@ -473,12 +491,185 @@ def _dropless_all_to_all(x: Array, indices: Array, weights: Array, params: Param
     return _combine(out_copies.reshape(t, k, d), weights, x.dtype)
 
 
+# ------------------------------------------------------------------ ragged exchange
+
+
+EP_EXCHANGES = ("auto", "padded", "ragged", "ragged_emulated")
+
+
+def resolve_ep_exchange(name: str) -> str:
+    """``'auto'`` or one of :data:`EP_EXCHANGES`; returns the exchange that runs.
+
+    ``auto``: ``ragged`` on GPUs and TPUs, ``padded`` on CPU (XLA:CPU has no
+    ``ragged-all-to-all``: it fails with ``UNIMPLEMENTED``). ``ragged_emulated`` is the
+    ragged path with :func:`ragged_exchange_emulated` in place of the collective: the same
+    offsets and reorders, padded bytes on the wire; it runs anywhere (the CPU tests).
+    """
+    if name not in EP_EXCHANGES:
+        raise ValueError(f"unknown ep_exchange {name!r}; known: {list(EP_EXCHANGES)}")
+    if name == "auto":
+        return "padded" if jax.default_backend() == "cpu" else "ragged"
+    return name
+
+
+def ragged_exchange(operand: Array, output: Array, input_offsets: Array, send_sizes: Array,
+                    output_offsets: Array, recv_sizes: Array, axis) -> Array:
+    """``jax.lax.ragged_all_to_all`` over mesh axis (or axes) ``axis``, inside ``shard_map``.
+
+    Semantics (jax docs and ``jax/_src/lax/parallel.py``), with ``N`` shards on ``axis``
+    and the four int arrays of length ``K = N·s`` (here ``s = 1``: one slice per peer):
+
+    * send: slice ``i`` is ``operand[input_offsets[i] : input_offsets[i] + send_sizes[i]]``
+      and goes to shard ``i // s``;
+    * ``output_offsets[i]`` is where slice ``i`` lands **in the receiver's** buffer, not
+      in mine; ``recv_sizes[i]`` is the size of the ``i``-th slice I receive (from shard
+      ``i // s``), so ``send_sizes == all_to_all(recv_sizes)`` must hold everywhere;
+    * receive: the result is ``output`` with rows
+      ``o[i] : o[i] + recv_sizes[i]`` replaced by the received slice ``i``, where
+      ``o = all_to_all(output_offsets, axis, 0, 0, tiled=True)`` (each sender's offset
+      for me); rows no slice writes keep ``output``'s values.
+
+    AD: the JVP is the same collective on the tangents (offsets and sizes are not
+    differentiated); the transpose sends the cotangent back with the roles swapped:
+    ``ragged_all_to_all(ct, zeros_like(operand), o, recv_sizes,
+    all_to_all(input_offsets), send_sizes)``, so rows of ``operand`` that were sent get
+    their cotangent, others 0; ``output``'s cotangent is ``ct`` with the written rows
+    zeroed (jax 0.10 builds that mask from +1/-1 marks at slice starts and ends, which
+    miscounts when a zero-size slice starts where another one does; unused here, since
+    our ``output`` buffers are constants). Offsets and sizes must be integer (int32 here)
+    and rank 1. The result has ``output``'s ``shard_map`` type, so ``output`` must vary
+    over the mesh axes that ``operand`` varies over: build it with
+    ``jnp.zeros_like(operand, shape=...)``, not ``jnp.zeros``.
+    """
+    return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                                     recv_sizes, axis_name=axis)
+
+
+def ragged_exchange_emulated(operand: Array, output: Array, input_offsets: Array, send_sizes: Array,
+                             output_offsets: Array, recv_sizes: Array, axis) -> Array:
+    """:func:`ragged_exchange`'s semantics from ``all_to_all`` and gathers (any backend).
+
+    Each slice is gathered into a block of ``cap = min(len(operand), len(output))`` rows
+    (no slice can be longer: it must fit on both sides), the ``[K, cap, ...]`` blocks and
+    ``output_offsets`` go through a tiled ``all_to_all`` (block ``i`` of the result is the
+    ``i``-th slice received, as in the collective), and each output row gathers the
+    received row that lands on it, or keeps ``output``'s value. Differentiable by plain
+    autodiff (gathers, ``all_to_all``, ``where``); it moves ``K·cap`` rows, so it is for
+    tests and debugging, not speed.
+    """
+    m_in, m_out = operand.shape[0], output.shape[0]
+    k = input_offsets.shape[0]
+    cap = min(m_in, m_out)
+    r = jnp.arange(cap, dtype=jnp.int32)
+    src = jnp.where(r[None, :] < send_sizes[:, None], input_offsets[:, None] + r[None, :], m_in)  # [K, cap]
+    blocks = jnp.take(operand, src.reshape(-1), axis=0, mode="fill", fill_value=0)
+    blocks = blocks.reshape(k, cap, *operand.shape[1:])
+    recv = jax.lax.all_to_all(blocks, axis, 0, 0, tiled=True)        # [K, cap, ...]: slice i received
+    recv_offsets = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)  # [K] where each lands here
+    dst = jnp.where(r[None, :] < recv_sizes[:, None], recv_offsets[:, None] + r[None, :], m_out)  # [K, cap]
+    row_of = jnp.full((m_out,), k * cap, jnp.int32).at[dst.reshape(-1)].set(
+        jnp.arange(k * cap, dtype=jnp.int32), mode="drop")             # [M_out] received row, or K·cap
+    got = jnp.take(recv.reshape(k * cap, *operand.shape[1:]), row_of, axis=0, mode="fill", fill_value=0)
+    written = (row_of < k * cap).reshape((m_out,) + (1,) * (output.ndim - 1))
+    return jnp.where(written, got, output)
+
+
+def _exclusive_cumsum(x: Array, axis: int = 0) -> Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _dropless_ragged(x: Array, indices: Array, weights: Array, params: Params, *,
+                     num_experts: int, expert_axes: tuple[str, ...], num_shards: int,
+                     expert_type: str, gmm, exchange: Callable[..., Array]) -> Array:
+    """Expert-parallel dropless MoE inside ``shard_map`` that sends only real copies.
+
+    ``x [T, D]``, ``indices/weights [T, K]`` are this shard's tokens, ``params`` its
+    ``E/N`` experts, ``exchange`` :func:`ragged_exchange` or
+    :func:`ragged_exchange_emulated`. With ``M = T·K`` copies per shard:
+
+    1. Copies sorted by expert (hence by destination shard): ``rows [M, D]``; counts per
+       global expert ``[E]``, all-gathered over the expert axes into ``c [N, E]``
+       (``c[i, e]``: rows shard ``i`` sends expert ``e``), viewed as ``[N, N, E/N]``
+       (sender, receiver, local expert). Only these counts travel besides the rows.
+    2. Forward exchange, one slice per receiver ``j``: ``send_sizes[j]`` my rows for
+       ``j``'s experts, ``input_offsets`` their start in ``rows``, ``output_offsets[j]``
+       the rows earlier senders send ``j`` (where my slice lands there),
+       ``recv_sizes[i]`` what shard ``i`` sends me.
+    3. The receive buffer has ``N·M`` rows, the worst case (every shard sends me all its
+       copies), so nothing is ever dropped; it holds sender 0's slice, sender 1's, ...,
+       each sorted by local expert, then an empty tail. From ``c`` alone each row's
+       expert-major position follows (counting sort: block ``(i, l)`` of sender ``i``
+       and local expert ``l`` starts at ``sum_{i'} c[i', l' < l] + sum_{i' < i} c[i', l]``);
+       :func:`take_rows` reorders into expert-major order and back (skipped with one
+       local expert: the buffer is then already expert-major). ``ffn_grouped`` runs with
+       ``group_sizes`` the per-local-expert totals; rows past their sum are the tail,
+       never sent back.
+    4. Reverse exchange with the roles swapped (slice ``i`` goes back to sender ``i``
+       and lands at that sender's ``input_offsets[me]``), then unsort and combine.
+
+    Differentiable: the exchanges' transposes are again ragged exchanges (see
+    :func:`ragged_exchange`) and the row moves are :func:`take_rows`.
+    """
+    t, k = indices.shape
+    d = x.shape[-1]
+    m = t * k
+    n = num_shards
+    el = num_experts // n
+    r_buf = n * m                                                      # receive buffer rows
+    axis = expert_axes if len(expert_axes) > 1 else expert_axes[0]
+    ids = indices.reshape(-1)
+    ids = jnp.where(ids < 0, num_experts, ids).astype(jnp.int32)      # [M]; E = none
+    perm = jnp.argsort(ids, stable=True)
+    inv = invert_permutation(perm)
+    copies = jnp.broadcast_to(x[:, None, :], (t, k, d)).reshape(m, d)
+    rows = take_rows(copies, perm, inv)                                 # [M, D] sorted by expert
+
+    counts = jnp.zeros((num_experts,), jnp.int32).at[ids].add(1, mode="drop")  # [E]
+    c = jax.lax.all_gather(counts, axis).reshape(n, n, el)             # [sender, receiver, local expert]
+    s = jnp.sum(c, axis=-1)                                            # [N, N] rows sender -> receiver
+    me = jax.lax.axis_index(axis)
+    send_sizes = jnp.sum(counts.reshape(n, el), axis=-1)               # [N] = s[me]
+    input_offsets = _exclusive_cumsum(send_sizes)                      # [N] in rows
+    output_offsets = jnp.take(_exclusive_cumsum(s, axis=0), me, axis=0)  # [N] in each receiver's buffer
+    recv_sizes = jnp.take(s, me, axis=1)                               # [N] from each sender
+    recv_offsets = _exclusive_cumsum(recv_sizes)                       # [N] in my buffer
+    back_offsets = jnp.take(_exclusive_cumsum(s, axis=1), me, axis=1)  # [N] my slice's start in each sender's rows
+
+    # Receive buffers come from zeros_like: ragged_all_to_all returns the type of its
+    # output argument, and shard_map must see them varying over the mesh axes as the rows
+    # do (a plain jnp.zeros varies over none, and the backward pass fails its type check).
+    recv = exchange(rows, jnp.zeros_like(rows, shape=(r_buf, d)), input_offsets, send_sizes,
+                    output_offsets, recv_sizes, axis)                   # [N·M, D] sender-major
+    cm = jnp.take(c, me, axis=1)                                       # [N, E/N] what sender i sends my expert l
+    group_sizes = jnp.sum(cm, axis=0)                                  # [E/N]
+    if el > 1:
+        sizes_sm = cm.reshape(-1)                                      # blocks (i, l), sender-major
+        ends_sm = jnp.cumsum(sizes_sm)
+        starts_sm = ends_sm - sizes_sm
+        starts_em = _exclusive_cumsum(cm.T.reshape(-1)).reshape(el, n).T.reshape(-1)  # same blocks, expert-major
+        p = jnp.arange(r_buf, dtype=jnp.int32)
+        b = jnp.searchsorted(ends_sm, p, side="right").astype(jnp.int32)  # [N·M] block; N·el = tail
+        bc = jnp.minimum(b, n * el - 1)
+        dst = jnp.where(b < n * el, starts_em[bc] + p - starts_sm[bc], r_buf)  # [N·M] expert-major row
+        src = jnp.full((r_buf,), r_buf, jnp.int32).at[dst].set(p, mode="drop")
+        buf = take_rows(recv, src, dst)                                # [N·M, D] expert-major
+        out = ffn_grouped(buf, group_sizes, params, expert_type=expert_type, gmm=gmm)
+        out = take_rows(out, dst, src)                                 # [N·M, D] sender-major
+    else:
+        out = ffn_grouped(recv, group_sizes, params, expert_type=expert_type, gmm=gmm)
+
+    back = exchange(out, jnp.zeros_like(out, shape=(m, d)), recv_offsets, recv_sizes,
+                    back_offsets, send_sizes, axis)                     # [M, D] sorted by expert
+    out_copies = take_rows(back, inv, perm)                             # [M, D] in (t, k) order
+    return _combine(out_copies.reshape(t, k, d), weights, x.dtype)
+
+
 def _prod(mesh, axes: Sequence[str]) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
 def dropless_moe(x: Array, indices: Array, weights: Array, params: Params, *,
-                 expert_type: str, gmm_backend: str = "auto") -> Array:
+                 expert_type: str, gmm_backend: str = "auto", exchange: str = "auto") -> Array:
     """Dropless MoE: ``x [T, D]``, ``indices/weights [T, K]`` -> ``y [T, D]``.
 
     With no mesh in context (``jax.set_mesh``) or no logical axis rules
@@ -489,13 +680,16 @@ def dropless_moe(x: Array, indices: Array, weights: Array, params: Params, *,
 
     * tokens are split over the ``batch`` mesh axes (each shard sorts its own copies);
     * experts are split over the ``expert`` axes; with more than one expert shard the
-      copies travel by padded ``all_to_all`` (see the module docstring);
+      copies travel by ``exchange`` (:data:`EP_EXCHANGES`, :func:`resolve_ep_exchange`):
+      ``'padded'`` ``all_to_all`` blocks or ``'ragged'`` ``ragged_all_to_all`` of the
+      real rows (see the module docstring);
     * weights sharded over ``embed`` (FSDP) are all-gathered on entry; weights sharded
       over ``expert_mlp`` (tensor parallel) stay sharded and the partial outputs are
       summed with ``psum`` (if those axes also split the tokens they are all-gathered
       instead).
     """
     gmm = resolve_gmm_backend(gmm_backend)
+    exchange = resolve_ep_exchange(exchange)
     mesh = _mesh()
     num_experts = params["wi"].shape[0]
     t = x.shape[0]
@@ -534,10 +728,15 @@ def dropless_moe(x: Array, indices: Array, weights: Array, params: Params, *,
                     if axes:
                         w = jax.lax.all_gather(w, axes if len(axes) > 1 else axes[0], axis=dim, tiled=True)
             local[name] = w
-        if n_exp > 1:
+        if n_exp > 1 and exchange == "padded":
             y = _dropless_all_to_all(x, indices, weights, local, num_experts=num_experts,
                                      expert_axes=expert_axes, num_shards=n_exp,
                                      expert_type=expert_type, gmm=gmm)
+        elif n_exp > 1:
+            fn = ragged_exchange if exchange == "ragged" else ragged_exchange_emulated
+            y = _dropless_ragged(x, indices, weights, local, num_experts=num_experts,
+                                 expert_axes=expert_axes, num_shards=n_exp,
+                                 expert_type=expert_type, gmm=gmm, exchange=fn)
         else:
             y = run_local(x, indices, weights, local)
         if psum_axes:

@@ -54,6 +54,7 @@ Dtype = Any
 DISPATCH_MODES = ("capacity", "dropless")
 EXPERT_TYPES = dispatch_lib.EXPERT_TYPES
 GMM_BACKENDS = dispatch_lib.GMM_BACKEND_NAMES
+EP_EXCHANGES = dispatch_lib.EP_EXCHANGES
 
 
 class Experts(nn.Module):
@@ -100,6 +101,11 @@ class MoE(nn.Module):
       min_capacity: lower bound of ``C``.
       group_size: routing group size ``S``; 0 = one group per sequence.
       gmm_backend: dropless grouped matmul: ``'auto'``, ``'ragged_dot'`` or ``'dense'``.
+      ep_exchange: how dropless dispatch moves token copies between expert shards:
+        ``'padded'`` (``all_to_all`` of ``[N, T·K, D]`` blocks), ``'ragged'``
+        (``ragged_all_to_all`` of the real rows only), ``'auto'`` (ragged on GPU/TPU,
+        padded on CPU) or ``'ragged_emulated'`` (ragged offsets, emulated exchange: CPU
+        tests); see :mod:`routezoo.layers.dispatch`.
       capacity_impl: ``'index'`` (scatter/gather) or ``'einsum'`` (one-hot reference).
       capacity_fill: order in which copies fill the buffers: ``'token'`` (each token's
         copies together, in token order: causal) or ``'slot'`` (all first choices, then
@@ -122,6 +128,7 @@ class MoE(nn.Module):
     min_capacity: int = 4
     group_size: int = 0
     gmm_backend: str = "auto"
+    ep_exchange: str = "auto"
     capacity_impl: str = "index"
     capacity_fill: str = "token"
     expert_type: str = "swiglu"
@@ -184,7 +191,8 @@ class MoE(nn.Module):
                 fill=self.capacity_fill)
         else:
             y = dispatch_lib.dropless_moe(xc.reshape(t, d), routing.indices, routing.weights, params,
-                                          expert_type=self.expert_type, gmm_backend=self.gmm_backend)
+                                          expert_type=self.expert_type, gmm_backend=self.gmm_backend,
+                                          exchange=self.ep_exchange)
         y = sharding.constrain(y.reshape(b, l, d), ("batch", "length", "act_embed"))
 
         if self.num_shared_experts > 0:
@@ -236,6 +244,7 @@ def moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dt
         min_capacity=int(moe_cfg.min_capacity),
         group_size=int(moe_cfg.group_size),
         gmm_backend=str(moe_cfg.gmm_backend),
+        ep_exchange=str(moe_cfg.get("ep_exchange", "auto")),
         capacity_fill=str(moe_cfg.get("capacity_fill", "token")),
         expert_type=str(moe_cfg.expert_type),
         num_shared_experts=int(moe_cfg.num_shared_experts),
@@ -252,7 +261,7 @@ def moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dt
 def validate_moe_config(moe_cfg: Any, *, causal: bool, mesh_shape: dict[str, int]) -> None:
     """Raises ``ValueError`` with one line naming the problem and what is allowed.
 
-    Checks names (router, dispatch, gmm_backend, expert_type), sizes (experts, ``k``,
+    Checks names (router, dispatch, gmm_backend, ep_exchange, expert_type), sizes (experts, ``k``,
     widths, group size), capacity factors with capacity dispatch, divisibility of
     ``num_experts`` by the ``expert`` mesh axis (skipped when that axis is ``-1``) and
     routers that cannot run in a causal model (expert choice).
@@ -264,6 +273,7 @@ def validate_moe_config(moe_cfg: Any, *, causal: bool, mesh_shape: dict[str, int
     choose("router", ROUTERS)
     choose("dispatch", DISPATCH_MODES)
     choose("gmm_backend", GMM_BACKENDS)
+    choose("ep_exchange", EP_EXCHANGES)
     choose("expert_type", EXPERT_TYPES)
     choose("capacity_fill", dispatch_lib.CAPACITY_FILLS)
     e = int(moe_cfg.num_experts)
