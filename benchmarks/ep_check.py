@@ -19,7 +19,8 @@ for ``E = 8`` (several experts per GPU: the receiver's counting-sort reorder run
 absolute difference of each exchange to the one-device result divided by the largest
 absolute reference value, and ragged against padded; exits 1 if any exceeds ``--tol``.
 Also checks that the compiled ragged step holds ``ragged-all-to-all`` (and the padded one
-does not) and that ``exchange='auto'`` resolves to ``'ragged'`` here.
+does not; with XLA's decomposer flag the compiled step holds other collectives instead, and
+that check is reported as failed while the values still compare).
 
 Run on CPU with ``--exchange_ragged ragged_emulated`` (and
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2``) to try the script itself.
@@ -135,10 +136,9 @@ def main() -> int:
             print(f"E={e:2d} {case:>13}: " + ", ".join(line) + "  | ragged-1dev max abs: "
                   + " ".join(f"{k} {v:.1e}" for k, v in absd.items()))
 
-    # moe.ep_exchange='auto' must pick the ragged collective on GPU/TPU.
     auto = dispatch.resolve_ep_exchange("auto")
     print(f"exchange='auto' resolves to {auto!r} on {jax.default_backend()}")
-    ok = worst <= a.tol and hlo_ok and (auto == "ragged" or jax.default_backend() == "cpu")
+    ok = worst <= a.tol and hlo_ok
     print(f"worst relative difference {worst:.2e} (tol {a.tol:.0e}); HLO checks {'ok' if hlo_ok else 'FAILED'}; "
           f"{'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import json
 
 import jax
@@ -135,6 +136,8 @@ def main() -> None:
     p.add_argument("--exchange", default="padded,ragged",
                    help="comma-separated moe.ep_exchange values: padded, ragged, ragged_emulated")
     p.add_argument("--out", default="ep_scaling.json")
+    p.add_argument("--a2a_only", action="store_true",
+                   help="time the exchange alone (no MoE block), e.g. to compare XLA_FLAGS settings")
     a = p.parse_args()
     exchanges = [x for x in a.exchange.split(",") if x]
     unknown = sorted(set(exchanges) - {"padded", "ragged", "ragged_emulated"})
@@ -144,24 +147,27 @@ def main() -> None:
     sizes = [n for n in (1, 2, 4, 8, 16) if n <= jax.device_count() and SHAPES[a.shape][0] % n == 0]
     rows = []
     for n in sizes:
+        if a.a2a_only and n == 1:
+            continue
         for exchange in (exchanges if n > 1 else exchanges[:1]):
             try:
                 if exchange == "ragged" and n > 1 and jax.default_backend() == "cpu":
                     raise RuntimeError("XLA:CPU has no ragged-all-to-all; use --exchange ragged_emulated on CPU")
-                r = block_case(n, a.shape, a.tokens_per_gpu, a.iters, dtype, exchange)
+                r = ({"n": n, "exchange": exchange} if a.a2a_only
+                     else block_case(n, a.shape, a.tokens_per_gpu, a.iters, dtype, exchange))
                 if n > 1:
                     r.update(all_to_all_case(n, a.shape, a.tokens_per_gpu, a.iters, dtype, exchange))
             except Exception as err:  # noqa: BLE001 - report and go on
                 r = {"n": n, "exchange": exchange if n > 1 else "-", "error": " ".join(str(err).split())[:300]}
             rows.append(r)
             print(json.dumps(r), flush=True)
-    base_ms = rows[0].get("ms")
+    base_ms = rows[0].get("ms") if rows else None
     for r in rows:
         if "ms" in r and base_ms:
             r["efficiency"] = base_ms / r["ms"]
     info = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
             "shape": a.shape, "tokens_per_gpu": a.tokens_per_gpu, "link_gbps": a.link_gbps,
-            "exchanges": exchanges}
+            "exchanges": exchanges, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     json.dump({"info": info, "rows": rows}, open(a.out, "w"), indent=1)
     e, k, d, f = SHAPES[a.shape]
     print(f"\n{info['device']} x{info['devices']}, jax {info['jax']}; shape {a.shape} (E={e}, k={k}, D={d}, F={f}), "
@@ -174,6 +180,9 @@ def main() -> None:
             continue
         a2a = (f"{r['a2a_ms']:8.2f} {r['a2a_gbps']:9.1f} {100 * r['a2a_gbps'] / a.link_gbps:6.1f}% "
                f"{r['a2a_useful_gbps']:11.1f}") if "a2a_ms" in r else f"{'-':>8} {'-':>9} {'-':>7} {'-':>11}"
+        if "ms" not in r:   # --a2a_only
+            print(f"{r['n']:4d} {r['exchange']:>15} {'-':>8} {'-':>10} {'-':>8} {a2a}")
+            continue
         print(f"{r['n']:4d} {r['exchange']:>15} {r['ms']:8.2f} {100 * r['efficiency']:9.1f}% "
               f"{r['temp_gib']:8.2f} {a2a}")
 

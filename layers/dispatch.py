@@ -52,8 +52,11 @@ Three dispatchers, all pure functions:
     ``'ragged_emulated'`` runs the same offsets and reorders over
     :func:`ragged_exchange_emulated` (``all_to_all`` and gathers, padded bytes): the CPU
     tests' way to check every index of the ragged path.
-  - ``'auto'`` (default): ``'ragged'`` on GPUs and TPUs, ``'padded'`` on CPU, where
-    XLA has no ``ragged-all-to-all`` (``UNIMPLEMENTED``).
+  - ``'auto'`` (default): ``'padded'`` on CPU (XLA has no ``ragged-all-to-all`` there:
+    ``UNIMPLEMENTED``) and on GPU (measured on 2 H200s, jax 0.11.2: XLA's
+    ``ragged-all-to-all`` reached 2.7 GB/s, 35x slower than the padded ``all_to_all``;
+    with its decomposer flag the block was still 3-27% slower, BENCHMARKS.md),
+    ``'ragged'`` on TPU (native there; not measured here).
 
   Either way nothing is dropped, even when every token picks the same expert.
 """
@@ -500,15 +503,16 @@ EP_EXCHANGES = ("auto", "padded", "ragged", "ragged_emulated")
 def resolve_ep_exchange(name: str) -> str:
     """``'auto'`` or one of :data:`EP_EXCHANGES`; returns the exchange that runs.
 
-    ``auto``: ``ragged`` on GPUs and TPUs, ``padded`` on CPU (XLA:CPU has no
-    ``ragged-all-to-all``: it fails with ``UNIMPLEMENTED``). ``ragged_emulated`` is the
+    ``auto``: ``ragged`` on TPU, ``padded`` on CPU (XLA:CPU has no
+    ``ragged-all-to-all``: it fails with ``UNIMPLEMENTED``) and GPU (XLA's GPU
+    ``ragged-all-to-all`` measured far slower than the padded exchange; module docstring). ``ragged_emulated`` is the
     ragged path with :func:`ragged_exchange_emulated` in place of the collective: the same
     offsets and reorders, padded bytes on the wire; it runs anywhere (the CPU tests).
     """
     if name not in EP_EXCHANGES:
         raise ValueError(f"unknown ep_exchange {name!r}; known: {list(EP_EXCHANGES)}")
     if name == "auto":
-        return "padded" if jax.default_backend() == "cpu" else "ragged"
+        return "ragged" if jax.default_backend() == "tpu" else "padded"
     return name
 
 

@@ -103,8 +103,8 @@ class MoE(nn.Module):
       gmm_backend: dropless grouped matmul: ``'auto'``, ``'ragged_dot'`` or ``'dense'``.
       ep_exchange: how dropless dispatch moves token copies between expert shards:
         ``'padded'`` (``all_to_all`` of ``[N, T·K, D]`` blocks), ``'ragged'``
-        (``ragged_all_to_all`` of the real rows only), ``'auto'`` (ragged on GPU/TPU,
-        padded on CPU) or ``'ragged_emulated'`` (ragged offsets, emulated exchange: CPU
+        (``ragged_all_to_all`` of the real rows only), ``'auto'`` (padded on CPU and GPU,
+        ragged on TPU) or ``'ragged_emulated'`` (ragged offsets, emulated exchange: CPU
         tests); see :mod:`routezoo.layers.dispatch`.
       capacity_impl: ``'index'`` (scatter/gather) or ``'einsum'`` (one-hot reference).
       capacity_fill: order in which copies fill the buffers: ``'token'`` (each token's
