@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe.batch_prioritized = False      # BPR: fill capacity by top-1 probability (not causal: encoders only)
     moe.capacity_fill = "token"        # capacity dispatch queue order: token (each token's copies together; causal) | slot (GShard: all first choices first; encoders only for k >= 2)
     moe.group_size = 0                 # routing-group size in tokens; 0 = one group per sequence
-    moe.gmm_backend = "auto"           # auto | ragged_dot | dense
+    moe.gmm_backend = "auto"           # auto (blocked on CPU, pallas on GPU, megablox on TPU) | pallas | megablox | blocked | ragged_dot | dense
     moe.ep_exchange = "auto"           # dropless expert parallel: auto (padded on CPU/GPU, ragged on TPU) | padded | ragged | ragged_emulated (CPU tests)
     moe.router_init_scale = 0.1
     # DeepSeek-V3 routing (layers/deepseek_router.py), moe.router=deepseek_v3: sigmoid scores, group-limited top-k,

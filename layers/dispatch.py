@@ -171,10 +171,19 @@ def gmm_pallas(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
     return gmm_backend(lhs, rhs, group_sizes)
 
 
+def gmm_megablox(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """Megablox, jax's own TPU grouped-matmul kernels (MaxText's dropless path), under
+    routezoo's VJP and contract: :mod:`routezoo.layers.kernels.gmm_megablox` (interpreted
+    off TPU: for tests, slow)."""
+    from routezoo.layers.kernels.gmm_megablox import gmm
+    return gmm(lhs, rhs, group_sizes)
+
+
 GMM_BACKENDS: dict[str, Callable[[Array, Array, Array], Array]] = {
     "ragged_dot": gmm_ragged_dot,
     "blocked": gmm_blocked,
     "pallas": gmm_pallas,
+    "megablox": gmm_megablox,
     "dense": gmm_dense,
 }
 GMM_BACKEND_NAMES = ("auto", *GMM_BACKENDS)
@@ -186,10 +195,12 @@ def resolve_gmm_backend(name: str) -> Callable[[Array, Array, Array], Array]:
     ``auto``: ``blocked`` on CPU (XLA:CPU lowers ``ragged_dot`` to a masked matmul over
     every expert, E times the work), ``pallas`` on NVIDIA GPUs (XLA:GPU lowers
     ``ragged_dot`` to dense ``[E, M, D]`` buffers: out of memory at real sizes; see
-    BENCHMARKS.md), ``ragged_dot`` elsewhere (TPU).
+    BENCHMARKS.md), ``megablox`` on TPU (the kernels MaxText's dropless MoE uses; not
+    measured here), ``ragged_dot`` elsewhere.
     """
     if name == "auto":
-        name = {"cpu": "blocked", "gpu": "pallas"}.get(jax.default_backend(), "ragged_dot")
+        name = {"cpu": "blocked", "gpu": "pallas", "tpu": "megablox"}.get(jax.default_backend(),
+                                                                         "ragged_dot")
     if name not in GMM_BACKENDS:
         raise ValueError(f"unknown gmm_backend {name!r}; known: {list(GMM_BACKEND_NAMES)}")
     return GMM_BACKENDS[name]
@@ -505,9 +516,10 @@ def resolve_ep_exchange(name: str) -> str:
 
     ``auto``: ``ragged`` on TPU, ``padded`` on CPU (XLA:CPU has no
     ``ragged-all-to-all``: it fails with ``UNIMPLEMENTED``) and GPU (XLA's GPU
-    ``ragged-all-to-all`` measured far slower than the padded exchange; module docstring). ``ragged_emulated`` is the
-    ragged path with :func:`ragged_exchange_emulated` in place of the collective: the same
-    offsets and reorders, padded bytes on the wire; it runs anywhere (the CPU tests).
+    ``ragged-all-to-all`` measured far slower than the padded exchange; module
+    docstring). ``ragged_emulated`` is the ragged path with
+    :func:`ragged_exchange_emulated` in place of the collective: the same offsets and
+    reorders, padded bytes on the wire; it runs anywhere (the CPU tests).
     """
     if name not in EP_EXCHANGES:
         raise ValueError(f"unknown ep_exchange {name!r}; known: {list(EP_EXCHANGES)}")
@@ -750,6 +762,10 @@ def dropless_moe(x: Array, indices: Array, weights: Array, params: Params, *,
     tok = P(batch_axes or None, None)
     param_in_specs = {name: P(*(spec_axes(name, logical) or None for logical in EXPERT_PARAM_NAMES[name]))
                       for name in params}
-    fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(tok, tok, tok, param_in_specs), out_specs=tok)
+    # Megablox's pallas_calls (jax <= 0.11) give their outputs no shard_map varying type,
+    # which shard_map's type check refuses; that backend runs unchecked (the tests compare
+    # its sharded values and gradients with one device).
+    fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(tok, tok, tok, param_in_specs), out_specs=tok,
+                       check_vma=gmm is not gmm_megablox)
     x = sharding.constrain(x, ("batch", "act_embed"))
     return fn(x, indices, weights, dict(params))

@@ -100,7 +100,9 @@ class MoE(nn.Module):
         ``deterministic``: ``C = min(S, max(round(cf·K·S/E), min_capacity))``.
       min_capacity: lower bound of ``C``.
       group_size: routing group size ``S``; 0 = one group per sequence.
-      gmm_backend: dropless grouped matmul: ``'auto'``, ``'ragged_dot'`` or ``'dense'``.
+      gmm_backend: dropless grouped matmul: ``'auto'`` (per platform), ``'pallas'`` (GPU
+        kernel), ``'megablox'`` (TPU kernel), ``'blocked'``, ``'ragged_dot'`` or ``'dense'``;
+        see :func:`routezoo.layers.dispatch.resolve_gmm_backend`.
       ep_exchange: how dropless dispatch moves token copies between expert shards:
         ``'padded'`` (``all_to_all`` of ``[N, T·K, D]`` blocks), ``'ragged'``
         (``ragged_all_to_all`` of the real rows only), ``'auto'`` (padded on CPU and GPU,

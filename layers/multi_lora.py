@@ -34,7 +34,7 @@ never forming ``A·B`` and never merging (a mixed batch has no single merged wei
   ``[M, R] x [N-1, R, O]``; then the rows are unsorted. Examples with id 0 are sorted
   past the last group and skipped (their delta is 0). The grouped matmul is the dropless
   MoE's (:data:`routezoo.layers.dispatch.GMM_BACKENDS`, ``adapter.multi_lora_gmm_backend``,
-  ``auto`` = blocked on CPU, the Pallas kernel on GPU, ``ragged_dot`` on TPU); shapes are
+  ``auto`` = blocked on CPU, the Pallas kernel on GPU, megablox on TPU); shapes are
   static under jit (``M = B·S`` always).
 * ``auto``: ``gather``, for decode and prefill alike. Ids are per example, so the gather
   copies only ``B·(I + O)·R`` weights whatever ``S`` is, and it measured faster than

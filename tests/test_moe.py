@@ -97,11 +97,11 @@ def _loss_and_grads(model, variables, x, cot):
 
 
 @functools.lru_cache(maxsize=None)
-def _mesh_case(dispatch):
+def _mesh_case(dispatch, **overrides):
     # cf = E/K gives C = S: capacity dispatch drops nothing. Expert 0 is favoured by the
     # selection bias, so one expert shard receives every token (the padded worst case).
     cfg = make_cfg(dispatch=dispatch, capacity_factor=4.0, eval_capacity_factor=4.0,
-                   bias_update_rate=0.01, num_shared_experts=1, shared_expert_dim=16)
+                   bias_update_rate=0.01, num_shared_experts=1, shared_expert_dim=16, **overrides)
     x = make_x()
     model, boxed, variables = build(cfg, x)
     variables = with_bias(variables, [10.0] + [0.0] * (E - 1))
@@ -110,26 +110,40 @@ def _mesh_case(dispatch):
     return model, boxed, variables, x, cot, ref
 
 
-@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_sharded_matches_single_device(dispatch, mesh_shape):
-    model, boxed, variables, x, cot, (y_ref, g_ref) = _mesh_case(dispatch)
+def _check_sharded(mesh_shape, model, boxed, variables, x, cot, y_ref, g_ref):
+    """Runs the loss and gradients on ``mesh_shape`` and compares them with the reference;
+    returns the sharded variables."""
     mesh = sharding.make_mesh(mesh_shape)
     rules = sharding.DEFAULT_RULES
     specs = nn.get_partition_spec(boxed)
     specs["router_state"] = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), variables["router_state"])
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-    v_s = jax.device_put(variables, shardings)
+    v_s = jax.device_put(variables, nn.logical_to_mesh_sharding(specs, mesh, rules))
     x_s = jax.device_put(x, sharding.logical_sharding(mesh, ("batch", "length", "act_embed"), rules))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         y, g = jax.jit(functools.partial(_loss_and_grads, model))(v_s, x_s, cot)
     np.testing.assert_allclose(y, y_ref, **TOL)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, **TOL, err_msg=jax.tree_util.keystr(path))
+    return v_s
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_sharded_matches_single_device(dispatch, mesh_shape):
+    model, boxed, variables, x, cot, (y_ref, g_ref) = _mesh_case(dispatch)
+    v_s = _check_sharded(mesh_shape, model, boxed, variables, x, cot, y_ref, g_ref)
     # sharded expert weights really are sharded
     if mesh_shape.get("expert", 1) > 1:
         wi = v_s["params"]["experts"]["wi"]
         assert wi.addressable_shards[0].data.shape[0] == E // mesh_shape["expert"]
+
+
+def test_sharded_megablox_matches_single_device():
+    """The megablox backend (TPU kernels, interpreted here) under expert parallelism:
+    shard_map runs it without the varying-type check (its pallas_calls carry none), and
+    values and gradients still equal the single-device result."""
+    model, boxed, variables, x, cot, (y_ref, g_ref) = _mesh_case("dropless", gmm_backend="megablox")
+    _check_sharded({"data": 2, "expert": 4}, model, boxed, variables, x, cot, y_ref, g_ref)
 
 
 # ------------------------------------------------------------------ dispatch equivalences
@@ -149,6 +163,7 @@ def test_dispatchers_match_dense_reference(expert_type):
     variants = [dict(dispatch="dropless", gmm_backend="ragged_dot"),
                 dict(dispatch="dropless", gmm_backend="blocked"),
                 dict(dispatch="dropless", gmm_backend="dense"),
+                dict(dispatch="dropless", gmm_backend="megablox"),
                 dict(dispatch="capacity")]
     for kw in variants:
         model = moe_lib.moe_from_config(make_cfg(expert_type=expert_type, eval_capacity_factor=4.0, **kw),
@@ -225,7 +240,9 @@ def test_batch_prioritized_slots():
 @pytest.mark.parametrize("kw", [dict(dispatch="dropless", gmm_backend="ragged_dot"),
                                 dict(dispatch="dropless", gmm_backend="blocked"),
                                 dict(dispatch="dropless", gmm_backend="dense"),
-                                dict(dispatch="capacity")], ids=["ragged_dot", "blocked", "dense", "capacity"])
+                                dict(dispatch="dropless", gmm_backend="megablox"),
+                                dict(dispatch="capacity")],
+                         ids=["ragged_dot", "blocked", "dense", "megablox", "capacity"])
 def test_expert_without_tokens_gets_zero_gradient(kw):
     x = make_x()
     cfg = make_cfg(bias_update_rate=0.01, **kw)
@@ -237,7 +254,7 @@ def test_expert_without_tokens_gets_zero_gradient(kw):
         assert np.any(np.asarray(gw[0]) != 0.0), name
 
 
-@pytest.mark.parametrize("backend", ["ragged_dot", "blocked"])
+@pytest.mark.parametrize("backend", ["ragged_dot", "blocked", "megablox"])
 @pytest.mark.parametrize("sizes", [[5, 0, 7, 3], [15, 0, 0, 0], [0, 0, 0, 10], [2, 3, 1, 1]])
 def test_gmm_backends_match_per_row_reference(backend, sizes):
     """Every backend against a per-row loop, forward and backward, empty experts included;
@@ -420,7 +437,7 @@ def test_aux_and_stats():
 @pytest.mark.parametrize("overrides,causal,mesh,match", [
     (dict(router="hash9"), False, {}, r"moe.router='hash9' is unknown; known: \[.*'top_k'.*\]"),
     (dict(dispatch="magic"), False, {}, r"moe.dispatch='magic' is unknown; known: \['capacity', 'dropless'\]"),
-    (dict(gmm_backend="cutlass"), False, {}, r"moe.gmm_backend='cutlass' is unknown; known: \['auto', 'blocked', 'dense', 'pallas', 'ragged_dot'\]"),
+    (dict(gmm_backend="cutlass"), False, {}, r"moe.gmm_backend='cutlass' is unknown; known: \['auto', 'blocked', 'dense', 'megablox', 'pallas', 'ragged_dot'\]"),
     (dict(k=9), False, {}, r"moe.k=9 must be between 1 and moe.num_experts=8"),
     (dict(), False, {"expert": 3}, r"moe.num_experts=8 is not divisible by mesh.expert=3"),
     (dict(dispatch="capacity", capacity_factor=0.0), False, {}, r"moe.capacity_factor=0.0 must be > 0"),
