@@ -27,6 +27,7 @@ in its own try/except; failures are printed and recorded, the rest goes on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -183,6 +184,20 @@ def run_shape(name, e, m, k, n, args, gp, rows):
     record("einsum balanced [E,M/E,K]x[E,K,N]", "fwd", jax.jit(einsum), x, w)
     record("einsum balanced [E,M/E,K]x[E,K,N]", "fwdbwd", fwd_bwd(einsum), x, w, ct, mult=3)
 
+    # The library's own configuration (gmm_pallas.config_for), with and without half-height
+    # last tiles.
+    for half in (True, False):
+        cfg = dataclasses.replace(gp.config_for(m, e, k, n, interpret=INTERPRET), half_tiles=half)
+        label = f"config_for half_tiles={half}"
+        f = lambda a, b, cfg=cfg: gp.gmm(a, b, gs, config=cfg)   # noqa: E731
+        record(label, "fwd", jax.jit(f), x, w, extra={"half_tiles": half})
+        dlhs = jax.jit(lambda d, b, cfg=cfg: gp._gmm_call(d, b, gs, tiling=cfg.dlhs_tiling or cfg.tiling,
+                                                          cfg=cfg, transpose_rhs=True))
+        record(label, "dlhs", dlhs, ct, w, extra={"half_tiles": half})
+        record(label, "fwdbwd", fwd_bwd(f), x, w, ct, mult=3, extra={"half_tiles": half})
+    if args.only_config_for:
+        return
+
     configs = GMM_CONFIGS_QUICK if args.quick else GMM_CONFIGS
     for tiling, warps, stages in configs:
         label = f"gmm {tiling} w{warps} s{stages}"
@@ -241,6 +256,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="3 gmm and 2 tgmm configurations")
     p.add_argument("--skip-mgpu", action="store_true", help="skip jax's Mosaic GPU kernels")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--only-config-for", action="store_true",
+                   help="time only the library's configuration (half tiles on and off)")
     args = p.parse_args()
 
     from routezoo.layers.kernels import gmm_pallas as gp

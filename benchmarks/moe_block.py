@@ -23,6 +23,7 @@ median of ``--iters`` calls. Parameters and compute in bf16 (no cast overhead).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import jax
@@ -52,19 +53,27 @@ def _wide(width: int) -> tuple[int, int, int]:
 
 # Grouped-matmul configurations to compare in one process (``--policies``): ``default`` is
 # the library's ``gmm_pallas.config_for``; ``run3`` is what run 3 measured (tiling by
-# output width, every group size alike); ``tgmm16`` a variant of the small-group rule.
+# output width, every group size alike); ``nohalf`` the library's without half-height last
+# tiles; ``tgmm16`` a variant of the small-group rule.
 POLICIES = {
     "default": None,
     "run3": lambda m, g, k, n, interpret=False: _gp().GmmConfig(
         tiling=_wide(n), dlhs_tiling=_wide(k), interpret=interpret),
+    "nohalf": lambda m, g, k, n, interpret=False: dataclasses.replace(
+        _LIBRARY_CONFIG_FOR[0](m, g, k, n, interpret=interpret), half_tiles=False),
     "tgmm16": lambda m, g, k, n, interpret=False: _gp().GmmConfig(
         tiling=_wide(n), dlhs_tiling=_wide(k), tgmm_tiling=(16, 128, 128), num_stages=4,
         tgmm_num_stages=4, interpret=interpret),
 }
 
 
+_LIBRARY_CONFIG_FOR: list = []   # gmm_pallas.config_for before any policy replaced it
+
+
 def _gp():
     from routezoo.layers.kernels import gmm_pallas
+    if not _LIBRARY_CONFIG_FOR:
+        _LIBRARY_CONFIG_FOR.append(gmm_pallas.config_for)
     return gmm_pallas
 
 

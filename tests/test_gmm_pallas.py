@@ -73,15 +73,18 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("half_tiles", [True, False], ids=["half_tiles", "full_tiles"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["order", "reversed"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_backward(case, reverse):
+def test_forward_and_backward(case, reverse, half_tiles):
     """The interpreter runs programs one after another: in one order a row written by two
-    programs shows only the last write, so both orders are run."""
+    programs shows only the last write, so both orders are run. ``unaligned_sizes`` has
+    last tiles of <= bm/2 rows (7, 33 -> 1) and of more (50 -> 18, 61 -> 29), so both
+    heights of ``half_tiles`` run."""
     m, k, n, sizes, tiling, tgmm_tiling = CASES[case]
     x, w, gs, ct = _data(m, k, n, sizes)
     config = gp.GmmConfig(tiling=tiling, tgmm_tiling=tgmm_tiling, interpret=True,
-                          reverse_program_order=reverse)
+                          reverse_program_order=reverse, half_tiles=half_tiles)
     out, dx, dw = _fwd_and_grads(x, w, gs, ct, config)
     assert out.dtype == jnp.float32
     assert_close(out, ref_gmm(x, w, gs))
@@ -156,9 +159,11 @@ def test_config_for_small_groups_forward_and_backward():
     configuration equal the dense reference (rows 0..99 over 3 groups, one empty)."""
     small = gp.config_for(16384, 128, 1024, 4096)
     assert (small.tgmm_tiling, small.num_stages, small.tgmm_num_stages) == ((32, 128, 128), 4, 4)
+    assert small.half_tiles
     assert small.tiling == (128, 64, 256) and small.dlhs_tiling == (128, 64, 128)
     large = gp.config_for(32768, 8, 4096, 14336)
     assert (large.tgmm_tiling, large.num_stages) == (gp.DEFAULT_TGMM_TILING, gp.DEFAULT_NUM_STAGES)
+    assert not large.half_tiles
     x, w, gs, ct = _data(112, 64, 48, [60, 0, 40], seed=5)
     out, dx, dw = _fwd_and_grads(x, w, gs, ct, gp.config_for(112, 3, 64, 48, interpret=True))
     assert_close(out, ref_gmm(x, w, gs))
