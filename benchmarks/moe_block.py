@@ -54,13 +54,20 @@ def _wide(width: int) -> tuple[int, int, int]:
 # Grouped-matmul configurations to compare in one process (``--policies``): ``default`` is
 # the library's ``gmm_pallas.config_for``; ``run3`` is what run 3 measured (tiling by
 # output width, every group size alike); ``nohalf`` the library's without half-height last
-# tiles; ``tgmm16`` a variant of the small-group rule.
+# tiles; ``tgmm32`` / ``stages4`` the small-group weight-gradient rule (and 4 stages) for
+# every group size; ``tgmm16`` a variant of the small-group rule.
 POLICIES = {
     "default": None,
     "run3": lambda m, g, k, n, interpret=False: _gp().GmmConfig(
         tiling=_wide(n), dlhs_tiling=_wide(k), interpret=interpret),
     "nohalf": lambda m, g, k, n, interpret=False: dataclasses.replace(
         _LIBRARY_CONFIG_FOR[0](m, g, k, n, interpret=interpret), half_tiles=False),
+    "tgmm32": lambda m, g, k, n, interpret=False: dataclasses.replace(
+        _LIBRARY_CONFIG_FOR[0](m, g, k, n, interpret=interpret), tgmm_tiling=(32, 128, 128),
+        tgmm_num_stages=4),
+    "stages4": lambda m, g, k, n, interpret=False: dataclasses.replace(
+        _LIBRARY_CONFIG_FOR[0](m, g, k, n, interpret=interpret), num_stages=4, tgmm_num_stages=4,
+        tgmm_tiling=(32, 128, 128)),
     "tgmm16": lambda m, g, k, n, interpret=False: _gp().GmmConfig(
         tiling=_wide(n), dlhs_tiling=_wide(k), tgmm_tiling=(16, 128, 128), num_stages=4,
         tgmm_num_stages=4, interpret=interpret),
@@ -89,6 +96,9 @@ def moe_case(name: str, tokens: int, dispatch: str, backend: str, cf: float | No
         gp.config_for = library_config_for
 
 
+ROUTER_PRECISION = ["float32"]   # set by --router_precision
+
+
 def build_step(name: str, tokens: int, dispatch: str, backend: str, cf: float | None):
     """``(step, variables, x)``: the jitted forward + backward of the block at ``name``."""
     from routezoo.configs import base
@@ -103,6 +113,7 @@ def build_step(name: str, tokens: int, dispatch: str, backend: str, cf: float | 
     cfg.min_capacity = 0
     cfg.group_size = 0
     cfg.jitter = 0.0
+    cfg.router_precision = ROUTER_PRECISION[0]
     model = moe_from_config(cfg, d_model=d, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     seq = 2048
     x = jax.random.normal(jax.random.key(2), (tokens // seq, seq, d), jnp.bfloat16)
@@ -191,7 +202,9 @@ def main():
                    help=f"grouped-matmul configurations for dropless:pallas, of {list(POLICIES)}")
     p.add_argument("--profile", action="store_true",
                    help="also print each case's device time per kernel (profiler trace)")
+    p.add_argument("--router_precision", default="float32", help="moe.router_precision")
     a = p.parse_args()
+    ROUTER_PRECISION[0] = a.router_precision
     ceiling = dense_ceiling(a.iters, queue=a.queue)
     rows = []
     for shape in a.shapes.split(","):
@@ -210,7 +223,7 @@ def main():
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceiling_tflops": ceiling,
-            "iters": a.iters, "queue": a.queue, "tokens": a.tokens}
+            "iters": a.iters, "queue": a.queue, "tokens": a.tokens, "router_precision": a.router_precision}
     with open(a.out, "w") as fh:
         json.dump({"info": info, "rows": rows}, fh, indent=1)
     print(f"\n{info['device']}, jax {info['jax']}, dense bf16 8192^3: {ceiling:.0f} TFLOP/s, tokens {a.tokens}")

@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe.gmm_backend = "auto"           # auto (blocked on CPU, pallas on GPU, megablox on TPU) | pallas | megablox | blocked | ragged_dot | dense
     moe.ep_exchange = "auto"           # dropless expert parallel: auto (padded on CPU/GPU, ragged on TPU) | padded | ragged | ragged_emulated (CPU tests)
     moe.router_init_scale = 0.1
+    moe.router_precision = "float32"   # router logits matmul: float32 (exact) | bf16_3x (3 bf16 tensor-core passes, ~f32 accuracy, faster on GPUs)
     # DeepSeek-V3 routing (layers/deepseek_router.py), moe.router=deepseek_v3: sigmoid scores, group-limited top-k,
     # a selection-only correction bias (a frozen parameter); moe.renormalize is norm_topk_prob.
     moe.deepseek_v3_n_group = 1        # deepseek_v3: expert groups N (E divisible by N); 1 = plain top-k

@@ -45,8 +45,8 @@ from flax import linen as nn
 from routezoo.layers import dispatch as dispatch_lib
 from routezoo.layers import sharding
 from routezoo.layers.dense import MLP
-from routezoo.layers.routers import (ROUTERS, Router, Routing, TopKRouter, expert_capacity,
-                                     router_from_config)
+from routezoo.layers.routers import (ROUTER_PRECISIONS, ROUTERS, Router, Routing, TopKRouter,
+                                     expert_capacity, router_from_config)
 
 Array = jax.Array
 Dtype = Any
@@ -276,6 +276,8 @@ def validate_moe_config(moe_cfg: Any, *, causal: bool, mesh_shape: dict[str, int
     choose("dispatch", DISPATCH_MODES)
     choose("gmm_backend", GMM_BACKENDS)
     choose("ep_exchange", EP_EXCHANGES)
+    if "router_precision" in moe_cfg:
+        choose("router_precision", ROUTER_PRECISIONS)
     choose("expert_type", EXPERT_TYPES)
     choose("capacity_fill", dispatch_lib.CAPACITY_FILLS)
     e = int(moe_cfg.num_experts)

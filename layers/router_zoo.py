@@ -60,7 +60,7 @@ from flax import linen as nn
 
 from routezoo.layers import sharding
 from routezoo.layers.routers import (ROUTERS, Router, Routing, _num_groups, load_balance_loss,
-                                     routing_stats, top_k)
+                                     router_precision, routing_stats, top_k)
 
 Array = jax.Array
 
@@ -95,7 +95,7 @@ def _learned_logits(module: Router, x: Array, width: int, deterministic: bool) -
     init = nn.initializers.variance_scaling(module.init_scale, "fan_in", "truncated_normal")
     kernel = module.param("kernel", sharding.param(init, ("embed", None)), (x.shape[-1], width),
                           jnp.float32)
-    return jnp.einsum("TD,DE->TE", x, kernel, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("TD,DE->TE", x, kernel, precision=router_precision(module.precision))
 
 
 # ------------------------------------------------------------------ hash

@@ -169,6 +169,27 @@ def _num_groups(num_tokens: int, group_size: int | None) -> tuple[int, int]:
 # ------------------------------------------------------------------ routers
 
 
+ROUTER_PRECISIONS = {
+    # float32 inputs and kernel; how the [T, D] x [D, E] product is computed:
+    "float32": jax.lax.Precision.HIGHEST,                     # exact f32 (SIMT FMA on GPUs)
+    "bf16_3x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,   # 3 bf16 tensor-core passes
+}
+
+
+def router_precision(name: str):
+    """The ``precision`` argument for router matmuls; ``name`` of :data:`ROUTER_PRECISIONS`.
+
+    ``float32`` (default) is the Switch Transformer's selective precision: the router in
+    full float32. ``bf16_3x`` splits each float32 operand into two bfloat16 parts and sums
+    three tensor-core products (about float32's accuracy, ~1e-5 relative here); on GPUs
+    XLA runs ``float32`` as a SIMT GEMM, which took 9% of the 128-expert block's time
+    (BENCHMARKS.md, run 4 profile).
+    """
+    if name not in ROUTER_PRECISIONS:
+        raise ValueError(f"unknown router precision {name!r}; known: {list(ROUTER_PRECISIONS)}")
+    return ROUTER_PRECISIONS[name]
+
+
 class Router(nn.Module):
     """Base class: the router kernel, jitter and the z-loss.
 
@@ -182,6 +203,7 @@ class Router(nn.Module):
     jitter: float = 0.0
     z_loss_coef: float = 0.0
     init_scale: float = 0.1
+    precision: str = "float32"   # the logits matmul, of ROUTER_PRECISIONS
 
     causal: ClassVar[bool] = True
 
@@ -195,7 +217,7 @@ class Router(nn.Module):
         init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
         kernel = self.param("kernel", sharding.param(init, ("embed", None)),
                             (x.shape[-1], self.num_experts), jnp.float32)
-        return jnp.einsum("TD,DE->TE", x, kernel, precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum("TD,DE->TE", x, kernel, precision=router_precision(self.precision))
 
     def z_losses(self, logits: Array) -> tuple[dict[str, Array], dict[str, Array]]:
         z = router_z_loss(logits)
@@ -206,7 +228,8 @@ class Router(nn.Module):
     def common_kwargs(cls, moe_cfg: Any) -> dict[str, Any]:
         return dict(num_experts=int(moe_cfg.num_experts), jitter=float(moe_cfg.jitter),
                     z_loss_coef=float(moe_cfg.z_loss_coef),
-                    init_scale=float(moe_cfg.router_init_scale))
+                    init_scale=float(moe_cfg.router_init_scale),
+                    precision=str(moe_cfg.get("router_precision", "float32")))
 
     @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "Router":

@@ -431,6 +431,26 @@ def test_aux_and_stats():
     assert 0 < float(aux["stats"]["router_entropy"]) <= np.log(E)
 
 
+def test_router_precision_bf16_3x_matches_float32():
+    """``router_precision=bf16_3x`` (three bfloat16 passes) gives the float32 logits to
+    ~1e-5 and the same expert choices; a one-pass bfloat16 product would not (~1e-3)."""
+    x = make_x()
+    _, _, variables = build(make_cfg(), x)
+    ref = route(make_cfg(), variables, x)
+    got = route(make_cfg(router_precision="bf16_3x"), variables, x)
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_allclose(got.weights, ref.weights, rtol=1e-4, atol=1e-5)
+    xf = x.reshape(-1, D)
+    kernel = variables["params"]["router"]["kernel"]
+    exact = np.asarray(xf, np.float64) @ np.asarray(kernel, np.float64)
+    x3 = jnp.einsum("TD,DE->TE", xf, kernel, precision=routers_lib.router_precision("bf16_3x"))
+    one_pass = jnp.einsum("TD,DE->TE", xf.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+                          preferred_element_type=jnp.float32)
+    scale = np.abs(exact).max()
+    assert np.abs(np.asarray(x3) - exact).max() < 1e-4 * scale
+    assert np.abs(np.asarray(one_pass) - exact).max() > 10 * np.abs(np.asarray(x3) - exact).max()
+
+
 # ------------------------------------------------------------------ config validation
 
 
@@ -438,6 +458,7 @@ def test_aux_and_stats():
     (dict(router="hash9"), False, {}, r"moe.router='hash9' is unknown; known: \[.*'top_k'.*\]"),
     (dict(dispatch="magic"), False, {}, r"moe.dispatch='magic' is unknown; known: \['capacity', 'dropless'\]"),
     (dict(gmm_backend="cutlass"), False, {}, r"moe.gmm_backend='cutlass' is unknown; known: \['auto', 'blocked', 'dense', 'megablox', 'pallas', 'ragged_dot'\]"),
+    (dict(router_precision="tf32"), False, {}, r"moe.router_precision='tf32' is unknown; known: \['bf16_3x', 'float32'\]"),
     (dict(k=9), False, {}, r"moe.k=9 must be between 1 and moe.num_experts=8"),
     (dict(), False, {"expert": 3}, r"moe.num_experts=8 is not divisible by mesh.expert=3"),
     (dict(dispatch="capacity", capacity_factor=0.0), False, {}, r"moe.capacity_factor=0.0 must be > 0"),
