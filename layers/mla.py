@@ -116,8 +116,12 @@ class MLAttention(nn.Module):
         qq = jnp.concatenate([q[..., :n], q_rope], axis=-1)                              # [B, L, H, K]
         kk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, l, h, p))], axis=-1)  # [B, M, H, K]
 
-        scores = jnp.einsum("BLHK,BMHK->BHLM", qq.astype(jnp.float32), kk.astype(jnp.float32),
-                            precision=jax.lax.Precision.HIGHEST) * (k ** -0.5 * self._softmax_factor())
+        if qq.dtype == jnp.float32:   # float32 models: exact scores (the HF parity tests)
+            scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, precision=jax.lax.Precision.HIGHEST)
+        else:   # 16-bit models: 16-bit products, float32 accumulation (tensor cores on GPUs;
+            # upcasting to float32 first made XLA run a SIMT float32 GEMM over [B, H, L, L])
+            scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, preferred_element_type=jnp.float32)
+        scores = scores * (k ** -0.5 * self._softmax_factor())
         allowed = jnp.ones((1, 1, l, l), bool)
         if self.causal:
             allowed = allowed & (jnp.arange(l)[:, None] >= jnp.arange(l)[None, :])[None, None]

@@ -185,3 +185,26 @@ def test_padding_mask_makes_padded_rows_equal_unpadded(causal):
     np.testing.assert_allclose(real, ref, rtol=1e-5, atol=1e-5)
     unmasked, _ = model.apply(variables, padded, positions=positions_from_mask(mask))
     assert not np.allclose(unmasked[:, 3:] if causal else unmasked[:, :7], ref, atol=1e-3)
+
+
+def test_mla_16bit_scores_are_16bit_products_with_float32_accumulation():
+    """Latent attention in bfloat16 multiplies bfloat16 queries and keys with float32
+    accumulation (tensor cores on GPUs), never upcast copies; its output stays within
+    bfloat16 error of the float32 layer with the same weights."""
+    from routezoo.layers.mla import MLAttention
+
+    kw = dict(num_heads=2, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16), jnp.float32)
+    f32 = MLAttention(**kw)
+    params = f32.init(jax.random.key(1), x)
+    bf16 = MLAttention(**kw, dtype=jnp.bfloat16)
+    want = f32.apply(params, x)
+    got = bf16.apply(params, x.astype(jnp.bfloat16))
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)
+    jaxpr = jax.make_jaxpr(lambda p, x: bf16.apply(p, x))(params, x.astype(jnp.bfloat16))
+    scores = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"
+              and e.outvars[0].aval.shape == (2, 2, 6, 6)]
+    assert scores, "no [B, H, L, M] score product found"
+    e = scores[0]   # q·k: the only product with a [B, H, L, M] output
+    assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16, jnp.bfloat16]
+    assert e.outvars[0].aval.dtype == jnp.float32
