@@ -68,6 +68,7 @@ class MLAttention(nn.Module):
     rope_scaling: RopeScaling | None = None   # None: plain rotary embeddings
     latent_norm_eps: float = 1e-6
     causal: bool = True
+    implementation: str | None = None   # None/'auto', 'xla' or 'cudnn' (see __call__)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -80,6 +81,37 @@ class MLAttention(nn.Module):
 
     def _softmax_factor(self) -> float:
         return 1.0 if self.rope_scaling is None else self.rope_scaling.softmax_factor()
+
+    def _use_cudnn(self, q: jax.Array, segment_mask: jax.Array | None) -> bool:
+        """``implementation`` ``'cudnn'``, or ``None``/``'auto'`` where cuDNN's flash
+        attention applies: a GPU, 16-bit inputs, no segment mask, a head dim that is a
+        multiple of 8 and at most 128 (256 on Hopper and later)."""
+        if self.implementation not in (None, "auto"):
+            return self.implementation == "cudnn"
+        if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16) \
+                or segment_mask is not None or q.shape[-1] % 8:
+            return False
+        cc = getattr(jax.devices()[0], "compute_capability", "0")
+        return q.shape[-1] <= (256 if float(cc) >= 9.0 else 128)
+
+    def _attend_xla(self, qq, kk, val, scale: float, segment_mask) -> jax.Array:
+        """Softmax attention with materialised ``[B, H, L, M]`` scores: ``[B, L, H, V]``."""
+        l = qq.shape[1]
+        if qq.dtype == jnp.float32:   # float32 models: exact scores (the HF parity tests)
+            scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, precision=jax.lax.Precision.HIGHEST)
+        else:   # 16-bit models: 16-bit products, float32 accumulation (tensor cores on GPUs;
+            # upcasting to float32 first made XLA run a SIMT float32 GEMM over [B, H, L, L])
+            scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, preferred_element_type=jnp.float32)
+        scores = scores * scale
+        allowed = jnp.ones((1, 1, l, l), bool)
+        if self.causal:
+            allowed = allowed & (jnp.arange(l)[:, None] >= jnp.arange(l)[None, :])[None, None]
+        if segment_mask is not None:
+            allowed = allowed & segment_mask
+        # A finite floor, not -inf: a query with no allowed key (padding) gets finite junk.
+        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)                       # [B, H, L, M]
+        return jnp.einsum("BHLM,BMHV->BLHV", probs, val)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
@@ -116,21 +148,16 @@ class MLAttention(nn.Module):
         qq = jnp.concatenate([q[..., :n], q_rope], axis=-1)                              # [B, L, H, K]
         kk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, l, h, p))], axis=-1)  # [B, M, H, K]
 
-        if qq.dtype == jnp.float32:   # float32 models: exact scores (the HF parity tests)
-            scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, precision=jax.lax.Precision.HIGHEST)
-        else:   # 16-bit models: 16-bit products, float32 accumulation (tensor cores on GPUs;
-            # upcasting to float32 first made XLA run a SIMT float32 GEMM over [B, H, L, L])
-            scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, preferred_element_type=jnp.float32)
-        scores = scores * (k ** -0.5 * self._softmax_factor())
-        allowed = jnp.ones((1, 1, l, l), bool)
-        if self.causal:
-            allowed = allowed & (jnp.arange(l)[:, None] >= jnp.arange(l)[None, :])[None, None]
-        if segment_mask is not None:
-            allowed = allowed & segment_mask
-        # A finite floor, not -inf: a query with no allowed key (padding) gets finite junk.
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)                       # [B, H, L, M]
-        out = jnp.einsum("BHLM,BMHV->BLHV", probs, val)
+        scale = k ** -0.5 * self._softmax_factor()
+        if self._use_cudnn(qq, segment_mask):
+            # cuDNN flash attention (no [B, H, L, L] scores). jax.nn.dot_product_attention
+            # takes one head dim for q, k and v: the values are zero-padded from V to K and
+            # the padded output columns (exactly 0) are dropped.
+            vp = jnp.pad(val, ((0, 0), (0, 0), (0, 0), (0, k - v))) if k > v else val
+            out = jax.nn.dot_product_attention(qq, kk, vp, mask=segment_mask, is_causal=self.causal,
+                                               scale=scale, implementation="cudnn")[..., :v]
+        else:
+            out = self._attend_xla(qq, kk, val, scale, segment_mask)
         out = constrain(out, ("batch", "length", "act_heads", None))
         y = project(self, "o", "BLHV,HVD->BLD", out, w("o", (h, v, d), ("heads", "head_dim", "embed")), num_in=2)
         return constrain(y, ("batch", "length", "act_embed"))
@@ -146,5 +173,5 @@ def mla_from_config(cfg: Any, *, causal: bool, dtype: Dtype, param_dtype: Dtype,
         qk_nope_head_dim=int(cfg.mla_qk_nope_head_dim), qk_rope_head_dim=int(cfg.mla_qk_rope_head_dim),
         v_head_dim=int(cfg.mla_v_head_dim), q_lora_rank=int(cfg.mla_q_lora_rank),
         rope_theta=float(cfg.rope_theta), rope_interleave=bool(cfg.mla_rope_interleave),
-        rope_scaling=scaling,
+        rope_scaling=scaling, implementation=str(cfg.get("attention_impl", "auto")),
         causal=causal, dtype=dtype, param_dtype=param_dtype, name=name)
