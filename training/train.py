@@ -571,7 +571,7 @@ class _StopFlag:
 
 def describe_model(params_boxed, config) -> dict[str, float]:
     total, active = zoo.count_params(params_boxed, config.model, config.data.seq_len)
-    flops = zoo.flops_per_token(config.model, config.data.seq_len, active)
+    flops = zoo.flops_per_token(config.model, config.data.seq_len, active, params_boxed)
     return {"params_total": total, "params_active": active,
             "flops_per_token_forward": flops["forward"], "flops_per_token_train": flops["train"]}
 

@@ -44,7 +44,16 @@ def count_params(params: Any, model_cfg: Any, seq_len: int | None = None) -> tup
     Soft MoE's slots over a group of ``M`` tokens).
     """
     total, active = 0, 0.0
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    for _, size, act in param_sizes(params, model_cfg, seq_len):
+        total += size
+        active += act
+    return total, int(round(active))
+
+
+def param_sizes(params: Any, model_cfg: Any, seq_len: int | None = None):
+    """``(path, size, active size)`` of every parameter (see :func:`count_params`)."""
+    leaves = jax.tree_util.tree_leaves_with_path(
+        params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     moe = getattr(model_cfg, "moe", None)
     frac = 1.0
     if moe is not None and moe.num_experts:
@@ -52,28 +61,36 @@ def count_params(params: Any, model_cfg: Any, seq_len: int | None = None) -> tup
         router = ROUTERS.get(str(moe.router))
         frac = (router.active_expert_fraction(moe, seq_len) if router is not None
                 else moe.k / moe.num_experts)
-    for leaf in leaves:
+    for path, leaf in leaves:
         names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
         value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
         size = int(np.prod(value.shape))
-        total += size
-        active += size * (frac if names and names[0] == "expert" else 1.0)
-    return total, int(round(active))
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        yield keys, size, size * (frac if names and names[0] == "expert" else 1.0)
 
 
-def flops_per_token(model_cfg: Any, seq_len: int, active_params: int) -> dict[str, float]:
+def flops_per_token(model_cfg: Any, seq_len: int, active_params: int,
+                    params: Any = None) -> dict[str, float]:
     """Forward and training FLOPs per token (PaLM appendix B convention).
 
     Forward: ``2·N`` for the matmuls of the N active non-embedding parameters, plus the
     unembedding ``2·D·V``, plus attention ``4·layers·H·K·L`` (scores and values, full
-    length, no causal discount). Training is three times the forward.
+    length, no causal discount). Training is three times the forward. The encoder-decoder
+    (``model.name='encoder_decoder'``) needs ``params`` and counts each stack on its own
+    part of the row (:func:`routezoo.zoo.encoder_decoder.flops_per_token`).
     """
     c = model_cfg
+    if c.name == "encoder_decoder":
+        if params is None:
+            raise ValueError("flops_per_token: the encoder-decoder needs params (its stacks see "
+                             "different parts of a row)")
+        from routezoo.zoo.encoder_decoder import flops_per_token as seq2seq_flops
+        return seq2seq_flops(params, c, seq_len)
     embed = c.vocab_size * c.d_model
     n_matmul = active_params - embed * (1 if c.tie_embeddings else 2)
     fwd = 2.0 * n_matmul + 2.0 * c.d_model * c.vocab_size + 4.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
     return {"forward": fwd, "train": 3.0 * fwd}
 
 
-__all__ = ["MODELS", "build", "count_params", "flops_per_token", "ffn_kinds", "DecoderLM", "EncoderMLM", "EncoderDecoderLM",
+__all__ = ["MODELS", "build", "count_params", "param_sizes", "flops_per_token", "ffn_kinds", "DecoderLM", "EncoderMLM", "EncoderDecoderLM",
            "from_hf", "to_hf"]

@@ -226,6 +226,44 @@ class EncoderDecoderLM(nn.Module):
         return logits, _merge(enc_aux, dec_aux)
 
 
+def split_point(length: int, split: float) -> int:
+    """Encoder length ``P`` of a packed row of ``length`` tokens (:func:`seq2seq_batch`)."""
+    return int(np.clip(round(split * length), 1, length - 1))
+
+
+def flops_per_token(params: Any, model_cfg: Any, seq_len: int) -> dict[str, float]:
+    """Forward and training FLOPs per packed token of the seq2seq objective.
+
+    A row of ``L`` tokens feeds ``P`` (:func:`split_point`) to the encoder and ``Ld = L - P
+    + 1`` (with the start id) to the decoder. With active parameters (as
+    :func:`routezoo.zoo.count_params` counts them) ``N_enc`` under ``encoder``, ``N_kv``
+    in the decoder's cross-attention keys and values (applied to the ``P`` encoder
+    outputs) and ``N_dec`` in the rest of ``decoder``, the forward FLOPs of a row are
+    ``2·N_enc·P + 2·N_kv·P + 2·N_dec·Ld + 2·D·V·Ld`` (unembedding) plus attention
+    ``4·H·K·(layers_enc·P² + layers_dec·(Ld² + Ld·P))``; per token they are divided by
+    ``L``, and training is three times the forward (PaLM's convention, as
+    :func:`routezoo.zoo.flops_per_token`). Embedding lookups cost nothing.
+    """
+    from routezoo.zoo import param_sizes
+
+    c = model_cfg
+    p = split_point(seq_len, float(c.seq2seq_split))
+    ld = seq_len - p + 1
+    n_enc = n_kv = n_dec = 0.0
+    for keys, _, active in param_sizes(params, c, seq_len):
+        if keys[0] == "encoder":
+            n_enc += active
+        elif keys[0] == "decoder" and len(keys) >= 4 and keys[2] == "cross" and keys[3] in ("k", "v"):
+            n_kv += active
+        elif keys[0] == "decoder":
+            n_dec += active
+    layers_dec = int(c.num_decoder_layers) or int(c.num_layers)
+    hk = int(c.num_heads) * int(c.head_dim)
+    fwd = (2 * n_enc * p + 2 * n_kv * p + 2 * n_dec * ld + 2 * c.d_model * c.vocab_size * ld
+           + 4 * hk * (int(c.num_layers) * p * p + layers_dec * (ld * ld + ld * p)))
+    return {"forward": fwd / seq_len, "train": 3 * fwd / seq_len}
+
+
 def seq2seq_batch(batch: Mapping[str, jax.Array], *, split: float, start_id: int = 0, pad_id: int = 0
                   ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """Prefix-LM split of packed next-token rows into ``(inputs, targets, weights)``.
@@ -239,7 +277,7 @@ def seq2seq_batch(batch: Mapping[str, jax.Array], *, split: float, start_id: int
     """
     x, y, w = batch["inputs"], batch["targets"], batch["weights"]
     length = x.shape[1]
-    p = int(np.clip(round(split * length), 1, length - 1))
+    p = split_point(length, split)
     enc = x[:, :p]
     dec_targets, dec_w = y[:, p - 1:], w[:, p - 1:]
     dec_in = jnp.concatenate([jnp.full((x.shape[0], 1), start_id, x.dtype), x[:, p:]], axis=1)
@@ -249,4 +287,5 @@ def seq2seq_batch(batch: Mapping[str, jax.Array], *, split: float, start_id: int
     return inputs, dec_targets, dec_w
 
 
-__all__ = ["EncoderDecoderLM", "T5Block", "T5Stack", "seq2seq_batch", "sparse_kinds", "stack_kinds"]
+__all__ = ["EncoderDecoderLM", "T5Block", "T5Stack", "flops_per_token", "seq2seq_batch", "sparse_kinds",
+           "split_point", "stack_kinds"]
