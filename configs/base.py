@@ -237,7 +237,7 @@ def get_config() -> ml_collections.ConfigDict:
     a.rank = 8                   # lora: rank r; mos: active rank r; hydra: parallel rank r_p
     a.alpha = 16.0               # lora, mos: scale alpha / r
     a.rslora = False             # lora: rsLoRA scale alpha / sqrt(r)
-    a.lora_dropout = 0.0         # lora, mos: dropout on the adapter's input x in training (PEFT.md 0; MoS recipe 0.1)
+    a.lora_dropout = 0.0         # lora, mos: dropout on the adapter's input x in training (PEFT.md 0; MoS recipe 0.1); hydra: on both branches' low-rank activations (ViT recipe 0.2)
     # mos (Mixture of Shards, PEFT.md 1): rank = active rank r, scale alpha / r; per projection
     # type one pool of A- and B-shards shared by all layers, picked by frozen random indices.
     a.mos_equiv_rank = 2         # mos: r_eq, parameters = LoRA at rank r_eq (pool P = r_eq * layers * n)

@@ -623,8 +623,12 @@ class Hydra:
     ``R`` = ``rank`` (r_p), ``S`` = ``seq_rank`` (r_s), ``s`` = ``scale`` (a plain factor, as
     the authors' code: 0.1 ViT CIFAR, 1 RoBERTa GLUE). The sequential branch sees the
     output including the bias (card's pitfall): a sibling ``<name>_bias`` of the target's
-    output shape (e.g. ``attn/q_bias``) is merged as above. The branches' own biases and
-    dropout of the authors' ViT code are not implemented (dropout is not mergeable).
+    output shape (e.g. ``attn/q_bias``) is merged as above. ``dropout`` (config
+    ``adapter.lora_dropout``; the authors' ViT setting is 0.2) drops each branch's
+    low-rank activations, ``s·dropout(x·A_p)·B_p + s·dropout(h0·A_s)·B_s`` (PEFT.md); it is
+    not mergeable, so in training the branches then run on activations through
+    :mod:`routezoo.layers.adapter_hooks` (merged for inference, the same function). The
+    branches' own biases of the ViT code are not implemented.
     Implemented from the card's equations, not the released NLU code (typos there; its
     attention merge reuses ``mlp.fc2``). Init as the NLU code: ``A`` U(±1/√fan_in)
     (kaiming a=√5), ``B`` = 0, so the adapted model starts equal to the base.
@@ -635,6 +639,7 @@ class Hydra:
     rank: int = 4          # r_p
     seq_rank: int = 8      # r_s
     scale: float = 1.0     # s
+    dropout: float = 0.0   # on both branches' low-rank activations (training only)
 
     name = "hydra"
     mergeable = True
@@ -642,14 +647,48 @@ class Hydra:
     @classmethod
     def from_config(cls, cfg: Any) -> "Hydra":
         return cls(targets=str(cfg.targets), rank=int(cfg.rank), seq_rank=int(cfg.hydra_seq_rank),
-                   scale=float(cfg.hydra_scale))
+                   scale=float(cfg.hydra_scale), dropout=float(cfg.get("lora_dropout", 0.0)))
 
     def __post_init__(self):
         if self.seq_rank < 1:
             raise ValueError(f"adapter.hydra_seq_rank={self.seq_rank} must be >= 1")
+        _check_dropout(self.name, self.dropout)
 
     def select(self, params: Params) -> dict[str, Target]:
-        return select_targets(params, self.targets)
+        chosen = select_targets(params, self.targets)
+        if self.dropout > 0:
+            _no_experts_for_dropout(self.name, chosen)
+        return chosen
+
+    @property
+    def hook_delta(self):   # with dropout: on activations, as LoRA
+        return self._dropout_delta if self.dropout > 0 else None
+
+    def hook_targets(self, base: Params, adapter: Params) -> dict[str, Target]:
+        flat, ad = flat_params(nn.unbox(base)), flat_params(nn.unbox(adapter))
+        return {p: _target_from_factors(p, flat[p].shape, ad[f"{p}/par_a"].shape, ad[f"{p}/par_b"].shape)
+                for p in adapted_paths(flat, ad)}
+
+    def _dropout_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
+        """``s·dropout(x·A_p)·B_p + s·dropout(h0·A_s)·B_s`` for ``x [B, S, I]``, ``y = x·W``
+        ``[B, S, O]``; ``h0 = y + b`` with the base's ``<path>_bias`` where it has one."""
+        p = ctx.params
+        pa, pb = p[f"{path}/par_a"].reshape(-1, self.rank), p[f"{path}/par_b"].reshape(self.rank, -1)
+        sa, sb = p[f"{path}/seq_a"].reshape(-1, self.seq_rank), p[f"{path}/seq_b"].reshape(self.seq_rank, -1)
+        h0 = y.astype(jnp.float32)
+        bias = ctx.base.get(f"{path}_bias")
+        if bias is not None and bias.size == h0.shape[-1]:
+            h0 = h0 + bias.astype(jnp.float32).reshape(-1)
+        key = ctx.rng_for(path)
+        lows = []
+        for i, (v, a) in enumerate(((x.astype(jnp.float32), pa), (h0, sa))):
+            low = jnp.einsum("BSI,IR->BSR", v, a.astype(jnp.float32))
+            if key is not None:
+                keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - self.dropout, low.shape)
+                low = jnp.where(keep, low / (1.0 - self.dropout), 0.0)
+            lows.append(low)
+        return self.scale * (jnp.einsum("BSR,RO->BSO", lows[0], pb.astype(jnp.float32))
+                             + jnp.einsum("BSR,RO->BSO", lows[1], sb.astype(jnp.float32)))
 
     def init(self, rng: jax.Array, params: Params, previous: Params | None = None) -> Params:
         """``{path: {'par_a' [E?, I.., R], 'par_b' [E?, R, O..], 'seq_a' [E?, O.., S],

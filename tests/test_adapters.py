@@ -436,17 +436,19 @@ def test_hydra_merged_equals_unmerged():
 
 
 def test_lora_dropout_path(data_dir):
-    """LoRA / MoS with dropout run on activations (adapter_hooks): deterministic, the hook
-    path equals the merged weights; in training the input is dropped at rate p and scaled
-    by 1/(1-p), so the low-rank term is unbiased; stacked experts are refused."""
+    """LoRA / MoS / Hydra with dropout run on activations (adapter_hooks): deterministic,
+    the hook path equals the merged weights (Hydra's sequential branch including the
+    projection's bias); in training the input is dropped at rate p and scaled by 1/(1-p),
+    so the low-rank term is unbiased; stacked experts are refused."""
     from routezoo.layers import adapter_hooks
-    c = tiny_config(data_dir)
+    c = tiny_config(data_dir, **{"model.qkv_bias": True})
     model, params = _boxed_params(c)
     rng = np.random.default_rng(0)
     base = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32), nn.unbox(params))
     tokens = jnp.asarray(rng.integers(2, 258, (2, 8)))
     for method in (adapters.LoRA("attn/(q|o)|mlp/wi", rank=2, alpha=4.0, dropout=0.3),
-                   adapters.MoS("attn/(q|o)", rank=2, alpha=4.0, equiv_rank=2, private_rank=1, dropout=0.3)):
+                   adapters.MoS("attn/(q|o)", rank=2, alpha=4.0, equiv_rank=2, private_rank=1, dropout=0.3),
+                   adapters.Hydra("attn/(q|o)|mlp/wi", rank=2, seq_rank=3, scale=0.5, dropout=0.3)):
         ad = _random_adapter(method, params)
         assert adapter_hooks.is_activation_adapter(method) and method.mergeable
 
@@ -469,5 +471,7 @@ def test_lora_dropout_path(data_dir):
     _, moe_params = _boxed_params(moe)
     with pytest.raises(ValueError, match="stacked experts"):
         adapters.LoRA("experts/wi", dropout=0.1).select(moe_params)
+    with pytest.raises(ValueError, match="stacked experts"):
+        adapters.Hydra("experts/wi", dropout=0.1).select(moe_params)
     with pytest.raises(ValueError, match=r"lora_dropout=1.0 .* must be in \[0, 1\)"):
         adapters.LoRA("attn/q", dropout=1.0)
