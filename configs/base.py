@@ -73,7 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.encoder_sparse_step = 0        # encoder_decoder: encoder layer i is MoE iff step == 1 or i % step == 1 (HF Switch); 0 = none
     m.decoder_sparse_step = 0        # encoder_decoder: the same for the decoder layers
     m.expert_capacity = 0            # encoder_decoder: fixed slots per expert and sequence (HF Switch expert_capacity); 0 = from moe.capacity_factor
-    m.seq2seq_split = 0.5            # encoder_decoder training: each packed row's first fraction is the encoder input, the rest the decoder target
+    m.seq2seq_objective = "prefix_lm"   # encoder_decoder training: prefix_lm (split each packed row) | span_corruption (T5)
+    m.seq2seq_split = 0.5            # prefix_lm: each packed row's first fraction is the encoder input, the rest the decoder target
+    m.span_noise_density = 0.15      # span_corruption: fraction of each row's tokens masked (T5: 0.15)
+    m.span_mean_length = 3.0         # span_corruption: mean masked span length (T5: 3); sentinels take the top ids of model.vocab_size
 
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8

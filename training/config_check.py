@@ -81,7 +81,7 @@ def _positive(cfg: Any, *keys: str) -> None:
 
 def _encoder_decoder_kinds(m: Any) -> tuple[str, ...]:
     """FFN kinds of both stacks of ``model.name='encoder_decoder'``, after its own checks."""
-    from routezoo.zoo.encoder_decoder import stack_kinds
+    from routezoo.zoo.encoder_decoder import SEQ2SEQ_OBJECTIVES, stack_kinds
     for key in ("num_decoder_layers", "encoder_sparse_step", "decoder_sparse_step", "expert_capacity"):
         if m[key] < 0:
             raise ConfigError(f"config key 'model.{key}' must be >= 0, got {m[key]}")
@@ -91,6 +91,11 @@ def _encoder_decoder_kinds(m: Any) -> tuple[str, ...]:
                           "allowed: buckets >= 4 and max_distance > buckets // 2")
     if not 0 < m.seq2seq_split < 1:
         raise ConfigError(f"config key 'model.seq2seq_split' must be in (0, 1), got {m.seq2seq_split}")
+    _one_of(m.seq2seq_objective, SEQ2SEQ_OBJECTIVES, "model.seq2seq_objective")
+    if m.seq2seq_objective == "span_corruption":
+        if not 0 < m.span_noise_density < 1 or m.span_mean_length < 1:
+            raise ConfigError(f"model.span_noise_density={m.span_noise_density} / span_mean_length="
+                              f"{m.span_mean_length}: allowed: density in (0, 1), mean length >= 1")
     kinds = stack_kinds(m)
     return kinds["encoder"] + kinds["decoder"]
 
@@ -156,6 +161,14 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         raise ConfigError(str(e)) from None
     if m.name == "encoder_decoder":
         kinds = _encoder_decoder_kinds(m)
+        if m.seq2seq_objective == "span_corruption":
+            from routezoo.zoo.encoder_decoder import span_lengths
+            spans = span_lengths(d.seq_len, m.span_noise_density, m.span_mean_length)[1]
+            ids = d.spm_vocab_size if d.tokenizer == "sentencepiece" else 258
+            if m.vocab_size < ids + spans:
+                raise ConfigError(f"model.vocab_size {m.vocab_size} leaves no room for the {spans} span "
+                                  f"sentinels of model.seq2seq_objective='span_corruption' (ids vocab_size - 1 "
+                                  f"down, above the {d.tokenizer} tokenizer's {ids} ids); allowed: >= {ids + spans}")
 
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count

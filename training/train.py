@@ -375,7 +375,9 @@ def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Arra
     ``targets``, ``weights`` unchanged; ``'masked_lm'`` (EncoderMLM):
     :func:`routezoo.zoo.encoder.masked_lm_batch` with ``model.mask_rate`` and the mask id
     ``model.vocab_size - 1``, drawn from ``rng``; ``'seq2seq'`` (EncoderDecoderLM):
-    :func:`routezoo.zoo.encoder_decoder.seq2seq_batch` (``model.seq2seq_split``), whose
+    :func:`routezoo.zoo.encoder_decoder.seq2seq_batch` (``model.seq2seq_split``) or, with
+    ``model.seq2seq_objective='span_corruption'``,
+    :func:`routezoo.zoo.encoder_decoder.span_corruption_batch` (drawn from ``rng``); its
     ``inputs`` is a dict the model takes as its first argument."""
     objective = getattr(model, "objective", "causal_lm")
     if objective == "causal_lm":
@@ -385,8 +387,13 @@ def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Arra
         return masked_lm_batch(batch, rng, mask_rate=float(model.cfg.mask_rate),
                                mask_id=int(model.cfg.vocab_size) - 1)
     if objective == "seq2seq":   # EncoderDecoderLM: inputs is a dict of encoder/decoder tokens and masks
-        from routezoo.zoo.encoder_decoder import seq2seq_batch
-        return seq2seq_batch(batch, split=float(model.cfg.seq2seq_split))
+        from routezoo.zoo.encoder_decoder import seq2seq_batch, span_corruption_batch
+        c = model.cfg
+        if str(c.get("seq2seq_objective", "prefix_lm")) == "span_corruption":
+            return span_corruption_batch(batch, rng, vocab_size=int(c.vocab_size),
+                                         noise_density=float(c.span_noise_density),
+                                         mean_span=float(c.span_mean_length))
+        return seq2seq_batch(batch, split=float(c.seq2seq_split))
     raise ValueError(f"unknown objective {objective!r} of {type(model).__name__}; "
                      "known: causal_lm, masked_lm, seq2seq")
 

@@ -39,9 +39,12 @@ the training loop passes). :meth:`EncoderDecoderLM.encode` and
 :meth:`EncoderDecoderLM.decode` run the halves (e.g. to decode greedily with one
 encoder pass; there is no key/value cache).
 
-Training objective (``objective = 'seq2seq'``, :func:`seq2seq_batch`): a prefix-LM split
-of every packed row; the first ``model.seq2seq_split`` of it is the encoder input, the
-decoder predicts the rest (T5's span corruption is not implemented).
+Training objective (``objective = 'seq2seq'``; ``model.seq2seq_objective``): ``prefix_lm``
+(:func:`seq2seq_batch`), a prefix-LM split of every packed row: the first
+``model.seq2seq_split`` of it is the encoder input, the decoder predicts the rest; or
+``span_corruption`` (:func:`span_corruption_batch`), T5's objective: random spans
+(``model.span_noise_density``, ``model.span_mean_length``) replaced by sentinels in the
+encoder input, which the decoder predicts with their tokens.
 
 Not modelled: dropout (T5/Switch use 0.1 in training), key/value caching, T5 v1.1's gated
 GELU FFN (any ``model.mlp_type`` runs, but only ``relu`` exports to Hugging Face).
@@ -231,11 +234,23 @@ def split_point(length: int, split: float) -> int:
     return int(np.clip(round(split * length), 1, length - 1))
 
 
+def stack_lengths(model_cfg: Any, seq_len: int) -> tuple[int, int]:
+    """``(encoder length, decoder length)`` a packed row of ``seq_len`` tokens becomes under
+    ``model.seq2seq_objective``."""
+    if str(model_cfg.get("seq2seq_objective", "prefix_lm")) == "span_corruption":
+        _, _, enc, dec = span_lengths(seq_len, float(model_cfg.span_noise_density),
+                                      float(model_cfg.span_mean_length))
+        return enc, dec
+    p = split_point(seq_len, float(model_cfg.seq2seq_split))
+    return p, seq_len - p + 1
+
+
 def flops_per_token(params: Any, model_cfg: Any, seq_len: int) -> dict[str, float]:
     """Forward and training FLOPs per packed token of the seq2seq objective.
 
-    A row of ``L`` tokens feeds ``P`` (:func:`split_point`) to the encoder and ``Ld = L - P
-    + 1`` (with the start id) to the decoder. With active parameters (as
+    A row of ``L`` tokens feeds ``P`` tokens to the encoder and ``Ld`` to the decoder
+    (:func:`stack_lengths`: ``P`` = :func:`split_point` and ``Ld = L - P + 1`` with the
+    start id for the prefix-LM split; :func:`span_lengths` for span corruption). With active parameters (as
     :func:`routezoo.zoo.count_params` counts them) ``N_enc`` under ``encoder``, ``N_kv``
     in the decoder's cross-attention keys and values (applied to the ``P`` encoder
     outputs) and ``N_dec`` in the rest of ``decoder``, the forward FLOPs of a row are
@@ -247,8 +262,7 @@ def flops_per_token(params: Any, model_cfg: Any, seq_len: int) -> dict[str, floa
     from routezoo.zoo import param_sizes
 
     c = model_cfg
-    p = split_point(seq_len, float(c.seq2seq_split))
-    ld = seq_len - p + 1
+    p, ld = stack_lengths(c, seq_len)
     n_enc = n_kv = n_dec = 0.0
     for keys, _, active in param_sizes(params, c, seq_len):
         if keys[0] == "encoder":
@@ -262,6 +276,87 @@ def flops_per_token(params: Any, model_cfg: Any, seq_len: int) -> dict[str, floa
     fwd = (2 * n_enc * p + 2 * n_kv * p + 2 * n_dec * ld + 2 * c.d_model * c.vocab_size * ld
            + 4 * hk * (int(c.num_layers) * p * p + layers_dec * (ld * ld + ld * p)))
     return {"forward": fwd / seq_len, "train": 3 * fwd / seq_len}
+
+
+SEQ2SEQ_OBJECTIVES = ("prefix_lm", "span_corruption")
+
+
+def span_lengths(length: int, noise_density: float, mean_span: float) -> tuple[int, int, int, int]:
+    """``(noise tokens, spans, encoder length, decoder target length)`` of T5's span
+    corruption of a row of ``length`` tokens: ``round(length·density)`` noise tokens (at
+    least 1, at most ``length - 1``) in ``round(noise / mean_span)`` spans (at least 1);
+    the encoder reads the ``length - noise`` kept tokens plus one sentinel per span, the
+    decoder predicts a sentinel per span plus the noise tokens."""
+    noise = int(np.clip(round(length * noise_density), 1, length - 1))
+    spans = int(max(1, min(round(noise / mean_span), noise, length - noise)))
+    return noise, spans, length - noise + spans, noise + spans
+
+
+def _random_segments(key: jax.Array, num_items: int, num_segments: int) -> jax.Array:
+    """Segment id ``[num_items]`` of a uniformly random split of ``num_items`` items into
+    ``num_segments`` non-empty consecutive segments (T5's ``_random_segmentation``)."""
+    first = jnp.arange(num_items - 1) < num_segments - 1            # segment starts among items 1..n-1
+    first = jax.random.permutation(key, first)
+    return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(first.astype(jnp.int32))])
+
+
+def span_corruption_batch(batch: Mapping[str, jax.Array], rng: jax.Array, *, vocab_size: int,
+                          noise_density: float = 0.15, mean_span: float = 3.0, start_id: int = 0,
+                          pad_id: int = 0) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """T5's span corruption (Raffel et al. 2020, section 3.1.4; their defaults: 15% noise,
+    mean span 3) of packed rows into ``(inputs, targets, weights)``.
+
+    Each row ``t_0..t_{L-1}`` (``batch['inputs']``) is cut into ``2·spans`` alternating
+    segments, kept then noise, of random lengths (:func:`span_lengths` fixes the counts,
+    so every shape is static). The encoder reads the kept tokens with noise span ``i``
+    replaced by the sentinel ``vocab_size - 1 - i`` (T5's ``<extra_id_i>``); the decoder
+    predicts, for each span ``i``, the sentinel then its tokens, from the start id and the
+    targets shifted right. Sentinels must lie above the tokenizer's ids (the config check
+    asks ``model.vocab_size`` to leave room for them). Pad tokens (``pad_id``) keep mask 0
+    in the encoder and weight 0 in the targets. Each row draws its own segmentation from
+    ``rng``.
+    """
+    x = batch["inputs"]
+    b, length = x.shape
+    noise, spans, enc_len, dec_len = span_lengths(length, noise_density, mean_span)
+
+    def one(row, key):
+        k_noise, k_keep = jax.random.split(key)
+        noise_seg = _random_segments(k_noise, noise, spans)                                # [noise]
+        keep_seg = _random_segments(k_keep, length - noise, spans)                         # [length - noise]
+        keep_len = jnp.zeros((spans,), jnp.int32).at[keep_seg].add(1)
+        noise_len = jnp.zeros((spans,), jnp.int32).at[noise_seg].add(1)
+        # segments in row order: keep_0, noise_0, keep_1, noise_1, ...
+        seg_len = jnp.stack([keep_len, noise_len], axis=1).reshape(-1)                     # [2·spans]
+        seg_of = jnp.repeat(jnp.arange(2 * spans), seg_len, total_repeat_length=length)     # [L]
+        seg_start = jnp.cumsum(seg_len) - seg_len
+        is_noise = seg_of % 2 == 1
+        span = seg_of // 2
+        first = jnp.arange(length) == seg_start[seg_of]
+        sentinel = vocab_size - 1 - span
+        # encoder: kept tokens, and each noise span's first token as its sentinel
+        enc_keep = ~is_noise | first
+        enc_pos = jnp.cumsum(enc_keep) - 1
+        enc_tok = jnp.where(is_noise, sentinel, row)
+        enc = jnp.full((enc_len,), pad_id, row.dtype).at[jnp.where(enc_keep, enc_pos, enc_len)].set(
+            enc_tok.astype(row.dtype), mode="drop")
+        enc_real = jnp.zeros((enc_len,), bool).at[jnp.where(enc_keep, enc_pos, enc_len)].set(
+            is_noise | (row != pad_id), mode="drop")
+        # decoder targets: for each noise span, its sentinel then its tokens
+        tgt_pos = jnp.where(is_noise, jnp.cumsum(is_noise) - 1 + span + 1, dec_len)        # after i+1 sentinels
+        sent_pos = jnp.where(is_noise & first, tgt_pos - 1, dec_len)
+        tgt = jnp.full((dec_len,), pad_id, row.dtype).at[tgt_pos].set(row, mode="drop")
+        tgt = tgt.at[sent_pos].set(sentinel.astype(row.dtype), mode="drop")
+        tgt_w = jnp.zeros((dec_len,), jnp.float32).at[tgt_pos].set(
+            (row != pad_id).astype(jnp.float32), mode="drop").at[sent_pos].set(1.0, mode="drop")
+        return enc, enc_real, tgt, tgt_w
+
+    enc, enc_real, tgt, tgt_w = jax.vmap(one)(x, jax.random.split(rng, b))
+    dec_in = jnp.concatenate([jnp.full((b, 1), start_id, x.dtype), tgt[:, :-1]], axis=1)
+    dec_mask = jnp.concatenate([jnp.ones((b, 1), bool), tgt_w[:, :-1] > 0], axis=1)
+    inputs = {"encoder_tokens": enc, "decoder_tokens": dec_in, "encoder_mask": enc_real.astype(jnp.int32),
+              "decoder_mask": dec_mask.astype(jnp.int32)}
+    return inputs, tgt, tgt_w
 
 
 def seq2seq_batch(batch: Mapping[str, jax.Array], *, split: float, start_id: int = 0, pad_id: int = 0
@@ -287,5 +382,5 @@ def seq2seq_batch(batch: Mapping[str, jax.Array], *, split: float, start_id: int
     return inputs, dec_targets, dec_w
 
 
-__all__ = ["EncoderDecoderLM", "T5Block", "T5Stack", "flops_per_token", "seq2seq_batch", "sparse_kinds",
-           "split_point", "stack_kinds"]
+__all__ = ["EncoderDecoderLM", "SEQ2SEQ_OBJECTIVES", "T5Block", "T5Stack", "flops_per_token", "seq2seq_batch",
+           "span_corruption_batch", "span_lengths", "sparse_kinds", "split_point", "stack_kinds", "stack_lengths"]
