@@ -231,6 +231,13 @@ def _target_from_factors(path: str, w_shape: tuple, a_shape: tuple, b_shape: tup
     return Target(path, tuple(w_shape), None, experts, len(a_shape) - 1 - experts)
 
 
+def _factor_targets(base: Params, adapter: Params, a_key: str, b_key: str) -> dict[str, Target]:
+    """Targets of an adapter with low-rank factors ``<path>/<a_key>``, ``<path>/<b_key>``."""
+    flat, ad = flat_params(nn.unbox(base)), flat_params(nn.unbox(adapter))
+    return {p: _target_from_factors(p, flat[p].shape, ad[f"{p}/{a_key}"].shape, ad[f"{p}/{b_key}"].shape)
+            for p in adapted_paths(flat, ad)}
+
+
 def lora_delta(t: Target, a: jax.Array, b: jax.Array) -> jax.Array:
     """``A @ B`` reshaped to the base weight's shape, in float32 (``[E?, I.., O..]``)."""
     e = (t.num_experts,) if t.experts else ()
@@ -287,9 +294,7 @@ class LoRA:
         return self._dropout_delta if self.dropout > 0 else None
 
     def hook_targets(self, base: Params, adapter: Params) -> dict[str, Target]:
-        flat, ad = flat_params(nn.unbox(base)), flat_params(nn.unbox(adapter))
-        return {p: _target_from_factors(p, flat[p].shape, ad[f"{p}/lora_a"].shape, ad[f"{p}/lora_b"].shape)
-                for p in adapted_paths(flat, ad)}
+        return _factor_targets(base, adapter, "lora_a", "lora_b")
 
     def _dropout_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
         a, b = ctx.params[f"{path}/lora_a"], ctx.params[f"{path}/lora_b"]
@@ -665,9 +670,7 @@ class Hydra:
         return self._dropout_delta if self.dropout > 0 else None
 
     def hook_targets(self, base: Params, adapter: Params) -> dict[str, Target]:
-        flat, ad = flat_params(nn.unbox(base)), flat_params(nn.unbox(adapter))
-        return {p: _target_from_factors(p, flat[p].shape, ad[f"{p}/par_a"].shape, ad[f"{p}/par_b"].shape)
-                for p in adapted_paths(flat, ad)}
+        return _factor_targets(base, adapter, "par_a", "par_b")
 
     def _dropout_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
         """``s·dropout(x·A_p)·B_p + s·dropout(h0·A_s)·B_s`` for ``x [B, S, I]``, ``y = x·W``
