@@ -40,7 +40,8 @@ def test_matches_dense_reference(m, k, n, sizes):
 
 def test_tiling_pads_to_tile_multiples():
     assert gm.tiling_for(200, 96, 80) == ((208, 128, 128), (208, 128, 128))
-    assert gm.tiling_for(4096, 2048, 1408) == ((512, 1024, 1024), (4096, 2048, 2048))
+    assert gm.tiling_for(4096, 2048, 1408) == ((512, 1024, 768), (4096, 2048, 1536))   # not 2048
+    assert gm.tiling_for(32768, 4096, 14336) == ((512, 1024, 1024), (32768, 4096, 14336))
 
 
 def test_bfloat16_inputs():

@@ -13,8 +13,9 @@ that MaxText's dropless MoE uses on TPUs; routezoo uses its two kernels, ``gmm``
   (megablox needs divisible shapes); padded rows lie past ``sum(group_sizes)`` and padded
   columns contribute 0, so the result is unchanged.
 
-Tiles: ``(tm, tk, tn) = (512, 1024, 1024)`` clipped to the padded dimensions (MaxText's
-default for bf16 on TPU v4/v5); not tuned here (no TPU was available: this backend is
+Tiles: ``(tm, tk, tn) = (512, 1024, 1024)`` clipped to the problem (MaxText's default
+for bf16 on TPU v4/v5), smaller in ``K``/``N`` where that would pad more than 1/8; not
+tuned here (no TPU was available: this backend is
 checked for correctness on CPU in Pallas interpret mode, not for speed).
 """
 
@@ -39,14 +40,24 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def _lane_tile(dim: int, tile: int) -> int:
+    """The largest multiple of 128 up to ``tile`` whose padding of ``dim`` stays within
+    1/8 of ``dim`` rounded to 128 (e.g. 1408 -> 768, padded to 1536, not 1024 -> 2048)."""
+    d = _round_up(dim, _LANE)
+    for t in range(min(tile, d) // _LANE * _LANE, 0, -_LANE):
+        if _round_up(d, t) - d <= d // 8:
+            return t
+    return _LANE
+
+
 def tiling_for(m: int, k: int, n: int, tiling: tuple[int, int, int] = DEFAULT_TILING
                ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """``((tm, tk, tn), (M', K', N'))``: tiles clipped to the problem and the padded
-    dimensions they divide (``M'``: multiple of ``tm``; ``K'``, ``N'``: of ``tk``, ``tn``)."""
+    dimensions they divide (``M'``: multiple of ``tm``; ``K'``, ``N'``: of ``tk``, ``tn``,
+    chosen by :func:`_lane_tile` to pad at most 1/8)."""
     tm, tk, tn = tiling
     tm = min(tm, _round_up(m, _SUBLANE))
-    tk = min(tk, _round_up(k, _LANE))
-    tn = min(tn, _round_up(n, _LANE))
+    tk, tn = _lane_tile(k, tk), _lane_tile(n, tn)
     return (tm, tk, tn), (_round_up(m, tm), _round_up(k, tk), _round_up(n, tn))
 
 
