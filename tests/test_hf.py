@@ -95,26 +95,30 @@ def _randomize(model, torch, seed=0):
                 b.copy_(0.2 * torch.randn(b.shape, generator=g))
 
 
-_CACHE: dict = {}
+def tiny_causal_lm_factory(tmp_path_factory, specs: dict, seed: int = 0):
+    """``name -> (directory, torch model)``: the tiny random transformers causal LM
+    ``specs[name] = (config class name, config overrides over COMMON)``, saved once."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cache: dict = {}
+
+    def make(name):
+        if name not in cache:
+            cls_name, extra = specs[name]
+            cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+            _randomize(model, torch, seed=seed)
+            path = str(tmp_path_factory.mktemp(name))
+            model.save_pretrained(path)
+            cache[name] = (path, model)
+        return cache[name]
+    return make
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """family -> (directory, torch model) of a saved tiny random HF model (made once)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-
-    def make(family):
-        if family not in _CACHE:
-            cls_name, extra = FAMILIES[family]
-            cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-            _randomize(model, torch)
-            path = str(tmp_path_factory.mktemp(family))
-            model.save_pretrained(path)
-            _CACHE[family] = (path, model)
-        return _CACHE[family]
-    return make
+    return tiny_causal_lm_factory(tmp_path_factory, FAMILIES)
 
 
 def _hf_forward(model, tokens, mask, chosen=None):
@@ -167,10 +171,13 @@ def test_import_matches_transformers(family, hf_dir):
         np.testing.assert_array_equal(got_idx[flat_mask], ref_idx[flat_mask])
 
 
-def assert_export_round_trip(path: str, out: str, params) -> None:
-    """The export ``out`` of the checkpoint ``path`` (imported as ``params``) holds the same
-    tensors, names and bits, and importing it gives bit-identical parameters."""
+def assert_export_round_trip(path: str, out: str) -> dict:
+    """Imports the checkpoint ``path``, exports it to ``out`` and checks the export holds
+    the same tensors, names and bits and imports to bit-identical parameters; returns the
+    exported ``config.json``."""
     from safetensors.numpy import load_file
+    model, params = hf.from_hf(path)
+    hf.to_hf(model.cfg, params, out)
     original, exported = (load_file(os.path.join(d, "model.safetensors")) for d in (path, out))
     assert sorted(exported) == sorted(original)
     for name, value in original.items():
@@ -179,6 +186,7 @@ def assert_export_round_trip(path: str, out: str, params) -> None:
     for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(params),
                                 jax.tree_util.tree_leaves_with_path(params2)):
         assert p1 == p2 and np.array_equal(np.asarray(a), np.asarray(b)), p1
+    return json.load(open(os.path.join(out, "config.json")))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -187,11 +195,8 @@ def test_export_is_bit_identical_and_loads_in_transformers(family, hf_dir, tmp_p
     import transformers
 
     path, ref_model = hf_dir(family)
-    model, params = hf.from_hf(path)
     out = str(tmp_path / "export")
-    hf.to_hf(model.cfg, params, out)
-    assert json.load(open(os.path.join(out, "config.json")))["architectures"] == [ARCH[family]]
-    assert_export_round_trip(path, out, params)
+    assert assert_export_round_trip(path, out)["architectures"] == [ARCH[family]]
     # transformers loads the export and computes the same logits.
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(reloaded) is type(ref_model)

@@ -19,7 +19,8 @@ import pytest
 from routezoo.layers.dense import RopeScaling
 from routezoo.zoo import hf
 from routezoo.zoo.lm import positions_from_mask
-from test_hf import COMMON, RTOL, _randomize, _rel_err, _rz_forward, _tokens, assert_export_round_trip
+from test_hf import (COMMON, RTOL, _randomize, _rel_err, _rz_forward, _tokens, assert_export_round_trip,
+                     tiny_causal_lm_factory)
 
 MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, moe_intermediate_size=16)
 YARN_V2 = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
@@ -50,26 +51,10 @@ MODELS = {
 }
 ARCH = {"DeepseekV2Config": "DeepseekV2ForCausalLM", "DeepseekV3Config": "DeepseekV3ForCausalLM"}
 
-_CACHE: dict = {}
-
-
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
     """name -> (directory, torch model) of a saved tiny random HF model (made once)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-
-    def make(name):
-        if name not in _CACHE:
-            cls_name, extra = MODELS[name]
-            cfg = getattr(transformers, cls_name)(**{**COMMON, **extra})
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-            _randomize(model, torch, seed=1)
-            path = str(tmp_path_factory.mktemp(name))
-            model.save_pretrained(path)
-            _CACHE[name] = (path, model)
-        return _CACHE[name]
-    return make
+    return tiny_causal_lm_factory(tmp_path_factory, MODELS, seed=1)
 
 
 def _hf_forward(model, tokens, mask):
@@ -112,10 +97,8 @@ def test_export_is_bit_identical_and_loads_in_transformers(name, hf_model, tmp_p
     import transformers
 
     path, ref_model = hf_model(name)
-    model, params = hf.from_hf(path)
     out = str(tmp_path / "export")
-    hf.to_hf(model.cfg, params, out)
-    written = json.load(open(os.path.join(out, "config.json")))
+    written = assert_export_round_trip(path, out)
     original_cfg = json.load(open(os.path.join(path, "config.json")))
     assert written["architectures"] == ["DeepseekV2ForCausalLM"]
     for key in ("topk_method", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "q_lora_rank",
@@ -123,7 +106,6 @@ def test_export_is_bit_identical_and_loads_in_transformers(name, hf_model, tmp_p
         assert written[key] == original_cfg[key], key
     if name == "v2_yarn":
         assert {k: written["rope_parameters"][k] for k in YARN_V2} == YARN_V2
-    assert_export_round_trip(path, out, params)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(reloaded) is type(ref_model)
     tokens, mask = _tokens()
