@@ -19,11 +19,11 @@ SEQ_LEN = 32
 BATCH = 4
 
 
-def _config(data_dir, **data_overrides):
+def _config(data_dir, seq_len=SEQ_LEN, batch=BATCH, **data_overrides):
     c = base.get_config()
     c.data.data_dir = str(data_dir)
-    c.data.seq_len = SEQ_LEN
-    c.train.batch_size = BATCH
+    c.data.seq_len = seq_len
+    c.train.batch_size = batch
     c.train.eval_steps = 3
     for key, value in data_overrides.items():
         c.data[key] = value

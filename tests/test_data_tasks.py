@@ -14,8 +14,8 @@ import grain
 import numpy as np
 import pytest
 
-from routezoo.configs import base
 from routezoo.training import data
+import test_data
 from test_data import _assert_batches_equal, _take
 
 SEQ_LEN = 16
@@ -55,14 +55,7 @@ def _rows(batch):
 
 
 def _config(data_dir, **data_overrides):
-    c = base.get_config()
-    c.data.data_dir = str(data_dir)
-    c.data.seq_len = SEQ_LEN
-    c.train.batch_size = BATCH
-    c.train.eval_steps = 3
-    for key, value in data_overrides.items():
-        c.data[key] = value
-    return c
+    return test_data._config(data_dir, SEQ_LEN, BATCH, **data_overrides)
 
 
 def _train(records, tasks, **kw):
