@@ -1,6 +1,7 @@
 """GPU correctness check of the expert-parallel dropless exchanges: ragged vs padded vs one device.
 
     python3 benchmarks/ep_check.py [--gpus 2] [--dtype float32] [--gmm_backend auto] [--tol 5e-3]
+        [--mosaic_all]
 
 On ``n >= 2`` GPUs (``--gpus``, default all): the dropless MoE (``dispatch.dropless_moe``,
 SwiGLU experts, T = 256 tokens per GPU, D = 64, F = 128, K = 2), its output and the
@@ -74,7 +75,13 @@ def main() -> int:
     p.add_argument("--gmm_backend", default="auto")
     p.add_argument("--tol", type=float, default=5e-3, help="max |diff| / max |reference| allowed")
     p.add_argument("--exchange_ragged", default="ragged", help="ragged, or ragged_emulated to try on CPU")
+    p.add_argument("--mosaic_all", action="store_true",
+                   help="with --gmm_backend mosaic: every pass on the Mosaic kernels (these "
+                        "shapes' small groups would otherwise run on Triton)")
     a = p.parse_args()
+    if a.mosaic_all:
+        from routezoo.layers.kernels import gmm_mosaic as gm
+        gm.config_for = lambda *args, interpret=False: gm.MosaicConfig(interpret=interpret)
     jax.config.update("jax_default_matmul_precision", "highest")
     n = a.gpus or jax.device_count()
     if n < 2 or n > jax.device_count():

@@ -10,8 +10,10 @@ times, with random balanced-ish group sizes (multinomial, equal probabilities):
   forward, the backward data matmul ``d_lhs = gmm(d_out, rhs^T)`` alone, and forward +
   backward (``jax.vjp``: ``gmm``, ``gmm^T``, ``tgmm``);
 * ``tgmm`` alone (the weight gradient) for several tilings;
-* jax's own Mosaic GPU Hopper kernels (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``
-  and ``transposed_ragged_dot_mgpu``) where they import and run, for comparison.
+* the ``mosaic`` backend (``routezoo.layers.kernels.gmm_mosaic``: jax's own Mosaic GPU
+  Hopper kernels ``ragged_dot_mgpu`` / ``transposed_ragged_dot_mgpu`` under routezoo's VJP)
+  for several tiles, each pass alone and forward + backward, and the hybrid of Triton
+  forward / backward data with the Mosaic weight gradient.
 
 Useful FLOPs: ``2·M·K·N`` per matmul (forward), ``3x`` for forward + backward. ``% dense``
 is against the dense matmul of the same shape and mode, measured in the same process;
@@ -84,6 +86,18 @@ TGMM_CONFIGS = [
 TGMM_CONFIGS_QUICK = [TGMM_CONFIGS[0], TGMM_CONFIGS[2]]
 
 
+# Mosaic tiles swept by default: (block_m, block_n, block_k, steps in flight, grid_block_n)
+DEFAULT_MOSAIC_TILES = "128,128,64,4,1;128,128,64,4,4;64,128,64,5,2"
+
+
+def _mosaic_tiles(spec: str):
+    from routezoo.layers.kernels.gmm_mosaic import MosaicTiles
+    return [MosaicTiles(*map(int, t.split(","))) for t in spec.split(";") if t]
+
+
+MOSAIC_TILES: list = []   # filled in main()
+
+
 INTERPRET = False   # set in main(): True off GPU (smoke runs of --shapes tiny on CPU)
 
 
@@ -99,13 +113,14 @@ def group_sizes_for(e: int, m: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).multinomial(m, np.full(e, 1.0 / e)).astype(np.int32)
 
 
-def correctness_check(gp) -> dict:
-    """Small bf16 and f32 problems against a masked dense reference (f32 maths)."""
+def correctness_check(gmm, dtypes=(jnp.bfloat16, jnp.float32)) -> dict:
+    """Small bf16 and f32 problems against a masked dense reference (f32 maths);
+    ``gmm(lhs, rhs, group_sizes)``."""
     m, k, n, e = 4096, 512, 768, 8
     sizes = np.array([700, 0, 512, 1000, 0, 333, 900, 300], np.int32)   # sum 3745 < m
     rx, rw, rc = jax.random.split(jax.random.key(7), 3)
     out = {}
-    for dtype in (jnp.bfloat16, jnp.float32):
+    for dtype in dtypes:
         x = jax.random.normal(rx, (m, k), dtype)
         w = jax.random.normal(rw, (e, k, n), dtype)
         ct = jax.random.normal(rc, (m, n), dtype)
@@ -119,7 +134,7 @@ def correctness_check(gp) -> dict:
                            precision="highest")
             return jnp.einsum("MEN,ME->MN", y, mask, precision="highest")
 
-        got = fwd_bwd(lambda a, b: gp.gmm(a, b, gs, interpret=INTERPRET))(x, w, ct)
+        got = fwd_bwd(lambda a, b: gmm(a, b, gs))(x, w, ct)
         want = fwd_bwd(ref)(x, w, ct.astype(jnp.float32))
         errs = {}
         for name, a, b in zip(("out", "d_lhs", "d_rhs"), got, want):
@@ -135,6 +150,33 @@ def correctness_check(gp) -> dict:
 
 def pct(x, ref):
     return None if x is None or ref is None else 100.0 * x / ref
+
+
+def run_triton_sweeps(name, e, m, k, n, args, gp, gs, x, w, ct, record):
+    """Every tiling of GMM_CONFIGS (forward, backward data, both) and TGMM_CONFIGS."""
+    configs = GMM_CONFIGS_QUICK if args.quick else GMM_CONFIGS
+    for tiling, warps, stages in configs:
+        label = f"gmm {tiling} w{warps} s{stages}"
+        extra = {"tiling": tiling, "num_warps": warps, "num_stages": stages}
+
+        def f(a, b, tiling=tiling, warps=warps, stages=stages):
+            return gp.gmm(a, b, gs, tiling=tiling, num_warps=warps, num_stages=stages,
+                          interpret=INTERPRET)
+        record(label, "fwd", jax.jit(f), x, w, extra=extra)
+        cfg = gp.GmmConfig(tiling=tiling, num_warps=warps, num_stages=stages,
+                           interpret=INTERPRET)
+        dlhs = jax.jit(lambda d, b, cfg=cfg: gp._gmm_call(d, b, gs, tiling=cfg.tiling, cfg=cfg,
+                                                          transpose_rhs=True))
+        record(label, "dlhs", dlhs, ct, w, extra=extra)
+        record(label, "fwdbwd", fwd_bwd(f), x, w, ct, mult=3, extra=extra)
+
+    for tiling, warps, stages in (TGMM_CONFIGS_QUICK if args.quick else TGMM_CONFIGS):
+        t = jax.jit(lambda a, d, tiling=tiling, warps=warps, stages=stages:
+                    gp.tgmm(a, d, gs, tiling=tiling, num_warps=warps, num_stages=stages,
+                            interpret=INTERPRET))
+        record(f"tgmm {tiling} w{warps} s{stages}", "tgmm", t, x, ct,
+               extra={"tiling": tiling, "num_warps": warps, "num_stages": stages})
+
 
 
 def run_shape(name, e, m, k, n, args, gp, rows):
@@ -195,55 +237,35 @@ def run_shape(name, e, m, k, n, args, gp, rows):
                                                           cfg=cfg, transpose_rhs=True))
         record(label, "dlhs", dlhs, ct, w, extra={"half_tiles": half})
         record(label, "fwdbwd", fwd_bwd(f), x, w, ct, mult=3, extra={"half_tiles": half})
-    if args.only_config_for:
-        return
+        tg = jax.jit(lambda a, d, cfg=cfg: gp._tgmm_call(a, d, gs, e, cfg=cfg, out_dtype=a.dtype))
+        record(label, "tgmm", tg, x, ct, extra={"half_tiles": half})
+    if not args.only_config_for:
+        run_triton_sweeps(name, e, m, k, n, args, gp, gs, x, w, ct, record)
 
-    configs = GMM_CONFIGS_QUICK if args.quick else GMM_CONFIGS
-    for tiling, warps, stages in configs:
-        label = f"gmm {tiling} w{warps} s{stages}"
-        extra = {"tiling": tiling, "num_warps": warps, "num_stages": stages}
-
-        def f(a, b, tiling=tiling, warps=warps, stages=stages):
-            return gp.gmm(a, b, gs, tiling=tiling, num_warps=warps, num_stages=stages,
-                          interpret=INTERPRET)
-        record(label, "fwd", jax.jit(f), x, w, extra=extra)
-        cfg = gp.GmmConfig(tiling=tiling, num_warps=warps, num_stages=stages,
-                           interpret=INTERPRET)
-        dlhs = jax.jit(lambda d, b, cfg=cfg: gp._gmm_call(d, b, gs, tiling=cfg.tiling, cfg=cfg,
-                                                          transpose_rhs=True))
-        record(label, "dlhs", dlhs, ct, w, extra=extra)
-        record(label, "fwdbwd", fwd_bwd(f), x, w, ct, mult=3, extra=extra)
-
-    for tiling, warps, stages in (TGMM_CONFIGS_QUICK if args.quick else TGMM_CONFIGS):
-        t = jax.jit(lambda a, d, tiling=tiling, warps=warps, stages=stages:
-                    gp.tgmm(a, d, gs, tiling=tiling, num_warps=warps, num_stages=stages,
-                            interpret=INTERPRET))
-        record(f"tgmm {tiling} w{warps} s{stages}", "tgmm", t, x, ct,
-               extra={"tiling": tiling, "num_warps": warps, "num_stages": stages})
-
-    if not args.skip_mgpu:   # jax's Mosaic GPU (Hopper) kernels, for comparison
-        try:
-            from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as rd
-            for bm, bn, steps, gbn in ((128, 128, 4, 1), (128, 128, 4, 4), (64, 128, 4, 2)):
-                if n % (bn * gbn):
-                    continue
-                f = jax.jit(lambda a, b, bm=bm, bn=bn, steps=steps, gbn=gbn: rd.ragged_dot(
-                    a, b, group_sizes=gs, block_m=bm, block_n=bn, block_k=64,
-                    max_concurrent_steps=steps, grid_block_n=gbn))
-                record(f"mgpu ragged_dot bm{bm} bn{bn} st{steps} gbn{gbn}", "fwd", f, x, w)
-        except Exception as exc:  # noqa: BLE001
-            rows.append({"shape": name, "variant": "mgpu ragged_dot", "error": repr(exc)[:2000]})
-            print(f"  mgpu ragged_dot unavailable: {exc!r}"[:300], flush=True)
-        try:
-            from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
-            f = jax.jit(lambda a, d: trd.transposed_ragged_dot(
-                a, d, group_sizes=gs, block_m=128, block_n=128, block_k=64,
-                max_concurrent_steps=4, grid_block_n=1))
-            record("mgpu transposed_ragged_dot 128/128/64 st4", "tgmm", f, x, ct)
-        except Exception as exc:  # noqa: BLE001
-            rows.append({"shape": name, "variant": "mgpu transposed_ragged_dot",
-                         "error": repr(exc)[:2000]})
-            print(f"  mgpu transposed_ragged_dot unavailable: {exc!r}"[:300], flush=True)
+    if not args.skip_mgpu:   # jax's Mosaic GPU (Hopper) kernels: routezoo's gmm_mosaic
+        from routezoo.layers.kernels import gmm_mosaic as gm
+        for t in MOSAIC_TILES:
+            label = f"mosaic {dataclasses.astuple(t)}"
+            extra = {"mosaic_tiles": dataclasses.astuple(t)}
+            cfg = gm.MosaicConfig(fwd=t, dlhs=t, tgmm=t)
+            modes = args.mosaic_modes.split(",")
+            if "fwd" in modes:
+                f = jax.jit(lambda a, b, cfg=cfg: gm.gmm(a, b, gs, config=cfg))
+                record(label, "fwd", f, x, w, extra=extra)
+            if "dlhs" in modes:
+                dl = jax.jit(lambda d, b, t=t: gm._rows_in_groups(gm._mosaic_ragged_dot(
+                    d, b, gs, t, transpose_rhs=True, interpret=False), gs))
+                record(label, "dlhs", dl, ct, w, extra=extra)
+            if "tgmm" in modes:
+                tg = jax.jit(lambda a, d, t=t: gm.tgmm(a, d, gs, tiles=t))
+                record(label, "tgmm", tg, x, ct, extra=extra)
+            if "fwdbwd" in modes:
+                record(label, "fwdbwd", fwd_bwd(lambda a, b, cfg=cfg: gm.gmm(a, b, gs, config=cfg)),
+                       x, w, ct, mult=3, extra=extra)
+        # Triton forward and backward data, Mosaic weight gradient (the first tiles).
+        cfg = gm.MosaicConfig(fwd=None, dlhs=None, tgmm=MOSAIC_TILES[0])
+        record("hybrid: triton fwd/dlhs + mosaic tgmm", "fwdbwd",
+               fwd_bwd(lambda a, b: gm.gmm(a, b, gs, config=cfg)), x, w, ct, mult=3)
 
 
 def main():
@@ -256,11 +278,17 @@ def main():
     p.add_argument("--quick", action="store_true", help="3 gmm and 2 tgmm configurations")
     p.add_argument("--skip-mgpu", action="store_true", help="skip jax's Mosaic GPU kernels")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--mosaic-tiles", default=DEFAULT_MOSAIC_TILES,
+                   help="Mosaic tiles to sweep, ';'-separated 'block_m,block_n,block_k,steps,grid_block_n'")
+    p.add_argument("--mosaic-modes", default="fwd,dlhs,tgmm,fwdbwd",
+                   help="which Mosaic passes to time per tile (of fwd,dlhs,tgmm,fwdbwd)")
     p.add_argument("--only-config-for", action="store_true",
-                   help="time only the library's configuration (half tiles on and off)")
+                   help="of the Triton kernels, time only the library's configuration "
+                        "(half tiles on and off)")
     args = p.parse_args()
 
     from routezoo.layers.kernels import gmm_pallas as gp
+    MOSAIC_TILES[:] = _mosaic_tiles(args.mosaic_tiles)
 
     dev = jax.devices()[0]
     info = {"device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
@@ -281,12 +309,18 @@ def main():
             json.dump(result, fh, indent=1, default=str)
 
     if not args.skip_check:
-        try:
-            result["check"] = correctness_check(gp)
-        except Exception as exc:  # noqa: BLE001
-            result["check"] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
+        checks = [("check", lambda a, b, gs: gp.gmm(a, b, gs, interpret=INTERPRET),
+                   (jnp.bfloat16, jnp.float32))]
+        if not args.skip_mgpu:   # Mosaic: bf16 only (its kernels take 16-bit operands)
+            from routezoo.layers.kernels import gmm_mosaic as gm
+            checks.append(("check_mosaic", gm.gmm, (jnp.bfloat16,)))
+        for key, fn, dtypes in checks:
+            try:
+                result[key] = correctness_check(fn, dtypes)
+            except Exception as exc:  # noqa: BLE001
+                result[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
                                "traceback": traceback.format_exc()[-4000:]}
-        print("correctness:", json.dumps(result["check"])[:3000], flush=True)
+            print(f"correctness ({key}):", json.dumps(result[key])[:3000], flush=True)
         save()
     try:
         if INTERPRET:
@@ -308,16 +342,18 @@ def main():
 
     # Summary: best gmm configuration per shape and mode.
     print("\n== best gmm configuration per shape and mode")
-    print(f"{'shape':<10} {'mode':<7} {'variant':<44} {'TF/s':>7} {'% dense':>8}")
+    print(f"{'shape':<10} {'mode':<7} {'variant':<44} {'TF/s':>7} {'% dense':>8}"
+          "   (library's Triton config_for in brackets)")
     for name in args.shapes.split(","):
         for mode in ("fwd", "dlhs", "fwdbwd", "tgmm"):
             cands = [r for r in rows if r.get("shape") == name and r.get("mode") == mode
-                     and "tflops" in r and (r["variant"].startswith("gmm")
-                                            or r["variant"].startswith("tgmm"))]
+                     and "tflops" in r and not r["variant"].startswith(("dense", "einsum"))]
             if cands:
                 b = max(cands, key=lambda r: r["tflops"])
                 pd = "" if b["pct_dense"] is None else f"{b['pct_dense']:.1f}"
-                print(f"{name:<10} {mode:<7} {b['variant']:<44} {b['tflops']:7.1f} {pd:>8}")
+                lib = [r for r in cands if r["variant"] == "config_for half_tiles=True"]
+                libs = f"  [{lib[0]['tflops']:.1f}]" if lib else ""
+                print(f"{name:<10} {mode:<7} {b['variant']:<44} {b['tflops']:7.1f} {pd:>8}{libs}")
     save()
     print(f"\nwrote {args.out}")
 

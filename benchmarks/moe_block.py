@@ -10,7 +10,10 @@ experts, against a dense bf16 ``8192^3`` matmul measured in the same process.
         [--queue 3] [--policies default,run3] [--profile]
 
 ``--profile`` adds, per case, the device time of every kernel from a profiler trace
-(where the block's time goes).
+(where the block's time goes); ``--dump_hlo DIR`` writes each case's compiled HLO (to
+match the profile's fusion names). ``--variants dropless:mosaic`` times the ``mosaic``
+backend, with ``--policies`` of ``MOSAIC_POLICIES`` choosing which passes run on the
+Mosaic kernels.
 
 Memory (target 5): the compiled step's peak (arguments + outputs + scratch, from XLA's
 memory analysis) against the analytical minimum (parameters and gradients, input and its
@@ -42,6 +45,7 @@ VARIANTS = [
     ("dropless", "ragged_dot", None),
     ("dropless", "blocked", None),
     ("dropless", "pallas", None),
+    ("dropless", "mosaic", None),
     ("capacity", "auto", 1.0),
     ("capacity", "auto", 1.25),
 ]
@@ -77,6 +81,26 @@ POLICIES = {
 _LIBRARY_CONFIG_FOR: list = []   # gmm_pallas.config_for before any policy replaced it
 
 
+def _mosaic(**passes):
+    def config_for(m, g, k, n, interpret=False):
+        from routezoo.layers.kernels import gmm_mosaic as gm
+        t = gm.MosaicTiles()
+        return gm.MosaicConfig(**{p: passes.get(p, t) for p in ("fwd", "dlhs", "tgmm")},
+                               interpret=interpret)
+    return config_for
+
+
+# ``--policies`` for dropless:mosaic (``gmm_mosaic.config_for`` replaced): which passes run on
+# the Mosaic kernels (the others on the Triton kernels of ``gmm_pallas.config_for``).
+MOSAIC_POLICIES = {
+    "default": None,
+    "all": _mosaic(),
+    "tgmm_only": _mosaic(fwd=None, dlhs=None),
+    "fwd_dlhs": _mosaic(tgmm=None),
+    "fwd_only": _mosaic(dlhs=None, tgmm=None),
+}
+
+
 def _gp():
     from routezoo.layers.kernels import gmm_pallas
     if not _LIBRARY_CONFIG_FOR:
@@ -86,17 +110,22 @@ def _gp():
 
 def moe_case(name: str, tokens: int, dispatch: str, backend: str, cf: float | None, iters: int,
              queue: int = 1, policy: str = "default", profile: bool = False):
-    gp = _gp()
-    library_config_for = gp.config_for
-    if POLICIES[policy] is not None:
-        gp.config_for = POLICIES[policy]
+    if backend == "mosaic":
+        from routezoo.layers.kernels import gmm_mosaic as module
+        replacement = MOSAIC_POLICIES[policy]
+    else:
+        module, replacement = _gp(), POLICIES[policy]
+    library_config_for = module.config_for
+    if replacement is not None:
+        module.config_for = replacement
     try:
         return _moe_case(name, tokens, dispatch, backend, cf, iters, queue, profile)
     finally:
-        gp.config_for = library_config_for
+        module.config_for = library_config_for
 
 
 ROUTER_PRECISION = ["float32"]   # set by --router_precision
+HLO_DIR = [""]                   # set by --dump_hlo
 
 
 def build_step(name: str, tokens: int, dispatch: str, backend: str, cf: float | None):
@@ -170,7 +199,11 @@ def _moe_case(name, tokens, dispatch, backend, cf, iters, queue, profile=False):
     (_, stats), _ = step(variables, x)
     e, k, d, f, shared = SHAPES[name]
     useful = 3 * 2 * tokens * d * f * 3 * (k + shared)
-    mem = step.lower(variables, x).compile().memory_analysis()
+    compiled = step.lower(variables, x).compile()
+    if HLO_DIR[0]:
+        with open(f"{HLO_DIR[0]}/{name}_{dispatch}_{backend}.hlo.txt", "w") as fh:
+            fh.write(compiled.as_text())
+    mem = compiled.memory_analysis()
     size = lambda attr: getattr(mem, attr, 0) if mem is not None else 0
     temp = size("temp_size_in_bytes")
     # peak of the compiled step: its inputs, outputs and scratch (XLA's own accounting),
@@ -181,7 +214,7 @@ def _moe_case(name, tokens, dispatch, backend, cf, iters, queue, profile=False):
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables))
     copies = tokens * (k + shared)
     analytic = 2 * (2 * n_params + 2 * tokens * d + copies * (2 * d + 3 * f))
-    kernels = device_kernel_table(step, (variables, x)) if profile else None
+    kernels = device_kernel_table(step, (variables, x), top=30) if profile else None
     return {"shape": name, "dispatch": dispatch, "backend": backend, "capacity_factor": cf,
             "kernels": kernels, "tokens": tokens, "ms": t * 1e3, "tflops": useful / t / 1e12,
             "dropped": float(np.mean(jax.device_get(stats["dropped_fraction"]))),
@@ -199,19 +232,27 @@ def main():
     p.add_argument("--queue", type=int, default=1,
                    help="calls per timed sample, issued back to back (timing.call_times)")
     p.add_argument("--policies", default="default",
-                   help=f"grouped-matmul configurations for dropless:pallas, of {list(POLICIES)}")
+                   help=f"grouped-matmul configurations for dropless:pallas, of {list(POLICIES)}, "
+                        f"and for dropless:mosaic, of {list(MOSAIC_POLICIES)}")
     p.add_argument("--profile", action="store_true",
                    help="also print each case's device time per kernel (profiler trace)")
     p.add_argument("--router_precision", default="float32", help="moe.router_precision")
+    p.add_argument("--dump_hlo", default="", help="directory: write each case's compiled HLO there")
     a = p.parse_args()
     ROUTER_PRECISION[0] = a.router_precision
+    HLO_DIR[0] = a.dump_hlo
     ceiling = dense_ceiling(a.iters, queue=a.queue)
     rows = []
     for shape in a.shapes.split(","):
         for dispatch, backend, cf in VARIANTS:
             if a.variants != "all" and f"{dispatch}:{backend}" not in a.variants.split(","):
                 continue
-            policies = a.policies.split(",") if (dispatch, backend) == ("dropless", "pallas") else ["default"]
+            if (dispatch, backend) == ("dropless", "pallas"):
+                policies = [q for q in a.policies.split(",") if q in POLICIES]
+            elif (dispatch, backend) == ("dropless", "mosaic"):
+                policies = [q for q in a.policies.split(",") if q in MOSAIC_POLICIES]
+            else:
+                policies = ["default"]
             for policy in policies:
                 try:
                     r = moe_case(shape, a.tokens, dispatch, backend, cf, a.iters, a.queue, policy,

@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe.batch_prioritized = False      # BPR: fill capacity by top-1 probability (not causal: encoders only)
     moe.capacity_fill = "token"        # capacity dispatch queue order: token (each token's copies together; causal) | slot (GShard: all first choices first; encoders only for k >= 2)
     moe.group_size = 0                 # routing-group size in tokens; 0 = one group per sequence
-    moe.gmm_backend = "auto"           # auto (blocked on CPU, pallas on GPU, megablox on TPU) | pallas | megablox | blocked | ragged_dot | dense
+    moe.gmm_backend = "auto"           # auto (blocked on CPU, pallas on GPU, megablox on TPU) | pallas | mosaic (Hopper) | megablox | blocked | ragged_dot | dense
     moe.ep_exchange = "auto"           # dropless expert parallel: auto (padded on CPU/GPU, ragged on TPU) | padded | ragged | ragged_emulated (CPU tests)
     moe.router_init_scale = 0.1
     moe.router_precision = "float32"   # router logits matmul: float32 (exact) | bf16_3x (3 bf16 tensor-core passes, ~f32 accuracy, faster on GPUs)

@@ -179,11 +179,20 @@ def gmm_megablox(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
     return gmm(lhs, rhs, group_sizes)
 
 
+def gmm_mosaic(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """jax's Mosaic GPU (Hopper: wgmma + TMA) grouped-matmul kernels under routezoo's VJP
+    and contract: :mod:`routezoo.layers.kernels.gmm_mosaic` (interpreted off GPU: for
+    tests, slow)."""
+    from routezoo.layers.kernels.gmm_mosaic import gmm_backend
+    return gmm_backend(lhs, rhs, group_sizes)
+
+
 GMM_BACKENDS: dict[str, Callable[[Array, Array, Array], Array]] = {
     "ragged_dot": gmm_ragged_dot,
     "blocked": gmm_blocked,
     "pallas": gmm_pallas,
     "megablox": gmm_megablox,
+    "mosaic": gmm_mosaic,
     "dense": gmm_dense,
 }
 GMM_BACKEND_NAMES = ("auto", *GMM_BACKENDS)
@@ -762,10 +771,10 @@ def dropless_moe(x: Array, indices: Array, weights: Array, params: Params, *,
     tok = P(batch_axes or None, None)
     param_in_specs = {name: P(*(spec_axes(name, logical) or None for logical in EXPERT_PARAM_NAMES[name]))
                       for name in params}
-    # Megablox's pallas_calls (jax <= 0.11) give their outputs no shard_map varying type,
-    # which shard_map's type check refuses; that backend runs unchecked (the tests compare
-    # its sharded values and gradients with one device).
+    # Megablox's and Mosaic GPU's pallas_calls (jax <= 0.11) give their outputs no
+    # shard_map varying type, which shard_map's type check refuses; those backends run
+    # unchecked (the tests compare their sharded values and gradients with one device).
     fn = jax.shard_map(local_fn, mesh=mesh, in_specs=(tok, tok, tok, param_in_specs), out_specs=tok,
-                       check_vma=gmm is not gmm_megablox)
+                       check_vma=gmm not in (gmm_megablox, gmm_mosaic))
     x = sharding.constrain(x, ("batch", "act_embed"))
     return fn(x, indices, weights, dict(params))

@@ -101,7 +101,8 @@ class MoE(nn.Module):
       min_capacity: lower bound of ``C``.
       group_size: routing group size ``S``; 0 = one group per sequence.
       gmm_backend: dropless grouped matmul: ``'auto'`` (per platform), ``'pallas'`` (GPU
-        kernel), ``'megablox'`` (TPU kernel), ``'blocked'``, ``'ragged_dot'`` or ``'dense'``;
+        kernel), ``'mosaic'`` (Hopper: jax's Mosaic GPU kernels where faster),
+        ``'megablox'`` (TPU kernel), ``'blocked'``, ``'ragged_dot'`` or ``'dense'``;
         see :func:`routezoo.layers.dispatch.resolve_gmm_backend`.
       ep_exchange: how dropless dispatch moves token copies between expert shards:
         ``'padded'`` (``all_to_all`` of ``[N, T·K, D]`` blocks), ``'ragged'``

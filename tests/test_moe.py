@@ -457,7 +457,7 @@ def test_router_precision_bf16_3x_matches_float32():
 @pytest.mark.parametrize("overrides,causal,mesh,match", [
     (dict(router="hash9"), False, {}, r"moe.router='hash9' is unknown; known: \[.*'top_k'.*\]"),
     (dict(dispatch="magic"), False, {}, r"moe.dispatch='magic' is unknown; known: \['capacity', 'dropless'\]"),
-    (dict(gmm_backend="cutlass"), False, {}, r"moe.gmm_backend='cutlass' is unknown; known: \['auto', 'blocked', 'dense', 'megablox', 'pallas', 'ragged_dot'\]"),
+    (dict(gmm_backend="cutlass"), False, {}, r"moe.gmm_backend='cutlass' is unknown; known: \['auto', 'blocked', 'dense', 'megablox', 'mosaic', 'pallas', 'ragged_dot'\]"),
     (dict(router_precision="tf32"), False, {}, r"moe.router_precision='tf32' is unknown; known: \['bf16_3x', 'float32'\]"),
     (dict(k=9), False, {}, r"moe.k=9 must be between 1 and moe.num_experts=8"),
     (dict(), False, {"expert": 3}, r"moe.num_experts=8 is not divisible by mesh.expert=3"),

@@ -2,7 +2,11 @@
 
 * :mod:`routezoo.layers.kernels.gmm_pallas`: dropless grouped matmul ``gmm`` and its
   transpose ``tgmm`` on the Pallas Triton (GPU) backend, runnable on CPU with
-  ``interpret=True``.
+  ``interpret=True``;
+* :mod:`routezoo.layers.kernels.gmm_mosaic`: jax's Mosaic GPU (Hopper) grouped-matmul
+  kernels under routezoo's VJP, pass by pass where they measured faster;
+* :mod:`routezoo.layers.kernels.gmm_megablox`: jax's TPU kernels (megablox) under
+  routezoo's VJP.
 
 Submodules are imported lazily (``from routezoo.layers.kernels import gmm_pallas``) so
 that importing routezoo never pulls in Pallas.

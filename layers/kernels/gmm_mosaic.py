@@ -1,0 +1,237 @@
+"""Dropless grouped matmul on Hopper GPUs with jax's own Mosaic GPU kernels (wgmma + TMA).
+
+jax ships two Pallas Mosaic-GPU grouped-matmul kernels for Hopper (sm_90a):
+``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot`` (``[M, K] x [G, K, N] ->
+[M, N]``, optionally with the weights transposed) and
+``transposed_ragged_dot_mgpu.transposed_ragged_dot`` (per group ``lhs_g^T @ dout_g ->
+[G, K, N]``, the weight gradient). Unlike the Triton backend
+(:mod:`routezoo.layers.kernels.gmm_pallas`) they issue Hopper's asynchronous ``wgmma``
+instructions and bulk (TMA) copies directly. This module runs them under routezoo's VJP
+and contract, the same as the other backends:
+
+* ``gmm(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]`` in ``lhs.dtype`` with
+  float32 accumulation; rows past ``sum(group_sizes)`` come back as exactly 0 (the kernel
+  leaves them unwritten), in the forward pass and in ``d_lhs``;
+* ``d_lhs = gmm(d_out, rhs^T)``, ``d_rhs = tgmm(lhs, d_out)``, 0 for empty groups;
+* any ``K``, ``N``: dimensions are zero-padded to the kernels' tile multiples.
+
+Each pass (forward, backward data, weight gradient) can run on either kernel family:
+:class:`MosaicConfig` gives each its tiles, or ``None`` to run that pass with the Triton
+kernel of :func:`routezoo.layers.kernels.gmm_pallas.config_for`. Off GPU the Mosaic
+kernels run in jax's Mosaic GPU interpreter (tests only; slow).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = ["MosaicConfig", "MosaicTiles", "config_for", "gmm", "tgmm", "gmm_backend"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTiles:
+    """One Mosaic kernel launch: output tile ``block_m x block_n``, ``block_k`` deep
+    steps, ``steps`` in flight (TMA pipeline depth), ``grid_block_n`` output column tiles
+    walked together (L2 reuse of the ``lhs`` tile)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    steps: int = 4
+    grid_block_n: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Which kernel runs each pass: a :class:`MosaicTiles` (Mosaic GPU) or ``None`` (the
+    Triton kernel of ``gmm_pallas.config_for``)."""
+
+    fwd: MosaicTiles | None = MosaicTiles()
+    dlhs: MosaicTiles | None = MosaicTiles()
+    tgmm: MosaicTiles | None = MosaicTiles()
+    interpret: bool = False
+
+
+SMALL_GROUP_ROWS = 512   # mean rows per group at or below which every pass stays on Triton
+
+
+def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = False
+               ) -> MosaicConfig:
+    """Each pass on the kernel that measured faster for the shape (one H200, jax 0.11.2,
+    ``benchmarks/gmm_kernel.py``; BENCHMARKS.md, "Mosaic GPU kernels"):
+
+    * forward and backward data: Triton at every shape measured (jax's Mosaic
+      ``ragged_dot`` reached 26-48% of the dense rate, Triton 41-73%);
+    * weight gradient: Mosaic where groups are large (80% of dense at 1,536 rows per group,
+      the DeepSeek-like shape), Triton for small groups (``m / num_groups <=
+      SMALL_GROUP_ROWS``: Mosaic 25-37% there).
+    """
+    del k, n
+    small = m <= SMALL_GROUP_ROWS * max(num_groups, 1)
+    return MosaicConfig(fwd=None, dlhs=None, tgmm=None if small else MosaicTiles(steps=5),
+                        interpret=interpret)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _pad_cols(x: Array, cols: int) -> Array:
+    return x if x.shape[-1] == cols else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, cols - x.shape[-1])])
+
+
+def _rows_in_groups(out: Array, group_sizes: Array) -> Array:
+    rows = jnp.arange(out.shape[0], dtype=jnp.int32)[:, None]
+    return jnp.where(rows < jnp.sum(group_sizes), out, jnp.zeros((), out.dtype))
+
+
+def _ops(name: str):
+    return importlib.import_module(f"jax.experimental.pallas.ops.gpu.{name}")
+
+
+@contextlib.contextmanager
+def _interpreted(interpret: bool):
+    if not interpret:
+        yield
+        return
+    from jax._src.pallas.mosaic_gpu.interpret import params   # jax's Mosaic GPU interpreter
+    with params.force_gpu_interpret_mode(params.InterpretGPUParams()):
+        yield
+
+
+def _mosaic_ragged_dot(lhs: Array, rhs: Array, group_sizes: Array, t: MosaicTiles, *,
+                       transpose_rhs: bool, interpret: bool) -> Array:
+    """``[M, K] x [G, K, N]`` (or ``[G, N, K]`` with ``transpose_rhs``) ``-> [M, N]``."""
+    rd = _ops("ragged_dot_mgpu")
+    m, k = lhs.shape
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    kp, np_ = _round_up(k, t.block_k), _round_up(n, t.block_n * t.grid_block_n)
+    # Rows padded to whole tiles: the hardware's bulk copies read zeros past the end, jax's
+    # interpreter refuses such reads.
+    mp = _round_up(m, t.block_m)
+    lhs = _pad_cols(lhs, kp) if mp == m else jnp.pad(lhs, [(0, mp - m), (0, kp - k)])
+    if transpose_rhs:
+        rhs = jnp.pad(rhs, [(0, 0), (0, np_ - n), (0, kp - k)]) if (kp, np_) != (k, n) else rhs
+        if interpret or "transpose_rhs" not in inspect.signature(rd.ragged_dot).parameters:
+            # A transposed copy: older jax's kernel has no transposed-weights mode, and the
+            # interpreter (jax 0.10) has no transposed wgmma operand.
+            rhs, transpose_rhs = rhs.swapaxes(1, 2), False
+    else:
+        rhs = jnp.pad(rhs, [(0, 0), (0, kp - k), (0, np_ - n)]) if (kp, np_) != (k, n) else rhs
+    kw = dict(group_sizes=group_sizes, block_m=t.block_m, block_n=t.block_n, block_k=t.block_k,
+              max_concurrent_steps=t.steps, grid_block_n=t.grid_block_n)
+    if transpose_rhs:
+        kw["transpose_rhs"] = True
+    with _interpreted(interpret):
+        out = rd.ragged_dot(lhs, rhs, **kw)
+    return out[:m, :n].astype(lhs.dtype)
+
+
+def _mosaic_tgmm(lhs: Array, dout: Array, group_sizes: Array, t: MosaicTiles, *,
+                 interpret: bool) -> Array:
+    """``[M, K], [M, N] -> [G, K, N]``: per group ``lhs_g^T @ dout_g``."""
+    trd = _ops("transposed_ragged_dot_mgpu")
+    k, n = lhs.shape[1], dout.shape[1]
+    kp, np_ = _round_up(k, t.block_m), _round_up(n, t.block_n * t.grid_block_n)
+    with _interpreted(interpret):
+        out = trd.transposed_ragged_dot(
+            _pad_cols(lhs, kp), _pad_cols(dout, np_), group_sizes=group_sizes,
+            block_m=t.block_m, block_n=t.block_n, block_k=t.block_k,
+            max_concurrent_steps=t.steps, grid_block_n=t.grid_block_n)
+    return out[:, :k, :n]
+
+
+def _triton_config(m: int, g: int, k: int, n: int, interpret: bool):
+    from routezoo.layers.kernels import gmm_pallas
+    return gmm_pallas, gmm_pallas.config_for(m, g, k, n, interpret=interpret)
+
+
+def _fwd_pass(lhs, rhs, group_sizes, cfg: MosaicConfig):
+    if cfg.fwd is not None:
+        out = _mosaic_ragged_dot(lhs, rhs, group_sizes, cfg.fwd, transpose_rhs=False,
+                                 interpret=cfg.interpret)
+        return _rows_in_groups(out, group_sizes)
+    gp, tcfg = _triton_config(lhs.shape[0], *rhs.shape, cfg.interpret)
+    return gp._gmm_call(lhs, rhs, group_sizes, tiling=tcfg.tiling, cfg=tcfg).astype(lhs.dtype)
+
+
+def _dlhs_pass(dout, rhs, group_sizes, cfg: MosaicConfig):
+    if cfg.dlhs is not None:
+        out = _mosaic_ragged_dot(dout, rhs, group_sizes, cfg.dlhs, transpose_rhs=True,
+                                 interpret=cfg.interpret)
+        return _rows_in_groups(out, group_sizes)
+    gp, tcfg = _triton_config(dout.shape[0], *rhs.shape, cfg.interpret)
+    return gp._gmm_call(dout, rhs, group_sizes, tiling=tcfg.dlhs_tiling or tcfg.tiling,
+                        cfg=tcfg, transpose_rhs=True).astype(dout.dtype)
+
+
+def _tgmm_pass(lhs, dout, group_sizes, num_groups, cfg: MosaicConfig, out_dtype):
+    if cfg.tgmm is not None:
+        return _mosaic_tgmm(lhs, dout, group_sizes, cfg.tgmm,
+                            interpret=cfg.interpret).astype(out_dtype)
+    gp, tcfg = _triton_config(lhs.shape[0], num_groups, lhs.shape[1], dout.shape[1],
+                              cfg.interpret)
+    return gp._tgmm_call(lhs, dout, group_sizes, num_groups, cfg=tcfg, out_dtype=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(lhs: Array, rhs: Array, group_sizes: Array, cfg: MosaicConfig) -> Array:
+    return _fwd_pass(lhs, rhs, group_sizes, cfg)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, cfg):
+    return _gmm(lhs, rhs, group_sizes, cfg), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(cfg, res, dout):
+    lhs, rhs, group_sizes = res
+    dout = dout.astype(lhs.dtype)
+    d_lhs = _dlhs_pass(dout, rhs, group_sizes, cfg)
+    d_rhs = _tgmm_pass(lhs, dout, group_sizes, rhs.shape[0], cfg, rhs.dtype)
+    return d_lhs, d_rhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, config: MosaicConfig | None = None,
+        interpret: bool | None = None) -> Array:
+    """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (in ``lhs.dtype``, float32
+    accumulation), differentiable in ``lhs`` and ``rhs``; the module docstring has the
+    contract. ``interpret=None``: compiled on GPU, interpreted elsewhere (tests)."""
+    if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
+        raise ValueError(f"gmm expects lhs [M, K] and rhs [G, K, N], got {lhs.shape}, {rhs.shape}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    m, k = lhs.shape
+    g, _, n = rhs.shape
+    if m == 0 or n == 0 or g == 0:
+        return jnp.zeros((m, n), lhs.dtype)
+    cfg = config or config_for(m, g, k, n)
+    cfg = dataclasses.replace(cfg, interpret=interpret)
+    return _gmm(lhs, rhs.astype(lhs.dtype), jnp.maximum(group_sizes.astype(jnp.int32), 0), cfg)
+
+
+def tgmm(lhs: Array, dout: Array, group_sizes: Array, *, tiles: MosaicTiles = MosaicTiles(),
+         interpret: bool | None = None, out_dtype=None) -> Array:
+    """``[M, K], [M, N] -> [G, K, N]``: per group ``lhs_g^T @ dout_g`` (0 if empty), the
+    weight gradient of :func:`gmm` on the Mosaic kernel. Not differentiable."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    out = _mosaic_tgmm(lhs, dout.astype(lhs.dtype), group_sizes.astype(jnp.int32), tiles,
+                       interpret=interpret)
+    return out.astype(out_dtype or lhs.dtype)
+
+
+def gmm_backend(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
+    """``GMM_BACKENDS`` entry: :func:`gmm` configured by :func:`config_for`."""
+    return gmm(lhs, rhs, group_sizes)
