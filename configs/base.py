@@ -77,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
     m.seq2seq_split = 0.5            # prefix_lm: each packed row's first fraction is the encoder input, the rest the decoder target
     m.span_noise_density = 0.15      # span_corruption: fraction of each row's tokens masked (T5: 0.15)
     m.span_mean_length = 3.0         # span_corruption: mean masked span length (T5: 3); sentinels take the top ids of model.vocab_size
+    m.span_append_eos = True         # span_corruption: end the encoder input and the targets with EOS (id 1), as T5
 
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8

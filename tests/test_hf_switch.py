@@ -238,21 +238,30 @@ def test_seq2seq_training_two_steps(tmp_path, data_dir):
     assert any(k.startswith("moe/decoder/layer1/") for k in train[0])
 
 
-def test_span_corruption_loses_no_token_and_matches_t5_counts():
+@pytest.mark.parametrize("eos_id", [None, 1])
+def test_span_corruption_loses_no_token_and_matches_t5_counts(eos_id):
     """T5 span corruption: the encoder input and decoder targets give back every row
     exactly (each sentinel in the input stands for the span after it in the targets),
     with T5's counts (15% noise, mean span 3); padding gets weight / mask 0; the decoder
-    reads the targets shifted right; different keys draw different spans."""
+    reads the targets shifted right; different keys draw different spans. With an EOS id
+    both end with it (mask and weight 1), as in T5."""
     from routezoo.zoo.encoder_decoder import span_corruption_batch, span_lengths
 
     vocab, length = 300, 40
     rows = np.random.default_rng(0).integers(2, 258, (4, length)).astype(np.int32)
     rows[3, 30:] = 0                                    # a padded row
     inputs, targets, weights = span_corruption_batch({"inputs": jnp.asarray(rows)}, jax.random.PRNGKey(1),
-                                                     vocab_size=vocab)
+                                                     vocab_size=vocab, eos_id=eos_id)
     noise, spans, enc_len, dec_len = span_lengths(length, 0.15, 3.0)
     assert (noise, spans, enc_len, dec_len) == (6, 2, 36, 8)
     enc, tgt, w = np.asarray(inputs["encoder_tokens"]), np.asarray(targets), np.asarray(weights)
+    dec_in, enc_mask = np.asarray(inputs["decoder_tokens"]), np.asarray(inputs["encoder_mask"])
+    np.testing.assert_array_equal(dec_in[:, 1:], tgt[:, :-1])
+    if eos_id is not None:
+        assert enc.shape == (4, enc_len + 1) and tgt.shape == (4, dec_len + 1)
+        assert np.all(enc[:, -1] == eos_id) and np.all(tgt[:, -1] == eos_id)
+        assert np.all(enc_mask[:, -1] == 1) and np.all(w[:, -1] == 1)
+        enc, tgt, w, enc_mask = enc[:, :-1], tgt[:, :-1], w[:, :-1], enc_mask[:, :-1]
     assert enc.shape == (4, enc_len) and tgt.shape == (4, dec_len)
     sentinels = set(range(vocab - spans, vocab))
     for r in range(4):
@@ -265,12 +274,11 @@ def test_span_corruption_loses_no_token_and_matches_t5_counts():
         rebuilt = [x for t in enc[r] for x in (parts[t] if t in sentinels else [t])]
         np.testing.assert_array_equal(rebuilt, rows[r])
         assert sum(len(v) for v in parts.values()) == noise
-    np.testing.assert_array_equal(np.asarray(inputs["decoder_tokens"])[:, 1:], tgt[:, :-1])
-    assert np.all(np.asarray(inputs["decoder_tokens"])[:, 0] == 0)
+    assert np.all(dec_in[:, 0] == 0)
     pads = (tgt == 0) & ~np.isin(tgt, list(sentinels))
     assert np.all(w[pads] == 0) and np.all(w[~pads] == 1)
     enc_pad = (enc == 0)
-    assert np.all(np.asarray(inputs["encoder_mask"])[enc_pad] == 0) and enc_pad[3].any()
+    assert np.all(enc_mask[enc_pad] == 0) and enc_pad[3].any()
     other, _, _ = span_corruption_batch({"inputs": jnp.asarray(rows)}, jax.random.PRNGKey(2), vocab_size=vocab)
     assert not np.array_equal(np.asarray(other["encoder_tokens"]), enc)
 

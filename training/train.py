@@ -390,9 +390,11 @@ def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Arra
         from routezoo.zoo.encoder_decoder import seq2seq_batch, span_corruption_batch
         c = model.cfg
         if str(c.get("seq2seq_objective", "prefix_lm")) == "span_corruption":
+            from routezoo.training.data import EOS_ID
             return span_corruption_batch(batch, rng, vocab_size=int(c.vocab_size),
                                          noise_density=float(c.span_noise_density),
-                                         mean_span=float(c.span_mean_length))
+                                         mean_span=float(c.span_mean_length),
+                                         eos_id=EOS_ID if bool(c.get("span_append_eos", True)) else None)
         return seq2seq_batch(batch, split=float(c.seq2seq_split))
     raise ValueError(f"unknown objective {objective!r} of {type(model).__name__}; "
                      "known: causal_lm, masked_lm, seq2seq")

@@ -240,7 +240,8 @@ def stack_lengths(model_cfg: Any, seq_len: int) -> tuple[int, int]:
     if str(model_cfg.get("seq2seq_objective", "prefix_lm")) == "span_corruption":
         _, _, enc, dec = span_lengths(seq_len, float(model_cfg.span_noise_density),
                                       float(model_cfg.span_mean_length))
-        return enc, dec
+        eos = int(bool(model_cfg.get("span_append_eos", True)))
+        return enc + eos, dec + eos
     p = split_point(seq_len, float(model_cfg.seq2seq_split))
     return p, seq_len - p + 1
 
@@ -250,7 +251,8 @@ def flops_per_token(params: Any, model_cfg: Any, seq_len: int) -> dict[str, floa
 
     A row of ``L`` tokens feeds ``P`` tokens to the encoder and ``Ld`` to the decoder
     (:func:`stack_lengths`: ``P`` = :func:`split_point` and ``Ld = L - P + 1`` with the
-    start id for the prefix-LM split; :func:`span_lengths` for span corruption). With active parameters (as
+    start id for the prefix-LM split; :func:`span_lengths`, plus the EOS of each, for span
+    corruption). With active parameters (as
     :func:`routezoo.zoo.count_params` counts them) ``N_enc`` under ``encoder``, ``N_kv``
     in the decoder's cross-attention keys and values (applied to the ``P`` encoder
     outputs) and ``N_dec`` in the rest of ``decoder``, the forward FLOPs of a row are
@@ -302,7 +304,8 @@ def _random_segments(key: jax.Array, num_items: int, num_segments: int) -> jax.A
 
 def span_corruption_batch(batch: Mapping[str, jax.Array], rng: jax.Array, *, vocab_size: int,
                           noise_density: float = 0.15, mean_span: float = 3.0, start_id: int = 0,
-                          pad_id: int = 0) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+                          pad_id: int = 0, eos_id: int | None = 1
+                          ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """T5's span corruption (Raffel et al. 2020, section 3.1.4; their defaults: 15% noise,
     mean span 3) of packed rows into ``(inputs, targets, weights)``.
 
@@ -314,7 +317,10 @@ def span_corruption_batch(batch: Mapping[str, jax.Array], rng: jax.Array, *, voc
     targets shifted right. Sentinels must lie above the tokenizer's ids (the config check
     asks ``model.vocab_size`` to leave room for them). Pad tokens (``pad_id``) keep mask 0
     in the encoder and weight 0 in the targets. Each row draws its own segmentation from
-    ``rng``.
+    ``rng``. With ``eos_id`` (routezoo's tokenizers: 1; ``None``: none) both the encoder
+    input and the targets end with it, as T5's pipeline appends EOS to both (its length
+    helper counts it in); it sits at the row's last position, after any padding, with mask
+    and weight 1: the decoder learns where the targets stop.
     """
     x = batch["inputs"]
     b, length = x.shape
@@ -352,6 +358,12 @@ def span_corruption_batch(batch: Mapping[str, jax.Array], rng: jax.Array, *, voc
         return enc, enc_real, tgt, tgt_w
 
     enc, enc_real, tgt, tgt_w = jax.vmap(one)(x, jax.random.split(rng, b))
+    if eos_id is not None:
+        eos = jnp.full((b, 1), eos_id, x.dtype)
+        enc = jnp.concatenate([enc, eos], axis=1)
+        enc_real = jnp.concatenate([enc_real, jnp.ones((b, 1), bool)], axis=1)
+        tgt = jnp.concatenate([tgt, eos], axis=1)
+        tgt_w = jnp.concatenate([tgt_w, jnp.ones((b, 1), tgt_w.dtype)], axis=1)
     dec_in = jnp.concatenate([jnp.full((b, 1), start_id, x.dtype), tgt[:, :-1]], axis=1)
     dec_mask = jnp.concatenate([jnp.ones((b, 1), bool), tgt_w[:, :-1] > 0], axis=1)
     inputs = {"encoder_tokens": enc, "decoder_tokens": dec_in, "encoder_mask": enc_real.astype(jnp.int32),
