@@ -253,7 +253,7 @@ def run_shape(name, e, m, k, n, args, gp, rows):
                 f = jax.jit(lambda a, b, cfg=cfg: gm.gmm(a, b, gs, config=cfg))
                 record(label, "fwd", f, x, w, extra=extra)
             if "dlhs" in modes:
-                dl = jax.jit(lambda d, b, t=t: gm._rows_in_groups(gm._mosaic_ragged_dot(
+                dl = jax.jit(lambda d, b, t=t: gm.rows_in_groups(gm._mosaic_ragged_dot(
                     d, b, gs, t, transpose_rhs=True, interpret=False), gs))
                 record(label, "dlhs", dl, ct, w, extra=extra)
             if "tgmm" in modes:

@@ -6,7 +6,8 @@
 * :mod:`routezoo.layers.kernels.gmm_mosaic`: jax's Mosaic GPU (Hopper) grouped-matmul
   kernels under routezoo's VJP, pass by pass where they measured faster;
 * :mod:`routezoo.layers.kernels.gmm_megablox`: jax's TPU kernels (megablox) under
-  routezoo's VJP.
+  routezoo's VJP;
+* :mod:`routezoo.layers.kernels.common`: what the wrappers of jax's kernels share.
 
 Submodules are imported lazily (``from routezoo.layers.kernels import gmm_pallas``) so
 that importing routezoo never pulls in Pallas.

@@ -27,6 +27,8 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from routezoo.layers.kernels.common import gmm_dims, rows_in_groups
+
 Array = jax.Array
 
 __all__ = ["gmm", "tiling_for"]
@@ -67,11 +69,6 @@ def _pad(x: Array, shape: tuple[int, ...]) -> Array:
     return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape)])
 
 
-def _rows_in_groups(out: Array, group_sizes: Array) -> Array:
-    rows = jnp.arange(out.shape[0], dtype=jnp.int32)[:, None]
-    return jnp.where(rows < jnp.sum(group_sizes), out, jnp.zeros((), out.dtype))
-
-
 def _backend():
     """The kernels module (the package's own ``gmm`` name is megablox's custom-VJP op)."""
     return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
@@ -81,7 +78,7 @@ def _backend():
 def _gmm(lhs: Array, rhs: Array, group_sizes: Array, tiling: tuple[int, int, int],
          interpret: bool) -> Array:
     out = _backend().gmm(lhs, rhs, group_sizes, jnp.float32, tiling, interpret=interpret)
-    return _rows_in_groups(out.astype(lhs.dtype), group_sizes)
+    return rows_in_groups(out.astype(lhs.dtype), group_sizes)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, tiling, interpret):
@@ -96,7 +93,7 @@ def _gmm_bwd(tiling, interpret, res, dout):
                    interpret=interpret)
     d_rhs = mb.tgmm(lhs.swapaxes(0, 1), dout, group_sizes, jnp.float32, tiling,
                     num_actual_groups=rhs.shape[0], interpret=interpret)
-    return (_rows_in_groups(d_lhs.astype(lhs.dtype), group_sizes), d_rhs.astype(rhs.dtype),
+    return (rows_in_groups(d_lhs.astype(lhs.dtype), group_sizes), d_rhs.astype(rhs.dtype),
             None)
 
 
@@ -108,12 +105,9 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
     """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (in ``lhs.dtype``, f32 accumulation),
     differentiable in ``lhs`` and ``rhs``; the module docstring has the contract.
     ``interpret=None``: compiled on TPU, Pallas interpret mode elsewhere (tests)."""
-    if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
-        raise ValueError(f"gmm expects lhs [M, K] and rhs [G, K, N], got {lhs.shape}, {rhs.shape}")
+    m, k, g, n = gmm_dims(lhs, rhs)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
-    m, k = lhs.shape
-    g, _, n = rhs.shape
     if m == 0 or n == 0 or g == 0:
         return jnp.zeros((m, n), lhs.dtype)
     tiles, (mp, kp, np_) = tiling_for(m, k, n, tiling)

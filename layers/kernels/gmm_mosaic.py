@@ -32,6 +32,8 @@ import inspect
 import jax
 import jax.numpy as jnp
 
+from routezoo.layers.kernels.common import gmm_dims, rows_in_groups
+
 Array = jax.Array
 
 __all__ = ["MosaicConfig", "MosaicTiles", "config_for", "gmm", "tgmm", "gmm_backend"]
@@ -87,11 +89,6 @@ def _round_up(x: int, m: int) -> int:
 
 def _pad_cols(x: Array, cols: int) -> Array:
     return x if x.shape[-1] == cols else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, cols - x.shape[-1])])
-
-
-def _rows_in_groups(out: Array, group_sizes: Array) -> Array:
-    rows = jnp.arange(out.shape[0], dtype=jnp.int32)[:, None]
-    return jnp.where(rows < jnp.sum(group_sizes), out, jnp.zeros((), out.dtype))
 
 
 def _ops(name: str):
@@ -155,23 +152,18 @@ def _triton_config(m: int, g: int, k: int, n: int, interpret: bool):
     return gmm_pallas, gmm_pallas.config_for(m, g, k, n, interpret=interpret)
 
 
-def _fwd_pass(lhs, rhs, group_sizes, cfg: MosaicConfig):
-    if cfg.fwd is not None:
-        out = _mosaic_ragged_dot(lhs, rhs, group_sizes, cfg.fwd, transpose_rhs=False,
+def _data_pass(lhs, rhs, group_sizes, cfg: MosaicConfig, *, transpose_rhs: bool):
+    """The forward matmul (``lhs @ rhs[g]``) or, with ``transpose_rhs``, the backward data
+    matmul (``d_out @ rhs[g]^T``), on the kernel ``cfg`` picks for that pass."""
+    tiles = cfg.dlhs if transpose_rhs else cfg.fwd
+    if tiles is not None:
+        out = _mosaic_ragged_dot(lhs, rhs, group_sizes, tiles, transpose_rhs=transpose_rhs,
                                  interpret=cfg.interpret)
-        return _rows_in_groups(out, group_sizes)
+        return rows_in_groups(out, group_sizes)
     gp, tcfg = _triton_config(lhs.shape[0], *rhs.shape, cfg.interpret)
-    return gp._gmm_call(lhs, rhs, group_sizes, tiling=tcfg.tiling, cfg=tcfg).astype(lhs.dtype)
-
-
-def _dlhs_pass(dout, rhs, group_sizes, cfg: MosaicConfig):
-    if cfg.dlhs is not None:
-        out = _mosaic_ragged_dot(dout, rhs, group_sizes, cfg.dlhs, transpose_rhs=True,
-                                 interpret=cfg.interpret)
-        return _rows_in_groups(out, group_sizes)
-    gp, tcfg = _triton_config(dout.shape[0], *rhs.shape, cfg.interpret)
-    return gp._gmm_call(dout, rhs, group_sizes, tiling=tcfg.dlhs_tiling or tcfg.tiling,
-                        cfg=tcfg, transpose_rhs=True).astype(dout.dtype)
+    tiling = (tcfg.dlhs_tiling or tcfg.tiling) if transpose_rhs else tcfg.tiling
+    return gp._gmm_call(lhs, rhs, group_sizes, tiling=tiling, cfg=tcfg,
+                        transpose_rhs=transpose_rhs).astype(lhs.dtype)
 
 
 def _tgmm_pass(lhs, dout, group_sizes, num_groups, cfg: MosaicConfig, out_dtype):
@@ -185,7 +177,7 @@ def _tgmm_pass(lhs, dout, group_sizes, num_groups, cfg: MosaicConfig, out_dtype)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(lhs: Array, rhs: Array, group_sizes: Array, cfg: MosaicConfig) -> Array:
-    return _fwd_pass(lhs, rhs, group_sizes, cfg)
+    return _data_pass(lhs, rhs, group_sizes, cfg, transpose_rhs=False)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, cfg):
@@ -195,7 +187,7 @@ def _gmm_fwd(lhs, rhs, group_sizes, cfg):
 def _gmm_bwd(cfg, res, dout):
     lhs, rhs, group_sizes = res
     dout = dout.astype(lhs.dtype)
-    d_lhs = _dlhs_pass(dout, rhs, group_sizes, cfg)
+    d_lhs = _data_pass(dout, rhs, group_sizes, cfg, transpose_rhs=True)
     d_rhs = _tgmm_pass(lhs, dout, group_sizes, rhs.shape[0], cfg, rhs.dtype)
     return d_lhs, d_rhs, None
 
@@ -208,12 +200,9 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, config: MosaicConfig | No
     """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (in ``lhs.dtype``, float32
     accumulation), differentiable in ``lhs`` and ``rhs``; the module docstring has the
     contract. ``interpret=None``: compiled on GPU, interpreted elsewhere (tests)."""
-    if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
-        raise ValueError(f"gmm expects lhs [M, K] and rhs [G, K, N], got {lhs.shape}, {rhs.shape}")
+    m, k, g, n = gmm_dims(lhs, rhs)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    m, k = lhs.shape
-    g, _, n = rhs.shape
     if m == 0 or n == 0 or g == 0:
         return jnp.zeros((m, n), lhs.dtype)
     cfg = config or config_for(m, g, k, n)

@@ -1,0 +1,24 @@
+"""What the grouped-matmul wrappers of jax's kernels (``gmm_megablox``, ``gmm_mosaic``)
+share: the operand check and the zeroing of rows past the groups."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def gmm_dims(lhs: Array, rhs: Array) -> tuple[int, int, int, int]:
+    """``(M, K, G, N)`` of ``lhs [M, K]`` and ``rhs [G, K, N]``; a clear error otherwise."""
+    if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
+        raise ValueError(f"gmm expects lhs [M, K] and rhs [G, K, N], got {lhs.shape}, {rhs.shape}")
+    (m, k), (g, _, n) = lhs.shape, rhs.shape
+    return m, k, g, n
+
+
+def rows_in_groups(out: Array, group_sizes: Array) -> Array:
+    """``out`` with its rows past ``sum(group_sizes)`` set to exactly 0 (the kernels leave
+    them unwritten)."""
+    rows = jnp.arange(out.shape[0], dtype=jnp.int32)[:, None]
+    return jnp.where(rows < jnp.sum(group_sizes), out, jnp.zeros((), out.dtype))
