@@ -78,6 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.span_noise_density = 0.15      # span_corruption: fraction of each row's tokens masked (T5: 0.15)
     m.span_mean_length = 3.0         # span_corruption: mean masked span length (T5: 3); sentinels take the top ids of model.vocab_size
     m.span_append_eos = True         # span_corruption: end the encoder input and the targets with EOS (id 1), as T5
+    m.mtp_depth = 0                  # decoder_lm: DeepSeek-V3 multi-token prediction modules (V3: 1); 0 = none
+    m.mtp_weight = 0.3               # weight of their mean cross-entropy in the loss (V3: 0.3, later 0.1)
 
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8

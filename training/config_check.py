@@ -144,6 +144,12 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than data.spm_vocab_size "
                           f"{d.spm_vocab_size}")
 
+    if m.mtp_depth < 0 or m.mtp_weight < 0:
+        raise ConfigError(f"model.mtp_depth={m.mtp_depth} / model.mtp_weight={m.mtp_weight}: allowed: >= 0")
+    if m.mtp_depth > 0 and m.name != "decoder_lm":
+        raise ConfigError(f"model.mtp_depth={m.mtp_depth} (multi-token prediction) needs "
+                          f"model.name='decoder_lm', got {m.name!r}")
+
     model = zoo.build(m)   # only constructed: its class says whether it is causal and its objective
     causal = bool(getattr(model, "causal", True))
     if getattr(model, "objective", "causal_lm") == "masked_lm":
@@ -159,6 +165,9 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         kinds = zoo.ffn_kinds(m)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if m.mtp_depth > 0 and "moe" in kinds and m.moe.router in ("recurrent", "pregate", "duo"):
+        raise ConfigError(f"model.mtp_depth={m.mtp_depth} does not work with moe.router="
+                          f"{m.moe.router!r} (its state lives outside the layers); allowed: any other router")
     if m.name == "encoder_decoder":
         kinds = _encoder_decoder_kinds(m)
         if m.seq2seq_objective == "span_corruption":

@@ -366,6 +366,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     return nll * weights, correct * weights
 
 
+def mtp_loss(mtp_logits, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean over depths of the multi-token-prediction cross-entropy (DeepSeek-V3, section
+    2.2): depth ``k``'s logits at position ``i`` predict ``targets[i + k]`` (the token
+    ``k + 1`` ahead of the input); the last ``k`` positions have no target and drop out."""
+    per_depth = []
+    for k, logits in enumerate(mtp_logits, 1):
+        w = weights[:, k:]
+        nll, _ = cross_entropy(logits[:, :-k], targets[:, k:], w)
+        per_depth.append(nll.sum() / jnp.maximum(w.sum(), 1.0))
+    return sum(per_depth) / len(per_depth)
+
+
 EVAL_MASK_SEED = 0   # masked_lm evaluation masks with this fixed key: a deterministic eval loss
 
 
@@ -429,9 +441,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
         nll, correct = cross_entropy(logits, targets, w)
         denom = jnp.maximum(w.sum(), 1.0)
         ce = nll.sum() / denom
-        losses = aux.get("losses", {})
+        losses = dict(aux.get("losses", {}))
+        if aux.get("mtp_logits"):   # DeepSeek-V3 multi-token prediction
+            mtp_ce = mtp_loss(aux["mtp_logits"], targets, w)
+            losses["mtp"] = float(config.model.mtp_weight) * mtp_ce
         total = ce + sum(losses.values()) if losses else ce
         metrics = {"ce": ce, "accuracy": correct.sum() / denom, **losses,
+                   **({"mtp_ce": mtp_ce} if aux.get("mtp_logits") else {}),
                    **{f"moe/{k}": v for k, v in aux.get("stats", {}).items()}}
         return total, (metrics, dict(new_model_state))
 

@@ -75,7 +75,8 @@ def flops_per_token(model_cfg: Any, seq_len: int, active_params: int,
 
     Forward: ``2·N`` for the matmuls of the N active non-embedding parameters, plus the
     unembedding ``2·D·V``, plus attention ``4·layers·H·K·L`` (scores and values, full
-    length, no causal discount). Training is three times the forward. The encoder-decoder
+    length, no causal discount); multi-token prediction (``model.mtp_depth``) adds one
+    unembedding and one attention layer per depth (its blocks' parameters are in ``N``). Training is three times the forward. The encoder-decoder
     (``model.name='encoder_decoder'``) needs ``params`` and counts each stack on its own
     part of the row (:func:`routezoo.zoo.encoder_decoder.flops_per_token`).
     """
@@ -88,7 +89,9 @@ def flops_per_token(model_cfg: Any, seq_len: int, active_params: int,
         return seq2seq_flops(params, c, seq_len)
     embed = c.vocab_size * c.d_model
     n_matmul = active_params - embed * (1 if c.tie_embeddings else 2)
-    fwd = 2.0 * n_matmul + 2.0 * c.d_model * c.vocab_size + 4.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+    heads = 1 + int(c.get("mtp_depth", 0) or 0)   # the output head runs once per MTP depth too
+    fwd = 2.0 * n_matmul + heads * 2.0 * c.d_model * c.vocab_size \
+        + 4.0 * (c.num_layers + heads - 1) * c.num_heads * c.head_dim * seq_len
     return {"forward": fwd, "train": 3.0 * fwd}
 
 

@@ -170,7 +170,7 @@ MODEL_ARCH_KEYS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_h
                    "mlp_type", "norm", "norm_eps", "tie_embeddings", "scale_tied_logits", "rope_theta",
                    "qkv_bias", "qk_norm", "ffn", "attention", "mla_q_lora_rank", "mla_kv_lora_rank",
                    "mla_qk_nope_head_dim", "mla_qk_rope_head_dim", "mla_v_head_dim", "mla_rope_interleave",
-                   "rope_scaling")
+                   "rope_scaling", "mtp_depth")
 MOE_ARCH_KEYS = ("num_experts", "k", "router", "expert_dim", "expert_type", "num_shared_experts",
                  "shared_expert_dim", "shared_expert_gate", "residual_mlp", "every", "renormalize",
                  "bias_update_rate", "deepseek_v3_n_group", "deepseek_v3_topk_group", "deepseek_v3_scaling_factor")
@@ -473,6 +473,8 @@ def _check_exportable(m: Any, fam: Family) -> None:
             problems.append("k=1 is never renormalised here, but norm_topk_prob would renormalise it")
         if fam.renormalize is True and not bool(mo.renormalize):
             problems.append(f"{fam.architecture} always renormalises top-k weights")
+    if int(m.get("mtp_depth", 0) or 0) and fam.model_type != "deepseek_v3":
+        problems.append(f"multi-token prediction (model.mtp_depth={m.mtp_depth}; only DeepSeek-V3 has it)")
     if problems:
         raise HFError(f"cannot export as {fam.architecture}: " + "; ".join(problems))
 
@@ -532,7 +534,8 @@ def hf_config_from_model(m: Any, architecture: str | None = None,
             "moe_intermediate_size": int(mo.expert_dim), "n_shared_experts": int(mo.num_shared_experts),
             "n_group": int(mo.deepseek_v3_n_group), "topk_group": int(mo.deepseek_v3_topk_group),
             "routed_scaling_factor": float(mo.deepseek_v3_scaling_factor), "norm_topk_prob": bool(mo.renormalize),
-            "first_k_dense_replace": sum(k == "mlp" for k in kinds), "num_nextn_predict_layers": 0,
+            "first_k_dense_replace": sum(k == "mlp" for k in kinds),
+            "num_nextn_predict_layers": int(m.get("mtp_depth", 0) or 0),
         })
         if fam.model_type == "deepseek_v2":
             grouped = int(mo.deepseek_v3_n_group) > 1
@@ -658,77 +661,103 @@ def tensor_maps(m: Any, fam: Family) -> list[TensorMap]:
     """Every parameter of DecoderLM(``m``) as a :class:`TensorMap` of HF tensors of ``fam``."""
     if fam is SWITCH:
         return _switch_maps(m)
-    d, h, g, k, v = int(m.d_model), int(m.num_heads), int(m.num_kv_heads), int(m.head_dim), int(m.vocab_size)
+    d, v = int(m.d_model), int(m.vocab_size)
     maps = [_identity(("embed", "embedding"), "model.embed_tokens.weight", (v, d)),
             _identity(("final_norm", "scale"), "model.norm.weight", (d,))]
     if not m.tie_embeddings:
         maps.append(_linear(("unembed",), "lm_head.weight", v, d))
     for i, kind in enumerate(_ffn_kinds(m)):
-        p, L = f"layer{i}", f"model.layers.{i}"
-        a = f"{L}.self_attn"
-        maps += [
-            _identity((p, "attn_norm", "scale"), f"{L}.input_layernorm.weight", (d,)),
-            _identity((p, "ffn_norm", "scale"), f"{L}.post_attention_layernorm.weight", (d,))]
-        if fam.mla:
-            maps += _mla_maps(m, p, a)
-        else:
-            maps += [
-            # q/k/v: [H·K, D] -> [D, H, K]; o: [D, H·K] -> [H, K, D]
-            TensorMap((p, "attn", "q"), (f"{a}.q_proj.weight",), ((h, k), (d,)), (2, 0, 1)),
-            TensorMap((p, "attn", "k"), (f"{a}.k_proj.weight",), ((g, k), (d,)), (2, 0, 1)),
-            TensorMap((p, "attn", "v"), (f"{a}.v_proj.weight",), ((g, k), (d,)), (2, 0, 1)),
-            TensorMap((p, "attn", "o"), (f"{a}.o_proj.weight",), ((d,), (h, k)), (1, 2, 0)),
-            ]
-        if fam.qkv_bias:
-            for name, heads in (("q", h), ("k", g), ("v", g)):
-                maps.append(TensorMap((p, "attn", f"{name}_bias"), (f"{a}.{name}_proj.bias",), ((heads, k),), (0, 1)))
-        if fam.qk_norm == "head":
-            maps += [_identity((p, "attn", "q_norm"), f"{a}.q_norm.weight", (k,)),
-                     _identity((p, "attn", "k_norm"), f"{a}.k_norm.weight", (k,))]
-        elif fam.qk_norm == "full":
-            maps += [TensorMap((p, "attn", "q_norm"), (f"{a}.q_norm.weight",), ((h, k),), (0, 1)),
-                     TensorMap((p, "attn", "k_norm"), (f"{a}.k_norm.weight",), ((g, k),), (0, 1))]
-        if kind == "mlp":
-            f = int(m.mlp_dim)
-            maps += [_linear((p, "mlp", "wi"), f"{L}.mlp.up_proj.weight", f, d),
-                     _linear((p, "mlp", "wg"), f"{L}.mlp.gate_proj.weight", f, d),
-                     _linear((p, "mlp", "wo"), f"{L}.mlp.down_proj.weight", d, f)]
-            continue
-        mo = m.moe
-        e, f = int(mo.num_experts), int(mo.expert_dim)
-        if fam.moe == "mixtral":
-            blk = f"{L}.block_sparse_moe"
-            up, gate, down = "w3", "w1", "w2"
-        else:
-            blk = f"{L}.mlp"
-            up, gate, down = "up_proj", "gate_proj", "down_proj"
-        ex = lambda w: [f"{blk}.experts.{j}.{w}.weight" for j in range(e)]
-        maps += [
-            _linear((p, "moe", "router", "kernel"), f"{blk}.gate.weight", e, d),
-            _stacked_linear((p, "moe", "experts", "wi"), ex(up), f, d),
-            _stacked_linear((p, "moe", "experts", "wi_gate"), ex(gate), f, d),
-            _stacked_linear((p, "moe", "experts", "wo"), ex(down), d, f),
-        ]
-        if fam.mla:
-            fs = int(mo.num_shared_experts) * int(mo.shared_expert_dim or mo.expert_dim)
-            s = f"{blk}.shared_experts"
-            if fam.model_type != "deepseek_v2":   # DeepSeek-V2 has no correction bias
-                maps += [_identity((p, "moe", "router", "score_bias"), f"{blk}.gate.e_score_correction_bias", (e,))]
-            if fs:
-                maps += [_linear((p, "moe", "shared_experts", "wi"), f"{s}.up_proj.weight", fs, d),
-                         _linear((p, "moe", "shared_experts", "wg"), f"{s}.gate_proj.weight", fs, d),
-                         _linear((p, "moe", "shared_experts", "wo"), f"{s}.down_proj.weight", d, fs)]
-        if fam.shared_expert:
-            fs = int(mo.num_shared_experts) * int(mo.shared_expert_dim or mo.expert_dim)
-            s = f"{blk}.shared_expert"
-            maps += [_linear((p, "moe", "shared_experts", "wi"), f"{s}.up_proj.weight", fs, d),
-                     _linear((p, "moe", "shared_experts", "wg"), f"{s}.gate_proj.weight", fs, d),
-                     _linear((p, "moe", "shared_experts", "wo"), f"{s}.down_proj.weight", d, fs),
-                     _linear((p, "moe", "shared_expert_gate"), f"{blk}.shared_expert_gate.weight", 1, d)]
+        maps += _layer_maps(m, fam, kind, (f"layer{i}",), f"model.layers.{i}")
+    for k in range(1, int(m.get("mtp_depth", 0) or 0) + 1):   # DeepSeek-V3 multi-token prediction
+        p, L = (f"mtp{k}",), f"model.layers.{int(m.num_layers) + k - 1}"
+        maps += [_identity((*p, "enorm", "scale"), f"{L}.enorm.weight", (d,)),
+                 _identity((*p, "hnorm", "scale"), f"{L}.hnorm.weight", (d,)),
+                 _linear((*p, "eh_proj"), f"{L}.eh_proj.weight", d, 2 * d),
+                 _identity((*p, "norm", "scale"), f"{L}.shared_head.norm.weight", (d,))]
+        maps += _layer_maps(m, fam, _ffn_kinds(m)[-1], (*p, "block"), L)
     return maps
 
 
-def _mla_maps(m: Any, p: str, a: str) -> list[TensorMap]:
+def mtp_copies(m: Any) -> dict[str, tuple[str, ...]]:
+    """``{HF name: routezoo path}`` of the tensors DeepSeek-V3 checkpoints repeat in each
+    multi-token-prediction layer: the (shared) embedding and output head. Import ignores
+    them (the trunk's are used, as the report says the modules share them); export writes
+    them, as the engines that serve MTP read them there."""
+    out = {}
+    head = ("embed", "embedding") if m.tie_embeddings else ("unembed",)
+    for k in range(1, int(m.get("mtp_depth", 0) or 0) + 1):
+        L = f"model.layers.{int(m.num_layers) + k - 1}"
+        out[f"{L}.embed_tokens.weight"] = ("embed", "embedding")
+        out[f"{L}.shared_head.head.weight"] = head
+    return out
+
+
+def _layer_maps(m: Any, fam: Family, kind: str, p: tuple[str, ...], L: str) -> list[TensorMap]:
+    """One decoder layer's parameters (under path prefix ``p``) from the HF tensors of
+    layer ``L`` (e.g. ``model.layers.3``)."""
+    d, h, g, k = int(m.d_model), int(m.num_heads), int(m.num_kv_heads), int(m.head_dim)
+    a = f"{L}.self_attn"
+    maps = [_identity((*p, "attn_norm", "scale"), f"{L}.input_layernorm.weight", (d,)),
+            _identity((*p, "ffn_norm", "scale"), f"{L}.post_attention_layernorm.weight", (d,))]
+    if fam.mla:
+        maps += _mla_maps(m, p, a)
+    else:
+        maps += [   # q/k/v: [H·K, D] -> [D, H, K]; o: [D, H·K] -> [H, K, D]
+            TensorMap((*p, "attn", "q"), (f"{a}.q_proj.weight",), ((h, k), (d,)), (2, 0, 1)),
+            TensorMap((*p, "attn", "k"), (f"{a}.k_proj.weight",), ((g, k), (d,)), (2, 0, 1)),
+            TensorMap((*p, "attn", "v"), (f"{a}.v_proj.weight",), ((g, k), (d,)), (2, 0, 1)),
+            TensorMap((*p, "attn", "o"), (f"{a}.o_proj.weight",), ((d,), (h, k)), (1, 2, 0)),
+        ]
+    if fam.qkv_bias:
+        for name, heads in (("q", h), ("k", g), ("v", g)):
+            maps.append(TensorMap((*p, "attn", f"{name}_bias"), (f"{a}.{name}_proj.bias",), ((heads, k),), (0, 1)))
+    if fam.qk_norm == "head":
+        maps += [_identity((*p, "attn", "q_norm"), f"{a}.q_norm.weight", (k,)),
+                 _identity((*p, "attn", "k_norm"), f"{a}.k_norm.weight", (k,))]
+    elif fam.qk_norm == "full":
+        maps += [TensorMap((*p, "attn", "q_norm"), (f"{a}.q_norm.weight",), ((h, k),), (0, 1)),
+                 TensorMap((*p, "attn", "k_norm"), (f"{a}.k_norm.weight",), ((g, k),), (0, 1))]
+    if kind == "mlp":
+        f = int(m.mlp_dim)
+        maps += [_linear((*p, "mlp", "wi"), f"{L}.mlp.up_proj.weight", f, d),
+                 _linear((*p, "mlp", "wg"), f"{L}.mlp.gate_proj.weight", f, d),
+                 _linear((*p, "mlp", "wo"), f"{L}.mlp.down_proj.weight", d, f)]
+        return maps
+    mo = m.moe
+    e, f = int(mo.num_experts), int(mo.expert_dim)
+    if fam.moe == "mixtral":
+        blk = f"{L}.block_sparse_moe"
+        up, gate, down = "w3", "w1", "w2"
+    else:
+        blk = f"{L}.mlp"
+        up, gate, down = "up_proj", "gate_proj", "down_proj"
+    ex = lambda w: [f"{blk}.experts.{j}.{w}.weight" for j in range(e)]
+    maps += [
+        _linear((*p, "moe", "router", "kernel"), f"{blk}.gate.weight", e, d),
+        _stacked_linear((*p, "moe", "experts", "wi"), ex(up), f, d),
+        _stacked_linear((*p, "moe", "experts", "wi_gate"), ex(gate), f, d),
+        _stacked_linear((*p, "moe", "experts", "wo"), ex(down), d, f),
+    ]
+    if fam.mla:
+        fs = int(mo.num_shared_experts) * int(mo.shared_expert_dim or mo.expert_dim)
+        s = f"{blk}.shared_experts"
+        if fam.model_type != "deepseek_v2":   # DeepSeek-V2 has no correction bias
+            maps += [_identity((*p, "moe", "router", "score_bias"), f"{blk}.gate.e_score_correction_bias", (e,))]
+        if fs:
+            maps += [_linear((*p, "moe", "shared_experts", "wi"), f"{s}.up_proj.weight", fs, d),
+                     _linear((*p, "moe", "shared_experts", "wg"), f"{s}.gate_proj.weight", fs, d),
+                     _linear((*p, "moe", "shared_experts", "wo"), f"{s}.down_proj.weight", d, fs)]
+    if fam.shared_expert:
+        fs = int(mo.num_shared_experts) * int(mo.shared_expert_dim or mo.expert_dim)
+        s = f"{blk}.shared_expert"
+        maps += [_linear((*p, "moe", "shared_experts", "wi"), f"{s}.up_proj.weight", fs, d),
+                 _linear((*p, "moe", "shared_experts", "wg"), f"{s}.gate_proj.weight", fs, d),
+                 _linear((*p, "moe", "shared_experts", "wo"), f"{s}.down_proj.weight", d, fs),
+                 _linear((*p, "moe", "shared_expert_gate"), f"{blk}.shared_expert_gate.weight", 1, d)]
+    return maps
+
+
+def _mla_maps(m: Any, p: tuple[str, ...], a: str) -> list[TensorMap]:
     """Latent attention (``layers/mla.py``) of layer ``p`` from the HF tensors under ``a``.
     Letters: ``D`` embed, ``H`` heads, ``Q``/``R`` query/kv latent ranks, ``N``/``P``
     no-rope/rope dims, ``K = N + P``, ``V`` value dim."""
@@ -737,16 +766,16 @@ def _mla_maps(m: Any, p: str, a: str) -> list[TensorMap]:
     n, rope, v = int(m.mla_qk_nope_head_dim), int(m.mla_qk_rope_head_dim), int(m.mla_v_head_dim)
     k = n + rope
     if q_rank > 0:   # q_a [Q, D] -> [D, Q]; q_b [H·K, Q] -> [Q, H, K]
-        maps = [_linear((p, "attn", "q_a"), f"{a}.q_a_proj.weight", q_rank, d),
-                _identity((p, "attn", "q_a_norm", "scale"), f"{a}.q_a_layernorm.weight", (q_rank,)),
-                TensorMap((p, "attn", "q_b"), (f"{a}.q_b_proj.weight",), ((h, k), (q_rank,)), (2, 0, 1))]
+        maps = [_linear((*p, "attn", "q_a"), f"{a}.q_a_proj.weight", q_rank, d),
+                _identity((*p, "attn", "q_a_norm", "scale"), f"{a}.q_a_layernorm.weight", (q_rank,)),
+                TensorMap((*p, "attn", "q_b"), (f"{a}.q_b_proj.weight",), ((h, k), (q_rank,)), (2, 0, 1))]
     else:            # q [H·K, D] -> [D, H, K]
-        maps = [TensorMap((p, "attn", "q"), (f"{a}.q_proj.weight",), ((h, k), (d,)), (2, 0, 1))]
+        maps = [TensorMap((*p, "attn", "q"), (f"{a}.q_proj.weight",), ((h, k), (d,)), (2, 0, 1))]
     return maps + [
-        _linear((p, "attn", "kv_a"), f"{a}.kv_a_proj_with_mqa.weight", r + rope, d),      # [D, R + P]
-        _identity((p, "attn", "kv_a_norm", "scale"), f"{a}.kv_a_layernorm.weight", (r,)),
-        TensorMap((p, "attn", "kv_b"), (f"{a}.kv_b_proj.weight",), ((h, n + v), (r,)), (2, 0, 1)),  # [R, H, N+V]
-        TensorMap((p, "attn", "o"), (f"{a}.o_proj.weight",), ((d,), (h, v)), (1, 2, 0)),           # [H, V, D]
+        _linear((*p, "attn", "kv_a"), f"{a}.kv_a_proj_with_mqa.weight", r + rope, d),      # [D, R + P]
+        _identity((*p, "attn", "kv_a_norm", "scale"), f"{a}.kv_a_layernorm.weight", (r,)),
+        TensorMap((*p, "attn", "kv_b"), (f"{a}.kv_b_proj.weight",), ((h, n + v), (r,)), (2, 0, 1)),  # [R, H, N+V]
+        TensorMap((*p, "attn", "o"), (f"{a}.o_proj.weight",), ((d,), (h, v)), (1, 2, 0)),           # [H, V, D]
     ]
 
 
@@ -881,7 +910,22 @@ def open_source(path: str, *, dtype: str = "float32", param_dtype: str = "float3
         m.dtype, m.param_dtype = dtype, param_dtype
         return Source(path, "converted", hf_cfg, m, None)
     fam = family_of(cfg)
-    return Source(path, "hf", cfg, model_config_from_hf(cfg, dtype=dtype, param_dtype=param_dtype), fam)
+    m = model_config_from_hf(cfg, dtype=dtype, param_dtype=param_dtype)
+    if fam.model_type == "deepseek_v3" and int(cfg.get("num_nextn_predict_layers") or 0):
+        m.mtp_depth = _mtp_layers_stored(path, int(m.num_layers), int(cfg["num_nextn_predict_layers"]))
+    return Source(path, "hf", cfg, m, fam)
+
+
+def _mtp_layers_stored(path: str, num_layers: int, declared: int) -> int:
+    """How many of the ``declared`` multi-token-prediction layers (``model.layers.{N+k}``)
+    a DeepSeek-V3 checkpoint holds: the released weights hold them, checkpoints saved by
+    transformers (which drops them) do not."""
+    with _Reader(path, HF_INDEX, HF_SINGLE) as reader:
+        names = set(reader.names())
+    k = 0
+    while k < declared and f"model.layers.{num_layers + k}.eh_proj.weight" in names:
+        k += 1
+    return k
 
 
 # ----------------------------------------------------------------------------- loading
@@ -959,6 +1003,8 @@ def load_params(source: Source, model_cfg: Any, shardings: Any, abstract: Any) -
             expected.add("lm_head.weight")  # some tied checkpoints store it anyway; unused
         if source.kind == "hf" and source.family is SWITCH:
             expected.update(SWITCH_TIED_COPIES)   # the stacks' copies of shared.weight, if stored
+        if source.kind == "hf":
+            expected.update(mtp_copies(model_cfg))   # MTP layers' copies of the embedding and head
         unexpected = sorted(n for n in reader.names() if n not in expected and not _IGNORED.search(n))
         if unexpected:
             raise HFError(f"{len(unexpected)} tensors in {source.directory} are not used by the model built "
@@ -1161,9 +1207,18 @@ def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architectu
         for name in tm.hf:
             items.append((name, tm.hf_shape, (lambda name=name, getter=getter: getter(name))))
 
+    by_path = {tm.path: tm for tm in maps}
+
+    def single(tm):   # the HF array of a one-tensor map
+        value = _host_value(flat[tm.path])
+        (_, out), = tm.to_hf(value if disk is None else value.astype(disk))
+        return out
+    for name, path in mtp_copies(model_cfg).items():   # DeepSeek-V3 MTP layers repeat these
+        items.append((name, by_path[path].hf_shape, (lambda tm=by_path[path]: single(tm))))
+
     def itemsize(name):
         return (disk or np.dtype(flat[name_to_path[name]].dtype)).itemsize
-    name_to_path = {n: tm.path for tm in maps for n in tm.hf}
+    name_to_path = {**{n: tm.path for tm in maps for n in tm.hf}, **mtp_copies(model_cfg)}
     _write_shards(out_dir, items, HF_INDEX, HF_SINGLE, max_shard_bytes, itemsize)
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, HF_CONFIG), "w") as fh:

@@ -9,6 +9,8 @@ feed-forward kinds plug in by registering a builder, without editing the model.
 The model returns ``(logits, aux)`` with ``aux = {'losses': {name: scalar}, 'stats':
 {name: array}}``: loss terms that the training loop adds to the cross-entropy (summed
 over layers, already scaled) and statistics it logs (per layer, ``layer{i}/{name}``).
+With multi-token prediction (``model.mtp_depth > 0``, :class:`MTPModule`) ``aux`` also
+holds ``'mtp_logits'``: one ``[B, L, V]`` array per depth.
 """
 
 from __future__ import annotations
@@ -132,6 +134,42 @@ class Block(nn.Module):
         return x + y, aux
 
 
+class MTPModule(nn.Module):
+    """One multi-token-prediction module of DeepSeek-V3 (DeepSeek-AI 2024, "DeepSeek-V3
+    Technical Report", section 2.2): module ``k`` turns the previous depth's hidden state
+    ``h[i]`` (for ``k = 1`` the trunk's output after its final norm, for ``k > 1`` the
+    previous module's block output, as the inference engines that serve the released
+    weights feed them) and the embedding of token
+    ``t[i+k]`` into ``h'[i] = W [RMSNorm(Emb(t[i+k])); RMSNorm(h[i])]`` (``W`` ``[2D, D]``,
+    ``eh_proj``), runs one Transformer block of the trunk's kind on it, and predicts
+    ``t[i+k+1]`` through its own final norm and the trunk's (shared) output head.
+
+    The concatenation order is the released checkpoints' (``enorm`` half first, as the
+    inference engines that load them read ``eh_proj``); the report's equation 21 writes
+    the hidden state first. Parameters: ``enorm``, ``hnorm``, ``eh_proj``, ``block``,
+    ``norm`` (HF ``model.layers.{N+k-1}.{enorm, hnorm, eh_proj, <block>, shared_head.norm}``).
+    """
+
+    cfg: Any
+    ffn_kind: str
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, h, emb, positions, deterministic: bool, token_ids, segment_mask):
+        """``(h_k [B, L, D], its final-normed copy for the head, aux of the block)``."""
+        c = self.cfg
+        norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
+        d = h.shape[-1]
+        w = self.param("eh_proj", dense.param(nn.initializers.lecun_normal(), ("embed", None)),
+                       (2 * d, d), self.param_dtype)
+        x = jnp.concatenate([norm("enorm")(emb), norm("hnorm")(h)], axis=-1)
+        x = jnp.einsum("BLE,ED->BLD", x, jnp.asarray(w, self.dtype))
+        x, aux = Block(c, self.ffn_kind, self.dtype, self.param_dtype, name="block")(
+            x, positions, deterministic, token_ids, None, segment_mask)
+        return x, norm("norm")(x), aux
+
+
 class DecoderLM(nn.Module):
     """Decoder-only LM: ``tokens [B, L] -> (logits [B, L, V] float32, aux)``.
 
@@ -174,6 +212,15 @@ class DecoderLM(nn.Module):
     attention is :class:`~routezoo.layers.uoe.SelectiveAttention` (heads as experts) and
     their MoE the union of MLP slices; the attention gate's losses come back as
     ``attn_load_balance`` / ``attn_z_loss`` and its statistics as ``layer{i}/attn/...``.
+
+    Multi-token prediction (``model.mtp_depth = D > 0``, DeepSeek-V3): ``D`` sequential
+    :class:`MTPModule` s (``mtp1`` ... ``mtpD``, each with a block of the last layer's
+    kind) after the trunk; ``aux['mtp_logits'][k-1]`` ``[B, L, V]`` predicts token
+    ``t[i+k+1]`` at position ``i`` (its last ``k`` positions read padding and are to be
+    ignored). The training loop adds ``model.mtp_weight`` times their mean cross-entropy
+    (:func:`routezoo.training.train.mtp_loss`); evaluation and sampling use the trunk's
+    logits only. Their MoE layers' losses are summed with the trunk's and their
+    statistics logged as ``mtp{k}/...``.
     """
 
     cfg: Any
@@ -239,6 +286,12 @@ class DecoderLM(nn.Module):
         unembed = None if c.tie_embeddings else self.param(
             "unembed", dense.param(nn.initializers.normal(c.d_model ** -0.5), ("embed", "vocab")),
             (c.d_model, c.vocab_size), param_dtype)
+        mtps = [MTPModule(c, ffn_kinds(c)[-1], dtype, param_dtype, name=f"mtp{k + 1}")
+                for k in range(int(c.get("mtp_depth", 0) or 0))]
+
+        def head(x):
+            logits = embed.attend(x) if unembed is None else jnp.einsum("BLD,DV->BLV", x, jnp.asarray(unembed, dtype))
+            return logits.astype(jnp.float32)
 
         def forward():
             x = embed(tokens)
@@ -265,15 +318,27 @@ class DecoderLM(nn.Module):
                 for k, v in aux.get("stats", {}).items():
                     stats[f"layer{i}/{k}"] = v
             x = final_norm(x)
-            logits = embed.attend(x) if unembed is None else jnp.einsum("BLD,DV->BLV", x, jnp.asarray(unembed, dtype))
-            return logits.astype(jnp.float32), losses, stats
+            logits = head(x)
+            mtp_logits = []
+            for k, mtp in enumerate(mtps, 1):   # token t[i+k] enters at position i (padding past the end)
+                ahead = jnp.concatenate([tokens[:, k:], jnp.zeros((b, k), tokens.dtype)], axis=1)
+                x, normed, aux = mtp(x, embed(ahead), positions, deterministic, ahead, segment_mask)
+                mtp_logits.append(head(normed))
+                for name, v in aux.get("losses", {}).items():
+                    losses[name] = losses.get(name, 0.0) + v
+                for name, v in aux.get("stats", {}).items():
+                    stats[f"mtp{k}/{name}"] = v
+            return logits, losses, stats, tuple(mtp_logits)
 
-        logits, losses, stats = forward()
+        logits, losses, stats, mtp_logits = forward()
         coef = float(c.moe.get("thor_consistency_coef", 0.0))
         if "moe" in ffn_kinds(c) and c.moe.router == "thor" and coef > 0 and not deterministic \
                 and not self.is_initializing():
-            logits2, _, _ = forward()          # a second, independent draw of experts
+            logits2 = forward()[0]             # a second, independent draw of experts
             logp1, logp2 = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(logits2, -1)
             sym_kl = 0.5 * jnp.sum((jnp.exp(logp1) - jnp.exp(logp2)) * (logp1 - logp2), axis=-1)
             losses["thor_consistency"] = coef * jnp.mean(sym_kl)
-        return logits, {"losses": losses, "stats": stats}
+        aux_out = {"losses": losses, "stats": stats}
+        if mtps:
+            aux_out["mtp_logits"] = mtp_logits
+        return logits, aux_out
