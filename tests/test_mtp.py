@@ -172,3 +172,23 @@ def test_hf_import_export_of_mtp_layers(v3_with_mtp, tmp_path):
     assert aux["mtp_logits"][0].shape == logits.shape
     exported = assert_export_round_trip(with_mtp, str(tmp_path / "export"))
     assert exported["num_nextn_predict_layers"] == 1
+
+
+def test_mtp_flops_per_token_match_xla_cost_analysis():
+    """What one MTP module adds to the logged FLOPs per token (its parameters' matmuls, one
+    more attention layer and one more output head) is what XLA counts it adding, within 10%."""
+    from routezoo import zoo
+
+    length, counted, xla = 32, [], []
+    for depth in (0, 1):
+        m = _cfg(depth)
+        m.ffn = "mlp"
+        model = zoo.build(m)
+        tokens = jnp.ones((1, length), jnp.int32)
+        variables = jax.jit(lambda: model.init(jax.random.key(0), tokens))()
+        _, active = zoo.count_params(variables["params"], m, length)
+        counted.append(zoo.flops_per_token(m, length, active)["forward"] * length)
+        cost = jax.jit(lambda v: model.apply(v, tokens)).lower(variables).compile().cost_analysis()
+        xla.append((cost[0] if isinstance(cost, list) else cost)["flops"])
+    added, added_xla = counted[1] - counted[0], xla[1] - xla[0]
+    assert abs(added / added_xla - 1) < 0.1, (added, added_xla)

@@ -76,7 +76,8 @@ def flops_per_token(model_cfg: Any, seq_len: int, active_params: int,
     Forward: ``2·N`` for the matmuls of the N active non-embedding parameters, plus the
     unembedding ``2·D·V``, plus attention ``4·layers·H·K·L`` (scores and values, full
     length, no causal discount); multi-token prediction (``model.mtp_depth``) adds one
-    unembedding and one attention layer per depth (its blocks' parameters are in ``N``). Training is three times the forward. The encoder-decoder
+    unembedding and one attention layer per depth (its blocks' parameters are in ``N``).
+    Training is three times the forward. The encoder-decoder
     (``model.name='encoder_decoder'``) needs ``params`` and counts each stack on its own
     part of the row (:func:`routezoo.zoo.encoder_decoder.flops_per_token`).
     """
