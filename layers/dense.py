@@ -256,6 +256,44 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
     return out.astype(x.dtype)
 
 
+def require_cache(module: nn.Module, name: str) -> None:
+    """Outside ``init``, a clear error where ``decode=True`` meets no cache variable."""
+    if not module.is_initializing() and not module.has_variable("cache", name):
+        raise ValueError(f"{type(module).__name__}: decode=True needs a cache; make one with "
+                         "routezoo.zoo.lm.init_cache(model, batch, max_len) and pass it as "
+                         "variables['cache'] with mutable=['cache']")
+
+
+def decode_cache(module: nn.Module, new: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Autoregressive decoding's key/value cache of ``module``: per-position arrays ``[B, L,
+    ...]`` kept in its ``'cache'`` collection with a write index.
+
+    At ``init`` it creates zero buffers ``[B, M, ...]``, ``M`` the length of the init
+    input (the most positions the cache will hold), and returns ``new`` unchanged with a
+    causal mask. Afterwards it writes ``new`` at slots ``index .. index + L - 1``, advances
+    the index and returns the whole buffers with ``allowed`` ``[1, 1, L, M]``: query ``i``
+    (slot ``index + i``) may attend to slot ``j`` iff ``j <= index + i``, which also hides
+    the slots not written yet. Writing past ``M`` is not detected (callers size the cache).
+    """
+    l = next(iter(new.values())).shape[1]
+    initializing = module.is_initializing()
+    require_cache(module, "index")
+    bufs = {name: module.variable("cache", name, jnp.zeros, a.shape, a.dtype) for name, a in new.items()}
+    index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if initializing:
+        return new, jnp.tril(jnp.ones((l, l), bool))[None, None]
+    start = index.value
+    out = {}
+    for name, a in new.items():
+        bufs[name].value = jax.lax.dynamic_update_slice_in_dim(
+            bufs[name].value, a.astype(bufs[name].value.dtype), start, axis=1)
+        out[name] = bufs[name].value
+    index.value = start + l
+    m = next(iter(out.values())).shape[1]
+    allowed = jnp.arange(m)[None, :] <= (start + jnp.arange(l))[:, None]
+    return out, allowed[None, None]
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped key/value heads and rotary embeddings.
 
@@ -275,6 +313,9 @@ class Attention(nn.Module):
     * ``rope_scaling``: YaRN (:class:`RopeScaling`): rescaled rotary frequencies, cos and
       sin times the attention factor, as transformers' Llama/Qwen with ``rope_type='yarn'``
       (the softmax scale stays ``K**-0.5``; only latent attention changes it).
+
+    ``decode=True``: autoregressive decoding with the rotated keys and the values cached
+    (:func:`decode_cache`); ``segment_mask`` then covers the cache's slots (``[B, 1, 1, M]``).
     """
 
     num_heads: int
@@ -306,7 +347,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
-                 segment_mask: jax.Array | None = None) -> jax.Array:
+                 segment_mask: jax.Array | None = None, decode: bool = False) -> jax.Array:
         # x: [B, L, D]
         b, l, d = x.shape
         h, g, k = self.num_heads, self.num_kv_heads, self.head_dim
@@ -335,6 +376,13 @@ class Attention(nn.Module):
             kk = self._qk_rmsnorm("k_norm", kk, "kv_heads")
         q = rotary_embedding(q, positions, self.rope_theta, self.rope_scaling)
         kk = rotary_embedding(kk, positions, self.rope_theta, self.rope_scaling)
+        if decode:   # attend over the cache (XLA path: a few queries against M slots)
+            cached, allowed = decode_cache(self, {"k": kk, "v": v})
+            mask = allowed if segment_mask is None else allowed & segment_mask
+            out = jax.nn.dot_product_attention(q, cached["k"], cached["v"], mask=mask)
+            wo = self.param("o", param(default_kernel_init, ("heads", "head_dim", "embed")),
+                            (h, k, d), self.param_dtype)
+            return project(self, "o", "BLHK,HKD->BLD", out, jnp.asarray(wo, self.dtype), num_in=2)
         impl = self.implementation
         if impl in (None, "auto"):
             # cuDNN flash attention where it applies (GPU, 16-bit, head dim <= 128); the XLA

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from routezoo.layers.adapter_hooks import project
-from routezoo.layers.dense import RMSNorm, RopeScaling, default_kernel_init, rope_scaling_of, rotary_embedding
+from routezoo.layers.dense import (RMSNorm, RopeScaling, decode_cache, default_kernel_init, rope_scaling_of,
+                                   rotary_embedding)
 from routezoo.layers.sharding import constrain, param
 
 Dtype = Any
@@ -94,20 +95,15 @@ class MLAttention(nn.Module):
         cc = getattr(jax.devices()[0], "compute_capability", "0")
         return q.shape[-1] <= (256 if float(cc) >= 9.0 else 128)
 
-    def _attend_xla(self, qq, kk, val, scale: float, segment_mask) -> jax.Array:
-        """Softmax attention with materialised ``[B, H, L, M]`` scores: ``[B, L, H, V]``."""
-        l = qq.shape[1]
+    def _attend_xla(self, qq, kk, val, scale: float, allowed) -> jax.Array:
+        """Softmax attention with materialised ``[B, H, L, M]`` scores, ``allowed`` (bool,
+        broadcastable to them) the keys each query may see: ``[B, L, H, V]``."""
         if qq.dtype == jnp.float32:   # float32 models: exact scores (the HF parity tests)
             scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, precision=jax.lax.Precision.HIGHEST)
         else:   # 16-bit models: 16-bit products, float32 accumulation (tensor cores on GPUs;
             # upcasting to float32 first made XLA run a SIMT float32 GEMM over [B, H, L, L])
             scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, preferred_element_type=jnp.float32)
         scores = scores * scale
-        allowed = jnp.ones((1, 1, l, l), bool)
-        if self.causal:
-            allowed = allowed & (jnp.arange(l)[:, None] >= jnp.arange(l)[None, :])[None, None]
-        if segment_mask is not None:
-            allowed = allowed & segment_mask
         # A finite floor, not -inf: a query with no allowed key (padding) gets finite junk.
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)                       # [B, H, L, M]
@@ -115,7 +111,7 @@ class MLAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
-                 segment_mask: jax.Array | None = None) -> jax.Array:
+                 segment_mask: jax.Array | None = None, decode: bool = False) -> jax.Array:
         b, l, d = x.shape
         h, n, p, v, r = (self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim,
                          self.kv_lora_rank)
@@ -138,18 +134,23 @@ class MLAttention(nn.Module):
             q = project(self, "q", "BLD,DHK->BLHK", x, w("q", (d, h, k), ("embed", "heads", "head_dim")))
         q = constrain(q, ("batch", "length", "act_heads", None))
         ckv = project(self, "kv_a", "BLD,DR->BLR", x, w("kv_a", (d, r + p), ("embed", "rank")))   # [B, L, R + P]
-        c, k_rope = ckv[..., :r], ckv[..., r:]
-        kv = project(self, "kv_b", "BLR,RHK->BLHK", norm("kv_a_norm")(c),
-                     w("kv_b", (r, h, n + v), ("rank", "heads", "head_dim")))        # [B, L, H, N + V]
+        latent = norm("kv_a_norm")(ckv[..., :r])                                         # [B, L, R]
+        q_rope = self._rope(q[..., n:], positions)                                       # [B, L, H, P]
+        k_rope = self._rope(ckv[:, :, None, r:], positions)                              # [B, L, 1, P]
+        allowed = None
+        if decode:   # the cache holds the normed latent and the rotated shared key (DeepSeek-V2's)
+            cached, allowed = decode_cache(self, {"latent": latent, "k_rope": k_rope})
+            latent, k_rope = cached["latent"], cached["k_rope"]
+        m = latent.shape[1]
+        kv = project(self, "kv_b", "BLR,RHK->BLHK", latent,
+                     w("kv_b", (r, h, n + v), ("rank", "heads", "head_dim")))        # [B, M, H, N + V]
         kv = constrain(kv, ("batch", "length", "act_heads", None))
         k_nope, val = kv[..., :n], kv[..., n:]
-        q_rope = self._rope(q[..., n:], positions)                                       # [B, L, H, P]
-        k_rope = self._rope(k_rope[:, :, None, :], positions)                            # [B, L, 1, P]
         qq = jnp.concatenate([q[..., :n], q_rope], axis=-1)                              # [B, L, H, K]
-        kk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, l, h, p))], axis=-1)  # [B, M, H, K]
+        kk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, m, h, p))], axis=-1)  # [B, M, H, K]
 
         scale = k ** -0.5 * self._softmax_factor()
-        if self._use_cudnn(qq, segment_mask):
+        if not decode and self._use_cudnn(qq, segment_mask):
             # cuDNN flash attention (no [B, H, L, L] scores). jax.nn.dot_product_attention
             # takes one head dim for q, k and v: the values are zero-padded from V to K and
             # the padded output columns (exactly 0) are dropped.
@@ -157,7 +158,11 @@ class MLAttention(nn.Module):
             out = jax.nn.dot_product_attention(qq, kk, vp, mask=segment_mask, is_causal=self.causal,
                                                scale=scale, implementation="cudnn")[..., :v]
         else:
-            out = self._attend_xla(qq, kk, val, scale, segment_mask)
+            if allowed is None:
+                allowed = jnp.tril(jnp.ones((l, l), bool)) if self.causal else jnp.ones((l, l), bool)
+                allowed = allowed[None, None]
+            out = self._attend_xla(qq, kk, val, scale,
+                                   allowed if segment_mask is None else allowed & segment_mask)
         out = constrain(out, ("batch", "length", "act_heads", None))
         y = project(self, "o", "BLHV,HVD->BLD", out, w("o", (h, v, d), ("heads", "head_dim", "embed")), num_in=2)
         return constrain(y, ("batch", "length", "act_embed"))

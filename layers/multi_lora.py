@@ -67,8 +67,8 @@ Serving::
 
 Inside ``jax.jit`` pass ``stacked`` and ``ids`` as arguments and bind inside the jitted
 function (bound outside, a trace would keep the ids it was traced with). The sampler
-:func:`routezoo.zoo.sampling.sample` is itself jitted and has no KV cache: it recomputes
-the whole ``[B, P + N]`` buffer every step. Call its
+:func:`routezoo.zoo.sampling.sample` is itself jitted (the key/value cache of each
+layer holds keys and values computed under the binding). Call its
 unjitted body inside your own jitted function with the binding::
 
     @functools.partial(jax.jit, static_argnames="num_tokens")

@@ -97,8 +97,9 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, deterministic: bool, token_ids=None, router_inputs=None,
-                 segment_mask=None):
-        # segment_mask: bool [B, 1, L, L] (True: query may attend to key) or None
+                 segment_mask=None, decode: bool = False):
+        # segment_mask: bool [B, 1, L, L] (True: query may attend to key) or None;
+        # decode: attention reads and extends its key/value cache (DecoderLM, decode=True)
         c = self.cfg
         norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         h = norm("attn_norm")(x)
@@ -114,7 +115,7 @@ class Block(nn.Module):
         elif str(c.get("attention", "mha")) == "mla":   # DeepSeek-V2/V3 latent attention (layers/mla.py)
             from routezoo.layers.mla import mla_from_config
             x = x + mla_from_config(c, causal=self.causal, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    name="attn")(h, positions, segment_mask)
+                                    name="attn")(h, positions, segment_mask, decode)
         else:
             x = x + dense.Attention(
                 num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
@@ -122,7 +123,7 @@ class Block(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype,
                 qkv_bias=bool(c.get("qkv_bias", False)), qk_norm=str(c.get("qk_norm", "none")),
                 qk_norm_eps=float(c.norm_eps), rope_scaling=dense.rope_scaling_of(c),
-                name="attn")(h, positions, segment_mask)
+                name="attn")(h, positions, segment_mask, decode)
         h = norm("ffn_norm")(x)
         ffn = FFN_BUILDERS[self.ffn_kind](c, self.dtype, self.param_dtype, self.ffn_kind)
         extra = {} if router_inputs is None else {"router_inputs": router_inputs}
@@ -213,6 +214,15 @@ class DecoderLM(nn.Module):
     their MoE the union of MLP slices; the attention gate's losses come back as
     ``attn_load_balance`` / ``attn_z_loss`` and its statistics as ``layer{i}/attn/...``.
 
+    Autoregressive decoding (``decode=True``): every attention layer keeps its keys and
+    values (latent attention: the normed latent and the rotated shared key) in the
+    ``'cache'`` collection, made by :func:`init_cache` for ``max_len`` positions; each call
+    appends its ``L`` tokens (a prompt, then one token at a time) and returns their
+    logits, equal to the full forward pass's at those positions. Positions default to the
+    number of tokens seen so far; ``attention_mask`` then covers the ``max_len`` cache slots
+    (left padding: pass it with ``positions``). Not for ``moe.router='pregate'`` or
+    ``'uoe'`` (refused). :func:`routezoo.zoo.sampling.sample` uses it.
+
     Multi-token prediction (``model.mtp_depth = D > 0``, DeepSeek-V3): ``D`` sequential
     :class:`MTPModule` s (``mtp1`` ... ``mtpD``, each with a block of the last layer's
     kind) after the trunk; ``aux['mtp_logits'][k-1]`` ``[B, L, V]`` predicts token
@@ -240,20 +250,34 @@ class DecoderLM(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                  positions: jax.Array | None = None, routes: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, decode: bool = False,
                  _routes_only: bool = False) -> tuple[jax.Array, Aux]:
         c = self.cfg
         dtype, param_dtype = resolve_dtype(c.dtype), jnp.dtype(c.param_dtype)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        # Padding: no query attends to a key whose attention_mask is 0 (queries at padded
-        # positions still run; their outputs mean nothing and are to be ignored).
-        segment_mask = None
-        if attention_mask is not None:
-            segment_mask = (jnp.asarray(attention_mask) > 0)[:, None, None, :]   # [B, 1, 1, L]: keys
         moe_layers = self.moe_layers()
         router_kind = str(c.moe.router) if moe_layers else None
         b, l = tokens.shape
+        if decode:
+            if not self.causal or router_kind in ("pregate", "uoe"):
+                raise ValueError(f"{type(self).__name__}: decode=True (key/value cache) needs causal "
+                                 f"attention in every layer and a router without a sequence-level "
+                                 f"network; got causal={self.causal}, moe.router={router_kind!r} "
+                                 "(pregate and uoe are not supported)")
+            # The next free position of each row: the default positions of the new tokens.
+            dense.require_cache(self, "position")
+            seen = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            if positions is None:
+                positions = jnp.broadcast_to(seen.value + jnp.arange(l), (b, l))
+            if not self.is_initializing():
+                seen.value = seen.value + l
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        # Padding: no query attends to a key whose attention_mask is 0 (queries at padded
+        # positions still run; their outputs mean nothing and are to be ignored). With
+        # decode=True the mask covers the cache's slots: [B, max_len].
+        segment_mask = None
+        if attention_mask is not None:
+            segment_mask = (jnp.asarray(attention_mask) > 0)[:, None, None, :]   # [B, 1, 1, L]: keys
         pregate_logits = None
         if router_kind == "pregate":
             from routezoo.layers.model_routers import PreGate, pregate_select
@@ -308,7 +332,7 @@ class DecoderLM(nn.Module):
                                      "routes": None if routes is None else routes[j].reshape(b * l, -1)}
                 elif i in moe_layers and routes is not None:   # duo: options fixed from outside
                     router_inputs = {"routes": routes[moe_layers.index(i)].reshape(b * l)}
-                x, aux = block(x, positions, deterministic, tokens, router_inputs, segment_mask)
+                x, aux = block(x, positions, deterministic, tokens, router_inputs, segment_mask, decode)
                 if router_cell is not None:
                     state = aux.get("router_state", state)   # dense layers: unchanged
                     if not self.is_initializing():
@@ -320,7 +344,7 @@ class DecoderLM(nn.Module):
             x = final_norm(x)
             logits = head(x)
             mtp_logits = []
-            for k, mtp in enumerate(mtps, 1):   # token t[i+k] enters at position i (padding past the end)
+            for k, mtp in enumerate([] if decode else mtps, 1):   # t[i+k] enters at position i (padding past the end)
                 ahead = jnp.concatenate([tokens[:, k:], jnp.zeros((b, k), tokens.dtype)], axis=1)
                 x, normed, aux = mtp(x, embed(ahead), positions, deterministic, ahead, segment_mask)
                 mtp_logits.append(head(normed))
@@ -339,6 +363,15 @@ class DecoderLM(nn.Module):
             sym_kl = 0.5 * jnp.sum((jnp.exp(logp1) - jnp.exp(logp2)) * (logp1 - logp2), axis=-1)
             losses["thor_consistency"] = coef * jnp.mean(sym_kl)
         aux_out = {"losses": losses, "stats": stats}
-        if mtps:
+        if mtp_logits:
             aux_out["mtp_logits"] = mtp_logits
         return logits, aux_out
+
+
+def init_cache(model: nn.Module, batch: int, max_len: int) -> dict:
+    """The zeroed key/value cache of ``model`` (a :class:`DecoderLM`) for ``batch`` rows of
+    at most ``max_len`` positions: pass it as ``variables['cache']`` to ``model.apply(...,
+    decode=True, mutable=['cache'])`` and carry the returned ``'cache'`` forward."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32),
+                                               decode=True))
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes["cache"])

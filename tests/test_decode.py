@@ -1,0 +1,112 @@
+"""Autoregressive decoding with a key/value cache (``DecoderLM(decode=True)``,
+``zoo.lm.init_cache``, ``zoo.sampling.sample``): the logits of a prompt then one token at
+a time equal the full forward pass's at every position, for standard attention (grouped
+heads, q/k/v biases, QK norm, YaRN), latent attention and several routers; left-padded
+prompts; the sampler draws the same tokens with and without the cache; unsupported
+models are refused in one line."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from routezoo.configs import base
+from routezoo.zoo import lm
+from routezoo.zoo.lm import init_cache, positions_from_mask
+from routezoo.zoo.sampling import sample, supports_cache
+
+CASES = {
+    "gqa_bias_qknorm_yarn": {"qkv_bias": True, "qk_norm": "full",
+                             "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}},
+    "moe_dropless": {"ffn": "mlp,moe"},
+    "mla_deepseek_v3": {"attention": "mla", "mla_q_lora_rank": 8, "mla_kv_lora_rank": 8,
+                        "mla_qk_nope_head_dim": 8, "mla_qk_rope_head_dim": 4, "mla_v_head_dim": 6,
+                        "ffn": "mlp,moe", "moe.router": "deepseek_v3", "moe.num_shared_experts": 1},
+    "recurrent_router": {"ffn": "moe,moe", "moe.router": "recurrent"},
+    "mtp": {"ffn": "mlp,moe", "mtp_depth": 1},   # decoding uses the main head only
+}
+
+
+def _model(**overrides):
+    m = base.get_config().model
+    m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2, 32, 4, 2, 8, 48
+    m.vocab_size = 64
+    m.moe.num_experts, m.moe.k, m.moe.expert_dim, m.moe.jitter = 4, 2, 16, 0.0
+    for key, value in overrides.items():
+        node = m
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    model = lm.DecoderLM(ml_collections.FrozenConfigDict(m))
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 1, m.vocab_size)
+    return model, model.init(jax.random.key(1), tokens), tokens
+
+
+def _decode(model, variables, chunks, max_len, **kw):
+    """Logits of each chunk of tokens fed in turn through the cache, concatenated."""
+    cache, outs = init_cache(model, chunks[0].shape[0], max_len), []
+    for chunk in chunks:
+        (logits, _), state = model.apply({**variables, "cache": cache}, chunk, decode=True, mutable=["cache"], **kw)
+        outs.append(logits)
+        cache = state["cache"]
+    return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_decoding_equals_the_full_forward_pass(case):
+    model, variables, tokens = _model(**CASES[case])
+    full, _ = model.apply(variables, tokens)
+    chunks = [tokens[:, :5]] + [tokens[:, t:t + 1] for t in range(5, 9)]   # prompt, then one at a time
+    got = _decode(model, variables, chunks, max_len=12)                    # 3 slots never written
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_prompts():
+    """Rows of different lengths, left-padded: with the mask over the cache slots and the
+    positions from it, each row's logits at its real tokens equal its own unpadded run."""
+    model, variables, tokens = _model(ffn="mlp,moe")
+    lengths, total = (7, 4), 9
+    rows = np.zeros((2, total), np.int32)
+    mask = np.zeros((2, total), np.int32)
+    for r, n in enumerate(lengths):
+        rows[r, total - n:], mask[r, total - n:] = np.asarray(tokens[r, :n]), 1
+    positions = positions_from_mask(mask)
+    prompt, rest = 6, total - 6
+    cache = init_cache(model, 2, total)
+    (first, _), state = model.apply({**variables, "cache": cache}, jnp.asarray(rows[:, :prompt]), decode=True,
+                                    mutable=["cache"], attention_mask=mask, positions=positions[:, :prompt])
+    outs = [first]
+    for t in range(prompt, prompt + rest):
+        (lg, _), state = model.apply({**variables, "cache": state["cache"]}, jnp.asarray(rows[:, t:t + 1]),
+                                     decode=True, mutable=["cache"], attention_mask=mask,
+                                     positions=positions[:, t:t + 1])
+        outs.append(lg)
+    got = np.asarray(jnp.concatenate(outs, axis=1))
+    for r, n in enumerate(lengths):
+        alone, _ = model.apply(variables, tokens[r:r + 1, :n])
+        np.testing.assert_allclose(got[r, total - n:], np.asarray(alone)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampler_draws_the_same_tokens_with_and_without_the_cache(temperature):
+    model, variables, tokens = _model(ffn="mlp,moe")
+    assert supports_cache(model)
+    kw = dict(num_tokens=6, temperature=temperature, top_k=8 if temperature else 0)
+    with_cache = sample(model, variables, tokens[:, :4], jax.random.key(5), use_cache=True, **kw)
+    without = sample(model, variables, tokens[:, :4], jax.random.key(5), use_cache=False, **kw)
+    np.testing.assert_array_equal(with_cache, without)
+    np.testing.assert_array_equal(with_cache[:, :4], tokens[:, :4])
+
+
+def test_unsupported_decoding_is_refused():
+    model, variables, tokens = _model(ffn="moe,moe", **{"moe.router": "pregate"})
+    assert not supports_cache(model)
+    with pytest.raises(ValueError, match="pregate and uoe are not supported"):
+        model.apply(variables, tokens, decode=True, mutable=["cache"])
+    model, variables, tokens = _model()
+    with pytest.raises(ValueError, match="decode=True needs a cache; make one with routezoo.zoo.lm.init_cache"):
+        model.apply(variables, tokens, decode=True)
