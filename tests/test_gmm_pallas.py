@@ -153,6 +153,19 @@ def test_backend_matches_dense_reference():
     assert np.all(np.asarray(got)[50:] == 0)
 
 
+@pytest.mark.parametrize("shape", [(16384, 128, 1024, 4096), (32768, 128, 4096, 1024),
+                                   (98304, 64, 2048, 1408), (32768, 8, 4096, 14336)])
+def test_config_for_fits_shared_memory_in_float32_and_16_bit(shape):
+    """The pipelines' shared memory stays within what ran on an H200 (192 KiB: the 16-bit
+    small-group tiles with 4 stages) for 16-bit and float32 inputs; the 16-bit tiles in
+    float32 asked for 352 KiB (288 KiB of pipeline) and failed to launch."""
+    for itemsize in (2, 4):
+        cfg = gp.config_for(*shape, itemsize=itemsize)
+        assert gp.pipeline_smem_bytes(cfg, itemsize) <= 192 * 1024, (itemsize, cfg)
+    wide16 = gp.config_for(32768, 8, 4096, 14336)
+    assert gp.pipeline_smem_bytes(wide16, 4) + 64 * 1024 == 360448   # the failed launch's request
+
+
 def test_config_for_small_groups_forward_and_backward():
     """``config_for`` picks the small-group weight-gradient rule (32-row steps, 4 stages) at
     <= 512 rows per group and the defaults above; the backend's gradients under that

@@ -13,7 +13,8 @@ and contract, the same as the other backends:
   float32 accumulation; rows past ``sum(group_sizes)`` come back as exactly 0 (the kernel
   leaves them unwritten), in the forward pass and in ``d_lhs``;
 * ``d_lhs = gmm(d_out, rhs^T)``, ``d_rhs = tgmm(lhs, d_out)``, 0 for empty groups;
-* any ``K``, ``N``: dimensions are zero-padded to the kernels' tile multiples.
+* any ``K``, ``N``: dimensions are zero-padded to the kernels' tile multiples;
+* 16-bit operands: float32 inputs run every pass on the Triton kernels.
 
 Each pass (forward, backward data, weight gradient) can run on either kernel family:
 :class:`MosaicConfig` gives each its tiles, or ``None`` to run that pass with the Triton
@@ -147,9 +148,9 @@ def _mosaic_tgmm(lhs: Array, dout: Array, group_sizes: Array, t: MosaicTiles, *,
     return out[:, :k, :n]
 
 
-def _triton_config(m: int, g: int, k: int, n: int, interpret: bool):
+def _triton_config(m: int, g: int, k: int, n: int, interpret: bool, itemsize: int):
     from routezoo.layers.kernels import gmm_pallas
-    return gmm_pallas, gmm_pallas.config_for(m, g, k, n, interpret=interpret)
+    return gmm_pallas, gmm_pallas.config_for(m, g, k, n, interpret=interpret, itemsize=itemsize)
 
 
 def _data_pass(lhs, rhs, group_sizes, cfg: MosaicConfig, *, transpose_rhs: bool):
@@ -160,7 +161,7 @@ def _data_pass(lhs, rhs, group_sizes, cfg: MosaicConfig, *, transpose_rhs: bool)
         out = _mosaic_ragged_dot(lhs, rhs, group_sizes, tiles, transpose_rhs=transpose_rhs,
                                  interpret=cfg.interpret)
         return rows_in_groups(out, group_sizes)
-    gp, tcfg = _triton_config(lhs.shape[0], *rhs.shape, cfg.interpret)
+    gp, tcfg = _triton_config(lhs.shape[0], *rhs.shape, cfg.interpret, lhs.dtype.itemsize)
     tiling = (tcfg.dlhs_tiling or tcfg.tiling) if transpose_rhs else tcfg.tiling
     return gp._gmm_call(lhs, rhs, group_sizes, tiling=tiling, cfg=tcfg,
                         transpose_rhs=transpose_rhs).astype(lhs.dtype)
@@ -171,7 +172,7 @@ def _tgmm_pass(lhs, dout, group_sizes, num_groups, cfg: MosaicConfig, out_dtype)
         return _mosaic_tgmm(lhs, dout, group_sizes, cfg.tgmm,
                             interpret=cfg.interpret).astype(out_dtype)
     gp, tcfg = _triton_config(lhs.shape[0], num_groups, lhs.shape[1], dout.shape[1],
-                              cfg.interpret)
+                              cfg.interpret, lhs.dtype.itemsize)
     return gp._tgmm_call(lhs, dout, group_sizes, num_groups, cfg=tcfg, out_dtype=out_dtype)
 
 
@@ -206,6 +207,8 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, config: MosaicConfig | No
     if m == 0 or n == 0 or g == 0:
         return jnp.zeros((m, n), lhs.dtype)
     cfg = config or config_for(m, g, k, n)
+    if jnp.dtype(lhs.dtype).itemsize != 2:   # the Mosaic kernels take 16-bit operands only
+        cfg = MosaicConfig(fwd=None, dlhs=None, tgmm=None)
     cfg = dataclasses.replace(cfg, interpret=interpret)
     return _gmm(lhs, rhs.astype(lhs.dtype), jnp.maximum(group_sizes.astype(jnp.int32), 0), cfg)
 

@@ -527,7 +527,18 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
 SMALL_GROUP_ROWS = 512   # mean rows per group at or below which the small-group tilings apply
 
 
-def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = False) -> GmmConfig:
+def pipeline_smem_bytes(cfg: GmmConfig, itemsize: int) -> int:
+    """Shared memory the kernels' software pipelines hold (the largest of the three): each
+    stage keeps one ``lhs`` and one ``rhs`` block of ``itemsize``-byte elements. H100/H200
+    have 227 KiB per block; Triton adds its epilogue buffers on top."""
+    (bm, bk, bn), (dm, dk, dn), (tm, tk, tn) = cfg.tiling, cfg.dlhs_tiling or cfg.tiling, cfg.tgmm_tiling
+    stages, tstages = cfg.num_stages, cfg.tgmm_num_stages or cfg.num_stages
+    return itemsize * max(stages * (bm * bk + bk * bn), stages * (dm * dk + dk * dn),
+                          tstages * (tm * tk + tm * tn))
+
+
+def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = False,
+               itemsize: int = 2) -> GmmConfig:
     """Kernel configuration for ``gmm([m, k], [num_groups, k, n])`` and its VJP, from the
     H100/H200 sweeps in BENCHMARKS.md (``benchmarks/gmm_kernel.py``).
 
@@ -540,8 +551,14 @@ def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = Fal
       forward/backward-data kernels use 4 stages, and a group's last tile of at most 64
       rows runs at half height (``half_tiles``: 3-9% faster kernels there; at 1,500-4,000
       rows per group it measured 0-1% slower, so large groups keep the defaults).
+    * 4-byte inputs (``itemsize``; float32 models): ``128 x 128`` output tiles, 32-deep
+      steps, 3 stages (the 16-bit tiles would ask an H200 for 352 KiB of shared memory;
+      :func:`pipeline_smem_bytes`).
     """
     small = m <= SMALL_GROUP_ROWS * max(num_groups, 1)
+    if itemsize >= 4:   # float32: half-depth steps and narrow tiles fit shared memory
+        return GmmConfig(tiling=(128, 32, 128), tgmm_tiling=(32, 128, 128), num_stages=3,
+                         half_tiles=small, interpret=interpret)
     wide = lambda width: (128, 64, 256) if width >= 2048 else (128, 64, 128)  # noqa: E731
     return GmmConfig(
         tiling=wide(n), dlhs_tiling=wide(k),
@@ -556,5 +573,5 @@ def gmm_backend(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
     """``GMM_BACKENDS`` entry: :func:`gmm` configured by :func:`config_for`; interpreted
     off GPU."""
     cfg = config_for(lhs.shape[0], rhs.shape[0], rhs.shape[1], rhs.shape[2],
-                     interpret=jax.default_backend() != "gpu")
+                     interpret=jax.default_backend() != "gpu", itemsize=jnp.dtype(lhs.dtype).itemsize)
     return gmm(lhs, rhs, group_sizes, config=cfg)
