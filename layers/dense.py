@@ -380,18 +380,16 @@ class Attention(nn.Module):
             cached, allowed = decode_cache(self, {"k": kk, "v": v})
             mask = allowed if segment_mask is None else allowed & segment_mask
             out = jax.nn.dot_product_attention(q, cached["k"], cached["v"], mask=mask)
-            wo = self.param("o", param(default_kernel_init, ("heads", "head_dim", "embed")),
-                            (h, k, d), self.param_dtype)
-            return project(self, "o", "BLHK,HKD->BLD", out, jnp.asarray(wo, self.dtype), num_in=2)
-        impl = self.implementation
-        if impl in (None, "auto"):
-            # cuDNN flash attention where it applies (GPU, 16-bit, head dim <= 128); the XLA
-            # path materialises [B, H, L, L] scores, which runs out of memory at length 2048.
-            use_cudnn = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-                         and k <= 128 and segment_mask is None)
-            impl = "cudnn" if use_cudnn else None
-        out = jax.nn.dot_product_attention(
-            q, kk, v, mask=segment_mask, is_causal=self.causal, implementation=impl)   # [B, L, H, K]
+        else:
+            impl = self.implementation
+            if impl in (None, "auto"):
+                # cuDNN flash attention where it applies (GPU, 16-bit, head dim <= 128); the XLA
+                # path materialises [B, H, L, L] scores, which runs out of memory at length 2048.
+                use_cudnn = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+                             and k <= 128 and segment_mask is None)
+                impl = "cudnn" if use_cudnn else None
+            out = jax.nn.dot_product_attention(
+                q, kk, v, mask=segment_mask, is_causal=self.causal, implementation=impl)   # [B, L, H, K]
         out = constrain(out, ("batch", "length", "act_heads", None))
         wo = self.param("o", param(default_kernel_init, ("heads", "head_dim", "embed")),
                         (h, k, d), self.param_dtype)

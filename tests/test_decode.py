@@ -46,13 +46,23 @@ def _model(**overrides):
     return model, model.init(jax.random.key(1), tokens), tokens
 
 
-def _decode(model, variables, chunks, max_len, **kw):
+def _step(model):
+    """``(variables, cache, tokens, **kw) -> (logits, cache)``: one jitted decoding call
+    (compiled once per input shape: the prompt, then single tokens)."""
+    @jax.jit
+    def step(variables, cache, tokens, **kw):
+        (logits, _), state = model.apply({**variables, "cache": cache}, tokens, decode=True,
+                                         mutable=["cache"], **kw)
+        return logits, state["cache"]
+    return step
+
+
+def _decode(model, variables, chunks, max_len):
     """Logits of each chunk of tokens fed in turn through the cache, concatenated."""
-    cache, outs = init_cache(model, chunks[0].shape[0], max_len), []
+    step, cache, outs = _step(model), init_cache(model, chunks[0].shape[0], max_len), []
     for chunk in chunks:
-        (logits, _), state = model.apply({**variables, "cache": cache}, chunk, decode=True, mutable=["cache"], **kw)
+        logits, cache = step(variables, cache, chunk)
         outs.append(logits)
-        cache = state["cache"]
     return jnp.concatenate(outs, axis=1)
 
 
@@ -76,15 +86,11 @@ def test_left_padded_prompts():
         rows[r, total - n:], mask[r, total - n:] = np.asarray(tokens[r, :n]), 1
     positions = positions_from_mask(mask)
     prompt, rest = 6, total - 6
-    cache = init_cache(model, 2, total)
-    (first, _), state = model.apply({**variables, "cache": cache}, jnp.asarray(rows[:, :prompt]), decode=True,
-                                    mutable=["cache"], attention_mask=mask, positions=positions[:, :prompt])
-    outs = [first]
-    for t in range(prompt, prompt + rest):
-        (lg, _), state = model.apply({**variables, "cache": state["cache"]}, jnp.asarray(rows[:, t:t + 1]),
-                                     decode=True, mutable=["cache"], attention_mask=mask,
-                                     positions=positions[:, t:t + 1])
-        outs.append(lg)
+    step, cache, outs = _step(model), init_cache(model, 2, total), []
+    for lo, hi in [(0, prompt)] + [(t, t + 1) for t in range(prompt, prompt + rest)]:
+        logits, cache = step(variables, cache, jnp.asarray(rows[:, lo:hi]), attention_mask=mask,
+                             positions=positions[:, lo:hi])
+        outs.append(logits)
     got = np.asarray(jnp.concatenate(outs, axis=1))
     for r, n in enumerate(lengths):
         alone, _ = model.apply(variables, tokens[r:r + 1, :n])

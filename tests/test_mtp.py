@@ -97,7 +97,7 @@ def test_mtp_trains_and_its_gradient_reaches_the_trunk(tmp_path, data_dir):
     def only_mtp(params):
         _, aux = model.apply({**variables, "params": params}, tokens[:, :-1])
         return mtp_loss(aux["mtp_logits"], tokens[:, 1:], jnp.ones((2, 9)))
-    grads = jax.grad(only_mtp)(variables["params"])
+    grads = jax.jit(jax.grad(only_mtp))(variables["params"])
     assert float(jnp.abs(grads["layer0"]["attn"]["q"]).max()) > 0     # the trunk learns from it
     assert float(jnp.abs(grads["mtp1"]["eh_proj"]).max()) > 0
 
