@@ -441,13 +441,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
         nll, correct = cross_entropy(logits, targets, w)
         denom = jnp.maximum(w.sum(), 1.0)
         ce = nll.sum() / denom
-        losses = dict(aux.get("losses", {}))
+        losses, extra = dict(aux.get("losses", {})), {}
         if aux.get("mtp_logits"):   # DeepSeek-V3 multi-token prediction
-            mtp_ce = mtp_loss(aux["mtp_logits"], targets, w)
-            losses["mtp"] = float(config.model.mtp_weight) * mtp_ce
+            extra["mtp_ce"] = mtp_loss(aux["mtp_logits"], targets, w)
+            losses["mtp"] = float(config.model.mtp_weight) * extra["mtp_ce"]
         total = ce + sum(losses.values()) if losses else ce
-        metrics = {"ce": ce, "accuracy": correct.sum() / denom, **losses,
-                   **({"mtp_ce": mtp_ce} if aux.get("mtp_logits") else {}),
+        metrics = {"ce": ce, "accuracy": correct.sum() / denom, **losses, **extra,
                    **{f"moe/{k}": v for k, v in aux.get("stats", {}).items()}}
         return total, (metrics, dict(new_model_state))
 

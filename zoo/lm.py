@@ -24,6 +24,7 @@ from flax import linen as nn
 from routezoo.layers import dense
 
 Aux = dict[str, dict[str, jax.Array]]
+NO_DECODE_ROUTERS = ("pregate", "uoe")   # sequence-level router networks: no decode=True
 FFN = Callable[..., tuple[jax.Array, Aux]]
 
 
@@ -258,7 +259,7 @@ class DecoderLM(nn.Module):
         router_kind = str(c.moe.router) if moe_layers else None
         b, l = tokens.shape
         if decode:
-            if not self.causal or router_kind in ("pregate", "uoe"):
+            if not self.causal or router_kind in NO_DECODE_ROUTERS:
                 raise ValueError(f"{type(self).__name__}: decode=True (key/value cache) needs causal "
                                  f"attention in every layer and a router without a sequence-level "
                                  f"network; got causal={self.causal}, moe.router={router_kind!r} "

@@ -17,16 +17,14 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-NO_CACHE_ROUTERS = ("pregate", "uoe")   # routers whose model has no decode mode
-
-
 def supports_cache(model: nn.Module) -> bool:
     """Whether ``model`` has a decode mode (:class:`~routezoo.zoo.lm.DecoderLM` with
-    causal attention and a router other than :data:`NO_CACHE_ROUTERS`)."""
+    causal attention and a router other than :data:`~routezoo.zoo.lm.NO_DECODE_ROUTERS`)."""
     from routezoo.zoo import ffn_kinds
+    from routezoo.zoo.lm import NO_DECODE_ROUTERS
     c = model.cfg
     moe_router = str(c.moe.router) if "moe" in ffn_kinds(c) else None
-    return bool(getattr(model, "causal", False)) and moe_router not in NO_CACHE_ROUTERS
+    return bool(getattr(model, "causal", False)) and moe_router not in NO_DECODE_ROUTERS
 
 
 def _pick(logits: jax.Array, rng: jax.Array, temperature, top_k: int):
