@@ -1,5 +1,5 @@
-"""What the grouped-matmul wrappers of jax's kernels (``gmm_megablox``, ``gmm_mosaic``)
-share: the operand check and the zeroing of rows past the groups."""
+"""What the grouped-matmul kernels' wrappers share: the operand check, padding to tile
+multiples and the zeroing of rows past the groups."""
 
 from __future__ import annotations
 
@@ -15,6 +15,18 @@ def gmm_dims(lhs: Array, rhs: Array) -> tuple[int, int, int, int]:
         raise ValueError(f"gmm expects lhs [M, K] and rhs [G, K, N], got {lhs.shape}, {rhs.shape}")
     (m, k), (g, _, n) = lhs.shape, rhs.shape
     return m, k, g, n
+
+
+def round_up(x: int, m: int) -> int:
+    """The smallest multiple of ``m`` that is ``>= x``."""
+    return -(-x // m) * m
+
+
+def pad_to(x: Array, shape: tuple[int, ...]) -> Array:
+    """``x`` zero-padded at the end of each axis to ``shape`` (no copy if it already has it)."""
+    if x.shape == tuple(shape):
+        return x
+    return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape)])
 
 
 def rows_in_groups(out: Array, group_sizes: Array) -> Array:

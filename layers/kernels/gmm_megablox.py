@@ -27,7 +27,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
-from routezoo.layers.kernels.common import gmm_dims, rows_in_groups
+from routezoo.layers.kernels.common import gmm_dims, pad_to, round_up, rows_in_groups
 
 Array = jax.Array
 
@@ -38,16 +38,12 @@ _LANE = 128       # TPU vreg lane width: K and N tiles are multiples of it
 _SUBLANE = 16     # rows: a multiple of 16 suits both f32 (8) and bf16 (16) layouts
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def _lane_tile(dim: int, tile: int) -> int:
     """The largest multiple of 128 up to ``tile`` whose padding of ``dim`` stays within
     1/8 of ``dim`` rounded to 128 (e.g. 1408 -> 768, padded to 1536, not 1024 -> 2048)."""
-    d = _round_up(dim, _LANE)
+    d = round_up(dim, _LANE)
     for t in range(min(tile, d) // _LANE * _LANE, 0, -_LANE):
-        if _round_up(d, t) - d <= d // 8:
+        if round_up(d, t) - d <= d // 8:
             return t
     return _LANE
 
@@ -58,15 +54,9 @@ def tiling_for(m: int, k: int, n: int, tiling: tuple[int, int, int] = DEFAULT_TI
     dimensions they divide (``M'``: multiple of ``tm``; ``K'``, ``N'``: of ``tk``, ``tn``,
     chosen by :func:`_lane_tile` to pad at most 1/8)."""
     tm, tk, tn = tiling
-    tm = min(tm, _round_up(m, _SUBLANE))
+    tm = min(tm, round_up(m, _SUBLANE))
     tk, tn = _lane_tile(k, tk), _lane_tile(n, tn)
-    return (tm, tk, tn), (_round_up(m, tm), _round_up(k, tk), _round_up(n, tn))
-
-
-def _pad(x: Array, shape: tuple[int, ...]) -> Array:
-    if x.shape == shape:
-        return x
-    return jnp.pad(x, [(0, s - d) for d, s in zip(x.shape, shape)])
+    return (tm, tk, tn), (round_up(m, tm), round_up(k, tk), round_up(n, tn))
 
 
 def _backend():
@@ -112,6 +102,6 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
         return jnp.zeros((m, n), lhs.dtype)
     tiles, (mp, kp, np_) = tiling_for(m, k, n, tiling)
     rhs = rhs.astype(lhs.dtype)
-    out = _gmm(_pad(lhs, (mp, kp)), _pad(rhs, (g, kp, np_)),
+    out = _gmm(pad_to(lhs, (mp, kp)), pad_to(rhs, (g, kp, np_)),
                jnp.maximum(group_sizes.astype(jnp.int32), 0), tiles, interpret)
     return out[:m, :n]

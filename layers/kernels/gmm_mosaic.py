@@ -33,7 +33,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from routezoo.layers.kernels.common import gmm_dims, rows_in_groups
+from routezoo.layers.kernels.common import gmm_dims, pad_to, round_up, rows_in_groups
 
 Array = jax.Array
 
@@ -64,9 +64,6 @@ class MosaicConfig:
     interpret: bool = False
 
 
-SMALL_GROUP_ROWS = 512   # mean rows per group at or below which every pass stays on Triton
-
-
 def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = False
                ) -> MosaicConfig:
     """Each pass on the kernel that measured faster for the shape (one H200, jax 0.11.2,
@@ -75,21 +72,14 @@ def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = Fal
     * forward and backward data: Triton at every shape measured (jax's Mosaic
       ``ragged_dot`` reached 26-48% of the dense rate, Triton 41-73%);
     * weight gradient: Mosaic where groups are large (80% of dense at 1,536 rows per group,
-      the DeepSeek-like shape), Triton for small groups (``m / num_groups <=
-      SMALL_GROUP_ROWS``: Mosaic 25-37% there).
+      the DeepSeek-like shape), Triton for small groups (``gmm_pallas.small_groups``: at
+      most ``SMALL_GROUP_ROWS`` rows per group on average; Mosaic 25-37% there).
     """
+    from routezoo.layers.kernels.gmm_pallas import small_groups
     del k, n
-    small = m <= SMALL_GROUP_ROWS * max(num_groups, 1)
-    return MosaicConfig(fwd=None, dlhs=None, tgmm=None if small else MosaicTiles(steps=5),
+    return MosaicConfig(fwd=None, dlhs=None,
+                        tgmm=None if small_groups(m, num_groups) else MosaicTiles(steps=5),
                         interpret=interpret)
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _pad_cols(x: Array, cols: int) -> Array:
-    return x if x.shape[-1] == cols else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, cols - x.shape[-1])])
 
 
 def _ops(name: str):
@@ -110,21 +100,20 @@ def _mosaic_ragged_dot(lhs: Array, rhs: Array, group_sizes: Array, t: MosaicTile
                        transpose_rhs: bool, interpret: bool) -> Array:
     """``[M, K] x [G, K, N]`` (or ``[G, N, K]`` with ``transpose_rhs``) ``-> [M, N]``."""
     rd = _ops("ragged_dot_mgpu")
-    m, k = lhs.shape
+    (m, k), g = lhs.shape, rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    kp, np_ = _round_up(k, t.block_k), _round_up(n, t.block_n * t.grid_block_n)
+    kp, np_ = round_up(k, t.block_k), round_up(n, t.block_n * t.grid_block_n)
     # Rows padded to whole tiles: the hardware's bulk copies read zeros past the end, jax's
     # interpreter refuses such reads.
-    mp = _round_up(m, t.block_m)
-    lhs = _pad_cols(lhs, kp) if mp == m else jnp.pad(lhs, [(0, mp - m), (0, kp - k)])
+    lhs = pad_to(lhs, (round_up(m, t.block_m), kp))
     if transpose_rhs:
-        rhs = jnp.pad(rhs, [(0, 0), (0, np_ - n), (0, kp - k)]) if (kp, np_) != (k, n) else rhs
+        rhs = pad_to(rhs, (g, np_, kp))
         if interpret or "transpose_rhs" not in inspect.signature(rd.ragged_dot).parameters:
             # A transposed copy: older jax's kernel has no transposed-weights mode, and the
             # interpreter (jax 0.10) has no transposed wgmma operand.
             rhs, transpose_rhs = rhs.swapaxes(1, 2), False
     else:
-        rhs = jnp.pad(rhs, [(0, 0), (0, kp - k), (0, np_ - n)]) if (kp, np_) != (k, n) else rhs
+        rhs = pad_to(rhs, (g, kp, np_))
     kw = dict(group_sizes=group_sizes, block_m=t.block_m, block_n=t.block_n, block_k=t.block_k,
               max_concurrent_steps=t.steps, grid_block_n=t.grid_block_n)
     if transpose_rhs:
@@ -138,11 +127,11 @@ def _mosaic_tgmm(lhs: Array, dout: Array, group_sizes: Array, t: MosaicTiles, *,
                  interpret: bool) -> Array:
     """``[M, K], [M, N] -> [G, K, N]``: per group ``lhs_g^T @ dout_g``."""
     trd = _ops("transposed_ragged_dot_mgpu")
-    k, n = lhs.shape[1], dout.shape[1]
-    kp, np_ = _round_up(k, t.block_m), _round_up(n, t.block_n * t.grid_block_n)
+    (m, k), n = lhs.shape, dout.shape[1]
+    kp, np_ = round_up(k, t.block_m), round_up(n, t.block_n * t.grid_block_n)
     with _interpreted(interpret):
         out = trd.transposed_ragged_dot(
-            _pad_cols(lhs, kp), _pad_cols(dout, np_), group_sizes=group_sizes,
+            pad_to(lhs, (m, kp)), pad_to(dout, (m, np_)), group_sizes=group_sizes,
             block_m=t.block_m, block_n=t.block_n, block_k=t.block_k,
             max_concurrent_steps=t.steps, grid_block_n=t.grid_block_n)
     return out[:, :k, :n]

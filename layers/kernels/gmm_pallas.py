@@ -62,6 +62,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from routezoo.layers.kernels.common import round_up
 
 try:  # the Triton-specific module (present in jax 0.4.3x .. 0.11)
     from jax.experimental.pallas import triton as plgpu
@@ -172,15 +173,11 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def _fit_tile(dim: int, tile: int) -> tuple[int, int]:
     """``(tile', padded_dim)``: the largest power of two ``<= tile`` (``>= 16``) that
     divides ``dim``; if none does, ``dim`` is padded to a multiple of 16 and the tile
     is the largest power of two ``<= tile`` dividing that."""
-    padded = dim if dim % _MIN_TILE == 0 else _round_up(dim, _MIN_TILE)
+    padded = dim if dim % _MIN_TILE == 0 else round_up(dim, _MIN_TILE)
     t = max(tile, _MIN_TILE)
     while t > _MIN_TILE and padded % t:
         t //= 2
@@ -527,6 +524,11 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
 SMALL_GROUP_ROWS = 512   # mean rows per group at or below which the small-group tilings apply
 
 
+def small_groups(m: int, num_groups: int) -> bool:
+    """Whether ``m`` rows over ``num_groups`` groups average at most :data:`SMALL_GROUP_ROWS`."""
+    return m <= SMALL_GROUP_ROWS * max(num_groups, 1)
+
+
 def pipeline_smem_bytes(cfg: GmmConfig, itemsize: int) -> int:
     """Shared memory the kernels' software pipelines hold (the largest of the three): each
     stage keeps one ``lhs`` and one ``rhs`` block of ``itemsize``-byte elements. H100/H200
@@ -555,7 +557,7 @@ def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = Fal
       steps, 3 stages (the 16-bit tiles would ask an H200 for 352 KiB of shared memory;
       :func:`pipeline_smem_bytes`).
     """
-    small = m <= SMALL_GROUP_ROWS * max(num_groups, 1)
+    small = small_groups(m, num_groups)
     if itemsize >= 4:   # float32: half-depth steps and narrow tiles fit shared memory
         return GmmConfig(tiling=(128, 32, 128), tgmm_tiling=(32, 128, 128), num_stages=3,
                          half_tiles=small, interpret=interpret)
