@@ -669,13 +669,18 @@ def tensor_maps(m: Any, fam: Family) -> list[TensorMap]:
     for i, kind in enumerate(_ffn_kinds(m)):
         maps += _layer_maps(m, fam, kind, (f"layer{i}",), f"model.layers.{i}")
     for k in range(1, int(m.get("mtp_depth", 0) or 0) + 1):   # DeepSeek-V3 multi-token prediction
-        p, L = (f"mtp{k}",), f"model.layers.{int(m.num_layers) + k - 1}"
+        p, L = (f"mtp{k}",), _mtp_layer(int(m.num_layers), k)
         maps += [_identity((*p, "enorm", "scale"), f"{L}.enorm.weight", (d,)),
                  _identity((*p, "hnorm", "scale"), f"{L}.hnorm.weight", (d,)),
                  _linear((*p, "eh_proj"), f"{L}.eh_proj.weight", d, 2 * d),
                  _identity((*p, "norm", "scale"), f"{L}.shared_head.norm.weight", (d,))]
         maps += _layer_maps(m, fam, _ffn_kinds(m)[-1], (*p, "block"), L)
     return maps
+
+
+def _mtp_layer(num_layers: int, k: int) -> str:
+    """HF name of multi-token-prediction module ``k`` (1-based): the layers after the trunk's."""
+    return f"model.layers.{num_layers + k - 1}"
 
 
 def mtp_copies(m: Any) -> dict[str, tuple[str, ...]]:
@@ -686,7 +691,7 @@ def mtp_copies(m: Any) -> dict[str, tuple[str, ...]]:
     out = {}
     head = ("embed", "embedding") if m.tie_embeddings else ("unembed",)
     for k in range(1, int(m.get("mtp_depth", 0) or 0) + 1):
-        L = f"model.layers.{int(m.num_layers) + k - 1}"
+        L = _mtp_layer(int(m.num_layers), k)
         out[f"{L}.embed_tokens.weight"] = ("embed", "embedding")
         out[f"{L}.shared_head.head.weight"] = head
     return out
@@ -923,7 +928,7 @@ def _mtp_layers_stored(path: str, num_layers: int, declared: int) -> int:
     with _Reader(path, HF_INDEX, HF_SINGLE) as reader:
         names = set(reader.names())
     k = 0
-    while k < declared and f"model.layers.{num_layers + k}.eh_proj.weight" in names:
+    while k < declared and f"{_mtp_layer(num_layers, k + 1)}.eh_proj.weight" in names:
         k += 1
     return k
 
