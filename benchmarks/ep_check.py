@@ -3,7 +3,7 @@
     python3 benchmarks/ep_check.py [--gpus 2] [--dtype float32] [--gmm_backend auto] [--tol 5e-3]
         [--mosaic_all]
 
-On ``n >= 2`` GPUs (``--gpus``, default all): the dropless MoE (``dispatch.dropless_moe``,
+On ``n >= 2`` GPUs (``--gpus``, default all): the dropless MoE (``dropless_moe``,
 SwiGLU experts, T = 256 tokens per GPU, D = 64, F = 128, K = 2), its output and the
 gradients of ``sum(y * cot)`` with respect to ``x``, the expert weights and the combine
 weights, computed
@@ -37,7 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from routezoo.layers import dispatch, sharding
+from routezoo.layers import sharding
+from routezoo.layers.moe.gmm import EXPERT_PARAM_NAMES
+from routezoo.layers.moe.dropless import dropless_moe
+from routezoo.layers.moe.exchange import resolve_ep_exchange
 
 T_PER_GPU, D, F, K = 256, 64, 128, 2
 
@@ -62,7 +65,7 @@ def routing(case: str, t: int, e: int, n: int):
 
 def step_fn(exchange: str, gmm_backend: str, cot):
     def loss(x, params, w, idx):
-        y = dispatch.dropless_moe(x, idx, w, params, expert_type="swiglu", gmm_backend=gmm_backend,
+        y = dropless_moe(x, idx, w, params, expert_type="swiglu", gmm_backend=gmm_backend,
                                   exchange=exchange)
         return jnp.sum(y.astype(jnp.float32) * cot), y
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -80,7 +83,7 @@ def main() -> int:
                         "shapes' small groups would otherwise run on Triton)")
     a = p.parse_args()
     if a.mosaic_all:
-        from routezoo.layers.kernels import gmm_mosaic as gm
+        from routezoo.layers.moe.kernels import gmm_mosaic as gm
         gm.config_for = lambda *args, interpret=False: gm.MosaicConfig(interpret=interpret)
     jax.config.update("jax_default_matmul_precision", "highest")
     n = a.gpus or jax.device_count()
@@ -114,7 +117,7 @@ def main() -> int:
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 tok = sharding.logical_sharding(mesh, ("batch", None), rules)
                 args = (jax.device_put(x, tok),
-                        {k: jax.device_put(v, sharding.logical_sharding(mesh, dispatch.EXPERT_PARAM_NAMES[k], rules))
+                        {k: jax.device_put(v, sharding.logical_sharding(mesh, EXPERT_PARAM_NAMES[k], rules))
                          for k, v in params.items()},
                         jax.device_put(w, tok), jax.device_put(idx, tok))
                 for exchange in ("padded", a.exchange_ragged):
@@ -143,7 +146,7 @@ def main() -> int:
             print(f"E={e:2d} {case:>13}: " + ", ".join(line) + "  | ragged-1dev max abs: "
                   + " ".join(f"{k} {v:.1e}" for k, v in absd.items()))
 
-    auto = dispatch.resolve_ep_exchange("auto")
+    auto = resolve_ep_exchange("auto")
     print(f"exchange='auto' resolves to {auto!r} on {jax.default_backend()}")
     ok = worst <= a.tol and hlo_ok
     print(f"worst relative difference {worst:.2e} (tol {a.tol:.0e}); HLO checks {'ok' if hlo_ok else 'FAILED'}; "

@@ -8,7 +8,7 @@ For ``n = 1, 2, 4, ...`` up to the number of devices: a mesh ``expert = n`` over
 on every GPU (``n · tokens_per_gpu`` in all: weak scaling), the routezoo MoE block
 (dropless, the platform's grouped-matmul backend, inside ``shard_map``) forward +
 backward, median of ``--iters`` calls after warm-up. For ``n > 1`` one row per
-``--exchange`` (``moe.ep_exchange``, see ``layers/dispatch.py``): ``padded``
+``--exchange`` (``moe.ep_exchange``, see ``layers/py``): ``padded``
 (``all_to_all`` of ``[n, T·k, D]`` blocks) and ``ragged`` (``ragged_all_to_all`` of the
 real rows only); ``ragged_emulated`` (the ragged offsets over an emulated exchange) runs
 anywhere, e.g. ``--shape tiny`` on CPU, where XLA has no ``ragged-all-to-all`` (a
@@ -90,7 +90,7 @@ def block_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype, excha
 
 
 def all_to_all_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype, exchange: str) -> dict:
-    from routezoo.layers import dispatch
+    from routezoo.layers.moe.exchange import ragged_exchange, ragged_exchange_emulated
 
     e, k, d, f = SHAPES[shape]
     m = tokens_per_gpu * k
@@ -107,7 +107,7 @@ def all_to_all_case(n: int, shape: str, tokens_per_gpu: int, iters: int, dtype, 
         sent = (n - 1) / n * n * m * d * itemsize         # bytes each GPU sends to others
         useful = sent / n
     else:
-        fn = dispatch.ragged_exchange if exchange == "ragged" else dispatch.ragged_exchange_emulated
+        fn = ragged_exchange if exchange == "ragged" else ragged_exchange_emulated
         buf = jax.device_put(jnp.ones((n * m, d), dtype), NamedSharding(mesh, P("expert")))
         chunk = m // n                                    # balanced: T·k/n rows to every GPU
 

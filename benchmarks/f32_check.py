@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from routezoo.layers import dispatch
-from routezoo.layers.kernels import gmm_pallas as gp
+from routezoo.layers.moe.gmm import gmm_dense
+from routezoo.layers.moe.kernels import gmm_pallas as gp
 
 for m, k, n, e in ((4096, 2048, 4096, 8), (2048, 4096, 1024, 16)):
     kx, kw, kc = jax.random.split(jax.random.key(0), 3)
@@ -21,7 +21,7 @@ for m, k, n, e in ((4096, 2048, 4096, 8), (2048, 4096, 1024, 16)):
         out, vjp = jax.vjp(f, x, w)
         return (out, *vjp(ct))
     with jax.default_matmul_precision("highest"):
-        want = jax.jit(lambda: run(lambda a, b: dispatch.gmm_dense(a, b, gs)))()
+        want = jax.jit(lambda: run(lambda a, b: gmm_dense(a, b, gs)))()
     got = jax.jit(lambda: run(lambda a, b: gp.gmm_backend(a, b, gs)))()
     errs = {name: float(jnp.abs(a - b).max() / jnp.abs(b).max()) for name, a, b in zip(("out", "dx", "dw"), got, want)}
     print(f"float32 gmm m={m} k={k} n={n} E={e}: max |err| / max |ref| {errs}")

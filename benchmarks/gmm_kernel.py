@@ -1,4 +1,4 @@
-"""Pallas-Triton grouped matmul (``routezoo.layers.kernels.gmm_pallas``) against the dense
+"""Pallas-Triton grouped matmul (``routezoo.layers.moe.kernels.gmm_pallas``) against the dense
 matmul and a perfectly balanced batched einsum, on GPU.
 
 For each shape ``(E experts, M rows, K, N)`` (bf16 in, f32 accumulation, bf16 out) it
@@ -10,7 +10,7 @@ times, with random balanced-ish group sizes (multinomial, equal probabilities):
   forward, the backward data matmul ``d_lhs = gmm(d_out, rhs^T)`` alone, and forward +
   backward (``jax.vjp``: ``gmm``, ``gmm^T``, ``tgmm``);
 * ``tgmm`` alone (the weight gradient) for several tilings;
-* the ``mosaic`` backend (``routezoo.layers.kernels.gmm_mosaic``: jax's own Mosaic GPU
+* the ``mosaic`` backend (``routezoo.layers.moe.kernels.gmm_mosaic``: jax's own Mosaic GPU
   Hopper kernels ``ragged_dot_mgpu`` / ``transposed_ragged_dot_mgpu`` under routezoo's VJP)
   for several tiles, each pass alone and forward + backward, and the hybrid of Triton
   forward / backward data with the Mosaic weight gradient.
@@ -91,7 +91,7 @@ DEFAULT_MOSAIC_TILES = "128,128,64,4,1;128,128,64,4,4;64,128,64,5,2"
 
 
 def _mosaic_tiles(spec: str):
-    from routezoo.layers.kernels.gmm_mosaic import MosaicTiles
+    from routezoo.layers.moe.kernels.gmm_mosaic import MosaicTiles
     return [MosaicTiles(*map(int, t.split(","))) for t in spec.split(";") if t]
 
 
@@ -243,7 +243,7 @@ def run_shape(name, e, m, k, n, args, gp, rows):
         run_triton_sweeps(name, e, m, k, n, args, gp, gs, x, w, ct, record)
 
     if not args.skip_mgpu:   # jax's Mosaic GPU (Hopper) kernels: routezoo's gmm_mosaic
-        from routezoo.layers.kernels import gmm_mosaic as gm
+        from routezoo.layers.moe.kernels import gmm_mosaic as gm
         for t in MOSAIC_TILES:
             label = f"mosaic {dataclasses.astuple(t)}"
             extra = {"mosaic_tiles": dataclasses.astuple(t)}
@@ -287,7 +287,7 @@ def main():
                         "(half tiles on and off)")
     args = p.parse_args()
 
-    from routezoo.layers.kernels import gmm_pallas as gp
+    from routezoo.layers.moe.kernels import gmm_pallas as gp
     MOSAIC_TILES[:] = _mosaic_tiles(args.mosaic_tiles)
 
     dev = jax.devices()[0]
@@ -312,7 +312,7 @@ def main():
         checks = [("check", lambda a, b, gs: gp.gmm(a, b, gs, interpret=INTERPRET),
                    (jnp.bfloat16, jnp.float32))]
         if not args.skip_mgpu:   # Mosaic: bf16 only (its kernels take 16-bit operands)
-            from routezoo.layers.kernels import gmm_mosaic as gm
+            from routezoo.layers.moe.kernels import gmm_mosaic as gm
             checks.append(("check_mosaic", gm.gmm, (jnp.bfloat16,)))
         for key, fn, dtypes in checks:
             try:

@@ -83,7 +83,7 @@ _LIBRARY_CONFIG_FOR: list = []   # gmm_pallas.config_for before any policy repla
 
 def _mosaic(**passes):
     def config_for(m, g, k, n, interpret=False):
-        from routezoo.layers.kernels import gmm_mosaic as gm
+        from routezoo.layers.moe.kernels import gmm_mosaic as gm
         t = gm.MosaicTiles()
         return gm.MosaicConfig(**{p: passes.get(p, t) for p in ("fwd", "dlhs", "tgmm")},
                                interpret=interpret)
@@ -102,7 +102,7 @@ MOSAIC_POLICIES = {
 
 
 def _gp():
-    from routezoo.layers.kernels import gmm_pallas
+    from routezoo.layers.moe.kernels import gmm_pallas
     if not _LIBRARY_CONFIG_FOR:
         _LIBRARY_CONFIG_FOR.append(gmm_pallas.config_for)
     return gmm_pallas
@@ -111,7 +111,7 @@ def _gp():
 def moe_case(name: str, tokens: int, dispatch: str, backend: str, cf: float | None, iters: int,
              queue: int = 1, policy: str = "default", profile: bool = False):
     if backend == "mosaic":
-        from routezoo.layers.kernels import gmm_mosaic as module
+        from routezoo.layers.moe.kernels import gmm_mosaic as module
         replacement = MOSAIC_POLICIES[policy]
     else:
         module, replacement = _gp(), POLICIES[policy]

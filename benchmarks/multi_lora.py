@@ -2,17 +2,17 @@
 
 One decode step (one token per example, ``--batch`` examples) through ``--layers`` adapted
 ``D x D`` projections, ``x <- x W_l + s_a (x A_{l,a}) B_{l,a}``, with a library of
-``--library`` LoRA adapters stacked as ``routezoo.layers.multi_lora`` stores them (slot 0 the
+``--library`` LoRA adapters stacked as ``routezoo.layers.adapters.multi_lora`` stores them (slot 0 the
 zero adapter). The batch uses ``K`` distinct adapters (example ``b`` gets adapter
 ``1 + b mod K``) for K in ``--distinct``. Compared:
 
 * ``base``: the base projections only (no adapter), the floor;
-* ``gather``: BGMV, :func:`routezoo.layers.multi_lora.delta_gather` (what ``auto`` runs at decode);
-* ``sorted``: SGMV, :func:`routezoo.layers.multi_lora.delta_sorted` with the grouped matmul
+* ``gather``: BGMV, :func:`routezoo.layers.adapters.multi_lora.delta_gather` (what ``auto`` runs at decode);
+* ``sorted``: SGMV, :func:`routezoo.layers.adapters.multi_lora.delta_sorted` with the grouped matmul
   ``--gmm-backend`` (``auto``: blocked on CPU, the Pallas kernel on GPU, ragged_dot on TPU);
 * ``loop``: the naive mixed batch as huggingface/peft's ``_mixed_batch_forward`` does it, a
   loop over the distinct adapters, each on its sub-batch, scattered back
-  (:func:`routezoo.layers.multi_lora.per_adapter_loop`; recompiled per id set, timed after).
+  (:func:`routezoo.layers.adapters.multi_lora.per_adapter_loop`; recompiled per id set, timed after).
 
 ``gather`` and ``sorted`` take the ids as an argument (one compile for every K). Timing:
 median (or, ``--stat min``, minimum) of ``--iters`` calls after 3 warm-ups, blocked
@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from routezoo.layers import dispatch
+from routezoo.layers.moe.gmm import GMM_BACKEND_NAMES
 from timing import call_times
-from routezoo.layers.multi_lora import delta_gather, delta_sorted, per_adapter_loop
+from routezoo.layers.adapters.multi_lora import delta_gather, delta_sorted, per_adapter_loop
 
 
 def timings(fn, *args, iters: int) -> dict[str, float]:
@@ -89,7 +89,7 @@ def main():
     p.add_argument("--tokens", type=int, default=1, help="tokens per example (1 = decode)")
     p.add_argument("--distinct", default="1,4,16,64", help="distinct adapters in the batch")
     p.add_argument("--impls", default="base,gather,sorted,loop")
-    p.add_argument("--gmm-backend", default="auto", choices=dispatch.GMM_BACKEND_NAMES)
+    p.add_argument("--gmm-backend", default="auto", choices=GMM_BACKEND_NAMES)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--stat", default="median", choices=["median", "min"], help="the statistic printed "

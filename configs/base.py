@@ -108,14 +108,14 @@ def get_config() -> ml_collections.ConfigDict:
     moe.ep_exchange = "auto"           # dropless expert parallel: auto (padded on CPU/GPU, ragged on TPU) | padded | ragged | ragged_emulated (CPU tests)
     moe.router_init_scale = 0.1
     moe.router_precision = "float32"   # router logits matmul: float32 (exact) | bf16_3x (3 bf16 tensor-core passes, ~f32 accuracy, faster on GPUs)
-    # DeepSeek-V3 routing (layers/deepseek_router.py), moe.router=deepseek_v3: sigmoid scores, group-limited top-k,
+    # DeepSeek-V3 routing (layers/routers/deepseek.py), moe.router=deepseek_v3: sigmoid scores, group-limited top-k,
     # a selection-only correction bias (a frozen parameter); moe.renormalize is norm_topk_prob.
     moe.deepseek_v3_n_group = 1        # deepseek_v3: expert groups N (E divisible by N); 1 = plain top-k
     moe.deepseek_v3_topk_group = 1     # deepseek_v3: groups kept per token (by the sum of each group's top-2 scores)
     moe.deepseek_v3_scaling_factor = 1.0  # deepseek_v3: routed_scaling_factor multiplying the combine weights
     # moe.router=deepseek_v2 (DeepSeek-V2): softmax scores, groups ranked by their best score, no bias; it reads
     # the three deepseek_v3_* keys above (n_group 1: 'greedy', > 1: 'group_limited_greedy').
-    # Router zoo (layers/router_zoo.py): more moe.router values: hash | thor | smoe_dropout |
+    # Router zoo (layers/routers/stochastic.py): more moe.router values: hash | thor | smoe_dropout |
     # top_p | null_experts. Each key below is read only by the router it is prefixed with.
     moe.hash_seed = 0                  # hash: seed of the fixed token-id -> expert map (Roller et al. 2021)
     moe.hash_vocab_size = 0            # hash: V > 0: random permutation of [0, V) mod E (exactly balanced); 0: integer hash of the id
@@ -133,21 +133,21 @@ def get_config() -> ml_collections.ConfigDict:
     moe.top_p_max_k = 0                # top_p: cap on experts per token (static slots); 0 = num_experts
     moe.top_p_entropy_coef = 1e-4      # top_p: dynamic (router-entropy) loss coefficient beta (value unverified)
     moe.num_null_experts = 8           # null_experts: m null experts (AdaMoE); top-k (moe.k) over E + m
-    # Routers with state across layers / the model (layers/model_routers.py): recurrent | pregate.
+    # Routers with state across layers / the model (layers/routers/stateful.py): recurrent | pregate.
     moe.recurrent_dim = 256            # recurrent: GRU router state width R, shared across MoE layers (RMoE, Qiu et al. 2024; paper 256)
     moe.recurrent_cell = "gru"         # recurrent: gru | rnn (the paper's ablation: h' = tanh(W x' + U h + b))
     moe.pregate_dim = 64               # pregate: width P of the pre-gate Transformer (Read-ME, Cai et al. 2024)
     moe.pregate_layers = 1             # pregate: causal attention + MLP blocks in the pre-gate
     moe.pregate_heads = 2              # pregate: attention heads (pregate_dim / heads must be even)
     moe.pregate_shared_routes = True   # pregate: True: one choice per token used by every MoE layer (Read-ME); False: one per layer
-    # Union of Experts (layers/uoe.py; Yang et al. 2025): moe.router=uoe makes each MoE layer's attention
+    # Union of Experts (layers/moe/uoe.py; Yang et al. 2025): moe.router=uoe makes each MoE layer's attention
     # selective (heads as experts over the tokens they chose) and its FFN the union of MLP slices (top-moe.k of num_experts).
     moe.uoe_attn_k = 0                 # uoe: heads per token k_h, 0..model.num_heads; 0 = num_heads // 2 (the authors' H/2)
     moe.uoe_capacity_factor = 1.25     # uoe: tokens per head and sequence C = min(L, ceil(cf * L * k_h / H)), filled in time order; the rest dropped for that head
-    # Soft MoE (layers/soft_moe.py, Puigcerver et al. 2023), moe.router=soft: encoders only (not causal).
+    # Soft MoE (layers/moe/soft.py, Puigcerver et al. 2023), moe.router=soft: encoders only (not causal).
     moe.soft_slots_per_expert = 0      # soft: slots S per expert; 0 = max(1, round(tokens per group / num_experts)), about one slot per token
     moe.soft_normalize = True          # soft: L2-normalise tokens and slot parameters, times a learned scale (paper, for large d_model); False: plain X @ Phi
-    # Duo-LLM (layers/duo.py; Alizadeh et al. 2024): moe.router=duo puts a DuoFFN in every MoE slot:
+    # Duo-LLM (layers/moe/duo.py; Alizadeh et al. 2024): moe.router=duo puts a DuoFFN in every MoE slot:
     # per token a big FFN (width expert_dim), a small FFN or skip. moe.num_experts / k are not used.
     moe.duo_mode = "random"            # duo: random (stage 1: options drawn from duo_probs in training) | router (stage 3: learned router)
     moe.duo_small_dim = 0              # duo: hidden width of the small FFN; 0 = expert_dim // 4 (paper's width unverified)
@@ -231,7 +231,7 @@ def get_config() -> ml_collections.ConfigDict:
     i.adapter_from = ""
 
     # ---------------------------------------------------------------- adapter
-    # Parameter-efficient fine-tuning (layers/adapters.py): the base parameters are frozen
+    # Parameter-efficient fine-tuning (layers/adapters/base.py): the base parameters are frozen
     # (not in the optimizer state, not in the train checkpoint); the adapter's parameters
     # train and are saved to WORKDIR/adapter/ with the base's fingerprint.
     a = c.adapter = ml_collections.ConfigDict()
@@ -267,8 +267,8 @@ def get_config() -> ml_collections.ConfigDict:
     # in one batch, each example with its own adapter by batch 'task_id' (0 = base model, n = library
     # entry n); frozen, never merged. targets ".*" serves every weight the library adapts.
     a.multi_lora_impl = "auto"   # multi_lora: auto (= gather, measured faster) | gather (BGMV) | sorted (SGMV, prefill path)
-    a.multi_lora_gmm_backend = "auto"   # multi_lora sorted: grouped matmul (layers/dispatch.py GMM_BACKENDS; auto by platform)
-    # scalearn, phatgoose_gate, phatgoose, glider (PEFT.md 4, ROUTERS.md 11; layers/lora_library.py):
+    a.multi_lora_gmm_backend = "auto"   # multi_lora sorted: grouped matmul (layers/moe/dropless.py GMM_BACKENDS; auto by platform)
+    # scalearn, phatgoose_gate, phatgoose, glider (PEFT.md 4, ROUTERS.md 11; layers/adapters/library.py):
     # combine the LoRA runs of adapter.library (copied into this adapter, frozen); only the
     # method's own parameters train (scalearn: omega; phatgoose_gate: gates; phatgoose: none).
     a.scalearn_uniform = False   # scalearn: one scalar omega per adapter ([K]) instead of per output feature ([K, O])
@@ -278,7 +278,7 @@ def get_config() -> ml_collections.ConfigDict:
     a.glider_lambda = 3.0        # glider: lambda, scale of the global (task-similarity) logits (3 held-out, 100 held-in)
     a.glider_task_similarity = ""  # glider: g, one cosine similarity per library entry, comma-separated (task_similarity)
     a.glider_train_router = False  # glider: train the local router W_gate (init: the library's gates); False = frozen
-    # rps (randomized parameter sharing, PEFT.md 5; layers/rps.py): trains FROM SCRATCH; every target
+    # rps (randomized parameter sharing, PEFT.md 5; layers/adapters/rps.py): trains FROM SCRATCH; every target
     # weight is lambda * sign * M[hash] of one global trainable M [ceil(c * n)]; all other weights train dense.
     a.rps_compression = 0.1      # rps: c in (0, 1], m = ceil(c * n) shared weights for the n target weights
     a.rps_mapping = "stable"     # rps: stable (STABLE-RPS RandomFold; injective at c = 1) | roast (ROAST tiles)

@@ -2,7 +2,7 @@
 with BERT-style masked-token prediction on the default offline dataset.
 
 ``model.name='encoder_mlm'`` (zoo/encoder.py): 4 layers, d_model 128, bidirectional
-attention; Soft MoE (``moe.router='soft'``, layers/soft_moe.py) in every other layer
+attention; Soft MoE (``moe.router='soft'``, layers/moe/soft.py) in every other layer
 (layers 1 and 3): 8 SwiGLU experts of width 256, slots per expert derived from the
 sequence (128 tokens / 8 experts = 16 slots each, 128 slots in all), normalised logits
 with a learned scale. Byte tokens with the mask token at id 258 (``vocab_size`` 259);

@@ -1,11 +1,11 @@
-"""Small Union-of-Experts LM (Yang, Lian & Li 2025, UoE; ``layers/uoe.py``): every layer
+"""Small Union-of-Experts LM (Yang, Lian & Li 2025, UoE; ``layers/moe/uoe.py``): every layer
 has selective attention (4 heads as experts, each token keeps its top 2, each head takes
 at most L/2 = 64 tokens per sequence, filled in time order, as the authors' code sizes
 its buffers) and a union of MLP experts (the dense SwiGLU MLP of width 512 cut into 4
 slices of 128; each token takes its top 2, weights renormalised). The slices use dropless
 dispatch: the authors' code gives each slice half of the tokens, but capacity dispatch
 with top-2 queues all first choices before second choices, which is not causal in a
-decoder (see ``layers/uoe.py``). Load-balance loss 0.01 on both gates (heads and
+decoder (see ``layers/moe/uoe.py``). Load-balance loss 0.01 on both gates (heads and
 slices), z-loss 1e-3. The rest is the default run (4 layers, d_model 128, bytes,
 sequences of 128, batch 16, 1000 steps).
 

@@ -21,11 +21,11 @@ Parameters (logical names): ``q_a`` ``[D, Q]`` (embed, rank), ``q_a_norm/scale``
 Choices, as the Hugging Face ``transformers`` DeepSeek-V3 implementation computes them:
 the latent RMSNorms use ``latent_norm_eps`` (1e-6: transformers builds them with the
 RMSNorm default, not the model's ``rms_norm_eps``); the softmax scale is ``K**-0.5``;
-``rope_scaling`` (:class:`routezoo.layers.dense.RopeScaling`, YaRN: Peng et al. 2023,
+``rope_scaling`` (:class:`routezoo.layers.attention.RopeScaling`, YaRN: Peng et al. 2023,
 arXiv 2309.00071) changes the rope frequencies and multiplies the rotated ``q_rope`` and
 ``k_rope`` by its attention factor (transformers scales cos and sin), and, as
 DeepSeek-V2/V3 do, multiplies the softmax scale by ``m(factor, mscale_all_dim)^2``
-(:meth:`~routezoo.layers.dense.RopeScaling.softmax_factor`);
+(:meth:`~routezoo.layers.attention.RopeScaling.softmax_factor`);
 ``rope_interleave=True`` rotates the rope dims as interleaved pairs ``(0, 1), (2, 3), ...``
 (the DeepSeek checkpoints' layout); ``False``: half-split pairs ``(i, i + P/2)``. Keys are
 not cached in latent form here (no decoding cache in this layer): attention runs on the
@@ -42,9 +42,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from routezoo.layers.adapter_hooks import project
-from routezoo.layers.dense import (RMSNorm, RopeScaling, decode_cache, default_kernel_init, rope_scaling_of,
-                                   rotary_embedding)
+from routezoo.layers.adapters.hooks import project
+from routezoo.layers.norms import RMSNorm
+from routezoo.layers.attention import RopeScaling, decode_cache, rope_scaling_of, rotary_embedding
+from routezoo.layers.attention import default_kernel_init
 from routezoo.layers.sharding import constrain, param
 
 Dtype = Any
@@ -55,7 +56,7 @@ class MLAttention(nn.Module):
 
     ``__call__(x [B, L, D], positions [B, L] | None, segment_mask | None) -> [B, L, D]``;
     ``segment_mask`` is bool, broadcastable to ``[B, 1, L, M]`` (True: the query may attend
-    to the key), as for :class:`routezoo.layers.dense.Attention`.
+    to the key), as for :class:`routezoo.layers.attention.Attention`.
     """
 
     num_heads: int

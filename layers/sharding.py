@@ -148,6 +148,9 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
+default_kernel_init = nn.initializers.lecun_normal()
+
+
 def param(init, names: Sequence[str | None]):
     """``nn.with_logical_partitioning`` shorthand for parameter initialisers."""
     return nn.with_logical_partitioning(init, tuple(names))

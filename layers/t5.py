@@ -17,10 +17,10 @@ Transformer" (T5), as used by Fedus et al. 2021 (Switch Transformers):
   initialisation of the query projection (std ``(D·K)^-1/2``). Masked keys get
   ``finfo(float32).min`` added to the logit, as the Hugging Face implementation does (a
   query whose keys are all masked then attends uniformly to all of them).
-* Norms are :class:`~routezoo.layers.dense.RMSNorm` (T5's LayerNorm: no mean, no bias),
-  dense FFNs are :class:`~routezoo.layers.dense.MLP` with ``mlp_type='relu'`` (T5 v1.0).
+* Norms are :class:`~routezoo.layers.norms.RMSNorm` (T5's LayerNorm: no mean, no bias),
+  dense FFNs are :class:`~routezoo.layers.mlp.MLP` with ``mlp_type='relu'`` (T5 v1.0).
 
-Every projection goes through :func:`~routezoo.layers.adapter_hooks.project`, so
+Every projection goes through :func:`~routezoo.layers.adapters.hooks.project`, so
 activation-space adapters reach ``q``/``k``/``v``/``o`` of self- and cross-attention.
 """
 
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from routezoo.layers.adapter_hooks import project
+from routezoo.layers.adapters.hooks import project
 from routezoo.layers.sharding import constrain, param
 
 Dtype = Any
@@ -111,7 +111,7 @@ class T5Attention(nn.Module):
     ``__call__(x [B, L, D], kv [B, M, D] or None, bias [1|B, H, L, M] or None,
     mask bool [B|1, 1, L|1, M] or None) -> [B, L, D]``; ``kv=None`` is self-attention.
     Parameters ``q``/``k``/``v`` ``[D, H, K]`` and ``o`` ``[H, K, D]`` (names as
-    :class:`~routezoo.layers.dense.Attention`), initialised as T5 does (std ``(D·K)^-1/2``
+    :class:`~routezoo.layers.attention.Attention`), initialised as T5 does (std ``(D·K)^-1/2``
     for ``q``, ``D^-1/2`` for ``k``/``v``, ``(H·K)^-1/2`` for ``o``). Logits, bias, mask
     and softmax are float32.
     """

@@ -41,11 +41,11 @@ every MoE layer's routing decision per token. It writes to ``DIR/analysis/``:
 
 Only non-padding tokens (input id != pad id) are counted; padding still takes capacity in
 the forward pass, as it does in the model. Dropped copies are recomputed from the captured
-routing with the dispatcher's own rule (:func:`routezoo.layers.dispatch.capacity_slots`)
-and capacity (:func:`routezoo.layers.routers.expert_capacity`).
+routing with the dispatcher's own rule (:func:`routezoo.layers.moe.capacity.capacity_slots`)
+and capacity (:func:`routezoo.layers.routers.base.expert_capacity`).
 
 Routing decisions are read without changing the model: Flax's ``capture_intermediates``
-records the output (a :class:`~routezoo.layers.routers.Routing`) of every router call.
+records the output (a :class:`~routezoo.layers.routers.base.Routing`) of every router call.
 Entropies are in nats; ``H(E|token)`` is a plug-in estimate (biased low for rare tokens).
 Single-process only.
 """
@@ -146,10 +146,10 @@ def dropped_mask(indices: jax.Array, priority: jax.Array | None, *, num_experts:
                  group_size: int, capacity: int, fill: str = "token") -> jax.Array:
     """bool ``[T, K]``: routed copies (``indices >= 0``) that capacity dispatch drops.
 
-    Same rule as the dispatcher: :func:`routezoo.layers.dispatch.capacity_slots` per
+    Same rule as the dispatcher: :func:`routezoo.layers.moe.capacity.capacity_slots` per
     routing group of ``group_size`` consecutive tokens, ``capacity`` slots per expert.
     """
-    from routezoo.layers.dispatch import capacity_slots
+    from routezoo.layers.moe.capacity import capacity_slots
     t, k = indices.shape
     g = t // group_size
     idx = jnp.asarray(indices).reshape(g, group_size, k)

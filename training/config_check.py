@@ -11,7 +11,9 @@ from typing import Any
 import ml_collections
 
 from routezoo.configs import base
-from routezoo.layers import dense
+from routezoo.layers.mlp import MLP_TYPES
+from routezoo.layers.norms import NORMS
+from routezoo.layers.attention import RopeScaling
 from routezoo.layers.sharding import MESH_AXES, resolve_mesh_shape
 
 
@@ -111,14 +113,14 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     _check_schema(config, base.get_config(), "")
     m, t, o, d = config.model, config.train, config.optimizer, config.data
     _one_of(m.name, sorted(zoo.MODELS), "model.name")
-    _one_of(m.mlp_type, dense.MLP_TYPES, "model.mlp_type")
-    _one_of(m.norm, dense.NORMS, "model.norm")
+    _one_of(m.mlp_type, MLP_TYPES, "model.mlp_type")
+    _one_of(m.norm, NORMS, "model.norm")
     _one_of(m.dtype, ("auto", "bfloat16", "float32"), "model.dtype")
     _one_of(m.param_dtype, ("float32", "bfloat16"), "model.param_dtype")
     _one_of(m.attention_impl, ("auto", "xla", "cudnn"), "model.attention_impl")
     _one_of(m.attention, ("mha", "mla"), "model.attention")
     try:
-        dense.RopeScaling.from_config(m.get("rope_scaling", None))
+        RopeScaling.from_config(m.get("rope_scaling", None))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _one_of(o.name, OPTIMIZERS, "optimizer.name")
@@ -215,7 +217,8 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     if config.init.from_workdir and config.init.from_hf:
         raise ConfigError("config keys 'init.from_workdir' and 'init.from_hf' are both set; allowed: one of them")
     if "moe" in kinds:
-        from routezoo.layers.moe import ROUTERS, validate_moe_config
+        from routezoo.layers.moe import validate_moe_config
+        from routezoo.layers.routers import ROUTERS
         try:
             validate_moe_config(m.moe, causal=causal, mesh_shape=sizes)
             check_model = getattr(ROUTERS[m.moe.router], "check_model_config", None)

@@ -31,7 +31,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from routezoo import zoo
-from routezoo.layers import adapter_hooks
+from routezoo.layers.adapters import hooks as adapter_hooks
 from routezoo.layers import adapters as adapter_lib
 from routezoo.layers import sharding as shd
 from routezoo.training import checkpoint as ckpt_lib
@@ -177,7 +177,7 @@ def _restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: in
     if adapter_hooks.is_activation_adapter(adapter) and not adapter.mergeable:
         raise ValueError(f"{workdir}: adapter.method={adapter.name!r} acts on activations and cannot be merged "
                          "into the weights; use train.load_adapter(WORKDIR/adapter, base) and "
-                         "routezoo.layers.adapter_hooks.bind around model.apply")
+                         "adapter_hooks.bind (routezoo.layers.adapters.hooks) around model.apply")
     tx, _ = optimizer_for(config, adapter)
     if adapter is None:
         abstract, _, _ = state_shardings(model, tx, config, mesh, rules)
@@ -524,7 +524,7 @@ def evaluate(eval_step, state, config, mesh, batch_sharding, extra=(), task: str
 
 def eval_variants(config) -> dict[str, nn.Module]:
     """``{suffix: model}``: the extra evaluations the router asks for
-    (:meth:`~routezoo.layers.routers.Router.eval_variants`, e.g. SMoE-Dropout at several
+    (:meth:`~routezoo.layers.routers.base.Router.eval_variants`, e.g. SMoE-Dropout at several
     ``k``), each the same variables under a changed ``model.moe``; logged as
     ``eval_loss@suffix``. Empty for dense models and most routers."""
     from routezoo.layers.routers import ROUTERS

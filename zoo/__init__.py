@@ -39,7 +39,7 @@ def count_params(params: Any, model_cfg: Any, seq_len: int | None = None) -> tup
 
     ``params`` may be boxed (``nn.LogicallyPartitioned``) or abstract shapes. A parameter
     whose first logical axis is ``expert`` counts toward the active total in the proportion
-    the router gives (:meth:`~routezoo.layers.routers.Router.active_expert_fraction`:
+    the router gives (:meth:`~routezoo.layers.routers.base.Router.active_expert_fraction`:
     ``k / num_experts`` for top-k; ``k / (E + m)`` with ``m`` null experts; ``S / M`` for
     Soft MoE's slots over a group of ``M`` tokens).
     """
@@ -57,7 +57,7 @@ def param_sizes(params: Any, model_cfg: Any, seq_len: int | None = None):
     moe = getattr(model_cfg, "moe", None)
     frac = 1.0
     if moe is not None and moe.num_experts:
-        from routezoo.layers.moe import ROUTERS   # the MoE module registers every router
+        from routezoo.layers.routers import ROUTERS
         router = ROUTERS.get(str(moe.router))
         frac = (router.active_expert_fraction(moe, seq_len) if router is not None
                 else moe.k / moe.num_experts)

@@ -6,7 +6,7 @@ slots of the model, in layer order), ``N`` routes evaluated, ``n`` evaluations p
 
 A route is one option per Duo layer, ``r ∈ {0 big, 1 small, 2 skip}^M``; its cost is
 ``Σ_l cost(r_l)`` in units of the big module (big 1, small ``small_dim/expert_dim``, skip 0,
-:func:`routezoo.layers.duo.option_costs`). :func:`oracle_routes` finds, for every token
+:func:`routezoo.layers.moe.duo.option_costs`). :func:`oracle_routes` finds, for every token
 position ``t``, the route within ``budget`` that minimises the loss at ``t`` (the
 next-token cross-entropy of the prediction made at ``t``), by trying every such route
 (Alizadeh et al. 2024, "Duo-LLM: A Framework for Studying Adaptive Computation in Large
@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from routezoo.layers.duo import BIG, OPTIONS, option_costs
+from routezoo.layers.moe.duo import BIG, OPTIONS, option_costs
 
 _EPS = 1e-9   # slack of the budget comparison (costs are sums of floats)
 

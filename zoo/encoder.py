@@ -7,7 +7,7 @@ with bidirectional attention: the same embedding, pre-norm blocks (the feed-forw
 of each layer from ``model.ffn``, any MoE router), final norm and tied output projection,
 so everything the decoder supports (per-layer FFN kinds, model-level router state) works
 here too. Because no token is hidden from any other, routers that look at the whole
-sequence are allowed: ``expert_choice`` and ``soft`` (Soft MoE, :mod:`routezoo.layers.soft_moe`).
+sequence are allowed: ``expert_choice`` and ``soft`` (Soft MoE, :mod:`routezoo.layers.moe.soft`).
 
 Objective (``objective = 'masked_lm'``; the training loop calls :func:`masked_lm_batch`
 on every train and eval batch): Devlin et al. 2019, "BERT: Pre-training of Deep

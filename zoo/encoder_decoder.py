@@ -61,7 +61,11 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from routezoo.layers import dense, t5
+from routezoo.layers import t5
+from routezoo.layers.embed import Embed
+from routezoo.layers.mlp import MLP
+from routezoo.layers.norms import make_norm
+from routezoo.layers.sharding import param
 from routezoo.zoo.lm import resolve_dtype
 
 Aux = dict[str, dict[str, jax.Array]]
@@ -114,7 +118,7 @@ class T5Block(nn.Module):
     @nn.compact
     def __call__(self, x, bias, mask, deterministic: bool, encoded=None, cross_mask=None):
         c = self.cfg
-        norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
+        norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         attn = lambda name: t5.T5Attention(int(c.num_heads), int(c.head_dim), self.dtype, self.param_dtype,
                                            name=name)
         x = x + attn("attn")(norm("attn_norm")(x), None, bias, mask)
@@ -124,7 +128,7 @@ class T5Block(nn.Module):
         if self.ffn_kind == "moe":
             y, aux = _moe_layer(c, h.shape[1], self.dtype, self.param_dtype, "moe")(h, deterministic=deterministic)
         else:
-            y, aux = dense.MLP(int(c.mlp_dim), str(c.mlp_type), dtype=self.dtype, param_dtype=self.param_dtype,
+            y, aux = MLP(int(c.mlp_dim), str(c.mlp_type), dtype=self.dtype, param_dtype=self.param_dtype,
                                name="mlp")(h), {}
         return x + y.astype(x.dtype), aux
 
@@ -156,7 +160,7 @@ class T5Stack(nn.Module):
                 losses[k] = losses.get(k, 0.0) + v
             for k, v in aux.get("stats", {}).items():
                 stats[f"layer{i}/{k}"] = v
-        x = dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
+        x = make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
         return x, losses, stats
 
 
@@ -181,12 +185,12 @@ class EncoderDecoderLM(nn.Module):
     def setup(self):
         c = self.cfg
         dtype, param_dtype = resolve_dtype(c.dtype), jnp.dtype(c.param_dtype)
-        self.embed = dense.Embed(int(c.vocab_size), int(c.d_model), dtype=dtype, param_dtype=param_dtype,
+        self.embed = Embed(int(c.vocab_size), int(c.d_model), dtype=dtype, param_dtype=param_dtype,
                                  scale_attend=True)
         self.encoder = T5Stack(c, False, dtype, param_dtype)
         self.decoder = T5Stack(c, True, dtype, param_dtype)
         if not c.tie_embeddings:
-            self.unembed = self.param("unembed", dense.param(nn.initializers.normal(1.0), ("embed", "vocab")),
+            self.unembed = self.param("unembed", param(nn.initializers.normal(1.0), ("embed", "vocab")),
                                       (int(c.d_model), int(c.vocab_size)), param_dtype)
 
     def encode(self, encoder_tokens: jax.Array, encoder_mask: jax.Array | None = None, *,

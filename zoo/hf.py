@@ -13,14 +13,14 @@ Families (``architectures[0]`` of ``config.json``): dense ``LlamaForCausalLM``,
 ``Qwen2MoeForCausalLM`` (shared expert with sigmoid gate), ``Qwen3MoeForCausalLM``,
 ``OlmoeForCausalLM`` (QK norm over all heads), ``DeepseekV3ForCausalLM`` (multi-head latent
 attention, :mod:`routezoo.layers.mla`; sigmoid group-limited routing with a correction
-bias and scaled weights, :mod:`routezoo.layers.deepseek_router`; shared experts; the
+bias and scaled weights, :mod:`routezoo.layers.routers.deepseek`; shared experts; the
 first ``first_k_dense_replace`` layers dense; no MTP module), ``DeepseekV2ForCausalLM``
 (latent attention with or without a query latent, interleaved rope; softmax routing
 ``topk_method`` 'greedy' or 'group_limited_greedy' with scaled weights, ``moe.router=
 'deepseek_v2'``; shared experts; ``first_k_dense_replace``; ``norm_topk_prob`` and
 ``moe_layer_freq`` other than 1 refused, as transformers ignores them). DeepSeek-V2/V3 import
 YaRN rope scaling (``rope_type`` 'yarn', into ``model.rope_scaling``, see
-:class:`routezoo.layers.dense.RopeScaling`); other families and rope types are refused. Each maps onto
+:class:`routezoo.layers.attention.RopeScaling`); other families and rope types are refused. Each maps onto
 :class:`routezoo.zoo.lm.DecoderLM` with dropless top-k routing (softmax over all experts,
 top-k, renormalised when the family does: Mixtral always, Qwen/OLMoE by
 ``norm_topk_prob``), plain ``x @ E^T`` tied logits (``scale_tied_logits=False``).
@@ -217,7 +217,7 @@ def _rope_scaling_from_hf(hf: Mapping[str, Any], m: Any) -> None:
     r.mscale_all_dim = float(p.get("mscale_all_dim") or 0.0)
     r.attention_factor = float(p.get("attention_factor") or 0.0)
     r.truncate = bool(p.get("truncate", True))
-    from routezoo.layers.dense import RopeScaling
+    from routezoo.layers.attention import RopeScaling
     try:
         RopeScaling.from_config(r)
     except ValueError as e:
@@ -351,7 +351,7 @@ def model_config_from_hf(hf: Mapping[str, Any], *, dtype: str = "float32",
         if fam.model_type == "deepseek_v2":
             _deepseek_v2_routing_from_hf(hf, moe, need)
         try:
-            from routezoo.layers.deepseek_router import ROUTERS
+            from routezoo.layers.routers import ROUTERS
             ROUTERS[moe.router].check_config(moe, causal=True)
         except ValueError as e:
             raise HFError(f"{fam.architecture}: {e}") from e

@@ -21,7 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from routezoo.layers import dense
+from routezoo.layers.attention import Attention, require_cache, rope_scaling_of
+from routezoo.layers.embed import Embed
+from routezoo.layers.mlp import MLP
+from routezoo.layers.norms import make_norm
+from routezoo.layers.sharding import param
 
 Aux = dict[str, dict[str, jax.Array]]
 NO_DECODE_ROUTERS = ("pregate", "uoe")   # sequence-level router networks: no decode=True
@@ -29,7 +33,7 @@ FFN = Callable[..., tuple[jax.Array, Aux]]
 
 
 def _mlp_builder(cfg: Any, dtype, param_dtype, name: str) -> FFN:
-    mlp = dense.MLP(hidden_dim=cfg.mlp_dim, mlp_type=cfg.mlp_type, dtype=dtype,
+    mlp = MLP(hidden_dim=cfg.mlp_dim, mlp_type=cfg.mlp_type, dtype=dtype,
                     param_dtype=param_dtype, name=name)
     # Dense layers ignore router_inputs and return no 'router_state': the caller keeps it.
     return lambda h, deterministic, token_ids=None, router_inputs=None: (mlp(h), {})
@@ -45,7 +49,7 @@ def _moe_builder(cfg: Any, dtype, param_dtype, name: str) -> FFN:
 # token-id routers (hash); router_inputs (a dict, passed only when not None) carries state
 # that lives outside the layer to the router (recurrent: router_state, router_cell;
 # pregate: pregate_logits, routes), and aux['router_state'], when present, is the new
-# recurrent router state (see layers/model_routers.py).
+# recurrent router state (see layers/routers/stateful.py).
 FFN_BUILDERS: dict[str, Callable[..., FFN]] = {"mlp": _mlp_builder, "moe": _moe_builder}
 
 
@@ -102,14 +106,14 @@ class Block(nn.Module):
         # segment_mask: bool [B, 1, L, L] (True: query may attend to key) or None;
         # decode: attention reads and extends its key/value cache (DecoderLM, decode=True)
         c = self.cfg
-        norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
+        norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         h = norm("attn_norm")(x)
         attn_aux = None
-        if self.ffn_kind == "moe" and c.moe.router == "uoe":   # UoE: heads as experts (layers/uoe.py)
+        if self.ffn_kind == "moe" and c.moe.router == "uoe":   # UoE: heads as experts (layers/moe/uoe.py)
             if segment_mask is not None:
                 raise ValueError("DecoderLM: attention_mask is not supported with moe.router='uoe' "
                                  "(selective attention has no padding mask)")
-            from routezoo.layers.uoe import selective_attention_from_config
+            from routezoo.layers.moe.uoe import selective_attention_from_config
             y, attn_aux = selective_attention_from_config(
                 c, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h, positions)
             x = x + y
@@ -118,12 +122,12 @@ class Block(nn.Module):
             x = x + mla_from_config(c, causal=self.causal, dtype=self.dtype, param_dtype=self.param_dtype,
                                     name="attn")(h, positions, segment_mask, decode)
         else:
-            x = x + dense.Attention(
+            x = x + Attention(
                 num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                 rope_theta=c.rope_theta, causal=self.causal, implementation=c.attention_impl,
                 dtype=self.dtype, param_dtype=self.param_dtype,
                 qkv_bias=bool(c.get("qkv_bias", False)), qk_norm=str(c.get("qk_norm", "none")),
-                qk_norm_eps=float(c.norm_eps), rope_scaling=dense.rope_scaling_of(c),
+                qk_norm_eps=float(c.norm_eps), rope_scaling=rope_scaling_of(c),
                 name="attn")(h, positions, segment_mask, decode)
         h = norm("ffn_norm")(x)
         ffn = FFN_BUILDERS[self.ffn_kind](c, self.dtype, self.param_dtype, self.ffn_kind)
@@ -161,9 +165,9 @@ class MTPModule(nn.Module):
     def __call__(self, h, emb, positions, deterministic: bool, token_ids, segment_mask):
         """``(h_k [B, L, D], its final-normed copy for the head, aux of the block)``."""
         c = self.cfg
-        norm = lambda name: dense.make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
+        norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         d = h.shape[-1]
-        w = self.param("eh_proj", dense.param(nn.initializers.lecun_normal(), ("embed", None)),
+        w = self.param("eh_proj", param(nn.initializers.lecun_normal(), ("embed", None)),
                        (2 * d, d), self.param_dtype)
         x = jnp.concatenate([norm("enorm")(emb), norm("hnorm")(h)], axis=-1)
         x = jnp.einsum("BLE,ED->BLD", x, jnp.asarray(w, self.dtype))
@@ -190,7 +194,7 @@ class DecoderLM(nn.Module):
     so padded tokens never change a real token's experts, except through capacity
     dispatch (they take buffer slots) and the Read-ME pre-gate (its attention sees them).
 
-    Routers with state outside one layer (``layers/model_routers.py``) get it explicitly:
+    Routers with state outside one layer (``layers/routers/stateful.py``) get it explicitly:
 
     * ``model.moe.router='recurrent'`` (RMoE): the model owns the one GRU cell
       ``router_cell`` shared by all MoE layers and threads the router state ``h``
@@ -200,18 +204,18 @@ class DecoderLM(nn.Module):
       ``'intermediates'`` collection is mutable, the state after layer ``i`` is sown as
       ``layer{i}_router_state``.
     * ``model.moe.router='pregate'`` (Read-ME): the model owns the pre-gate network
-      ``pregate`` (:class:`~routezoo.layers.model_routers.PreGate`), which reads only the
+      ``pregate`` (:class:`~routezoo.layers.routers.stateful.PreGate`), which reads only the
       token ids. :meth:`routes` returns the experts of every MoE layer before the backbone
       runs, int32 ``[M, B, L, K]`` (``M`` MoE layers in layer order, see
       :meth:`moe_layers`): ``model.apply(variables, tokens, method=model.routes)``.
       ``model.apply(variables, tokens, routes=r)`` makes the forward pass use exactly
       ``r``; without ``routes`` it computes the same selection in the pass.
-    * ``model.moe.router='duo'`` (Duo-LLM, :mod:`routezoo.layers.duo`): ``routes=r``, int32
+    * ``model.moe.router='duo'`` (Duo-LLM, :mod:`routezoo.layers.moe.duo`): ``routes=r``, int32
       ``[M, B, L]`` with values 0 big, 1 small, 2 skip, fixes every token's option in every
       MoE layer (the oracle, :mod:`routezoo.zoo.duo`, evaluates routes this way).
 
-    With ``model.moe.router='uoe'`` (Union of Experts, ``layers/uoe.py``) the MoE layers'
-    attention is :class:`~routezoo.layers.uoe.SelectiveAttention` (heads as experts) and
+    With ``model.moe.router='uoe'`` (Union of Experts, ``layers/moe/uoe.py``) the MoE layers'
+    attention is :class:`~routezoo.layers.moe.uoe.SelectiveAttention` (heads as experts) and
     their MoE the union of MLP slices; the attention gate's losses come back as
     ``attn_load_balance`` / ``attn_z_loss`` and its statistics as ``layer{i}/attn/...``.
 
@@ -265,7 +269,7 @@ class DecoderLM(nn.Module):
                                  f"network; got causal={self.causal}, moe.router={router_kind!r} "
                                  "(pregate and uoe are not supported)")
             # The next free position of each row: the default positions of the new tokens.
-            dense.require_cache(self, "position")
+            require_cache(self, "position")
             seen = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
             if positions is None:
                 positions = jnp.broadcast_to(seen.value + jnp.arange(l), (b, l))
@@ -281,7 +285,7 @@ class DecoderLM(nn.Module):
             segment_mask = (jnp.asarray(attention_mask) > 0)[:, None, None, :]   # [B, 1, 1, L]: keys
         pregate_logits = None
         if router_kind == "pregate":
-            from routezoo.layers.model_routers import PreGate, pregate_select
+            from routezoo.layers.routers.stateful import PreGate, pregate_select
             pregate_logits = PreGate(
                 vocab_size=c.vocab_size, num_experts=int(c.moe.num_experts), num_moe_layers=len(moe_layers),
                 features=int(c.moe.pregate_dim), num_layers=int(c.moe.pregate_layers),
@@ -300,16 +304,16 @@ class DecoderLM(nn.Module):
                              f"got {routes.shape}")
         router_cell = None
         if router_kind == "recurrent":
-            from routezoo.layers.model_routers import RecurrentRouterCell
+            from routezoo.layers.routers.stateful import RecurrentRouterCell
             router_cell = RecurrentRouterCell(int(c.moe.recurrent_dim), str(c.moe.recurrent_cell),
                                               name="router_cell")
-        embed = dense.Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
+        embed = Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
                             scale_attend=bool(c.get("scale_tied_logits", True)), name="embed")
         blocks = [Block(c, kind, dtype, param_dtype, causal=self.causal, name=f"layer{i}")
                   for i, kind in enumerate(ffn_kinds(c))]
-        final_norm = dense.make_norm(c.norm, c.norm_eps, dtype, param_dtype, "final_norm")
+        final_norm = make_norm(c.norm, c.norm_eps, dtype, param_dtype, "final_norm")
         unembed = None if c.tie_embeddings else self.param(
-            "unembed", dense.param(nn.initializers.normal(c.d_model ** -0.5), ("embed", "vocab")),
+            "unembed", param(nn.initializers.normal(c.d_model ** -0.5), ("embed", "vocab")),
             (c.d_model, c.vocab_size), param_dtype)
         mtps = [MTPModule(c, ffn_kinds(c)[-1], dtype, param_dtype, name=f"mtp{k + 1}")
                 for k in range(int(c.get("mtp_depth", 0) or 0))]

@@ -1,0 +1,621 @@
+"""Methods that combine a library of trained LoRA adapters: ScaLearn, PHATGOOSE, GLIDER.
+
+Einsum letters: ``B`` batch (examples), ``S`` tokens of one example, ``I`` a weight's
+flattened input axes, ``O`` its flattened output axes, ``R`` LoRA rank, ``K`` library
+adapters (experts), ``D`` model width (task embeddings).
+
+The library comes from ``adapter.library=W1,W2,...``: workdirs of adapter runs on the same
+base (the training loop reads them and calls ``init(rng, base, library=[params, ...],
+library_configs=[config.adapter dicts, ...])``). Every library LoRA is copied into this
+adapter's parameters, stacked over ``K`` per target and flattened to ``[I, O]``::
+
+    library/<path>/lora_a  [K, I, R]     library/<path>/lora_b  [K, R, O]
+    library_scale          [K]           (each LoRA's own alpha/r, or alpha/sqrt(r))
+
+and FROZEN: :attr:`LR_GROUPS` gives the group ``frozen`` the multiplier 0 and
+:meth:`param_groups` puts every ``library*`` leaf in it, so the training loop's optimizer
+(``optax.set_to_zero``) keeps them bit-identical and gives them no optimizer state. Only
+the method's own parameters train. The saved adapter directory is self-contained: it
+holds the library it combines. Library entries may have different ranks (zero-padded to
+the largest, which changes nothing) and different targets: an entry that does not adapt
+one of this adapter's targets contributes zeros there; a target no entry adapts, or an
+entry that adapts none of the targets, is refused in one line.
+
+All methods act on activations (:mod:`routezoo.layers.adapters.hooks`): for every target
+the projection's input ``u = x [B, S, I]`` gives each library adapter's output::
+
+    a_k = s_k · (u A_k) B_k                                         # [B, S, K, O]
+
+- ``scalearn`` (Frohmann et al., 2023, "ScaLearn: Simple and Highly Parameter-Efficient
+  Task Transfer by Learning to Scale", arXiv 2310.01217; PEFT.md section 4):
+  ``y += Σ_k ω_k ⊙ a_k`` with learned ``ω``, no softmax, no sum-to-1.
+- ``phatgoose_gate`` (Muqeeth et al., 2024, "Learning to Route Among Specialized Experts for
+  Zero-Shot Generalization", arXiv 2402.05859; ROUTERS.md section 11), stage 1: one frozen
+  LoRA, a trained gate vector ``v [I]`` (init 0): ``y += s · ((u · σ(v·u)) A) B``.
+- ``phatgoose``, stage 2: zero-shot top-k routing among ``K`` (LoRA, gate) pairs by
+  ``LN(u)·LN(v_k)/√I``; nothing trains.
+- ``glider`` (Li et al., 2024, "Glider: Global and Local Instruction-Driven Expert Router",
+  arXiv 2410.10904; ROUTERS.md section 11): local logits ``LN(u) W_gate/√I`` plus
+  ``λ·g`` with ``g [K]`` the task similarities (global router).
+
+Use at inference as any activation-space adapter::
+
+    method, params, _ = train.load_adapter(WORKDIR + "/adapter", base)
+    with adapter_hooks.bind(method, base, params):
+        logits, _ = model.apply({"params": base}, tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from routezoo.layers.adapters.base import Target, flat_params, register, select_targets
+from routezoo.layers.adapters.mos import projection_type
+from routezoo.layers.sharding import param as logical_param
+
+Params = Any
+
+LIBRARY_METHODS = ("lora", "phatgoose_gate")   # what a library entry may be
+LN_EPS = 1e-5                                  # LayerNorm without affine parameters (torch's default eps)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _nest(flat: dict[str, Any]) -> dict:
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _box(value: jax.Array, names: tuple) -> Any:
+    """A computed array boxed with logical axis names (as an initialiser's output)."""
+    return logical_param(lambda *_: value, names)()
+
+
+def _library_count(cfg: Any) -> int:
+    return len([p for p in str(cfg.get("library", "")).split(",") if p.strip()])
+
+
+def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
+    """LayerNorm over the last axis without affine parameters (ROUTERS.md: "do not add
+    affine LN in PHATGOOSE")."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def top_k_weights(logits: jax.Array, k: int) -> jax.Array:
+    """``softmax`` over the last axis ``K``, keep the ``k`` largest, renormalise them to
+    sum to 1; zeros elsewhere (``[..., K]``)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    k = min(k, probs.shape[-1])
+    top, idx = jax.lax.top_k(probs, k)
+    kept = jnp.sum(jax.nn.one_hot(idx, probs.shape[-1], dtype=probs.dtype) * top[..., None], axis=-2)
+    return kept / jnp.sum(top, axis=-1, keepdims=True)
+
+
+def library_outputs(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """Every adapter's output ``a_k = s_k (x A_k) B_k``: x ``[B, S, I]``, A ``[K, I, R]``,
+    B ``[K, R, O]``, s ``[K]`` -> ``[B, S, K, O]`` (float32; a reference, the hooks never
+    form it)."""
+    h = jnp.einsum("BSI,KIR->BSKR", x.astype(jnp.float32), a.astype(jnp.float32))
+    return jnp.einsum("BSKR,KRO->BSKO", h, b.astype(jnp.float32)) * scale.astype(jnp.float32)[:, None]
+
+
+def combine(x: jax.Array, a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
+    """``Σ_k w_k (x A_k) B_k`` -> ``[B, S, O]`` without forming ``[B, S, K, O]``: the
+    weights ``[B, S, K]`` (per token) or ``[K]`` multiply the rank activations
+    ``[B, S, K, R]``. Every adapter is computed (dense over ``K``, zero weights outside a
+    top-k): the intermediate is ``B·S·K·R``."""
+    h = jnp.einsum("BSI,KIR->BSKR", x.astype(jnp.float32), a.astype(jnp.float32))
+    h = h * weights.astype(jnp.float32)[..., None]
+    return jnp.einsum("BSKR,KRO->BSO", h, b.astype(jnp.float32))
+
+
+def phatgoose_scores(x: jax.Array, gates: jax.Array) -> jax.Array:
+    """PHATGOOSE routing logits ``LN(u)·LN(v_k)/√I``: x ``[B, S, I]``, gates ``[K, I]``
+    -> ``[B, S, K]`` (ROUTERS.md 11, ``score_type="original"``)."""
+    return jnp.einsum("BSI,KI->BSK", layer_norm(x), layer_norm(gates)) / math.sqrt(x.shape[-1])
+
+
+def glider_logits(x: jax.Array, router: jax.Array, similarity: jax.Array, lam: float) -> jax.Array:
+    """GLIDER routing logits ``LN(u) W_gate/√I + λ·g``: x ``[B, S, I]``, W_gate ``[I, K]``,
+    g ``[K]`` -> ``[B, S, K]`` (LN on the input only; ROUTERS.md 11)."""
+    local = jnp.einsum("BSI,IK->BSK", layer_norm(x), router.astype(jnp.float32)) / math.sqrt(x.shape[-1])
+    return local + lam * jnp.asarray(similarity, jnp.float32)
+
+
+# --------------------------------------------------------------------------- the library
+
+def _lora_scale(cfg: dict, rank: int) -> float:
+    alpha = float(cfg.get("alpha", 16.0))
+    return alpha / (math.sqrt(rank) if cfg.get("rslora", False) else rank)
+
+
+def _entry_factors(k: int, params: Params, cfg: dict, method_name: str) -> tuple[dict, Any, dict]:
+    """One library entry: ``({path: (A [I.., R], B [R, O..])}, scale, {path: gate [I..]})``."""
+    kind = str(cfg.get("method", ""))
+    flat = flat_params(nn.unbox(params))
+    if kind == "lora":
+        paths = sorted(p[:-len("/lora_a")] for p in flat if p.endswith("/lora_a"))
+        factors = {p: (flat[f"{p}/lora_a"], flat[f"{p}/lora_b"]) for p in paths}
+        rank = next(iter(factors.values()))[0].shape[-1] if factors else int(cfg.get("rank", 8))
+        return factors, _lora_scale(cfg, rank), {}
+    if kind == "phatgoose_gate":
+        paths = sorted(p[len("library/"):-len("/lora_a")] for p in flat
+                       if p.startswith("library/") and p.endswith("/lora_a"))
+        factors = {p: (flat[f"library/{p}/lora_a"][0], flat[f"library/{p}/lora_b"][0]) for p in paths}
+        gates = {p: flat[f"gate/{p}"] for p in paths if f"gate/{p}" in flat}
+        return factors, flat["library_scale"][0], gates
+    raise ValueError(f"adapter.library[{k}] is a {kind or 'non-adapter'!r} run; adapter.method={method_name!r} "
+                     f"combines LoRA adapters only; allowed library entries: {', '.join(LIBRARY_METHODS)}")
+
+
+def read_library(method_name: str, targets: dict[str, Target], library: Sequence[Params],
+                 library_configs: Sequence[dict]) -> tuple[dict[str, tuple], jax.Array, dict[str, jax.Array],
+                                                           list[str]]:
+    """The library stacked per target: ``({path: (A [K, I, R], B [K, R, O])}, scale [K],
+    {path: gates [K, I]}, [method of each entry])``.
+
+    Ranks are zero-padded to the largest per target; an entry without a target (or
+    without a gate) contributes zeros there.
+    """
+    if not library:
+        raise ValueError(f"adapter.method={method_name!r} needs adapter.library: comma-separated workdirs of "
+                         "trained LoRA runs on this base; got none")
+    if len(library_configs) != len(library):
+        raise ValueError(f"adapter.method={method_name!r}: {len(library)} library adapters but "
+                         f"{len(library_configs)} library_configs")
+    entries = [_entry_factors(k, p, dict(c), method_name) for k, (p, c) in enumerate(zip(library, library_configs))]
+    for k, (factors, _, _) in enumerate(entries):
+        if not set(factors) & set(targets):
+            raise ValueError(f"adapter.library[{k}] adapts none of adapter.targets' weights "
+                             f"({', '.join(sorted(targets))}); it adapts: {', '.join(sorted(factors)) or 'nothing'}")
+    out, gates = {}, {}
+    for path, t in sorted(targets.items()):
+        have = [e[0][path] for e in entries if path in e[0]]
+        if not have:
+            adapted = sorted({p for e in entries for p in e[0]})
+            raise ValueError(f"adapter.targets selects {path!r}, which no adapter.library entry adapts; "
+                             f"the library adapts: {', '.join(adapted)}")
+        if t.experts:
+            raise ValueError(f"adapter.targets selects stacked expert weights {path!r}; library methods act on "
+                             "attention and MLP projections only")
+        rank = max(a.shape[-1] for a, _ in have)
+        a_k, b_k, g_k = [], [], []
+        for k, (factors, _, entry_gates) in enumerate(entries):
+            if path in factors:
+                a, b = factors[path]
+                r = a.shape[-1]
+                a2, b2 = jnp.reshape(a, (-1, r)), jnp.reshape(b, (r, -1))
+                if a2.shape[0] != t.d_in or b2.shape[1] != t.d_out:
+                    raise ValueError(f"adapter.library[{k}]'s LoRA of {path!r} is [{a2.shape[0]}, {r}] x [{r}, "
+                                     f"{b2.shape[1]}]; this base's weight is [{t.d_in}, {t.d_out}] (another base?)")
+                a_k.append(jnp.pad(a2.astype(jnp.float32), ((0, 0), (0, rank - r))))
+                b_k.append(jnp.pad(b2.astype(jnp.float32), ((0, rank - r), (0, 0))))
+            else:
+                a_k.append(jnp.zeros((t.d_in, rank), jnp.float32))
+                b_k.append(jnp.zeros((rank, t.d_out), jnp.float32))
+            g = entry_gates.get(path)
+            g_k.append(jnp.zeros((t.d_in,), jnp.float32) if g is None else jnp.reshape(g, (-1,)).astype(jnp.float32))
+        out[path] = (jnp.stack(a_k), jnp.stack(b_k))
+        gates[path] = jnp.stack(g_k)
+    scale = jnp.stack([jnp.asarray(s, jnp.float32).reshape(()) for _, s, _ in entries])
+    return out, scale, gates, [str(dict(c).get("method", "")) for c in library_configs]
+
+
+def _boxed_library(factors: dict[str, tuple], scale: jax.Array) -> dict[str, Any]:
+    """The frozen library leaves, boxed (replicated: LoRA factors are small)."""
+    out = {"library_scale": _box(scale, (None,))}
+    for path, (a, b) in factors.items():
+        out[f"library/{path}/lora_a"] = _box(a, (None, None, "rank"))
+        out[f"library/{path}/lora_b"] = _box(b, (None, "rank", None))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _LibraryMethod:
+    """What ScaLearn, PHATGOOSE and GLIDER share: targets, the frozen library, the hook."""
+
+    targets: str
+    num_library: int = 0       # K, from adapter.library (0: not known from the config)
+
+    mergeable = False
+    needs_task_ids = False
+    uses_library = True        # adapter.library is this method's input (training/config_check.py)
+    LR_GROUPS = {"frozen": 0.0, "trained": 1.0}
+    FROZEN = ("library", "library_scale", "library_gate")   # top-level keys that never train
+
+    def __post_init__(self):
+        if self.num_library < 1:
+            raise ValueError(f"adapter.method={self.name!r} needs adapter.library: comma-separated workdirs of "
+                             "trained LoRA runs on this base; got none")
+
+    def select(self, params: Params) -> dict[str, Target]:
+        return select_targets(params, self.targets)
+
+    def merge(self, base: Params, adapter: Params) -> Params:
+        """Activation-space: the base, unchanged (unboxed); the adapter acts through the hook."""
+        return nn.unbox(base)
+
+    def _frozen(self, key: str) -> bool:
+        return key in self.FROZEN
+
+    def param_groups(self, params: Params) -> Params:
+        """``frozen`` for the library (and other fixed leaves), ``trained`` for the rest."""
+        def label(path, _):
+            return "frozen" if self._frozen(str(getattr(path[0], "key", path[0]))) else "trained"
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    def hook_targets(self, base: Params, adapter_params: Params) -> dict[str, Target]:
+        flat = flat_params(nn.unbox(adapter_params))
+        paths = {p[len("library/"):-len("/lora_a")] for p in flat if p.startswith("library/") and p.endswith("/lora_a")}
+        chosen = self.select(base)
+        return {p: chosen[p] for p in sorted(paths) if p in chosen}
+
+    def _read(self, params: Params, library, library_configs):
+        library = list(library or [])
+        if library and len(library) != self.num_library:
+            raise ValueError(f"adapter.method={self.name!r} was configured for {self.num_library} library "
+                             f"adapters but got {len(library)}")
+        return read_library(self.name, self.select(params), library, list(library_configs or []))
+
+    def _routed(self, path: str, x: jax.Array, weights: jax.Array, ctx) -> jax.Array:
+        """``Σ_k p_k s_k (u A_k) B_k`` for routing weights ``p [B, S, K]``."""
+        p = ctx.params
+        return combine(x, p[f"library/{path}/lora_a"], p[f"library/{path}/lora_b"],
+                       weights * p["library_scale"].astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------- ScaLearn
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ScaLearn(_LibraryMethod):
+    """ScaLearn (Frohmann et al., 2023, arXiv 2310.01217; PEFT.md section 4): learned
+    scalings that linearly combine the outputs of ``K`` frozen adapters::
+
+        y += Σ_k ω_k ⊙ a_k,     a_k = s_k (u A_k) B_k                     # [B, S, O]
+
+    ``ω`` per target ``[K, O]`` (ScaLearn), ``[K]`` with ``uniform`` (ScaLearn-Uniform),
+    one per projection type shared by all layers with ``shared`` (``attn/q`` of every
+    layer: ScaLearn++ ``[K, O]``, Uniform++ ``[K]``). No softmax, no sum-to-1 (the card's
+    ablations only). Init as the card and the authors' code (``omega_init_type="avg"``,
+    ``omega_init_scale=2``; CPJKU/ScaLearn ``adapters/modeling.py`` ``ScaLearn.__init__``
+    draws ``torch.normal(2/K, 0.001)``): ``ω ~ N(2/K, 0.001)``, mean 2/K and standard
+    deviation 0.001, so the ω of one feature start summing to 2. ``dropout`` (default 0.3, the authors'
+    ``scalearn_2_avg_d03``) drops entries of ω itself during training (inverted dropout, as
+    ``torch.nn.Dropout``: kept entries scaled by 1/(1-p); a fresh mask per layer), never
+    activations; evaluation is deterministic.
+
+    Deviation: the paper combines Pfeiffer bottleneck adapters after the FFN
+    (``W_up ReLU(W_down u)``, inside the layer's LayerNorm); here the library is LoRA and
+    the combination acts on each adapted projection's output. The combination rule, which
+    is what ScaLearn contributes, is the paper's. The target task's own adapter belongs
+    in the library (card's pitfall). Trainable parameters (PEFT.md: L·K·d, uniform L·K,
+    ++ K·d, Uniform++ K, per projection type): :meth:`count`.
+    """
+
+    uniform: bool = False
+    shared: bool = False
+    dropout: float = 0.3
+
+    name = "scalearn"
+    OMEGA_INIT_SCALE = 2.0      # omega_init_scale, "avg": mean = scale / K
+    OMEGA_INIT_STD = 0.001
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ScaLearn":
+        return cls(targets=str(cfg.targets), num_library=_library_count(cfg), uniform=bool(cfg.scalearn_uniform),
+                   shared=bool(cfg.scalearn_shared), dropout=float(cfg.scalearn_dropout))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter.scalearn_dropout={self.dropout} must be in [0, 1)")
+
+    def omega_key(self, path: str) -> str:
+        return f"omega/{projection_type(path) if self.shared else path}"
+
+    def omega_shapes(self, params: Params) -> dict[str, tuple[int, ...]]:
+        """``{omega key: shape}``: ``[K, O]`` or ``[K]``, per target or per projection type."""
+        k, out = self.num_library, {}
+        for path, t in sorted(self.select(params).items()):
+            shape = (k,) if self.uniform else (k, t.d_out)
+            key = self.omega_key(path)
+            if out.setdefault(key, shape) != shape:
+                raise ValueError(f"adapter.scalearn_shared: the {key[6:]!r} weights differ in output width across "
+                                 "layers; one shared omega needs one width per projection type")
+        return out
+
+    def init(self, rng: jax.Array, params: Params, library=None, library_configs=None, **_) -> Params:
+        """``{'library': frozen LoRAs, 'library_scale', 'omega': {key: [K, O] or [K]}}`` (boxed)."""
+        factors, scale, _, _ = self._read(params, library, library_configs)
+        out = _boxed_library(factors, scale)
+        mean = self.OMEGA_INIT_SCALE / self.num_library
+        for i, (key, shape) in enumerate(sorted(self.omega_shapes(params).items())):
+            init = lambda r, s, d: mean + self.OMEGA_INIT_STD * jax.random.normal(r, s, d)
+            out[key] = logical_param(init, (None,) * len(shape))(jax.random.fold_in(rng, i), shape, jnp.float32)
+        return _nest(out)
+
+    def count(self, params: Params) -> int:
+        """Trainable ω: ``Σ K·O`` over targets (L·K·d), ``K`` per target with ``uniform``
+        (L·K), one ω per projection type with ``shared`` (K·d, Uniform++: K)."""
+        return sum(math.prod(s) for s in self.omega_shapes(params).values())
+
+    def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
+        omega = ctx.params[self.omega_key(path)].astype(jnp.float32)
+        if self.dropout > 0 and not ctx.deterministic and ctx.rng is not None:
+            keep = jax.random.bernoulli(ctx.rng_for(path), 1.0 - self.dropout, omega.shape)
+            omega = jnp.where(keep, omega / (1.0 - self.dropout), 0.0)
+        if omega.ndim == 1:
+            omega = omega[:, None]
+        # Σ_k ω_k ⊙ s_k (u A_k) B_k = Σ_k s_k (u A_k) (B_k ⊙ ω_k): ω folds into B.
+        p = ctx.params
+        b = p[f"library/{path}/lora_b"].astype(jnp.float32) * omega[:, None, :]
+        return combine(x, p[f"library/{path}/lora_a"], b, p["library_scale"])
+
+
+# --------------------------------------------------------------------------- PHATGOOSE
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PhatgooseGate(_LibraryMethod):
+    """PHATGOOSE stage 1 (Muqeeth et al., 2024, arXiv 2402.05859; ROUTERS.md section 11):
+    for one trained LoRA, frozen, learn per target a gate vector ``v [I]`` (init 0) that
+    scales the LoRA's input per token::
+
+        y = W u + s · ((u · σ(v·u)) A) B
+
+    The LoRA comes from ``adapter.library=WORKDIR`` (one LoRA run; its alpha and rank give
+    ``s``) or ``init.adapter_from=WORKDIR`` (then ``s`` is this run's ``adapter.alpha /
+    adapter.rank``; set them as that run's, the rank is checked). Deviation: PHATGOOSE's
+    T5 code scales every LoRA by ``1/r``; we keep each LoRA's own scale ``s``, with which
+    it was trained. The card's recipe: 100 steps, AdamW lr 5e-3, constant schedule, 6%
+    warmup. The adapter directory this run saves (LoRA + gates) is a library entry for
+    ``phatgoose`` and ``glider``. Trainable parameters: ``Σ I`` over targets.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+
+    name = "phatgoose_gate"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "PhatgooseGate":
+        return cls(targets=str(cfg.targets), num_library=max(_library_count(cfg), 1), rank=int(cfg.rank),
+                   alpha=float(cfg.alpha), rslora=bool(cfg.rslora))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_library != 1:
+            raise ValueError(f"adapter.method='phatgoose_gate' trains the gate of ONE LoRA; adapter.library has "
+                             f"{self.num_library} entries (train one gate run per library LoRA)")
+
+    def init(self, rng: jax.Array, params: Params, library=None, library_configs=None, previous=None,
+             **_) -> Params:
+        """``{'library' [1, ...], 'library_scale' [1], 'gate': {path: [I]}}`` (boxed; gates 0)."""
+        if not library and previous is not None:   # init.adapter_from: a LoRA run, scale from this config
+            ranks = {a.shape[-1] for p, a in flat_params(nn.unbox(previous)).items() if p.endswith("/lora_a")}
+            if ranks and ranks != {self.rank}:
+                raise ValueError(f"init.adapter_from's LoRA has rank {sorted(ranks)}, but adapter.rank={self.rank}; "
+                                 "set adapter.rank and adapter.alpha as that run's (they give its scale)")
+            library = [previous]
+            library_configs = [{"method": "lora", "rank": self.rank, "alpha": self.alpha, "rslora": self.rslora}]
+        if not library:
+            raise ValueError("adapter.method='phatgoose_gate' needs the LoRA whose gate it trains: "
+                             "adapter.library=WORKDIR (one LoRA run) or init.adapter_from=WORKDIR")
+        factors, scale, _, methods = self._read(params, library, library_configs)
+        if methods != ["lora"]:
+            raise ValueError(f"adapter.method='phatgoose_gate' trains the gate of a 'lora' run; adapter.library[0] "
+                             f"is a {methods[0]!r} run")
+        out = _boxed_library(factors, scale)
+        for path, (a, _) in factors.items():
+            out[f"gate/{path}"] = logical_param(nn.initializers.zeros, (None,))(rng, (a.shape[1],), jnp.float32)
+        return _nest(out)
+
+    def count(self, params: Params) -> int:
+        """Trainable gate vectors: ``Σ I`` over targets."""
+        return sum(t.d_in for t in self.select(params).values())
+
+    def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
+        p = ctx.params
+        x = x.astype(jnp.float32)
+        gate = jax.nn.sigmoid(jnp.einsum("BSI,I->BS", x, p[f"gate/{path}"].astype(jnp.float32)))
+        return combine(x * gate[..., None], p[f"library/{path}/lora_a"], p[f"library/{path}/lora_b"],
+                       p["library_scale"])
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Phatgoose(_LibraryMethod):
+    """PHATGOOSE stage 2 (Muqeeth et al., 2024, arXiv 2402.05859; ROUTERS.md section 11):
+    zero-shot routing among ``K`` (LoRA, gate) pairs, the ``phatgoose_gate`` runs of
+    ``adapter.library``. Per token and target, the gates are the experts' embeddings::
+
+        s_k = LN(u)·LN(v_k)/√I        (LN without affine parameters)
+        p   = top-k(softmax(s)), renormalised to sum to 1     (k = adapter.library_top_k, 2)
+        y  += Σ_k p_k · s_k (u A_k) B_k
+
+    Nothing trains (0 trainable parameters): a run with it evaluates the untrained
+    combination at step 0 and saves the adapter (library + gates) at its last step, for
+    :func:`train.load_adapter` and :func:`adapter_hooks.bind`. The CLI needs
+    ``train.steps >= 1``; the steps change nothing (every leaf frozen). Every expert's rank
+    activations are computed and weighted (zero outside the top-k), ``[B, S, K, R]``.
+    Deviation: each LoRA keeps its own scale (PHATGOOSE's T5 code: ``1/r``).
+    """
+
+    top_k: int = 2
+
+    name = "phatgoose"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Phatgoose":
+        return cls(targets=str(cfg.targets), num_library=_library_count(cfg), top_k=int(cfg.library_top_k))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.top_k < 1:
+            raise ValueError(f"adapter.library_top_k={self.top_k} must be >= 1")
+
+    def init(self, rng: jax.Array, params: Params, library=None, library_configs=None, **_) -> Params:
+        """``{'library', 'library_scale', 'library_gate': {path: [K, I]}}``, all frozen (boxed)."""
+        factors, scale, gates, methods = self._read(params, library, library_configs)
+        bad = [k for k, m in enumerate(methods) if m != "phatgoose_gate"]
+        if bad:
+            raise ValueError(f"adapter.method='phatgoose' routes by gate vectors: adapter.library[{bad[0]}] is a "
+                             f"{methods[bad[0]]!r} run; allowed: phatgoose_gate runs (train one with "
+                             "adapter.method=phatgoose_gate adapter.library=THAT_LORA_RUN)")
+        out = _boxed_library(factors, scale)
+        for path, g in gates.items():
+            out[f"library_gate/{path}"] = _box(g, (None, None))
+        return _nest(out)
+
+    def count(self, params: Params) -> int:
+        """Trainable parameters: none (zero-shot routing)."""
+        return 0
+
+    def weights(self, path: str, x: jax.Array, ctx) -> jax.Array:
+        """Routing weights ``[B, S, K]`` of one target."""
+        return top_k_weights(phatgoose_scores(x, ctx.params[f"library_gate/{path}"]), self.top_k)
+
+    def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
+        return self._routed(path, x, self.weights(path, x, ctx), ctx)
+
+
+# --------------------------------------------------------------------------- GLIDER
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Glider(_LibraryMethod):
+    """GLIDER (Li et al., 2024, arXiv 2410.10904; ROUTERS.md section 11): PHATGOOSE-style
+    local routing plus a global, task-level bias::
+
+        logits = LN(u) W_gate/√I + λ·g        # W_gate [I, K], g [K], LN without affine
+        p = top-k(softmax(logits)), renormalised;    y += Σ_k p_k · s_k (u A_k) B_k
+
+    Local router: ``W_gate``'s column ``k`` is the gate vector of library entry ``k`` (a
+    ``phatgoose_gate`` run), as the authors' code builds its ``lora_gate`` rows from each
+    expert's trained sigmoid gate (UNITES-Lab/glider ``src/peft/tuners/molora/layers.py``);
+    a plain ``lora`` entry gets a zero column. Frozen by default (zero-shot, as the paper);
+    ``train_router`` (``adapter.glider_train_router``) trains it from that init. (The
+    authors' repository also has a script that sets an expert's gate to its mean absolute
+    input activation instead of training it; not implemented here.)
+
+    Global router: ``g_k = cos(e_task, e_k)``, ``λ`` = ``adapter.glider_lambda`` (3: the
+    paper's held-out setting; 100 held-in; large λ makes routing near-hard retrieval of
+    argmax g, the card's pitfall). Deviation: the paper embeds an LLM-written one-sentence
+    instruction per task with a text embedder; neither is available here. ``g`` is given
+    as ``adapter.glider_task_similarity`` (K comma-separated floats), which
+    :func:`task_similarity` computes from the base model's mean final hidden state over a
+    few training batches of the target task and of each library task. As in the
+    authors' code, g is fixed per evaluation task, not per query.
+    """
+
+    task_similarity: tuple[float, ...] = ()
+    lam: float = 3.0
+    top_k: int = 2
+    train_router: bool = False
+
+    name = "glider"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Glider":
+        text = str(cfg.glider_task_similarity)
+        try:
+            sims = tuple(float(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"adapter.glider_task_similarity={text!r} must be comma-separated numbers") from None
+        return cls(targets=str(cfg.targets), num_library=_library_count(cfg), task_similarity=sims,
+                   lam=float(cfg.glider_lambda), top_k=int(cfg.library_top_k),
+                   train_router=bool(cfg.glider_train_router))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.top_k < 1:
+            raise ValueError(f"adapter.library_top_k={self.top_k} must be >= 1")
+        if len(self.task_similarity) != self.num_library:
+            raise ValueError(f"adapter.glider_task_similarity has {len(self.task_similarity)} values; it needs one "
+                             f"per adapter.library entry ({self.num_library}): cosine similarities of the target "
+                             "task to each library task (lora_library.task_similarity computes them)")
+
+    def _frozen(self, key: str) -> bool:
+        return key in self.FROZEN or (key == "router" and not self.train_router)
+
+    def init(self, rng: jax.Array, params: Params, library=None, library_configs=None, **_) -> Params:
+        """``{'library', 'library_scale', 'router': {path: W_gate [I, K]}}`` (boxed)."""
+        factors, scale, gates, _ = self._read(params, library, library_configs)
+        out = _boxed_library(factors, scale)
+        for path, g in gates.items():
+            out[f"router/{path}"] = _box(g.T, (None, None))
+        return _nest(out)
+
+    def count(self, params: Params) -> int:
+        """Trainable parameters: ``Σ I·K`` over targets with ``train_router``, else 0."""
+        if not self.train_router:
+            return 0
+        return sum(t.d_in * self.num_library for t in self.select(params).values())
+
+    def weights(self, path: str, x: jax.Array, ctx) -> jax.Array:
+        """Routing weights ``[B, S, K]`` of one target."""
+        logits = glider_logits(x, ctx.params[f"router/{path}"], jnp.asarray(self.task_similarity), self.lam)
+        return top_k_weights(logits, self.top_k)
+
+    def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
+        return self._routed(path, x, self.weights(path, x, ctx), ctx)
+
+
+# --------------------------------------------------------------------------- task similarity
+
+def task_embedding(model: nn.Module, params: Params, batches: Sequence[Any]) -> np.ndarray:
+    """Mean final hidden state ``[D]`` (the output of the model's ``final_norm``) of the base
+    model over the tokens of ``batches`` (int arrays ``[B, L]``, or dicts with ``inputs``
+    and optional ``weights`` ``[B, L]`` marking real tokens)."""
+    params = nn.unbox(params)
+
+    @jax.jit
+    def sums(tokens, weights):
+        _, state = model.apply({"params": params}, tokens, capture_intermediates=lambda m, _: m.name == "final_norm",
+                               mutable=["intermediates"])
+        h = jax.tree.leaves(state["intermediates"])[0].astype(jnp.float32)   # [B, L, D]
+        return jnp.einsum("BLD,BL->D", h, weights), weights.sum()
+
+    total, count = None, 0.0
+    for batch in batches:
+        tokens = batch["inputs"] if isinstance(batch, dict) else batch
+        tokens = jnp.asarray(tokens)
+        weights = batch.get("weights") if isinstance(batch, dict) else None
+        weights = jnp.ones(tokens.shape, jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+        s, n = sums(tokens, weights)
+        total = s if total is None else total + s
+        count += float(n)
+    if total is None or count == 0:
+        raise ValueError("task_embedding needs at least one batch with tokens")
+    return np.asarray(total) / count
+
+
+def task_similarity(model: nn.Module, base: Params, target_batches: Sequence[Any],
+                    library_batches: Sequence[Sequence[Any]]) -> np.ndarray:
+    """GLIDER's global router input ``g [K]``: the cosine similarity of the target task's
+    embedding to each library task's (:func:`task_embedding` of the base model). A
+    substitute for the paper's embedded LLM-written task instructions. Pass the result as
+    ``adapter.glider_task_similarity=",".join(map(str, g))``."""
+    e = task_embedding(model, base, target_batches)
+    out = []
+    for batches in library_batches:
+        f = task_embedding(model, base, batches)
+        out.append(float(e @ f / max(np.linalg.norm(e) * np.linalg.norm(f), 1e-12)))
+    return np.asarray(out, np.float32)
+
+
+__all__ = ["Glider", "LIBRARY_METHODS", "Phatgoose", "PhatgooseGate", "ScaLearn", "combine", "glider_logits",
+           "layer_norm", "library_outputs", "phatgoose_scores", "read_library", "task_embedding",
+           "task_similarity", "top_k_weights"]
