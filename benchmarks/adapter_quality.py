@@ -12,12 +12,12 @@ What runs (every adapter on the same frozen base, same optimizer, same batches):
 1. **Base**: a dense decoder LM (``--size``) pre-trained for ``--base_steps`` on the whole
    corpus (every package, the held-out ones included: the adapters learn to specialise,
    not to see new text).
-2. **LoRA vs MoS** (PEFT.md 1; the MoS paper's small-scale check): fine-tune on one task
+2. **LoRA vs MoS** (the MoS paper's small-scale check): fine-tune on one task
    (``--ft_task``) with LoRA at rank ``r_eq``, MoS at active rank ``r`` with the parameter
    budget of LoRA rank ``r_eq`` (equal trainable parameters), and LoRA at rank ``r`` (MoS's
    active rank, ``r/r_eq`` times the parameters). Expected (paper): MoS beats LoRA at
    ``r_eq`` and approaches LoRA at ``r``.
-3. **Multi-task, then few-shot on held-out tasks** (PEFT.md 2; the MHR paper's small-scale
+3. **Multi-task, then few-shot on held-out tasks** (the MHR paper's small-scale
    check): Poly, MHR and one multi-task LoRA (task ids ignored) train on the mixed train
    tasks; then each adapts to the held-out tasks from ``--fewshot_rows`` sequences per
    task: Poly and MHR fine-tune skills and a fresh router, MHR-z only the router, MHR-mu

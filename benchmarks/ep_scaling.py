@@ -1,4 +1,4 @@
-"""Expert-parallel weak scaling of the MoE block on the GPUs of one host (issue: fast MoE on GPUs, target 4).
+"""Expert-parallel weak scaling of the MoE block on the GPUs of one host.
 
     python benchmarks/ep_scaling.py [--shape mixtral] [--tokens_per_gpu 16384] [--exchange padded,ragged]
                                     [--link_gbps 450] [--out FILE]

@@ -1,4 +1,4 @@
-"""MoE block forward + backward throughput against the dense-matmul ceiling (issue: fast MoE on GPUs).
+"""MoE block forward + backward throughput against the dense-matmul ceiling.
 
 For each shape, times ``jit(value_and_grad)`` of the routezoo MoE block (router, permute,
 gate/up/down SwiGLU grouped matmuls, unpermute, combine, shared experts) per dispatch
@@ -15,7 +15,7 @@ match the profile's fusion names). ``--variants dropless:mosaic`` times the ``mo
 backend, with ``--policies`` of ``MOSAIC_POLICIES`` choosing which passes run on the
 Mosaic kernels.
 
-Memory (target 5): the compiled step's peak (arguments + outputs + scratch, from XLA's
+Memory: the compiled step's peak (arguments + outputs + scratch, from XLA's
 memory analysis) against the analytical minimum (parameters and gradients, input and its
 gradient, and the per-copy activations the backward pass needs), as a ratio.
 

@@ -1,4 +1,4 @@
-"""Decode latency of a mixed-adapter batch vs the number of distinct adapters in it (PEFT.md 6).
+"""Decode latency of a mixed-adapter batch vs the number of distinct adapters in it (S-LoRA / Punica style batching).
 
 One decode step (one token per example, ``--batch`` examples) through ``--layers`` adapted
 ``D x D`` projections, ``x <- x W_l + s_a (x A_{l,a}) B_{l,a}``, with a library of

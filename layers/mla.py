@@ -27,11 +27,14 @@ arXiv 2309.00071) changes the rope frequencies and multiplies the rotated ``q_ro
 DeepSeek-V2/V3 do, multiplies the softmax scale by ``m(factor, mscale_all_dim)^2``
 (:meth:`~routezoo.layers.attention.RopeScaling.softmax_factor`);
 ``rope_interleave=True`` rotates the rope dims as interleaved pairs ``(0, 1), (2, 3), ...``
-(the DeepSeek checkpoints' layout); ``False``: half-split pairs ``(i, i + P/2)``. Keys are
-not cached in latent form here (no decoding cache in this layer): attention runs on the
-expanded ``[B, M, H, K]`` keys with an explicit float32 softmax (``V != K`` in general, so
-:func:`jax.nn.dot_product_attention`'s fused kernels do not apply); it materialises the
-``[B, H, L, M]`` scores.
+(the DeepSeek checkpoints' layout); ``False``: half-split pairs ``(i, i + P/2)``.
+
+Attention runs on the expanded ``[B, M, H, K]`` keys. On GPUs, for 16-bit inputs without
+a padding mask, it goes through cuDNN's flash attention (the values zero-padded from ``V``
+to ``K``, since that kernel takes one head dim); elsewhere it materialises the
+``[B, H, L, M]`` scores with a float32 softmax. With ``decode=True`` the layer caches the
+normed latent and the rotated shared key (not the expanded keys and values) and expands
+them at every step.
 """
 
 from __future__ import annotations

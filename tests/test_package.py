@@ -125,3 +125,32 @@ def test_editable_install_points_at_checkout(tmp_path):
     for name, path in files.items():
         folder = name.split(".")[1]
         assert os.path.realpath(path) == os.path.join(root, folder, "__init__.py"), f"{name} imported from {path}"
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """Each folder of the four source trees that holds an ``__init__.py`` is a package the
+    wheel must carry: ``pyproject.toml`` lists it (a missing entry installs a wheel that
+    fails on import)."""
+    import tomllib
+    with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = set()
+    for top in ("layers", "zoo", "training", "configs"):
+        for dirpath, _, names in os.walk(os.path.join(REPO_ROOT, top)):
+            if "__init__.py" in names and "__pycache__" not in dirpath:
+                found.add("routezoo." + os.path.relpath(dirpath, REPO_ROOT).replace(os.sep, "."))
+    assert found == listed, f"missing from pyproject.toml: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+
+
+def test_accelerator_extras_resolve(tmp_path):
+    """``pip install routezoo[cuda]`` and ``routezoo[tpu]`` resolve against the package index
+    to jax's CUDA plugin and libtpu at the version of the jax they come with (a dry run:
+    nothing is installed)."""
+    report = tmp_path / "report.json"
+    _run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+          "--report", str(report), REPO_ROOT + "[cuda,tpu]"], cwd=str(tmp_path))
+    install = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+               for i in json.loads(report.read_text())["install"]}
+    assert "libtpu" in install, sorted(install)
+    assert install.get("jax-cuda12-plugin") == install["jaxlib"], (install.get("jax-cuda12-plugin"), install["jaxlib"])
+    assert install.get("jax-cuda12-pjrt") == install["jaxlib"], sorted(install)

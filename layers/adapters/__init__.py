@@ -16,7 +16,7 @@ from __future__ import annotations
 from routezoo.layers.adapters.hooks import (  # noqa: F401
     project, HookContext, is_activation_adapter, bind)
 from routezoo.layers.adapters.base import (  # noqa: F401
-    METHODS, register, flat_params, adapted_paths, Target, split_axes, adaptable, select_targets, from_previous, from_config, num_params, fingerprint)
+    Adapter, METHODS, register, flat_params, adapted_paths, Target, split_axes, adaptable, select_targets, from_previous, from_config, num_params, fingerprint)
 from routezoo.layers.adapters.lora import (  # noqa: F401
     low_rank_dropout_delta, lora_delta, lora_dense, LoRA)
 from routezoo.layers.adapters.mos import (  # noqa: F401
@@ -26,7 +26,9 @@ from routezoo.layers.adapters.hydra import (  # noqa: F401
 from routezoo.layers.adapters.poly import (  # noqa: F401
     ROUTER_INIT, EPS, Poly, MHR, MHRZ, MHRMu)
 from routezoo.layers.adapters.library import (  # noqa: F401
-    LIBRARY_METHODS, LN_EPS, layer_norm, top_k_weights, library_outputs, combine, phatgoose_scores, glider_logits, read_library, ScaLearn, PhatgooseGate, Phatgoose, Glider, task_embedding, task_similarity)
+    LIBRARY_METHODS, LN_EPS, layer_norm, top_k_weights, library_outputs, combine, read_library, ScaLearn)
+from routezoo.layers.adapters.phatgoose import (  # noqa: F401
+    phatgoose_scores, glider_logits, PhatgooseGate, Phatgoose, Glider, task_embedding, task_similarity)
 from routezoo.layers.adapters.multi_lora import (  # noqa: F401
     IMPLS, SUPPORTED_METHODS, MultiLoRA, delta_gather, delta_sorted, multi_lora_delta, per_adapter_loop)
 from routezoo.layers.adapters.rps import (  # noqa: F401

@@ -38,11 +38,12 @@ Methods are registered by name in :data:`METHODS`; :func:`from_config` builds on
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -54,17 +55,93 @@ from flax import traverse_util
 Params = Any
 
 
-METHODS: dict[str, Any] = {}
+class Adapter(abc.ABC):
+    """The protocol every adapter method implements (a frozen dataclass subclass).
 
+    A method maps a frozen base parameter tree to its own small tree of adapter
+    parameters. Parameter-space methods fold that tree into the weights with
+    :meth:`merge`; activation-space methods also define :attr:`hook_delta`, which every
+    projection of routezoo's layers calls through :mod:`routezoo.layers.adapters.hooks`.
 
-def register(cls):
-    """Class decorator: makes ``cls`` selectable as ``adapter.method=cls.name``.
-
-    A method class has ``name``, ``mergeable``, ``from_config(cfg)`` (a classmethod taking
-    ``config.adapter``), ``select``, ``init``, ``merge`` and ``count``; methods that act on
-    activations (per example or per token) also define ``hook`` (see
-    :mod:`routezoo.layers.adapters.hooks`).
+    Class attributes (defaults here; a method overrides the ones it needs):
+      name: the ``adapter.method`` value it registers under.
+      mergeable: :meth:`merge` gives inference weights equal to the adapted model.
+      needs_task_ids: the forward pass needs one task id per example (``task_ids``).
+      needs_previous: :meth:`init` starts from a trained adapter (``init.adapter_from``).
+      uses_library: ``adapter.library`` (trained LoRA runs) is the method's input.
+      LR_GROUPS: learning-rate multiplier per parameter group label of
+        :meth:`param_groups` (0 freezes a group); ``None``: one group.
+      hook_delta: ``None`` for parameter-space methods; else a callable
+        ``(path, x, y, ctx) -> delta`` added to a targeted projection's output.
     """
+
+    name: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True
+    needs_task_ids: ClassVar[bool] = False
+    needs_previous: ClassVar[bool] = False
+    uses_library: ClassVar[bool] = False
+    LR_GROUPS: ClassVar[dict[str, float] | None] = None
+    hook_delta: ClassVar[Any] = None
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, cfg: Any) -> "Adapter":
+        """Builds the method from ``config.adapter``."""
+
+    @abc.abstractmethod
+    def select(self, params: Params) -> dict[str, "Target"]:
+        """The base weights this method adapts, by path."""
+
+    @abc.abstractmethod
+    def init(self, rng: jax.Array, params: Params, *args, **kwargs) -> Params:
+        """Fresh adapter parameters for base ``params`` (boxed with logical names)."""
+
+    @abc.abstractmethod
+    def merge(self, base: Params, adapter: Params) -> Params:
+        """Base weights with the adapter folded in (for ``mergeable`` methods, exactly)."""
+
+    @abc.abstractmethod
+    def count(self, params: Params) -> int:
+        """Trainable adapter parameters for base ``params``, by the method's formula."""
+
+    def hook_targets(self, base: Params, adapter: Params) -> dict[str, "Target"]:
+        """The targets :attr:`hook_delta` acts on (activation-space methods)."""
+        return self.select(base)
+
+    def param_groups(self, params: Params) -> Params | None:
+        """A tree of group labels matching ``params`` for :attr:`LR_GROUPS` (or ``None``)."""
+        return None
+
+    def buffers(self, base: Params) -> dict[str, np.ndarray] | None:
+        """Non-trained arrays saved beside the adapter checkpoint (or ``None``)."""
+        return None
+
+    def with_buffers(self, buffers: dict[str, np.ndarray]) -> "Adapter":
+        """This method with saved :meth:`buffers` restored (itself when it has none)."""
+        return self
+
+    @property
+    def acts_on_activations(self) -> bool:
+        """Whether the method runs on activations (it defines :attr:`hook_delta`)."""
+        return self.hook_delta is not None
+
+
+METHODS: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: makes an :class:`Adapter` subclass selectable as ``adapter.method=cls.name``.
+
+    Args:
+      cls: the method class; its ``name`` must be new.
+
+    Returns:
+      ``cls`` unchanged.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise TypeError(f"{cls!r} is not a subclass of routezoo.layers.adapters.base.Adapter")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"adapter name {cls.name!r} is taken by {METHODS[cls.name].__name__}")
     METHODS[cls.name] = cls
     return cls
 

@@ -106,7 +106,9 @@ class _Binding:
 
 
 def is_activation_adapter(adapter: Any) -> bool:
-    return getattr(adapter, "hook_delta", None) is not None
+    """Whether ``adapter`` (an :class:`~routezoo.layers.adapters.base.Adapter` or ``None``)
+    runs on activations, so that :func:`bind` must wrap the forward pass."""
+    return adapter is not None and adapter.acts_on_activations
 
 
 @contextlib.contextmanager
@@ -123,7 +125,7 @@ def bind(adapter: Any, base: Any, adapter_params: Any, *, task_ids: jax.Array | 
         yield
         return
     from routezoo.layers.adapters.base import flat_params  # adapters imports this module
-    if getattr(adapter, "needs_task_ids", False) and task_ids is None:
+    if adapter.needs_task_ids and task_ids is None:
         raise ValueError(f"adapter.method={adapter.name!r} needs a task id per example (batch 'task_id', "
                          "data.tasks); none was given")
     flat_base = flat_params(nn.unbox(base))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from routezoo.layers.sharding import param as logical_param
-from routezoo.layers.adapters.base import _nest, Target, adapted_paths, flat_params, from_previous, select_targets
+from routezoo.layers.adapters.base import Adapter, _nest, Target, adapted_paths, flat_params, from_previous, select_targets
 from routezoo.layers.adapters.lora import _check_dropout, _factor_targets, _no_experts_for_dropout, lora_delta
 from routezoo.layers.adapters.mos import _init_a
 from routezoo.layers.adapters.base import register
@@ -26,9 +26,9 @@ Params = Any
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Hydra:
+class Hydra(Adapter):
     """Hydra (Kim et al., 2023, "Hydra: Multi-head Low-rank Adaptation for Parameter
-    Efficient Fine-tuning", arXiv 2309.06922; PEFT.md section 3): a parallel LoRA branch on
+    Efficient Fine-tuning", arXiv 2309.06922): a parallel LoRA branch on
     the layer input plus a sequential low-rank branch on the pretrained output::
 
         h0 = x·W + b                                   # W [I, O], b [O] if the base has one
@@ -40,7 +40,7 @@ class Hydra:
     output including the bias (card's pitfall): a sibling ``<name>_bias`` of the target's
     output shape (e.g. ``attn/q_bias``) is merged as above. ``dropout`` (config
     ``adapter.lora_dropout``; the authors' ViT setting is 0.2) drops each branch's
-    low-rank activations, ``s·dropout(x·A_p)·B_p + s·dropout(h0·A_s)·B_s`` (PEFT.md); it is
+    low-rank activations, ``s·dropout(x·A_p)·B_p + s·dropout(h0·A_s)·B_s``; it is
     not mergeable, so in training the branches then run on activations through
     :mod:`routezoo.layers.adapters.hooks` (merged for inference, the same function). The
     branches' own biases of the ViT code are not implemented.
@@ -142,6 +142,6 @@ class Hydra:
         return _nest(flat)
 
     def count(self, params: Params) -> int:
-        """Adapter parameters: ``Σ E·(r_p·(I + O) + 2·r_s·O)`` over targets (PEFT.md)."""
+        """Adapter parameters: ``Σ E·(r_p·(I + O) + 2·r_s·O)`` over targets (the paper's count)."""
         return sum(t.num_experts * (self.rank * (t.d_in + t.d_out) + 2 * self.seq_rank * t.d_out)
                    for t in self.select(params).values())

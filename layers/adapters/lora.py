@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from routezoo.layers.sharding import param as logical_param
-from routezoo.layers.adapters.base import _nest, Target, adapted_paths, flat_params, from_previous, select_targets
+from routezoo.layers.adapters.base import Adapter, _nest, Target, adapted_paths, flat_params, from_previous, select_targets
 from routezoo.layers.adapters.base import register
 
 Params = Any
@@ -83,7 +83,7 @@ def lora_dense(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: fl
 
 @register
 @dataclasses.dataclass(frozen=True)
-class LoRA:
+class LoRA(Adapter):
     """LoRA (Hu et al., 2021): ``W = W0 + s·A·B``, ``A [I, R]``, ``B [R, O]``, B = 0 at init.
 
     ``s = alpha / rank``, or ``alpha / sqrt(rank)`` with ``rslora`` (Kalajdzievski, 2023).
@@ -108,7 +108,7 @@ class LoRA:
         return cls(targets=str(cfg.targets), rank=int(cfg.rank), alpha=float(cfg.alpha), rslora=bool(cfg.rslora),
                    dropout=float(cfg.get("lora_dropout", 0.0)))
 
-    # With dropout (``y = xW + s·dropout(x)·A·B``, PEFT.md 0) LoRA cannot run merged in
+    # With dropout (``y = xW + s·dropout(x)·A·B``, as peft applies it) LoRA cannot run merged in
     # training: it runs on activations through adapter_hooks (merged for inference, where
     # dropout is off, it is the same function).
     @property
@@ -163,5 +163,5 @@ class LoRA:
         return _nest(flat)
 
     def count(self, params: Params) -> int:
-        """Adapter parameters: ``Σ E·rank·(I + O)`` over targets (PEFT.md)."""
+        """Adapter parameters: ``Σ E·rank·(I + O)`` over targets (Hu et al. 2021)."""
         return sum(t.num_experts * self.rank * (t.d_in + t.d_out) for t in self.select(params).values())

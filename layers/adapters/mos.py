@@ -17,7 +17,7 @@ import numpy as np
 from flax import linen as nn
 
 from routezoo.layers.sharding import param as logical_param
-from routezoo.layers.adapters.base import _nest, Target, flat_params, from_previous, select_targets
+from routezoo.layers.adapters.base import Adapter, _nest, Target, flat_params, from_previous, select_targets
 from routezoo.layers.adapters.lora import _check_dropout, _no_experts_for_dropout, lora_delta, low_rank_dropout_delta
 from routezoo.layers.adapters.base import register
 
@@ -45,10 +45,9 @@ def _init_a(bound):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class MoS:
+class MoS(Adapter):
     """MoS, Mixture of Shards (Sheng Wang et al., ICLR 2025, "MoS: Unleashing Parameter
-    Efficiency of Low-Rank Adaptation with Mixture of Shards", arXiv 2410.00938; PEFT.md
-    section 1).
+    Efficiency of Low-Rank Adaptation with Mixture of Shards", arXiv 2410.00938).
 
     Per projection type (the target path without its ``layer<i>/`` prefix, e.g. ``attn/q``)
     one global pool of A-shards ``a_pool [P, I/n]`` and one of B-shards ``b_pool [P, O/n]``
@@ -286,6 +285,6 @@ class MoS:
         return _nest(flat)
 
     def count(self, params: Params) -> int:
-        """Adapter parameters: ``Σ_types r_eq·M·(I + O)`` (PEFT.md: ``P·(I+O)/n``)."""
+        """Adapter parameters: ``Σ_types r_eq·M·(I + O)`` (the paper's ``P·(I+O)/n``)."""
         return sum(self.equiv_rank * sum(t.num_experts for t in ts) * (ts[0].d_in + ts[0].d_out)
                    for ts in self.groups(params).values())

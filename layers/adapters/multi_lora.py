@@ -1,4 +1,4 @@
-"""Many LoRA adapters in one batch: ``adapter.method=multi_lora`` (S-LoRA / Punica, PEFT.md 6).
+"""Many LoRA adapters in one batch: ``adapter.method=multi_lora`` (S-LoRA, Sheng et al. 2023; Punica, Chen et al. 2023).
 
 Einsum letters: ``B`` batch (examples), ``S`` tokens of one example, ``I`` a weight's
 flattened input axes, ``O`` its flattened output axes, ``R`` the largest rank of the
@@ -102,7 +102,7 @@ from flax import linen as nn
 from routezoo.layers.moe.gmm import GMM_BACKEND_NAMES, resolve_gmm_backend
 from routezoo.layers.moe.dropless import invert_permutation, take_rows
 from routezoo.layers.adapters.lora import LoRA
-from routezoo.layers.adapters.base import Target, adaptable, flat_params, register
+from routezoo.layers.adapters.base import Adapter, Target, adaptable, flat_params, register
 from routezoo.layers.adapters.base import _nest
 from routezoo.layers.sharding import param as logical_param
 
@@ -140,8 +140,8 @@ def _split(shape: tuple[int, ...], d_in: int, d_out: int, path: str) -> int:
 
 @register
 @dataclasses.dataclass(frozen=True)
-class MultiLoRA:
-    """Heterogeneous multi-LoRA batching (S-LoRA, Punica; PEFT.md 6): one base forward,
+class MultiLoRA(Adapter):
+    """Heterogeneous multi-LoRA batching (S-LoRA, Punica): one base forward,
     each example with its own LoRA from a frozen stacked library (see the module docstring).
 
     ``targets``: which of the library's adapted weights to serve (a regex over parameter

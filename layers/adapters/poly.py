@@ -6,8 +6,8 @@ flattened input axes, ``O`` its output axes, ``H`` routing heads (splits), ``M``
 
 Ponti et al. 2023 ("Combining Parameter-efficient Modules for Task-level Generalisation",
 arXiv 2202.13914) and Caccia et al. 2023 ("Multi-Head Adapter Routing for Cross-Task
-Generalization", arXiv 2211.03831); PEFT.md section 2 (the card follows peft's
-``tuners/poly`` and mttl's ``PolytroponSelector``). Every adapted weight holds an
+Generalization", arXiv 2211.03831), following the behaviour of peft's
+``tuners/poly`` and mttl's ``PolytroponSelector``. Every adapted weight holds an
 inventory of ``M`` LoRA skills; a learned router ``Z [T, H·M]`` mixes them per task. MHR
 splits the weight's input and output into ``H`` blocks that route independently::
 
@@ -41,7 +41,7 @@ batch's ``task_id`` from ``data.tasks``) and act on activations (different examp
 different adapters); :meth:`Poly.merge_task` gives one task's merged weights for inference.
 Ids outside ``[0, T)`` are clamped to the nearest row (values cannot raise under ``jit``).
 
-Parameter counts per adapted weight (PEFT.md): adapters ``M·R·(I + O)`` (M times LoRA, for
+Parameter counts per adapted weight (the papers'): adapters ``M·R·(I + O)`` (M times LoRA, for
 any H), router ``T·H·M``.
 """
 
@@ -55,12 +55,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from routezoo.layers.adapters.base import Params
+from routezoo.layers.adapters.base import Adapter, Params
 from routezoo.layers.adapters.base import Target, flat_params, register, select_targets
 from routezoo.layers.adapters.base import _nest
 from routezoo.layers.sharding import param as logical_param
 
-ROUTER_INIT = 1e-3     # Z ~ U(-1e-3, 1e-3) (peft poly/router.py, PEFT.md)
+ROUTER_INIT = 1e-3     # Z ~ U(-1e-3, 1e-3) (as peft's Poly router initialises it)
 EPS = 1e-12
 
 
@@ -69,7 +69,7 @@ def _init_uniform(bound):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Skills:
+class _Skills(Adapter):
     """What Poly, MHR, MHR-z and MHR-mu share: the skill inventory per target."""
 
     targets: str

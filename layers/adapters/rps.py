@@ -1,4 +1,8 @@
-"""Randomized parameter sharing (RPS): ROAST and STABLE-RPS (PEFT.md section 5).
+"""Randomized parameter sharing (RPS): ROAST and STABLE-RPS.
+
+ROAST: Desai, Zhou and Shrivastava, "Efficient model compression with Random Operation
+Access Specific Tile (ROAST) hashing" (2022). STABLE-RPS: Desai and
+Shrivastava, "In defense of parameter sharing for model-compression" (ICLR 2024).
 
 Einsum letters: ``K`` rows of a weight's matrix view (every axis but its last, a leading
 expert axis included), ``N`` its columns (the last axis), ``n`` weights over all targets,
@@ -56,18 +60,18 @@ Two choices this project made where the train loop's adapter protocol leaves no 
 - ``λ_l``'s numerator is the std of the base weight, read at ``merge`` (the base is
   frozen, so it is fixed; in training it is the model's own random init from
   ``config.seed``). Its denominator is the std of M's init, ``init_std/√3`` for
-  U(±init_std): PEFT.md's "init_std(M)" read as M's init std, so the recovered weights
+  U(±init_std): the paper's "init_std(M)" read as M's init std, so the recovered weights
   start with their dense init's std in expectation (with the bound itself they would start √3
   smaller).
 
-STABLE-RPS gradient scaler (``adapter.rps_grad_scaler``, PEFT.md "v1",
+STABLE-RPS gradient scaler (``adapter.rps_grad_scaler``, the authors' "v1",
 ``RoastGradScaler.scale_step``): slot ``j``'s gradient is divided by
 ``s_j = (Σ_{i: h(i)=j} λ_l(i))² / count_j`` (1 for an unused slot). It needs ``λ``, hence
 the base's values, which an optax transformation does not see; so it is applied in
 ``merge``'s backward pass (an identity with a custom VJP on ``M``), with ``s`` computed by
 a segment sum over the hashed indices once per step. The effect is the optax
 pre-transformation's (the division happens before clipping and the optimizer); only the
-logged ``grad_norm`` is measured after it. Pitfall (PEFT.md): the scaling is constant per
+logged ``grad_norm`` is measured after it. Caveat: the scaling is constant per
 coordinate, so Adam's per-coordinate normalisation mostly cancels it; it matters for
 SGD-type optimizers (``optimizer.name=sgd``).
 
@@ -86,13 +90,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from routezoo.layers.adapters.base import Target, flat_params, register, select_targets
+from routezoo.layers.adapters.base import Adapter, Target, flat_params, register, select_targets
 from routezoo.layers.adapters.base import _names, _nest, _unbox
 from routezoo.layers.sharding import param as logical_param
 
 Params = Any
 
-P = 2038074743            # UHasher's prime (PEFT.md)
+P = 2038074743            # the prime of the authors' universal hash (UHasher)
 MAPPINGS = ("roast", "stable")
 _GROUP = "rps"             # adapter tree: {'rps': {'M': [m]}, <leftover paths>: delta}
 
@@ -182,7 +186,7 @@ def _plain(params: Params) -> Params:
 
 @register
 @dataclasses.dataclass(frozen=True)
-class RPS:
+class RPS(Adapter):
     """Randomized parameter sharing: ROAST (``mapping='roast'``) or STABLE-RPS
     (``mapping='stable'``); see the module docstring. Trains from scratch: the adapter
     parameters are ``M [m]`` and every non-target weight of the model. Mergeable: ``merge``

@@ -1,7 +1,7 @@
 """Library methods (layers/adapters/library.py): ScaLearn, PHATGOOSE (gate, routing), GLIDER.
 
 ScaLearn with one adapter and omega = 1 equals that LoRA merged into the base; ScaLearn
-counts against PEFT.md's four formulas; PHATGOOSE and GLIDER routing weights against
+counts against the paper's four formulas; PHATGOOSE and GLIDER routing weights against
 numpy references; the library frozen bit-identical and absent from the optimizer state
 in a real (tiny) training run; the errors."""
 
@@ -20,6 +20,7 @@ from routezoo import zoo
 from routezoo.layers import adapters
 from routezoo.layers.adapters import hooks as adapter_hooks
 from routezoo.layers.adapters import library as lib
+from routezoo.layers.adapters import phatgoose as pg_lib
 from routezoo.training import config_check
 from routezoo.training import train as train_lib
 
@@ -160,7 +161,7 @@ def test_scalearn_shared_omega_acts_in_every_layer():
 def _gate_entry(params, targets, rank, seed, gate_scale=1.0):
     """A phatgoose_gate run's params (LoRA + random gates) and config, from numpy values."""
     _, lora_params, cfg = _lora(params, targets, rank, seed)
-    pg = lib.PhatgooseGate(targets, num_library=1)
+    pg = pg_lib.PhatgooseGate(targets, num_library=1)
     ad = nn.unbox(pg.init(jax.random.PRNGKey(0), params, library=[lora_params], library_configs=[cfg]))
     rng = np.random.default_rng(100 + seed)
     ad["gate"] = jax.tree.map(lambda g: (gate_scale * rng.standard_normal(g.shape)).astype(np.float32), ad["gate"])
@@ -173,7 +174,7 @@ _Q = {"layer0": {"attn": {"q": nn.LogicallyPartitioned(np.zeros((16, 2, 4), np.f
 
 def test_phatgoose_gate_scales_lora_input_by_sigmoid():
     _, lora_params, cfg = _lora(_Q, "attn/q", 2, 0)
-    pg = lib.PhatgooseGate("attn/q", num_library=1)
+    pg = pg_lib.PhatgooseGate("attn/q", num_library=1)
     ad = nn.unbox(pg.init(jax.random.PRNGKey(0), _Q, library=[lora_params], library_configs=[cfg]))
     assert pg.count(_Q) == 16 and not np.any(ad["gate"]["layer0"]["attn"]["q"])   # v = 0 at init
     x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)
@@ -184,7 +185,7 @@ def test_phatgoose_gate_scales_lora_input_by_sigmoid():
     np.testing.assert_allclose(pg.hook_delta("layer0/attn/q", jnp.asarray(x), None, _ctx(ad)), want,
                                rtol=1e-4, atol=1e-5)
     # From init.adapter_from (no library config): the scale is this run's alpha / rank.
-    prev = nn.unbox(lib.PhatgooseGate("attn/q", num_library=1, rank=2, alpha=6.0).init(
+    prev = nn.unbox(pg_lib.PhatgooseGate("attn/q", num_library=1, rank=2, alpha=6.0).init(
         jax.random.PRNGKey(0), _Q, previous=lora_params))
     np.testing.assert_allclose(prev["library_scale"], [3.0])
     np.testing.assert_array_equal(prev["library"]["layer0"]["attn"]["q"]["lora_a"],
@@ -198,7 +199,7 @@ def pg_scale(cfg):
 def test_phatgoose_routes_to_aligned_gate_and_matches_dense_reference():
     k = 4
     entries = [_gate_entry(_Q, "attn/q", 2 + i % 2, i) for i in range(k)]   # ranks 2 and 3: zero-padded
-    ph = lib.Phatgoose("attn/q", num_library=k, top_k=2)
+    ph = pg_lib.Phatgoose("attn/q", num_library=k, top_k=2)
     ad = nn.unbox(ph.init(jax.random.PRNGKey(0), _Q, library=[p for p, _ in entries],
                           library_configs=[cf for _, cf in entries]))
     assert ph.count(_Q) == 0
@@ -226,20 +227,20 @@ def test_glider_logits_reference_and_large_lambda_is_retrieval():
     k = 3
     entries = [_gate_entry(_Q, "attn/q", 2, i) for i in range(k)]
     sims = (0.2, 0.9, 0.5)
-    gl = lib.Glider("attn/q", num_library=k, task_similarity=sims, lam=3.0, top_k=2)
+    gl = pg_lib.Glider("attn/q", num_library=k, task_similarity=sims, lam=3.0, top_k=2)
     ad = nn.unbox(gl.init(jax.random.PRNGKey(0), _Q, library=[p for p, _ in entries],
                           library_configs=[cf for _, cf in entries]))
     router = np.asarray(ad["router"]["layer0"]["attn"]["q"])
     np.testing.assert_array_equal(router.T, np.stack([e["gate"]["layer0"]["attn"]["q"] for e, _ in entries]))
     assert gl.count(_Q) == 0 and set(jax.tree.leaves(gl.param_groups(ad))) == {"frozen"}
-    trained = lib.Glider("attn/q", num_library=k, task_similarity=sims, train_router=True)
+    trained = pg_lib.Glider("attn/q", num_library=k, task_similarity=sims, train_router=True)
     assert trained.count(_Q) == 16 * k and trained.param_groups(ad)["router"]["layer0"]["attn"]["q"] == "trained"
     x = np.random.default_rng(7).standard_normal((2, 5, 16)).astype(np.float32)
     logits = _ln(x) @ router / np.sqrt(16) + 3.0 * np.asarray(sims)
     w = np.asarray(gl.weights("layer0/attn/q", jnp.asarray(x), _ctx(ad)))
     np.testing.assert_allclose(w, _np_topk(logits, 2), rtol=1e-5, atol=1e-6)
     # λ huge: every token's weight goes to argmax g (near-hard retrieval, the card's pitfall).
-    hard = lib.Glider("attn/q", num_library=k, task_similarity=sims, lam=1e4, top_k=2)
+    hard = pg_lib.Glider("attn/q", num_library=k, task_similarity=sims, lam=1e4, top_k=2)
     w = np.asarray(hard.weights("layer0/attn/q", jnp.asarray(x), _ctx(ad)))
     np.testing.assert_allclose(w[..., 1], 1.0, atol=1e-6)
     # A plain LoRA entry has no gate: its local-router column is zero.
@@ -296,12 +297,12 @@ def test_errors(data_dir, tmp_path):
         sl.init(jax.random.PRNGKey(0), _Q, library=[lora_params], library_configs=[{"method": "mos"}])
     with pytest.raises(ValueError, match=r"^adapter.method='phatgoose' routes by gate vectors: adapter.library\[0\] "
                                          r"is a 'lora' run; allowed: phatgoose_gate runs"):
-        lib.Phatgoose("attn/q", num_library=1).init(jax.random.PRNGKey(0), _Q, library=[lora_params],
+        pg_lib.Phatgoose("attn/q", num_library=1).init(jax.random.PRNGKey(0), _Q, library=[lora_params],
                                                     library_configs=[lcfg])
     with pytest.raises(ValueError, match=r"^adapter.method='phatgoose_gate' needs the LoRA whose gate it trains"):
-        lib.PhatgooseGate("attn/q", num_library=1).init(jax.random.PRNGKey(0), _Q)
+        pg_lib.PhatgooseGate("attn/q", num_library=1).init(jax.random.PRNGKey(0), _Q)
     with pytest.raises(ValueError, match=r"^init.adapter_from's LoRA has rank \[2\], but adapter.rank=8"):
-        lib.PhatgooseGate("attn/q", num_library=1, rank=8).init(jax.random.PRNGKey(0), _Q, previous=lora_params)
+        pg_lib.PhatgooseGate("attn/q", num_library=1, rank=8).init(jax.random.PRNGKey(0), _Q, previous=lora_params)
 
 
 def test_task_similarity_of_the_base_model(data_dir):
@@ -313,12 +314,12 @@ def test_task_similarity_of_the_base_model(data_dir):
     low.append(low[0].copy())
     low[1][1, 3] = 7                                               # nearly the same task
     high = [rng.integers(200, 258, (2, 8))]                        # another task
-    g = lib.task_similarity(model, base, low[:1], [low[1:], high, low[:1]])
+    g = pg_lib.task_similarity(model, base, low[:1], [low[1:], high, low[:1]])
     assert g.shape == (3,) and np.isclose(g[2], 1.0, atol=1e-5)    # the task itself: cosine 1
     assert g[0] > g[1]                                             # the same kind of tokens is closer
     # weights mask tokens out: all-but-one masked equals that token's hidden state alone.
-    e_masked = lib.task_embedding(model, base, [{"inputs": low[0], "weights": np.eye(1, 16).reshape(2, 8)}])
-    e_first = lib.task_embedding(model, base, [low[0][:1, :1]])
+    e_masked = pg_lib.task_embedding(model, base, [{"inputs": low[0], "weights": np.eye(1, 16).reshape(2, 8)}])
+    e_first = pg_lib.task_embedding(model, base, [low[0][:1, :1]])
     np.testing.assert_allclose(e_masked, e_first, rtol=1e-4, atol=1e-5)
 
 
@@ -405,7 +406,7 @@ def test_library_runs_end_to_end(data_dir, tmp_path):
                                                         train_lib.adapter_sources(c))
         base = train_lib.load_base(model, c, setup, mesh, rules)
     method, params, _ = train_lib.load_adapter(os.path.join(wd["phatgoose"], "adapter"), base)
-    assert isinstance(method, lib.Phatgoose) and method.num_library == 2
+    assert isinstance(method, pg_lib.Phatgoose) and method.num_library == 2
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, 258, (2, 8)))
 
     @jax.jit

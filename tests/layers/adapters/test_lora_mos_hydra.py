@@ -1,5 +1,5 @@
 """Adapters (layers/adapters/base.py) and their training path: LoRA, MoS and Hydra parameter
-counts against PEFT.md's formulas, MoS == LoRA with private shards only, MoS index
+counts against the papers' formulas, MoS == LoRA with private shards only, MoS index
 buffers, merged == unmerged, frozen base bit-identical, only adapter parameters in the
 optimizer state, the adapter checkpoint and its base fingerprint, and the errors."""
 

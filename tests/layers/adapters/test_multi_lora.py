@@ -1,4 +1,4 @@
-"""Many LoRA adapters in one batch (layers/adapters/multi_lora.py, PEFT.md 6): a mixed batch through
+"""Many LoRA adapters in one batch (layers/adapters/multi_lora.py): a mixed batch through
 the tiny LM equals each example run alone on the base with its own LoRA merged in (both
 implementations, mixed ranks, id 0 = the base model), gather == sorted == the per-adapter
 loop == a per-example reference, missing targets are zeros, out-of-range ids, the

@@ -1,5 +1,5 @@
 """Poly / MHR / MHR-z / MHR-mu (layers/adapters/poly.py) through the activation hook
-(layers/adapters/hooks.py): counts against PEFT.md's formulas, Poly with one skill ==
+(layers/adapters/hooks.py): counts against the papers' formulas, Poly with one skill ==
 LoRA with Poly's 1/r scaling, a mixed-task batch == each example alone with its task's
 merged weights, MHR-mu's merge == the routed path at uniform weights, relaxed-Bernoulli
 weights, the few-shot modes' frozen skills, and the errors."""
