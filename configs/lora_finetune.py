@@ -7,7 +7,7 @@ Command (a base run first, then the adapter on top of it):
 Output: runs/lora/adapter/ (params/ + adapter.json: base fingerprint, trainable and total
 parameter counts); ``training.train.load_trained('runs/lora')`` gives the merged weights.
 Expected: trainable parameters 4 layers x 8 x ((128 + 128) + (128 + 64)) = 14,336
-(r (d_in + d_out) per matrix), printed at start. Time and result: not measured yet.
+(r (d_in + d_out) per matrix), printed at start. No time or result is recorded for this config.
 Add ``--config.adapter.rslora=True`` for rsLoRA scaling alpha / sqrt(r).
 """
 

@@ -1,6 +1,6 @@
 """Few-shot adaptation to held-out tasks (tomllib, zoneinfo, turtledemo: three stdlib
 packages the multi-task adapter never trained on) from a multi-task MHR/Poly run
-(configs/poly_multitask.py), in one of the MHR paper's modes (PEFT.md section 2):
+(configs/poly_multitask.py), in one of the MHR paper's modes (Caccia et al. 2023):
 
 * ``mhr_z`` (default): only a fresh router (one row per held-out task) trains; the skills
   stay frozen (not in the optimizer state): 4 x 3 tasks x 4 heads x 4 skills = 192

@@ -2,7 +2,7 @@
 top-2 with renormalised weights, dropless dispatch, grouped-query attention.
 
 Command:  routezoo train --config mixtral --workdir runs/mixtral
-Expected: about 5 minutes on a 2-core CPU; see README for the measured result.
+No time or result is recorded for this config.
 """
 
 from routezoo.configs import default

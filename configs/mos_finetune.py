@@ -1,4 +1,4 @@
-"""MoS fine-tuning (Mixture of Shards, Wang et al., ICLR 2025; PEFT.md section 1) of the
+"""MoS fine-tuning (Mixture of Shards, Wang et al., ICLR 2025) of the
 default LM: every attention projection and expert matrix, active rank r = 8 at the
 parameter budget of LoRA rank r_eq = 3, one private rank vector per layer, 2 shards per
 rank vector, alpha 16 (the authors' LLaMA2 recipe adapts all 7 projections with alpha 16);
@@ -13,7 +13,8 @@ regenerated); ``training.train.load_trained('runs/mos')`` gives the merged weigh
 Expected: trainable parameters = LoRA at rank 3 on the same matrices (each of the 8
 experts' matrices is one owner): 3 x 4 layers x ((128+128) + 2 x (128+64) + (128+128)
 + 8 x 3 x (128+256)) = 121,344, printed at start.
-Time and result: not measured yet. Ablations: --config.adapter.mos_private_rank=0,
+No time or result is recorded for this config (a LoRA-vs-MoS comparison
+is in BENCHMARKS.md, adapters). Ablations: --config.adapter.mos_private_rank=0,
 --config.adapter.mos_pair_dissociation=False, --config.adapter.mos_subset_selection=False,
 --config.adapter.mos_shards_per_vector=1.
 """

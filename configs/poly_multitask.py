@@ -1,4 +1,5 @@
-"""Multi-task adapter training with task routing (Poly / MHR; PEFT.md section 2) on a
+"""Multi-task adapter training with task routing (Poly, Ponti et al. 2022; MHR, Caccia et
+al. 2023) on a
 trained base, tasks taken from the default corpus: each task is one top-level package of
 the Python standard library, and every example's task id picks its router row.
 

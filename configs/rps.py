@@ -1,4 +1,5 @@
-"""Randomized parameter sharing (STABLE-RPS, PEFT.md 5; layers/adapters/rps.py): the default LM
+"""Randomized parameter sharing (STABLE-RPS, Desai and Shrivastava 2024;
+layers/adapters/rps.py): the default LM
 trained FROM SCRATCH with every attention matrix (q, k, v, o) and every expert MLP matrix
 (wi, wi_gate, wo of the 8 stacked experts) recovered from one shared array M at
 compression 0.1; the embedding, norms and routers train dense.

@@ -3,7 +3,7 @@ router probability as weight, capacity dispatch (cf 1.25 train / 2.0 eval), load
 loss 0.01, MoE in every other layer, router init scale 0.1, jitter 0.01.
 
 Command:  routezoo train --config switch --workdir runs/switch
-Expected: about 4 minutes on a 2-core CPU; see README for the measured result.
+No time or result is recorded for this config.
 """
 
 from routezoo.configs import default
