@@ -23,7 +23,8 @@ from flax import linen as nn
 from routezoo.layers import sharding as shd
 from routezoo.layers.routers import TopKRouter
 from routezoo.zoo import hf
-from routezoo.zoo.lm import positions_from_mask
+from routezoo.zoo.hf import safetensors_io
+from routezoo.zoo.lm import ffn_kinds, positions_from_mask
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -162,7 +163,7 @@ def test_import_matches_transformers(family, hf_dir):
     logits, routings = _rz_forward(model, params, tokens, mask)
     assert logits.shape == ref_logits.shape
     assert _rel_err(logits, ref_logits, mask) <= RTOL
-    assert len(routings) == len(ref_routers) == sum(k == "moe" for k in hf._ffn_kinds(model.cfg))
+    assert len(routings) == len(ref_routers) == sum(k == "moe" for k in ffn_kinds(model.cfg))
     k = model.cfg.moe.k
     flat_mask = mask.reshape(-1)
     for i, (routing, ref) in enumerate(zip(routings, ref_routers)):
@@ -267,13 +268,13 @@ def test_sharded_import_reads_only_each_devices_slice(tmp_path, monkeypatch):
     _, ref_params = _random_checkpoint(path, MIXTRAL_CFG)
     mesh = shd.make_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
     reads = []
-    original_get = hf._Reader.get
+    original_get = safetensors_io.Reader.get
 
     def recording_get(self, name, index):
         out = original_get(self, name, index)
         reads.append((name, out.shape))
         return out
-    monkeypatch.setattr(hf._Reader, "get", recording_get)
+    monkeypatch.setattr(safetensors_io.Reader, "get", recording_get)
     model, params = hf.from_hf(path, mesh=mesh)
 
     wi = params["layer0"]["moe"]["experts"]["wi"]                          # [E, D, F] = [4, 32, 48]

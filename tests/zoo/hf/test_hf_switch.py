@@ -88,6 +88,8 @@ class _Recorder:
     """An activation-space adapter that adds nothing and records the projections it sees."""
 
     name = "recorder"
+    acts_on_activations = True   # it defines hook_delta
+    needs_task_ids = False
 
     def __init__(self, paths):
         self.paths, self.seen = paths, []

@@ -1,0 +1,242 @@
+"""Every file the Hugging Face conversion reads or writes: safetensors shards, their
+index, ``config.json`` (and a converted directory's ``hf_config.json``).
+
+safetensors files are opened lazily; bfloat16/float8 tensors, which numpy cannot name,
+are read through a memory map of the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from routezoo.zoo.hf.registry import HFError
+
+HF_CONFIG = "config.json"
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+RZ_HF_CONFIG = "hf_config.json"          # converted dir: the original HF config
+RZ_INDEX = "params.safetensors.index.json"
+RZ_SINGLE = "params.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2 ** 30
+
+_RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class Reader:
+    """Lazy reader of a set of safetensors files (an index with its shards, or one file).
+
+    Args:
+      directory: the checkpoint directory.
+      index_name: the index file's name (read when present).
+      single_name: the one file's name (read when there is no index).
+    """
+
+    def __init__(self, directory: str, index_name: str, single_name: str):
+        from safetensors import safe_open
+
+        self.directory = directory
+        index_path = os.path.join(directory, index_name)
+        single_path = os.path.join(directory, single_name)
+        if os.path.exists(index_path):
+            with open(index_path) as fh:
+                weight_map = json.load(fh)["weight_map"]
+            for file in sorted(set(weight_map.values())):
+                if not os.path.exists(os.path.join(directory, file)):
+                    users = sorted(n for n, f in weight_map.items() if f == file)
+                    raise FileNotFoundError(
+                        f"shard file {file!r} listed in {index_path} is missing (it holds "
+                        f"{len(users)} tensors, e.g. {users[0]!r})")
+        elif os.path.exists(single_path):
+            weight_map = None
+        else:
+            found = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".safetensors")))
+            raise FileNotFoundError(f"no {single_name} or {index_name} in {directory}"
+                                    + (f" (found {', '.join(found[:5])}; only safetensors is read)" if found else ""))
+        self._stack = contextlib.ExitStack()
+        self._files: dict[str, Any] = {}
+        self._headers: dict[str, dict] = {}
+        files = sorted(set(weight_map.values())) if weight_map else [single_name]
+        self.location: dict[str, str] = {}
+        for file in files:
+            handle = self._stack.enter_context(safe_open(os.path.join(directory, file), framework="numpy"))
+            self._files[file] = handle
+            for name in handle.keys():
+                self.location[name] = file
+        if weight_map:
+            missing = sorted(n for n in weight_map if n not in self.location)
+            if missing:
+                raise HFError(f"tensor {missing[0]!r} is listed in {index_name} for "
+                              f"{weight_map[missing[0]]!r} but that file does not hold it")
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def names(self) -> list[str]:
+        """The names of all tensors of the checkpoint."""
+        return list(self.location)
+
+    def _slice(self, name: str):
+        if name not in self.location:
+            raise HFError(f"tensor {name!r} is missing from the checkpoint in {self.directory}")
+        return self._files[self.location[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name``."""
+        return tuple(self._slice(name).get_shape())
+
+    def get(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block ``index`` (one slice per dim) of tensor ``name``, read from disk."""
+        sl = self._slice(name)
+        if sl.get_dtype() in _RAW_DTYPES:
+            return np.asarray(self._raw(name)[index])
+        return np.asarray(sl[index])
+
+    def _raw(self, name: str) -> np.ndarray:
+        """A read-only memory map of a tensor whose dtype numpy cannot name (bfloat16, ...)."""
+        import ml_dtypes
+
+        file = os.path.join(self.directory, self.location[name])
+        if file not in self._headers:
+            with open(file, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                self._headers[file] = {"__start__": 8 + n, **json.loads(fh.read(n))}
+        header = self._headers[file]
+        info = header[name]
+        b, e = info["data_offsets"]
+        dtype = np.dtype(getattr(ml_dtypes, _RAW_DTYPES[info["dtype"]]))
+        raw = np.memmap(file, dtype=np.uint8, mode="r", offset=header["__start__"] + b, shape=(e - b,))
+        return raw.view(dtype).reshape(info["shape"])
+
+
+def hf_reader(directory: str) -> Reader:
+    """A :class:`Reader` of an HF checkpoint directory (``model*.safetensors``)."""
+    return Reader(directory, HF_INDEX, HF_SINGLE)
+
+
+def converted_reader(directory: str) -> Reader:
+    """A :class:`Reader` of a converted routezoo directory (``params*.safetensors``)."""
+    return Reader(directory, RZ_INDEX, RZ_SINGLE)
+
+
+def hf_tensor_names(directory: str) -> set[str]:
+    """The names of the tensors of the HF checkpoint in ``directory``."""
+    with hf_reader(directory) as reader:
+        return set(reader.names())
+
+
+def read_configs(path: str) -> tuple[dict, dict | None]:
+    """The configs of a checkpoint directory.
+
+    Args:
+      path: an HF checkpoint directory or a converted routezoo directory.
+
+    Returns:
+      ``(config.json, hf_config.json)``: the second is ``None`` unless ``path`` is a
+      converted directory (its ``config.json`` a routezoo config with a ``model`` section).
+    """
+    cfg_path = os.path.join(path, HF_CONFIG)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
+    with open(cfg_path) as fh:
+        cfg = json.load(fh)
+    if isinstance(cfg.get("model"), dict) and os.path.exists(os.path.join(path, RZ_HF_CONFIG)):
+        with open(os.path.join(path, RZ_HF_CONFIG)) as fh:
+            return cfg, json.load(fh)
+    return cfg, None
+
+
+def make_dir(path: str) -> None:
+    """Creates ``path`` (and its parents) if absent."""
+    os.makedirs(path, exist_ok=True)
+
+
+def write_hf_config(directory: str, hf_cfg: dict) -> None:
+    """Writes ``config.json`` of an HF checkpoint (process 0 only).
+
+    Args:
+      directory: the checkpoint directory.
+      hf_cfg: the HF config dict.
+    """
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, HF_CONFIG), "w") as fh:
+            json.dump(hf_cfg, fh, indent=2, sort_keys=True)
+
+
+def write_converted_configs(directory: str, config_text: str, hf_cfg: dict) -> None:
+    """Writes ``config.json`` (a routezoo config, as text) and ``hf_config.json`` of a converted directory.
+
+    Args:
+      directory: the converted directory.
+      config_text: the routezoo config's JSON.
+      hf_cfg: the original HF config dict.
+    """
+    with open(os.path.join(directory, HF_CONFIG), "w") as fh:
+        fh.write(config_text)
+    with open(os.path.join(directory, RZ_HF_CONFIG), "w") as fh:
+        json.dump(hf_cfg, fh, indent=2, sort_keys=True)
+
+
+def write_shards(directory: str, tensors: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]],
+                 index_name: str, single_name: str, max_shard_bytes: int, itemsize: Callable[[str], int]
+                 ) -> list[str]:
+    """Writes tensors into safetensors shards, one tensor in memory at a time per shard being written.
+
+    Args:
+      directory: where to write.
+      tensors: ``(name, shape, get)``, in file order; ``get()`` gives the array.
+      index_name: the index file (written when there is more than one shard, removed otherwise).
+      single_name: the file name of one shard; ``stem-0000i-of-0000n.ext`` for several.
+      max_shard_bytes: the size at which a new shard starts.
+      itemsize: bytes per element of a tensor, by name.
+
+    Returns:
+      The shard file names.
+    """
+    from safetensors.numpy import save_file
+
+    groups: list[list] = [[]]
+    size = 0
+    for item in tensors:
+        nbytes = math.prod(item[1]) * itemsize(item[0])
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += nbytes
+    stem, ext = os.path.splitext(single_name)
+    names = ([single_name] if len(groups) == 1 else
+             [f"{stem}-{i + 1:05d}-of-{len(groups):05d}{ext}" for i in range(len(groups))])
+    weight_map, total = {}, 0
+    is_main = jax.process_index() == 0
+    for file, group in zip(names, groups):
+        arrays = {}
+        for name, _, get in group:
+            arrays[name] = get()
+            total += arrays[name].nbytes
+            weight_map[name] = file
+        if is_main:
+            save_file(arrays, os.path.join(directory, file), metadata={"format": "pt"})
+        del arrays
+    for stale in (index_name,):
+        if is_main and len(names) == 1 and os.path.exists(os.path.join(directory, stale)):
+            os.remove(os.path.join(directory, stale))
+    if is_main and len(names) > 1:
+        with open(os.path.join(directory, index_name), "w") as fh:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                      fh, indent=2)
+    return names
