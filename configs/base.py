@@ -11,6 +11,8 @@ rest), ``model.name``, ``data.name``, ``seed``, ``model.moe.*``.
 
 import ml_collections
 
+from routezoo.layers.routers import router_config_keys   # importing the routers registers them all
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -84,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe = m.moe = ml_collections.ConfigDict()
     moe.num_experts = 8
     moe.k = 2
-    moe.router = "top_k"               # top_k | deepseek_v3 | deepseek_v2 | expert_choice | hash | thor | smoe_dropout | top_p | null_experts | recurrent | pregate | duo | uoe | soft
+    moe.router = "top_k"               # a name of routezoo.layers.routers.ROUTERS: top_k, expert_choice, deepseek_v3, soft, ...
     moe.dispatch = "dropless"          # capacity | dropless
     moe.capacity_factor = 1.25         # training
     moe.eval_capacity_factor = 2.0     # evaluation
@@ -108,54 +110,11 @@ def get_config() -> ml_collections.ConfigDict:
     moe.ep_exchange = "auto"           # dropless expert parallel: auto (padded on CPU/GPU, ragged on TPU) | padded | ragged | ragged_emulated (CPU tests)
     moe.router_init_scale = 0.1
     moe.router_precision = "float32"   # router logits matmul: float32 (exact) | bf16_3x (3 bf16 tensor-core passes, ~f32 accuracy, faster on GPUs)
-    # DeepSeek-V3 routing (layers/routers/deepseek.py), moe.router=deepseek_v3: sigmoid scores, group-limited top-k,
-    # a selection-only correction bias (a frozen parameter); moe.renormalize is norm_topk_prob.
-    moe.deepseek_v3_n_group = 1        # deepseek_v3: expert groups N (E divisible by N); 1 = plain top-k
-    moe.deepseek_v3_topk_group = 1     # deepseek_v3: groups kept per token (by the sum of each group's top-2 scores)
-    moe.deepseek_v3_scaling_factor = 1.0  # deepseek_v3: routed_scaling_factor multiplying the combine weights
-    # moe.router=deepseek_v2 (DeepSeek-V2): softmax scores, groups ranked by their best score, no bias; it reads
-    # the three deepseek_v3_* keys above (n_group 1: 'greedy', > 1: 'group_limited_greedy').
-    # Router zoo (layers/routers/stochastic.py): more moe.router values: hash | thor | smoe_dropout |
-    # top_p | null_experts. Each key below is read only by the router it is prefixed with.
-    moe.hash_seed = 0                  # hash: seed of the fixed token-id -> expert map (Roller et al. 2021)
-    moe.hash_vocab_size = 0            # hash: V > 0: random permutation of [0, V) mod E (exactly balanced); 0: integer hash of the id
-    moe.thor_train_level = "token"     # thor: random expert per token | sequence (routing group) | batch (authors' code: one per pass)
-    moe.thor_inference = "sequence"    # thor: at eval one random expert per sequence (authors' script) | token
-    moe.thor_consistency_coef = 1.0    # thor: alpha of the symmetric-KL consistency between two passes (paper's config default 1.0; IWSLT script 5.0)
-    moe.thor_seed = 0                  # thor: fixed eval draw when no 'router' rng is given
-    moe.smoe_k_schedule = "linear"     # smoe_dropout: k over training: linear | cosine | steps (1, 2, 4, ... k_end)
-    moe.smoe_k_start = 1               # smoe_dropout: k at step 0 (authors' enwik8 script: E/2)
-    moe.smoe_k_end = 0                 # smoe_dropout: final k; 0 = num_experts
-    moe.smoe_k_steps = 1000            # smoe_dropout: steps (counted router calls in training) to reach smoe_k_end
-    moe.smoe_eval_k = 0                # smoe_dropout: k at evaluation (self-slimmable, any 1..E); 0 = final k
-    moe.smoe_eval_sweep = "auto"       # smoe_dropout: also evaluate at these k during training (eval_loss@k2, ...): auto (1, 2, 4, ... E) | "" | "1,4"
-    moe.top_p_threshold = 0.4          # top_p: smallest expert set with probability >= p, p in (0, 1] (Huang et al. 2024)
-    moe.top_p_max_k = 0                # top_p: cap on experts per token (static slots); 0 = num_experts
-    moe.top_p_entropy_coef = 1e-4      # top_p: dynamic (router-entropy) loss coefficient beta (value unverified)
-    moe.num_null_experts = 8           # null_experts: m null experts (AdaMoE); top-k (moe.k) over E + m
-    # Routers with state across layers / the model (layers/routers/stateful.py): recurrent | pregate.
-    moe.recurrent_dim = 256            # recurrent: GRU router state width R, shared across MoE layers (RMoE, Qiu et al. 2024; paper 256)
-    moe.recurrent_cell = "gru"         # recurrent: gru | rnn (the paper's ablation: h' = tanh(W x' + U h + b))
-    moe.pregate_dim = 64               # pregate: width P of the pre-gate Transformer (Read-ME, Cai et al. 2024)
-    moe.pregate_layers = 1             # pregate: causal attention + MLP blocks in the pre-gate
-    moe.pregate_heads = 2              # pregate: attention heads (pregate_dim / heads must be even)
-    moe.pregate_shared_routes = True   # pregate: True: one choice per token used by every MoE layer (Read-ME); False: one per layer
-    # Union of Experts (layers/moe/uoe.py; Yang et al. 2025): moe.router=uoe makes each MoE layer's attention
-    # selective (heads as experts over the tokens they chose) and its FFN the union of MLP slices (top-moe.k of num_experts).
-    moe.uoe_attn_k = 0                 # uoe: heads per token k_h, 0..model.num_heads; 0 = num_heads // 2 (the authors' H/2)
-    moe.uoe_capacity_factor = 1.25     # uoe: tokens per head and sequence C = min(L, ceil(cf * L * k_h / H)), filled in time order; the rest dropped for that head
-    # Soft MoE (layers/moe/soft.py, Puigcerver et al. 2023), moe.router=soft: encoders only (not causal).
-    moe.soft_slots_per_expert = 0      # soft: slots S per expert; 0 = max(1, round(tokens per group / num_experts)), about one slot per token
-    moe.soft_normalize = True          # soft: L2-normalise tokens and slot parameters, times a learned scale (paper, for large d_model); False: plain X @ Phi
-    # Duo-LLM (layers/moe/duo.py; Alizadeh et al. 2024): moe.router=duo puts a DuoFFN in every MoE slot:
-    # per token a big FFN (width expert_dim), a small FFN or skip. moe.num_experts / k are not used.
-    moe.duo_mode = "random"            # duo: random (stage 1: options drawn from duo_probs in training) | router (stage 3: learned router)
-    moe.duo_small_dim = 0              # duo: hidden width of the small FFN; 0 = expert_dim // 4 (paper's width unverified)
-    moe.duo_probs = "0.5,0.25,0.25"    # duo: random mode's training probabilities of big,small,skip (paper's values unverified)
-    moe.duo_eval_route = "auto"        # duo: route at evaluation: auto (random: big; router: router) | big | small | skip | router
-    moe.duo_eval_sweep = ""            # duo: also evaluate with these routes during training (eval_loss@big, ...), e.g. "big,small,skip"
-    moe.duo_router_sample = False      # duo: router mode, training: sample the option from the router's softmax instead of argmax
-    moe.duo_cost_coef = 0.01           # duo: router mode: coef * mean_tokens sum_o p_o cost_o (cost big 1, small small/expert_dim, skip 0; value unverified)
+    # Router-specific keys (moe.hash_seed, moe.thor_*, moe.duo_*, ...): each router class declares
+    # the keys it reads with their defaults (Router.config_keys, each key documented in the
+    # router's module); the schema holds the union over every registered router.
+    for key, default in router_config_keys().items():
+        moe[key] = default
 
     # ---------------------------------------------------------------- mesh
     mesh = c.mesh = ml_collections.ConfigDict()
@@ -243,8 +202,8 @@ def get_config() -> ml_collections.ConfigDict:
     a.rank = 8                   # lora: rank r; mos: active rank r; hydra: parallel rank r_p
     a.alpha = 16.0               # lora, mos: scale alpha / r
     a.rslora = False             # lora: rsLoRA scale alpha / sqrt(r)
-    a.lora_dropout = 0.0         # lora, mos: dropout on the adapter's input x in training (PEFT.md 0; MoS recipe 0.1); hydra: on both branches' low-rank activations (ViT recipe 0.2)
-    # mos (Mixture of Shards, PEFT.md 1): rank = active rank r, scale alpha / r; per projection
+    a.lora_dropout = 0.0         # lora, mos: dropout on the adapter's input x in training (MoS recipe 0.1); hydra: on both branches' low-rank activations (ViT recipe 0.2)
+    # mos (Mixture of Shards, Wang et al. 2025): rank = active rank r, scale alpha / r; per projection
     # type one pool of A- and B-shards shared by all layers, picked by frozen random indices.
     a.mos_equiv_rank = 2         # mos: r_eq, parameters = LoRA at rank r_eq (pool P = r_eq * layers * n)
     a.mos_private_rank = 1       # mos: r_pri rank vectors per layer on private shards (0 = no privatisation)
@@ -252,23 +211,23 @@ def get_config() -> ml_collections.ConfigDict:
     a.mos_subset_selection = True   # mos: each layer draws its own public-shard subset (False: all share one)
     a.mos_pair_dissociation = True  # mos: B's shard indices drawn independently of A's (False: B uses A's)
     a.mos_seed = 0               # mos: seed of the index buffers (regenerated from it, saved in adapter.json)
-    # hydra (PEFT.md 3): rank = r_p of the parallel LoRA branch on x; a sequential branch on the
+    # hydra (Kim et al. 2023): rank = r_p of the parallel LoRA branch on x; a sequential branch on the
     # base output W x (+ b). Merged: W' = W + s (A_p B_p + W A_s B_s).
     a.hydra_seq_rank = 8         # hydra: rank r_s of the sequential branch (>= 1)
     a.hydra_scale = 1.0          # hydra: s, the factor of both branches (alpha is not used)
-    # poly / mhr / mhr_z / mhr_mu (PEFT.md 2): rank = R of each skill (scale 1/R, alpha unused);
+    # poly / mhr / mhr_z / mhr_mu (Ponti et al. 2022; Caccia et al. 2023): rank = R of each skill (scale 1/R, alpha unused);
     # every example's task id (data.tasks) picks its router row.
     a.num_tasks = 0              # poly, mhr, mhr_z: router rows T (0 = the number of data.tasks)
     a.poly_skills = 8            # poly, mhr: M LoRA skills per adapted weight
     a.mhr_heads = 4              # mhr, mhr_z, mhr_mu: H routing heads (divides d_in and d_out)
     a.poly_router_lr_mult = 100.0  # poly, mhr, mhr_z: router learning rate / adapters' (card: 0.1 vs 1e-3)
     a.poly_relaxed = True        # poly, mhr, mhr_z: relaxed-Bernoulli skill weights in training (False: sigmoid)
-    # multi_lora (PEFT.md 6, S-LoRA/Punica): serve the adapter.library LoRAs (mixed ranks and targets)
+    # multi_lora (S-LoRA/Punica): serve the adapter.library LoRAs (mixed ranks and targets)
     # in one batch, each example with its own adapter by batch 'task_id' (0 = base model, n = library
     # entry n); frozen, never merged. targets ".*" serves every weight the library adapts.
     a.multi_lora_impl = "auto"   # multi_lora: auto (= gather, measured faster) | gather (BGMV) | sorted (SGMV, prefill path)
     a.multi_lora_gmm_backend = "auto"   # multi_lora sorted: grouped matmul (layers/moe/dropless.py GMM_BACKENDS; auto by platform)
-    # scalearn, phatgoose_gate, phatgoose, glider (PEFT.md 4, ROUTERS.md 11; layers/adapters/library.py):
+    # scalearn, phatgoose_gate, phatgoose, glider (layers/adapters/library.py, layers/adapters/phatgoose.py):
     # combine the LoRA runs of adapter.library (copied into this adapter, frozen); only the
     # method's own parameters train (scalearn: omega; phatgoose_gate: gates; phatgoose: none).
     a.scalearn_uniform = False   # scalearn: one scalar omega per adapter ([K]) instead of per output feature ([K, O])
@@ -278,7 +237,7 @@ def get_config() -> ml_collections.ConfigDict:
     a.glider_lambda = 3.0        # glider: lambda, scale of the global (task-similarity) logits (3 held-out, 100 held-in)
     a.glider_task_similarity = ""  # glider: g, one cosine similarity per library entry, comma-separated (task_similarity)
     a.glider_train_router = False  # glider: train the local router W_gate (init: the library's gates); False = frozen
-    # rps (randomized parameter sharing, PEFT.md 5; layers/adapters/rps.py): trains FROM SCRATCH; every target
+    # rps (randomized parameter sharing, layers/adapters/rps.py): trains FROM SCRATCH; every target
     # weight is lambda * sign * M[hash] of one global trainable M [ceil(c * n)]; all other weights train dense.
     a.rps_compression = 0.1      # rps: c in (0, 1], m = ceil(c * n) shared weights for the n target weights
     a.rps_mapping = "stable"     # rps: stable (STABLE-RPS RandomFold; injective at c = 1) | roast (ROAST tiles)

@@ -123,7 +123,7 @@ def train_main(argv: list[str]) -> int:
     from routezoo.training import config_check
 
     config, workdir, stop_after = parse_train_flags(argv)
-    from routezoo.training.train import maybe_initialize_distributed
+    from routezoo.training.state import maybe_initialize_distributed
     maybe_initialize_distributed()   # before anything touches the XLA backend
     if config.init.from_hf:
         from routezoo.zoo import hf
@@ -144,7 +144,7 @@ def train_main(argv: list[str]) -> int:
             data_lib.check_tasks(config)
         except ValueError as e:
             return _fail(" ".join(str(e).split()))
-    from routezoo.training.train import train_and_evaluate
+    from routezoo.training.loop import train_and_evaluate
     result = train_and_evaluate(config, workdir, stop_after=stop_after)
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                         if k in ("step", "loss", "eval_loss", "eval_bits_per_byte"))
@@ -194,7 +194,7 @@ def convert_main(argv: list[str]) -> int:
                   f"--config.init.from_hf={args.workdir}")
             return 0
         if os.path.isdir(os.path.join(args.workdir, "checkpoints")):   # a training run
-            from routezoo.training.train import load_trained
+            from routezoo.training.workdir import load_trained
             config, _, state = load_trained(args.workdir)
             base_config = None
             if config.init.from_hf:

@@ -167,9 +167,11 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         kinds = zoo.ffn_kinds(m)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if m.mtp_depth > 0 and "moe" in kinds and m.moe.router in ("recurrent", "pregate", "duo"):
-        raise ConfigError(f"model.mtp_depth={m.mtp_depth} does not work with moe.router="
-                          f"{m.moe.router!r} (its state lives outside the layers); allowed: any other router")
+    if m.mtp_depth > 0 and "moe" in kinds:
+        from routezoo.layers.routers import ROUTERS, Router
+        if not ROUTERS.get(m.moe.router, Router).supports_mtp:
+            raise ConfigError(f"model.mtp_depth={m.mtp_depth} does not work with moe.router="
+                              f"{m.moe.router!r} (its state lives outside the layers); allowed: any other router")
     if m.name == "encoder_decoder":
         kinds = _encoder_decoder_kinds(m)
         if m.seq2seq_objective == "span_corruption":
@@ -221,8 +223,6 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         from routezoo.layers.routers import ROUTERS
         try:
             validate_moe_config(m.moe, causal=causal, mesh_shape=sizes)
-            check_model = getattr(ROUTERS[m.moe.router], "check_model_config", None)
-            if check_model is not None:   # routers that also change the model (uoe: its attention)
-                check_model(m)
+            ROUTERS[m.moe.router].check_model_config(m)   # routers that also change the model (uoe)
         except ValueError as e:
             raise ConfigError(str(e)) from None

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from routezoo.layers.moe.duo import BIG, OPTIONS, option_costs
+from routezoo.layers.moe.duo import BIG, OPTIONS, DuoRouter, option_costs
 
 _EPS = 1e-9   # slack of the budget comparison (costs are sums of floats)
 
@@ -85,9 +85,14 @@ class OracleResult:
 def model_costs(model: Any) -> tuple[float, float, float]:
     """(big, small, skip) costs of a ``DecoderLM`` with ``moe.router='duo'``."""
     cfg = model.cfg
-    if not any(kind == "moe" for kind in _kinds(model)) or str(cfg.moe.router) != "duo":
+    if not any(kind == "moe" for kind in _kinds(model)) or not issubclass(_router_class(cfg), DuoRouter):
         raise ValueError("Duo oracle: the model needs MoE slots with model.moe.router='duo'")
     return option_costs(int(cfg.moe.expert_dim), int(cfg.moe.duo_small_dim))
+
+
+def _router_class(cfg: Any) -> type:
+    from routezoo.layers.routers import ROUTERS
+    return ROUTERS.get(str(cfg.moe.router), type(None))
 
 
 def _kinds(model: Any) -> tuple[str, ...]:

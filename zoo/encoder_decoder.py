@@ -180,7 +180,7 @@ class EncoderDecoderLM(nn.Module):
     cfg: Any
 
     causal: ClassVar[bool] = True           # the decoder is causal: routers must be causal
-    objective: ClassVar[str] = "seq2seq"    # training/train.py objective_batch -> seq2seq_batch
+    objective: ClassVar[str] = "seq2seq"    # training/step.py objective_batch -> seq2seq_batch
 
     def setup(self):
         c = self.cfg
@@ -213,7 +213,9 @@ class EncoderDecoderLM(nn.Module):
 
     def __call__(self, encoder_tokens, decoder_tokens: jax.Array | None = None, *,
                  encoder_mask: jax.Array | None = None, decoder_mask: jax.Array | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, Aux]:
+                 deterministic: bool = True, targets: jax.Array | None = None,
+                 loss_weights: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+        del targets, loss_weights   # given to every model by the train step; no loss term here reads them
         if isinstance(encoder_tokens, Mapping):
             unknown = sorted(set(encoder_tokens) - set(INPUT_KEYS))
             if unknown or decoder_tokens is not None:

@@ -10,7 +10,10 @@ The model returns ``(logits, aux)`` with ``aux = {'losses': {name: scalar}, 'sta
 {name: array}}``: loss terms that the training loop adds to the cross-entropy (summed
 over layers, already scaled) and statistics it logs (per layer, ``layer{i}/{name}``).
 With multi-token prediction (``model.mtp_depth > 0``, :class:`MTPModule`) ``aux`` also
-holds ``'mtp_logits'``: one ``[B, L, V]`` array per depth.
+holds ``'mtp_logits'``: one ``[B, L, V]`` array per depth; a call given the batch's
+``targets`` and ``loss_weights`` (the training step passes them to every model) adds the
+loss term ``losses['mtp']`` and ``aux['metrics'] = {'mtp_ce': ...}``, scalars the loop
+logs under their own name.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from routezoo.layers.norms import make_norm
 from routezoo.layers.sharding import param
 
 Aux = dict[str, dict[str, jax.Array]]
-NO_DECODE_ROUTERS = ("pregate", "uoe")   # sequence-level router networks: no decode=True
 FFN = Callable[..., tuple[jax.Array, Aux]]
 
 
@@ -46,10 +48,10 @@ def _moe_builder(cfg: Any, dtype, param_dtype, name: str) -> FFN:
 
 # name -> builder(model_cfg, dtype, param_dtype, name) -> ffn;
 # ffn(h, deterministic=, token_ids=, router_inputs=) -> (y, aux); token_ids [B, L] feed
-# token-id routers (hash); router_inputs (a dict, passed only when not None) carries state
-# that lives outside the layer to the router (recurrent: router_state, router_cell;
-# pregate: pregate_logits, routes), and aux['router_state'], when present, is the new
-# recurrent router state (see layers/routers/stateful.py).
+# token-id routers (hash); router_inputs (a dict, passed only when not None) carries what
+# the router needs from outside the layer, as the router class's model_routing provides it
+# (layers/routers/base.py ModelRouting; e.g. the recurrent router's state and shared cell),
+# and aux goes back to that object after every layer.
 FFN_BUILDERS: dict[str, Callable[..., FFN]] = {"mlp": _mlp_builder, "moe": _moe_builder}
 
 
@@ -74,6 +76,13 @@ def ffn_kinds(cfg: Any) -> tuple[str, ...]:
         raise ValueError(f"unknown feed-forward kind {bad[0]!r} in model.ffn; allowed: "
                          f"{', '.join(FFN_BUILDERS)} (or a comma-separated list, one per layer)")
     return kinds
+
+
+def router_class_of(cfg: Any):
+    """The router class of ``cfg.moe.router`` (:data:`~routezoo.layers.routers.base.ROUTERS`);
+    one-line ``ValueError`` for an unknown name."""
+    from routezoo.layers.routers import router_class
+    return router_class(str(cfg.moe.router))
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -109,13 +118,11 @@ class Block(nn.Module):
         norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         h = norm("attn_norm")(x)
         attn_aux = None
-        if self.ffn_kind == "moe" and c.moe.router == "uoe":   # UoE: heads as experts (layers/moe/uoe.py)
-            if segment_mask is not None:
-                raise ValueError("DecoderLM: attention_mask is not supported with moe.router='uoe' "
-                                 "(selective attention has no padding mask)")
-            from routezoo.layers.moe.uoe import selective_attention_from_config
-            y, attn_aux = selective_attention_from_config(
-                c, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")(h, positions)
+        # routers whose experts replace the MoE layers' attention (UoE: heads as experts)
+        routed_attn = None if self.ffn_kind != "moe" else router_class_of(c).build_attention(
+            c, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
+        if routed_attn is not None:
+            y, attn_aux = routed_attn(h, positions, segment_mask)
             x = x + y
         elif str(c.get("attention", "mha")) == "mla":   # DeepSeek-V2/V3 latent attention (layers/mla.py)
             from routezoo.layers.mla import mla_from_config
@@ -138,6 +145,45 @@ class Block(nn.Module):
                                      **{f"attn_{k}": v for k, v in attn_aux["losses"].items()}},
                    "stats": {**aux.get("stats", {}), **{f"attn/{k}": v for k, v in attn_aux["stats"].items()}}}
         return x + y, aux
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+    """Per-token negative log-likelihood (float32) and correctness, both times ``weights``.
+
+    Args:
+      logits: ``[..., V]`` scores.
+      targets: int ``[...]`` token ids.
+      weights: ``[...]`` per-token weights (0 drops a token).
+
+    Returns:
+      ``(nll [...], correct [...])``.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return nll * weights, correct * weights
+
+
+def mtp_loss(mtp_logits, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean over depths of the multi-token-prediction cross-entropy (DeepSeek-V3, section 2.2).
+
+    Depth ``k``'s logits at position ``i`` predict ``targets[i + k]`` (the token ``k + 1``
+    ahead of the input); the last ``k`` positions have no target and drop out.
+
+    Args:
+      mtp_logits: one ``[B, L, V]`` array per depth (``aux['mtp_logits']``).
+      targets: int ``[B, L]``, the next token of every input position.
+      weights: ``[B, L]`` loss weights of ``targets``.
+
+    Returns:
+      The scalar mean over depths of each depth's weighted mean cross-entropy.
+    """
+    per_depth = []
+    for k, logits in enumerate(mtp_logits, 1):
+        w = weights[:, k:]
+        nll, _ = cross_entropy(logits[:, :-k], targets[:, k:], w)
+        per_depth.append(nll.sum() / jnp.maximum(w.sum(), 1.0))
+    return sum(per_depth) / len(per_depth)
 
 
 class MTPModule(nn.Module):
@@ -179,7 +225,8 @@ class MTPModule(nn.Module):
 class DecoderLM(nn.Module):
     """Decoder-only LM: ``tokens [B, L] -> (logits [B, L, V] float32, aux)``.
 
-    With the THOR router (``model.moe.router='thor'``, Zuo et al. 2022) and
+    Model-level loss terms come from the router class (``Router.model_losses``): with the
+    THOR router (``model.moe.router='thor'``, Zuo et al. 2022) and
     ``moe.thor_consistency_coef > 0``, a training call runs the network twice with
     independent expert draws and returns the first pass's logits plus the loss term
     ``thor_consistency = α · mean_tokens ½ Σ_v (p1 − p2)(log p1 − log p2)``. The paper sums
@@ -194,7 +241,9 @@ class DecoderLM(nn.Module):
     so padded tokens never change a real token's experts, except through capacity
     dispatch (they take buffer slots) and the Read-ME pre-gate (its attention sees them).
 
-    Routers with state outside one layer (``layers/routers/stateful.py``) get it explicitly:
+    Routers with state outside one layer get it explicitly: the router class's
+    ``model_routing`` (``layers/routers/base.py``) makes it once per call, and the model
+    hands each MoE layer its ``router_inputs`` and every layer's ``aux`` back to it:
 
     * ``model.moe.router='recurrent'`` (RMoE): the model owns the one GRU cell
       ``router_cell`` shared by all MoE layers and threads the router state ``h``
@@ -225,15 +274,18 @@ class DecoderLM(nn.Module):
     appends its ``L`` tokens (a prompt, then one token at a time) and returns their
     logits, equal to the full forward pass's at those positions. Positions default to the
     number of tokens seen so far; ``attention_mask`` then covers the ``max_len`` cache slots
-    (left padding: pass it with ``positions``). Not for ``moe.router='pregate'`` or
-    ``'uoe'`` (refused). :func:`routezoo.zoo.sampling.sample` uses it.
+    (left padding: pass it with ``positions``). Refused for routers without a decode mode
+    (``Router.supports_decode``: ``moe.router='pregate'``, ``'uoe'``).
+    :func:`routezoo.zoo.sampling.sample` uses it.
 
     Multi-token prediction (``model.mtp_depth = D > 0``, DeepSeek-V3): ``D`` sequential
     :class:`MTPModule` s (``mtp1`` ... ``mtpD``, each with a block of the last layer's
     kind) after the trunk; ``aux['mtp_logits'][k-1]`` ``[B, L, V]`` predicts token
     ``t[i+k+1]`` at position ``i`` (its last ``k`` positions read padding and are to be
-    ignored). The training loop adds ``model.mtp_weight`` times their mean cross-entropy
-    (:func:`routezoo.training.train.mtp_loss`); evaluation and sampling use the trunk's
+    ignored). A call given ``targets`` ``[B, L]`` (the next token of each input) and
+    ``loss_weights`` ``[B, L]`` returns the loss term ``losses['mtp'] = model.mtp_weight ·
+    mtp_ce`` and ``aux['metrics']['mtp_ce']``, their mean cross-entropy (:func:`mtp_loss`);
+    other calls ignore both arguments, and evaluation and sampling use the trunk's
     logits only. Their MoE layers' losses are summed with the trunk's and their
     statistics logged as ``mtp{k}/...``.
     """
@@ -241,7 +293,7 @@ class DecoderLM(nn.Module):
     cfg: Any
 
     causal: ClassVar[bool] = True             # attention mask; EncoderMLM: False
-    objective: ClassVar[str] = "causal_lm"    # training objective (training/train.py objective_batch)
+    objective: ClassVar[str] = "causal_lm"    # training objective (training/step.py objective_batch)
 
     def moe_layers(self) -> tuple[int, ...]:
         """Indices of the MoE layers (the ``M`` axis of :meth:`routes`)."""
@@ -256,18 +308,22 @@ class DecoderLM(nn.Module):
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                  positions: jax.Array | None = None, routes: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, decode: bool = False,
+                 targets: jax.Array | None = None, loss_weights: jax.Array | None = None,
                  _routes_only: bool = False) -> tuple[jax.Array, Aux]:
         c = self.cfg
         dtype, param_dtype = resolve_dtype(c.dtype), jnp.dtype(c.param_dtype)
         moe_layers = self.moe_layers()
-        router_kind = str(c.moe.router) if moe_layers else None
+        router_name = str(c.moe.router) if moe_layers else None
+        from routezoo.layers.routers import ROUTERS, Router
+        router_cls = router_class_of(c) if moe_layers else Router   # Router: no MoE layers
         b, l = tokens.shape
         if decode:
-            if not self.causal or router_kind in NO_DECODE_ROUTERS:
+            if not self.causal or not router_cls.supports_decode:
+                no_decode = " and ".join(sorted(n for n, r in ROUTERS.items() if not r.supports_decode))
                 raise ValueError(f"{type(self).__name__}: decode=True (key/value cache) needs causal "
                                  f"attention in every layer and a router without a sequence-level "
-                                 f"network; got causal={self.causal}, moe.router={router_kind!r} "
-                                 "(pregate and uoe are not supported)")
+                                 f"network; got causal={self.causal}, moe.router={router_name!r} "
+                                 f"({no_decode} are not supported)")
             # The next free position of each row: the default positions of the new tokens.
             require_cache(self, "position")
             seen = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
@@ -283,30 +339,19 @@ class DecoderLM(nn.Module):
         segment_mask = None
         if attention_mask is not None:
             segment_mask = (jnp.asarray(attention_mask) > 0)[:, None, None, :]   # [B, 1, 1, L]: keys
-        pregate_logits = None
-        if router_kind == "pregate":
-            from routezoo.layers.routers.stateful import PreGate, pregate_select
-            pregate_logits = PreGate(
-                vocab_size=c.vocab_size, num_experts=int(c.moe.num_experts), num_moe_layers=len(moe_layers),
-                features=int(c.moe.pregate_dim), num_layers=int(c.moe.pregate_layers),
-                num_heads=int(c.moe.pregate_heads), shared_routes=bool(c.moe.pregate_shared_routes),
-                init_scale=float(c.moe.router_init_scale), dtype=dtype, param_dtype=param_dtype,
-                name="pregate")(tokens, positions)  # [M, B, L, E]
-            if _routes_only:
-                return pregate_select(pregate_logits, int(c.moe.k))  # [M, B, L, K]
-        elif _routes_only:
-            raise ValueError(f"DecoderLM.routes needs model.moe.router='pregate' (and MoE layers); "
-                             f"got router {router_kind!r}")
-        if routes is not None and router_kind not in ("pregate", "duo"):
-            raise ValueError("DecoderLM: routes= is only for model.moe.router='pregate' or 'duo'")
-        if routes is not None and router_kind == "duo" and routes.shape != (len(moe_layers), b, l):
-            raise ValueError(f"DecoderLM: duo routes must be int32 [M, B, L] = {(len(moe_layers), b, l)}, "
-                             f"got {routes.shape}")
-        router_cell = None
-        if router_kind == "recurrent":
-            from routezoo.layers.routers.stateful import RecurrentRouterCell
-            router_cell = RecurrentRouterCell(int(c.moe.recurrent_dim), str(c.moe.recurrent_cell),
-                                              name="router_cell")
+        if _routes_only and not router_cls.precomputes_routes:
+            names = " or ".join(repr(n) for n, r in ROUTERS.items() if r.precomputes_routes)
+            raise ValueError(f"DecoderLM.routes needs model.moe.router={names} (and MoE layers); "
+                             f"got router {router_name!r}")
+        if routes is not None and not router_cls.accepts_routes:
+            names = " or ".join(repr(n) for n, r in ROUTERS.items() if r.accepts_routes)
+            raise ValueError(f"DecoderLM: routes= is only for model.moe.router={names}")
+        # what the routers need from outside their layers (the recurrent router's shared cell,
+        # Read-ME's pre-gate run before the backbone, routes fixed from outside)
+        routing = router_cls.model_routing(c, tokens=tokens, positions=positions, routes=routes,
+                                           num_moe_layers=len(moe_layers), dtype=dtype, param_dtype=param_dtype)
+        if _routes_only:
+            return routing.precomputed_routes()  # [M, B, L, K]
         embed = Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
                             scale_attend=bool(c.get("scale_tied_logits", True)), name="embed")
         blocks = [Block(c, kind, dtype, param_dtype, causal=self.causal, name=f"layer{i}")
@@ -326,22 +371,13 @@ class DecoderLM(nn.Module):
             x = embed(tokens)
             losses: dict[str, jax.Array] = {}
             stats: dict[str, jax.Array] = {}
-            state = None if router_cell is None else jnp.zeros((b * l, int(c.moe.recurrent_dim)), jnp.float32)
+            routing.begin(b, l)
             for i, block in enumerate(blocks):
-                router_inputs = None
-                if i in moe_layers and router_cell is not None:
-                    router_inputs = {"router_state": state, "router_cell": router_cell}
-                elif i in moe_layers and pregate_logits is not None:
-                    j = moe_layers.index(i)
-                    router_inputs = {"pregate_logits": pregate_logits[j].reshape(b * l, -1),
-                                     "routes": None if routes is None else routes[j].reshape(b * l, -1)}
-                elif i in moe_layers and routes is not None:   # duo: options fixed from outside
-                    router_inputs = {"routes": routes[moe_layers.index(i)].reshape(b * l)}
+                router_inputs = routing.layer_inputs(moe_layers.index(i), b, l) if i in moe_layers else None
                 x, aux = block(x, positions, deterministic, tokens, router_inputs, segment_mask, decode)
-                if router_cell is not None:
-                    state = aux.get("router_state", state)   # dense layers: unchanged
+                for name, value in routing.after_layer(aux).items():   # e.g. the recurrent router state
                     if not self.is_initializing():
-                        self.sow("intermediates", f"layer{i}_router_state", state)
+                        self.sow("intermediates", f"layer{i}_{name}", value)
                 for k, v in aux.get("losses", {}).items():
                     losses[k] = losses.get(k, 0.0) + v
                 for k, v in aux.get("stats", {}).items():
@@ -360,16 +396,15 @@ class DecoderLM(nn.Module):
             return logits, losses, stats, tuple(mtp_logits)
 
         logits, losses, stats, mtp_logits = forward()
-        coef = float(c.moe.get("thor_consistency_coef", 0.0))
-        if "moe" in ffn_kinds(c) and c.moe.router == "thor" and coef > 0 and not deterministic \
-                and not self.is_initializing():
-            logits2 = forward()[0]             # a second, independent draw of experts
-            logp1, logp2 = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(logits2, -1)
-            sym_kl = 0.5 * jnp.sum((jnp.exp(logp1) - jnp.exp(logp2)) * (logp1 - logp2), axis=-1)
-            losses["thor_consistency"] = coef * jnp.mean(sym_kl)
+        if moe_layers and not self.is_initializing():   # model-level terms (THOR's consistency)
+            losses.update(router_cls.model_losses(c, logits, lambda: forward()[0], deterministic=deterministic))
         aux_out = {"losses": losses, "stats": stats}
         if mtp_logits:
             aux_out["mtp_logits"] = mtp_logits
+            if targets is not None:   # the MTP loss term, beside the layers' (DeepSeek-V3 multi-token prediction)
+                weights = jnp.ones(targets.shape, jnp.float32) if loss_weights is None else loss_weights
+                aux_out["metrics"] = {"mtp_ce": mtp_loss(mtp_logits, targets, weights)}
+                losses["mtp"] = float(c.mtp_weight) * aux_out["metrics"]["mtp_ce"]
         return logits, aux_out
 
 

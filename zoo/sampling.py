@@ -3,9 +3,9 @@
 With ``use_cache`` (the default where the model supports it) the prompt runs once through
 the model in decode mode, filling each attention layer's key/value cache
 (:func:`routezoo.zoo.lm.init_cache`), and every new token costs one position. Without it
-(``moe.router='pregate'`` / ``'uoe'``, or ``use_cache=False``) the whole sequence buffer
-``[B, P + N]`` goes through the model at every step; causal attention makes the
-not-yet-written positions irrelevant. Either way shapes stay static and the loop compiles
+(routers without a decode mode, ``moe.router='pregate'`` / ``'uoe'``, or ``use_cache=False``)
+the whole sequence buffer ``[B, P + N]`` goes through the model at every step; causal
+attention makes the not-yet-written positions irrelevant. Either way shapes stay static and the loop compiles
 once, and both draw the same tokens from the same ``rng``.
 """
 
@@ -17,14 +17,17 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+
 def supports_cache(model: nn.Module) -> bool:
-    """Whether ``model`` has a decode mode (:class:`~routezoo.zoo.lm.DecoderLM` with
-    causal attention and a router other than :data:`~routezoo.zoo.lm.NO_DECODE_ROUTERS`)."""
+    """Whether ``model`` has a decode mode: a :class:`~routezoo.zoo.lm.DecoderLM` with causal
+    attention whose router, if it has MoE layers, has one
+    (:attr:`~routezoo.layers.routers.base.Router.supports_decode`)."""
+    from routezoo.layers.routers import ROUTERS, Router
     from routezoo.zoo import ffn_kinds
-    from routezoo.zoo.lm import NO_DECODE_ROUTERS
     c = model.cfg
-    moe_router = str(c.moe.router) if "moe" in ffn_kinds(c) else None
-    return bool(getattr(model, "causal", False)) and moe_router not in NO_DECODE_ROUTERS
+    if not getattr(model, "causal", False):
+        return False
+    return "moe" not in ffn_kinds(c) or ROUTERS.get(str(c.moe.router), Router).supports_decode
 
 
 def _pick(logits: jax.Array, rng: jax.Array, temperature, top_k: int):

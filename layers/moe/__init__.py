@@ -19,7 +19,7 @@ from routezoo.layers.moe.capacity import (  # noqa: F401
 from routezoo.layers.moe.dropless import (  # noqa: F401
     dropless_moe)
 from routezoo.layers.moe.block import (  # noqa: F401
-    DISPATCH_MODES, Experts, MoE, moe_from_config, validate_moe_config)
+    DISPATCH_MODES, Experts, MoE, moe_from_config, sparse_moe_from_config, validate_moe_config)
 from routezoo.layers.moe.soft import (  # noqa: F401
     slots_per_expert, SoftRouting, SoftRouter, SoftMoE, soft_moe_from_config)
 from routezoo.layers.moe.uoe import (  # noqa: F401

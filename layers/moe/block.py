@@ -48,7 +48,8 @@ from routezoo.layers.moe.gmm import EXPERT_PARAM_NAMES, EXPERT_TYPES, GMM_BACKEN
 from routezoo.layers.moe.dropless import dropless_moe
 from routezoo.layers import sharding
 from routezoo.layers.mlp import MLP
-from routezoo.layers.routers import ROUTER_PRECISIONS, ROUTERS, Router, Routing, TopKRouter, expert_capacity, router_from_config
+from routezoo.layers.routers import (ROUTER_PRECISIONS, ROUTERS, Router, Routing, TopKRouter, expert_capacity,
+                                     router_class, router_from_config)
 
 Array = jax.Array
 Dtype = Any
@@ -170,7 +171,7 @@ class MoE(nn.Module):
         if router.num_experts != self.num_experts:
             raise ValueError(f"MoE: router has {router.num_experts} experts, MoE has {self.num_experts}")
         router_kwargs = {}
-        if getattr(router, "needs_token_ids", False):
+        if router.needs_token_ids:
             router_kwargs["token_ids"] = None if token_ids is None else jnp.reshape(token_ids, (t,))
         router_kwargs.update(router_inputs or {})
         routing: Routing = router(x.reshape(t, d), deterministic=deterministic, group_size=s, **router_kwargs)
@@ -227,18 +228,39 @@ def _dtype(dtype: Any) -> Any:
 
 def moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dtype,
                     name: str | None = None) -> nn.Module:
-    """Builds :class:`MoE` from ``config.model.moe`` (see ``configs/base.py`` for keys).
+    """The feed-forward block of an MoE layer from ``config.model.moe``.
 
-    Routers that replace the whole block build their own module with the same interface:
-    ``moe.router='soft'``: :class:`~routezoo.layers.moe.soft.SoftMoE`; ``moe.router='duo'``:
-    :class:`~routezoo.layers.moe.duo.DuoFFN` (Duo-LLM: big / small / skip per token)."""
-    if str(moe_cfg.router) == "soft":
-        from routezoo.layers.moe.soft import soft_moe_from_config
-        return soft_moe_from_config(moe_cfg, d_model=d_model, dtype=dtype, param_dtype=param_dtype, name=name)
-    if str(moe_cfg.router) == "duo":
-        from routezoo.layers.moe.duo import duo_from_config
-        return duo_from_config(moe_cfg, d_model=d_model, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype),
-                               name=name)
+    Args:
+      moe_cfg: ``config.model.moe`` (see ``configs/base.py`` for its keys).
+      d_model: the model width ``D``.
+      dtype: compute dtype (a dtype or its name).
+      param_dtype: parameter dtype (a dtype or its name).
+      name: the module name.
+
+    Returns:
+      What the router class builds (:meth:`~routezoo.layers.routers.base.Router.build_block`):
+      :class:`MoE` (:func:`sparse_moe_from_config`) for the sparse routers, the router's
+      own block for routers that bring their own expert computation (Soft MoE's
+      :class:`~routezoo.layers.moe.soft.SoftMoE`, Duo-LLM's :class:`~routezoo.layers.moe.duo.DuoFFN`).
+    """
+    return router_class(str(moe_cfg.router)).build_block(moe_cfg, d_model=d_model, dtype=dtype,
+                                                        param_dtype=param_dtype, name=name)
+
+
+def sparse_moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dtype,
+                           name: str | None = None) -> MoE:
+    """Builds :class:`MoE` with the router of ``moe_cfg.router`` from ``config.model.moe``.
+
+    Args:
+      moe_cfg: ``config.model.moe``.
+      d_model: the model width ``D``.
+      dtype: compute dtype (a dtype or its name).
+      param_dtype: parameter dtype (a dtype or its name).
+      name: the module name.
+
+    Returns:
+      The :class:`MoE` block (the router adopted as its submodule ``router``).
+    """
     return MoE(
         num_experts=int(moe_cfg.num_experts),
         expert_dim=int(moe_cfg.expert_dim),

@@ -20,7 +20,7 @@ paper's three stages map onto this library as follows:
    layer picks the option (argmax; ``moe.duo_router_sample``: sampled in training).
 
 :class:`DuoFFN` is what :func:`routezoo.layers.moe.block.moe_from_config` builds when
-``moe.router == 'duo'``, so the MoE slots of :class:`~routezoo.zoo.lm.DecoderLM` hold it;
+``moe.router='duo'``, so the MoE slots of :class:`~routezoo.zoo.lm.DecoderLM` hold it;
 its call is the MoE block's: ``ffn(x [B, L, D], deterministic=, token_ids=,
 router_inputs=) -> (y [B, L, D], aux)``. :class:`DuoRouter` (registered as ``'duo'`` in
 :data:`~routezoo.layers.routers.base.ROUTERS`) makes the decision and checks the config.
@@ -57,7 +57,8 @@ from flax import linen as nn
 
 from routezoo.layers import sharding
 from routezoo.layers.mlp import MLP
-from routezoo.layers.routers import Router, Routing
+from routezoo.layers.moe.block import _dtype
+from routezoo.layers.routers import ModelRouting, Router, Routing
 from routezoo.layers.routers.base import _num_groups
 from routezoo.layers.routers.base import register
 
@@ -140,6 +141,29 @@ class DuoRouter(Router):
     costs: tuple[float, float, float] = (1.0, 0.25, 0.0)
 
     causal: ClassVar[bool] = True
+    accepts_routes: ClassVar[bool] = True
+    supports_mtp: ClassVar[bool] = False
+    makes_expert_choices: ClassVar[bool] = False
+    analysis_note: ClassVar[str] = (
+        "moe.router='duo' (Duo-LLM) chooses big/small/skip, not experts; its option fractions are in "
+        "metrics.jsonl and routezoo.zoo.duo.summarize_oracle analyses oracle routes")
+    config_keys: ClassVar[dict[str, Any]] = {
+        # random (stage 1: options drawn from duo_probs in training) | router (stage 3: learned router)
+        "duo_mode": "random",
+        # hidden width of the small FFN; 0 = expert_dim // 4 (paper's width unverified)
+        "duo_small_dim": 0,
+        # random mode's training probabilities of big,small,skip (paper's values unverified)
+        "duo_probs": "0.5,0.25,0.25",
+        # route at evaluation: auto (random: big; router: router) | big | small | skip | router
+        "duo_eval_route": "auto",
+        # also evaluate with these routes during training (eval_loss@big, ...), e.g. "big,small,skip"
+        "duo_eval_sweep": "",
+        # router mode, training: sample the option from the router's softmax instead of argmax
+        "duo_router_sample": False,
+        # router mode: coef * mean_tokens sum_o p_o cost_o (cost big 1, small small/expert_dim, skip 0;
+        # value unverified)
+        "duo_cost_coef": 0.01,
+    }
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None,
@@ -210,6 +234,25 @@ class DuoRouter(Router):
                    costs=option_costs(int(moe_cfg.expert_dim), int(moe_cfg.duo_small_dim)), **kwargs)
 
     @classmethod
+    def build_block(cls, moe_cfg: Any, *, d_model: int, dtype: Any, param_dtype: Any,
+                    name: str | None = None) -> "DuoFFN":
+        """:class:`DuoFFN` (:func:`duo_from_config`): big / small / skip in the MoE slot."""
+        return duo_from_config(moe_cfg, d_model=d_model, dtype=_dtype(dtype), param_dtype=_dtype(param_dtype),
+                               name=name)
+
+    @classmethod
+    def model_routing(cls, model_cfg: Any, *, tokens: Array, positions: Array, routes: Array | None,
+                      num_moe_layers: int, dtype: Any, param_dtype: Any) -> ModelRouting:
+        """The model's ``routes`` int32 ``[M, B, L]`` (0 big, 1 small, 2 skip), one ``[B·L]``
+        slice per Duo layer; ``None``: each layer decides. One-line ``ValueError`` for
+        another shape."""
+        b, l = tokens.shape
+        if routes is not None and routes.shape != (num_moe_layers, b, l):
+            raise ValueError(f"DecoderLM: duo routes must be int32 [M, B, L] = {(num_moe_layers, b, l)}, "
+                             f"got {routes.shape}")
+        return _FixedRoutes(routes)
+
+    @classmethod
     def eval_variants(cls, moe_cfg: Any) -> dict[str, dict[str, Any]]:
         """``moe.duo_eval_sweep``: the same model also evaluated with each listed route for
         every token and layer (metrics ``eval_loss@big``, ``eval_loss@skip``, ...)."""
@@ -232,6 +275,18 @@ class DuoRouter(Router):
             if moe_cfg[key] != off:
                 raise ValueError(f"moe.{key}={moe_cfg[key]!r} is not used by moe.router='duo'; "
                                  f"allowed: {off!r}")
+
+
+class _FixedRoutes(ModelRouting):
+    """Options fixed from outside the model, int32 ``[M, B, L]``, or ``None``."""
+
+    def __init__(self, routes: Array | None) -> None:
+        self.routes = routes
+
+    def layer_inputs(self, moe_index: int, batch: int, length: int) -> dict[str, Any] | None:
+        if self.routes is None:
+            return None
+        return {"routes": self.routes[moe_index].reshape(batch * length)}
 
 
 class DuoFFN(nn.Module):
@@ -292,7 +347,7 @@ class DuoFFN(nn.Module):
 
 def duo_from_config(moe_cfg: Any, *, d_model: int, dtype: Any, param_dtype: Any,
                     name: str | None = None) -> DuoFFN:
-    """Builds :class:`DuoFFN` from ``config.model.moe`` (``moe.router == 'duo'``; keys
+    """Builds :class:`DuoFFN` from ``config.model.moe`` (``moe.router='duo'``; keys
     ``expert_dim``, ``expert_type``, ``duo_*``, see ``configs/base.py``)."""
     return DuoFFN(expert_dim=int(moe_cfg.expert_dim), small_dim=int(moe_cfg.duo_small_dim),
                   expert_type=str(moe_cfg.expert_type),

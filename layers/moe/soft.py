@@ -128,6 +128,17 @@ class SoftRouter(Router):
     normalize: bool = True
 
     causal: ClassVar[bool] = False
+    makes_expert_choices: ClassVar[bool] = False
+    analysis_note: ClassVar[str] = (
+        "moe.router='soft' (Soft MoE) makes no token-to-expert decisions to analyse "
+        "(every token reaches every slot); its routing statistics are in metrics.jsonl")
+    config_keys: ClassVar[dict[str, Any]] = {
+        # slots S per expert; 0 = max(1, round(tokens per group / num_experts)), about one slot per token
+        "soft_slots_per_expert": 0,
+        # L2-normalise tokens and slot parameters, times a learned scale (paper, for large d_model);
+        # False: plain X @ Phi
+        "soft_normalize": True,
+    }
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> SoftRouting:
@@ -171,6 +182,12 @@ class SoftRouter(Router):
         m = int(moe_cfg.group_size) or seq_len
         e = int(moe_cfg.num_experts)
         return slots_per_expert(m, e, int(moe_cfg.soft_slots_per_expert)) / m if m else 1.0 / e
+
+    @classmethod
+    def build_block(cls, moe_cfg: Any, *, d_model: int, dtype: Any, param_dtype: Any,
+                    name: str | None = None) -> "SoftMoE":
+        """:class:`SoftMoE` (:func:`soft_moe_from_config`): the slots replace the sparse block."""
+        return soft_moe_from_config(moe_cfg, d_model=d_model, dtype=dtype, param_dtype=param_dtype, name=name)
 
     @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "SoftRouter":
@@ -259,7 +276,7 @@ class SoftMoE(nn.Module):
 
 def soft_moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dtype: Dtype,
                          name: str | None = None) -> SoftMoE:
-    """Builds :class:`SoftMoE` from ``config.model.moe`` (``moe.router == 'soft'``).
+    """Builds :class:`SoftMoE` from ``config.model.moe`` (``moe.router='soft'``).
 
     Reads ``num_experts``, ``expert_dim``, ``expert_type``, ``group_size``,
     ``soft_slots_per_expert``, ``soft_normalize``, ``jitter`` and ``router_init_scale``;

@@ -81,7 +81,7 @@ their language-modelling runs), on purpose:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -326,6 +326,15 @@ class UoERouter(TopKRouter):
 
     gate_in_output: bool = True
 
+    supports_decode: ClassVar[bool] = False    # selective attention has no key/value cache
+    config_keys: ClassVar[dict[str, Any]] = {
+        # heads per token k_h, 0..model.num_heads; 0 = num_heads // 2 (the authors' H/2)
+        "uoe_attn_k": 0,
+        # tokens per head and sequence C = min(L, ceil(cf * L * k_h / H)), filled in time order;
+        # the rest dropped for that head
+        "uoe_capacity_factor": 1.25,
+    }
+
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None):
         # x: [T, D]
         routing = super().__call__(x, deterministic=deterministic, group_size=group_size)
@@ -345,7 +354,22 @@ class UoERouter(TopKRouter):
 
     @classmethod
     def check_model_config(cls, model_cfg: Any) -> None:
+        """:func:`check_model_config`: the attention options selective attention lacks."""
         check_model_config(model_cfg)
+
+    @classmethod
+    def build_attention(cls, model_cfg: Any, *, dtype: Any, param_dtype: Any,
+                        name: str) -> Callable[..., tuple[Array, dict[str, Any]]]:
+        """:class:`SelectiveAttention` (:func:`selective_attention_from_config`) in the MoE
+        layers' attention slot; ``attn(h, positions, segment_mask)`` refuses a padding mask."""
+        attn = selective_attention_from_config(model_cfg, dtype=dtype, param_dtype=param_dtype, name=name)
+
+        def call(h: Array, positions: Array, segment_mask: Array | None = None):
+            if segment_mask is not None:
+                raise ValueError("DecoderLM: attention_mask is not supported with moe.router='uoe' "
+                                 "(selective attention has no padding mask)")
+            return attn(h, positions)
+        return call
 
 
 def slices_from_dense(mlp_params: dict[str, Array], num_slices: int, mlp_type: str = "swiglu") -> dict[str, Array]:

@@ -16,7 +16,7 @@ Duo-LLM) live in :mod:`routezoo.layers.moe` and register there.
 from __future__ import annotations
 
 from routezoo.layers.routers.base import (  # noqa: F401
-    Routing, check_k, expert_capacity, load_balance_loss, router_z_loss, routing_stats, top_k, ROUTER_PRECISIONS, router_precision, Router, ROUTERS, register, router_from_config)
+    Routing, check_k, expert_capacity, load_balance_loss, router_z_loss, routing_stats, top_k, ROUTER_PRECISIONS, router_precision, ModelRouting, Router, ROUTERS, register, router_class, router_from_config, router_config_keys)
 from routezoo.layers.routers.top_k import (  # noqa: F401
     TopKRouter)
 from routezoo.layers.routers.expert_choice import (  # noqa: F401
@@ -28,7 +28,7 @@ from routezoo.layers.routers.stochastic import (  # noqa: F401
 from routezoo.layers.routers.dynamic import (  # noqa: F401
     top_p_mask, TopPRouter, NullExpertsRouter)
 from routezoo.layers.routers.stateful import (  # noqa: F401
-    RECURRENT_CELLS, RecurrentRouterCell, RecurrentRouter, pregate_select, PreGate, PreGateRouter)
+    RECURRENT_CELLS, RecurrentRouterCell, RecurrentRouter, RecurrentState, pregate_select, PreGate, PreGateRouter, PreGateRouting)
 
 # The function top_k (base.py) shares its name with the module top_k.py; importing that
 # module set this package's attribute to the module: bind the function again.

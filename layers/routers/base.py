@@ -37,7 +37,7 @@ config names (``model.moe.router``) to classes, filled by :func:`register`.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -188,13 +188,71 @@ def router_precision(name: str):
     return ROUTER_PRECISIONS[name]
 
 
+class ModelRouting:
+    """What the MoE layers' routers of one model call get from outside their layers.
+
+    :meth:`Router.model_routing` builds one inside the model's ``__call__``; the model
+    then, for each forward pass (a model may run several, as THOR's consistency loss
+    does), calls :meth:`begin`, passes :meth:`layer_inputs` of each MoE layer to that
+    layer as ``router_inputs`` and hands every layer's ``aux`` to :meth:`after_layer`.
+    This default carries nothing: each router reads only its own layer's input.
+    """
+
+    def begin(self, batch: int, length: int) -> None:
+        """Start of a forward pass over ``batch`` rows of ``length`` tokens."""
+
+    def layer_inputs(self, moe_index: int, batch: int, length: int) -> dict[str, Any] | None:
+        """Keyword arguments for the router of the ``moe_index``-th MoE layer (in layer
+        order), or ``None`` for none."""
+        return None
+
+    def after_layer(self, aux: dict[str, Any]) -> dict[str, Array]:
+        """Takes the ``aux`` of every layer (dense ones too) in order; returns values the
+        model records in ``'intermediates'`` as ``layer{i}_{name}`` (none by default)."""
+        return {}
+
+    def precomputed_routes(self) -> Array | None:
+        """The routes of every MoE layer, computed before the backbone runs, or ``None``
+        when this router has no such step (only :attr:`Router.precomputes_routes`)."""
+        return None
+
+
 class Router(nn.Module):
     """Base class: the router kernel, jitter and the z-loss.
 
     Subclasses implement ``__call__(x [T, D], *, deterministic, group_size=None) ->
     Routing``, :meth:`from_config` (build from ``config.model.moe``) and may extend
-    :meth:`check_config`. ``causal = False`` marks routers that look at other tokens of
-    the sequence (they must not be used in decoders).
+    :meth:`check_config`. The class attributes and class methods below say what a model,
+    the config checks and the analysis tools need to know about a router; shared code
+    asks them instead of comparing router names.
+
+    Attributes:
+      num_experts: ``E``.
+      jitter: multiplicative input jitter ``eps`` in training (0: off).
+      z_loss_coef: coefficient of the router z-loss (0: not added to the losses).
+      init_scale: variance scale of the router kernel's initialiser.
+      precision: how the logits matmul runs, a key of :data:`ROUTER_PRECISIONS`.
+      causal: ``False`` marks routers that look at other tokens of the sequence; they are
+        refused in causal models.
+      router_name: the config name, set by :func:`register`.
+      needs_token_ids: the MoE block passes the token ids ``token_ids`` ``[T]`` (hash).
+      supports_decode: the model can run it one token at a time with a key/value cache
+        (``False``: routers with a sequence-level network or attention, pregate and uoe).
+      accepts_routes: the model's ``routes=`` argument fixes its decisions from outside
+        (pregate, duo); other routers refuse it.
+      precomputes_routes: it decides every layer's routes before the backbone runs, so
+        ``DecoderLM.routes`` can return them (pregate).
+      supports_mtp: it can run in the blocks of multi-token prediction, which get no
+        model-level router inputs (``False``: recurrent, pregate, duo).
+      makes_expert_choices: its layers route tokens to experts, which the routing
+        analysis (``routezoo analyze``) counts (``False``: soft, duo).
+      analysis_note: why the routing analysis refuses a router without expert choices,
+        with where to look instead (one line).
+      expert_major: its ``Routing`` is expert-major (``expert_indices``, expert choice),
+        which the block dispatches without dropping anything whatever the dispatch.
+      config_keys: ``model.moe`` keys this router reads beyond the keys common to all MoE
+        blocks, with their defaults: ``configs/base.py`` adds the union over
+        :data:`ROUTERS` to its schema (:func:`router_config_keys`).
     """
 
     num_experts: int
@@ -205,6 +263,15 @@ class Router(nn.Module):
 
     causal: ClassVar[bool] = True
     router_name: ClassVar[str] = ""   # set by register()
+    needs_token_ids: ClassVar[bool] = False
+    supports_decode: ClassVar[bool] = True
+    accepts_routes: ClassVar[bool] = False
+    precomputes_routes: ClassVar[bool] = False
+    supports_mtp: ClassVar[bool] = True
+    makes_expert_choices: ClassVar[bool] = True
+    analysis_note: ClassVar[str] = ""
+    expert_major: ClassVar[bool] = False
+    config_keys: ClassVar[dict[str, Any]] = {}
 
     def router_logits(self, x: Array, deterministic: bool) -> Array:
         """float32 logits ``[T, E]`` of ``x [T, D]`` (jitter applied in training)."""
@@ -235,6 +302,87 @@ class Router(nn.Module):
         return cls(**cls.common_kwargs(moe_cfg), **kwargs)
 
     @classmethod
+    def build_block(cls, moe_cfg: Any, *, d_model: int, dtype: Any, param_dtype: Any,
+                    name: str | None = None) -> nn.Module:
+        """The feed-forward block of an MoE layer with this router.
+
+        Args:
+          moe_cfg: ``config.model.moe``.
+          d_model: the model width ``D``.
+          dtype: compute dtype (a dtype or its name).
+          param_dtype: parameter dtype (a dtype or its name).
+          name: the module name.
+
+        Returns:
+          A module called as ``block(x [B, L, D], *, deterministic, token_ids=None,
+          router_inputs=None) -> (y [B, L, D], aux)``: by default the sparse
+          :class:`~routezoo.layers.moe.block.MoE` with this router; routers with their
+          own expert computation (Soft MoE, Duo-LLM) build their own block.
+        """
+        from routezoo.layers.moe.block import sparse_moe_from_config
+        return sparse_moe_from_config(moe_cfg, d_model=d_model, dtype=dtype, param_dtype=param_dtype,
+                                      name=name)
+
+    @classmethod
+    def build_attention(cls, model_cfg: Any, *, dtype: Any, param_dtype: Any,
+                        name: str) -> Callable[..., tuple[Array, dict[str, Any]]] | None:
+        """The attention of the MoE layers, for routers whose experts replace it.
+
+        Args:
+          model_cfg: ``config.model``.
+          dtype: compute dtype.
+          param_dtype: parameter dtype.
+          name: the module name (the model's attention slot, ``attn``).
+
+        Returns:
+          ``None`` (the default: the model's own attention), or a callable
+          ``attn(h [B, L, D], positions [B, L], segment_mask) -> (y [B, L, D], aux)``
+          whose ``aux`` losses and statistics the model reports as ``attn_*`` /
+          ``attn/*`` (UoE's selective attention).
+        """
+        return None
+
+    @classmethod
+    def model_routing(cls, model_cfg: Any, *, tokens: Array, positions: Array, routes: Array | None,
+                      num_moe_layers: int, dtype: Any, param_dtype: Any) -> ModelRouting:
+        """What this router's layers need from the model, made once per model call.
+
+        Called inside the model's compact ``__call__``, so modules created here are the
+        model's submodules (the recurrent router's shared ``router_cell``, Read-ME's
+        ``pregate`` network).
+
+        Args:
+          model_cfg: ``config.model``.
+          tokens: int32 ``[B, L]`` token ids.
+          positions: int32 ``[B, L]`` positions.
+          routes: the model's ``routes=`` argument (only when :attr:`accepts_routes`).
+          num_moe_layers: ``M``, the number of MoE layers.
+          dtype: compute dtype.
+          param_dtype: parameter dtype.
+
+        Returns:
+          A :class:`ModelRouting`; the default passes nothing.
+        """
+        return ModelRouting()
+
+    @classmethod
+    def model_losses(cls, model_cfg: Any, logits: Array, rerun: Callable[[], Array], *,
+                     deterministic: bool) -> dict[str, Array]:
+        """Loss terms over the whole model (none by default).
+
+        Args:
+          model_cfg: ``config.model``.
+          logits: float32 ``[B, L, V]`` of the forward pass.
+          rerun: runs the forward pass again and returns its logits (fresh random draws).
+          deterministic: evaluation mode.
+
+        Returns:
+          ``{name: scalar}``, already scaled, added to the model's losses (THOR's
+          two-pass consistency).
+        """
+        return {}
+
+    @classmethod
     def active_expert_fraction(cls, moe_cfg: Any, seq_len: int | None = None) -> float:
         """Share of the stacked experts' parameters that one token uses, for the
         active-parameter count (``zoo.count_params``): ``k / num_experts`` by default."""
@@ -256,6 +404,11 @@ class Router(nn.Module):
             causal_ok = sorted(k for k, v in ROUTERS.items() if v.causal)
             raise ValueError(f"moe.router={name!r} looks at other tokens of the sequence and "
                              f"cannot be used in a causal model; use one of {causal_ok}")
+
+    @classmethod
+    def check_model_config(cls, model_cfg: Any) -> None:
+        """Raises ``ValueError`` (one line) for model settings outside ``model.moe`` that
+        this router cannot run with (UoE: the attention options); nothing by default."""
 
 
 
@@ -280,15 +433,47 @@ def register(name: str):
     return add
 
 
+def router_class(name: str) -> type[Router]:
+    """The router class registered as ``name``.
+
+    Args:
+      name: a ``model.moe.router`` value.
+
+    Returns:
+      Its class in :data:`ROUTERS`; one-line ``ValueError`` listing the known names for
+      an unknown one.
+    """
+    if name not in ROUTERS:
+        raise ValueError(f"moe.router={name!r} is unknown; known: {sorted(ROUTERS)}")
+    return ROUTERS[name]
+
+
 def router_from_config(moe_cfg: Any, **module_kwargs) -> Router:
     """Builds the router named by ``moe_cfg.router`` (a :data:`ROUTERS` key).
 
     ``module_kwargs`` go to the Linen constructor (``name``, ``parent``); pass
     ``parent=None`` for a router that another module will adopt as its attribute.
     """
-    if moe_cfg.router not in ROUTERS:
-        raise ValueError(f"moe.router={moe_cfg.router!r} is unknown; known: {sorted(ROUTERS)}")
-    return ROUTERS[moe_cfg.router].from_config(moe_cfg, **module_kwargs)
+    return router_class(moe_cfg.router).from_config(moe_cfg, **module_kwargs)
+
+
+def router_config_keys() -> dict[str, Any]:
+    """The union of every registered router's :attr:`Router.config_keys` (key -> default).
+
+    Returns:
+      The keys in registration order; a one-line ``ValueError`` when two routers declare
+      one key with different defaults.
+    """
+    keys: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for name, cls in ROUTERS.items():
+        for key, default in cls.config_keys.items():
+            if key in keys and keys[key] != default:
+                raise ValueError(f"moe.{key}: routers {owner[key]!r} and {name!r} declare different "
+                                 f"defaults ({keys[key]!r}, {default!r})")
+            keys.setdefault(key, default)
+            owner.setdefault(key, name)
+    return keys
 
 
 

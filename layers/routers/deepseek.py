@@ -21,7 +21,7 @@ denominator and renormalising even for ``k = 1``, unlike :class:`TopKRouter`).
 Deviation (documented choice): the correction bias is the parameter ``score_bias`` ``[E]``
 (float32, replicated: logical names ``(None,)``) of the ``'params'`` collection, read through
 ``stop_gradient`` (it gets no gradient), so that imported checkpoints carry it in and
-out with the other parameters (``zoo/hf.py``'s ``e_score_correction_bias``). The paper
+out with the other parameters (``zoo/hf/families/deepseek.py``'s ``e_score_correction_bias``). The paper
 updates it online (``b_e += γ·sign(mean load − load_e)``); that update is not done
 here, and ``moe.bias_update_rate > 0`` is refused with this router (use
 ``moe.router='top_k'`` with ``bias_update_rate`` for online aux-loss-free balancing).
@@ -40,7 +40,7 @@ routing, which the released checkpoints express as ``topk_method``)::
     w      = s[indices] (/ (sum + 1e-20) if renormalize) · routed_scaling_factor
 
 It matches the Hugging Face ``transformers`` DeepseekV2TopkRouter, which never
-renormalises (``norm_topk_prob`` is not read there; ``zoo/hf.py`` refuses it). It reads the
+renormalises (``norm_topk_prob`` is not read there; ``zoo/hf/families/deepseek.py`` refuses it). It reads the
 same keys as ``deepseek_v3`` (``moe.deepseek_v3_n_group``, ``deepseek_v3_topk_group``,
 ``deepseek_v3_scaling_factor``). Masked groups' experts get ``-inf`` for selection
 (transformers sets their scores to 0, the same choice while ``k`` experts remain, which
@@ -81,6 +81,12 @@ class DeepSeekV3Router(TopKRouter):
     routed_scaling_factor: float = 1.0
 
     min_group_size: ClassVar[int] = 2          # the group score sums each group's top-2
+    # also read by deepseek_v2 (n_group 1: 'greedy', > 1: 'group_limited_greedy')
+    config_keys: ClassVar[dict[str, Any]] = {
+        "deepseek_v3_n_group": 1,          # expert groups N (E divisible by N); 1 = plain top-k
+        "deepseek_v3_topk_group": 1,       # groups kept per token (by the sum of each group's top-2 scores)
+        "deepseek_v3_scaling_factor": 1.0,  # routed_scaling_factor multiplying the combine weights
+    }
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:

@@ -9,7 +9,7 @@ A token that uses fewer experts than its ``K`` slots has ``-1`` in the unused sl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,13 @@ class TopPRouter(Router):
     max_k: int = 0
     load_balance_coef: float = 0.0
     entropy_coef: float = 0.0
+
+    config_keys: ClassVar[dict[str, Any]] = {
+        # smallest expert set with probability >= p, p in (0, 1] (Huang et al. 2024)
+        "top_p_threshold": 0.4,
+        "top_p_max_k": 0,             # cap on experts per token (static slots); 0 = num_experts
+        "top_p_entropy_coef": 1e-4,   # dynamic (router-entropy) loss coefficient beta (value unverified)
+    }
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
@@ -149,6 +156,10 @@ class NullExpertsRouter(Router):
     num_null_experts: int = 1
     renormalize: bool = True
     load_balance_coef: float = 0.0
+
+    config_keys: ClassVar[dict[str, Any]] = {
+        "num_null_experts": 8,        # m null experts (AdaMoE); top-k (moe.k) over E + m
+    }
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:

@@ -37,6 +37,7 @@ class ExpertChoiceRouter(Router):
     min_capacity: int = 0
 
     causal: ClassVar[bool] = False
+    expert_major: ClassVar[bool] = True
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:

@@ -5,9 +5,11 @@ experts, ``K`` experts per token, ``R`` recurrent router width, ``M`` MoE layers
 model, ``P`` pre-gate width, ``G`` routing groups, ``S`` group size.
 
 Both routers need something that one MoE layer cannot hold, and both get it as an explicit
-input (and output), never through module side channels (``DESIGN.md``). The model creates
-the shared piece once and hands it to each MoE layer call as ``router_inputs``, a dict of
-keyword arguments that :class:`~routezoo.layers.moe.block.MoE` passes on to its router:
+input (and output), never through module side channels. The model creates the shared
+piece once (the router class's ``model_routing``, which returns a
+:class:`~routezoo.layers.routers.base.ModelRouting`: :class:`RecurrentState`,
+:class:`PreGateRouting`) and hands it to each MoE layer call as ``router_inputs``, a dict
+of keyword arguments that :class:`~routezoo.layers.moe.block.MoE` passes on to its router:
 
 ==============  ============================================================================
 ``recurrent``   :class:`RecurrentRouter` (RMoE, Qiu et al. 2024). ``router_inputs =
@@ -24,13 +26,13 @@ keyword arguments that :class:`~routezoo.layers.moe.block.MoE` passes on to its 
                 uses). The router has no parameters of its own.
 ==============  ============================================================================
 
-:class:`routezoo.zoo.lm.DecoderLM` does all of this for ``model.moe.router`` ``recurrent``
-or ``pregate``; a model of your own does the same (see the classes' docstrings).
+:class:`routezoo.zoo.lm.DecoderLM` does all of this through ``model_routing`` for any
+router; a model of your own does the same (see the classes' docstrings).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +43,7 @@ from routezoo.layers.attention import Attention
 from routezoo.layers.embed import Embed
 from routezoo.layers.mlp import MLP
 from routezoo.layers.norms import RMSNorm
-from routezoo.layers.routers.base import Router, Routing, check_k, load_balance_loss, routing_stats, top_k
+from routezoo.layers.routers.base import ModelRouting, Router, Routing, check_k, load_balance_loss, routing_stats, top_k
 from routezoo.layers.routers.base import _num_groups
 from routezoo.layers.routers.base import register
 
@@ -157,6 +159,14 @@ class RecurrentRouter(Router):
     renormalize: bool = True
     load_balance_coef: float = 0.0
 
+    supports_mtp: ClassVar[bool] = False      # the state is threaded by the model's trunk
+    config_keys: ClassVar[dict[str, Any]] = {
+        # GRU router state width R, shared across MoE layers (RMoE, Qiu et al. 2024; paper 256)
+        "recurrent_dim": 256,
+        # gru | rnn (the paper's ablation: h' = tanh(W x' + U h + b))
+        "recurrent_cell": "gru",
+    }
+
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None,
                  router_state: Array | None = None, router_cell: nn.Module | None = None,
@@ -191,6 +201,15 @@ class RecurrentRouter(Router):
         return (routing, logits) if return_logits else routing
 
     @classmethod
+    def model_routing(cls, model_cfg: Any, *, tokens: Array, positions: Array, routes: Array | None,
+                      num_moe_layers: int, dtype: Any, param_dtype: Any) -> ModelRouting:
+        """The model's one :class:`RecurrentRouterCell` (submodule ``router_cell``) and the
+        router state threaded through the layers (see :class:`RecurrentState`)."""
+        moe = model_cfg.moe
+        cell = RecurrentRouterCell(int(moe.recurrent_dim), str(moe.recurrent_cell), name="router_cell")
+        return RecurrentState(cell, int(moe.recurrent_dim))
+
+    @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "RecurrentRouter":
         return cls(**cls.common_kwargs(moe_cfg), k=int(moe_cfg.k),
                    recurrent_dim=int(moe_cfg.recurrent_dim), renormalize=bool(moe_cfg.renormalize),
@@ -205,6 +224,33 @@ class RecurrentRouter(Router):
         if moe_cfg.recurrent_cell not in RECURRENT_CELLS:
             raise ValueError(f"moe.recurrent_cell={moe_cfg.recurrent_cell!r} is unknown; known: "
                              f"{list(RECURRENT_CELLS)}")
+
+
+class RecurrentState(ModelRouting):
+    """RMoE's state across layers for one model call: the shared cell and ``h`` ``[T, R]``.
+
+    Each forward pass starts from ``h = 0``; every MoE layer gets ``router_inputs =
+    {'router_state': h, 'router_cell': cell}`` and its ``aux['router_state']`` becomes
+    the new ``h`` (dense layers leave it unchanged); the state after every layer is
+    recorded as ``layer{i}_router_state``.
+
+    Args:
+      cell: the :class:`RecurrentRouterCell` that all MoE layers share.
+      width: ``R``.
+    """
+
+    def __init__(self, cell: nn.Module, width: int) -> None:
+        self.cell, self.width, self.state = cell, int(width), None
+
+    def begin(self, batch: int, length: int) -> None:
+        self.state = jnp.zeros((batch * length, self.width), jnp.float32)
+
+    def layer_inputs(self, moe_index: int, batch: int, length: int) -> dict[str, Any]:
+        return {"router_state": self.state, "router_cell": self.cell}
+
+    def after_layer(self, aux: dict[str, Any]) -> dict[str, Array]:
+        self.state = aux.get("router_state", self.state)
+        return {"router_state": self.state}
 
 
 # ------------------------------------------------------------------ Read-ME pre-gate
@@ -294,6 +340,18 @@ class PreGateRouter(Router):
     renormalize: bool = True
     load_balance_coef: float = 0.0
 
+    supports_decode: ClassVar[bool] = False    # the pre-gate runs over the whole sequence
+    accepts_routes: ClassVar[bool] = True
+    precomputes_routes: ClassVar[bool] = True
+    supports_mtp: ClassVar[bool] = False
+    config_keys: ClassVar[dict[str, Any]] = {
+        "pregate_dim": 64,              # width P of the pre-gate Transformer (Read-ME, Cai et al. 2024)
+        "pregate_layers": 1,            # causal attention + MLP blocks in the pre-gate
+        "pregate_heads": 2,             # attention heads (pregate_dim / heads must be even)
+        # True: one choice per token used by every MoE layer (Read-ME); False: one per layer
+        "pregate_shared_routes": True,
+    }
+
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None,
                  pregate_logits: Array | None = None, routes: Array | None = None) -> Routing:
@@ -314,6 +372,19 @@ class PreGateRouter(Router):
         return Routing(indices=indices, weights=weights, losses=losses, stats=stats)
 
     @classmethod
+    def model_routing(cls, model_cfg: Any, *, tokens: Array, positions: Array, routes: Array | None,
+                      num_moe_layers: int, dtype: Any, param_dtype: Any) -> ModelRouting:
+        """Runs the model's :class:`PreGate` (submodule ``pregate``) on the token ids, before
+        the backbone; see :class:`PreGateRouting`."""
+        moe = model_cfg.moe
+        logits = PreGate(
+            vocab_size=int(model_cfg.vocab_size), num_experts=int(moe.num_experts), num_moe_layers=num_moe_layers,
+            features=int(moe.pregate_dim), num_layers=int(moe.pregate_layers), num_heads=int(moe.pregate_heads),
+            shared_routes=bool(moe.pregate_shared_routes), init_scale=float(moe.router_init_scale),
+            dtype=dtype, param_dtype=param_dtype, name="pregate")(tokens, positions)  # [M, B, L, E]
+        return PreGateRouting(logits, routes, int(moe.k))
+
+    @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "PreGateRouter":
         return cls(**cls.common_kwargs(moe_cfg), k=int(moe_cfg.k), renormalize=bool(moe_cfg.renormalize),
                    load_balance_coef=float(moe_cfg.load_balance_coef), **kwargs)
@@ -328,3 +399,28 @@ class PreGateRouter(Router):
         if int(moe_cfg.pregate_dim) % (2 * int(moe_cfg.pregate_heads)):
             raise ValueError(f"moe.pregate_dim={moe_cfg.pregate_dim} must be divisible by "
                              f"2 * moe.pregate_heads={2 * int(moe_cfg.pregate_heads)} (even head width for rotary)")
+
+
+class PreGateRouting(ModelRouting):
+    """Read-ME's routes for one model call: the pre-gate's logits ``[M, B, L, E]`` and,
+    optionally, routes fixed from outside, int32 ``[M, B, L, K]``.
+
+    MoE layer ``j`` gets ``router_inputs = {'pregate_logits': [B·L, E], 'routes': [B·L, K]
+    or None}``; :meth:`precomputed_routes` is :func:`pregate_select` of the logits.
+
+    Args:
+      logits: float32 ``[M, B, L, E]`` from :class:`PreGate`.
+      routes: the model's ``routes=`` or ``None``.
+      k: experts per token.
+    """
+
+    def __init__(self, logits: Array, routes: Array | None, k: int) -> None:
+        self.logits, self.routes, self.k = logits, routes, int(k)
+
+    def layer_inputs(self, moe_index: int, batch: int, length: int) -> dict[str, Any]:
+        t = batch * length
+        return {"pregate_logits": self.logits[moe_index].reshape(t, -1),
+                "routes": None if self.routes is None else self.routes[moe_index].reshape(t, -1)}
+
+    def precomputed_routes(self) -> Array:
+        return pregate_select(self.logits, self.k)  # [M, B, L, K]

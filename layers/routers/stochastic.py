@@ -127,6 +127,11 @@ class HashRouter(Router):
     vocab_size: int = 0
 
     needs_token_ids: ClassVar[bool] = True
+    config_keys: ClassVar[dict[str, Any]] = {
+        "hash_seed": 0,           # seed of the fixed token-id -> expert map (Roller et al. 2021)
+        # V > 0: random permutation of [0, V) mod E (exactly balanced); 0: integer hash of the id
+        "hash_vocab_size": 0,
+    }
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None,
@@ -196,6 +201,17 @@ class ThorRouter(Router):
     inference: str = "sequence"
     seed: int = 0
 
+    config_keys: ClassVar[dict[str, Any]] = {
+        # random expert per token | sequence (routing group) | batch (authors' code: one per pass)
+        "thor_train_level": "token",
+        # at eval one random expert per sequence (authors' script) | token
+        "thor_inference": "sequence",
+        # alpha of the symmetric-KL consistency between two passes (paper's config default 1.0;
+        # IWSLT script 5.0)
+        "thor_consistency_coef": 1.0,
+        "thor_seed": 0,           # fixed eval draw when no 'router' rng is given
+    }
+
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None) -> Routing:
         # x: [T, D] (only its length is used)
@@ -225,6 +241,19 @@ class ThorRouter(Router):
         weights = jnp.ones((num_tokens, 1), jnp.float32)
         return Routing(indices=indices, weights=weights, losses={},
                        stats=_load_stats(indices, num_experts))
+
+    @classmethod
+    def model_losses(cls, model_cfg: Any, logits: Array, rerun, *, deterministic: bool) -> dict[str, Array]:
+        """THOR's consistency term (``moe.thor_consistency_coef`` = ``α`` > 0, training only):
+        a second forward pass with independent expert draws, then
+        ``thor_consistency = α · mean_tokens ½ Σ_v (p1 − p2)(log p1 − log p2)``."""
+        coef = float(model_cfg.moe.get("thor_consistency_coef", 0.0))
+        if coef <= 0 or deterministic:
+            return {}
+        logits2 = rerun()             # a second, independent draw of experts
+        logp1, logp2 = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(logits2, -1)
+        sym_kl = 0.5 * jnp.sum((jnp.exp(logp1) - jnp.exp(logp2)) * (logp1 - logp2), axis=-1)
+        return {"thor_consistency": coef * jnp.mean(sym_kl)}
 
     @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "ThorRouter":
@@ -324,6 +353,16 @@ class SMoEDropoutRouter(Router):
     k_steps: int = 1000
     schedule: str = "linear"
     eval_k: int = 0
+
+    config_keys: ClassVar[dict[str, Any]] = {
+        "smoe_k_schedule": "linear",   # k over training: linear | cosine | steps (1, 2, 4, ... k_end)
+        "smoe_k_start": 1,             # k at step 0 (authors' enwik8 script: E/2)
+        "smoe_k_end": 0,               # final k; 0 = num_experts
+        "smoe_k_steps": 1000,          # steps (counted router calls in training) to reach smoe_k_end
+        "smoe_eval_k": 0,              # k at evaluation (self-slimmable, any 1..E); 0 = final k
+        # also evaluate at these k during training (eval_loss@k2, ...): auto (1, 2, 4, ... E) | "" | "1,4"
+        "smoe_eval_sweep": "auto",
+    }
 
     @property
     def k_max(self) -> int:

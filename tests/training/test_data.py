@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from routezoo.configs import base
 from routezoo.training import data
+from routezoo.training.data import tokenizers
 
 SEQ_LEN = 32
 BATCH = 4
@@ -131,7 +132,7 @@ def test_byte_tokenizer_round_trip_and_token_bytes():
 
 
 def test_sentencepiece_trained_cached_round_trip(data_dir, monkeypatch):
-    monkeypatch.setattr(data, "SPM_SAMPLE_CHARS", 300_000)
+    monkeypatch.setattr(tokenizers, "SPM_SAMPLE_CHARS", 300_000)
     c = _config(data_dir, tokenizer="sentencepiece", spm_vocab_size=400)
     tok = data.get_tokenizer(c.data)
     assert (tok.vocab_size, tok.pad_id, tok.eos_id) == (400, 0, 1)
@@ -145,7 +146,7 @@ def test_sentencepiece_trained_cached_round_trip(data_dir, monkeypatch):
     # Cached: the second call loads the model file instead of training.
     cached = list((data_dir / "routezoo_spm").glob("*400.model"))
     assert len(cached) == 1
-    monkeypatch.setattr(data, "train_sentencepiece", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(tokenizers, "train_sentencepiece", lambda *a, **k: pytest.fail("retrained"))
     assert np.array_equal(data.get_tokenizer(c.data).encode(text), ids)
     from_file = data.get_tokenizer(_config(data_dir, tokenizer="sentencepiece",
                                            spm_model=str(cached[0])).data)

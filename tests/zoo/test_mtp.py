@@ -67,7 +67,7 @@ def test_mtp_logits_match_step_by_step_reference():
 
 
 def test_mtp_loss_shifts_targets_by_depth():
-    from routezoo.training.train import cross_entropy, mtp_loss
+    from routezoo.zoo.lm import cross_entropy, mtp_loss
     rng = np.random.default_rng(0)
     targets = jnp.asarray(rng.integers(0, 7, (2, 6)), jnp.int32)
     weights = jnp.asarray(rng.integers(0, 2, (2, 6)), jnp.float32).at[:, :2].set(1.0)
@@ -84,11 +84,30 @@ def test_mtp_loss_shifts_targets_by_depth():
     assert float(mtp_loss([exact[1], exact[0]], targets, weights)) > 1.0
 
 
+def test_model_returns_the_mtp_loss_term_given_targets():
+    """With the batch's targets and loss weights the model returns ``losses['mtp'] =
+    model.mtp_weight * mtp_ce`` and ``metrics['mtp_ce']`` (:func:`lm.mtp_loss` of its own
+    MTP logits); without them, no MTP term (evaluation, sampling)."""
+    c = _cfg(depth=2)
+    model = lm.DecoderLM(c)
+    row = jax.random.randint(jax.random.key(0), (2, 11), 1, c.vocab_size)
+    inputs, targets = row[:, :-1], row[:, 1:]
+    weights = jnp.ones(targets.shape, jnp.float32).at[1, 6:].set(0.0)
+    variables = nn.meta.unbox(model.init(jax.random.key(1), inputs))
+    _, plain = model.apply(variables, inputs)
+    assert "mtp" not in plain["losses"] and "metrics" not in plain
+    _, aux = model.apply(variables, inputs, targets=targets, loss_weights=weights)
+    want = lm.mtp_loss(aux["mtp_logits"], targets, weights)
+    np.testing.assert_allclose(aux["metrics"]["mtp_ce"], want, rtol=1e-6)
+    np.testing.assert_allclose(aux["losses"]["mtp"], c.mtp_weight * want, rtol=1e-6)
+
+
 def test_mtp_trains_and_its_gradient_reaches_the_trunk(tmp_path, data_dir):
     from conftest import tiny_config
     from routezoo.training import config_check
     from routezoo.training.metrics import read_metrics
-    from routezoo.training.train import mtp_loss, train_and_evaluate
+    from routezoo.training.train import train_and_evaluate
+    from routezoo.zoo.lm import mtp_loss
 
     c = _cfg(depth=1)
     model = lm.DecoderLM(c)

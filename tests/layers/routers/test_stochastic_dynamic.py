@@ -217,7 +217,7 @@ def test_smoe_router_is_frozen_and_k_follows_the_schedule_in_training():
     assert int(state["router"]["step"]) == 6
     assert not np.allclose(params["experts"]["wi"], variables["params"]["experts"]["wi"])  # experts trained
 
-    # a loop that makes every non-param collection mutable (training/train.py) changes
+    # a loop that makes every non-param collection mutable (training/step.py) changes
     # only the step; the frozen router comes back bit-identical
     _, new = model.apply({"params": params, **{k: v for k, v in variables.items() if k != "params"}}, x,
                          deterministic=False, mutable=["router_state", "router_fixed"])

@@ -1,0 +1,35 @@
+"""Data: TFDS sources, tokenizers and checkpointable grain pipelines.
+
+* :mod:`~routezoo.training.data.sources`: the data dir (``data.data_dir``, else
+  ``$ROUTEZOO_DATA_DIR``, else ``~/tensorflow_datasets``), the dataset registry and the
+  random-access TFDS source of a split (:func:`get_source`, :func:`ensure_dataset`).
+* :mod:`~routezoo.training.data.stdlib`: the offline default corpus, the interpreter's
+  standard library (TFDS builder ``routezoo_stdlib``).
+* :mod:`~routezoo.training.data.tokenizers`: ``byte`` and ``sentencepiece``
+  (:func:`get_tokenizer`); ``token_bytes`` for bits per byte.
+* :mod:`~routezoo.training.data.packing`: documents to packed rows to batches.
+* :mod:`~routezoo.training.data.tasks`: ``data.tasks``, per-example task ids from the
+  stdlib's top-level packages.
+* :mod:`~routezoo.training.data.pipeline`: the per-process training iterator
+  (:func:`make_train_iterator`), evaluation batches (:func:`eval_batches`) and the Orbax
+  args that checkpoint the iterator.
+
+Every public name of these modules is importable from here. Settings a module reads at
+call time (``SPM_SAMPLE_CHARS``, ``train_sentencepiece``) are changed on that module.
+"""
+
+from routezoo.training.data.packing import (EncodeDocument, MakeBatch, MakeTaskBatch, PackIterator,  # noqa: F401
+                                            PackIterDataset, Subset, TagTask, TakeRows)
+from routezoo.training.data.pipeline import (PROCESS_SHARDING, EvalBatches, TaskEvalBatches,  # noqa: F401
+                                             eval_batches, iterator_restore_args, iterator_save_args,
+                                             make_train_iterator, train_dataset)
+from routezoo.training.data.sources import (ensure_dataset, get_source, known_dataset,  # noqa: F401
+                                            resolve_data_dir, text_key_of, text_of)
+from routezoo.training.data.stdlib import (STDLIB, VALIDATION_PER_MILLE, RoutezooStdlib, build_stdlib,  # noqa: F401
+                                           file_lock, stdlib_files, stdlib_root, stdlib_split_of,
+                                           stdlib_tfds_name)
+from routezoo.training.data.tasks import (TASK_SAMPLING, Task, available_tasks, check_tasks,  # noqa: F401
+                                          eval_task_names, split_tasks, task_names, task_of_path)
+from routezoo.training.data.tokenizers import (BYTE_OFFSET, EOS_ID, PAD_ID, ByteTokenizer,  # noqa: F401
+                                               SentencePieceTokenizer, Tokenizer, get_tokenizer,
+                                               train_sentencepiece)

@@ -1,0 +1,142 @@
+"""Tasks for multi-task adapters (Poly/MHR, ScaLearn, PHATGOOSE, many adapters per batch).
+
+``data.tasks`` (stdlib only; "" = off, the pipelines unchanged) is a comma-separated
+list of top-level stdlib packages (:func:`task_of_path`: the first component of a file's
+path in a subdirectory, e.g. ``email/message.py`` -> ``email``; top-level modules such as
+``os.py`` belong to no task; the ``test`` suites are not in the dataset at all). A task's
+id is its position in the list; :func:`available_tasks` lists the names with their file
+counts. ``data.task_sampling``: ``uniform`` (equal weights) or ``proportional`` (weights =
+the tasks' UTF-8 text bytes in the train split, i.e. each task's share of the untasked
+stream). How the pipelines mix and evaluate tasks: :mod:`routezoo.training.data.pipeline`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from routezoo.training.data.sources import get_source, resolve_data_dir, text_of
+from routezoo.training.data.stdlib import STDLIB, stdlib_tfds_name
+
+TASK_SAMPLING = ("uniform", "proportional")
+
+
+def task_of_path(path: str) -> str | None:
+    """The task of a stdlib file: its top-level package, the first component of a path in
+    a subdirectory (``email/mime/text.py`` -> ``email``); None for a top-level module
+    (``os.py``) and for a directory that is no package name (``config-3.11-x86_64-linux-gnu``)."""
+    head, sep, _ = path.partition("/")
+    return head if sep and head.isidentifier() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task of a split: its name, its id (position in ``data.tasks``), the indices of
+    its records in the split's source and its mixing weight."""
+
+    name: str
+    id: int
+    indices: tuple[int, ...]
+    weight: float = 1.0
+
+
+# (data dir, dataset, split) -> (relative paths, UTF-8 text bytes) of the split's records
+_SPLIT_FILES: dict[tuple[str, str, str], tuple[tuple[str, ...], tuple[int, ...]]] = {}
+
+
+def _split_files(data_cfg: Any, split: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Paths and text sizes of a stdlib split's records, in source order (read once)."""
+    key = (resolve_data_dir(data_cfg), stdlib_tfds_name(), split)
+    if key not in _SPLIT_FILES:
+        source = get_source(data_cfg, split)
+        records = [source[i] for i in range(len(source))]
+        _SPLIT_FILES[key] = (
+            tuple(text_of(r, "path") for r in records),
+            tuple(len(text_of(r, "text").encode("utf-8")) for r in records))
+    return _SPLIT_FILES[key]
+
+
+def _require_stdlib(data_cfg: Any) -> None:
+    if data_cfg.name != STDLIB:
+        raise ValueError(f"data.tasks needs data.name='stdlib' (tasks are its top-level "
+                         f"packages), got data.name={data_cfg.name!r}")
+
+
+def _task_records(paths: Sequence[str]) -> dict[str, list[int]]:
+    """Record indices per task name, in record order."""
+    out: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        name = task_of_path(path)
+        if name is not None:
+            out.setdefault(name, []).append(i)
+    return out
+
+
+def available_tasks(data_cfg: Any, split: str | None = None) -> dict[str, int]:
+    """``{task name: number of files}`` in ``split`` (default ``data.train_split``), sorted
+    by name: the names ``data.tasks`` accepts (stdlib only)."""
+    _require_stdlib(data_cfg)
+    paths, _ = _split_files(data_cfg, split or data_cfg.train_split)
+    return {name: len(idx) for name, idx in sorted(_task_records(paths).items())}
+
+
+def task_names(data_cfg: Any) -> list[str]:
+    """The checked names of ``data.tasks`` (task id = position); [] when it is empty."""
+    spec = data_cfg.tasks.strip()
+    if not spec:
+        return []
+    _require_stdlib(data_cfg)
+    if data_cfg.task_sampling not in TASK_SAMPLING:
+        raise ValueError(f"unknown data.task_sampling {data_cfg.task_sampling!r}; allowed: "
+                         f"{', '.join(TASK_SAMPLING)}")
+    names = [n.strip() for n in spec.split(",")]
+    available = available_tasks(data_cfg)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))} in data.tasks; "
+                         f"allowed (top-level stdlib packages): {', '.join(sorted(available))}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"data.tasks names {', '.join(repeated)} more than once; "
+                         "each task once (its id is its position)")
+    return names
+
+
+def split_tasks(data_cfg: Any, split: str, names: Sequence[str] | None = None) -> list[Task]:
+    """The :class:`Task` of every name of ``data.tasks`` (or of ``names``, which must be in
+    it) in ``split``, with ``data.task_sampling``'s weights; a task without records in the
+    split has no indices."""
+    all_names = task_names(data_cfg)
+    paths, sizes = _split_files(data_cfg, split)
+    records = _task_records(paths)
+    tasks = []
+    for name in names if names is not None else all_names:
+        if name not in all_names:
+            raise ValueError(f"task {name!r} is not in data.tasks; allowed: "
+                             f"{', '.join(all_names) or '(data.tasks is empty)'}")
+        indices = tuple(records.get(name, ()))
+        weight = (float(sum(sizes[i] for i in indices)) or 1.0
+                  if data_cfg.task_sampling == "proportional" else 1.0)
+        tasks.append(Task(name, all_names.index(name), indices, weight))
+    return tasks
+
+
+def check_tasks(config: Any) -> None:
+    """``data.tasks`` checked against the built dataset before a run starts: known names
+    (:func:`task_names`) and, when the run evaluates, at least one task with validation
+    files. ``ValueError`` in one line."""
+    d = config.data
+    if not task_names(d):
+        return
+    if config.train.eval_steps > 0 and not eval_task_names(d):
+        raise ValueError(f"no task of data.tasks ({d.tasks}) has files in the {d.eval_split!r} split, so the "
+                         f"run cannot be evaluated; tasks with validation files: "
+                         f"{', '.join(available_tasks(d, d.eval_split))}")
+
+
+def eval_task_names(data_cfg: Any) -> list[str]:
+    """The names of ``data.tasks`` with documents in ``data.eval_split`` (those that
+    ``eval_batches(config, task=NAME)`` accepts), in task-id order."""
+    return [t.name for t in split_tasks(data_cfg, data_cfg.eval_split) if t.indices]
+

@@ -1,0 +1,254 @@
+"""The training loop: :func:`train_and_evaluate` drives the jitted steps of
+:mod:`routezoo.training.step` over the data pipeline, evaluates, logs and checkpoints.
+
+A run resumes from its newest checkpoint (state and data iterator). SIGTERM/SIGINT
+(:class:`StopFlag`) saves a checkpoint and returns at the next step, as does
+``stop_after``. Evaluation (:func:`evaluate_all`) runs the plain eval, the router's eval
+variants (``eval_loss@SUFFIX``) and, with ``train.eval_per_task``, each task's own
+(``eval_loss@task=NAME``). Plain and adapter runs share the loop through
+:func:`routezoo.training.adapter_run.make_run`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding
+
+from routezoo import zoo
+from routezoo.layers import adapters as adapter_lib
+from routezoo.layers import sharding as shd
+from routezoo.training import checkpoint as ckpt_lib
+from routezoo.training import metrics as metrics_lib
+from routezoo.training.adapter_run import adapter_config, make_run, optimizer_for
+from routezoo.training.state import maybe_initialize_distributed, mesh_and_rules
+from routezoo.training.step import make_eval_step, make_train_step
+
+
+def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Per-process batch -> global arrays sharded over the batch axes of the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def evaluate(eval_step, state, config, mesh, batch_sharding, extra=(), task: str | None = None) -> dict[str, float]:
+    """One evaluation over ``train.eval_steps`` batches of the eval split.
+
+    Args:
+      eval_step: a jitted :func:`~routezoo.training.step.make_eval_step`.
+      state: the TrainState.
+      config: the run's config.
+      mesh: the device mesh.
+      batch_sharding: the batches' sharding.
+      extra: extra step arguments (an adapter run's base).
+      task: one task of ``data.tasks`` to evaluate alone, or ``None``.
+
+    Returns:
+      ``{'eval_loss', 'eval_accuracy', 'eval_bits_per_byte'}``.
+    """
+    from routezoo.training import data as data_lib
+    sums = {"nll": 0.0, "correct": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for local in data_lib.eval_batches(config, task=task):
+        out = jax.device_get(eval_step(state, to_global(local, batch_sharding), *extra))
+        for k in sums:
+            sums[k] += float(out[k])
+    tokens = max(sums["tokens"], 1.0)
+    return {"eval_loss": sums["nll"] / tokens, "eval_accuracy": sums["correct"] / tokens,
+            "eval_bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
+
+
+def eval_variants(config) -> dict[str, nn.Module]:
+    """``{suffix: model}``: the extra evaluations the router asks for
+    (:meth:`~routezoo.layers.routers.base.Router.eval_variants`, e.g. SMoE-Dropout at several
+    ``k``), each the same variables under a changed ``model.moe``; logged as
+    ``eval_loss@suffix``. Empty for dense models and most routers."""
+    from routezoo.layers.routers import ROUTERS
+    m = config.model
+    if "moe" not in m or "moe" not in zoo.ffn_kinds(m) or m.moe.router not in ROUTERS:
+        return {}
+    out = {}
+    for suffix, overrides in ROUTERS[m.moe.router].eval_variants(m.moe).items():
+        variant = ml_collections.ConfigDict(m.to_dict())
+        variant.moe.update(overrides)
+        out[suffix] = zoo.build(variant)
+    return out
+
+
+def evaluate_all(eval_steps: dict[str, Callable], state, config, mesh, batch_sharding, extra=()) -> dict[str, float]:
+    """:func:`evaluate` for each of ``{suffix: eval_step}``; suffix ``''`` is the plain
+    evaluation, others are reported as ``eval_loss@suffix`` and so on. With
+    ``train.eval_per_task`` (and ``data.tasks``) the plain evaluation is also run on each
+    task's own validation rows: ``eval_loss@task=NAME``, ``eval_bits_per_byte@task=NAME``."""
+    from routezoo.training import data as data_lib
+    out = {}
+    for suffix, eval_step in eval_steps.items():
+        res = evaluate(eval_step, state, config, mesh, batch_sharding, extra)
+        out.update(res if not suffix else {f"{k}@{suffix}": v for k, v in res.items()})
+    if config.train.get("eval_per_task", False) and data_lib.task_names(config.data):
+        for name in data_lib.eval_task_names(config.data):
+            res = evaluate(eval_steps[""], state, config, mesh, batch_sharding, extra, task=name)
+            out.update({f"{k}@task={name}": v for k in ("eval_loss", "eval_bits_per_byte") for v in [res[k]]})
+    return out
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop saves a checkpoint and returns at the next step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def any_process(self) -> bool:
+        """Whether any process got a signal (all processes agree)."""
+        flag = self.signum is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
+
+def describe_model(params_boxed, config) -> dict[str, float]:
+    """Parameter counts and FLOPs per token of ``config.model`` (logged at step 0).
+
+    Args:
+      params_boxed: boxed (or abstract) model parameters.
+      config: the run's config.
+
+    Returns:
+      ``{'params_total', 'params_active', 'flops_per_token_forward', 'flops_per_token_train'}``.
+    """
+    total, active = zoo.count_params(params_boxed, config.model, config.data.seq_len)
+    flops = zoo.flops_per_token(config.model, config.data.seq_len, active, params_boxed)
+    return {"params_total": total, "params_active": active,
+            "flops_per_token_forward": flops["forward"], "flops_per_token_train": flops["train"]}
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir``, resuming from its checkpoints.
+
+    Args:
+      config: the run's config, already validated.
+      workdir: the run's directory (config.json, checkpoints, metrics, adapter/).
+      stop_after: leave after this many steps of this call (saving a checkpoint), as a
+        preempted job does; running again resumes. The schedule still spans ``train.steps``.
+
+    Returns:
+      The last train metrics (means) and eval metrics, with ``step``.
+    """
+    from routezoo.training import data as data_lib   # the data stack only where data is read
+    maybe_initialize_distributed()
+    is_main = jax.process_index() == 0
+    workdir = os.path.abspath(workdir)
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    mesh, rules = mesh_and_rules(config)
+    data_lib.ensure_dataset(config.data)
+    tokenizer = data_lib.get_tokenizer(config.data)
+    model = zoo.build(config.model)
+    adapter = adapter_lib.from_config(adapter_config(config))
+    tx, schedule = optimizer_for(config, adapter)
+    # Leading (batch) axis sharded, the rest replicated: fits inputs [B, L] and task_id [B].
+    batch_sharding = NamedSharding(mesh, shd.batch_spec(1))
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    progress_log = print if is_main else (lambda *_: None)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        run = make_run(model, tx, config, mesh, rules, adapter)
+        abstract, shardings = run.abstract, run.shardings
+        info = describe_model(run.boxed_params, config)
+        progress_log(
+            f"model {config.model.name}: {info['params_total'] / 1e6:.2f}M parameters, "
+            f"{info['params_active'] / 1e6:.2f}M active per token, "
+            f"{info['flops_per_token_train'] / 1e6:.1f} MFLOP/token (train); "
+            f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, "
+            f"{jax.process_count()} process(es)")
+        run.load(workdir, info, progress_log)   # an adapter run: its frozen base, passed to every step
+        extra = run.extra
+
+        train_iter = data_lib.make_train_iterator(config)
+        checkpointer = ckpt_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+            async_save=config.checkpoint.async_save, verify=config.checkpoint.verify, log=progress_log)
+        restored = checkpointer.restore_latest(abstract, data_lib.iterator_restore_args(train_iter))
+        if restored is None:
+            state, start = run.create_state(), 0
+        else:
+            start, state, _ = restored
+            progress_log(f"resumed from step {start} ({checkpointer.step_dir(start)})")
+
+        train_step = jax.jit(make_train_step(model, tx, config, schedule, run.adapter),
+                             in_shardings=(shardings, batch_sharding, *run.extra_shardings),
+                             out_shardings=(shardings, None), donate_argnums=0)
+        eval_steps = {suffix: jax.jit(make_eval_step(m, tokenizer.token_bytes, run.adapter),
+                                      in_shardings=(shardings, batch_sharding, *run.extra_shardings))
+                      for suffix, m in {"": model, **eval_variants(config)}.items()}
+        if start == 0:   # model size and the untrained model's eval, as step 0
+            first = evaluate_all(eval_steps, state, config, mesh, batch_sharding, extra)
+            writer.write(0, {**info, **first})
+            progress_log(f"step 0: eval loss {first['eval_loss']:.4f}, "
+                         f"eval bits/byte {first['eval_bits_per_byte']:.4f}")
+
+        steps, last_metrics, last_eval = config.train.steps, {}, {}
+        tokens_per_step = config.train.batch_size * config.data.seq_len
+        progress = metrics_lib.Progress(steps, min(start, steps), enabled=is_main and config.train.progress)
+        t_last, step_last = time.time(), start
+        step = start
+        with StopFlag() as stop:
+            while step < steps:
+                batch = to_global(next(train_iter), batch_sharding)
+                state, metrics = train_step(state, batch, *extra)
+                step += 1
+                log_now = step % config.train.log_every == 0 or step == steps
+                eval_now = step % config.train.eval_every == 0 or step == steps
+                if log_now or eval_now:
+                    last_metrics = jax.device_get(metrics)
+                    now = time.time()
+                    tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+                    t_last, step_last = now, step
+                    record = {**last_metrics, "tokens_per_second": tps}
+                    if eval_now:
+                        last_eval = evaluate_all(eval_steps, state, config, mesh, batch_sharding, extra)
+                        record.update(last_eval)
+                        progress.write(f"step {step}: loss {float(last_metrics['loss']):.4f}, "
+                                       f"eval loss {last_eval['eval_loss']:.4f}, "
+                                       f"eval bits/byte {last_eval['eval_bits_per_byte']:.4f}")
+                    writer.write(step, record)
+                    progress.update_to(step, loss=f"{float(last_metrics['loss']):.3f}", tok_s=f"{tps:,.0f}")
+                stopping = stop.any_process() or (stop_after is not None and step - start >= stop_after)
+                if stopping or step % config.checkpoint.every == 0 or step == steps:
+                    checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
+                    run.save(workdir, step, state)
+                if stopping:
+                    progress.write(f"stopped at step {step}; checkpoint saved; run again to resume")
+                    break
+        progress.close()
+        checkpointer.close()
+        writer.close()
+    if is_main:
+        metrics_lib.plot_metrics(workdir)
+    return {"step": step, **{k: float(np.mean(v)) for k, v in last_metrics.items()}, **last_eval}
