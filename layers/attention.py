@@ -2,7 +2,7 @@
 key/value cache for decoding.
 
 Einsum letters: ``B`` batch, ``L`` length (queries), ``M`` length (keys), ``D`` embed,
-``H`` query heads, ``G`` key/value heads, ``K`` head dim, ``F`` mlp, ``V`` vocab.
+``H`` query heads, ``U`` key/value heads, ``A`` head dim, ``F`` mlp, ``V`` vocab.
 
 Every parameter carries logical axis names (see :mod:`routezoo.layers.sharding`) and every
 large activation is constrained by name, so the same modules run unsharded, data-parallel,
@@ -153,9 +153,9 @@ def rope_scaling_of(model_cfg: Any) -> RopeScaling | None:
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
                      scaling: RopeScaling | None = None) -> jax.Array:
-    """Applies rotary position embeddings (Su et al., 2021, RoFormer) to ``x: [B, L, H, K]``.
+    """Applies rotary position embeddings (Su et al., 2021, RoFormer) to ``x: [B, L, H, A]``.
 
-    Uses the half-split convention (pairs ``(i, i + K/2)``), as GPT-NeoX and Llama do.
+    Uses the half-split convention (pairs ``(i, i + A/2)``), as GPT-NeoX and Llama do.
     ``positions: [B, L]`` integer positions. ``scaling``: a :class:`RopeScaling` (YaRN
     frequencies, cos and sin times its attention factor); ``None``: plain RoPE.
     """
@@ -163,13 +163,13 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
     if k % 2:
         raise ValueError(f"rotary embeddings need an even head dim, got {k}")
     if scaling is not None and scaling.active:
-        freq = jnp.asarray(scaling.inv_freq(k, theta))                          # [K/2]
+        freq = jnp.asarray(scaling.inv_freq(k, theta))                          # [A/2]
         mult = scaling.cos_sin_factor()
     else:
-        freq = theta ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k)  # [K/2]
+        freq = theta ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k)  # [A/2]
         mult = 1.0
-    angle = positions.astype(jnp.float32)[..., None] * freq                     # [B, L, K/2]
-    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]      # [B, L, 1, K/2]
+    angle = positions.astype(jnp.float32)[..., None] * freq                     # [B, L, A/2]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]      # [B, L, 1, A/2]
     if mult != 1.0:
         sin, cos = sin * mult, cos * mult
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -225,15 +225,15 @@ class Attention(nn.Module):
 
     Options used by imported checkpoints (defaults: off):
 
-    * ``qkv_bias``: biases ``q_bias`` ``[H, K]``, ``k_bias``/``v_bias`` ``[G, K]`` added to
+    * ``qkv_bias``: biases ``q_bias`` ``[H, A]``, ``k_bias``/``v_bias`` ``[U, A]`` added to
       the projections (Qwen2 / Qwen2-MoE).
     * ``qk_norm``: RMSNorm of queries and keys before the rotary embedding, in float32:
-      ``'head'`` normalises each head over ``K`` with scales ``q_norm``/``k_norm`` ``[K]``
-      (Qwen3, Qwen3-MoE); ``'full'`` normalises all heads together over ``H·K`` (resp.
-      ``G·K``) with scales ``q_norm`` ``[H, K]`` / ``k_norm`` ``[G, K]`` (OLMo, OLMoE).
+      ``'head'`` normalises each head over ``A`` with scales ``q_norm``/``k_norm`` ``[A]``
+      (Qwen3, Qwen3-MoE); ``'full'`` normalises all heads together over ``H·A`` (resp.
+      ``U·A``) with scales ``q_norm`` ``[H, A]`` / ``k_norm`` ``[U, A]`` (OLMo, OLMoE).
     * ``rope_scaling``: YaRN (:class:`RopeScaling`): rescaled rotary frequencies, cos and
       sin times the attention factor, as transformers' Llama/Qwen with ``rope_type='yarn'``
-      (the softmax scale stays ``K**-0.5``; only latent attention changes it).
+      (the softmax scale stays ``A**-0.5``; only latent attention changes it).
 
     ``decode=True``: autoregressive decoding with the rotated keys and the values cached
     (:func:`decode_cache`); ``segment_mask`` then covers the cache's slots (``[B, 1, 1, M]``).
@@ -253,7 +253,7 @@ class Attention(nn.Module):
     rope_scaling: RopeScaling | None = None   # YaRN (RopeScaling); None: plain rotary embeddings
 
     def _qk_rmsnorm(self, name: str, x: jax.Array, head_axis: str) -> jax.Array:
-        # x: [B, L, H, K] (or G heads); float32 RMSNorm over K ('head') or H·K ('full').
+        # x: [B, L, H, A] (or U heads); float32 RMSNorm over A ('head') or H·A ('full').
         heads, k = x.shape[-2], x.shape[-1]
         if self.qk_norm == "head":
             scale = self.param(name, param(nn.initializers.ones, ("head_dim",)), (k,), self.param_dtype)
@@ -282,7 +282,7 @@ class Attention(nn.Module):
         def proj(name, heads, head_axis):
             w = self.param(name, param(default_kernel_init, ("embed", head_axis, "head_dim")),
                            (d, heads, k), self.param_dtype)
-            y = project(self, name, "BLD,DHK->BLHK", x, jnp.asarray(w, self.dtype))
+            y = project(self, name, "BLD,DHA->BLHA", x, jnp.asarray(w, self.dtype))
             if self.qkv_bias:
                 bias = self.param(f"{name}_bias", param(nn.initializers.zeros, (head_axis, "head_dim")),
                                   (heads, k), self.param_dtype)
@@ -310,9 +310,9 @@ class Attention(nn.Module):
                              and k <= 128 and segment_mask is None)
                 impl = "cudnn" if use_cudnn else None
             out = jax.nn.dot_product_attention(
-                q, kk, v, mask=segment_mask, is_causal=self.causal, implementation=impl)   # [B, L, H, K]
+                q, kk, v, mask=segment_mask, is_causal=self.causal, implementation=impl)   # [B, L, H, A]
         out = constrain(out, ("batch", "length", "act_heads", None))
         wo = self.param("o", param(default_kernel_init, ("heads", "head_dim", "embed")),
                         (h, k, d), self.param_dtype)
-        y = project(self, "o", "BLHK,HKD->BLD", out, jnp.asarray(wo, self.dtype), num_in=2)
+        y = project(self, "o", "BLHA,HAD->BLD", out, jnp.asarray(wo, self.dtype), num_in=2)
         return constrain(y, ("batch", "length", "act_embed"))

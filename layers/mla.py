@@ -2,25 +2,25 @@
 and Efficient Mixture-of-Experts Language Model"; also DeepSeek-V3 Technical Report, 2024).
 
 Einsum letters: ``B`` batch, ``L`` length (queries), ``M`` length (keys), ``D`` embed,
-``H`` heads, ``Q`` query latent rank (``q_lora_rank``), ``R`` key/value latent rank
-(``kv_lora_rank``), ``N`` no-rope query/key head dim (``qk_nope_head_dim``), ``P`` rope
-head dim (``qk_rope_head_dim``), ``K = N + P`` query/key head dim, ``V`` value head dim.
+``H`` heads, ``Q`` query latent rank (``q_lora_rank``), ``Y`` key/value latent rank
+(``kv_lora_rank``), ``d`` no-rope query/key head dim (``qk_nope_head_dim``), ``P`` rope
+head dim (``qk_rope_head_dim``), ``A = d + P`` query/key head dim, ``v`` value head dim.
 
-    q  = (RMSNorm(x @ q_a) @ q_b)  or  x @ q           [B, L, H, K] = [q_nope (N) | q_rope (P)]
-    c, k_rope = split(x @ kv_a, [R, P])                 c: [B, L, R], k_rope: [B, L, P] (one for all heads)
-    k_nope, v = split(RMSNorm(c) @ kv_b, [N, V])        [B, L, H, N], [B, L, H, V]
-    k  = [k_nope | rope(k_rope) broadcast over H]       [B, L, H, K]
-    y  = softmax(q·k / sqrt(K) + mask) @ v @ o          [B, L, D]
+    q  = (RMSNorm(x @ q_a) @ q_b)  or  x @ q           [B, L, H, A] = [q_nope (d) | q_rope (P)]
+    c, k_rope = split(x @ kv_a, [Y, P])                 c: [B, L, Y], k_rope: [B, L, P] (one for all heads)
+    k_nope, v = split(RMSNorm(c) @ kv_b, [d, v])        [B, L, H, d], [B, L, H, v]
+    k  = [k_nope | rope(k_rope) broadcast over H]       [B, L, H, A]
+    y  = softmax(q·k / sqrt(A) + mask) @ v @ o          [B, L, D]
 
 Parameters (logical names): ``q_a`` ``[D, Q]`` (embed, rank), ``q_a_norm/scale`` ``[Q]``,
-``q_b`` ``[Q, H, K]`` (rank, heads, head_dim) when ``q_lora_rank > 0``, else ``q``
-``[D, H, K]``; ``kv_a`` ``[D, R + P]`` (embed, rank), ``kv_a_norm/scale`` ``[R]``, ``kv_b``
-``[R, H, N + V]`` (rank, heads, head_dim), ``o`` ``[H, V, D]`` (heads, head_dim, embed).
+``q_b`` ``[Q, H, A]`` (rank, heads, head_dim) when ``q_lora_rank > 0``, else ``q``
+``[D, H, A]``; ``kv_a`` ``[D, Y + P]`` (embed, rank), ``kv_a_norm/scale`` ``[Y]``, ``kv_b``
+``[Y, H, d + v]`` (rank, heads, head_dim), ``o`` ``[H, v, D]`` (heads, head_dim, embed).
 ``kv_a`` is one parameter (latent and rope key together) as in the checkpoints.
 
 Choices, as the Hugging Face ``transformers`` DeepSeek-V3 implementation computes them:
 the latent RMSNorms use ``latent_norm_eps`` (1e-6: transformers builds them with the
-RMSNorm default, not the model's ``rms_norm_eps``); the softmax scale is ``K**-0.5``;
+RMSNorm default, not the model's ``rms_norm_eps``); the softmax scale is ``A**-0.5``;
 ``rope_scaling`` (:class:`routezoo.layers.attention.RopeScaling`, YaRN: Peng et al. 2023,
 arXiv 2309.00071) changes the rope frequencies and multiplies the rotated ``q_rope`` and
 ``k_rope`` by its attention factor (transformers scales cos and sin), and, as
@@ -29,9 +29,9 @@ DeepSeek-V2/V3 do, multiplies the softmax scale by ``m(factor, mscale_all_dim)^2
 ``rope_interleave=True`` rotates the rope dims as interleaved pairs ``(0, 1), (2, 3), ...``
 (the DeepSeek checkpoints' layout); ``False``: half-split pairs ``(i, i + P/2)``.
 
-Attention runs on the expanded ``[B, M, H, K]`` keys. On GPUs, for 16-bit inputs without
-a padding mask, it goes through cuDNN's flash attention (the values zero-padded from ``V``
-to ``K``, since that kernel takes one head dim); elsewhere it materialises the
+Attention runs on the expanded ``[B, M, H, A]`` keys. On GPUs, for 16-bit inputs without
+a padding mask, it goes through cuDNN's flash attention (the values zero-padded from ``v``
+to ``A``, since that kernel takes one head dim); elsewhere it materialises the
 ``[B, H, L, M]`` scores with a float32 softmax. With ``decode=True`` the layer caches the
 normed latent and the rotated shared key (not the expanded keys and values) and expands
 them at every step.
@@ -101,17 +101,17 @@ class MLAttention(nn.Module):
 
     def _attend_xla(self, qq, kk, val, scale: float, allowed) -> jax.Array:
         """Softmax attention with materialised ``[B, H, L, M]`` scores, ``allowed`` (bool,
-        broadcastable to them) the keys each query may see: ``[B, L, H, V]``."""
+        broadcastable to them) the keys each query may see: ``[B, L, H, v]``."""
         if qq.dtype == jnp.float32:   # float32 models: exact scores (the HF parity tests)
-            scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, precision=jax.lax.Precision.HIGHEST)
+            scores = jnp.einsum("BLHA,BMHA->BHLM", qq, kk, precision=jax.lax.Precision.HIGHEST)
         else:   # 16-bit models: 16-bit products, float32 accumulation (tensor cores on GPUs;
             # upcasting to float32 first made XLA run a SIMT float32 GEMM over [B, H, L, L])
-            scores = jnp.einsum("BLHK,BMHK->BHLM", qq, kk, preferred_element_type=jnp.float32)
+            scores = jnp.einsum("BLHA,BMHA->BHLM", qq, kk, preferred_element_type=jnp.float32)
         scores = scores * scale
         # A finite floor, not -inf: a query with no allowed key (padding) gets finite junk.
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)                       # [B, H, L, M]
-        return jnp.einsum("BHLM,BMHV->BLHV", probs, val)
+        return jnp.einsum("BHLM,BMHv->BLHv", probs, val)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
@@ -132,13 +132,13 @@ class MLAttention(nn.Module):
         norm = lambda name: RMSNorm(eps=self.latent_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.q_lora_rank > 0:
             cq = project(self, "q_a", "BLD,DQ->BLQ", x, w("q_a", (d, self.q_lora_rank), ("embed", "rank")))
-            q = project(self, "q_b", "BLQ,QHK->BLHK", norm("q_a_norm")(cq),
+            q = project(self, "q_b", "BLQ,QHA->BLHA", norm("q_a_norm")(cq),
                         w("q_b", (self.q_lora_rank, h, k), ("rank", "heads", "head_dim")))
         else:
-            q = project(self, "q", "BLD,DHK->BLHK", x, w("q", (d, h, k), ("embed", "heads", "head_dim")))
+            q = project(self, "q", "BLD,DHA->BLHA", x, w("q", (d, h, k), ("embed", "heads", "head_dim")))
         q = constrain(q, ("batch", "length", "act_heads", None))
-        ckv = project(self, "kv_a", "BLD,DR->BLR", x, w("kv_a", (d, r + p), ("embed", "rank")))   # [B, L, R + P]
-        latent = norm("kv_a_norm")(ckv[..., :r])                                         # [B, L, R]
+        ckv = project(self, "kv_a", "BLD,DY->BLY", x, w("kv_a", (d, r + p), ("embed", "rank")))   # [B, L, Y + P]
+        latent = norm("kv_a_norm")(ckv[..., :r])                                         # [B, L, Y]
         q_rope = self._rope(q[..., n:], positions)                                       # [B, L, H, P]
         k_rope = self._rope(ckv[:, :, None, r:], positions)                              # [B, L, 1, P]
         allowed = None
@@ -146,17 +146,17 @@ class MLAttention(nn.Module):
             cached, allowed = decode_cache(self, {"latent": latent, "k_rope": k_rope})
             latent, k_rope = cached["latent"], cached["k_rope"]
         m = latent.shape[1]
-        kv = project(self, "kv_b", "BLR,RHK->BLHK", latent,
-                     w("kv_b", (r, h, n + v), ("rank", "heads", "head_dim")))        # [B, M, H, N + V]
+        kv = project(self, "kv_b", "BLY,YHA->BLHA", latent,
+                     w("kv_b", (r, h, n + v), ("rank", "heads", "head_dim")))        # [B, M, H, d + v]
         kv = constrain(kv, ("batch", "length", "act_heads", None))
         k_nope, val = kv[..., :n], kv[..., n:]
-        qq = jnp.concatenate([q[..., :n], q_rope], axis=-1)                              # [B, L, H, K]
-        kk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, m, h, p))], axis=-1)  # [B, M, H, K]
+        qq = jnp.concatenate([q[..., :n], q_rope], axis=-1)                              # [B, L, H, A]
+        kk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, m, h, p))], axis=-1)  # [B, M, H, A]
 
         scale = k ** -0.5 * self._softmax_factor()
         if not decode and self._use_cudnn(qq, segment_mask):
             # cuDNN flash attention (no [B, H, L, L] scores). jax.nn.dot_product_attention
-            # takes one head dim for q, k and v: the values are zero-padded from V to K and
+            # takes one head dim for q, k and v: the values are zero-padded from v to A and
             # the padded output columns (exactly 0) are dropped.
             vp = jnp.pad(val, ((0, 0), (0, 0), (0, 0), (0, k - v))) if k > v else val
             out = jax.nn.dot_product_attention(qq, kk, vp, mask=segment_mask, is_causal=self.causal,
@@ -168,7 +168,7 @@ class MLAttention(nn.Module):
             out = self._attend_xla(qq, kk, val, scale,
                                    allowed if segment_mask is None else allowed & segment_mask)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        y = project(self, "o", "BLHV,HVD->BLD", out, w("o", (h, v, d), ("heads", "head_dim", "embed")), num_in=2)
+        y = project(self, "o", "BLHv,HvD->BLD", out, w("o", (h, v, d), ("heads", "head_dim", "embed")), num_in=2)
         return constrain(y, ("batch", "length", "act_embed"))
 
 

@@ -1,7 +1,7 @@
 """T5-style layers: relative position bias, unscaled attention (self and cross), masks.
 
 Einsum letters: ``B`` batch, ``L`` query length, ``M`` key length, ``D`` embed, ``H``
-heads, ``K`` head dim, ``N`` relative-position buckets.
+heads, ``A`` head dim, ``b`` relative-position buckets.
 
 Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
 Transformer" (T5), as used by Fedus et al. 2021 (Switch Transformers):
@@ -10,11 +10,11 @@ Transformer" (T5), as used by Fedus et al. 2021 (Switch Transformers):
   and *bucket* of the relative position ``key - query`` (:func:`relative_position_bucket`):
   half of the buckets are exact small distances, the other half logarithmically wider
   ones up to ``max_distance``; the encoder uses separate buckets for keys before and after
-  the query (bidirectional), the decoder only looks back. One table ``[N, H]`` per stack,
+  the query (bidirectional), the decoder only looks back. One table ``[b, H]`` per stack,
   owned by the first layer in T5 and shared by all layers
   (:class:`RelativePositionBias`); cross-attention has no position bias.
-* Attention logits are ``q·k`` without the ``1/sqrt(K)`` factor: T5 folds it into the
-  initialisation of the query projection (std ``(D·K)^-1/2``). Masked keys get
+* Attention logits are ``q·k`` without the ``1/sqrt(A)`` factor: T5 folds it into the
+  initialisation of the query projection (std ``(D·A)^-1/2``). Masked keys get
   ``finfo(float32).min`` added to the logit, as the Hugging Face implementation does (a
   query whose keys are all masked then attends uniformly to all of them).
 * Norms are :class:`~routezoo.layers.norms.RMSNorm` (T5's LayerNorm: no mean, no bias),
@@ -43,9 +43,9 @@ NEG = float(np.finfo(np.float32).min)   # additive mask value (Hugging Face T5/S
 
 def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> np.ndarray:
-    """T5's bucket of each relative position ``key - query`` (int array), int32 in ``[0, N)``.
+    """T5's bucket of each relative position ``key - query`` (int array), int32 in ``[0, b)``.
 
-    Bidirectional: half of the ``N`` buckets for keys after the query, half for keys at or
+    Bidirectional: half of the ``b`` buckets for keys after the query, half for keys at or
     before it; unidirectional: keys after the query share bucket 0 with distance 0. Within
     a half of ``n`` buckets, distances below ``n/2`` have their own bucket and larger ones
     ``n/2 + floor(log(r / (n/2)) / log(max_distance / (n/2)) · n/2)`` (float32, as in T5),
@@ -73,7 +73,7 @@ def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bo
 class RelativePositionBias(nn.Module):
     """Learned bias ``[1, H, L, M]`` (float32) of every query/key pair: ``table[bucket]``.
 
-    Parameter ``table`` ``[N, H]``, logical names ``(None, 'heads')``. Lengths are static,
+    Parameter ``table`` ``[b, H]``, logical names ``(None, 'heads')``. Lengths are static,
     so the buckets are computed in numpy when the function is traced.
     """
 
@@ -106,13 +106,13 @@ def causal_mask(length: int, key_mask: jax.Array | None = None) -> jax.Array:
 
 
 class T5Attention(nn.Module):
-    """Multi-head attention as in T5: no positions inside, no ``1/sqrt(K)`` scale.
+    """Multi-head attention as in T5: no positions inside, no ``1/sqrt(A)`` scale.
 
     ``__call__(x [B, L, D], kv [B, M, D] or None, bias [1|B, H, L, M] or None,
     mask bool [B|1, 1, L|1, M] or None) -> [B, L, D]``; ``kv=None`` is self-attention.
-    Parameters ``q``/``k``/``v`` ``[D, H, K]`` and ``o`` ``[H, K, D]`` (names as
-    :class:`~routezoo.layers.attention.Attention`), initialised as T5 does (std ``(D·K)^-1/2``
-    for ``q``, ``D^-1/2`` for ``k``/``v``, ``(H·K)^-1/2`` for ``o``). Logits, bias, mask
+    Parameters ``q``/``k``/``v`` ``[D, H, A]`` and ``o`` ``[H, A, D]`` (names as
+    :class:`~routezoo.layers.attention.Attention`), initialised as T5 does (std ``(D·A)^-1/2``
+    for ``q``, ``D^-1/2`` for ``k``/``v``, ``(H·A)^-1/2`` for ``o``). Logits, bias, mask
     and softmax are float32.
     """
 
@@ -131,22 +131,22 @@ class T5Attention(nn.Module):
         def proj(name, inp, std):
             w = self.param(name, param(nn.initializers.normal(std), ("embed", "heads", "head_dim")),
                            (d, h, k), self.param_dtype)
-            y = project(self, name, "BLD,DHK->BLHK", inp, jnp.asarray(w, self.dtype))
+            y = project(self, name, "BLD,DHA->BLHA", inp, jnp.asarray(w, self.dtype))
             return constrain(y, ("batch", "length", "act_heads", None))
 
         q = proj("q", x, (d * k) ** -0.5)
         kk = proj("k", src, d ** -0.5)
         v = proj("v", src, d ** -0.5)
-        logits = jnp.einsum("BLHK,BMHK->BHLM", q, kk, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BLHA,BMHA->BHLM", q, kk, preferred_element_type=jnp.float32)
         if bias is not None:
             logits = logits + bias
         if mask is not None:
             logits = logits + jnp.where(mask, 0.0, NEG)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = constrain(jnp.einsum("BHLM,BMHK->BLHK", weights, v), ("batch", "length", "act_heads", None))
+        out = constrain(jnp.einsum("BHLM,BMHA->BLHA", weights, v), ("batch", "length", "act_heads", None))
         wo = self.param("o", param(nn.initializers.normal((h * k) ** -0.5), ("heads", "head_dim", "embed")),
                         (h, k, d), self.param_dtype)
-        y = project(self, "o", "BLHK,HKD->BLD", out, jnp.asarray(wo, self.dtype), num_in=2)
+        y = project(self, "o", "BLHA,HAD->BLD", out, jnp.asarray(wo, self.dtype), num_in=2)
         return constrain(y, ("batch", "length", "act_embed"))
 
 

@@ -1,10 +1,10 @@
 """Duo-LLM stage 2: the oracle route of every token under a compute budget, by exhaustive search.
 
-Letters: ``B`` batch, ``L`` length, ``T`` evaluated positions, ``M`` Duo layers (the MoE
-slots of the model, in layer order), ``N`` routes evaluated, ``n`` evaluations per chunk,
-``V`` vocab.
+Letters: ``B`` batch, ``L`` length, ``p`` evaluated positions, ``Z`` Duo layers (the MoE
+slots of the model, in layer order), ``u`` routes evaluated, ``q`` evaluations per chunk,
+``j`` work items (evaluations in all), ``V`` vocab.
 
-A route is one option per Duo layer, ``r ∈ {0 big, 1 small, 2 skip}^M``; its cost is
+A route is one option per Duo layer, ``r ∈ {0 big, 1 small, 2 skip}^Z``; its cost is
 ``Σ_l cost(r_l)`` in units of the big module (big 1, small ``small_dim/expert_dim``, skip 0,
 :func:`routezoo.layers.moe.duo.option_costs`). :func:`oracle_routes` finds, for every token
 position ``t``, the route within ``budget`` that minimises the loss at ``t`` (the
@@ -21,7 +21,7 @@ affect the loss at ``t`` (causal attention), so only the prefix's context matter
 routes found per token are therefore each optimal given that context, not jointly
 optimal for the sequence.
 
-Cost of the search: ``B·T·N`` forward passes of length ``L``, batched ``batch_size`` at a
+Cost of the search: ``B·p·u`` forward passes of length ``L``, batched ``batch_size`` at a
 time through one jitted function; meant for small models and short sequences (the
 paper's setting: a 12-layer model). :func:`summarize_oracle` condenses the result: use of
 big modules by layer and by position bucket (the paper reports that earlier tokens use
@@ -56,18 +56,18 @@ class OracleResult:
     """What :func:`oracle_routes` returns (numpy arrays).
 
     Attributes:
-      routes: int32 ``[B, T, M]``: the best route of each token (0 big, 1 small, 2 skip per
+      routes: int32 ``[B, p, Z]``: the best route of each token (0 big, 1 small, 2 skip per
         Duo layer); ties go to the first candidate in lexicographic order (more big first).
-      loss: float32 ``[B, T]``: the loss at each token on its best route.
-      cost: float32 ``[B, T]``: the cost of the best route.
-      candidates: int32 ``[N, M]``: every route with cost <= budget, lexicographic order.
-      candidate_loss: float32 ``[B, T, N]``: the loss at each token on each candidate.
-      reference_loss: ``{'big', 'small', 'skip', 'context'}`` -> float32 ``[B, T]``: the
+      loss: float32 ``[B, p]``: the loss at each token on its best route.
+      cost: float32 ``[B, p]``: the cost of the best route.
+      candidates: int32 ``[u, Z]``: every route with cost <= budget, lexicographic order.
+      candidate_loss: float32 ``[B, p, u]``: the loss at each token on each candidate.
+      reference_loss: ``{'big', 'small', 'skip', 'context'}`` -> float32 ``[B, p]``: the
         loss at each token with that option in every layer ('context': its context route),
         every other token on the context route, whether or not within the budget. With
         ``context_route='big'``, ``'big'`` is the plain all-big model.
-      reference_cost: the cost of each reference route (``'context'``: ``[B, T]``).
-      positions: int32 ``[T]``: the positions evaluated.
+      reference_cost: the cost of each reference route (``'context'``: ``[B, p]``).
+      positions: int32 ``[p]``: the positions evaluated.
       budget: the budget.
     """
 
@@ -101,7 +101,7 @@ def _kinds(model: Any) -> tuple[str, ...]:
 
 
 def count_candidates(num_layers: int, costs: tuple[float, float, float], budget: float) -> int:
-    """Number of routes in ``{0,1,2}^M`` with cost <= ``budget`` (exact, without listing them)."""
+    """Number of routes in ``{0,1,2}^Z`` with cost <= ``budget`` (exact, without listing them)."""
     m = int(num_layers)
     total = 0
     for nb in range(m + 1):
@@ -113,9 +113,9 @@ def count_candidates(num_layers: int, costs: tuple[float, float, float], budget:
 
 def candidate_routes(num_layers: int, costs: tuple[float, float, float], budget: float,
                      max_candidates: int = 4096) -> np.ndarray:
-    """Every route with cost <= ``budget``, int32 ``[N, M]`` in lexicographic order.
+    """Every route with cost <= ``budget``, int32 ``[u, Z]`` in lexicographic order.
 
-    Raises ``ValueError`` (one line, with the numbers) when ``N > max_candidates``."""
+    Raises ``ValueError`` (one line, with the numbers) when ``u > max_candidates``."""
     m = int(num_layers)
     n = count_candidates(m, costs, budget)
     if n > max_candidates:
@@ -153,12 +153,12 @@ def oracle_routes(model: Any, variables: Any, tokens: Any, *, budget: float, tar
       budget: the largest route cost allowed, in big modules (``1.0``: one big module,
         or up to four small ones at the default small width ``expert_dim // 4``).
       targets: int ``[B, L]``, the token each position predicts; ``None``: the next token
-        (``tokens[:, 1:]``), positions ``0 .. L-2`` (``T = L - 1``).
+        (``tokens[:, 1:]``), positions ``0 .. L-2`` (``p = L - 1``).
       context_route: the route of every token other than the one searched: ``'big'``,
-        ``'small'``, ``'skip'`` (that option in every layer) or int ``[M, B, L]`` (e.g. a
+        ``'small'``, ``'skip'`` (that option in every layer) or int ``[Z, B, L]`` (e.g. a
         trained router's routes).
       max_candidates: refuse (``ValueError``) budgets with more routes than this.
-      batch_size: forward passes per call of the jitted evaluation (``n``).
+      batch_size: forward passes per call of the jitted evaluation (``q``).
     """
     costs = model_costs(model)
     m = sum(kind == "moe" for kind in _kinds(model))
@@ -182,12 +182,12 @@ def oracle_routes(model: Any, variables: Any, tokens: Any, *, budget: float, tar
         if context.shape != (m, b, l):
             raise ValueError(f"Duo oracle: context_route {context.shape} must be [M, B, L] = {(m, b, l)}")
 
-    candidates = candidate_routes(m, costs, budget, max_candidates)  # [N, M]
+    candidates = candidate_routes(m, costs, budget, max_candidates)  # [u, Z]
     uniform = {name: np.full((m,), i, np.int32) for i, name in enumerate(OPTIONS)}
     # Routes to evaluate for every token: the candidates, then the uniform references.
-    vecs = np.concatenate([candidates, np.stack(list(uniform.values()))], axis=0)  # [N + 3, M]
+    vecs = np.concatenate([candidates, np.stack(list(uniform.values()))], axis=0)  # [u + 3, Z]
     n_t, n_v = len(positions), len(vecs)
-    bi, ti, vi = np.meshgrid(np.arange(b), positions, np.arange(n_v), indexing="ij")  # [B, T, N+3]
+    bi, ti, vi = np.meshgrid(np.arange(b), positions, np.arange(n_v), indexing="ij")  # [B, p, u+3]
     job_b, job_t, job_vec = bi.reshape(-1), ti.reshape(-1), vecs[vi.reshape(-1)]
     if not isinstance(context_route, str):   # token t on its own context route: the all-context pass
         cb, ct = np.meshgrid(np.arange(b), positions, indexing="ij")
@@ -197,8 +197,8 @@ def oracle_routes(model: Any, variables: Any, tokens: Any, *, budget: float, tar
     losses = _evaluate(model, variables, tokens, targets, context, job_b, job_t, job_vec, batch_size)
 
     grid = losses[: b * n_t * n_v].reshape(b, n_t, n_v)
-    cand_loss = grid[..., : len(candidates)]  # [B, T, N]
-    best = np.argmin(cand_loss, axis=-1)  # [B, T]; first minimum on ties
+    cand_loss = grid[..., : len(candidates)]  # [B, p, u]
+    best = np.argmin(cand_loss, axis=-1)  # [B, p]; first minimum on ties
     cost_of = lambda r: np.sum(np.asarray(costs, np.float32)[r], axis=-1)
     reference = {name: grid[..., len(candidates) + i] for i, name in enumerate(OPTIONS)}
     reference_cost: dict[str, Any] = {name: float(cost_of(vec)) for name, vec in uniform.items()}
@@ -216,19 +216,19 @@ def oracle_routes(model: Any, variables: Any, tokens: Any, *, budget: float, tar
 
 def _evaluate(model, variables, tokens, targets, context, job_b, job_t, job_vec, batch_size) -> np.ndarray:
     """Loss at position ``job_t[j]`` of sequence ``job_b[j]`` with that token on route
-    ``job_vec[j]`` and every other token on ``context``; float32 ``[J]``."""
+    ``job_vec[j]`` and every other token on ``context``; float32 ``[j]``."""
     l = tokens.shape[1]
     n = int(max(1, min(batch_size, len(job_b))))
 
     @jax.jit
     def chunk(variables, tokens, targets, context, jb, jt, jv):
-        # tokens, targets [B, L]; context [M, B, L]; jb, jt [n]; jv [n, M]
-        here = jnp.arange(l)[None, None, :] == jt[None, :, None]  # [1, n, L]
-        routes = jnp.where(here, jv.T[:, :, None], context[:, jb, :])  # [M, n, L]
-        logits, _ = model.apply(variables, tokens[jb], routes=routes, deterministic=True)  # [n, L, V]
-        at_t = jnp.take_along_axis(logits, jt[:, None, None], axis=1)[:, 0]  # [n, V]
+        # tokens, targets [B, L]; context [Z, B, L]; jb, jt [q]; jv [q, Z]
+        here = jnp.arange(l)[None, None, :] == jt[None, :, None]  # [1, q, L]
+        routes = jnp.where(here, jv.T[:, :, None], context[:, jb, :])  # [Z, q, L]
+        logits, _ = model.apply(variables, tokens[jb], routes=routes, deterministic=True)  # [q, L, V]
+        at_t = jnp.take_along_axis(logits, jt[:, None, None], axis=1)[:, 0]  # [q, V]
         logp = jax.nn.log_softmax(at_t.astype(jnp.float32), axis=-1)
-        return -jnp.take_along_axis(logp, targets[jb, jt][:, None], axis=-1)[:, 0]  # [n]
+        return -jnp.take_along_axis(logp, targets[jb, jt][:, None], axis=-1)[:, 0]  # [q]
 
     args = [jnp.asarray(a) for a in (tokens, targets, context)]
     out = []
@@ -243,9 +243,9 @@ def _evaluate(model, variables, tokens, targets, context, job_b, job_t, job_vec,
 
 
 def summarize_oracle(result: OracleResult | Any, num_buckets: int = 4) -> dict[str, Any]:
-    """Where the oracle (or any routes ``[B, T, M]``) spends compute.
+    """Where the oracle (or any routes ``[B, p, Z]``) spends compute.
 
-    Returns ``big_by_layer``, ``small_by_layer``, ``skip_by_layer`` (``[M]``: fraction of
+    Returns ``big_by_layer``, ``small_by_layer``, ``skip_by_layer`` (``[Z]``: fraction of
     tokens on that option in each Duo layer), ``big_by_position`` (``[num_buckets]``:
     fraction of (token, layer) pairs on big in each bucket of consecutive positions),
     ``position_buckets`` (first and last position of each bucket) and, for an

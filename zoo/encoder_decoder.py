@@ -1,6 +1,6 @@
 """Encoder-decoder Transformer (T5; Switch Transformers with MoE feed-forward layers).
 
-Einsum letters: ``B`` batch, ``L`` decoder length, ``M`` encoder length, ``D`` embed,
+Einsum letters: ``B`` batch, ``L`` decoder length, ``e`` encoder length, ``D`` embed,
 ``V`` vocab.
 
 :class:`EncoderDecoderLM` (``model.name='encoder_decoder'``) follows T5 (Raffel et al. 2020)
@@ -29,7 +29,7 @@ Call::
     logits, aux = model.apply(variables, encoder_tokens, decoder_tokens,
                               encoder_mask=enc_mask, decoder_mask=dec_mask)
 
-``encoder_tokens`` int32 ``[B, M]``, ``decoder_tokens`` int32 ``[B, L]`` (the targets
+``encoder_tokens`` int32 ``[B, e]``, ``decoder_tokens`` int32 ``[B, L]`` (the targets
 shifted right, starting with the decoder start id, 0 for T5), masks int/bool (1 = real
 token; ``None``: all real). ``logits`` float32 ``[B, L, V]``; ``aux = {'losses': {name:
 scalar}, 'stats': {name: array}}``: the routers' scaled losses summed over the MoE layers
@@ -195,7 +195,7 @@ class EncoderDecoderLM(nn.Module):
 
     def encode(self, encoder_tokens: jax.Array, encoder_mask: jax.Array | None = None, *,
                deterministic: bool = True) -> tuple[jax.Array, Aux]:
-        """Encoder output ``[B, M, D]`` and its aux (stats under ``encoder/``)."""
+        """Encoder output ``[B, e, D]`` and its aux (stats under ``encoder/``)."""
         h, losses, stats = self.encoder(self.embed(encoder_tokens), encoder_mask, deterministic)
         return h, {"losses": losses, "stats": {f"encoder/{k}": v for k, v in stats.items()}}
 
@@ -236,7 +236,7 @@ class EncoderDecoderLM(nn.Module):
 
 
 def split_point(length: int, split: float) -> int:
-    """Encoder length ``P`` of a packed row of ``length`` tokens (:func:`seq2seq_batch`)."""
+    """Encoder length ``e`` of a packed row of ``length`` tokens (:func:`seq2seq_batch`)."""
     return int(np.clip(round(split * length), 1, length - 1))
 
 
@@ -255,15 +255,15 @@ def stack_lengths(model_cfg: Any, seq_len: int) -> tuple[int, int]:
 def flops_per_token(params: Any, model_cfg: Any, seq_len: int) -> dict[str, float]:
     """Forward and training FLOPs per packed token of the seq2seq objective.
 
-    A row of ``L`` tokens feeds ``P`` tokens to the encoder and ``Ld`` to the decoder
-    (:func:`stack_lengths`: ``P`` = :func:`split_point` and ``Ld = L - P + 1`` with the
+    A row of ``L`` tokens feeds ``e`` tokens to the encoder and ``Ld`` to the decoder
+    (:func:`stack_lengths`: ``e`` = :func:`split_point` and ``Ld = L - e + 1`` with the
     start id for the prefix-LM split; :func:`span_lengths`, plus the EOS of each, for span
     corruption). With active parameters (as
     :func:`routezoo.zoo.count_params` counts them) ``N_enc`` under ``encoder``, ``N_kv``
-    in the decoder's cross-attention keys and values (applied to the ``P`` encoder
+    in the decoder's cross-attention keys and values (applied to the ``e`` encoder
     outputs) and ``N_dec`` in the rest of ``decoder``, the forward FLOPs of a row are
-    ``2·N_enc·P + 2·N_kv·P + 2·N_dec·Ld + 2·D·V·Ld`` (unembedding) plus attention
-    ``4·H·K·(layers_enc·P² + layers_dec·(Ld² + Ld·P))``; per token they are divided by
+    ``2·N_enc·e + 2·N_kv·e + 2·N_dec·Ld + 2·D·V·Ld`` (unembedding) plus attention
+    ``4·H·A·(layers_enc·e² + layers_dec·(Ld² + Ld·e))``; per token they are divided by
     ``L``, and training is three times the forward (PaLM's convention, as
     :func:`routezoo.zoo.flops_per_token`). Embedding lookups cost nothing.
     """
@@ -382,11 +382,11 @@ def seq2seq_batch(batch: Mapping[str, jax.Array], *, split: float, start_id: int
     """Prefix-LM split of packed next-token rows into ``(inputs, targets, weights)``.
 
     A row ``t_0 .. t_L`` (``batch['inputs']`` = ``t_0..t_{L-1}``, ``batch['targets']`` =
-    ``t_1..t_L``, ``batch['weights']`` 0 at padding) is cut at ``P = round(split·L)``
-    (clipped to ``[1, L-1]``): the encoder reads ``t_0..t_{P-1}`` (mask: not ``pad_id``), the
-    decoder predicts ``t_P..t_L`` from ``start_id, t_P..t_{L-1}`` (targets shifted right,
+    ``t_1..t_L``, ``batch['weights']`` 0 at padding) is cut at ``e = round(split·L)``
+    (clipped to ``[1, L-1]``): the encoder reads ``t_0..t_{e-1}`` (mask: not ``pad_id``), the
+    decoder predicts ``t_e..t_L`` from ``start_id, t_e..t_{L-1}`` (targets shifted right,
     as T5). ``inputs`` is the dict :class:`EncoderDecoderLM` takes; ``targets``/``weights``
-    ``[B, L-P+1]``.
+    ``[B, L-e+1]``.
     """
     x, y, w = batch["inputs"], batch["targets"], batch["weights"]
     length = x.shape[1]

@@ -1,6 +1,7 @@
 """Decoder-only Transformer language model whose feed-forward slot is chosen per layer.
 
-Einsum letters: ``B`` batch, ``L`` length, ``D`` embed, ``V`` vocab.
+Einsum letters: ``B`` batch, ``L`` length, ``D`` embed, ``V`` vocab, ``I`` a weight's input axis,
+``K`` experts per token, ``W`` recurrent router width, ``Z`` MoE layers of the model.
 
 Each block is pre-norm: ``x + Attn(Norm(x))`` then ``x + FFN(Norm(x))``. The FFN of layer
 ``i`` is built by :data:`FFN_BUILDERS` from ``ffn_kinds[i]`` (``"mlp"`` or ``"moe"``), so new
@@ -216,7 +217,7 @@ class MTPModule(nn.Module):
         w = self.param("eh_proj", param(nn.initializers.lecun_normal(), ("embed", None)),
                        (2 * d, d), self.param_dtype)
         x = jnp.concatenate([norm("enorm")(emb), norm("hnorm")(h)], axis=-1)
-        x = jnp.einsum("BLE,ED->BLD", x, jnp.asarray(w, self.dtype))
+        x = jnp.einsum("BLI,ID->BLD", x, jnp.asarray(w, self.dtype))
         x, aux = Block(c, self.ffn_kind, self.dtype, self.param_dtype, name="block")(
             x, positions, deterministic, token_ids, None, segment_mask)
         return x, norm("norm")(x), aux
@@ -247,7 +248,7 @@ class DecoderLM(nn.Module):
 
     * ``model.moe.router='recurrent'`` (RMoE): the model owns the one GRU cell
       ``router_cell`` shared by all MoE layers and threads the router state ``h``
-      ``[B·L, R]`` (zeros at the start) through the layers: each MoE layer gets
+      ``[B·L, W]`` (zeros at the start) through the layers: each MoE layer gets
       ``router_inputs={'router_state': h, 'router_cell': cell}`` and returns the new
       ``h`` as ``aux['router_state']``; dense layers pass it unchanged. When the
       ``'intermediates'`` collection is mutable, the state after layer ``i`` is sown as
@@ -255,12 +256,12 @@ class DecoderLM(nn.Module):
     * ``model.moe.router='pregate'`` (Read-ME): the model owns the pre-gate network
       ``pregate`` (:class:`~routezoo.layers.routers.stateful.PreGate`), which reads only the
       token ids. :meth:`routes` returns the experts of every MoE layer before the backbone
-      runs, int32 ``[M, B, L, K]`` (``M`` MoE layers in layer order, see
+      runs, int32 ``[Z, B, L, K]`` (``Z`` MoE layers in layer order, see
       :meth:`moe_layers`): ``model.apply(variables, tokens, method=model.routes)``.
       ``model.apply(variables, tokens, routes=r)`` makes the forward pass use exactly
       ``r``; without ``routes`` it computes the same selection in the pass.
     * ``model.moe.router='duo'`` (Duo-LLM, :mod:`routezoo.layers.moe.duo`): ``routes=r``, int32
-      ``[M, B, L]`` with values 0 big, 1 small, 2 skip, fixes every token's option in every
+      ``[Z, B, L]`` with values 0 big, 1 small, 2 skip, fixes every token's option in every
       MoE layer (the oracle, :mod:`routezoo.zoo.duo`, evaluates routes this way).
 
     With ``model.moe.router='uoe'`` (Union of Experts, ``layers/moe/uoe.py``) the MoE layers'
@@ -296,11 +297,11 @@ class DecoderLM(nn.Module):
     objective: ClassVar[str] = "causal_lm"    # training objective (training/step.py objective_batch)
 
     def moe_layers(self) -> tuple[int, ...]:
-        """Indices of the MoE layers (the ``M`` axis of :meth:`routes`)."""
+        """Indices of the MoE layers (the ``Z`` axis of :meth:`routes`)."""
         return tuple(i for i, kind in enumerate(ffn_kinds(self.cfg)) if kind == "moe")
 
     def routes(self, tokens: jax.Array, *, positions: jax.Array | None = None) -> jax.Array:
-        """Read-ME pre-gating: experts of every MoE layer, int32 ``[M, B, L, K]``, computed
+        """Read-ME pre-gating: experts of every MoE layer, int32 ``[Z, B, L, K]``, computed
         from the token ids alone, before (and without) the backbone."""
         return self(tokens, positions=positions, _routes_only=True)
 
@@ -351,7 +352,7 @@ class DecoderLM(nn.Module):
         routing = router_cls.model_routing(c, tokens=tokens, positions=positions, routes=routes,
                                            num_moe_layers=len(moe_layers), dtype=dtype, param_dtype=param_dtype)
         if _routes_only:
-            return routing.precomputed_routes()  # [M, B, L, K]
+            return routing.precomputed_routes()  # [Z, B, L, K]
         embed = Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
                             scale_attend=bool(c.get("scale_tied_logits", True)), name="embed")
         blocks = [Block(c, kind, dtype, param_dtype, causal=self.causal, name=f"layer{i}")

@@ -4,7 +4,7 @@ With ``use_cache`` (the default where the model supports it) the prompt runs onc
 the model in decode mode, filling each attention layer's key/value cache
 (:func:`routezoo.zoo.lm.init_cache`), and every new token costs one position. Without it
 (routers without a decode mode, ``moe.router='pregate'`` / ``'uoe'``, or ``use_cache=False``)
-the whole sequence buffer ``[B, P + N]`` goes through the model at every step; causal
+the whole sequence buffer ``[B, L + f]`` goes through the model at every step; causal
 attention makes the not-yet-written positions irrelevant. Either way shapes stay static and the loop compiles
 once, and both draw the same tokens from the same ``rng``.
 """
@@ -45,7 +45,7 @@ def _pick(logits: jax.Array, rng: jax.Array, temperature, top_k: int):
 @functools.partial(jax.jit, static_argnames=("model", "num_tokens", "top_k", "use_cache"))
 def sample(model: nn.Module, variables, prompt: jax.Array, rng: jax.Array, *, num_tokens: int,
            temperature: float = 1.0, top_k: int = 0, use_cache: bool | None = None) -> jax.Array:
-    """Continues ``prompt: int32[B, P]`` by ``num_tokens`` tokens; returns ``[B, P + N]``.
+    """Continues ``prompt: int32[B, L]`` by ``num_tokens`` (``f``) tokens; returns ``[B, L + f]``.
 
     ``temperature == 0`` is greedy decoding; ``top_k > 0`` samples from the k most likely.
     ``use_cache``: ``None`` = where :func:`supports_cache`.

@@ -1,6 +1,6 @@
 """Activation-space adapters: one hook on every weight projection of routezoo layers.
 
-Einsum letters: ``B`` batch (examples), ``S`` tokens of one example (``L``, or any
+Einsum letters: ``B`` batch (examples), ``L`` tokens of one example (or any
 leading axes after the batch), ``I`` a weight's flattened input axes, ``O`` its
 flattened output axes.
 
@@ -14,7 +14,7 @@ latent-attention projections) is computed by :func:`project`, which adds what an
 adapter contributes for that weight::
 
     y = einsum(equation, x, W)                 # the base projection, as before
-    y = y + delta(path, x [B, S, I], y [B, S, O])   # only inside `bind(...)`
+    y = y + delta(path, x [B, L, I], y [B, L, O])   # only inside `bind(...)`
 
 where ``path`` is the weight's parameter path (``layer0/attn/q``), the same path the
 adapter's ``targets`` pattern selected it by. No model code names an adapter; a model

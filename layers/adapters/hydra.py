@@ -1,6 +1,7 @@
 """Hydra: a parallel LoRA branch plus a sequential low-rank branch on the base output.
 
-Einsum letters: ``I`` input axes, ``O`` output axes, ``R`` rank.
+Einsum letters: ``B`` batch, ``L`` length (tokens of one example), ``I`` input axes,
+``O`` output axes, ``R`` rank (parallel branch), ``l`` rank of the sequential branch.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ class Hydra(Adapter):
     the layer input plus a sequential low-rank branch on the pretrained output::
 
         h0 = x·W + b                                   # W [I, O], b [O] if the base has one
-        y  = h0 + s·(x·A_p)·B_p + s·(h0·A_s)·B_s       # A_p [I, R], B_p [R, O], A_s [O, S], B_s [S, O]
+        y  = h0 + s·(x·A_p)·B_p + s·(h0·A_s)·B_s       # A_p [I, R], B_p [R, O], A_s [O, l], B_s [l, O]
         W' = W + s·(A_p·B_p + W·A_s·B_s),   b' = b + s·b·A_s·B_s      (merge, exact)
 
-    ``R`` = ``rank`` (r_p), ``S`` = ``seq_rank`` (r_s), ``s`` = ``scale`` (a plain factor, as
+    ``R`` = ``rank`` (r_p), ``l`` = ``seq_rank`` (r_s), ``s`` = ``scale`` (a plain factor, as
     the authors' code: 0.1 ViT CIFAR, 1 RoBERTa GLUE). The sequential branch sees the
     output including the bias (card's pitfall): a sibling ``<name>_bias`` of the target's
     output shape (e.g. ``attn/q_bias``) is merged as above. ``dropout`` (config
@@ -83,8 +84,8 @@ class Hydra(Adapter):
         return _factor_targets(base, adapter, "par_a", "par_b")
 
     def _dropout_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
-        """``s·dropout(x·A_p)·B_p + s·dropout(h0·A_s)·B_s`` for ``x [B, S, I]``, ``y = x·W``
-        ``[B, S, O]``; ``h0 = y + b`` with the base's ``<path>_bias`` where it has one."""
+        """``s·dropout(x·A_p)·B_p + s·dropout(h0·A_s)·B_s`` for ``x [B, L, I]``, ``y = x·W``
+        ``[B, L, O]``; ``h0 = y + b`` with the base's ``<path>_bias`` where it has one."""
         p = ctx.params
         pa, pb = p[f"{path}/par_a"].reshape(-1, self.rank), p[f"{path}/par_b"].reshape(self.rank, -1)
         sa, sb = p[f"{path}/seq_a"].reshape(-1, self.seq_rank), p[f"{path}/seq_b"].reshape(self.seq_rank, -1)
@@ -95,17 +96,17 @@ class Hydra(Adapter):
         key = ctx.rng_for(path)
         lows = []
         for i, (v, a) in enumerate(((x.astype(jnp.float32), pa), (h0, sa))):
-            low = jnp.einsum("BSI,IR->BSR", v, a.astype(jnp.float32))
+            low = jnp.einsum("BLI,IR->BLR", v, a.astype(jnp.float32))
             if key is not None:
                 keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - self.dropout, low.shape)
                 low = jnp.where(keep, low / (1.0 - self.dropout), 0.0)
             lows.append(low)
-        return self.scale * (jnp.einsum("BSR,RO->BSO", lows[0], pb.astype(jnp.float32))
-                             + jnp.einsum("BSR,RO->BSO", lows[1], sb.astype(jnp.float32)))
+        return self.scale * (jnp.einsum("BLR,RO->BLO", lows[0], pb.astype(jnp.float32))
+                             + jnp.einsum("BLR,RO->BLO", lows[1], sb.astype(jnp.float32)))
 
     def init(self, rng: jax.Array, params: Params, previous: Params | None = None) -> Params:
-        """``{path: {'par_a' [E?, I.., R], 'par_b' [E?, R, O..], 'seq_a' [E?, O.., S],
-        'seq_b' [E?, S, O..]}}`` (boxed)."""
+        """``{path: {'par_a' [E?, I.., R], 'par_b' [E?, R, O..], 'seq_a' [E?, O.., l],
+        'seq_b' [E?, l, O..]}}`` (boxed)."""
         out = {}
         for i, (path, t) in enumerate(sorted(self.select(params).items())):
             e = (t.num_experts,) if t.experts else ()

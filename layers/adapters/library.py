@@ -1,16 +1,16 @@
 """Methods that combine a library of trained LoRA adapters: ScaLearn, PHATGOOSE, GLIDER.
 
-Einsum letters: ``B`` batch (examples), ``S`` tokens of one example, ``I`` a weight's
-flattened input axes, ``O`` its flattened output axes, ``R`` LoRA rank, ``K`` library
+Einsum letters: ``B`` batch (examples), ``L`` tokens of one example, ``I`` a weight's
+flattened input axes, ``O`` its flattened output axes, ``R`` LoRA rank, ``a`` library
 adapters (experts), ``D`` model width (task embeddings).
 
 The library comes from ``adapter.library=W1,W2,...``: workdirs of adapter runs on the same
 base (the training loop reads them and calls ``init(rng, base, library=[params, ...],
 library_configs=[config.adapter dicts, ...])``). Every library LoRA is copied into this
-adapter's parameters, stacked over ``K`` per target and flattened to ``[I, O]``::
+adapter's parameters, stacked over ``a`` per target and flattened to ``[I, O]``::
 
-    library/<path>/lora_a  [K, I, R]     library/<path>/lora_b  [K, R, O]
-    library_scale          [K]           (each LoRA's own alpha/r, or alpha/sqrt(r))
+    library/<path>/lora_a  [a, I, R]     library/<path>/lora_b  [a, R, O]
+    library_scale          [a]           (each LoRA's own alpha/r, or alpha/sqrt(r))
 
 and FROZEN: :attr:`LR_GROUPS` gives the group ``frozen`` the multiplier 0 and
 :meth:`param_groups` puts every ``library*`` leaf in it, so the training loop's optimizer
@@ -22,9 +22,9 @@ one of this adapter's targets contributes zeros there; a target no entry adapts,
 entry that adapts none of the targets, is refused in one line.
 
 All methods act on activations (:mod:`routezoo.layers.adapters.hooks`): for every target
-the projection's input ``u = x [B, S, I]`` gives each library adapter's output::
+the projection's input ``u = x [B, L, I]`` gives each library adapter's output::
 
-    a_k = s_k · (u A_k) B_k                                         # [B, S, K, O]
+    a_k = s_k · (u A_k) B_k                                         # [B, L, a, O]
 
 - ``scalearn`` (Frohmann et al., 2023, "ScaLearn: Simple and Highly Parameter-Efficient
   Task Transfer by Learning to Scale", arXiv 2310.01217):
@@ -34,11 +34,11 @@ PHATGOOSE and GLIDER live in :mod:`routezoo.layers.adapters.phatgoose`:
 - ``phatgoose_gate`` (Muqeeth et al., 2024, "Learning to Route Among Specialized Experts for
   Zero-Shot Generalization", arXiv 2402.05859), stage 1: one frozen
   LoRA, a trained gate vector ``v [I]`` (init 0): ``y += s · ((u · σ(v·u)) A) B``.
-- ``phatgoose``, stage 2: zero-shot top-k routing among ``K`` (LoRA, gate) pairs by
+- ``phatgoose``, stage 2: zero-shot top-k routing among ``a`` (LoRA, gate) pairs by
   ``LN(u)·LN(v_k)/√I``; nothing trains.
 - ``glider`` (Li et al., 2024, "Glider: Global and Local Instruction-Driven Expert Router",
   arXiv 2410.10904): local logits ``LN(u) W_gate/√I`` plus
-  ``λ·g`` with ``g [K]`` the task similarities (global router).
+  ``λ·g`` with ``g [a]`` the task similarities (global router).
 
 Use at inference as any activation-space adapter::
 
@@ -88,8 +88,8 @@ def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
 
 
 def top_k_weights(logits: jax.Array, k: int) -> jax.Array:
-    """``softmax`` over the last axis ``K``, keep the ``k`` largest, renormalise them to
-    sum to 1; zeros elsewhere (``[..., K]``)."""
+    """``softmax`` over the last axis ``a``, keep the ``k`` largest, renormalise them to
+    sum to 1; zeros elsewhere (``[..., a]``)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     k = min(k, probs.shape[-1])
     top, idx = jax.lax.top_k(probs, k)
@@ -98,21 +98,21 @@ def top_k_weights(logits: jax.Array, k: int) -> jax.Array:
 
 
 def library_outputs(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
-    """Every adapter's output ``a_k = s_k (x A_k) B_k``: x ``[B, S, I]``, A ``[K, I, R]``,
-    B ``[K, R, O]``, s ``[K]`` -> ``[B, S, K, O]`` (float32; a reference, the hooks never
+    """Every adapter's output ``a_k = s_k (x A_k) B_k``: x ``[B, L, I]``, A ``[a, I, R]``,
+    B ``[a, R, O]``, s ``[a]`` -> ``[B, L, a, O]`` (float32; a reference, the hooks never
     form it)."""
-    h = jnp.einsum("BSI,KIR->BSKR", x.astype(jnp.float32), a.astype(jnp.float32))
-    return jnp.einsum("BSKR,KRO->BSKO", h, b.astype(jnp.float32)) * scale.astype(jnp.float32)[:, None]
+    h = jnp.einsum("BLI,aIR->BLaR", x.astype(jnp.float32), a.astype(jnp.float32))
+    return jnp.einsum("BLaR,aRO->BLaO", h, b.astype(jnp.float32)) * scale.astype(jnp.float32)[:, None]
 
 
 def combine(x: jax.Array, a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
-    """``Σ_k w_k (x A_k) B_k`` -> ``[B, S, O]`` without forming ``[B, S, K, O]``: the
-    weights ``[B, S, K]`` (per token) or ``[K]`` multiply the rank activations
-    ``[B, S, K, R]``. Every adapter is computed (dense over ``K``, zero weights outside a
-    top-k): the intermediate is ``B·S·K·R``."""
-    h = jnp.einsum("BSI,KIR->BSKR", x.astype(jnp.float32), a.astype(jnp.float32))
+    """``Σ_k w_k (x A_k) B_k`` -> ``[B, L, O]`` without forming ``[B, L, a, O]``: the
+    weights ``[B, L, a]`` (per token) or ``[a]`` multiply the rank activations
+    ``[B, L, a, R]``. Every adapter is computed (dense over ``a``, zero weights outside a
+    top-k): the intermediate is ``B·L·a·R``."""
+    h = jnp.einsum("BLI,aIR->BLaR", x.astype(jnp.float32), a.astype(jnp.float32))
     h = h * weights.astype(jnp.float32)[..., None]
-    return jnp.einsum("BSKR,KRO->BSO", h, b.astype(jnp.float32))
+    return jnp.einsum("BLaR,aRO->BLO", h, b.astype(jnp.float32))
 
 
 def _lora_scale(cfg: dict, rank: int) -> float:
@@ -142,8 +142,8 @@ def _entry_factors(k: int, params: Params, cfg: dict, method_name: str) -> tuple
 def read_library(method_name: str, targets: dict[str, Target], library: Sequence[Params],
                  library_configs: Sequence[dict]) -> tuple[dict[str, tuple], jax.Array, dict[str, jax.Array],
                                                            list[str]]:
-    """The library stacked per target: ``({path: (A [K, I, R], B [K, R, O])}, scale [K],
-    {path: gates [K, I]}, [method of each entry])``.
+    """The library stacked per target: ``({path: (A [a, I, R], B [a, R, O])}, scale [a],
+    {path: gates [a, I]}, [method of each entry])``.
 
     Ranks are zero-padded to the largest per target; an entry without a target (or
     without a gate) contributes zeros there.
@@ -206,7 +206,7 @@ class _LibraryMethod(Adapter):
     """What ScaLearn, PHATGOOSE and GLIDER share: targets, the frozen library, the hook."""
 
     targets: str
-    num_library: int = 0       # K, from adapter.library (0: not known from the config)
+    num_library: int = 0       # a, from adapter.library (0: not known from the config)
 
     mergeable = False
     needs_task_ids = False
@@ -249,7 +249,7 @@ class _LibraryMethod(Adapter):
         return read_library(self.name, self.select(params), library, list(library_configs or []))
 
     def _routed(self, path: str, x: jax.Array, weights: jax.Array, ctx) -> jax.Array:
-        """``Σ_k p_k s_k (u A_k) B_k`` for routing weights ``p [B, S, K]``."""
+        """``Σ_k p_k s_k (u A_k) B_k`` for routing weights ``p [B, L, a]``."""
         p = ctx.params
         return combine(x, p[f"library/{path}/lora_a"], p[f"library/{path}/lora_b"],
                        weights * p["library_scale"].astype(jnp.float32))
@@ -261,16 +261,16 @@ class _LibraryMethod(Adapter):
 @dataclasses.dataclass(frozen=True)
 class ScaLearn(_LibraryMethod):
     """ScaLearn (Frohmann et al., 2023, arXiv 2310.01217): learned
-    scalings that linearly combine the outputs of ``K`` frozen adapters::
+    scalings that linearly combine the outputs of ``a`` frozen adapters::
 
-        y += Σ_k ω_k ⊙ a_k,     a_k = s_k (u A_k) B_k                     # [B, S, O]
+        y += Σ_k ω_k ⊙ a_k,     a_k = s_k (u A_k) B_k                     # [B, L, O]
 
-    ``ω`` per target ``[K, O]`` (ScaLearn), ``[K]`` with ``uniform`` (ScaLearn-Uniform),
+    ``ω`` per target ``[a, O]`` (ScaLearn), ``[a]`` with ``uniform`` (ScaLearn-Uniform),
     one per projection type shared by all layers with ``shared`` (``attn/q`` of every
-    layer: ScaLearn++ ``[K, O]``, Uniform++ ``[K]``). No softmax, no sum-to-1 (the card's
+    layer: ScaLearn++ ``[a, O]``, Uniform++ ``[a]``). No softmax, no sum-to-1 (the card's
     ablations only). Init as the card and the authors' code (``omega_init_type="avg"``,
     ``omega_init_scale=2``; CPJKU/ScaLearn ``adapters/modeling.py`` ``ScaLearn.__init__``
-    draws ``torch.normal(2/K, 0.001)``): ``ω ~ N(2/K, 0.001)``, mean 2/K and standard
+    draws ``torch.normal(2/a, 0.001)``): ``ω ~ N(2/a, 0.001)``, mean 2/a and standard
     deviation 0.001, so the ω of one feature start summing to 2. ``dropout`` (default 0.3, the authors'
     ``scalearn_2_avg_d03``) drops entries of ω itself during training (inverted dropout, as
     ``torch.nn.Dropout``: kept entries scaled by 1/(1-p); a fresh mask per layer), never
@@ -289,7 +289,7 @@ class ScaLearn(_LibraryMethod):
     dropout: float = 0.3
 
     name = "scalearn"
-    OMEGA_INIT_SCALE = 2.0      # omega_init_scale, "avg": mean = scale / K
+    OMEGA_INIT_SCALE = 2.0      # omega_init_scale, "avg": mean = scale / a
     OMEGA_INIT_STD = 0.001
 
     @classmethod
@@ -306,7 +306,7 @@ class ScaLearn(_LibraryMethod):
         return f"omega/{projection_type(path) if self.shared else path}"
 
     def omega_shapes(self, params: Params) -> dict[str, tuple[int, ...]]:
-        """``{omega key: shape}``: ``[K, O]`` or ``[K]``, per target or per projection type."""
+        """``{omega key: shape}``: ``[a, O]`` or ``[a]``, per target or per projection type."""
         k, out = self.num_library, {}
         for path, t in sorted(self.select(params).items()):
             shape = (k,) if self.uniform else (k, t.d_out)
@@ -317,7 +317,7 @@ class ScaLearn(_LibraryMethod):
         return out
 
     def init(self, rng: jax.Array, params: Params, library=None, library_configs=None, **_) -> Params:
-        """``{'library': frozen LoRAs, 'library_scale', 'omega': {key: [K, O] or [K]}}`` (boxed)."""
+        """``{'library': frozen LoRAs, 'library_scale', 'omega': {key: [a, O] or [a]}}`` (boxed)."""
         factors, scale, _, _ = self._read(params, library, library_configs)
         out = _boxed_library(factors, scale)
         mean = self.OMEGA_INIT_SCALE / self.num_library
@@ -327,7 +327,7 @@ class ScaLearn(_LibraryMethod):
         return _nest(out)
 
     def count(self, params: Params) -> int:
-        """Trainable ω: ``Σ K·O`` over targets (L·K·d), ``K`` per target with ``uniform``
+        """Trainable ω: ``Σ a·O`` over targets (L·K·d), ``a`` per target with ``uniform``
         (L·K), one ω per projection type with ``shared`` (K·d, Uniform++: K)."""
         return sum(math.prod(s) for s in self.omega_shapes(params).values())
 

@@ -36,15 +36,15 @@ def _no_experts_for_dropout(method: str, targets: dict[str, Target]) -> None:
 
 
 def low_rank_dropout_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, p: float, ctx, path: str):
-    """``scale · (dropout(x) A) B`` for ``x [B, S, I]``, ``A [I, R]``, ``B [R, O]``
+    """``scale · (dropout(x) A) B`` for ``x [B, L, I]``, ``A [I, R]``, ``B [R, O]``
     (inverted dropout with rate ``p``; none when the context is deterministic)."""
     x = x.astype(jnp.float32)
     key = ctx.rng_for(path)
     if key is not None and p > 0:
         keep = jax.random.bernoulli(key, 1.0 - p, x.shape)
         x = jnp.where(keep, x / (1.0 - p), 0.0)
-    low = jnp.einsum("BSI,IR->BSR", x, a.astype(jnp.float32))
-    return scale * jnp.einsum("BSR,RO->BSO", low, b.astype(jnp.float32))
+    low = jnp.einsum("BLI,IR->BLR", x, a.astype(jnp.float32))
+    return scale * jnp.einsum("BLR,RO->BLO", low, b.astype(jnp.float32))
 
 
 def _target_from_factors(path: str, w_shape: tuple, a_shape: tuple, b_shape: tuple) -> Target:

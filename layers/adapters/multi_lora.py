@@ -1,14 +1,14 @@
 """Many LoRA adapters in one batch: ``adapter.method=multi_lora`` (S-LoRA, Sheng et al. 2023; Punica, Chen et al. 2023).
 
-Einsum letters: ``B`` batch (examples), ``S`` tokens of one example, ``I`` a weight's
+Einsum letters: ``B`` batch (examples), ``L`` tokens of one example, ``I`` a weight's
 flattened input axes, ``O`` its flattened output axes, ``R`` the largest rank of the
-library (``R_max``), ``N`` library slots (adapters + the zero slot), ``M`` rows of a
-grouped matmul (``B·S`` tokens sorted by adapter).
+library (``R_max``), ``a`` library adapters (here with the zero slot), ``X`` rows of a
+grouped matmul (``B·L`` tokens sorted by adapter).
 
 A library of trained LoRA adapters (each from ``routezoo train ... --config.adapter.method=lora``,
 each with its own rank, alpha and targets) is stacked per target weight::
 
-    lora_a [N, I, R]   lora_b [N, R, O]      N = len(library) + 1, R = max rank
+    lora_a [a, I, R]   lora_b [a, R, O]      a = len(library) + 1, R = max rank
 
 Slot 0 is the zero adapter ("no adapter": task id 0 runs the base model); library entry
 ``n`` (0-based) is slot ``n + 1``. Ranks below ``R`` are zero-padded (exact: the padded
@@ -27,17 +27,17 @@ never forming ``A·B`` and never merging (a mixed batch has no single merged wei
 * ``gather`` (BGMV, Punica's decode kernel): each example takes its rows,
   ``Ag = A[ids] [B, I, R]``, ``h = einsum('BSI,BIR->BSR')`` (shrink), then
   ``einsum('BSR,BRO->BSO', h, B[ids])`` (expand). Cost ``B·(I + O)·R`` gathered weights
-  plus ``B·S·(I + O)·R`` FLOPs.
+  plus ``B·L·(I + O)·R`` FLOPs.
 * ``sorted`` (SGMV, Punica's prefill kernel): examples are sorted by adapter id (every
   token of an example has its id, so sorting examples sorts the tokens), group sizes are a
-  bincount times ``S``, and a grouped matmul shrinks ``[M, I] x [N-1, I, R]`` then expands
-  ``[M, R] x [N-1, R, O]``; then the rows are unsorted. Examples with id 0 are sorted
+  bincount times ``L``, and a grouped matmul shrinks ``[X, I] x [a-1, I, R]`` then expands
+  ``[X, R] x [a-1, R, O]``; then the rows are unsorted. Examples with id 0 are sorted
   past the last group and skipped (their delta is 0). The grouped matmul is the dropless
   MoE's (:data:`routezoo.layers.moe.gmm.GMM_BACKENDS`, ``adapter.multi_lora_gmm_backend``,
   ``auto`` = blocked on CPU, the Pallas kernel on GPU, megablox on TPU); shapes are
-  static under jit (``M = B·S`` always).
+  static under jit (``X = B·L`` always).
 * ``auto``: ``gather``, for decode and prefill alike. Ids are per example, so the gather
-  copies only ``B·(I + O)·R`` weights whatever ``S`` is, and it measured faster than
+  copies only ``B·(I + O)·R`` weights whatever ``L`` is, and it measured faster than
   ``sorted`` at prefill too: on an H200 (bf16, 16 x 128 tokens, 8 layers of 2048 x 2048,
   rank 16) 0.49-0.51 ms against 0.88-0.98 ms for 1-16 distinct adapters
   (``benchmarks/results/multi_lora_prefill_h200.json``), and on a 2-core CPU about 10 ms
@@ -45,7 +45,7 @@ never forming ``A·B`` and never merging (a mixed batch has no single merged wei
   ``adapter.multi_lora_impl=sorted``.
 
 Ids out of range. Under jit the ids are values, so no error can be raised: an id
-``< 0`` or ``>= N`` gets the zero adapter (the base model's output), in both
+``< 0`` or ``>= a`` gets the zero adapter (the base model's output), in both
 implementations. Called eagerly (concrete ids), :meth:`MultiLoRA.hook_delta` raises a
 ``ValueError`` instead; :meth:`MultiLoRA.check_ids` checks host ids before a jitted call.
 
@@ -56,7 +56,7 @@ dicts])``; ``adapter.targets`` restricts which of the library's adapted weights 
 LoRA parameter trees and :class:`~routezoo.layers.adapters.lora.LoRA` objects (or config dicts).
 The stacked weights are frozen: ``LR_GROUPS = {'frozen': 0.0}`` holds every leaf, so a
 training run with this method is serving only (evaluation of a mixed batch); ``count``
-reports the stored stacked parameters ``Σ_targets N·R·(I + O)``, none trainable.
+reports the stored stacked parameters ``Σ_targets a·R·(I + O)``, none trainable.
 
 Serving::
 
@@ -190,7 +190,7 @@ class MultiLoRA(Adapter):
 
     def _stack_flat(self, base: Params, library: Sequence[Params], configs: Sequence[Any]
                     ) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """``{path: (A [N, I, R], B [N, R, O] scaled)}`` over the served targets."""
+        """``{path: (A [a, I, R], B [a, R, O] scaled)}`` over the served targets."""
         if not library:
             raise ValueError("adapter.method='multi_lora' needs a library of trained LoRA adapters "
                              "(adapter.library=W1,W2,... or MultiLoRA.stack(base, [params...], [loras...]))")
@@ -256,7 +256,7 @@ class MultiLoRA(Adapter):
 
     def init(self, rng: jax.Array, params: Params, library: Sequence[Params] | None = None,
              library_configs: Sequence[Any] | None = None, previous: Any = None) -> Params:
-        """The stacked library, boxed: ``{path: {'lora_a' [N, I, R], 'lora_b' [N, R, O]}}``.
+        """The stacked library, boxed: ``{path: {'lora_a' [a, I, R], 'lora_b' [a, R, O]}}``.
 
         ``rng`` is unused (nothing is drawn). ``library``: LoRA parameter trees;
         ``library_configs``: their ``config.adapter`` dicts (or :class:`LoRA` objects).
@@ -292,9 +292,9 @@ class MultiLoRA(Adapter):
         return nn.unbox(base)
 
     def count(self, params: Params, adapter: Params | None = None) -> int:
-        """Stored stacked parameters ``Σ_targets N·R·(I + O)`` (zero slot and padding
+        """Stored stacked parameters ``Σ_targets a·R·(I + O)`` (zero slot and padding
         included; none of them trainable). Needs the stacked ``adapter`` (the library
-        fixes ``N``, ``R`` and the targets)."""
+        fixes ``a``, ``R`` and the targets)."""
         del params
         if adapter is None:
             raise ValueError("MultiLoRA.count(base, stacked): the stacked library fixes the count; pass it")
@@ -328,7 +328,7 @@ class MultiLoRA(Adapter):
                              f"{num_slots - 1} (library entries 1..{num_slots - 1})")
 
     def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
-        """``s_a (x A_a) B_a`` per example: ``x [B, S, I] -> [B, S, O]``."""
+        """``s_a (x A_a) B_a`` per example: ``x [B, L, I] -> [B, L, O]``."""
         del y
         # Frozen: no gradient flows into the stack (a training run with it only evaluates).
         a, b = (jax.lax.stop_gradient(ctx.params[f"{path}/{k}"]) for k in ("lora_a", "lora_b"))
@@ -346,12 +346,12 @@ def _valid_ids(ids: jax.Array, num_slots: int) -> jax.Array:
 
 
 def delta_gather(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array) -> jax.Array:
-    """BGMV: ``x [B, S, I]``, ``a [N, I, R]``, ``b [N, R, O]``, ``ids [B]`` -> ``[B, S, O]``."""
+    """BGMV: ``x [B, L, I]``, ``a [a, I, R]``, ``b [a, R, O]``, ``ids [B]`` -> ``[B, L, O]``."""
     ids = _valid_ids(ids, a.shape[0])
     ag = jnp.take(a, ids, axis=0, mode="clip").astype(x.dtype)                       # [B, I, R]
-    h = jnp.einsum("BSI,BIR->BSR", x, ag, preferred_element_type=jnp.float32)         # shrink
+    h = jnp.einsum("BLI,BIR->BLR", x, ag, preferred_element_type=jnp.float32)         # shrink
     bg = jnp.take(b, ids, axis=0, mode="clip")                                        # [B, R, O]
-    return jnp.einsum("BSR,BRO->BSO", h.astype(x.dtype), bg.astype(x.dtype),
+    return jnp.einsum("BLR,BRO->BLO", h.astype(x.dtype), bg.astype(x.dtype),
                       preferred_element_type=jnp.float32)                             # expand
 
 
@@ -366,11 +366,11 @@ def delta_sorted(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array,
     grp = jnp.where(grp < 0, n, grp)                          # past the last group
     perm = jnp.argsort(grp, stable=True)                      # examples by adapter
     inv = invert_permutation(perm)
-    sizes = jnp.zeros((n,), jnp.int32).at[grp].add(s, mode="drop")                   # [N-1], tokens
-    # Row moves of whole examples ([B, S·I]); rows are then the M = B·S tokens.
+    sizes = jnp.zeros((n,), jnp.int32).at[grp].add(s, mode="drop")                   # [a-1], tokens
+    # Row moves of whole examples ([B, L·I]); rows are then the X = B·L tokens.
     rows = take_rows(x.reshape(bsz, s * d_in), perm, inv).reshape(bsz * s, d_in)
-    h = gmm(rows, a[1:].astype(x.dtype), sizes)                                       # [M, R] shrink
-    out = gmm(h.astype(x.dtype), b[1:].astype(x.dtype), sizes)                        # [M, O] expand
+    h = gmm(rows, a[1:].astype(x.dtype), sizes)                                       # [X, R] shrink
+    out = gmm(h.astype(x.dtype), b[1:].astype(x.dtype), sizes)                        # [X, O] expand
     keep = jnp.repeat(grp[perm] < n, s)[:, None]                                      # rows past the groups
     out = jnp.where(keep, out.astype(jnp.float32), 0.0).reshape(bsz, s * out.shape[-1])
     return take_rows(out, inv, perm).reshape(bsz, s, -1)
@@ -378,7 +378,7 @@ def delta_sorted(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array,
 
 def multi_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array, *, impl: str = "gather",
                      gmm_backend: str = "auto") -> jax.Array:
-    """``s_{ids[b]} (x[b] A[ids[b]]) B[ids[b]]`` for ``x [B, S, I]`` (float32 ``[B, S, O]``);
+    """``s_{ids[b]} (x[b] A[ids[b]]) B[ids[b]]`` for ``x [B, L, I]`` (float32 ``[B, L, O]``);
     ``b`` is pre-scaled, slot 0 is the zero adapter."""
     if impl == "gather":
         return delta_gather(x, a, b, ids)
@@ -397,9 +397,9 @@ def per_adapter_loop(x: jax.Array, a: jax.Array, b: jax.Array, ids: np.ndarray) 
         if n <= 0 or n >= a.shape[0]:
             continue
         idx = np.nonzero(ids == n)[0]
-        sub = x[idx]                                                                  # [b_n, S, I]
-        low = jnp.einsum("BSI,IR->BSR", sub, a[n].astype(x.dtype), preferred_element_type=jnp.float32)
-        out = out.at[idx].add(jnp.einsum("BSR,RO->BSO", low.astype(x.dtype), b[n].astype(x.dtype),
+        sub = x[idx]                                                                  # [b_n, L, I]
+        low = jnp.einsum("BLI,IR->BLR", sub, a[n].astype(x.dtype), preferred_element_type=jnp.float32)
+        out = out.at[idx].add(jnp.einsum("BLR,RO->BLO", low.astype(x.dtype), b[n].astype(x.dtype),
                                          preferred_element_type=jnp.float32))
     return out
 

@@ -1,16 +1,16 @@
 """PHATGOOSE and GLIDER: routing among a library of trained LoRAs by per-adapter gates.
 
-Einsum letters: ``B`` batch (examples), ``S`` tokens of one example, ``I`` a weight's
-flattened input axes, ``O`` its flattened output axes, ``K`` library adapters, ``D`` model
+Einsum letters: ``B`` batch (examples), ``L`` tokens of one example, ``I`` a weight's
+flattened input axes, ``O`` its flattened output axes, ``a`` library adapters, ``D`` model
 width (task embeddings).
 
 - ``phatgoose_gate`` (Muqeeth et al., 2024, "Learning to Route Among Specialized Experts for
   Zero-Shot Generalization", arXiv 2402.05859), stage 1: one frozen LoRA and a trained gate
   vector ``v [I]`` (init 0): ``y += s · ((u · σ(v·u)) A) B``.
-- ``phatgoose``, stage 2: zero-shot top-k routing among ``K`` (LoRA, gate) pairs by
+- ``phatgoose``, stage 2: zero-shot top-k routing among ``a`` (LoRA, gate) pairs by
   ``LN(u)·LN(v_k)/√I``; nothing trains.
 - ``glider`` (Li et al., 2024, "Glider: Global and Local Instruction-Driven Expert Router",
-  arXiv 2410.10904): local logits ``LN(u) W_gate/√I`` plus ``λ·g`` with ``g [K]`` the task
+  arXiv 2410.10904): local logits ``LN(u) W_gate/√I`` plus ``λ·g`` with ``g [a]`` the task
   similarities (global router, :func:`task_similarity`).
 
 The library is read, stored and frozen as for every library method
@@ -37,15 +37,15 @@ Params = Any
 
 
 def phatgoose_scores(x: jax.Array, gates: jax.Array) -> jax.Array:
-    """PHATGOOSE routing logits ``LN(u)·LN(v_k)/√I``: x ``[B, S, I]``, gates ``[K, I]``
-    -> ``[B, S, K]`` (PHATGOOSE's ``score_type="original"``)."""
-    return jnp.einsum("BSI,KI->BSK", layer_norm(x), layer_norm(gates)) / math.sqrt(x.shape[-1])
+    """PHATGOOSE routing logits ``LN(u)·LN(v_k)/√I``: x ``[B, L, I]``, gates ``[a, I]``
+    -> ``[B, L, a]`` (PHATGOOSE's ``score_type="original"``)."""
+    return jnp.einsum("BLI,aI->BLa", layer_norm(x), layer_norm(gates)) / math.sqrt(x.shape[-1])
 
 
 def glider_logits(x: jax.Array, router: jax.Array, similarity: jax.Array, lam: float) -> jax.Array:
-    """GLIDER routing logits ``LN(u) W_gate/√I + λ·g``: x ``[B, S, I]``, W_gate ``[I, K]``,
-    g ``[K]`` -> ``[B, S, K]`` (LN on the input only, as GLIDER's code does)."""
-    local = jnp.einsum("BSI,IK->BSK", layer_norm(x), router.astype(jnp.float32)) / math.sqrt(x.shape[-1])
+    """GLIDER routing logits ``LN(u) W_gate/√I + λ·g``: x ``[B, L, I]``, W_gate ``[I, a]``,
+    g ``[a]`` -> ``[B, L, a]`` (LN on the input only, as GLIDER's code does)."""
+    local = jnp.einsum("BLI,Ia->BLa", layer_norm(x), router.astype(jnp.float32)) / math.sqrt(x.shape[-1])
     return local + lam * jnp.asarray(similarity, jnp.float32)
 
 
@@ -116,7 +116,7 @@ class PhatgooseGate(_LibraryMethod):
     def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
         p = ctx.params
         x = x.astype(jnp.float32)
-        gate = jax.nn.sigmoid(jnp.einsum("BSI,I->BS", x, p[f"gate/{path}"].astype(jnp.float32)))
+        gate = jax.nn.sigmoid(jnp.einsum("BLI,I->BL", x, p[f"gate/{path}"].astype(jnp.float32)))
         return combine(x * gate[..., None], p[f"library/{path}/lora_a"], p[f"library/{path}/lora_b"],
                        p["library_scale"])
 
@@ -125,7 +125,7 @@ class PhatgooseGate(_LibraryMethod):
 @dataclasses.dataclass(frozen=True)
 class Phatgoose(_LibraryMethod):
     """PHATGOOSE stage 2 (Muqeeth et al., 2024, arXiv 2402.05859):
-    zero-shot routing among ``K`` (LoRA, gate) pairs, the ``phatgoose_gate`` runs of
+    zero-shot routing among ``a`` (LoRA, gate) pairs, the ``phatgoose_gate`` runs of
     ``adapter.library``. Per token and target, the gates are the experts' embeddings::
 
         s_k = LN(u)·LN(v_k)/√I        (LN without affine parameters)
@@ -136,7 +136,7 @@ class Phatgoose(_LibraryMethod):
     combination at step 0 and saves the adapter (library + gates) at its last step, for
     :func:`train.load_adapter` and :func:`adapter_hooks.bind`. The CLI needs
     ``train.steps >= 1``; the steps change nothing (every leaf frozen). Every expert's rank
-    activations are computed and weighted (zero outside the top-k), ``[B, S, K, R]``.
+    activations are computed and weighted (zero outside the top-k), ``[B, L, a, R]``.
     Deviation: each LoRA keeps its own scale (PHATGOOSE's T5 code: ``1/r``).
     """
 
@@ -154,7 +154,7 @@ class Phatgoose(_LibraryMethod):
             raise ValueError(f"adapter.library_top_k={self.top_k} must be >= 1")
 
     def init(self, rng: jax.Array, params: Params, library=None, library_configs=None, **_) -> Params:
-        """``{'library', 'library_scale', 'library_gate': {path: [K, I]}}``, all frozen (boxed)."""
+        """``{'library', 'library_scale', 'library_gate': {path: [a, I]}}``, all frozen (boxed)."""
         factors, scale, gates, methods = self._read(params, library, library_configs)
         bad = [k for k, m in enumerate(methods) if m != "phatgoose_gate"]
         if bad:
@@ -171,7 +171,7 @@ class Phatgoose(_LibraryMethod):
         return 0
 
     def weights(self, path: str, x: jax.Array, ctx) -> jax.Array:
-        """Routing weights ``[B, S, K]`` of one target."""
+        """Routing weights ``[B, L, a]`` of one target."""
         return top_k_weights(phatgoose_scores(x, ctx.params[f"library_gate/{path}"]), self.top_k)
 
     def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
@@ -186,7 +186,7 @@ class Glider(_LibraryMethod):
     """GLIDER (Li et al., 2024, arXiv 2410.10904): PHATGOOSE-style
     local routing plus a global, task-level bias::
 
-        logits = LN(u) W_gate/√I + λ·g        # W_gate [I, K], g [K], LN without affine
+        logits = LN(u) W_gate/√I + λ·g        # W_gate [I, a], g [a], LN without affine
         p = top-k(softmax(logits)), renormalised;    y += Σ_k p_k · s_k (u A_k) B_k
 
     Local router: ``W_gate``'s column ``k`` is the gate vector of library entry ``k`` (a
@@ -201,7 +201,7 @@ class Glider(_LibraryMethod):
     paper's held-out setting; 100 held-in; large λ makes routing near-hard retrieval of
     argmax g, the card's pitfall). Deviation: the paper embeds an LLM-written one-sentence
     instruction per task with a text embedder; neither is available here. ``g`` is given
-    as ``adapter.glider_task_similarity`` (K comma-separated floats), which
+    as ``adapter.glider_task_similarity`` (a comma-separated floats), which
     :func:`task_similarity` computes from the base model's mean final hidden state over a
     few training batches of the target task and of each library task. As in the
     authors' code, g is fixed per evaluation task, not per query.
@@ -238,7 +238,7 @@ class Glider(_LibraryMethod):
         return key in self.FROZEN or (key == "router" and not self.train_router)
 
     def init(self, rng: jax.Array, params: Params, library=None, library_configs=None, **_) -> Params:
-        """``{'library', 'library_scale', 'router': {path: W_gate [I, K]}}`` (boxed)."""
+        """``{'library', 'library_scale', 'router': {path: W_gate [I, a]}}`` (boxed)."""
         factors, scale, gates, _ = self._read(params, library, library_configs)
         out = _boxed_library(factors, scale)
         for path, g in gates.items():
@@ -246,13 +246,13 @@ class Glider(_LibraryMethod):
         return _nest(out)
 
     def count(self, params: Params) -> int:
-        """Trainable parameters: ``Σ I·K`` over targets with ``train_router``, else 0."""
+        """Trainable parameters: ``Σ I·a`` over targets with ``train_router``, else 0."""
         if not self.train_router:
             return 0
         return sum(t.d_in * self.num_library for t in self.select(params).values())
 
     def weights(self, path: str, x: jax.Array, ctx) -> jax.Array:
-        """Routing weights ``[B, S, K]`` of one target."""
+        """Routing weights ``[B, L, a]`` of one target."""
         logits = glider_logits(x, ctx.params[f"router/{path}"], jnp.asarray(self.task_similarity), self.lam)
         return top_k_weights(logits, self.top_k)
 
@@ -291,7 +291,7 @@ def task_embedding(model: nn.Module, params: Params, batches: Sequence[Any]) -> 
 
 def task_similarity(model: nn.Module, base: Params, target_batches: Sequence[Any],
                     library_batches: Sequence[Sequence[Any]]) -> np.ndarray:
-    """GLIDER's global router input ``g [K]``: the cosine similarity of the target task's
+    """GLIDER's global router input ``g [a]``: the cosine similarity of the target task's
     embedding to each library task's (:func:`task_embedding` of the base model). A
     substitute for the paper's embedded LLM-written task instructions. Pass the result as
     ``adapter.glider_task_similarity=",".join(map(str, g))``."""

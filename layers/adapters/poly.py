@@ -1,37 +1,37 @@
 """Polytropon (Poly) and Multi-Head Routing (MHR, MHR-z, MHR-mu): task-routed LoRA skills.
 
-Einsum letters: ``B`` batch (examples), ``S`` tokens of an example, ``I`` a weight's
-flattened input axes, ``O`` its output axes, ``H`` routing heads (splits), ``M`` skills,
-``R`` rank, ``T`` tasks. ``i = I/H`` and ``o = O/H`` are one head's input and output block.
+Einsum letters: ``B`` batch (examples), ``L`` tokens of an example, ``I`` a weight's
+flattened input axes, ``O`` its output axes, ``h`` routing heads (splits), ``s`` skills,
+``R`` rank, ``t`` tasks. ``i = I/h`` and ``o = O/h`` are one head's input and output block.
 
 Ponti et al. 2023 ("Combining Parameter-efficient Modules for Task-level Generalisation",
 arXiv 2202.13914) and Caccia et al. 2023 ("Multi-Head Adapter Routing for Cross-Task
 Generalization", arXiv 2211.03831), following the behaviour of peft's
 ``tuners/poly`` and mttl's ``PolytroponSelector``. Every adapted weight holds an
-inventory of ``M`` LoRA skills; a learned router ``Z [T, H·M]`` mixes them per task. MHR
-splits the weight's input and output into ``H`` blocks that route independently::
+inventory of ``s`` LoRA skills; a learned router ``Z [t, h·s]`` mixes them per task. MHR
+splits the weight's input and output into ``h`` blocks that route independently::
 
-    z  = Z[task].reshape(H, M)
+    z  = Z[task].reshape(h, s)
     w~ = sigmoid((z + log u - log(1 - u)) / tau)   u ~ U(0, 1)   (training, relaxed Bernoulli)
     w~ = sigmoid(z)                                                (evaluation)
-    w  = w~ / (sum_M w~ + 1e-12)                                   (per head, sums to 1)
+    w  = w~ / (sum_s w~ + 1e-12)                                   (per head, sums to 1)
     A_b[h] = sum_m w[h, m] A[h, m]   [i, R];   B_b[h] = sum_m w[h, m] B[h, m]   [R, o]
     y  = x W + (x A_b) B_b / R
 
 where ``A_b [I, R]`` stacks the heads' blocks along the input and ``B_b [R, O]`` along the
 output (peft's reshape): head ``h`` owns input block ``h`` of A and output block ``h`` of
 B, and ``x A_b = sum_h x[block h] A_b[h]``. The scale is ``1/R``
-(no alpha, unlike LoRA). ``H = 1`` is Poly. Init as peft: ``A`` kaiming-uniform per
+(no alpha, unlike LoRA). ``h = 1`` is Poly. Init as peft: ``A`` kaiming-uniform per
 (head, skill) on its ``[i, R]`` block, i.e. U(+-1/sqrt(i)); ``B = 0``; ``Z`` U(+-1e-3).
 
 Methods (``adapter.method``):
 
-* ``poly`` (H = 1) and ``mhr`` (H = ``adapter.mhr_heads``): train A, B and Z; Z's learning
+* ``poly`` (h = 1) and ``mhr`` (h = ``adapter.mhr_heads``): train A, B and Z; Z's learning
   rate is ``adapter.poly_router_lr_mult`` times the adapters' (the card: 100x).
 * ``mhr_z`` (few-shot, router only): A and B come from a trained ``poly``/``mhr`` run
   (``init.adapter_from``) and stay frozen (not in the optimizer state); a fresh Z for this
-  run's tasks trains: ``H·M`` parameters per weight per task.
-* ``mhr_mu`` (few-shot, no router): the mttl AverageSelector, constant ``w = 1/M``; A and B
+  run's tasks trains: ``h·s`` parameters per weight per task.
+* ``mhr_mu`` (few-shot, no router): the mttl AverageSelector, constant ``w = 1/s``; A and B
   from the trained run, fine-tuned. With constant weights the adapter is one LoRA per
   weight (the skill average), so ``mhr_mu`` is a parameter-space method and merges into
   the base weights exactly; it needs no task ids.
@@ -39,10 +39,10 @@ Methods (``adapter.method``):
 ``poly``/``mhr``/``mhr_z`` need the task id of every example (``bind(..., task_ids=)``, the
 batch's ``task_id`` from ``data.tasks``) and act on activations (different examples,
 different adapters); :meth:`Poly.merge_task` gives one task's merged weights for inference.
-Ids outside ``[0, T)`` are clamped to the nearest row (values cannot raise under ``jit``).
+Ids outside ``[0, t)`` are clamped to the nearest row (values cannot raise under ``jit``).
 
-Parameter counts per adapted weight (the papers'): adapters ``M·R·(I + O)`` (M times LoRA, for
-any H), router ``T·H·M``.
+Parameter counts per adapted weight (the papers'): adapters ``s·R·(I + O)`` (s times LoRA, for
+any h), router ``t·h·s``.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class _Skills(Adapter):
 
     targets: str
     rank: int = 1                 # R
-    num_skills: int = 8           # M
+    num_skills: int = 8           # s
     num_heads: int = 1            # H
     num_tasks: int = 1            # T
     router_lr_mult: float = 100.0
@@ -169,7 +169,7 @@ class _Skills(Adapter):
     has_router = True
 
     def count(self, params: Params) -> int:
-        """``sum_targets M·R·(I + O) + T·H·M`` (the router only where the method has one)."""
+        """``sum_targets s·R·(I + O) + t·h·s`` (the router only where the method has one)."""
         h, m, r = self.num_heads, self.num_skills, self.rank
         router = self.num_tasks * h * m if self.has_router else 0
         return sum(m * r * (t.d_in + t.d_out) + router for t in self.select(params).values())
@@ -187,8 +187,8 @@ class _Skills(Adapter):
     # ------------------------------------------------------------------ routing
 
     def weights(self, z: jax.Array, rng: jax.Array | None) -> jax.Array:
-        """Skill weights ``[..., H, M]`` from router logits ``z [..., H, M]``, summing to 1
-        over ``M``; relaxed-Bernoulli noise when ``rng`` is given (training)."""
+        """Skill weights ``[..., h, s]`` from router logits ``z [..., h, s]``, summing to 1
+        over ``s``; relaxed-Bernoulli noise when ``rng`` is given (training)."""
         z = z.astype(jnp.float32)
         if rng is not None and self.relaxed:
             u = jax.random.uniform(rng, z.shape, jnp.float32, 1e-6, 1.0 - 1e-6)
@@ -197,27 +197,27 @@ class _Skills(Adapter):
         return w / (jnp.sum(w, axis=-1, keepdims=True) + EPS)
 
     def _mixed(self, w: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-        # w [..., H, M]; a [H, M, i, R]; b [H, M, R, o] -> A_b [..., H, i, R], B_b [..., H, R, o]
-        return (jnp.einsum("...HM,HMiR->...HiR", w, a.astype(jnp.float32)),
-                jnp.einsum("...HM,HMRo->...HRo", w, b.astype(jnp.float32)))
+        # w [..., h, s]; a [h, s, i, R]; b [h, s, R, o] -> A_b [..., h, i, R], B_b [..., h, R, o]
+        return (jnp.einsum("...hs,hsiR->...hiR", w, a.astype(jnp.float32)),
+                jnp.einsum("...hs,hsRo->...hRo", w, b.astype(jnp.float32)))
 
     def _stacked(self, w: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``A_b [..., I, R]`` and ``B_b [..., R, O]``: the mixed skills, heads stacked."""
-        am, bm = self._mixed(w, a, b)               # [..., H, i, R], [..., H, R, o]
+        am, bm = self._mixed(w, a, b)               # [..., h, i, R], [..., h, R, o]
         *lead, h, i, r = am.shape
         o = bm.shape[-1]
         return am.reshape(*lead, h * i, r), jnp.moveaxis(bm, -3, -2).reshape(*lead, r, h * o)
 
     def hook_delta(self, path: str, x: jax.Array, y: jax.Array, ctx) -> jax.Array:
-        """``(x A_b) B_b / R`` per example: x ``[B, S, I]`` -> ``[B, S, O]``."""
+        """``(x A_b) B_b / R`` per example: x ``[B, L, I]`` -> ``[B, L, O]``."""
         p = ctx.params
         a, b = p[f"{path}/poly_a"], p[f"{path}/poly_b"]
         h, m = a.shape[0], a.shape[1]
-        z = jnp.take(p[f"{path}/router"], ctx.task_ids, axis=0, mode="clip").reshape(-1, h, m)   # [B, H, M]
+        z = jnp.take(p[f"{path}/router"], ctx.task_ids, axis=0, mode="clip").reshape(-1, h, m)   # [B, h, s]
         w = self.weights(z, ctx.rng_for(path))
         a_b, b_b = self._stacked(w, a, b)                                            # [B, I, R], [B, R, O]
-        low = jnp.einsum("BSI,BIR->BSR", x.astype(jnp.float32), a_b)
-        return jnp.einsum("BSR,BRO->BSO", low, b_b) / self.rank
+        low = jnp.einsum("BLI,BIR->BLR", x.astype(jnp.float32), a_b)
+        return jnp.einsum("BLR,BRO->BLO", low, b_b) / self.rank
 
     def merge(self, base: Params, adapter: Params) -> Params:
         """The base, unchanged: the update depends on the example's task (use
@@ -280,7 +280,7 @@ class MHRZ(_Skills):
 @register
 @dataclasses.dataclass(frozen=True)
 class MHRMu(_Skills):
-    """``adapter.method=mhr_mu``: few-shot, no router: constant skill weights ``1/M`` per
+    """``adapter.method=mhr_mu``: few-shot, no router: constant skill weights ``1/s`` per
     head (mttl's AverageSelector); skills from ``init.adapter_from``, fine-tuned. A
     parameter-space method: :meth:`merge` adds ``A_b B_b / R`` (the skill average) to
     the base weights, exactly; no task ids."""

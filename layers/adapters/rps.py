@@ -4,8 +4,8 @@ ROAST: Desai, Zhou and Shrivastava, "Efficient model compression with Random Ope
 Access Specific Tile (ROAST) hashing" (2022). STABLE-RPS: Desai and
 Shrivastava, "In defense of parameter sharing for model-compression" (ICLR 2024).
 
-Einsum letters: ``K`` rows of a weight's matrix view (every axis but its last, a leading
-expert axis included), ``N`` its columns (the last axis), ``n`` weights over all targets,
+Einsum letters: ``r`` rows of a weight's matrix view (every axis but its last, a leading
+expert axis included), ``c`` its columns (the last axis), ``n`` weights over all targets,
 ``m`` slots of the shared array.
 
 RPS trains a *compressed model from scratch*: every target weight (selected by
@@ -20,16 +20,16 @@ every non-target weight stay dense. Two index mappings (``adapter.rps_mapping``)
 
 - ``roast`` (Desai & Shrivastava, "Hardware-aware compression with random operation
   access specific tile (ROAST) hashing", ICML 2023): each weight is viewed as a matrix
-  ``[K, N]`` cut into ``BK×BN`` tiles (``adapter.rps_tile`` = BK = BN); tile ``(p, q)``
+  ``[r, c]`` cut into ``BK×BN`` tiles (``adapter.rps_tile`` = BK = BN); tile ``(p, q)``
   reads the contiguous slice ``M[start : start + BK·BN]`` row-major, with
   ``start = ((p·R3 + q·R2 + R1) mod R0) mod (m − BK·BN)``, ``R0`` = P (below). Sharing is
   global: ``p`` counts tile rows over all targets stacked one below the other, so every
-  layer hashes into the same ``M``. Edge tiles (``K`` or ``N`` not a multiple of the tile)
+  layer hashes into the same ``M``. Edge tiles (``r`` or ``c`` not a multiple of the tile)
   use the leading part of their slice: element ``(r, s)`` of a tile reads
   ``start + r·BN + s``. The view is read off the shape alone (``merge`` sees the base
   without logical names): it is ``(d_in, d_out)`` for 2-axis weights, attention ``o``
-  ``[H, K, D]`` and stacked experts ``[E, D, F]`` (each expert's rows in turn), but
-  ``(D·H, K)`` rather than ``(D, H·K)`` for ``q``/``k``/``v`` ``[D, H, K]``.
+  ``[H, A, D]`` and stacked experts ``[E, D, F]`` (each expert's rows in turn), but
+  ``(D·H, A)`` rather than ``(D, H·A)`` for ``q``/``k``/``v`` ``[D, H, A]``.
 - ``stable`` (STABLE-RPS, Desai, Zhou & Shrivastava, "In defense of parameter sharing for
   model-compression", ICLR 2024; "RandomFold", ``ParetoCyclicMapper``): the global index
   is folded onto ``M``: ``h(i) = (hash(⌊i/m⌋) + (i mod m)) mod m``. Each fold is a cyclic
@@ -159,7 +159,7 @@ def _seeds(seed: int) -> dict[str, Any]:
 class Slab:
     """One target in the global layout: its flat weights are global indices
     ``[offset, offset + size)``; its ROAST tile rows are global rows
-    ``[row_tile_offset, row_tile_offset + ceil(K/BK))``."""
+    ``[row_tile_offset, row_tile_offset + ceil(r/BK))``."""
 
     path: str
     shape: tuple[int, ...]
@@ -171,11 +171,11 @@ class Slab:
         return math.prod(self.shape)
 
     @property
-    def rows(self) -> int:          # K: every axis but the last
+    def rows(self) -> int:          # r: every axis but the last
         return math.prod(self.shape[:-1])
 
     @property
-    def cols(self) -> int:          # N: the last axis
+    def cols(self) -> int:          # c: the last axis
         return self.shape[-1]
 
 
@@ -268,7 +268,7 @@ class RPS(Adapter):
         q = jnp.arange(nt, dtype=jnp.uint32)
         start = ((mulmod_const(r3, p)[:, None] + mulmod_const(r2, q)[None, :]) % P + r1 % P) % P
         start = start % (m - bk * bn)                                          # [Kt, Nt]
-        start = jnp.repeat(jnp.repeat(start, bk, axis=0), bn, axis=1)[:slab.rows, :slab.cols]   # [K, N]
+        start = jnp.repeat(jnp.repeat(start, bk, axis=0), bn, axis=1)[:slab.rows, :slab.cols]   # [r, c]
         r = jnp.arange(slab.rows, dtype=jnp.uint32) % bk
         s = jnp.arange(slab.cols, dtype=jnp.uint32) % bn
         h = start + r[:, None] * bn + s[None, :]

@@ -1,7 +1,7 @@
 """Dropless dispatch (MegaBlocks-style): sort token copies by expert, grouped matmul, unsort.
 
 Einsum letters: ``T`` tokens, ``D`` embed, ``F`` expert_mlp, ``E`` experts, ``K`` experts per
-token, ``M`` rows of a grouped matmul (token copies), ``N`` expert shards.
+token, ``X`` rows of a grouped matmul (token copies), ``N`` expert shards.
 
   scatter-add back. Sharded like the capacity buffers.
 * :func:`dropless_moe` (MegaBlocks-style dropless MoE): token copies sorted by expert,
@@ -40,19 +40,19 @@ Params = Mapping[str, Array]
 
 def _sorted_expert_ffn(rows: Array, ids: Array, num_experts: int, params: Params, *,
                        expert_type: str, gmm) -> Array:
-    """Experts on unsorted rows ``[M, D]`` with expert ids ``[M]`` (``>= E``: none).
+    """Experts on unsorted rows ``[X, D]`` with expert ids ``[X]`` (``>= E``: none).
 
     Sorts the rows by expert, runs the grouped matmul, unsorts; rows without an expert
     get 0.
     """
     ids = jnp.where((ids < 0) | (ids >= num_experts), num_experts, ids).astype(jnp.int32)
-    perm = jnp.argsort(ids, stable=True)  # [M]
+    perm = jnp.argsort(ids, stable=True)  # [X]
     inv = invert_permutation(perm)
     group_sizes = jnp.zeros((num_experts,), jnp.int32).at[ids].add(1, mode="drop")  # [E]
-    sorted_rows = take_rows(rows, perm, inv)  # [M, D]
+    sorted_rows = take_rows(rows, perm, inv)  # [X, D]
     out = ffn_grouped(sorted_rows, group_sizes, params, expert_type=expert_type, gmm=gmm)
     out = jnp.where((ids[perm] < num_experts)[:, None], out, jnp.zeros((), out.dtype))
-    return take_rows(out, inv, perm)  # [M, D]
+    return take_rows(out, inv, perm)  # [X, D]
 
 
 def _combine(copies: Array, weights: Array, out_dtype) -> Array:
@@ -93,31 +93,31 @@ def _dropless_all_to_all(x: Array, indices: Array, weights: Array, params: Param
     n = num_shards
     e_local = num_experts // n
     ids = indices.reshape(-1)
-    ids = jnp.where(ids < 0, num_experts, ids).astype(jnp.int32)  # [M]; E = none
+    ids = jnp.where(ids < 0, num_experts, ids).astype(jnp.int32)  # [X]; E = none
     perm = jnp.argsort(ids, stable=True)
     inv = invert_permutation(perm)
-    sorted_ids = ids[perm]  # [M]
+    sorted_ids = ids[perm]  # [X]
     copies = jnp.broadcast_to(x[:, None, :], (t, k, d)).reshape(m, d)
-    rows = take_rows(copies, perm, inv)  # [M, D] sorted by expert
+    rows = take_rows(copies, perm, inv)  # [X, D] sorted by expert
 
-    dest = sorted_ids // e_local  # [M]; N = none
+    dest = sorted_ids // e_local  # [X]; N = none
     counts = jnp.zeros((n,), jnp.int32).at[dest].add(1, mode="drop")  # [N]
     starts = jnp.cumsum(counts) - counts
     r = jnp.arange(m, dtype=jnp.int32)
-    slot = jnp.where(dest < n, dest * m + r - starts[jnp.minimum(dest, n - 1)], n * m)  # [M]
-    src = jnp.full((n * m,), m, jnp.int32).at[slot].set(r, mode="drop")  # [N·M]
-    send = take_rows(rows, src, slot).reshape(n, m, d)  # [N, M, D]
+    slot = jnp.where(dest < n, dest * m + r - starts[jnp.minimum(dest, n - 1)], n * m)  # [X]
+    src = jnp.full((n * m,), m, jnp.int32).at[slot].set(r, mode="drop")  # [N·X]
+    send = take_rows(rows, src, slot).reshape(n, m, d)  # [N, X, D]
     send_ids = jnp.full((n * m,), e_local, jnp.int32).at[slot].set(
-        sorted_ids - dest * e_local, mode="drop").reshape(n, m)  # [N, M] local expert id
+        sorted_ids - dest * e_local, mode="drop").reshape(n, m)  # [N, X] local expert id
 
     axis = expert_axes if len(expert_axes) > 1 else expert_axes[0]
-    recv = jax.lax.all_to_all(send, axis, 0, 0)  # [N, M, D]: block i came from shard i
+    recv = jax.lax.all_to_all(send, axis, 0, 0)  # [N, X, D]: block i came from shard i
     recv_ids = jax.lax.all_to_all(send_ids, axis, 0, 0)
     out = _sorted_expert_ffn(recv.reshape(n * m, d), recv_ids.reshape(-1), e_local, params,
-                             expert_type=expert_type, gmm=gmm)  # [N·M, D]
+                             expert_type=expert_type, gmm=gmm)  # [N·X, D]
     back = jax.lax.all_to_all(out.reshape(n, m, d), axis, 0, 0).reshape(n * m, d)
-    out_sorted = take_rows(back, slot, src)  # [M, D]
-    out_copies = take_rows(out_sorted, inv, perm)  # [M, D] in (t, k) order
+    out_sorted = take_rows(back, slot, src)  # [X, D]
+    out_copies = take_rows(out_sorted, inv, perm)  # [X, D] in (t, k) order
     return _combine(out_copies.reshape(t, k, d), weights, x.dtype)
 
 
@@ -133,9 +133,9 @@ def _dropless_ragged(x: Array, indices: Array, weights: Array, params: Params, *
 
     ``x [T, D]``, ``indices/weights [T, K]`` are this shard's tokens, ``params`` its
     ``E/N`` experts, ``exchange`` :func:`ragged_exchange` or
-    :func:`ragged_exchange_emulated`. With ``M = T·K`` copies per shard:
+    :func:`ragged_exchange_emulated`. With ``X = T·K`` copies per shard:
 
-    1. Copies sorted by expert (hence by destination shard): ``rows [M, D]``; counts per
+    1. Copies sorted by expert (hence by destination shard): ``rows [X, D]``; counts per
        global expert ``[E]``, all-gathered over the expert axes into ``c [N, E]``
        (``c[i, e]``: rows shard ``i`` sends expert ``e``), viewed as ``[N, N, E/N]``
        (sender, receiver, local expert). Only these counts travel besides the rows.
@@ -143,7 +143,7 @@ def _dropless_ragged(x: Array, indices: Array, weights: Array, params: Params, *
        ``j``'s experts, ``input_offsets`` their start in ``rows``, ``output_offsets[j]``
        the rows earlier senders send ``j`` (where my slice lands there),
        ``recv_sizes[i]`` what shard ``i`` sends me.
-    3. The receive buffer has ``N·M`` rows, the worst case (every shard sends me all its
+    3. The receive buffer has ``N·X`` rows, the worst case (every shard sends me all its
        copies), so nothing is ever dropped; it holds sender 0's slice, sender 1's, ...,
        each sorted by local expert, then an empty tail. From ``c`` alone each row's
        expert-major position follows (counting sort: block ``(i, l)`` of sender ``i``
@@ -166,11 +166,11 @@ def _dropless_ragged(x: Array, indices: Array, weights: Array, params: Params, *
     r_buf = n * m                                                      # receive buffer rows
     axis = expert_axes if len(expert_axes) > 1 else expert_axes[0]
     ids = indices.reshape(-1)
-    ids = jnp.where(ids < 0, num_experts, ids).astype(jnp.int32)      # [M]; E = none
+    ids = jnp.where(ids < 0, num_experts, ids).astype(jnp.int32)      # [X]; E = none
     perm = jnp.argsort(ids, stable=True)
     inv = invert_permutation(perm)
     copies = jnp.broadcast_to(x[:, None, :], (t, k, d)).reshape(m, d)
-    rows = take_rows(copies, perm, inv)                                 # [M, D] sorted by expert
+    rows = take_rows(copies, perm, inv)                                 # [X, D] sorted by expert
 
     counts = jnp.zeros((num_experts,), jnp.int32).at[ids].add(1, mode="drop")  # [E]
     c = jax.lax.all_gather(counts, axis).reshape(n, n, el)             # [sender, receiver, local expert]
@@ -187,7 +187,7 @@ def _dropless_ragged(x: Array, indices: Array, weights: Array, params: Params, *
     # output argument, and shard_map must see them varying over the mesh axes as the rows
     # do (a plain jnp.zeros varies over none, and the backward pass fails its type check).
     recv = exchange(rows, jnp.zeros_like(rows, shape=(r_buf, d)), input_offsets, send_sizes,
-                    output_offsets, recv_sizes, axis)                   # [N·M, D] sender-major
+                    output_offsets, recv_sizes, axis)                   # [N·X, D] sender-major
     cm = jnp.take(c, me, axis=1)                                       # [N, E/N] what sender i sends my expert l
     group_sizes = jnp.sum(cm, axis=0)                                  # [E/N]
     if el > 1:
@@ -196,19 +196,19 @@ def _dropless_ragged(x: Array, indices: Array, weights: Array, params: Params, *
         starts_sm = ends_sm - sizes_sm
         starts_em = _exclusive_cumsum(cm.T.reshape(-1)).reshape(el, n).T.reshape(-1)  # same blocks, expert-major
         p = jnp.arange(r_buf, dtype=jnp.int32)
-        b = jnp.searchsorted(ends_sm, p, side="right").astype(jnp.int32)  # [N·M] block; N·el = tail
+        b = jnp.searchsorted(ends_sm, p, side="right").astype(jnp.int32)  # [N·X] block; N·el = tail
         bc = jnp.minimum(b, n * el - 1)
-        dst = jnp.where(b < n * el, starts_em[bc] + p - starts_sm[bc], r_buf)  # [N·M] expert-major row
+        dst = jnp.where(b < n * el, starts_em[bc] + p - starts_sm[bc], r_buf)  # [N·X] expert-major row
         src = jnp.full((r_buf,), r_buf, jnp.int32).at[dst].set(p, mode="drop")
-        buf = take_rows(recv, src, dst)                                # [N·M, D] expert-major
+        buf = take_rows(recv, src, dst)                                # [N·X, D] expert-major
         out = ffn_grouped(buf, group_sizes, params, expert_type=expert_type, gmm=gmm)
-        out = take_rows(out, dst, src)                                 # [N·M, D] sender-major
+        out = take_rows(out, dst, src)                                 # [N·X, D] sender-major
     else:
         out = ffn_grouped(recv, group_sizes, params, expert_type=expert_type, gmm=gmm)
 
     back = exchange(out, jnp.zeros_like(out, shape=(m, d)), recv_offsets, recv_sizes,
-                    back_offsets, send_sizes, axis)                     # [M, D] sorted by expert
-    out_copies = take_rows(back, inv, perm)                             # [M, D] in (t, k) order
+                    back_offsets, send_sizes, axis)                     # [X, D] sorted by expert
+    out_copies = take_rows(back, inv, perm)                             # [X, D] in (t, k) order
     return _combine(out_copies.reshape(t, k, d), weights, x.dtype)
 
 

@@ -2,7 +2,7 @@
 
 Einsum letters: ``B`` batch, ``L`` length, ``T`` tokens (``B·L``), ``D`` embed, ``F``
 hidden width of an FFN (``expert_dim`` for the big one, ``small_dim`` for the small one),
-``O`` options (3: big, small, skip).
+``w`` options (3: big, small, skip), ``Z`` MoE layers of the model.
 
 Duo-LLM (Alizadeh, Mirzadeh, Shahrokhi, Belenko, Sun, Cho, Sekhavat, Nabi, Farajtabar
 2024, "Duo-LLM: A Framework for Studying Adaptive Computation in Large Language Models",
@@ -16,7 +16,7 @@ paper's three stages map onto this library as follows:
    network learns to work under any route;
 2. **oracle** (:func:`routezoo.zoo.duo.oracle_routes`): the best route of each token
    under a compute budget, by exhaustive search over routes given from outside;
-3. **trained router** (``moe.duo_mode='router'``): a learned linear router ``D -> O`` per
+3. **trained router** (``moe.duo_mode='router'``): a learned linear router ``D -> w`` per
    layer picks the option (argmax; ``moe.duo_router_sample``: sampled in training).
 
 :class:`DuoFFN` is what :func:`routezoo.layers.moe.block.moe_from_config` builds when
@@ -121,7 +121,7 @@ class DuoRouter(Router):
     * evaluation: ``eval_route`` (``'auto'``: ``'big'`` in random mode, ``'router'`` in
       router mode); ``'router'`` is the argmax with the straight-through weight.
 
-    ``p = softmax(x W)`` with the float32 kernel ``W`` ``[D, O]`` (``kernel``, logical names
+    ``p = softmax(x W)`` with the float32 kernel ``W`` ``[D, w]`` (``kernel``, logical names
     ``('embed', None)``, Switch's init), created in every mode so that a router run can
     start from a random-routing run's parameters. In router mode ``losses`` holds
     ``duo_cost = cost_coef · mean_T Σ_o p_o cost_o`` (when ``cost_coef > 0``) and ``stats``
@@ -177,8 +177,8 @@ class DuoRouter(Router):
             raise ValueError(f"duo router: num_experts must be {len(OPTIONS)} (big, small, skip)")
         num_tokens = x.shape[0]
         _num_groups(num_tokens, group_size)
-        logits = self.router_logits(x, deterministic)  # [T, O] float32
-        p = jax.nn.softmax(logits, axis=-1)  # [T, O]
+        logits = self.router_logits(x, deterministic)  # [T, w] float32
+        p = jax.nn.softmax(logits, axis=-1)  # [T, w]
         ones = jnp.ones((num_tokens,), jnp.float32)
         source = "given" if routes is not None else None
         if source is None and not deterministic:
@@ -193,7 +193,7 @@ class DuoRouter(Router):
                 raise ValueError(f"duo router: {choice.shape[0]} routes for {num_tokens} tokens")
             weight = ones
         elif source == "random":
-            log_probs = jnp.log(jnp.asarray(self.probs, jnp.float32))  # [O]; log 0 = -inf: never drawn
+            log_probs = jnp.log(jnp.asarray(self.probs, jnp.float32))  # [w]; log 0 = -inf: never drawn
             choice = jax.random.categorical(self.make_rng("router"), log_probs, shape=(num_tokens,))
             weight = ones
         elif source == "router":
@@ -208,14 +208,14 @@ class DuoRouter(Router):
             weight = ones
         choice = choice.astype(jnp.int32)
 
-        costs = jnp.asarray(self.costs, jnp.float32)  # [O]
-        onehot = jax.nn.one_hot(choice, len(OPTIONS), dtype=jnp.float32)  # [T, O]
-        frac = jnp.mean(onehot, axis=0)  # [O]
+        costs = jnp.asarray(self.costs, jnp.float32)  # [w]
+        onehot = jax.nn.one_hot(choice, len(OPTIONS), dtype=jnp.float32)  # [T, w]
+        frac = jnp.mean(onehot, axis=0)  # [w]
         stats = {f"frac_{name}": frac[i] for i, name in enumerate(OPTIONS)}
         stats["cost"] = jnp.sum(frac * costs)
         losses = {}
         if self.mode == "router":
-            expected = jnp.mean(jnp.einsum("TO,O->T", p, costs))
+            expected = jnp.mean(jnp.einsum("Tw,w->T", p, costs))
             if self.cost_coef > 0:
                 losses["duo_cost"] = self.cost_coef * expected
             stats["expected_cost"] = expected
@@ -243,7 +243,7 @@ class DuoRouter(Router):
     @classmethod
     def model_routing(cls, model_cfg: Any, *, tokens: Array, positions: Array, routes: Array | None,
                       num_moe_layers: int, dtype: Any, param_dtype: Any) -> ModelRouting:
-        """The model's ``routes`` int32 ``[M, B, L]`` (0 big, 1 small, 2 skip), one ``[B·L]``
+        """The model's ``routes`` int32 ``[Z, B, L]`` (0 big, 1 small, 2 skip), one ``[B·L]``
         slice per Duo layer; ``None``: each layer decides. One-line ``ValueError`` for
         another shape."""
         b, l = tokens.shape
@@ -278,7 +278,7 @@ class DuoRouter(Router):
 
 
 class _FixedRoutes(ModelRouting):
-    """Options fixed from outside the model, int32 ``[M, B, L]``, or ``None``."""
+    """Options fixed from outside the model, int32 ``[Z, B, L]``, or ``None``."""
 
     def __init__(self, routes: Array | None) -> None:
         self.routes = routes

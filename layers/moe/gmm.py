@@ -1,13 +1,14 @@
 """Expert feed-forward maths and the grouped-matmul backends of dropless dispatch.
 
-Einsum letters: ``M`` rows of a grouped matmul (token copies, sorted by expert), ``D`` embed,
-``F`` expert_mlp, ``E`` experts, ``G`` routing groups, ``C`` capacity.
+Einsum letters: ``X`` rows of a grouped matmul (token copies, sorted by expert), ``D`` embed,
+``F`` expert_mlp, ``E`` experts, ``G`` routing groups, ``C`` capacity, ``k`` blocks of rows of
+:func:`gmm_blocked`, ``x`` its padded rows.
 
 Experts are given as a dict of stacked weights (already in the compute dtype):
 ``wi`` ``[E, D, F]``, ``wo`` ``[E, F, D]`` and, for SwiGLU, ``wi_gate`` ``[E, D, F]``;
 their logical axis names are :data:`EXPERT_PARAM_NAMES`.
 
-A grouped matmul ``gmm(lhs [M, D], rhs [E, D, F], group_sizes [E]) -> [M, F]`` multiplies
+A grouped matmul ``gmm(lhs [X, D], rhs [E, D, F], group_sizes [E]) -> [X, F]`` multiplies
 each expert's consecutive block of rows by that expert's weight. :data:`GMM_BACKENDS`
 names the implementations; :func:`resolve_gmm_backend` picks one per platform for
 ``'auto'`` (``moe.gmm_backend``).
@@ -57,9 +58,9 @@ def ffn_batched(buf: Array, params: Params, *, expert_type: str) -> Array:
 
 
 def gmm_ragged_dot(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
-    """Grouped matmul ``[M, D] x [E, D, F] -> [M, F]`` with ``jax.lax.ragged_dot``.
+    """Grouped matmul ``[X, D] x [E, D, F] -> [X, F]`` with ``jax.lax.ragged_dot``.
 
-    Rows ``sum(group_sizes)..M`` are unspecified; callers mask them.
+    Rows ``sum(group_sizes)..X`` are unspecified; callers mask them.
     """
     out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
     return out.astype(lhs.dtype)
@@ -69,22 +70,22 @@ def gmm_dense(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
     """Reference grouped matmul: every expert on every row, then a mask (tests only)."""
     num_groups = rhs.shape[0]
     ends = jnp.cumsum(group_sizes)
-    row_group = jnp.searchsorted(ends, jnp.arange(lhs.shape[0]), side="right")  # [M], E = none
-    mask = jax.nn.one_hot(row_group, num_groups, dtype=jnp.float32)  # [M, E]
-    out = jnp.einsum("MD,EDF->MEF", lhs, rhs, preferred_element_type=jnp.float32)
-    return jnp.einsum("MEF,ME->MF", out, mask).astype(lhs.dtype)
+    row_group = jnp.searchsorted(ends, jnp.arange(lhs.shape[0]), side="right")  # [X], E = none
+    mask = jax.nn.one_hot(row_group, num_groups, dtype=jnp.float32)  # [X, E]
+    out = jnp.einsum("XD,EDF->XEF", lhs, rhs, preferred_element_type=jnp.float32)
+    return jnp.einsum("XEF,XE->XF", out, mask).astype(lhs.dtype)
 
 
 def gmm_blocked(lhs: Array, rhs: Array, group_sizes: Array, block: int | None = None) -> Array:
     """Grouped matmul as one batched matmul over fixed-size row blocks (plain XLA).
 
-    Each expert's rows are padded to a multiple of ``block`` (``P`` rows in all, at most
-    ``M + E·(block - 1)``), so every block of ``block`` rows belongs to one expert; the
-    blocks are multiplied by their expert's weight: ``[B, block, D] x [B, D, F]``. The
+    Each expert's rows are padded to a multiple of ``block`` (``x`` rows in all, at most
+    ``X + E·(block - 1)``), so every block of ``block`` rows belongs to one expert; the
+    blocks are multiplied by their expert's weight: ``[k, block, D] x [k, D, F]``. The
     per-block weights come from a one-hot einsum over experts (its transpose is again an
     einsum, not a scatter-add), and rows move with :func:`take_rows` (gathers both ways).
     The default ``block`` keeps the padding under about a quarter of the rows; the price
-    is the ``[B, D, F]`` per-block weights, which is why a kernel beats this on GPUs.
+    is the ``[k, D, F]`` per-block weights, which is why a kernel beats this on GPUs.
     Rows past ``sum(group_sizes)`` come back as 0.
     """
     m, d = lhs.shape
@@ -97,17 +98,17 @@ def gmm_blocked(lhs: Array, rhs: Array, group_sizes: Array, block: int | None = 
     pad_start = jnp.cumsum(padded) - padded                        # [E]
     ends = jnp.cumsum(group_sizes)
     row = jnp.arange(m)
-    g = jnp.searchsorted(ends, row, side="right")                  # [M]; E = past the end
+    g = jnp.searchsorted(ends, row, side="right")                  # [X]; E = past the end
     gc = jnp.minimum(g, e - 1)
-    dest = jnp.where(g < e, pad_start[gc] + row - (ends[gc] - group_sizes[gc]), p)  # [M] -> [P]
-    src = jnp.full((p,), m, dest.dtype).at[dest].set(row.astype(dest.dtype), mode="drop")  # [P] -> [M]
-    x = take_rows(lhs, src, dest)                                  # [P, D]
+    dest = jnp.where(g < e, pad_start[gc] + row - (ends[gc] - group_sizes[gc]), p)  # [X] -> [x]
+    src = jnp.full((p,), m, dest.dtype).at[dest].set(row.astype(dest.dtype), mode="drop")  # [x] -> [X]
+    x = take_rows(lhs, src, dest)                                  # [x, D]
     block_expert = jnp.minimum(
         jnp.searchsorted(jnp.cumsum(padded), jnp.arange(nb) * block, side="right"), e - 1)
-    w = jnp.einsum("BE,EDF->BDF", jax.nn.one_hot(block_expert, e, dtype=rhs.dtype), rhs)
-    y = jnp.einsum("BRD,BDF->BRF", x.reshape(nb, block, d), w,
+    w = jnp.einsum("kE,EDF->kDF", jax.nn.one_hot(block_expert, e, dtype=rhs.dtype), rhs)
+    y = jnp.einsum("kXD,kDF->kXF", x.reshape(nb, block, d), w,
                    preferred_element_type=jnp.float32).astype(lhs.dtype).reshape(p, -1)
-    return take_rows(y, dest, src)                                 # [M, F]
+    return take_rows(y, dest, src)                                 # [X, F]
 
 
 def gmm_pallas(lhs: Array, rhs: Array, group_sizes: Array) -> Array:
@@ -149,7 +150,7 @@ def resolve_gmm_backend(name: str) -> Callable[[Array, Array, Array], Array]:
 
     ``auto``: ``blocked`` on CPU (XLA:CPU lowers ``ragged_dot`` to a masked matmul over
     every expert, E times the work), ``pallas`` on NVIDIA GPUs (XLA:GPU lowers
-    ``ragged_dot`` to dense ``[E, M, D]`` buffers: out of memory at real sizes; see
+    ``ragged_dot`` to dense ``[E, X, D]`` buffers: out of memory at real sizes; see
     BENCHMARKS.md), ``megablox`` on TPU (the kernels MaxText's dropless MoE uses; not
     measured here), ``ragged_dot`` elsewhere.
     """
@@ -163,10 +164,10 @@ def resolve_gmm_backend(name: str) -> Callable[[Array, Array, Array], Array]:
 
 def ffn_grouped(rows: Array, group_sizes: Array, params: Params, *, expert_type: str,
                 gmm: Callable[[Array, Array, Array], Array]) -> Array:
-    """Experts on rows sorted by expert: ``[M, D] -> [M, D]`` (``group_sizes`` ``[E]``)."""
-    h = gmm(rows, params["wi"], group_sizes)  # [M, F]
+    """Experts on rows sorted by expert: ``[X, D] -> [X, D]`` (``group_sizes`` ``[E]``)."""
+    h = gmm(rows, params["wi"], group_sizes)  # [X, F]
     g = gmm(rows, params["wi_gate"], group_sizes) if expert_type == "swiglu" else None
-    return gmm(_activation(h, g, expert_type), params["wo"], group_sizes)  # [M, D]
+    return gmm(_activation(h, g, expert_type), params["wo"], group_sizes)  # [X, D]
 
 
 # ------------------------------------------------------------------ row moves

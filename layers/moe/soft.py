@@ -2,20 +2,21 @@
 Mixtures of Experts"): experts process *slots*, weighted mixtures of all tokens of a group.
 
 Einsum letters: ``B`` batch, ``L`` length, ``T`` tokens (``B·L``), ``D`` embed, ``F``
-expert_mlp, ``E`` experts, ``S`` slots per expert, ``G`` routing groups, ``M`` tokens per
-group (``T = G·M``; one group per sequence by default, so ``G = B`` and ``M = L``).
+expert_mlp, ``E`` experts, ``C`` capacity (slots per expert and group), ``G`` routing
+groups, ``S`` tokens per group (``T = G·S``; one group per sequence by default, so ``G = B``
+and ``S = L``).
 
-Per group, with token states ``X [M, D]`` and the learned slot parameters ``Phi [D, E, S]``
-(the paper's ``Phi [D, E·S]`` with its slot axis split into experts and slots):
+Per group, with token states ``X [S, D]`` and the learned slot parameters ``Phi [D, E, C]``
+(the paper's ``Phi [D, E·C]`` with its slot axis split into experts and slots):
 
-* logits ``= X Phi`` ``[M, E, S]``; with ``normalize`` (the default) ``X`` is L2-normalised
+* logits ``= X Phi`` ``[S, E, C]``; with ``normalize`` (the default) ``X`` is L2-normalised
   over ``D`` per token, each slot's ``Phi[:, e, s]`` over ``D``, and the product is
   multiplied by a learned scalar ``scale`` (initialised to 1);
-* dispatch weights ``= softmax over M`` (tokens): each slot is a convex mix of its group's
-  tokens, ``X~[e, s] = sum_m dispatch[m, e, s] · X[m]`` ``[E, S, D]``;
+* dispatch weights ``= softmax over S`` (tokens): each slot is a convex mix of its group's
+  tokens, ``X~[e, s] = sum_m dispatch[m, e, s] · X[m]`` ``[E, C, D]``;
 * every expert ``e`` (stacked :class:`~routezoo.layers.moe.block.Experts`, the same MLP maths
-  as the sparse MoE) processes its ``S`` slots: ``Y~[e] = f_e(X~[e])``;
-* combine weights ``= softmax over (E, S)`` (slots): each token's output is a convex mix
+  as the sparse MoE) processes its ``C`` slots: ``Y~[e] = f_e(X~[e])``;
+* combine weights ``= softmax over (E, C)`` (slots): each token's output is a convex mix
   of all slot outputs, ``Y[m] = sum_{e,s} combine[m, e, s] · Y~[e, s]``.
 
 Nothing is dropped and there is no auxiliary loss (the paper uses none). Every slot mixes
@@ -31,11 +32,11 @@ Choices and deviations (documented, check them before comparing with the paper):
   router) always applies it. ``normalize=False`` gives the plain ``X Phi`` logits.
   The scale multiplies the logits; the authors' code multiplies whichever of ``X`` /
   ``Phi`` is smaller, which is the same product.
-* ``slots_per_expert = 0`` (the default) derives ``S = max(1, round(M / E))`` from the
-  group size, so the total number of slots ``E·S`` is about the number of tokens, as
+* ``slots_per_expert = 0`` (the default) derives ``C = max(1, round(S / E))`` from the
+  group size, so the total number of slots ``E·C`` is about the number of tokens, as
   the authors' code does by default (its ``capacity_factor`` 1.0, rounded). ``Phi``'s
-  shape then depends on ``M``: a model initialised at one length runs only at lengths
-  with the same ``S``; set ``slots_per_expert`` to fix it.
+  shape then depends on ``S``: a model initialised at one length runs only at lengths
+  with the same ``C``; set ``slots_per_expert`` to fix it.
 * ``Phi`` is initialised as the other router kernels here (truncated normal, fan-in
   variance times ``init_scale``); vmoe uses LeCun normal. With ``normalize`` only its
   direction matters.
@@ -49,15 +50,15 @@ Choices and deviations (documented, check them before comparing with the paper):
   larger than ``L`` mixes several sequences, one smaller splits each sequence. Padding
   tokens are ordinary tokens here (the models have no padding mask).
 
-Sharding: slots ``[G, E, S, D]`` are built with ``G`` on the batch mesh axes, moved so
+Sharding: slots ``[G, E, C, D]`` are built with ``G`` on the batch mesh axes, moved so
 ``E`` is on ``expert`` (``act_expert``, XLA inserts the all-to-all), processed there by
 the expert-sharded weights, and moved back, as the capacity buffers of the sparse MoE.
 
 Statistics (``aux['stats']``): ``load`` ``[E]`` (share of the tokens' combine weight that
 goes to each expert's slots, sums to 1), ``dispatch_entropy`` (mean over slots of the
-entropy, in nats, of its weights over the ``M`` tokens; ``log M`` = uniform mix),
-``combine_entropy`` (mean over tokens, over the ``E·S`` slots; ``log E·S`` = uniform),
-``slot_load_max`` (the busiest slot's share of the combine weight times ``E·S``; 1 =
+entropy, in nats, of its weights over the ``S`` tokens; ``log S`` = uniform mix),
+``combine_entropy`` (mean over tokens, over the ``E·C`` slots; ``log E·C`` = uniform),
+``slot_load_max`` (the busiest slot's share of the combine weight times ``E·C``; 1 =
 every slot used equally), ``dispatch_max`` / ``combine_max`` (mean largest weight of a
 slot / of a token), ``slots_per_expert``.
 """
@@ -84,7 +85,7 @@ Dtype = Any
 
 
 def slots_per_expert(tokens_per_group: int, num_experts: int, slots: int = 0) -> int:
-    """``S``: ``slots`` if > 0, else ``max(1, round(M / E))`` (rounded half up)."""
+    """``C``: ``slots`` if > 0, else ``max(1, round(S / E))`` (rounded half up)."""
     if slots > 0:
         return int(slots)
     return max(1, int(tokens_per_group / num_experts + 0.5))
@@ -100,11 +101,11 @@ def _entropy(p: Array, axis) -> Array:
 
 @struct.dataclass
 class SoftRouting:
-    """Soft MoE weights of ``G`` groups of ``M`` tokens (a pytree).
+    """Soft MoE weights of ``G`` groups of ``S`` tokens (a pytree).
 
     Attributes:
-      dispatch: float32 ``[G, M, E, S]``, sums to 1 over ``M`` for every slot.
-      combine: float32 ``[G, M, E, S]``, sums to 1 over ``(E, S)`` for every token.
+      dispatch: float32 ``[G, S, E, C]``, sums to 1 over ``S`` for every slot.
+      combine: float32 ``[G, S, E, C]``, sums to 1 over ``(E, C)`` for every token.
       stats: statistics by name (see the module docstring).
     """
 
@@ -120,7 +121,7 @@ class SoftRouter(Router):
     It is a :class:`~routezoo.layers.routers.base.Router` for the registry and the config
     checks (``moe.router='soft'``, ``causal = False``), but it returns a
     :class:`SoftRouting`, not a ``Routing``: only :class:`SoftMoE` consumes it.
-    Parameters: ``phi`` ``[D, E, S]`` (logical ``('embed', None, None)``), with
+    Parameters: ``phi`` ``[D, E, C]`` (logical ``('embed', None, None)``), with
     ``normalize`` also ``scale`` (a scalar). ``z_loss_coef`` is not used (no losses).
     """
 
@@ -157,11 +158,11 @@ class SoftRouter(Router):
         if self.normalize:
             scale = self.param("scale", sharding.param(nn.initializers.ones, ()), (), jnp.float32)
             x = _l2_normalize(x, axis=-1)  # [T, D]
-            phi = _l2_normalize(phi, axis=0) * scale  # [D, E, S]
-        logits = jnp.einsum("GMD,DES->GMES", x.reshape(g, m, d), phi,
-                            precision=jax.lax.Precision.HIGHEST)  # [G, M, E, S]
+            phi = _l2_normalize(phi, axis=0) * scale  # [D, E, C]
+        logits = jnp.einsum("GSD,DEC->GSEC", x.reshape(g, m, d), phi,
+                            precision=jax.lax.Precision.HIGHEST)  # [G, S, E, C]
         logits = sharding.constrain(logits, ("batch", "length", None, None))
-        dispatch = jax.nn.softmax(logits, axis=1)  # over the M tokens of each group
+        dispatch = jax.nn.softmax(logits, axis=1)  # over the S tokens of each group
         combine = jax.nn.softmax(logits.reshape(g, m, e * s), axis=-1).reshape(g, m, e, s)  # over slots
 
         stats = {
@@ -177,8 +178,8 @@ class SoftRouter(Router):
 
     @classmethod
     def active_expert_fraction(cls, moe_cfg: Any, seq_len: int | None = None) -> float:
-        """``S / M``: the ``E·S`` slots of a group of ``M`` tokens cost ``E·S/M`` experts per
-        token (``M`` = ``moe.group_size`` or ``seq_len``; without either, ``1 / E``)."""
+        """``C / S``: the ``E·C`` slots of a group of ``S`` tokens cost ``E·C/S`` experts per
+        token (``S`` = ``moe.group_size`` or ``seq_len``; without either, ``1 / E``)."""
         m = int(moe_cfg.group_size) or seq_len
         e = int(moe_cfg.num_experts)
         return slots_per_expert(m, e, int(moe_cfg.soft_slots_per_expert)) / m if m else 1.0 / e
@@ -218,8 +219,8 @@ class SoftMoE(nn.Module):
       num_experts: ``E``.
       expert_dim: hidden width ``F`` of each expert.
       router: a :class:`SoftRouter` (adopted as submodule ``router``); ``None``: a default
-        one (``S`` derived, normalised logits).
-      group_size: tokens per routing group ``M``; 0 = one group per sequence.
+        one (``C`` derived, normalised logits).
+      group_size: tokens per routing group ``S``; 0 = one group per sequence.
       expert_type: ``'swiglu'`` or ``'gelu'``.
       d_model: if set, the input width must equal it.
       dtype / param_dtype: expert compute dtype / parameter dtype.
@@ -260,16 +261,16 @@ class SoftMoE(nn.Module):
         xg = sharding.constrain(x.astype(self.dtype).reshape(g, m, d), ("batch", "length", "act_embed"))
 
         # slots: convex mixes of each group's tokens, built where the group lives
-        slots = jnp.einsum("GMES,GMD->GESD", routing.dispatch.astype(self.dtype), xg,
-                           preferred_element_type=jnp.float32).astype(self.dtype)  # [G, E, S, D]
+        slots = jnp.einsum("GSEC,GSD->GECD", routing.dispatch.astype(self.dtype), xg,
+                           preferred_element_type=jnp.float32).astype(self.dtype)  # [G, E, C, D]
         by_group = ("batch", None, "capacity", "act_embed")
         by_expert = ("batch", "act_expert", "capacity", "act_embed")
         slots = constrain_expert_parallel(sharding.constrain(slots, by_group), by_expert)
-        out = ffn_batched(slots, params, expert_type=self.expert_type)  # [G, E, S, D]
+        out = ffn_batched(slots, params, expert_type=self.expert_type)  # [G, E, C, D]
         out = sharding.constrain(constrain_expert_parallel(out, by_expert), by_group)
 
-        y = jnp.einsum("GMES,GESD->GMD", routing.combine.astype(self.dtype), out,
-                       preferred_element_type=jnp.float32)  # [G, M, D]
+        y = jnp.einsum("GSEC,GECD->GSD", routing.combine.astype(self.dtype), out,
+                       preferred_element_type=jnp.float32)  # [G, S, D]
         y = sharding.constrain(y.astype(self.dtype).reshape(b, l, d), ("batch", "length", "act_embed"))
         return y, {"losses": {}, "stats": dict(routing.stats)}
 

@@ -2,8 +2,8 @@
 Routing to Equivalently Decomposed Transformer", arXiv:2503.02495).
 
 Einsum letters: ``B`` batch, ``L`` length, ``D`` embed, ``H`` heads (the attention
-experts), ``K`` head dim, ``C`` capacity (query slots of one head's token buffer), ``N``
-key slots of the same buffer (``N = C``), ``T`` tokens (``B·L``), ``E`` MLP slices (the
+experts), ``A`` head dim, ``C`` capacity (query slots of one head's token buffer), ``M``
+key slots of the same buffer (``M = C``), ``T`` tokens (``B·L``), ``E`` MLP slices (the
 MLP experts), ``F`` width of one slice.
 
 UoE decomposes a dense Transformer block into experts whose *sum* is the block again, and
@@ -15,11 +15,11 @@ routes at two levels: which experts serve a token, and which tokens an expert pr
   time order into a buffer of ``C = min(L, ceil(cf · L · k_h / H))`` slots
   (:func:`attention_capacity`, :func:`compact_in_time_order`); tokens past the ``C``-th are
   dropped for that head (0 from it; counted in ``dropped_fraction``). Each head computes
-  ``q, k, v`` only on its ``C`` tokens (its own ``(D, K)`` projections; no grouped
+  ``q, k, v`` only on its ``C`` tokens (its own ``(D, A)`` projections; no grouped
   key/value heads), applies rotary embeddings at the tokens' original positions, runs
   causal attention inside the buffer, multiplies its output at token ``t`` by ``g[t, h]``,
   and the outputs are scattered back to their positions and summed over heads through
-  the output projection ``(H, K, D)``. With ``k = H``, ``C = L`` and the gate multiplier
+  the output projection ``(H, A, D)``. With ``k = H``, ``C = L`` and the gate multiplier
   replaced by 1 (``gate_in_output=False``) this is exactly multi-head attention
   (:class:`routezoo.layers.attention.Attention` with ``num_kv_heads = num_heads``) with the
   same weights.
@@ -151,14 +151,14 @@ def compact_in_time_order(mask: Array, capacity: int) -> tuple[Array, Array, Arr
 
 
 def _rotary(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding of ``x [B, H, C, K]`` at ``positions [B, H, C]``: the half-split
+    """Rotary embedding of ``x [B, H, C, A]`` at ``positions [B, H, C]``: the half-split
     convention of :func:`routezoo.layers.attention.rotary_embedding`, with a position per
     head and slot."""
     k = x.shape[-1]
     if k % 2:
         raise ValueError(f"rotary embeddings need an even head dim, got {k}")
-    freq = theta ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k)  # [K/2]
-    angle = positions.astype(jnp.float32)[..., None] * freq  # [B, H, C, K/2]
+    freq = theta ** (-jnp.arange(0, k // 2, dtype=jnp.float32) * 2.0 / k)  # [A/2]
+    angle = positions.astype(jnp.float32)[..., None] * freq  # [B, H, C, A/2]
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -174,12 +174,12 @@ class SelectiveAttention(nn.Module):
     head before the capacity cut; ``dropped_fraction`` the fraction of copies cut.
 
     Parameters: ``gate_kernel`` ``(D, H)`` and ``gate_bias`` ``(H,)`` (float32; Switch's
-    router init scaled by ``init_scale``), ``q``, ``k``, ``v`` ``(D, H, K)`` and ``o``
-    ``(H, K, D)`` named and shaped as :class:`~routezoo.layers.attention.Attention`'s with
+    router init scaled by ``init_scale``), ``q``, ``k``, ``v`` ``(D, H, A)`` and ``o``
+    ``(H, A, D)`` named and shaped as :class:`~routezoo.layers.attention.Attention`'s with
     ``num_kv_heads = num_heads``. Causal attention is always on.
 
     Attributes:
-      num_heads: ``H``. head_dim: ``K``.
+      num_heads: ``H``. head_dim: ``A``.
       k: heads per token ``k_h``; 0 = ``max(1, H // 2)``.
       capacity_factor: ``cf`` of :func:`attention_capacity` (training and evaluation).
       gate_in_output: multiply each head's output by ``g[t, h]`` (True, the gate learns
@@ -230,35 +230,35 @@ class SelectiveAttention(nn.Module):
         def proj(name):
             w = self.param(name, sharding.param(default_kernel_init, ("embed", "heads", "head_dim")),
                            (d, h, kd), self.param_dtype)
-            y = jnp.einsum("BHCD,DHK->BHCK", xs, jnp.asarray(w, self.dtype))
+            y = jnp.einsum("BHCD,DHA->BHCA", xs, jnp.asarray(w, self.dtype))
             return sharding.constrain(y, ("batch", "act_heads", "capacity", None))
 
-        q = _rotary(proj("q"), pos, self.rope_theta)  # [B, H, C, K]
-        kk = _rotary(proj("k"), pos, self.rope_theta)  # [B, H, N, K]
-        v = proj("v")  # [B, H, N, K]
+        q = _rotary(proj("q"), pos, self.rope_theta)  # [B, H, C, A]
+        kk = _rotary(proj("k"), pos, self.rope_theta)  # [B, H, M, A]
+        v = proj("v")  # [B, H, M, A]
 
         # causal attention inside each buffer: key slot n is visible to query slot c when it
         # holds a token that is not later in the sequence
-        scores = jnp.einsum("BHCK,BHNK->BHCN", q, kk, preferred_element_type=jnp.float32) * kd ** -0.5
-        visible = valid[:, :, None, :] & (idx[:, :, None, :] <= idx[:, :, :, None])  # [B, H, C, N]
+        scores = jnp.einsum("BHCA,BHMA->BHCM", q, kk, preferred_element_type=jnp.float32) * kd ** -0.5
+        visible = valid[:, :, None, :] & (idx[:, :, None, :] <= idx[:, :, :, None])  # [B, H, C, M]
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)  # [B, H, C, N]; rows of empty slots: unused
-        out = jnp.einsum("BHCN,BHNK->BHCK", probs.astype(self.dtype), v)  # [B, H, C, K]
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, H, C, M]; rows of empty slots: unused
+        out = jnp.einsum("BHCM,BHMA->BHCA", probs.astype(self.dtype), v)  # [B, H, C, A]
 
-        # gate multiplier (0 in empty slots), then back to positions [B, L, H, K]
+        # gate multiplier (0 in empty slots), then back to positions [B, L, H, A]
         g_slot = jnp.take_along_axis(jnp.swapaxes(g, 1, 2), idx, axis=2)  # [B, H, C]
         mult = jnp.where(valid, g_slot if self.gate_in_output else 1.0, 0.0)  # [B, H, C]
         out = (out.astype(jnp.float32) * mult[..., None]).astype(self.dtype)
         out = sharding.constrain(out, ("batch", "act_heads", "capacity", None))
 
-        def scatter(out_b, idx_b):  # [H, C, K], [H, C] -> [L, H, K]
+        def scatter(out_b, idx_b):  # [H, C, A], [H, C] -> [L, H, A]
             head = jnp.arange(h, dtype=jnp.int32)[:, None]
             return jnp.zeros((l, h, kd), out_b.dtype).at[idx_b, head].add(out_b)
 
         o = sharding.constrain(jax.vmap(scatter)(out, idx), ("batch", "length", "act_heads", None))
         w_o = self.param("o", sharding.param(default_kernel_init, ("heads", "head_dim", "embed")),
                          (h, kd, d), self.param_dtype)
-        y = jnp.einsum("BLHK,HKD->BLD", o, jnp.asarray(w_o, self.dtype))
+        y = jnp.einsum("BLHA,HAD->BLD", o, jnp.asarray(w_o, self.dtype))
         y = sharding.constrain(y, ("batch", "length", "act_embed"))
 
         copies = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)

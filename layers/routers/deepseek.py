@@ -2,7 +2,7 @@
 DeepSeek-V2 routing (softmax scores, group-limited greedy top-k, no bias).
 
 Einsum letters: ``T`` tokens, ``D`` embed, ``E`` experts, ``K`` experts per token,
-``N`` expert groups (``n_group``), ``J`` experts per group (``E / N``), ``G`` routing
+``g`` expert groups (``n_group``), ``J`` experts per group (``E / g``), ``G`` routing
 groups and ``S`` group size (``T = G·S``, for the load-balancing statistic only).
 
 DeepSeek-AI (2024), "DeepSeek-V3 Technical Report" (and "DeepSeek-V2", 2024, for
@@ -10,7 +10,7 @@ device/group-limited routing). :class:`DeepSeekV3Router` (``moe.router='deepseek
 
     s      = sigmoid(x @ W)                           [T, E] affinities, float32
     c      = s + b                                    selection scores (b: correction bias)
-    group  = sum of the top-2 c of each of N groups   [T, N]
+    group  = sum of the top-2 c of each of g groups   [T, g]
     keep the topk_group best groups; top-k of c over their experts -> indices [T, K]
     w      = s[indices] (/ (sum + 1e-20) if renormalize) · routed_scaling_factor
 
@@ -34,7 +34,7 @@ section 2.2 (DeepSeekMoE): token-to-expert affinities ``s = Softmax(u^T e)`` and
 routing, which the released checkpoints express as ``topk_method``)::
 
     s      = softmax(x @ W)                           [T, E] scores, float32
-    group  = max of s over each of N groups           [T, N]   (n_group > 1: 'group_limited_greedy')
+    group  = max of s over each of g groups           [T, g]   (n_group > 1: 'group_limited_greedy')
     keep the topk_group best groups; top-k of s over their experts -> indices [T, K]
                                                       (n_group = 1: 'greedy', plain top-k)
     w      = s[indices] (/ (sum + 1e-20) if renormalize) · routed_scaling_factor
@@ -83,7 +83,7 @@ class DeepSeekV3Router(TopKRouter):
     min_group_size: ClassVar[int] = 2          # the group score sums each group's top-2
     # also read by deepseek_v2 (n_group 1: 'greedy', > 1: 'group_limited_greedy')
     config_keys: ClassVar[dict[str, Any]] = {
-        "deepseek_v3_n_group": 1,          # expert groups N (E divisible by N); 1 = plain top-k
+        "deepseek_v3_n_group": 1,          # expert groups g (E divisible by g); 1 = plain top-k
         "deepseek_v3_topk_group": 1,       # groups kept per token (by the sum of each group's top-2 scores)
         "deepseek_v3_scaling_factor": 1.0,  # routed_scaling_factor multiplying the combine weights
     }
@@ -107,14 +107,14 @@ class DeepSeekV3Router(TopKRouter):
 
     def select(self, choice: Array, scores: Array, group_score) -> tuple[Array, Array]:
         """Group-limited top-k: keep the ``topk_group`` groups (of ``n_group``) with the best
-        ``group_score(choice [T, N, E/N]) -> [T, N]``, take the top ``k`` of ``choice`` in
+        ``group_score(choice [T, g, E/g]) -> [T, g]``, take the top ``k`` of ``choice`` in
         them, weight each by its ``scores`` (renormalised if ``renormalize``) times
         ``routed_scaling_factor``. Returns (indices, weights), each ``[T, K]``."""
         t, e = choice.shape
         if self.n_group > 1:
             n, j = self.n_group, e // self.n_group
             _, groups = top_k(group_score(choice.reshape(t, n, j)), self.topk_group)   # [T, topk_group]
-            keep = jnp.max(jax.nn.one_hot(groups, n, dtype=bool), axis=1)              # [T, N]
+            keep = jnp.max(jax.nn.one_hot(groups, n, dtype=bool), axis=1)              # [T, g]
             choice = jnp.where(jnp.repeat(keep, j, axis=1), choice, -jnp.inf)          # [T, E]
         _, indices = top_k(choice, self.k)                                             # [T, K]
         weights = jnp.take_along_axis(scores, indices, axis=-1)                        # [T, K]

@@ -1,6 +1,6 @@
 """Dynamic routers: top-p (a variable number of experts per token) and AdaMoE's null experts.
 
-Einsum letters: ``T`` tokens, ``D`` embed, ``E`` (real) experts, ``M`` null experts,
+Einsum letters: ``T`` tokens, ``D`` embed, ``E`` (real) experts, ``z`` null experts,
 ``K`` slots per token, ``G`` routing groups, ``S`` group size (``T = G·S``).
 
 A token that uses fewer experts than its ``K`` slots has ``-1`` in the unused slots
@@ -127,29 +127,29 @@ class TopPRouter(Router):
 @register("null_experts")
 class NullExpertsRouter(Router):
     """AdaMoE (Zeng et al. 2024, "AdaMoE: Token-Adaptive Routing with Null Experts for
-    Mixture-of-Experts Language Models"): ``M`` null experts (output 0, no FLOPs) next to
+    Mixture-of-Experts Language Models"): ``z`` null experts (output 0, no FLOPs) next to
     the ``E`` real ones, and a larger ``k``; a token that picks nulls runs fewer real
     experts.
 
-    * ``h = x [W_r ; W_null]`` ``[T, E+M]`` (one learned kernel ``(D, E+M)``, columns
-      ``E..E+M-1`` are the nulls), ``p = softmax(h)``, top-``k`` over all ``E+M``.
+    * ``h = x [W_r ; W_null]`` ``[T, E+z]`` (one learned kernel ``(D, E+z)``, columns
+      ``E..E+z-1`` are the nulls), ``p = softmax(h)``, top-``k`` over all ``E+z``.
     * Slots that pick a null become ``-1`` with weight 0: they never reach a dispatcher's
       expert computation (dropless ``group_sizes`` count only real copies).
     * Weights (authors' code ``adaptive_moe_utils.py``, as in the paper): the selected
       real experts ``S`` get ``w_e = p_e / Σ_{e'∈S} p_e'`` (renormalised over the selected
       *real* experts only, nulls excluded); if ``S`` is empty the output is 0. With
       ``renormalize = False`` the raw ``p_e`` are used.
-    * Load balance over ``E+M`` with the nulls as one pool: Switch's
-      ``(E+M) Σ_e f'_e P_e`` per group, where ``f'_e = f_e`` for real experts and, for each
+    * Load balance over ``E+z`` with the nulls as one pool: Switch's
+      ``(E+z) Σ_e f'_e P_e`` per group, where ``f'_e = f_e`` for real experts and, for each
       null, the mean ``f`` of the nulls (authors' ``exp_1``: ``expert_mask[4:] = mean``),
       so only the total null usage is balanced, not how it spreads over the nulls.
       Balanced routing gives ``k``. Coefficient ``moe.load_balance_coef``; z-loss over the
-      ``E+M`` logits.
+      ``E+z`` logits.
     * Stats: ``real_experts_per_token`` (= ``experts_per_token``), ``null_fraction``
       (fraction of slots on nulls), ``load`` ``[E]`` over real copies.
 
     The authors' Mixtral fine-tune initialises the null rows by tiling the real rows; here
-    all ``E+M`` columns are drawn at init (training from scratch).
+    all ``E+z`` columns are drawn at init (training from scratch).
     """
 
     k: int = 2
@@ -166,7 +166,7 @@ class NullExpertsRouter(Router):
         # x: [T, D]
         num_tokens, e, m = x.shape[0], self.num_experts, self.num_null_experts
         g, s = _num_groups(num_tokens, group_size)
-        logits = _learned_logits(self, x, e + m, deterministic)  # [T, E+M]
+        logits = _learned_logits(self, x, e + m, deterministic)  # [T, E+z]
         probs = jax.nn.softmax(logits, axis=-1)
         sel_probs, idx = top_k(probs, self.k)  # [T, K]
         real = idx < e
@@ -176,9 +176,9 @@ class NullExpertsRouter(Router):
             denom = jnp.sum(weights, axis=-1, keepdims=True)
             weights = weights / jnp.where(denom > 0, denom, 1.0)
 
-        chosen = jnp.max(jax.nn.one_hot(idx, e + m, dtype=jnp.float32), axis=1)  # [T, E+M]
+        chosen = jnp.max(jax.nn.one_hot(idx, e + m, dtype=jnp.float32), axis=1)  # [T, E+z]
         null_pool = jnp.broadcast_to(jnp.mean(chosen[:, e:], axis=-1, keepdims=True), (num_tokens, m))
-        mask = jnp.concatenate([chosen[:, :e], null_pool], axis=-1)  # [T, E+M]
+        mask = jnp.concatenate([chosen[:, :e], null_pool], axis=-1)  # [T, E+z]
         lb = load_balance_loss(probs.reshape(g, s, e + m), mask.reshape(g, s, e + m))
         losses, stats = self.z_losses(logits)
         if self.load_balance_coef > 0:
@@ -192,8 +192,8 @@ class NullExpertsRouter(Router):
 
     @classmethod
     def active_expert_fraction(cls, moe_cfg: Any, seq_len: int | None = None) -> float:
-        """``k / (E + m)``: the real experts a token uses when the load is spread evenly
-        over the ``E + m`` experts (the load-balance target), divided by ``E``."""
+        """``k / (E + z)``: the real experts a token uses when the load is spread evenly
+        over the ``E + z`` experts (the load-balance target), divided by ``E``."""
         return int(moe_cfg.k) / (int(moe_cfg.num_experts) + int(moe_cfg.num_null_experts))
 
     @classmethod

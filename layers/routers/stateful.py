@@ -1,8 +1,8 @@
 """Routers with state across layers or the whole model: RMoE (recurrent) and Read-ME (pre-gate).
 
 Einsum letters: ``T`` tokens (``B·L``), ``B`` batch, ``L`` length, ``D`` embed, ``E``
-experts, ``K`` experts per token, ``R`` recurrent router width, ``M`` MoE layers of the
-model, ``P`` pre-gate width, ``G`` routing groups, ``S`` group size.
+experts, ``K`` experts per token, ``W`` recurrent router width, ``Z`` MoE layers of the
+model, ``y`` pre-gate width, ``G`` routing groups, ``S`` group size.
 
 Both routers need something that one MoE layer cannot hold, and both get it as an explicit
 input (and output), never through module side channels. The model creates the shared
@@ -13,10 +13,10 @@ of keyword arguments that :class:`~routezoo.layers.moe.block.MoE` passes on to i
 
 ==============  ============================================================================
 ``recurrent``   :class:`RecurrentRouter` (RMoE, Qiu et al. 2024). ``router_inputs =
-                {'router_state': h [T, R], 'router_cell': cell}``: the incoming router state
+                {'router_state': h [T, W], 'router_cell': cell}``: the incoming router state
                 and the GRU cell (:class:`RecurrentRouterCell`) that all MoE layers share.
                 The new state comes back as ``Routing.state`` and, from the MoE block, as
-                ``aux['router_state']`` ``[T, R]``; the caller threads it to the next MoE
+                ``aux['router_state']`` ``[T, W]``; the caller threads it to the next MoE
                 layer (dense layers pass it unchanged). The first MoE layer gets zeros.
 ``pregate``     :class:`PreGateRouter` (Read-ME, Cai et al. 2024). ``router_inputs =
                 {'pregate_logits': [T, E], 'routes': int32 [T, K] or None}``: this layer's
@@ -84,7 +84,7 @@ def _topk_routing(logits: Array, k: int, num_experts: int, group_size: int | Non
 
 
 class RecurrentRouterCell(nn.Module):
-    """The GRU cell that RMoE shares across all MoE layers: ``(x' [T, R], h [T, R]) -> h'``.
+    """The GRU cell that RMoE shares across all MoE layers: ``(x' [T, W], h [T, W]) -> h'``.
 
     ``cell='gru'`` (PyTorch's GRU equations, as the authors' ``CustomGRUCell``)::
 
@@ -92,9 +92,9 @@ class RecurrentRouterCell(nn.Module):
         n = tanh(x' W_in + b_in + r ⊙ (h W_hn + b_hn))      h' = (1 − z) ⊙ n + z ⊙ h
 
     ``cell='rnn'`` (the paper's ablation): ``h' = tanh(x' W_in + b_in + h W_hn + b_hn)``.
-    Parameters ``wi`` ``[R, 3R]``, ``wh`` ``[R, 3R]`` (gates r, z, n side by side), ``bi``,
-    ``bh`` ``[3R]``; float32, replicated, initialised as PyTorch does,
-    ``U(−1/√R, 1/√R)`` (the authors' code leaves the init to an undefined Megatron hook).
+    Parameters ``wi`` ``[W, 3W]``, ``wh`` ``[W, 3W]`` (gates r, z, n side by side), ``bi``,
+    ``bh`` ``[3W]``; float32, replicated, initialised as PyTorch does,
+    ``U(−1/√W, 1/√W)`` (the authors' code leaves the init to an undefined Megatron hook).
     """
 
     features: int
@@ -113,8 +113,8 @@ class RecurrentRouterCell(nn.Module):
         bi = self.param("bi", sharding.param(init, (None,)), (gates * r,), jnp.float32)
         bh = self.param("bh", sharding.param(init, (None,)), (gates * r,), jnp.float32)
         hp = jax.lax.Precision.HIGHEST
-        gi = jnp.einsum("TR,RQ->TQ", x.astype(jnp.float32), wi, precision=hp) + bi  # [T, gates·R]
-        gh = jnp.einsum("TR,RQ->TQ", h.astype(jnp.float32), wh, precision=hp) + bh
+        gi = jnp.einsum("TW,WO->TO", x.astype(jnp.float32), wi, precision=hp) + bi  # [T, gates·W]
+        gh = jnp.einsum("TW,WO->TO", h.astype(jnp.float32), wh, precision=hp) + bh
         if self.cell == "rnn":
             return jnp.tanh(gi + gh)
         i_r, i_z, i_n = jnp.split(gi, 3, axis=-1)
@@ -129,8 +129,8 @@ class RecurrentRouterCell(nn.Module):
 class RecurrentRouter(Router):
     """RMoE (Qiu et al. 2024, "Layerwise Recurrent Router for Mixture-of-Experts").
 
-    Per MoE layer ``i`` (own parameters ``proj`` ``W1`` ``[D, R]`` and ``out`` ``W2``
-    ``[R, E]``, both without bias) and one GRU cell shared by all layers::
+    Per MoE layer ``i`` (own parameters ``proj`` ``W1`` ``[D, W]`` and ``out`` ``W2``
+    ``[W, E]``, both without bias) and one GRU cell shared by all layers::
 
         x'_i = x_i W1_i          h_i = GRU(x'_i, h_{i-1})          logits_i = h_i W2_i
 
@@ -139,9 +139,9 @@ class RecurrentRouter(Router):
     here. The recurrence runs over depth per token, not over time. ``h_0 = 0``; gradients
     flow through ``h`` across layers (nothing is detached).
 
-    Call: ``router(x [T, D], deterministic=, group_size=, router_state=h [T, R] | None,
+    Call: ``router(x [T, D], deterministic=, group_size=, router_state=h [T, W] | None,
     router_cell=RecurrentRouterCell)``; returns a :class:`Routing` whose ``state`` is
-    ``h_i`` ``[T, R]``. ``router_state=None`` means zeros (first MoE layer). The cell is an
+    ``h_i`` ``[T, W]``. ``router_state=None`` means zeros (first MoE layer). The cell is an
     explicit input so that one copy is shared: the model creates it once.
 
     Where the paper and the authors' code (a Megatron port, ``qiuzh20/RMoE``) differ, this
@@ -171,7 +171,7 @@ class RecurrentRouter(Router):
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None,
                  router_state: Array | None = None, router_cell: nn.Module | None = None,
                  return_logits: bool = False) -> Routing | tuple[Routing, Array]:
-        # x: [T, D]; router_state: [T, R] or None (zeros); return_logits: also return [T, E]
+        # x: [T, D]; router_state: [T, W] or None (zeros); return_logits: also return [T, E]
         if router_cell is None:
             raise ValueError("moe.router='recurrent' needs the shared GRU cell: call the MoE block with "
                              "router_inputs={'router_state': h, 'router_cell': RecurrentRouterCell(R)}")
@@ -190,9 +190,9 @@ class RecurrentRouter(Router):
         w2 = self.param("out", sharding.param(
             nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal"), (None, None)),
             (r, self.num_experts), jnp.float32)
-        xp = jnp.einsum("TD,DR->TR", x, w1, precision=hp)  # [T, R]
-        h = router_cell(xp, router_state.astype(jnp.float32))  # [T, R]
-        logits = jnp.einsum("TR,RE->TE", h, w2, precision=hp)  # [T, E]
+        xp = jnp.einsum("TD,DW->TW", x, w1, precision=hp)  # [T, W]
+        h = router_cell(xp, router_state.astype(jnp.float32))  # [T, W]
+        logits = jnp.einsum("TW,WE->TE", h, w2, precision=hp)  # [T, E]
         indices, weights, losses, stats = _topk_routing(
             logits, self.k, self.num_experts, group_size, renormalize=self.renormalize,
             load_balance_coef=self.load_balance_coef, z_loss_coef=self.z_loss_coef)
@@ -227,7 +227,7 @@ class RecurrentRouter(Router):
 
 
 class RecurrentState(ModelRouting):
-    """RMoE's state across layers for one model call: the shared cell and ``h`` ``[T, R]``.
+    """RMoE's state across layers for one model call: the shared cell and ``h`` ``[T, W]``.
 
     Each forward pass starts from ``h = 0``; every MoE layer gets ``router_inputs =
     {'router_state': h, 'router_cell': cell}`` and its ``aux['router_state']`` becomes
@@ -236,7 +236,7 @@ class RecurrentState(ModelRouting):
 
     Args:
       cell: the :class:`RecurrentRouterCell` that all MoE layers share.
-      width: ``R``.
+      width: ``W``.
     """
 
     def __init__(self, cell: nn.Module, width: int) -> None:
@@ -265,17 +265,17 @@ def pregate_select(logits: Array, k: int) -> Array:
 
 
 class PreGate(nn.Module):
-    """Read-ME's router network: token ids ``[B, L]`` -> logits ``[M, B, L, E]`` for all
-    ``M`` MoE layers, before the backbone runs.
+    """Read-ME's router network: token ids ``[B, L]`` -> logits ``[Z, B, L, E]`` for all
+    ``Z`` MoE layers, before the backbone runs.
 
-    A small causal Transformer with its own token embedding ``(V, P)`` (Read-ME
-    initialises it from the first ``P`` columns of the dense model's embedding; trained
+    A small causal Transformer with its own token embedding ``(V, y)`` (Read-ME
+    initialises it from the first ``y`` columns of the dense model's embedding; trained
     from scratch here it is random; it never reads the backbone's weights, so routes do
     not depend on the backbone): ``num_layers`` pre-norm blocks of causal attention (RoPE,
-    biased q/k/v projections as Read-ME's) and a SwiGLU MLP of width ``4P``, a final
+    biased q/k/v projections as Read-ME's) and a SwiGLU MLP of width ``4y``, a final
     RMSNorm, then a linear map to logits. ``shared_routes=True`` (Read-ME: one expert
-    choice per token used in every layer): one ``(P, E)`` head whose logits every layer
-    uses; ``False``: a ``(P, M·E)`` head, a separate choice per layer.
+    choice per token used in every layer): one ``(y, E)`` head whose logits every layer
+    uses; ``False``: a ``(y, Z·E)`` head, a separate choice per layer.
     """
 
     vocab_size: int
@@ -291,10 +291,10 @@ class PreGate(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array) -> Array:
-        # tokens, positions: [B, L] -> float32 logits [M, B, L, E]
+        # tokens, positions: [B, L] -> float32 logits [Z, B, L, E]
         p, e, m = self.features, self.num_experts, self.num_moe_layers
         x = Embed(self.vocab_size, p, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="embed")(tokens)  # [B, L, P]
+                        name="embed")(tokens)  # [B, L, y]
         norm = lambda name: RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         for i in range(self.num_layers):
             x = x + Attention(num_heads=self.num_heads, num_kv_heads=self.num_heads,
@@ -307,11 +307,11 @@ class PreGate(nn.Module):
         width = e if self.shared_routes else m * e
         init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
         head = self.param("head", sharding.param(init, (None, None)), (p, width), jnp.float32)
-        logits = jnp.einsum("BLP,PQ->BLQ", x, head, precision=jax.lax.Precision.HIGHEST)
+        logits = jnp.einsum("BLy,yO->BLO", x, head, precision=jax.lax.Precision.HIGHEST)
         b, l = tokens.shape
         if self.shared_routes:
             return jnp.broadcast_to(logits[None], (m, b, l, e))
-        return jnp.moveaxis(logits.reshape(b, l, m, e), 2, 0)  # [M, B, L, E]
+        return jnp.moveaxis(logits.reshape(b, l, m, e), 2, 0)  # [Z, B, L, E]
 
 
 @register("pregate")
@@ -381,7 +381,7 @@ class PreGateRouter(Router):
             vocab_size=int(model_cfg.vocab_size), num_experts=int(moe.num_experts), num_moe_layers=num_moe_layers,
             features=int(moe.pregate_dim), num_layers=int(moe.pregate_layers), num_heads=int(moe.pregate_heads),
             shared_routes=bool(moe.pregate_shared_routes), init_scale=float(moe.router_init_scale),
-            dtype=dtype, param_dtype=param_dtype, name="pregate")(tokens, positions)  # [M, B, L, E]
+            dtype=dtype, param_dtype=param_dtype, name="pregate")(tokens, positions)  # [Z, B, L, E]
         return PreGateRouting(logits, routes, int(moe.k))
 
     @classmethod
@@ -402,14 +402,14 @@ class PreGateRouter(Router):
 
 
 class PreGateRouting(ModelRouting):
-    """Read-ME's routes for one model call: the pre-gate's logits ``[M, B, L, E]`` and,
-    optionally, routes fixed from outside, int32 ``[M, B, L, K]``.
+    """Read-ME's routes for one model call: the pre-gate's logits ``[Z, B, L, E]`` and,
+    optionally, routes fixed from outside, int32 ``[Z, B, L, K]``.
 
     MoE layer ``j`` gets ``router_inputs = {'pregate_logits': [B·L, E], 'routes': [B·L, K]
     or None}``; :meth:`precomputed_routes` is :func:`pregate_select` of the logits.
 
     Args:
-      logits: float32 ``[M, B, L, E]`` from :class:`PreGate`.
+      logits: float32 ``[Z, B, L, E]`` from :class:`PreGate`.
       routes: the model's ``routes=`` or ``None``.
       k: experts per token.
     """
@@ -423,4 +423,4 @@ class PreGateRouting(ModelRouting):
                 "routes": None if self.routes is None else self.routes[moe_index].reshape(t, -1)}
 
     def precomputed_routes(self) -> Array:
-        return pregate_select(self.logits, self.k)  # [M, B, L, K]
+        return pregate_select(self.logits, self.k)  # [Z, B, L, K]

@@ -10,7 +10,7 @@ Array = jax.Array
 
 
 def gmm_dims(lhs: Array, rhs: Array) -> tuple[int, int, int, int]:
-    """``(M, K, G, N)`` of ``lhs [M, K]`` and ``rhs [G, K, N]``; a clear error otherwise."""
+    """``(X, I, E, O)`` of ``lhs [X, I]`` and ``rhs [E, I, O]``; a clear error otherwise."""
     if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
         raise ValueError(f"gmm expects lhs [M, K] and rhs [G, K, N], got {lhs.shape}, {rhs.shape}")
     (m, k), (g, _, n) = lhs.shape, rhs.shape

@@ -4,17 +4,17 @@ Megablox is the grouped-matmul Pallas (Mosaic TPU) kernel that ships with jax it
 that MaxText's dropless MoE uses on TPUs; routezoo uses its two kernels, ``gmm`` and
 ``tgmm``, under its own VJP and contract:
 
-* ``gmm(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]``: rows past
+* ``gmm(lhs [X, I], rhs [E, I, O], group_sizes [E]) -> [X, O]``: rows past
   ``sum(group_sizes)`` come back as exactly 0 (megablox leaves them uninitialised: NaN in
   interpret mode), in the forward pass and in ``d_lhs``;
 * ``d_lhs = gmm(d_out, rhs^T)`` (``transpose_rhs``: no copy of the weights), ``d_rhs =
   tgmm(lhs^T, d_out)``, which is 0 for empty groups;
-* any ``M``, ``K``, ``N``: each dimension is zero-padded up to a multiple of its tile
+* any ``X``, ``I``, ``O``: each dimension is zero-padded up to a multiple of its tile
   (megablox needs divisible shapes); padded rows lie past ``sum(group_sizes)`` and padded
   columns contribute 0, so the result is unchanged.
 
 Tiles: ``(tm, tk, tn) = (512, 1024, 1024)`` clipped to the problem (MaxText's default
-for bf16 on TPU v4/v5), smaller in ``K``/``N`` where that would pad more than 1/8; not
+for bf16 on TPU v4/v5), smaller in ``I``/``O`` where that would pad more than 1/8; not
 tuned here (no TPU was available: this backend is
 checked for correctness on CPU in Pallas interpret mode, not for speed).
 """
@@ -34,7 +34,7 @@ Array = jax.Array
 __all__ = ["gmm", "tiling_for"]
 
 DEFAULT_TILING = (512, 1024, 1024)
-_LANE = 128       # TPU vreg lane width: K and N tiles are multiples of it
+_LANE = 128       # TPU vreg lane width: I and O tiles are multiples of it
 _SUBLANE = 16     # rows: a multiple of 16 suits both f32 (8) and bf16 (16) layouts
 
 
@@ -50,8 +50,8 @@ def _lane_tile(dim: int, tile: int) -> int:
 
 def tiling_for(m: int, k: int, n: int, tiling: tuple[int, int, int] = DEFAULT_TILING
                ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """``((tm, tk, tn), (M', K', N'))``: tiles clipped to the problem and the padded
-    dimensions they divide (``M'``: multiple of ``tm``; ``K'``, ``N'``: of ``tk``, ``tn``,
+    """``((tm, tk, tn), (X', I', O'))``: tiles clipped to the problem and the padded
+    dimensions they divide (``X'``: multiple of ``tm``; ``I'``, ``O'``: of ``tk``, ``tn``,
     chosen by :func:`_lane_tile` to pad at most 1/8)."""
     tm, tk, tn = tiling
     tm = min(tm, round_up(m, _SUBLANE))
@@ -92,7 +92,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
         tiling: tuple[int, int, int] = DEFAULT_TILING, interpret: bool | None = None) -> Array:
-    """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (in ``lhs.dtype``, f32 accumulation),
+    """Grouped matmul ``[X, I] x [E, I, O] -> [X, O]`` (in ``lhs.dtype``, f32 accumulation),
     differentiable in ``lhs`` and ``rhs``; the module docstring has the contract.
     ``interpret=None``: compiled on TPU, Pallas interpret mode elsewhere (tests)."""
     m, k, g, n = gmm_dims(lhs, rhs)

@@ -1,19 +1,19 @@
 """Dropless grouped matmul on Hopper GPUs with jax's own Mosaic GPU kernels (wgmma + TMA).
 
 jax ships two Pallas Mosaic-GPU grouped-matmul kernels for Hopper (sm_90a):
-``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot`` (``[M, K] x [G, K, N] ->
-[M, N]``, optionally with the weights transposed) and
+``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot`` (``[X, I] x [E, I, O] ->
+[X, O]``, optionally with the weights transposed) and
 ``transposed_ragged_dot_mgpu.transposed_ragged_dot`` (per group ``lhs_g^T @ dout_g ->
-[G, K, N]``, the weight gradient). Unlike the Triton backend
+[E, I, O]``, the weight gradient). Unlike the Triton backend
 (:mod:`routezoo.layers.moe.kernels.gmm_pallas`) they issue Hopper's asynchronous ``wgmma``
 instructions and bulk (TMA) copies directly. This module runs them under routezoo's VJP
 and contract, the same as the other backends:
 
-* ``gmm(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]`` in ``lhs.dtype`` with
+* ``gmm(lhs [X, I], rhs [E, I, O], group_sizes [E]) -> [X, O]`` in ``lhs.dtype`` with
   float32 accumulation; rows past ``sum(group_sizes)`` come back as exactly 0 (the kernel
   leaves them unwritten), in the forward pass and in ``d_lhs``;
 * ``d_lhs = gmm(d_out, rhs^T)``, ``d_rhs = tgmm(lhs, d_out)``, 0 for empty groups;
-* any ``K``, ``N``: dimensions are zero-padded to the kernels' tile multiples;
+* any ``I``, ``O``: dimensions are zero-padded to the kernels' tile multiples;
 * 16-bit operands: float32 inputs run every pass on the Triton kernels.
 
 Each pass (forward, backward data, weight gradient) can run on either kernel family:
@@ -98,7 +98,7 @@ def _interpreted(interpret: bool):
 
 def _mosaic_ragged_dot(lhs: Array, rhs: Array, group_sizes: Array, t: MosaicTiles, *,
                        transpose_rhs: bool, interpret: bool) -> Array:
-    """``[M, K] x [G, K, N]`` (or ``[G, N, K]`` with ``transpose_rhs``) ``-> [M, N]``."""
+    """``[X, I] x [E, I, O]`` (or ``[E, O, I]`` with ``transpose_rhs``) ``-> [X, O]``."""
     rd = _ops("ragged_dot_mgpu")
     (m, k), g = lhs.shape, rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -125,7 +125,7 @@ def _mosaic_ragged_dot(lhs: Array, rhs: Array, group_sizes: Array, t: MosaicTile
 
 def _mosaic_tgmm(lhs: Array, dout: Array, group_sizes: Array, t: MosaicTiles, *,
                  interpret: bool) -> Array:
-    """``[M, K], [M, N] -> [G, K, N]``: per group ``lhs_g^T @ dout_g``."""
+    """``[X, I], [X, O] -> [E, I, O]``: per group ``lhs_g^T @ dout_g``."""
     trd = _ops("transposed_ragged_dot_mgpu")
     (m, k), n = lhs.shape, dout.shape[1]
     kp, np_ = round_up(k, t.block_m), round_up(n, t.block_n * t.grid_block_n)
@@ -187,7 +187,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, config: MosaicConfig | None = None,
         interpret: bool | None = None) -> Array:
-    """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (in ``lhs.dtype``, float32
+    """Grouped matmul ``[X, I] x [E, I, O] -> [X, O]`` (in ``lhs.dtype``, float32
     accumulation), differentiable in ``lhs`` and ``rhs``; the module docstring has the
     contract. ``interpret=None``: compiled on GPU, interpreted elsewhere (tests)."""
     m, k, g, n = gmm_dims(lhs, rhs)
@@ -204,7 +204,7 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, config: MosaicConfig | No
 
 def tgmm(lhs: Array, dout: Array, group_sizes: Array, *, tiles: MosaicTiles = MosaicTiles(),
          interpret: bool | None = None, out_dtype=None) -> Array:
-    """``[M, K], [M, N] -> [G, K, N]``: per group ``lhs_g^T @ dout_g`` (0 if empty), the
+    """``[X, I], [X, O] -> [E, I, O]``: per group ``lhs_g^T @ dout_g`` (0 if empty), the
     weight gradient of :func:`gmm` on the Mosaic kernel. Not differentiable."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"

@@ -1,9 +1,9 @@
 """Dropless grouped matmul on the Pallas Triton (GPU) backend.
 
-``gmm(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]``: rows are sorted by group;
+``gmm(lhs [X, I], rhs [E, I, O], group_sizes [E]) -> [X, O]``: rows are sorted by group;
 rows ``offsets[g]:offsets[g+1]`` (``offsets = [0, cumsum(group_sizes)]``) are multiplied
-by ``rhs[g]``; rows from ``sum(group_sizes)`` to ``M`` come back as 0. Its transpose
-``tgmm(lhs [M, K], dout [M, N], group_sizes) -> [G, K, N]`` gives per group
+by ``rhs[g]``; rows from ``sum(group_sizes)`` to ``X`` come back as 0. Its transpose
+``tgmm(lhs [X, I], dout [X, O], group_sizes) -> [E, I, O]`` gives per group
 ``lhs_g^T @ dout_g`` (exactly 0 for an empty group). ``gmm`` has a custom VJP:
 ``d_lhs = gmm(d_out, rhs^T)`` (``rhs`` is read transposed in place, never copied) and
 ``d_rhs = tgmm(lhs, d_out)``.
@@ -16,16 +16,16 @@ array read by the kernel with scalar loads):
   partial); rows past ``sum(group_sizes)`` form one more "tail" group whose tiles store
   zeros. A work item is one such tile: ``(group, first row, end row)`` in an int32
   table built with jnp ops under jit. There are ``sum_g cdiv(s_g, bm)`` items, at most
-  ``(M + (G + 1)(bm - 1)) // bm`` (the static grid; unused items exit at once). An item
-  loads its ``bm`` rows with a row mask (rows past its end read as 0), loops over K in
+  ``(X + (E + 1)(bm - 1)) // bm`` (the static grid; unused items exit at once). An item
+  loads its ``bm`` rows with a row mask (rows past its end read as 0), loops over I in
   ``bk`` steps with an f32 accumulator (``rhs[group]`` tiles picked by a dynamic first
   index) and stores its ``[bm, bn]`` tile under the same mask, so every output row is
   written by exactly one item. These are the tiles of "pad every group to a multiple
   of ``bm``" (the ``gmm_blocked`` layout: the same work, on average ``bm / 2`` wasted
   rows per group) without materialising the padded layout: no gather into a padded
   buffer and no gather back, which would add two HBM passes over ``lhs`` and ``out``
-  per call (estimated 20-30% of the matmul time when ``K`` or ``N`` is 1-2k). Row
-  tiles need no alignment: rows are contiguous along K, so unaligned starts do not
+  per call (estimated 20-30% of the matmul time when ``I`` or ``O`` is 1-2k). Row
+  tiles need no alignment: rows are contiguous along I, so unaligned starts do not
   hurt coalescing. (Fixed ``bm``-aligned tiles with one item per (tile, group) pair,
   megablox style, would waste ``bm`` rows per group boundary instead of ``bm / 2``.)
 * ``tgmm``: one program per (group, k-tile, n-tile); it walks its group's rows in
@@ -39,10 +39,10 @@ array read by the kernel with scalar loads):
   fastest launch axis, so a multi-dimensional grid would not give this order.)
 * Every array is passed whole (no BlockSpecs); the kernels index it with ``pl.ds``
   slices whose sizes are the tile sizes, which Triton needs to be powers of two (and
-  >= 16 for ``dot``). ``K`` and ``N`` must be multiples of ``bk`` and ``bn``: the
+  >= 16 for ``dot``). ``I`` and ``O`` must be multiples of ``bk`` and ``bn``: the
   wrapper shrinks a tile to the largest power of two that divides the dimension
-  (e.g. ``bn=256`` on ``N=1408`` runs with 128) and zero-pads the dimension to a
-  multiple of 16 only if that is impossible. ``M`` needs no padding (row masks).
+  (e.g. ``bn=256`` on ``O=1408`` runs with 128) and zero-pads the dimension to a
+  multiple of 16 only if that is impossible. ``X`` needs no padding (row masks).
 
 ``interpret=True`` runs the same kernels through the Pallas interpreter (CPU tests).
 
@@ -202,7 +202,7 @@ class GmmConfig:
 
     ``tiling`` ``(bm, bk, bn)`` is the forward gmm: ``bm`` rows, ``bk`` contraction
     step, ``bn`` output columns. ``dlhs_tiling`` is the backward gmm ``d_out @ rhs^T``
-    in the same roles (its contraction is over ``N``, its output columns over ``K``);
+    in the same roles (its contraction is over ``O``, its output columns over ``I``);
     default: ``tiling``. ``tgmm_tiling`` ``(bm, bk, bn)``: ``bm`` rows per step (the
     contraction), output tile ``[bk, bn]`` of ``d_rhs``. ``num_warps=None``: 8 for
     output tiles of >= 128x256 elements, else 4. ``half_tiles``: a group's last row tile
@@ -239,29 +239,29 @@ class GmmConfig:
 
 def num_work_items(m: int, num_groups: int, bm: int) -> int:
     """Static bound on the forward kernel's work items: ``sum_g cdiv(s_g, bm)`` over the
-    ``G`` groups and the tail, ``<= (m + (G + 1)(bm - 1)) // bm``."""
+    ``E`` groups and the tail, ``<= (m + (E + 1)(bm - 1)) // bm``."""
     return (m + (num_groups + 1) * (bm - 1)) // bm
 
 
 def make_group_metadata(group_sizes: Array, m: int, bm: int) -> tuple[Array, int]:
-    """Work items of the forward kernel: ``(meta int32 [3, I], I)``, ``I`` from
+    """Work items of the forward kernel: ``(meta int32 [3, j], j)``, ``j`` from
     :func:`num_work_items`.
 
-    Every group (and the tail, rows ``sum(group_sizes)..m``, as group ``G``) is cut into
+    Every group (and the tail, rows ``sum(group_sizes)..m``, as group ``E``) is cut into
     tiles of ``bm`` rows starting at the group's first row: item ``j`` covers rows
-    ``meta[1, j]:meta[2, j]`` (at most ``bm``) of group ``meta[0, j]``; ``G + 1`` marks
+    ``meta[1, j]:meta[2, j]`` (at most ``bm``) of group ``meta[0, j]``; ``E + 1`` marks
     an unused item. Groups' rows are clipped to ``[0, m)``.
     """
     num_groups = group_sizes.shape[0]
     bounds = _group_bounds(group_sizes, m)
-    v_starts = jnp.concatenate([bounds[0], bounds[1, -1:]])        # [G + 1], last: tail
+    v_starts = jnp.concatenate([bounds[0], bounds[1, -1:]])        # [E + 1], last: tail
     v_ends = jnp.concatenate([bounds[1], jnp.full((1,), m, jnp.int32)])
     ntiles = (v_ends - v_starts + (bm - 1)) // bm
     item_end = jnp.cumsum(ntiles)
     item_start = item_end - ntiles
     num_items = num_work_items(m, num_groups, bm)
     j = jnp.arange(num_items, dtype=jnp.int32)
-    group = jnp.searchsorted(item_end, j, side="right").astype(jnp.int32)  # G + 1: unused
+    group = jnp.searchsorted(item_end, j, side="right").astype(jnp.int32)  # E + 1: unused
     gc = jnp.minimum(group, num_groups)
     row_start = v_starts[gc] + (j - item_start[gc]) * bm
     row_end = jnp.minimum(v_ends[gc], row_start + bm)
@@ -272,7 +272,7 @@ def make_group_metadata(group_sizes: Array, m: int, bm: int) -> tuple[Array, int
 
 
 def _group_bounds(group_sizes: Array, m: int) -> Array:
-    """``int32 [2, G]``: first and one-past-last row of every group (clipped to m)."""
+    """``int32 [2, E]``: first and one-past-last row of every group (clipped to m)."""
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
     ends = jnp.minimum(jnp.cumsum(sizes), m).astype(jnp.int32)
     starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
@@ -311,7 +311,7 @@ def _gmm_kernel(meta_ref, lhs_ref, rhs_ref, out_ref, *, bm, bk, bn, num_items, n
         def body(kk, acc):
             k0 = kk * bk
             a = _load(lhs_ref.at[pl.ds(row0, rows), pl.ds(k0, bk)], mask=lhs_mask, other=0)
-            if transpose_rhs:    # rhs [G, N_out, K_contract]
+            if transpose_rhs:    # rhs [E, N_out, K_contract]
                 b = rhs_ref[group, pl.ds(nt * bn, bn), pl.ds(k0, bk)]
                 return acc + _dot(a, b, (1, 1), acc_dtype)
             b = rhs_ref[group, pl.ds(k0, bk), pl.ds(nt * bn, bn)]
@@ -372,7 +372,7 @@ def _pad_axis(x: Array, axis: int, size: int) -> Array:
 
 def _gmm_call(lhs: Array, rhs: Array, group_sizes: Array, *, tiling, cfg: GmmConfig,
               transpose_rhs: bool = False) -> Array:
-    """``lhs [M, Kc] x rhs [G, Kc, No]`` (or ``rhs [G, No, Kc]`` with ``transpose_rhs``)."""
+    """``lhs [X, Kc] x rhs [E, Kc, No]`` (or ``rhs [E, No, Kc]`` with ``transpose_rhs``)."""
     m, kc = lhs.shape
     num_groups = rhs.shape[0]
     no = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -410,7 +410,7 @@ def _gmm_call(lhs: Array, rhs: Array, group_sizes: Array, *, tiling, cfg: GmmCon
 
 def _tgmm_call(lhs: Array, dout: Array, group_sizes: Array, num_groups: int, *,
                cfg: GmmConfig, out_dtype) -> Array:
-    """``[G, K, N]``: per group ``lhs_g^T @ dout_g``."""
+    """``[E, I, O]``: per group ``lhs_g^T @ dout_g``."""
     m, k = lhs.shape
     n = dout.shape[1]
     if dout.shape[0] != m:
@@ -481,7 +481,7 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
         tgmm_num_stages: int | None = None,
         group_m: int = DEFAULT_GROUP_M,
         config: GmmConfig | None = None) -> Array:
-    """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (in ``lhs.dtype``), differentiable
+    """Grouped matmul ``[X, I] x [E, I, O] -> [X, O]`` (in ``lhs.dtype``), differentiable
     in ``lhs`` and ``rhs``.
 
     Rows ``offsets[g]:offsets[g+1]`` use ``rhs[g]``; rows past ``sum(group_sizes)`` are
@@ -509,7 +509,7 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
          num_stages: int = DEFAULT_NUM_STAGES,
          group_m: int = DEFAULT_GROUP_M,
          out_dtype=None) -> Array:
-    """``[M, K], [M, N] -> [G, K, N]``: per group ``lhs_g^T @ dout_g`` (0 if empty).
+    """``[X, I], [X, O] -> [E, I, O]``: per group ``lhs_g^T @ dout_g`` (0 if empty).
 
     ``tiling = (bm, bk, bn)``: ``bm`` rows per step, output tile ``[bk, bn]``. Not
     differentiable (it is the weight gradient of :func:`gmm`).

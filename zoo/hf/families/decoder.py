@@ -6,7 +6,7 @@ the layout it is inferred from) and extended by the family groups through a few 
 ``_ffn_to_hf`` / ``_ffn_maps`` (mixture-of-experts), ``_layout_problems`` /
 ``_moe_problems`` (what an export refuses).
 
-Einsum letters: ``D`` embed, ``H`` query heads, ``G`` key/value heads, ``K`` head dim,
+Einsum letters: ``D`` embed, ``H`` query heads, ``U`` key/value heads, ``A`` head dim,
 ``F`` mlp width.
 """
 
@@ -329,7 +329,7 @@ class DecoderFamily(Family):
     def _attention_maps(self, m: Any, p: tuple[str, ...], a: str) -> list[TensorMap]:
         """Attention parameters of layer ``p`` from the HF tensors under ``a``."""
         d, h, g, k = int(m.d_model), int(m.num_heads), int(m.num_kv_heads), int(m.head_dim)
-        maps = [   # q/k/v: [H·K, D] -> [D, H, K]; o: [D, H·K] -> [H, K, D]
+        maps = [   # q/k/v: [H·A, D] -> [D, H, A]; o: [D, H·A] -> [H, A, D]
             TensorMap((*p, "attn", "q"), (f"{a}.q_proj.weight",), ((h, k), (d,)), (2, 0, 1)),
             TensorMap((*p, "attn", "k"), (f"{a}.k_proj.weight",), ((g, k), (d,)), (2, 0, 1)),
             TensorMap((*p, "attn", "v"), (f"{a}.v_proj.weight",), ((g, k), (d,)), (2, 0, 1)),

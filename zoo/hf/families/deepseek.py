@@ -9,8 +9,8 @@ multi-token-prediction layers (``model.mtp_depth``). DeepSeek-V2: softmax routin
 'deepseek_v2'``), always interleaved rope; ``norm_topk_prob`` and ``moe_layer_freq`` other
 than 1 are refused, as transformers ignores them. Both import YaRN rope scaling.
 
-Letters of latent attention: ``D`` embed, ``H`` heads, ``Q``/``R`` query/kv latent ranks,
-``N``/``P`` no-rope/rope dims, ``K = N + P``, ``V`` value dim.
+Letters of latent attention: ``D`` embed, ``H`` heads, ``Q``/``Y`` query/kv latent ranks,
+``d``/``P`` no-rope/rope dims, ``A = d + P``, ``v`` value dim.
 """
 
 from __future__ import annotations
@@ -120,17 +120,17 @@ class DeepseekFamily(MoeFamily):
         q_rank, r = int(m.mla_q_lora_rank), int(m.mla_kv_lora_rank)
         n, rope, v = int(m.mla_qk_nope_head_dim), int(m.mla_qk_rope_head_dim), int(m.mla_v_head_dim)
         k = n + rope
-        if q_rank > 0:   # q_a [Q, D] -> [D, Q]; q_b [H·K, Q] -> [Q, H, K]
+        if q_rank > 0:   # q_a [Q, D] -> [D, Q]; q_b [H·A, Q] -> [Q, H, A]
             maps = [linear((*p, "attn", "q_a"), f"{a}.q_a_proj.weight", q_rank, d),
                     identity((*p, "attn", "q_a_norm", "scale"), f"{a}.q_a_layernorm.weight", (q_rank,)),
                     TensorMap((*p, "attn", "q_b"), (f"{a}.q_b_proj.weight",), ((h, k), (q_rank,)), (2, 0, 1))]
-        else:            # q [H·K, D] -> [D, H, K]
+        else:            # q [H·A, D] -> [D, H, A]
             maps = [TensorMap((*p, "attn", "q"), (f"{a}.q_proj.weight",), ((h, k), (d,)), (2, 0, 1))]
         maps += [
-            linear((*p, "attn", "kv_a"), f"{a}.kv_a_proj_with_mqa.weight", r + rope, d),      # [D, R + P]
+            linear((*p, "attn", "kv_a"), f"{a}.kv_a_proj_with_mqa.weight", r + rope, d),      # [D, Y + P]
             identity((*p, "attn", "kv_a_norm", "scale"), f"{a}.kv_a_layernorm.weight", (r,)),
-            TensorMap((*p, "attn", "kv_b"), (f"{a}.kv_b_proj.weight",), ((h, n + v), (r,)), (2, 0, 1)),  # [R, H, N+V]
-            TensorMap((*p, "attn", "o"), (f"{a}.o_proj.weight",), ((d,), (h, v)), (1, 2, 0)),           # [H, V, D]
+            TensorMap((*p, "attn", "kv_b"), (f"{a}.kv_b_proj.weight",), ((h, n + v), (r,)), (2, 0, 1)),  # [Y, H, d+v]
+            TensorMap((*p, "attn", "o"), (f"{a}.o_proj.weight",), ((d,), (h, v)), (1, 2, 0)),           # [H, v, D]
         ]
         return maps + self._qk_maps(m, p, a)
 

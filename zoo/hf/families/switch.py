@@ -179,7 +179,7 @@ class SwitchFamily(Family):
         d, h, k, v, f = int(m.d_model), int(m.num_heads), int(m.head_dim), int(m.vocab_size), int(m.mlp_dim)
         e, fe = int(m.moe.num_experts), int(m.moe.expert_dim)
 
-        def attn(path, prefix):   # q/k/v: [H·K, D] -> [D, H, K]; o: [D, H·K] -> [H, K, D]
+        def attn(path, prefix):   # q/k/v: [H·A, D] -> [D, H, A]; o: [D, H·A] -> [H, A, D]
             return [TensorMap(path + (n,), (f"{prefix}.{n}.weight",), ((h, k), (d,)), (2, 0, 1)) for n in "qkv"] + [
                 TensorMap(path + ("o",), (f"{prefix}.o.weight",), ((d,), (h, k)), (1, 2, 0))]
 
