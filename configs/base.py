@@ -132,7 +132,8 @@ def get_config() -> ml_collections.ConfigDict:
     d.train_split = "train"
     d.eval_split = "validation"
     d.seq_len = 128
-    d.tokenizer = "byte"         # byte | sentencepiece
+    d.tokenizer = "auto"         # auto (hf from init.from_hf when it holds a tokenizer.json, else byte) | byte | sentencepiece | hf
+    d.tokenizer_path = ""        # data.tokenizer=hf: a tokenizer.json, or a directory holding one (special ids from its tokenizer_config.json / config.json)
     d.spm_model = ""             # path to a SentencePiece model; "" = train one on the train split
     d.spm_vocab_size = 4096
     d.shuffle = True

@@ -133,6 +133,10 @@ def train_main(argv: list[str]) -> int:
             return _fail(" ".join(str(e).split()))
         if changes:
             print(f"init.from_hf: model config from the checkpoint: {', '.join(changes)}")
+        from routezoo.training.data.tokenizers import resolve_tokenizer
+        tok_changes = resolve_tokenizer(config)   # data.tokenizer=auto: the checkpoint's own tokenizer
+        if tok_changes:
+            print(f"init.from_hf: tokenizer from the checkpoint: {', '.join(tok_changes)}")
     try:
         config_check.validate(config)
     except config_check.ConfigError as e:

@@ -47,6 +47,28 @@ def _check_adapter_sources(config) -> None:
                                   "or in its adapter/ folder); give the workdir of an adapter run")
 
 
+def _tokenizer_ids(config) -> tuple[str, int]:
+    """``(kind, ids)``: the run's tokenizer kind (``auto`` decided) and its vocabulary size;
+    a Hugging Face tokenizer is loaded (one-line errors for a missing or unusable file)."""
+    from routezoo.training import data as data_lib
+    kind, path = data_lib.tokenizer_choice(config)
+    if kind == "byte":
+        return kind, 258
+    if kind == "sentencepiece":
+        return kind, int(config.data.spm_vocab_size)
+    if not path:
+        raise ConfigError("data.tokenizer='hf' needs data.tokenizer_path: a tokenizer.json file or a "
+                          "directory holding one")
+    if data_lib.hf_tokenizer_file(path) is None:
+        raise ConfigError(f"data.tokenizer_path {path!r} is neither a tokenizer.json file nor a directory "
+                          "holding one")
+    try:
+        return kind, int(data_lib.load_hf_tokenizer(path).vocab_size)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
+        raise ConfigError(f"data.tokenizer_path {path!r}: not a usable Hugging Face tokenizer: "
+                          f"{' '.join(str(e).split())[:300]}") from None
+
+
 def _check_schema(cfg: Any, schema: Any, prefix: str) -> None:
     for key in cfg.keys():
         path = f"{prefix}{key}"
@@ -126,7 +148,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     _one_of(o.name, OPTIMIZERS, "optimizer.name")
     _one_of(o.schedule, SCHEDULES, "optimizer.schedule")
     _one_of(o.weight_decay_mask, DECAY_MASKS, "optimizer.weight_decay_mask")
-    _one_of(d.tokenizer, ("byte", "sentencepiece"), "data.tokenizer")
+    _one_of(d.tokenizer, data_lib.TOKENIZERS, "data.tokenizer")
     _one_of(d.process_sharding, data_lib.PROCESS_SHARDING, "data.process_sharding")
     if not data_lib.known_dataset(d.name):
         raise ConfigError(f"unknown data.name {d.name!r}; allowed: stdlib, or a TFDS dataset name "
@@ -140,11 +162,16 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
                           f"({m.num_kv_heads})")
     if m.head_dim % 2 and m.name != "encoder_decoder":   # the encoder-decoder has no rotary embeddings
         raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {m.head_dim}")
-    if d.tokenizer == "byte" and m.vocab_size < 258:
+    tok_kind, tok_ids = _tokenizer_ids(config)
+    if tok_kind == "byte" and m.vocab_size < 258:
         raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than the byte tokenizer's 258")
-    if d.tokenizer == "sentencepiece" and m.vocab_size < d.spm_vocab_size:
+    if tok_kind == "sentencepiece" and m.vocab_size < d.spm_vocab_size:
         raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than data.spm_vocab_size "
                           f"{d.spm_vocab_size}")
+    if tok_kind == "hf" and m.vocab_size < tok_ids:
+        raise ConfigError(f"model.vocab_size {m.vocab_size} is smaller than the Hugging Face tokenizer's "
+                          f"vocabulary of {tok_ids} ids ({data_lib.tokenizer_choice(config)[1]}); "
+                          f"allowed: model.vocab_size >= {tok_ids}")
 
     if m.mtp_depth < 0 or m.mtp_weight < 0:
         raise ConfigError(f"model.mtp_depth={m.mtp_depth} / model.mtp_weight={m.mtp_weight}: allowed: >= 0")
@@ -155,10 +182,10 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     model = zoo.build(m)   # only constructed: its class says whether it is causal and its objective
     causal = bool(getattr(model, "causal", True))
     if getattr(model, "objective", "causal_lm") == "masked_lm":
-        need = (d.spm_vocab_size if d.tokenizer == "sentencepiece" else 258) + 1
+        need = tok_ids + 1
         if m.vocab_size < need:
             raise ConfigError(f"model.vocab_size {m.vocab_size} leaves no id for the mask token of "
-                              f"model.name={m.name!r} (id vocab_size - 1, above the {d.tokenizer} tokenizer's "
+                              f"model.name={m.name!r} (id vocab_size - 1, above the {tok_kind} tokenizer's "
                               f"{need - 1} ids); allowed: >= {need}")
         if not 0 < m.mask_rate <= 1:
             raise ConfigError(f"config key 'model.mask_rate' must be in (0, 1], got {m.mask_rate}")
@@ -177,11 +204,11 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         if m.seq2seq_objective == "span_corruption":
             from routezoo.zoo.encoder_decoder import span_lengths
             spans = span_lengths(d.seq_len, m.span_noise_density, m.span_mean_length)[1]
-            ids = d.spm_vocab_size if d.tokenizer == "sentencepiece" else 258
+            ids = tok_ids
             if m.vocab_size < ids + spans:
                 raise ConfigError(f"model.vocab_size {m.vocab_size} leaves no room for the {spans} span "
                                   f"sentinels of model.seq2seq_objective='span_corruption' (ids vocab_size - 1 "
-                                  f"down, above the {d.tokenizer} tokenizer's {ids} ids); allowed: >= {ids + spans}")
+                                  f"down, above the {tok_kind} tokenizer's {ids} ids); allowed: >= {ids + spans}")
 
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count

@@ -51,7 +51,8 @@ def evaluate(eval_step, state, config, mesh, batch_sharding, extra=(), task: str
       task: one task of ``data.tasks`` to evaluate alone, or ``None``.
 
     Returns:
-      ``{'eval_loss', 'eval_accuracy', 'eval_bits_per_byte'}``.
+      ``{'eval_loss', 'eval_accuracy', 'eval_bits_per_byte', 'eval_bytes_per_token'}``
+      (the last: UTF-8 bytes per weighted target token, from the tokenizer's ``token_bytes``).
     """
     from routezoo.training import data as data_lib
     sums = {"nll": 0.0, "correct": 0.0, "tokens": 0.0, "bytes": 0.0}
@@ -61,7 +62,8 @@ def evaluate(eval_step, state, config, mesh, batch_sharding, extra=(), task: str
             sums[k] += float(out[k])
     tokens = max(sums["tokens"], 1.0)
     return {"eval_loss": sums["nll"] / tokens, "eval_accuracy": sums["correct"] / tokens,
-            "eval_bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
+            "eval_bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0),
+            "eval_bytes_per_token": sums["bytes"] / tokens}
 
 
 def eval_variants(config) -> dict[str, nn.Module]:
@@ -149,7 +151,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     """Trains ``config`` in ``workdir``, resuming from its checkpoints.
 
     Args:
-      config: the run's config, already validated.
+      config: the run's config, already validated; ``data.tokenizer='auto'`` with an
+        ``init.from_hf`` tokenizer is resolved in place (:func:`~routezoo.training.data.resolve_tokenizer`).
       workdir: the run's directory (config.json, checkpoints, metrics, adapter/).
       stop_after: leave after this many steps of this call (saving a checkpoint), as a
         preempted job does; running again resumes. The schedule still spans ``train.steps``.
@@ -159,6 +162,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     """
     from routezoo.training import data as data_lib   # the data stack only where data is read
     maybe_initialize_distributed()
+    data_lib.resolve_tokenizer(config)   # data.tokenizer=auto with init.from_hf: its tokenizer
     is_main = jax.process_index() == 0
     workdir = os.path.abspath(workdir)
     if is_main:

@@ -5,7 +5,8 @@
   random-access TFDS source of a split (:func:`get_source`, :func:`ensure_dataset`).
 * :mod:`~routezoo.training.data.stdlib`: the offline default corpus, the interpreter's
   standard library (TFDS builder ``routezoo_stdlib``).
-* :mod:`~routezoo.training.data.tokenizers`: ``byte`` and ``sentencepiece``
+* :mod:`~routezoo.training.data.tokenizers`: ``byte``, ``sentencepiece`` and ``hf``
+  (Hugging Face ``tokenizer.json``; ``auto`` picks ``init.from_hf``'s own)
   (:func:`get_tokenizer`); ``token_bytes`` for bits per byte.
 * :mod:`~routezoo.training.data.packing`: documents to packed rows to batches.
 * :mod:`~routezoo.training.data.tasks`: ``data.tasks``, per-example task ids from the
@@ -30,6 +31,8 @@ from routezoo.training.data.stdlib import (STDLIB, VALIDATION_PER_MILLE, Routezo
                                            stdlib_tfds_name)
 from routezoo.training.data.tasks import (TASK_SAMPLING, Task, available_tasks, check_tasks,  # noqa: F401
                                           eval_task_names, split_tasks, task_names, task_of_path)
-from routezoo.training.data.tokenizers import (BYTE_OFFSET, EOS_ID, PAD_ID, ByteTokenizer,  # noqa: F401
-                                               SentencePieceTokenizer, Tokenizer, get_tokenizer,
+from routezoo.training.data.tokenizers import (BYTE_OFFSET, EOS_ID, PAD_ID, TOKENIZERS,  # noqa: F401
+                                               ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
+                                               Tokenizer, get_tokenizer, hf_tokenizer_file,
+                                               load_hf_tokenizer, resolve_tokenizer, tokenizer_choice,
                                                train_sentencepiece)
