@@ -61,3 +61,19 @@ def random_adapter(method, params, seed: int = 1, scale: float = 0.3, **sources)
     rng = np.random.default_rng(seed)
     shapes = nn.unbox(jax.eval_shape(lambda: method.init(jax.random.PRNGKey(0), params, **sources)))
     return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+
+
+def assert_cli_usage_error(tmp_path, capsys, flags, needle: str) -> None:
+    """``routezoo train`` with ``flags`` exits 2 with one stderr line containing ``needle``
+    and creates no workdir."""
+    import sys
+
+    from routezoo.training import cli
+
+    wd = tmp_path / "wd"
+    with pytest.raises(SystemExit) as e:
+        sys.exit(cli.main(["train", "--workdir", str(wd), *flags]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not wd.exists()

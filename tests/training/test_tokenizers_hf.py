@@ -5,16 +5,15 @@ config refusals and a short training run."""
 import json
 import math
 import random
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import assert_cli_usage_error, tiny_config
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from routezoo.training import cli, config_check  # noqa: E402
+from routezoo.training import config_check  # noqa: E402
 from routezoo.training import data as data_lib  # noqa: E402
 
 ALPHABETS = ["abcdefghijklmnopqrstuvwxyz", "ABCXYZ0123456789", " ,.;:!?()\n\t",
@@ -198,13 +197,7 @@ def test_auto_picks_the_checkpoints_tokenizer(metaspace_dir, tmp_path, data_dir)
 def test_bad_tokenizer_config_one_line_exit_2(tmp_path, capsys, byte_level_dir, flags, needle):
     (tmp_path / "empty").mkdir()
     flags = [f.format(empty=tmp_path / "empty", bbpe=byte_level_dir) for f in flags]
-    wd = tmp_path / "wd"
-    with pytest.raises(SystemExit) as e:
-        sys.exit(cli.main(["train", "--workdir", str(wd), *flags]))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
-    assert not wd.exists()
+    assert_cli_usage_error(tmp_path, capsys, flags, needle)
 
 
 # ----------------------------------------------------------------------- end to end

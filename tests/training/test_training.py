@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import assert_cli_usage_error, tiny_config
 from routezoo.training import checkpoint as ckpt_lib
-from routezoo.training import cli, config_check
+from routezoo.training import config_check
 from routezoo.training.metrics import read_metrics
 from routezoo.training.train import train_and_evaluate
 
@@ -186,13 +186,7 @@ def test_other_optimizers_train(data_dir, tmp_path, name, schedule):
     (["--config=not_a_config"], "config 'not_a_config' not found"),
 ])
 def test_bad_config_one_line_exit_2_no_workdir(tmp_path, capsys, flags, needle):
-    wd = tmp_path / "wd"
-    with pytest.raises(SystemExit) as e:
-        sys.exit(cli.main(["train", "--workdir", str(wd), *flags]))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err, err
-    assert not wd.exists()
+    assert_cli_usage_error(tmp_path, capsys, flags, needle)
 
 
 def test_config_file_with_unknown_key_is_refused(data_dir):
