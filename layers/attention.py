@@ -4,6 +4,16 @@ key/value cache for decoding.
 Einsum letters: ``B`` batch, ``L`` length (queries), ``M`` length (keys), ``D`` embed,
 ``H`` query heads, ``U`` key/value heads, ``A`` head dim, ``F`` mlp, ``V`` vocab.
 
+Packed rows (several documents in one row): ``segment_ids`` int ``[B, L]`` number the
+documents of a row ``1, 2, 3, ...`` and mark padding with ``0``; :func:`segment_mask_of`
+turns them into the bool mask ``[B, 1, L, M]`` that keeps attention inside a document
+(padding queries attend padding keys only, so no row of the softmax is empty), and
+:class:`Attention` and :class:`~routezoo.layers.mla.MLAttention` take them (also in decode
+mode, where the cache keeps the segment id of every written slot: :func:`decode_cache`).
+On GPUs the masked case stays on cuDNN's fused flash kernel
+(:func:`segment_attention_implementation`); :func:`cudnn_packed_attention` is cuDNN's
+packed (ragged offsets) layout, kept for measurement, not used by the layers.
+
 Every parameter carries logical axis names (see :mod:`routezoo.layers.sharding`) and every
 large activation is constrained by name, so the same modules run unsharded, data-parallel,
 FSDP or tensor-parallel depending only on the mesh and the rules in context.
@@ -177,6 +187,120 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
     return out.astype(x.dtype)
 
 
+def segment_mask_of(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+    """Document mask of packed rows: bool ``[B, 1, L, M]``, True where query ``i`` may attend
+    key ``j``: ``q_segment_ids[b, i] == kv_segment_ids[b, j]``.
+
+    ``q_segment_ids`` int ``[B, L]``, ``kv_segment_ids`` int ``[B, M]``: documents numbered
+    ``1, 2, 3, ...`` within a row, ``0`` padding. A real query never sees padding or another
+    document; a padding query (0) sees padding keys only, so its softmax row is never
+    empty (with causality and self-attention it always holds its own key) and its output
+    is finite and meaningless. Causality is not part of it: combine with the kernel's
+    ``is_causal`` or a causal mask (and a padding mask with :func:`combine_masks`)."""
+    q = jnp.asarray(q_segment_ids)[:, None, :, None]     # [B, 1, L, 1]
+    kv = jnp.asarray(kv_segment_ids)[:, None, None, :]   # [B, 1, 1, M]
+    return q == kv
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """The logical and of the bool masks that are not ``None`` (broadcast together);
+    ``None`` if all are."""
+    out = None
+    for m in masks:
+        if m is not None:
+            out = m if out is None else out & m
+    return out
+
+
+def cudnn_flash_applies(dtype: Any, head_dim: int) -> bool:
+    """Where :class:`Attention`'s default (``implementation`` ``None``/``'auto'``) is cuDNN's
+    flash attention: a GPU, 16-bit inputs, head dim <= 128. Elsewhere (CPU, TPU, float32)
+    the XLA path, which materialises the ``[B, H, L, M]`` scores."""
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim <= 128)
+
+
+def segment_attention_implementation(dtype: Any, head_dim: int, implementation: str | None = None) -> str | None:
+    """The ``jax.nn.dot_product_attention`` implementation of document-masked attention
+    (``segment_ids`` given, no decoding): ``implementation`` where it names one (``'xla'``,
+    ``'cudnn'``); for ``None``/``'auto'`` ``'cudnn'`` where :func:`cudnn_flash_applies`, else
+    ``None`` (XLA).
+
+    On the cuDNN path the bool mask ``[B, 1, L, M]`` of :func:`segment_mask_of` enters the
+    fused kernel as an additive bias (jax turns it into ``0`` / a large negative number of
+    the input dtype, ``[B, 1, L, M]``, broadcast over heads inside the kernel), causality
+    stays the kernel's own ``CAUSAL`` mask type: no ``[B, H, L, L]`` scores, one 16-bit
+    ``[B, 1, L, L]`` bias read per call (and a bias gradient of that shape written by the
+    backward pass). The one place to change to measure another choice."""
+    if implementation not in (None, "auto"):
+        return implementation
+    return "cudnn" if cudnn_flash_applies(dtype, head_dim) else None
+
+
+def segment_lengths_and_offsets(segment_ids: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """cuDNN's packed layout of contiguous segments: ``(seqlen, offsets)``.
+
+    ``segment_ids`` int ``[B, L]``, documents ``1..n`` contiguous and in order, ``0``
+    padding; ``max_segments`` (static) at least the largest ``n`` of any row. ``seqlen``
+    int32 ``(B, max_segments)``: the length of document ``j + 1`` (``-1`` where the row has
+    fewer); ``offsets`` int32 ``(B, max_segments + 1)``: its first position (``-1`` past the
+    row's last document, and in the extra last column), the form
+    ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`` documents for
+    ``q_seqlen``/``q_offsets``. Documents numbered above ``max_segments`` are left out (their
+    queries get no output)."""
+    seg = jnp.asarray(segment_ids).astype(jnp.int32)
+    ids = jnp.arange(1, max_segments + 1, dtype=jnp.int32)
+    hit = seg[:, None, :] == ids[None, :, None]                           # (B, max_segments, L)
+    lengths = jnp.sum(hit, axis=-1, dtype=jnp.int32)
+    starts = jnp.argmax(hit, axis=-1).astype(jnp.int32)
+    present = lengths > 0
+    seqlen = jnp.where(present, lengths, -1)
+    offsets = jnp.concatenate([jnp.where(present, starts, -1),
+                               jnp.full((seg.shape[0], 1), -1, jnp.int32)], axis=1)
+    return seqlen, offsets
+
+
+def _jax_version() -> tuple[int, ...]:
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in jax.__version__.split(".")[:3])
+
+
+def cudnn_packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                           max_segments: int, causal: bool = True, scale: float | None = None) -> jax.Array:
+    """Document-masked attention through cuDNN's packed (ragged offsets) layout: no mask or
+    bias array at all; each document is its own sequence for the kernel. For measurement
+    (GPU, Hopper or later, cuDNN's flash conditions: 16-bit, head dim a multiple of 8); the
+    layers use :func:`segment_attention_implementation`'s dense-mask path.
+
+    ``q [B, L, H, A]``, ``k``/``v`` ``[B, L, U, A]``; returns ``[B, L, H, A]``. Reaches the
+    packed layout through jax's private ``jax._src.cudnn.fused_attention_stablehlo.
+    dot_product_attention`` (``jax.nn.dot_product_attention`` has no offsets arguments)
+    with ``q_seqlen = kv_seqlen``, ``q_offsets = kv_offsets`` of
+    :func:`segment_lengths_and_offsets` and mask type ``PADDING_CAUSAL`` (``PADDING`` when
+    not causal). Grouped key/value heads (``U < H``): jax before 0.11.2 multiplies
+    ``kv_offsets`` by the *query* heads times ``A`` to get element strides (right only for
+    ``U = H``; jax 0.10.2's ``_fix_seqlen_offsets``), so there the keys and values are
+    repeated to ``H`` heads; jax 0.11.2 strides by ``U`` (seen correct on an H200 for
+    ``U`` = 1, 2, 4, 8 of ``H`` = 8, 16). The kernel leaves the outputs at padding (segment
+    0) unwritten, and in the backward pass the padding rows' gradients too (NaN or junk
+    was seen): outputs there are set to 0 and the gradients to q, k, v there are exactly
+    0."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused   # private: the packed layout
+
+    h, u = q.shape[2], k.shape[2]
+    if u != h and _jax_version() < (0, 11, 2):   # kv strides by query heads there
+        k, v = jnp.repeat(k, h // u, axis=2), jnp.repeat(v, h // u, axis=2)
+    real = (jnp.asarray(segment_ids) > 0)[:, :, None, None]                     # [B, L, 1, 1]
+    # The backward kernel leaves the gradients of padding rows unwritten (NaN or huge junk
+    # seen on an H200): select them away, so padding gets exactly zero gradient.
+    q, k, v = (jnp.where(real, t, jax.lax.stop_gradient(t)) for t in (q, k, v))
+    seqlen, offsets = segment_lengths_and_offsets(segment_ids, max_segments)
+    mask_type = fused.MaskType.PADDING_CAUSAL if causal else fused.MaskType.PADDING
+    out = fused.dot_product_attention(
+        q, k, v, None, None, seqlen, seqlen, offsets, offsets,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale, mask_type=mask_type, qkv_layout="BTNH")
+    return jnp.where(real, out, jnp.zeros((), out.dtype))
+
+
 def require_cache(module: nn.Module, name: str) -> None:
     """Outside ``init``, a clear error where ``decode=True`` meets no cache variable."""
     if not module.is_initializing() and not module.has_variable("cache", name):
@@ -185,24 +309,36 @@ def require_cache(module: nn.Module, name: str) -> None:
                          "variables['cache'] with mutable=['cache']")
 
 
-def decode_cache(module: nn.Module, new: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
+def decode_cache(module: nn.Module, new: dict[str, jax.Array],
+                 segment_ids: jax.Array | None = None) -> tuple[dict[str, jax.Array], jax.Array]:
     """Autoregressive decoding's key/value cache of ``module``: per-position arrays ``[B, L,
     ...]`` kept in its ``'cache'`` collection with a write index.
 
     At ``init`` it creates zero buffers ``[B, M, ...]``, ``M`` the length of the init
-    input (the most positions the cache will hold), and returns ``new`` unchanged with a
-    causal mask. Afterwards it writes ``new`` at slots ``index .. index + L - 1``, advances
-    the index and returns the whole buffers with ``allowed`` ``[1, 1, L, M]``: query ``i``
-    (slot ``index + i``) may attend to slot ``j`` iff ``j <= index + i``, which also hides
-    the slots not written yet. Writing past ``M`` is not detected (callers size the cache).
+    input (the most positions the cache will hold), and an int32 buffer ``segment_ids``
+    ``[B, M]`` (always, so that :func:`routezoo.zoo.lm.init_cache` makes it), and returns
+    ``new`` unchanged with a causal mask. Afterwards it writes ``new`` at slots ``index ..
+    index + L - 1``, advances the index and returns the whole buffers with ``allowed``
+    ``[1, 1, L, M]``: query ``i`` (slot ``index + i``) may attend to slot ``j`` iff ``j <=
+    index + i``, which also hides the slots not written yet. Writing past ``M`` is not
+    detected (callers size the cache).
+
+    ``segment_ids`` int ``[B, L]`` (packed documents, 0 padding; see
+    :func:`segment_mask_of`): also written to the ``segment_ids`` buffer at the same
+    slots, and ``allowed`` ``[B, 1, L, M]`` further requires slot ``j``'s stored segment id
+    to equal query ``i``'s, so a prompt of several packed documents decodes without
+    crossing them. Pass them on every call of a decoding run or on none: a call without
+    them neither writes the buffer nor reads it (its queries see every earlier slot).
     """
     l = next(iter(new.values())).shape[1]
     initializing = module.is_initializing()
     require_cache(module, "index")
     bufs = {name: module.variable("cache", name, jnp.zeros, a.shape, a.dtype) for name, a in new.items()}
+    seg_buf = module.variable("cache", "segment_ids", jnp.zeros, next(iter(new.values())).shape[:2], jnp.int32)
     index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     if initializing:
-        return new, jnp.tril(jnp.ones((l, l), bool))[None, None]
+        causal = jnp.tril(jnp.ones((l, l), bool))[None, None]
+        return new, causal if segment_ids is None else causal & segment_mask_of(segment_ids, segment_ids)
     start = index.value
     out = {}
     for name, a in new.items():
@@ -212,7 +348,11 @@ def decode_cache(module: nn.Module, new: dict[str, jax.Array]) -> tuple[dict[str
     index.value = start + l
     m = next(iter(out.values())).shape[1]
     allowed = jnp.arange(m)[None, :] <= (start + jnp.arange(l))[:, None]
-    return out, allowed[None, None]
+    if segment_ids is None:
+        return out, allowed[None, None]
+    seg_buf.value = jax.lax.dynamic_update_slice_in_dim(
+        seg_buf.value, jnp.asarray(segment_ids).astype(jnp.int32), start, axis=1)
+    return out, allowed[None, None] & segment_mask_of(segment_ids, seg_buf.value)   # [B, 1, L, M]
 
 
 class Attention(nn.Module):
@@ -237,6 +377,18 @@ class Attention(nn.Module):
 
     ``decode=True``: autoregressive decoding with the rotated keys and the values cached
     (:func:`decode_cache`); ``segment_mask`` then covers the cache's slots (``[B, 1, 1, M]``).
+
+    Packed documents: ``segment_ids`` int ``[B, L]`` (documents ``1, 2, 3, ...`` of a row in
+    order, ``0`` padding) keep every query inside its own document (:func:`segment_mask_of`,
+    and-ed with causality and with ``segment_mask`` where given); a padding query attends
+    padding keys only (finite, meaningless output). ``positions`` must then restart at 0
+    in every document (``routezoo.zoo.lm.positions_from_segments(segment_ids)``), so that
+    each document's rotary phases are those of the document run alone. On GPUs (16-bit,
+    head dim <= 128) the masked attention stays on cuDNN's flash kernel, the mask entering
+    it as a bias (:func:`segment_attention_implementation`); elsewhere the XLA path. With
+    ``decode=True`` the cache keeps the segment id of every written slot and a query sees
+    only the written slots of its own segment. ``segment_ids=None``: exactly the
+    computation without them.
     """
 
     num_heads: int
@@ -268,8 +420,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
-                 segment_mask: jax.Array | None = None, decode: bool = False) -> jax.Array:
-        # x: [B, L, D]
+                 segment_mask: jax.Array | None = None, decode: bool = False,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        # x: [B, L, D]; segment_ids: int [B, L] or None (see the class docstring)
         b, l, d = x.shape
         h, g, k = self.num_heads, self.num_kv_heads, self.head_dim
         if h % g:
@@ -298,16 +451,21 @@ class Attention(nn.Module):
         q = rotary_embedding(q, positions, self.rope_theta, self.rope_scaling)
         kk = rotary_embedding(kk, positions, self.rope_theta, self.rope_scaling)
         if decode:   # attend over the cache (XLA path: a few queries against M slots)
-            cached, allowed = decode_cache(self, {"k": kk, "v": v})
+            cached, allowed = decode_cache(self, {"k": kk, "v": v}, segment_ids)
             mask = allowed if segment_mask is None else allowed & segment_mask
             out = jax.nn.dot_product_attention(q, cached["k"], cached["v"], mask=mask)
+        elif segment_ids is not None:   # packed documents: [B, 1, L, L] mask, flash kernel on GPUs
+            mask = combine_masks(segment_mask_of(segment_ids, segment_ids), segment_mask)
+            mask = jnp.broadcast_to(mask, (b, 1, l, l))   # cuDNN takes a bias of the full [L, M]
+            impl = segment_attention_implementation(q.dtype, k, self.implementation)
+            out = jax.nn.dot_product_attention(
+                q, kk, v, mask=mask, is_causal=self.causal, implementation=impl)   # [B, L, H, A]
         else:
             impl = self.implementation
             if impl in (None, "auto"):
                 # cuDNN flash attention where it applies (GPU, 16-bit, head dim <= 128); the XLA
                 # path materialises [B, H, L, L] scores, which runs out of memory at length 2048.
-                use_cudnn = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-                             and k <= 128 and segment_mask is None)
+                use_cudnn = cudnn_flash_applies(q.dtype, k) and segment_mask is None
                 impl = "cudnn" if use_cudnn else None
             out = jax.nn.dot_product_attention(
                 q, kk, v, mask=segment_mask, is_causal=self.causal, implementation=impl)   # [B, L, H, A]

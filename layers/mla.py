@@ -35,6 +35,13 @@ to ``A``, since that kernel takes one head dim); elsewhere it materialises the
 ``[B, H, L, M]`` scores with a float32 softmax. With ``decode=True`` the layer caches the
 normed latent and the rotated shared key (not the expanded keys and values) and expands
 them at every step.
+
+Packed documents: ``segment_ids`` int ``[B, L]`` (documents ``1, 2, ...``, ``0`` padding)
+keep attention inside each document, as in :class:`routezoo.layers.attention.Attention`
+(:func:`~routezoo.layers.attention.segment_mask_of`; ``positions`` must restart at 0 per
+document). The segment mask keeps the cuDNN path (the full ``[B, 1, L, M]`` mask goes
+into the kernel as a bias, a padding mask and-ed into it); in decode mode the cache keeps
+every written slot's segment id beside the latent.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ from flax import linen as nn
 
 from routezoo.layers.adapters.hooks import project
 from routezoo.layers.norms import RMSNorm
-from routezoo.layers.attention import RopeScaling, decode_cache, rope_scaling_of, rotary_embedding
+from routezoo.layers.attention import RopeScaling, combine_masks, decode_cache, rope_scaling_of, rotary_embedding
+from routezoo.layers.attention import segment_mask_of
 from routezoo.layers.attention import default_kernel_init
 from routezoo.layers.sharding import constrain, param
 
@@ -57,9 +65,11 @@ Dtype = Any
 class MLAttention(nn.Module):
     """Causal (or bidirectional) multi-head latent attention; see the module docstring.
 
-    ``__call__(x [B, L, D], positions [B, L] | None, segment_mask | None) -> [B, L, D]``;
-    ``segment_mask`` is bool, broadcastable to ``[B, 1, L, M]`` (True: the query may attend
-    to the key), as for :class:`routezoo.layers.attention.Attention`.
+    ``__call__(x [B, L, D], positions [B, L] | None, segment_mask | None, decode=False,
+    segment_ids [B, L] | None) -> [B, L, D]``; ``segment_mask`` is bool, broadcastable to
+    ``[B, 1, L, M]`` (True: the query may attend to the key), ``segment_ids`` the packed
+    documents of each row (0: padding), both as for
+    :class:`routezoo.layers.attention.Attention`.
     """
 
     num_heads: int
@@ -87,14 +97,16 @@ class MLAttention(nn.Module):
     def _softmax_factor(self) -> float:
         return 1.0 if self.rope_scaling is None else self.rope_scaling.softmax_factor()
 
-    def _use_cudnn(self, q: jax.Array, segment_mask: jax.Array | None) -> bool:
+    def _use_cudnn(self, q: jax.Array, segment_mask: jax.Array | None, segmented: bool = False) -> bool:
         """``implementation`` ``'cudnn'``, or ``None``/``'auto'`` where cuDNN's flash
-        attention applies: a GPU, 16-bit inputs, no segment mask, a head dim that is a
-        multiple of 8 and at most 128 (256 on Hopper and later)."""
+        attention applies: a GPU, 16-bit inputs, no padding mask (a ``[B, 1, 1, M]`` mask is
+        no bias cuDNN takes) unless ``segmented`` (packed documents: the mask is the full
+        ``[B, 1, L, M]`` document mask, the padding mask and-ed into it), a head dim that is
+        a multiple of 8 and at most 128 (256 on Hopper and later)."""
         if self.implementation not in (None, "auto"):
             return self.implementation == "cudnn"
         if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16) \
-                or segment_mask is not None or q.shape[-1] % 8:
+                or (segment_mask is not None and not segmented) or q.shape[-1] % 8:
             return False
         cc = getattr(jax.devices()[0], "compute_capability", "0")
         return q.shape[-1] <= (256 if float(cc) >= 9.0 else 128)
@@ -115,7 +127,8 @@ class MLAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array | None = None,
-                 segment_mask: jax.Array | None = None, decode: bool = False) -> jax.Array:
+                 segment_mask: jax.Array | None = None, decode: bool = False,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
         b, l, d = x.shape
         h, n, p, v, r = (self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim,
                          self.kv_lora_rank)
@@ -143,7 +156,7 @@ class MLAttention(nn.Module):
         k_rope = self._rope(ckv[:, :, None, r:], positions)                              # [B, L, 1, P]
         allowed = None
         if decode:   # the cache holds the normed latent and the rotated shared key (DeepSeek-V2's)
-            cached, allowed = decode_cache(self, {"latent": latent, "k_rope": k_rope})
+            cached, allowed = decode_cache(self, {"latent": latent, "k_rope": k_rope}, segment_ids)
             latent, k_rope = cached["latent"], cached["k_rope"]
         m = latent.shape[1]
         kv = project(self, "kv_b", "BLY,YHA->BLHA", latent,
@@ -154,7 +167,10 @@ class MLAttention(nn.Module):
         kk = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, m, h, p))], axis=-1)  # [B, M, H, A]
 
         scale = k ** -0.5 * self._softmax_factor()
-        if not decode and self._use_cudnn(qq, segment_mask):
+        if not decode and segment_ids is not None:   # packed documents: one full [B, 1, L, L] mask
+            segment_mask = jnp.broadcast_to(
+                combine_masks(segment_mask_of(segment_ids, segment_ids), segment_mask), (b, 1, l, l))
+        if not decode and self._use_cudnn(qq, segment_mask, segmented=segment_ids is not None):
             # cuDNN flash attention (no [B, H, L, L] scores). jax.nn.dot_product_attention
             # takes one head dim for q, k and v: the values are zero-padded from v to A and
             # the padded output columns (exactly 0) are dropped.

@@ -16,12 +16,24 @@ Transformer" (T5), as used by Fedus et al. 2021 (Switch Transformers):
 * Attention logits are ``q·k`` without the ``1/sqrt(A)`` factor: T5 folds it into the
   initialisation of the query projection (std ``(D·A)^-1/2``). Masked keys get
   ``finfo(float32).min`` added to the logit, as the Hugging Face implementation does (a
-  query whose keys are all masked then attends uniformly to all of them).
+  query whose keys are all masked then attends uniformly to all of them; packed
+  cross-attention instead gives such a query a zero output, ``zero_empty_rows``).
 * Norms are :class:`~routezoo.layers.norms.RMSNorm` (T5's LayerNorm: no mean, no bias),
   dense FFNs are :class:`~routezoo.layers.mlp.MLP` with ``mlp_type='relu'`` (T5 v1.0).
 
 Every projection goes through :func:`~routezoo.layers.adapters.hooks.project`, so
 activation-space adapters reach ``q``/``k``/``v``/``o`` of self- and cross-attention.
+
+Packed rows (several documents per row, ``segment_ids`` int ``[B, L]``, documents ``1, 2,
+...``, ``0`` padding): :func:`segment_mask` and-s the document mask
+(:func:`routezoo.layers.attention.segment_mask_of`) into any of the masks above; for
+cross-attention it is built from the decoder's ids (queries) and the encoder's (keys), so
+a decoder token of document ``s`` attends only encoder tokens of document ``s``. The
+relative position bias takes no positions: :class:`RelativePositionBias` computes
+``key - query`` from array indices, and since a document's tokens are contiguous, index
+differences within one document equal position differences within it, so masking alone
+gives every document the bias it has when run alone (pairs across documents get a bias
+too, but they are masked).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import numpy as np
 from flax import linen as nn
 
 from routezoo.layers.adapters.hooks import project
+from routezoo.layers.attention import combine_masks, segment_mask_of
 from routezoo.layers.sharding import constrain, param
 
 Dtype = Any
@@ -105,6 +118,20 @@ def causal_mask(length: int, key_mask: jax.Array | None = None) -> jax.Array:
     return causal if key_mask is None else causal & padding_mask(key_mask)
 
 
+def segment_mask(mask: jax.Array | None, q_segment_ids: jax.Array | None,
+                 kv_segment_ids: jax.Array | None = None) -> jax.Array | None:
+    """``mask`` (bool, broadcastable to ``[B, 1, L, M]``, or None) and the document mask of
+    packed rows: ``[B, 1, L, M]`` True where the query's segment id equals the key's
+    (``kv_segment_ids`` defaults to ``q_segment_ids``: self-attention). ``q_segment_ids``
+    None: ``mask`` unchanged. A query whose keys are all masked (a decoder document with no
+    encoder tokens of its id, say) should read nothing: :class:`T5Attention` with
+    ``zero_empty_rows`` gives it a zero output, so nothing crosses a document."""
+    if q_segment_ids is None:
+        return mask
+    kv = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    return combine_masks(mask, segment_mask_of(q_segment_ids, kv))
+
+
 class T5Attention(nn.Module):
     """Multi-head attention as in T5: no positions inside, no ``1/sqrt(A)`` scale.
 
@@ -113,13 +140,16 @@ class T5Attention(nn.Module):
     Parameters ``q``/``k``/``v`` ``[D, H, A]`` and ``o`` ``[H, A, D]`` (names as
     :class:`~routezoo.layers.attention.Attention`), initialised as T5 does (std ``(D·A)^-1/2``
     for ``q``, ``D^-1/2`` for ``k``/``v``, ``(H·A)^-1/2`` for ``o``). Logits, bias, mask
-    and softmax are float32.
+    and softmax are float32. With ``zero_empty_rows`` (packed cross-attention) a query whose
+    mask row allows no key gets a zero output instead of Hugging Face's uniform average
+    over the masked keys.
     """
 
     num_heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    zero_empty_rows: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, kv: jax.Array | None = None, bias: jax.Array | None = None,
@@ -142,7 +172,10 @@ class T5Attention(nn.Module):
             logits = logits + bias
         if mask is not None:
             logits = logits + jnp.where(mask, 0.0, NEG)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = jax.nn.softmax(logits, axis=-1)
+        if mask is not None and self.zero_empty_rows:   # a decoder document absent from the encoder reads nothing
+            weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+        weights = weights.astype(self.dtype)
         out = constrain(jnp.einsum("BHLM,BMHA->BLHA", weights, v), ("batch", "length", "act_heads", None))
         wo = self.param("o", param(nn.initializers.normal((h * k) ** -0.5), ("heads", "head_dim", "embed")),
                         (h, k, d), self.param_dtype)
@@ -150,4 +183,5 @@ class T5Attention(nn.Module):
         return constrain(y, ("batch", "length", "act_embed"))
 
 
-__all__ = ["RelativePositionBias", "T5Attention", "causal_mask", "padding_mask", "relative_position_bucket"]
+__all__ = ["RelativePositionBias", "T5Attention", "causal_mask", "padding_mask", "relative_position_bucket",
+           "segment_mask"]

@@ -43,6 +43,16 @@ class EncoderMLM(DecoderLM):
 
     Same parameters and options as :class:`~routezoo.zoo.lm.DecoderLM`; only the attention
     is bidirectional. Inputs are the (masked) tokens; see :func:`masked_lm_batch`.
+
+    Packed rows: ``model.apply(v, tokens, segment_ids=s, positions=p)`` with ``s`` int
+    ``[B, L]`` (documents ``1, 2, 3, ...`` of a row, ``0`` padding) makes attention
+    bidirectional *within* each document and blind across documents; a padding token
+    attends the row's padding only (its output is meaningless; its targets have weight 0
+    in :func:`masked_lm_batch`, which never selects ``pad_id``). ``p`` must restart at 0 per
+    document: ``routezoo.zoo.lm.positions_from_segments(s)``. Then each document's logits
+    equal those of the document alone, except where a router couples the tokens of a row
+    (capacity dispatch; ``expert_choice`` and ``soft`` read the whole routing group, so
+    there the documents of a row affect each other as sequences of a group do).
     """
 
     causal: ClassVar[bool] = False

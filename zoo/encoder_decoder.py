@@ -39,6 +39,19 @@ the training loop passes). :meth:`EncoderDecoderLM.encode` and
 :meth:`EncoderDecoderLM.decode` run the halves (e.g. to decode greedily with one
 encoder pass; there is no key/value cache).
 
+Packed rows: ``encoder_segment_ids`` int ``[B, e]`` and ``decoder_segment_ids`` int ``[B,
+L]`` (keyword arguments, or keys of the dict input; both or neither) number the
+documents of each row ``1, 2, 3, ...`` (``0`` padding), the same id for an encoder
+document and the decoder document it pairs with. Encoder self-attention stays inside each
+encoder document (bidirectional there), decoder self-attention inside each decoder
+document (causal), and a decoder token of document ``s`` attends only to encoder tokens
+of document ``s`` (:func:`routezoo.layers.t5.segment_mask`); padding attends padding.
+The relative position buckets come from array indices, which within one contiguous
+document differ exactly as the document's own positions do, so no positions are taken:
+masking suffices, and each pair's logits equal those of the pair run alone (except
+through capacity dispatch, which couples the documents of a row as it couples the
+sequences of a routing group). ``encoder_mask``/``decoder_mask`` given too are and-ed in.
+
 Training objective (``objective = 'seq2seq'``; ``model.seq2seq_objective``): ``prefix_lm``
 (:func:`seq2seq_batch`), a prefix-LM split of every packed row: the first
 ``model.seq2seq_split`` of it is the encoder input, the decoder predicts the rest; or
@@ -69,7 +82,8 @@ from routezoo.layers.sharding import param
 from routezoo.zoo.lm import resolve_dtype
 
 Aux = dict[str, dict[str, jax.Array]]
-INPUT_KEYS = ("encoder_tokens", "decoder_tokens", "encoder_mask", "decoder_mask")
+INPUT_KEYS = ("encoder_tokens", "decoder_tokens", "encoder_mask", "decoder_mask", "encoder_segment_ids",
+              "decoder_segment_ids")
 
 
 def sparse_kinds(num_layers: int, step: int) -> tuple[str, ...]:
@@ -116,14 +130,15 @@ class T5Block(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, bias, mask, deterministic: bool, encoded=None, cross_mask=None):
+    def __call__(self, x, bias, mask, deterministic: bool, encoded=None, cross_mask=None, packed: bool = False):
+        # packed: rows of several documents; a decoder document absent from the encoder reads nothing
         c = self.cfg
         norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
-        attn = lambda name: t5.T5Attention(int(c.num_heads), int(c.head_dim), self.dtype, self.param_dtype,
-                                           name=name)
+        attn = lambda name, zero=False: t5.T5Attention(int(c.num_heads), int(c.head_dim), self.dtype,
+                                                       self.param_dtype, zero_empty_rows=zero, name=name)
         x = x + attn("attn")(norm("attn_norm")(x), None, bias, mask)
         if self.decoder:
-            x = x + attn("cross")(norm("cross_norm")(x), encoded, None, cross_mask)
+            x = x + attn("cross", packed)(norm("cross_norm")(x), encoded, None, cross_mask)
         h = norm("ffn_norm")(x)
         if self.ffn_kind == "moe":
             y, aux = _moe_layer(c, h.shape[1], self.dtype, self.param_dtype, "moe")(h, deterministic=deterministic)
@@ -142,7 +157,10 @@ class T5Stack(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, mask, deterministic: bool, encoded=None, encoder_mask=None):
+    def __call__(self, x, mask, deterministic: bool, encoded=None, encoder_mask=None, segment_ids=None,
+                 encoder_segment_ids=None):
+        # segment_ids: int [B, L] packed documents of this stack's rows (0 padding) or None;
+        # encoder_segment_ids [B, e]: the encoder's, for the decoder's cross-attention
         c = self.cfg
         l = x.shape[1]
         kinds = stack_kinds(c)["decoder" if self.decoder else "encoder"]
@@ -151,17 +169,27 @@ class T5Stack(nn.Module):
                                        param_dtype=self.param_dtype, name="relpos")(l, l)
         self_mask = t5.causal_mask(l, mask) if self.decoder else t5.padding_mask(mask)
         cross_mask = t5.padding_mask(encoder_mask)
+        if segment_ids is not None:   # packed documents (relative positions: index differences suffice)
+            self_mask = t5.segment_mask(self_mask, segment_ids)
+            if self.decoder:
+                cross_mask = t5.segment_mask(cross_mask, segment_ids, encoder_segment_ids)
         losses: dict[str, jax.Array] = {}
         stats: dict[str, jax.Array] = {}
         for i, kind in enumerate(kinds):
             x, aux = T5Block(c, kind, self.decoder, self.dtype, self.param_dtype, name=f"layer{i}")(
-                x, bias, self_mask, deterministic, encoded, cross_mask)
+                x, bias, self_mask, deterministic, encoded, cross_mask, segment_ids is not None)
             for k, v in aux.get("losses", {}).items():
                 losses[k] = losses.get(k, 0.0) + v
             for k, v in aux.get("stats", {}).items():
                 stats[f"layer{i}/{k}"] = v
         x = make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
         return x, losses, stats
+
+
+def _check_segments(encoder_segment_ids, decoder_segment_ids) -> None:
+    if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+        raise ValueError("EncoderDecoderLM: packed rows need both encoder_segment_ids and decoder_segment_ids "
+                         "(the cross-attention pairs documents by id), or neither")
 
 
 def _merge(*auxes: Aux) -> Aux:
@@ -194,16 +222,23 @@ class EncoderDecoderLM(nn.Module):
                                       (int(c.d_model), int(c.vocab_size)), param_dtype)
 
     def encode(self, encoder_tokens: jax.Array, encoder_mask: jax.Array | None = None, *,
-               deterministic: bool = True) -> tuple[jax.Array, Aux]:
-        """Encoder output ``[B, e, D]`` and its aux (stats under ``encoder/``)."""
-        h, losses, stats = self.encoder(self.embed(encoder_tokens), encoder_mask, deterministic)
+               deterministic: bool = True, encoder_segment_ids: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+        """Encoder output ``[B, e, D]`` and its aux (stats under ``encoder/``);
+        ``encoder_segment_ids`` ``[B, e]``: packed documents (module docstring)."""
+        h, losses, stats = self.encoder(self.embed(encoder_tokens), encoder_mask, deterministic,
+                                        segment_ids=encoder_segment_ids)
         return h, {"losses": losses, "stats": {f"encoder/{k}": v for k, v in stats.items()}}
 
     def decode(self, decoder_tokens: jax.Array, encoded: jax.Array, encoder_mask: jax.Array | None = None,
-               decoder_mask: jax.Array | None = None, *, deterministic: bool = True) -> tuple[jax.Array, Aux]:
-        """float32 logits ``[B, L, V]`` of the decoder over ``encoded`` (from :meth:`encode`)."""
+               decoder_mask: jax.Array | None = None, *, deterministic: bool = True,
+               encoder_segment_ids: jax.Array | None = None,
+               decoder_segment_ids: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+        """float32 logits ``[B, L, V]`` of the decoder over ``encoded`` (from :meth:`encode`);
+        packed documents: both segment ids or neither (module docstring)."""
+        _check_segments(encoder_segment_ids, decoder_segment_ids)
         y, losses, stats = self.decoder(self.embed(decoder_tokens), decoder_mask, deterministic, encoded,
-                                        encoder_mask)
+                                        encoder_mask, segment_ids=decoder_segment_ids,
+                                        encoder_segment_ids=encoder_segment_ids)
         if self.cfg.tie_embeddings:
             logits = self.embed.attend(y)     # scaled by d_model**-0.5 (T5)
         else:
@@ -214,7 +249,8 @@ class EncoderDecoderLM(nn.Module):
     def __call__(self, encoder_tokens, decoder_tokens: jax.Array | None = None, *,
                  encoder_mask: jax.Array | None = None, decoder_mask: jax.Array | None = None,
                  deterministic: bool = True, targets: jax.Array | None = None,
-                 loss_weights: jax.Array | None = None) -> tuple[jax.Array, Aux]:
+                 loss_weights: jax.Array | None = None, encoder_segment_ids: jax.Array | None = None,
+                 decoder_segment_ids: jax.Array | None = None) -> tuple[jax.Array, Aux]:
         del targets, loss_weights   # given to every model by the train step; no loss term here reads them
         if isinstance(encoder_tokens, Mapping):
             unknown = sorted(set(encoder_tokens) - set(INPUT_KEYS))
@@ -225,13 +261,19 @@ class EncoderDecoderLM(nn.Module):
             encoder_tokens, decoder_tokens = inputs["encoder_tokens"], inputs.get("decoder_tokens")
             encoder_mask = inputs.get("encoder_mask", encoder_mask)
             decoder_mask = inputs.get("decoder_mask", decoder_mask)
+            encoder_segment_ids = inputs.get("encoder_segment_ids", encoder_segment_ids)
+            decoder_segment_ids = inputs.get("decoder_segment_ids", decoder_segment_ids)
         if decoder_tokens is None:
             if not self.is_initializing():
                 raise ValueError("EncoderDecoderLM needs decoder_tokens (the targets shifted right)")
             decoder_tokens = encoder_tokens   # init from one token array (zoo's generic init)
-        encoded, enc_aux = self.encode(encoder_tokens, encoder_mask, deterministic=deterministic)
+            decoder_segment_ids = encoder_segment_ids
+        _check_segments(encoder_segment_ids, decoder_segment_ids)
+        encoded, enc_aux = self.encode(encoder_tokens, encoder_mask, deterministic=deterministic,
+                                       encoder_segment_ids=encoder_segment_ids)
         logits, dec_aux = self.decode(decoder_tokens, encoded, encoder_mask, decoder_mask,
-                                      deterministic=deterministic)
+                                      deterministic=deterministic, encoder_segment_ids=encoder_segment_ids,
+                                      decoder_segment_ids=decoder_segment_ids)
         return logits, _merge(enc_aux, dec_aux)
 
 
@@ -327,12 +369,22 @@ def span_corruption_batch(batch: Mapping[str, jax.Array], rng: jax.Array, *, voc
     input and the targets end with it, as T5's pipeline appends EOS to both (its length
     helper counts it in); it sits at the row's last position, after any padding, with mask
     and weight 1: the decoder learns where the targets stop.
+
+    Packed rows (``batch['segment_ids']``, ``data.packing='masked'``): every encoder token
+    and target keeps the document it came from (a sentinel: its span's first token's; the
+    appended eos: the row's last document), the decoder input is the targets shifted right
+    within each document with the start id at each document's first target (as T5 packs
+    examples), and ``inputs`` gains ``encoder_segment_ids`` / ``decoder_segment_ids``, so
+    no attention crosses a document. A noise span that straddles two documents keeps the
+    first one's sentinel.
     """
     x = batch["inputs"]
     b, length = x.shape
     noise, spans, enc_len, dec_len = span_lengths(length, noise_density, mean_span)
+    packed = "segment_ids" in batch
+    segs = jnp.asarray(batch["segment_ids"]) if packed else jnp.zeros_like(x)
 
-    def one(row, key):
+    def one(row, seg_row, key):
         k_noise, k_keep = jax.random.split(key)
         noise_seg = _random_segments(k_noise, noise, spans)                                # [noise]
         keep_seg = _random_segments(k_keep, length - noise, spans)                         # [length - noise]
@@ -361,19 +413,31 @@ def span_corruption_batch(batch: Mapping[str, jax.Array], rng: jax.Array, *, voc
         tgt = tgt.at[sent_pos].set(sentinel.astype(row.dtype), mode="drop")
         tgt_w = jnp.zeros((dec_len,), jnp.float32).at[tgt_pos].set(
             (row != pad_id).astype(jnp.float32), mode="drop").at[sent_pos].set(1.0, mode="drop")
-        return enc, enc_real, tgt, tgt_w
+        # packed rows: every encoder token and target keeps its document (a sentinel: its span's)
+        enc_seg = jnp.zeros((enc_len,), jnp.int32).at[jnp.where(enc_keep, enc_pos, enc_len)].set(
+            seg_row, mode="drop")
+        tgt_seg = jnp.zeros((dec_len,), jnp.int32).at[tgt_pos].set(seg_row, mode="drop")
+        return enc, enc_real, tgt, tgt_w, enc_seg, tgt_seg
 
-    enc, enc_real, tgt, tgt_w = jax.vmap(one)(x, jax.random.split(rng, b))
+    enc, enc_real, tgt, tgt_w, enc_seg, tgt_seg = jax.vmap(one)(x, segs, jax.random.split(rng, b))
     if eos_id is not None:
         eos = jnp.full((b, 1), eos_id, x.dtype)
         enc = jnp.concatenate([enc, eos], axis=1)
         enc_real = jnp.concatenate([enc_real, jnp.ones((b, 1), bool)], axis=1)
         tgt = jnp.concatenate([tgt, eos], axis=1)
         tgt_w = jnp.concatenate([tgt_w, jnp.ones((b, 1), tgt_w.dtype)], axis=1)
+        last = jnp.max(segs, axis=1, keepdims=True)   # the eos closes the row's last document
+        enc_seg = jnp.concatenate([enc_seg, last], axis=1)
+        tgt_seg = jnp.concatenate([tgt_seg, last], axis=1)
     dec_in = jnp.concatenate([jnp.full((b, 1), start_id, x.dtype), tgt[:, :-1]], axis=1)
     dec_mask = jnp.concatenate([jnp.ones((b, 1), bool), tgt_w[:, :-1] > 0], axis=1)
     inputs = {"encoder_tokens": enc, "decoder_tokens": dec_in, "encoder_mask": enc_real.astype(jnp.int32),
               "decoder_mask": dec_mask.astype(jnp.int32)}
+    if packed:   # T5's packing: the targets shifted right within each document, the start id first
+        starts = jnp.concatenate([jnp.ones((b, 1), bool), tgt_seg[:, 1:] != tgt_seg[:, :-1]], axis=1)
+        inputs["decoder_tokens"] = jnp.where(starts, jnp.asarray(start_id, x.dtype), dec_in)
+        inputs["decoder_mask"] = jnp.where(starts, 1, inputs["decoder_mask"])
+        inputs["encoder_segment_ids"], inputs["decoder_segment_ids"] = enc_seg, tgt_seg
     return inputs, tgt, tgt_w
 
 
@@ -386,7 +450,11 @@ def seq2seq_batch(batch: Mapping[str, jax.Array], *, split: float, start_id: int
     (clipped to ``[1, L-1]``): the encoder reads ``t_0..t_{e-1}`` (mask: not ``pad_id``), the
     decoder predicts ``t_e..t_L`` from ``start_id, t_e..t_{L-1}`` (targets shifted right,
     as T5). ``inputs`` is the dict :class:`EncoderDecoderLM` takes; ``targets``/``weights``
-    ``[B, L-e+1]``.
+    ``[B, L-e+1]``. Packed rows (``batch['segment_ids']``): ``inputs`` gains
+    ``encoder_segment_ids`` (the first ``e`` tokens') and ``decoder_segment_ids`` (decoder
+    position ``j`` reads row token ``e-1+j``'s document; the start id belongs to the
+    encoder's last document), so a decoder document attends to its own part in the encoder
+    only (none: a document that starts after the cut is plain language modelling).
     """
     x, y, w = batch["inputs"], batch["targets"], batch["weights"]
     length = x.shape[1]
@@ -397,6 +465,9 @@ def seq2seq_batch(batch: Mapping[str, jax.Array], *, split: float, start_id: int
     dec_mask = (dec_in != pad_id).at[:, 0].set(True)    # the start id is real even when it is the pad id
     inputs = {"encoder_tokens": enc, "decoder_tokens": dec_in, "encoder_mask": (enc != pad_id).astype(jnp.int32),
               "decoder_mask": dec_mask.astype(jnp.int32)}
+    if "segment_ids" in batch:   # packed rows: decoder position j reads row token p-1+j (the start id: p-1)
+        seg = jnp.asarray(batch["segment_ids"])
+        inputs["encoder_segment_ids"], inputs["decoder_segment_ids"] = seg[:, :p], seg[:, p - 1:]
     return inputs, dec_targets, dec_w
 
 

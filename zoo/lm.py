@@ -94,6 +94,19 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Rotary positions of packed rows: ``0, 1, 2, ...`` restarting at every new segment id
+    (a document starts where the id differs from the previous token's), ``0`` at padding
+    (id 0). int32 ``[B, L]``. For callers who have only ``segment_ids``; a data pipeline
+    that emits positions passes its own."""
+    seg = jnp.asarray(segment_ids)
+    b, l = seg.shape
+    idx = jnp.arange(l, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)   # [B, L]
+    first = jax.lax.cummax(jnp.where(starts, idx[None, :], 0), axis=1)   # the current document's first index
+    return jnp.where(seg > 0, idx[None, :] - first, 0).astype(jnp.int32)
+
+
 def resolve_dtype(name: str) -> Any:
     if name == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -112,9 +125,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, deterministic: bool, token_ids=None, router_inputs=None,
-                 segment_mask=None, decode: bool = False):
+                 segment_mask=None, decode: bool = False, segment_ids=None):
         # segment_mask: bool [B, 1, L, L] (True: query may attend to key) or None;
-        # decode: attention reads and extends its key/value cache (DecoderLM, decode=True)
+        # decode: attention reads and extends its key/value cache (DecoderLM, decode=True);
+        # segment_ids: int [B, L] packed documents (0 padding) or None: attention stays inside each
         c = self.cfg
         norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         h = norm("attn_norm")(x)
@@ -123,12 +137,13 @@ class Block(nn.Module):
         routed_attn = None if self.ffn_kind != "moe" else router_class_of(c).build_attention(
             c, dtype=self.dtype, param_dtype=self.param_dtype, name="attn")
         if routed_attn is not None:
-            y, attn_aux = routed_attn(h, positions, segment_mask)
+            seg_kw = {} if segment_ids is None else {"segment_ids": segment_ids}
+            y, attn_aux = routed_attn(h, positions, segment_mask, **seg_kw)
             x = x + y
         elif str(c.get("attention", "mha")) == "mla":   # DeepSeek-V2/V3 latent attention (layers/mla.py)
             from routezoo.layers.mla import mla_from_config
             x = x + mla_from_config(c, causal=self.causal, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    name="attn")(h, positions, segment_mask, decode)
+                                    name="attn")(h, positions, segment_mask, decode, segment_ids)
         else:
             x = x + Attention(
                 num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
@@ -136,7 +151,7 @@ class Block(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype,
                 qkv_bias=bool(c.get("qkv_bias", False)), qk_norm=str(c.get("qk_norm", "none")),
                 qk_norm_eps=float(c.norm_eps), rope_scaling=rope_scaling_of(c),
-                name="attn")(h, positions, segment_mask, decode)
+                name="attn")(h, positions, segment_mask, decode, segment_ids)
         h = norm("ffn_norm")(x)
         ffn = FFN_BUILDERS[self.ffn_kind](c, self.dtype, self.param_dtype, self.ffn_kind)
         extra = {} if router_inputs is None else {"router_inputs": router_inputs}
@@ -165,7 +180,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     return nll * weights, correct * weights
 
 
-def mtp_loss(mtp_logits, targets: jax.Array, weights: jax.Array) -> jax.Array:
+def mtp_loss(mtp_logits, targets: jax.Array, weights: jax.Array,
+             segment_ids: jax.Array | None = None) -> jax.Array:
     """Mean over depths of the multi-token-prediction cross-entropy (DeepSeek-V3, section 2.2).
 
     Depth ``k``'s logits at position ``i`` predict ``targets[i + k]`` (the token ``k + 1``
@@ -175,6 +191,9 @@ def mtp_loss(mtp_logits, targets: jax.Array, weights: jax.Array) -> jax.Array:
       mtp_logits: one ``[B, L, V]`` array per depth (``aux['mtp_logits']``).
       targets: int ``[B, L]``, the next token of every input position.
       weights: ``[B, L]`` loss weights of ``targets``.
+      segment_ids: int ``[B, L]`` packed documents, or None: position ``i`` then also drops
+        out of depth ``k`` where position ``i + k`` lies in another document (as the last
+        ``k`` positions of an unpacked row do).
 
     Returns:
       The scalar mean over depths of each depth's weighted mean cross-entropy.
@@ -182,6 +201,8 @@ def mtp_loss(mtp_logits, targets: jax.Array, weights: jax.Array) -> jax.Array:
     per_depth = []
     for k, logits in enumerate(mtp_logits, 1):
         w = weights[:, k:]
+        if segment_ids is not None:
+            w = w * (segment_ids[:, k:] == segment_ids[:, :-k]).astype(w.dtype)
         nll, _ = cross_entropy(logits[:, :-k], targets[:, k:], w)
         per_depth.append(nll.sum() / jnp.maximum(w.sum(), 1.0))
     return sum(per_depth) / len(per_depth)
@@ -209,7 +230,7 @@ class MTPModule(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, h, emb, positions, deterministic: bool, token_ids, segment_mask):
+    def __call__(self, h, emb, positions, deterministic: bool, token_ids, segment_mask, segment_ids=None):
         """``(h_k [B, L, D], its final-normed copy for the head, aux of the block)``."""
         c = self.cfg
         norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
@@ -219,7 +240,7 @@ class MTPModule(nn.Module):
         x = jnp.concatenate([norm("enorm")(emb), norm("hnorm")(h)], axis=-1)
         x = jnp.einsum("BLI,ID->BLD", x, jnp.asarray(w, self.dtype))
         x, aux = Block(c, self.ffn_kind, self.dtype, self.param_dtype, name="block")(
-            x, positions, deterministic, token_ids, None, segment_mask)
+            x, positions, deterministic, token_ids, None, segment_mask, False, segment_ids)
         return x, norm("norm")(x), aux
 
 
@@ -241,6 +262,26 @@ class DecoderLM(nn.Module):
     for left padding pass ``positions=positions_from_mask(mask)``. Routing is per token,
     so padded tokens never change a real token's experts, except through capacity
     dispatch (they take buffer slots) and the Read-ME pre-gate (its attention sees them).
+
+    Packed rows (several documents per row): ``segment_ids`` int ``[B, L]`` numbers the
+    documents of each row ``1, 2, 3, ...`` in order, ``0`` marks padding. Every attention
+    (grouped-query :class:`~routezoo.layers.attention.Attention`, latent attention, UoE's
+    selective attention, the MTP modules' blocks) then keeps each query inside its
+    document; a padding query attends padding keys only (its output is finite and
+    meaningless). Positions are the caller's and must restart at 0 in every document
+    (``positions=positions_from_segments(segment_ids)`` where the pipeline gives none);
+    with both, each document's logits equal those of the document run alone in its own
+    row, up to what couples the tokens of a row anyway: capacity dispatch (a document's
+    tokens can take expert slots another document would have had, exactly as sequences
+    of one routing group do), UoE's per-row head buffers when they drop tokens, routers
+    that read the whole row (``expert_choice``, ``soft``, in the encoder) and Read-ME's
+    pre-gate network (its own attention is not masked by ``segment_ids``). An
+    ``attention_mask`` given too is and-ed with the document mask. On GPUs the masked
+    attention stays on cuDNN's flash kernel
+    (:func:`~routezoo.layers.attention.segment_attention_implementation`). With
+    multi-token prediction the token ``t[i+k]`` a module reads at position ``i`` is
+    replaced by padding (0) where it belongs to another document (as past the end of an
+    unpacked row), and the ``mtp`` loss drops those positions (:func:`mtp_loss`).
 
     Routers with state outside one layer get it explicitly: the router class's
     ``model_routing`` (``layers/routers/base.py``) makes it once per call, and the model
@@ -275,7 +316,10 @@ class DecoderLM(nn.Module):
     appends its ``L`` tokens (a prompt, then one token at a time) and returns their
     logits, equal to the full forward pass's at those positions. Positions default to the
     number of tokens seen so far; ``attention_mask`` then covers the ``max_len`` cache slots
-    (left padding: pass it with ``positions``). Refused for routers without a decode mode
+    (left padding: pass it with ``positions``). With ``segment_ids`` (the new tokens' ids,
+    ``[B, L]``, on every call of the run, and positions per document) the cache keeps each
+    slot's segment id and a token attends only to the cached tokens of its own document,
+    so a prompt of several packed documents decodes without crossing them. Refused for routers without a decode mode
     (``Router.supports_decode``: ``moe.router='pregate'``, ``'uoe'``).
     :func:`routezoo.zoo.sampling.sample` uses it.
 
@@ -310,6 +354,7 @@ class DecoderLM(nn.Module):
                  positions: jax.Array | None = None, routes: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, decode: bool = False,
                  targets: jax.Array | None = None, loss_weights: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None,
                  _routes_only: bool = False) -> tuple[jax.Array, Aux]:
         c = self.cfg
         dtype, param_dtype = resolve_dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -375,7 +420,8 @@ class DecoderLM(nn.Module):
             routing.begin(b, l)
             for i, block in enumerate(blocks):
                 router_inputs = routing.layer_inputs(moe_layers.index(i), b, l) if i in moe_layers else None
-                x, aux = block(x, positions, deterministic, tokens, router_inputs, segment_mask, decode)
+                x, aux = block(x, positions, deterministic, tokens, router_inputs, segment_mask, decode,
+                               segment_ids)
                 for name, value in routing.after_layer(aux).items():   # e.g. the recurrent router state
                     if not self.is_initializing():
                         self.sow("intermediates", f"layer{i}_{name}", value)
@@ -388,7 +434,10 @@ class DecoderLM(nn.Module):
             mtp_logits = []
             for k, mtp in enumerate([] if decode else mtps, 1):   # t[i+k] enters at position i (padding past the end)
                 ahead = jnp.concatenate([tokens[:, k:], jnp.zeros((b, k), tokens.dtype)], axis=1)
-                x, normed, aux = mtp(x, embed(ahead), positions, deterministic, ahead, segment_mask)
+                if segment_ids is not None:   # t[i+k] of another document: padding, as past a row's end
+                    seg_ahead = jnp.concatenate([segment_ids[:, k:], jnp.zeros((b, k), segment_ids.dtype)], axis=1)
+                    ahead = jnp.where(seg_ahead == segment_ids, ahead, jnp.zeros((), tokens.dtype))
+                x, normed, aux = mtp(x, embed(ahead), positions, deterministic, ahead, segment_mask, segment_ids)
                 mtp_logits.append(head(normed))
                 for name, v in aux.get("losses", {}).items():
                     losses[name] = losses.get(name, 0.0) + v
@@ -404,7 +453,7 @@ class DecoderLM(nn.Module):
             aux_out["mtp_logits"] = mtp_logits
             if targets is not None:   # the MTP loss term, beside the layers' (DeepSeek-V3 multi-token prediction)
                 weights = jnp.ones(targets.shape, jnp.float32) if loss_weights is None else loss_weights
-                aux_out["metrics"] = {"mtp_ce": mtp_loss(mtp_logits, targets, weights)}
+                aux_out["metrics"] = {"mtp_ce": mtp_loss(mtp_logits, targets, weights, segment_ids)}
                 losses["mtp"] = float(c.mtp_weight) * aux_out["metrics"]["mtp_ce"]
         return logits, aux_out
 

@@ -32,6 +32,15 @@ routes at two levels: which experts serve a token, and which tokens an expert pr
   parallelism on the ``expert`` mesh axis come with it. ``UoERouter(gate_in_output=False)``
   gives every selected slice weight 1, so ``k = E`` reproduces the dense MLP exactly.
 
+Packed documents (``segment_ids`` int ``[B, L]``, documents ``1, 2, ...`` of a row, ``0``
+padding): each head's buffer slot carries the segment id of its token (gathered with the
+same indices as the tokens), and a query slot sees only the key slots of its own segment
+(padding sees padding). Positions must restart per document (the caller's). The buffers
+stay per row, so with ``C < L`` (dropping) the documents of a row compete for a head's
+slots, coupling them exactly as capacity dispatch couples the sequences of a routing
+group; with ``C = L`` (``capacity_factor >= H / k_h``) every document's output equals
+its output alone.
+
 ``moe.router='uoe'`` in :class:`routezoo.zoo.lm.DecoderLM` makes every MoE layer's
 attention a :class:`SelectiveAttention` (:func:`selective_attention_from_config`) and its
 feed-forward the UoME; dense layers are unchanged.
@@ -167,7 +176,8 @@ def _rotary(x: Array, positions: Array, theta: float) -> Array:
 class SelectiveAttention(nn.Module):
     """UoE's selective multi-head attention: heads as experts over the tokens they chose.
 
-    ``x [B, L, D], positions [B, L] -> (y [B, L, D], aux)`` with ``aux = {'losses':
+    ``x [B, L, D], positions [B, L], segment_ids [B, L] | None -> (y [B, L, D], aux)``
+    (``segment_ids``: packed documents, see the module docstring) with ``aux = {'losses':
     {'load_balance', 'z_loss'} (scaled, present when the coefficient is > 0), 'stats':
     {'load' [H], 'dropped_fraction', 'load_balance_loss', 'z_loss', 'gate_entropy'}}``
     (see the module docstring for the maths). ``load`` is the fraction of token copies per
@@ -200,7 +210,8 @@ class SelectiveAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array | None = None) -> tuple[Array, dict[str, Any]]:
+    def __call__(self, x: Array, positions: Array | None = None,
+                 segment_ids: Array | None = None) -> tuple[Array, dict[str, Any]]:
         b, l, d = x.shape
         h, kd = self.num_heads, self.head_dim
         kh = heads_per_token(self.k, h)
@@ -241,6 +252,10 @@ class SelectiveAttention(nn.Module):
         # holds a token that is not later in the sequence
         scores = jnp.einsum("BHCA,BHMA->BHCM", q, kk, preferred_element_type=jnp.float32) * kd ** -0.5
         visible = valid[:, :, None, :] & (idx[:, :, None, :] <= idx[:, :, :, None])  # [B, H, C, M]
+        if segment_ids is not None:   # packed documents: the slots' segment ids, gathered like the tokens
+            seg = jnp.take_along_axis(jnp.broadcast_to(jnp.asarray(segment_ids)[:, None, :], (b, h, l)),
+                                      idx, axis=2)  # [B, H, C]
+            visible = visible & (seg[:, :, None, :] == seg[:, :, :, None])  # [B, H, C, M]
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)  # [B, H, C, M]; rows of empty slots: unused
         out = jnp.einsum("BHCM,BHMA->BHCA", probs.astype(self.dtype), v)  # [B, H, C, A]
@@ -361,14 +376,16 @@ class UoERouter(TopKRouter):
     def build_attention(cls, model_cfg: Any, *, dtype: Any, param_dtype: Any,
                         name: str) -> Callable[..., tuple[Array, dict[str, Any]]]:
         """:class:`SelectiveAttention` (:func:`selective_attention_from_config`) in the MoE
-        layers' attention slot; ``attn(h, positions, segment_mask)`` refuses a padding mask."""
+        layers' attention slot; ``attn(h, positions, segment_mask, segment_ids=None)``
+        refuses a padding mask and masks packed documents by ``segment_ids``."""
         attn = selective_attention_from_config(model_cfg, dtype=dtype, param_dtype=param_dtype, name=name)
 
-        def call(h: Array, positions: Array, segment_mask: Array | None = None):
+        def call(h: Array, positions: Array, segment_mask: Array | None = None,
+                 segment_ids: Array | None = None):
             if segment_mask is not None:
                 raise ValueError("DecoderLM: attention_mask is not supported with moe.router='uoe' "
-                                 "(selective attention has no padding mask)")
-            return attn(h, positions)
+                                 "(selective attention has no padding mask; packed rows: segment_ids)")
+            return attn(h, positions) if segment_ids is None else attn(h, positions, segment_ids)
         return call
 
 
