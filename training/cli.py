@@ -163,7 +163,8 @@ CONVERT_USAGE = """usage: routezoo convert --from-hf HF_DIR --workdir OUT
       architecture; OUT gets config.json (a routezoo config), hf_config.json and
       params*.safetensors. Train from it (or from HF_DIR) with --config.init.from_hf=DIR.
   --to-hf HF_OUT: export DIR (a converted directory or a training workdir, its newest
-      checkpoint) as a Hugging Face checkpoint loadable by transformers.
+      checkpoint) as a Hugging Face checkpoint loadable by transformers, with the run's
+      Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) if it has one.
   --dtype: tensor dtype written by --to-hf (default: the parameters' dtype).
 """
 
@@ -203,13 +204,17 @@ def convert_main(argv: list[str]) -> int:
             base_config = None
             if config.init.from_hf:
                 base_config = hf.open_source(config.init.from_hf).hf_config
-            hf.to_hf(config.model, state.params, args.to_hf, base_config=base_config, dtype=args.dtype)
+            # the run's Hugging Face tokenizer goes with the weights (config.json holds the resolved choice)
+            tokenizer = str(config.data.get("tokenizer_path", "")) if config.data.tokenizer == "hf" else None
+            hf.to_hf(config.model, state.params, args.to_hf, base_config=base_config, dtype=args.dtype,
+                     tokenizer=tokenizer or None)
         else:                                                           # a converted directory
             source = hf.open_source(args.workdir)
             if source.kind != "converted":
                 return _fail(f"convert: {args.workdir} is neither a training workdir nor a converted directory")
             model, params = hf.from_hf(args.workdir)
-            hf.to_hf(model.cfg, params, args.to_hf, base_config=source.hf_config, dtype=args.dtype)
+            hf.to_hf(model.cfg, params, args.to_hf, base_config=source.hf_config, dtype=args.dtype,
+                     tokenizer=args.workdir)
         print(f"exported {os.path.abspath(args.workdir)} to {os.path.abspath(args.to_hf)}")
         return 0
     except (FileNotFoundError, ValueError) as e:

@@ -14,7 +14,8 @@ from routezoo.zoo.hf import safetensors_io
 from routezoo.zoo.hf.config_map import hf_config_from_model, infer_architecture
 from routezoo.zoo.hf.loading import check_shapes, open_source
 from routezoo.zoo.hf.registry import HFError, family_named
-from routezoo.zoo.hf.safetensors_io import DEFAULT_MAX_SHARD_BYTES, HF_INDEX, HF_SINGLE, RZ_INDEX, RZ_SINGLE
+from routezoo.zoo.hf.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, HF_INDEX, HF_SINGLE, RZ_INDEX, RZ_SINGLE,
+                                            copy_tokenizer)
 from routezoo.zoo.hf.tensor_map import flatten
 
 
@@ -33,7 +34,7 @@ def _np_dtype(name: str | None):
 
 def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architecture: str | None = None,
           base_config: Mapping[str, Any] | None = None, dtype: str | None = None,
-          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: str | None = None) -> str:
     """Writes ``params`` of the zoo model of ``model_cfg`` as an HF checkpoint in ``out_dir``.
 
     Each tensor is gathered to the host on its own (all processes take part; process 0
@@ -49,6 +50,8 @@ def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architectu
       base_config: HF config keys to keep (e.g. the imported checkpoint's token ids).
       dtype: tensor dtype on disk (default: the parameters').
       max_shard_bytes: the size at which a new shard starts.
+      tokenizer: a Hugging Face tokenizer to ship with the checkpoint (a directory or a
+        ``tokenizer.json``; :func:`copy_tokenizer`), so ``AutoTokenizer`` loads it too.
 
     Returns:
       ``out_dir``.
@@ -98,6 +101,8 @@ def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architectu
         return (disk or np.dtype(flat[name_to_path[name]].dtype)).itemsize
     safetensors_io.write_shards(out_dir, items, HF_INDEX, HF_SINGLE, max_shard_bytes, itemsize)
     safetensors_io.write_hf_config(out_dir, hf_cfg)
+    if tokenizer:
+        copy_tokenizer(tokenizer, out_dir)
     return out_dir
 
 
@@ -106,7 +111,7 @@ def convert_to_routezoo(hf_dir: str, out_dir: str, full_config: Any | None = Non
     """Converts an HF checkpoint to a routezoo directory on the host, one tensor at a time.
 
     Writes ``params*.safetensors`` (routezoo names, ``layer0/attn/q``), ``hf_config.json``
-    and ``config.json``.
+    and ``config.json``, and copies the checkpoint's tokenizer files (:data:`TOKENIZER_FILES`).
 
     Args:
       hf_dir: the HF checkpoint directory.
@@ -138,4 +143,5 @@ def convert_to_routezoo(hf_dir: str, out_dir: str, full_config: Any | None = Non
     else:
         text = json.dumps({"model": m.to_dict()}, indent=2, sort_keys=True)
     safetensors_io.write_converted_configs(out_dir, text, source.hf_config)
+    copy_tokenizer(hf_dir, out_dir)   # the checkpoint's tokenizer travels with it (data.tokenizer=auto finds it)
     return m

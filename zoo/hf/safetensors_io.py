@@ -1,5 +1,6 @@
 """Every file the Hugging Face conversion reads or writes: safetensors shards, their
-index, ``config.json`` (and a converted directory's ``hf_config.json``).
+index, ``config.json`` (and a converted directory's ``hf_config.json``), and the
+tokenizer files a checkpoint carries (:func:`copy_tokenizer`).
 
 safetensors files are opened lazily; bfloat16/float8 tensors, which numpy cannot name,
 are read through a memory map of the file.
@@ -240,3 +241,25 @@ def write_shards(directory: str, tensors: list[tuple[str, tuple[int, ...], Calla
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                       fh, indent=2)
     return names
+
+
+# What a Hugging Face checkpoint keeps of its tokenizer (transformers' AutoTokenizer reads them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer(source: str, out_dir: str) -> list[str]:
+    """Copies a tokenizer into ``out_dir`` (process 0 writes): from a directory, those of
+    :data:`TOKENIZER_FILES` it holds; a file is copied as ``tokenizer.json`` (transformers
+    then reads the special tokens from it). Returns the names written."""
+    import shutil
+    if os.path.isdir(source):
+        pairs = [(os.path.join(source, n), n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(source, n))]
+    elif os.path.isfile(source):
+        pairs = [(source, "tokenizer.json")]
+    else:
+        raise HFError(f"tokenizer {source}: no such file or directory")
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        for src, name in pairs:
+            shutil.copyfile(src, os.path.join(out_dir, name))
+    return [name for _, name in pairs]
