@@ -126,9 +126,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
-    d.name = "stdlib"            # stdlib (offline, Python's own sources) | any TFDS dataset name
+    d.name = "stdlib"            # stdlib (offline, Python's own sources) | files (data.files) | any TFDS dataset name
     d.data_dir = ""              # TFDS data dir; "" = $ROUTEZOO_DATA_DIR or ~/tensorflow_datasets
-    d.text_key = "text"          # feature holding the text for named TFDS datasets
+    d.text_key = "text"          # field holding the text (TFDS features, .jsonl keys, .parquet columns)
+    # data.name=files: your own files, streamed (docs/data.md)
+    d.files = ""                 # comma-separated globs of .txt, .jsonl, .jsonl.gz, .parquet, .array_record
+    d.eval_files = ""            # globs of the validation files; "" = a hash split of data.files by data.eval_fraction
+    d.eval_fraction = 0.01       # share of documents (by a hash of their text) held out for validation
+    d.txt_unit = "file"          # what one document of a .txt file is: file | paragraph (blank-line separated) | line
+    d.shuffle_buffer = 1024      # data.name=files: documents shuffled together in one window (memory: one window)
+    d.format = "text"            # text (pretraining) | chat (prompt/completion or messages; loss on completions only)
+    d.prompt_key = "prompt"      # data.format=chat: record fields
+    d.completion_key = "completion"
+    d.messages_key = "messages"  # a list of {"role", "content"}; the loss covers the assistant turns
+    d.packing = "masked"         # masked (segment ids: attention stays inside a document, positions restart) | eos (documents joined, attention crosses them)
     d.train_split = "train"
     d.eval_split = "validation"
     d.seq_len = 128

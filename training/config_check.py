@@ -151,8 +151,21 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     _one_of(d.tokenizer, data_lib.TOKENIZERS, "data.tokenizer")
     _one_of(d.process_sharding, data_lib.PROCESS_SHARDING, "data.process_sharding")
     if not data_lib.known_dataset(d.name):
-        raise ConfigError(f"unknown data.name {d.name!r}; allowed: stdlib, or a TFDS dataset name "
-                          "(e.g. lm1b, wikipedia/20230601.en) prepared in array_record format")
+        raise ConfigError(f"unknown data.name {d.name!r}; allowed: stdlib, files (your own files in data.files), "
+                          "or a TFDS dataset name (e.g. lm1b, wikipedia/20230601.en) prepared in array_record format")
+    _one_of(d.packing, data_lib.PACKINGS, "data.packing")
+    _one_of(d.format, data_lib.FORMATS, "data.format")
+    if d.format == "chat" and d.name == data_lib.STDLIB:
+        raise ConfigError("data.format='chat' needs records with prompt/completion or messages fields; "
+                          "data.name='stdlib' holds plain text; allowed: data.name='files' (.jsonl/.parquet) "
+                          "or a TFDS dataset with those fields")
+    if d.name == data_lib.FILES:
+        if d.tasks:
+            raise ConfigError("data.tasks needs data.name='stdlib'; data.name='files' has no tasks")
+        try:
+            data_lib.check_files(d, text_key=None if d.format == "chat" else d.text_key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _positive(config, "model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
               "model.head_dim", "model.mlp_dim", "model.vocab_size", "data.seq_len", "train.steps",
               "train.batch_size", "train.grad_accum", "train.eval_every", "train.eval_steps",

@@ -30,7 +30,7 @@ from routezoo.training import checkpoint as ckpt_lib
 from routezoo.training import metrics as metrics_lib
 from routezoo.training.adapter_run import adapter_config, make_run, optimizer_for
 from routezoo.training.state import maybe_initialize_distributed, mesh_and_rules
-from routezoo.training.step import make_eval_step, make_train_step
+from routezoo.training.step import make_eval_step, make_train_step, special_ids_of
 
 
 def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -205,10 +205,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             start, state, _ = restored
             progress_log(f"resumed from step {start} ({checkpointer.step_dir(start)})")
 
-        train_step = jax.jit(make_train_step(model, tx, config, schedule, run.adapter),
+        special_ids = special_ids_of(tokenizer)
+        train_step = jax.jit(make_train_step(model, tx, config, schedule, run.adapter, special_ids),
                              in_shardings=(shardings, batch_sharding, *run.extra_shardings),
                              out_shardings=(shardings, None), donate_argnums=0)
-        eval_steps = {suffix: jax.jit(make_eval_step(m, tokenizer.token_bytes, run.adapter),
+        eval_steps = {suffix: jax.jit(make_eval_step(m, tokenizer.token_bytes, run.adapter, special_ids),
                                       in_shardings=(shardings, batch_sharding, *run.extra_shardings))
                       for suffix, m in {"": model, **eval_variants(config)}.items()}
         if start == 0:   # model size and the untrained model's eval, as step 0
@@ -221,10 +222,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         tokens_per_step = config.train.batch_size * config.data.seq_len
         progress = metrics_lib.Progress(steps, min(start, steps), enabled=is_main and config.train.progress)
         t_last, step_last = time.time(), start
-        step = start
+        step, waited = start, 0.0
         with StopFlag() as stop:
             while step < steps:
-                batch = to_global(next(train_iter), batch_sharding)
+                t_wait = time.perf_counter()
+                host_batch = next(train_iter)   # the device runs the previous step meanwhile (async dispatch)
+                waited += time.perf_counter() - t_wait
+                batch = to_global(host_batch, batch_sharding)
                 state, metrics = train_step(state, batch, *extra)
                 step += 1
                 log_now = step % config.train.log_every == 0 or step == steps
@@ -233,8 +237,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                     last_metrics = jax.device_get(metrics)
                     now = time.time()
                     tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
-                    t_last, step_last = now, step
-                    record = {**last_metrics, "tokens_per_second": tps}
+                    # the share of wall time spent waiting for the input pipeline: the device idles then
+                    record = {**last_metrics, "tokens_per_second": tps,
+                              "data_wait_fraction": min(waited / max(now - t_last, 1e-9), 1.0)}
+                    t_last, step_last, waited = now, step, 0.0
                     if eval_now:
                         last_eval = evaluate_all(eval_steps, state, config, mesh, batch_sharding, extra)
                         record.update(last_eval)

@@ -34,7 +34,16 @@ from routezoo.zoo.lm import cross_entropy
 EVAL_MASK_SEED = 0   # masked_lm evaluation masks with this fixed key: a deterministic eval loss
 
 
-def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Array):
+BYTE_SPECIAL_IDS = {"pad": 0, "eos": 1}   # routezoo's byte and SentencePiece tokenizers
+
+
+def special_ids_of(tokenizer: Any) -> dict[str, int]:
+    """``{'pad', 'eos'}`` ids of a tokenizer, for the objectives that write them."""
+    return {"pad": int(tokenizer.pad_id), "eos": int(tokenizer.eos_id)}
+
+
+def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Array,
+                    special_ids: dict[str, int] | None = None):
     """``(inputs, targets, weights)`` that ``model`` trains on, by its class's ``objective``.
 
     ``'causal_lm'`` (DecoderLM, and the default): the batch's next-token ``inputs``,
@@ -50,29 +59,43 @@ def objective_batch(model: nn.Module, batch: dict[str, jax.Array], rng: jax.Arra
       model: the Flax module.
       batch: ``{'inputs', 'targets', 'weights'[, 'task_id']}``.
       rng: key for objectives that draw (masks, spans).
+      special_ids: the tokenizer's ``{'pad', 'eos'}`` ids (:func:`special_ids_of`; default:
+        the byte tokenizer's, pad 0 and eos 1): the padding the objectives recognise and
+        write, the eos span corruption appends, the decoder start id (pad, as in T5).
 
     Returns:
       ``(inputs, targets, weights)``.
     """
+    ids = {**BYTE_SPECIAL_IDS, **(special_ids or {})}
     objective = getattr(model, "objective", "causal_lm")
     if objective == "causal_lm":
         return batch["inputs"], batch["targets"], batch["weights"]
     if objective == "masked_lm":
         from routezoo.zoo.encoder import masked_lm_batch
         return masked_lm_batch(batch, rng, mask_rate=float(model.cfg.mask_rate),
-                               mask_id=int(model.cfg.vocab_size) - 1)
+                               mask_id=int(model.cfg.vocab_size) - 1, pad_id=ids["pad"])
     if objective == "seq2seq":   # EncoderDecoderLM: inputs is a dict of encoder/decoder tokens and masks
         from routezoo.zoo.encoder_decoder import seq2seq_batch, span_corruption_batch
         c = model.cfg
         if str(c.get("seq2seq_objective", "prefix_lm")) == "span_corruption":
-            from routezoo.training.data import EOS_ID
             return span_corruption_batch(batch, rng, vocab_size=int(c.vocab_size),
                                          noise_density=float(c.span_noise_density),
-                                         mean_span=float(c.span_mean_length),
-                                         eos_id=EOS_ID if bool(c.get("span_append_eos", True)) else None)
-        return seq2seq_batch(batch, split=float(c.seq2seq_split))
+                                         mean_span=float(c.span_mean_length), start_id=ids["pad"],
+                                         pad_id=ids["pad"],
+                                         eos_id=ids["eos"] if bool(c.get("span_append_eos", True)) else None)
+        return seq2seq_batch(batch, split=float(c.seq2seq_split), start_id=ids["pad"], pad_id=ids["pad"])
     raise ValueError(f"unknown objective {objective!r} of {type(model).__name__}; "
                      "known: causal_lm, masked_lm, seq2seq")
+
+
+def packed_kwargs(model: nn.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The model's keyword arguments for packed rows (``data.packing='masked'``): the batch's
+    ``segment_ids`` and ``positions`` for models whose inputs are the batch's token
+    positions (``causal_lm``, ``masked_lm``); ``{}`` without segments, and for ``seq2seq``,
+    whose objective carries them into its input dict itself."""
+    if "segment_ids" not in batch or getattr(model, "objective", "causal_lm") == "seq2seq":
+        return {}
+    return {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
 
 
 def forward_params(adapter, base, params):
@@ -85,7 +108,8 @@ def forward_params(adapter, base, params):
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
-                    schedule: optax.Schedule, adapter: Any = None) -> Callable:
+                    schedule: optax.Schedule, adapter: Any = None,
+                    special_ids: dict[str, int] | None = None) -> Callable:
     """The train step of ``model`` under ``tx``.
 
     Args:
@@ -94,6 +118,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
       config: the run's config (``train.grad_accum``, ``model``).
       schedule: the learning-rate schedule (logged).
       adapter: an adapter method, or ``None``.
+      special_ids: the tokenizer's pad and eos ids for the objective (:func:`objective_batch`).
 
     Returns:
       ``train_step(state, batch)``; with an ``adapter``, ``train_step(state, batch, base)``
@@ -107,11 +132,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
         rngs = {s: jax.random.fold_in(rng, i) for i, s in enumerate(RNG_STREAMS)}
         mutable = list(model_state)
         full = forward_params(adapter, base, params)
-        inputs, targets, w = objective_batch(model, batch, jax.random.fold_in(rng, len(RNG_STREAMS)))
+        inputs, targets, w = objective_batch(model, batch, jax.random.fold_in(rng, len(RNG_STREAMS)), special_ids)
         with adapter_hooks.bind(adapter, base, params, task_ids=batch.get("task_id"),
                                 rng=jax.random.fold_in(rng, len(RNG_STREAMS) + 1), deterministic=False):
             out = model.apply({"params": full, **model_state}, inputs, deterministic=False,
-                              targets=targets, loss_weights=w, rngs=rngs, mutable=mutable if mutable else False)
+                              targets=targets, loss_weights=w, rngs=rngs, mutable=mutable if mutable else False,
+                              **packed_kwargs(model, batch))
         (logits, aux), new_model_state = out if mutable else (out, {})
         nll, correct = cross_entropy(logits, targets, w)
         denom = jnp.maximum(w.sum(), 1.0)
@@ -162,13 +188,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
     return train_step
 
 
-def make_eval_step(model: nn.Module, token_bytes: np.ndarray, adapter: Any = None) -> Callable:
+def make_eval_step(model: nn.Module, token_bytes: np.ndarray, adapter: Any = None,
+                   special_ids: dict[str, int] | None = None) -> Callable:
     """The eval step: the trunk's logits only (no loss terms), sums for the loop to reduce.
 
     Args:
       model: the Flax module.
       token_bytes: UTF-8 bytes per token id (for bits per byte).
       adapter: an adapter method, or ``None``.
+      special_ids: the tokenizer's pad and eos ids for the objective (:func:`objective_batch`).
 
     Returns:
       ``eval_step(state, batch)`` (an adapter run: ``eval_step(state, batch, base)``) ->
@@ -178,9 +206,10 @@ def make_eval_step(model: nn.Module, token_bytes: np.ndarray, adapter: Any = Non
 
     def step(state: TrainState, batch, base):
         params = forward_params(adapter, base, state.params)
-        inputs, targets, w = objective_batch(model, batch, jax.random.PRNGKey(EVAL_MASK_SEED))
+        inputs, targets, w = objective_batch(model, batch, jax.random.PRNGKey(EVAL_MASK_SEED), special_ids)
         with adapter_hooks.bind(adapter, base, state.params, task_ids=batch.get("task_id")):
-            logits, _ = model.apply({"params": params, **state.model_state}, inputs, deterministic=True)
+            logits, _ = model.apply({"params": params, **state.model_state}, inputs, deterministic=True,
+                                    **packed_kwargs(model, batch))
         nll, correct = cross_entropy(logits, targets, w)
         return {"nll": nll.sum(), "correct": correct.sum(), "tokens": w.sum(),
                 "bytes": (table[targets] * w).sum()}

@@ -159,15 +159,37 @@ def test_sentencepiece_trained_cached_round_trip(data_dir, monkeypatch):
 # -------------------------------------------------------------------------- packing
 
 
-def test_packing_reproduces_document_stream():
+def _check_segments(b, tok):
+    """Segments follow the EOS-separated documents; positions restart at each; weights as above."""
+    seg, pos, inp = b["segment_ids"], b["positions"], b["inputs"]
+    for r in range(inp.shape[0]):
+        starts = np.flatnonzero(np.diff(seg[r], prepend=-1))
+        real = seg[r] != 0
+        # a new segment begins exactly after an EOS (or at the row's start)
+        np.testing.assert_array_equal(starts[1:][real[starts[1:]]] - 1,
+                                      np.flatnonzero(inp[r][:-1] == tok.eos_id)[: len(starts[1:][real[starts[1:]]])])
+        np.testing.assert_array_equal(seg[r][real], np.cumsum(np.diff(seg[r][real], prepend=0) != 0))
+        for a, z in zip(starts, [*starts[1:], len(seg[r])]):
+            np.testing.assert_array_equal(pos[r][a:z], np.arange(z - a) if seg[r][a] else 0)
+    # every real target except the one after a document's EOS (the next document's first token)
+    np.testing.assert_array_equal(b["weights"], ((b["targets"] != tok.pad_id) & (inp != tok.eos_id)).astype(np.float32))
+
+
+@pytest.mark.parametrize("packing", ["eos", "masked"])
+def test_packing_reproduces_document_stream(packing):
     tok, docs = data.ByteTokenizer(), _docs(12)
     ds = data.train_dataset(docs, tok, text_key="text", seq_len=SEQ_LEN, batch_size=BATCH,
-                            seed=0, shuffle=False)
+                            seed=0, shuffle=False, packing=packing)
     batches = _take(iter(ds), 10)
     for b in batches:
         assert b["inputs"].shape == b["targets"].shape == b["weights"].shape == (BATCH, SEQ_LEN)
         assert b["inputs"].dtype == b["targets"].dtype == np.int32
-        assert b["weights"].dtype == np.float32 and (b["weights"] == 1).all()
+        assert b["weights"].dtype == np.float32
+        if packing == "eos":
+            assert (b["weights"] == 1).all() and "segment_ids" not in b
+        else:
+            assert b["segment_ids"].shape == b["positions"].shape == (BATCH, SEQ_LEN)
+            _check_segments(b, tok)
     rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1)
                            for b in batches])
     for b in batches:   # targets are inputs shifted by one
@@ -298,17 +320,18 @@ def test_eval_batches_deterministic_and_padded(data_dir):
     _assert_batches_equal(first, second)
     for b in first:
         assert b["inputs"].shape == (BATCH, SEQ_LEN)
-        np.testing.assert_array_equal(b["weights"], (b["targets"] != 0).astype(np.float32))
+        _check_segments(b, data.ByteTokenizer())
     shards = [list(data.eval_batches(c, process_index=p, process_count=2)) for p in range(2)]
     assert all(len(s) == c.train.eval_steps for s in shards)
     assert not np.array_equal(shards[0][0]["inputs"], shards[1][0]["inputs"])
 
 
-def test_eval_short_split_pads_with_zero_weights():
+@pytest.mark.parametrize("packing", ["eos", "masked"])
+def test_eval_short_split_pads_with_zero_weights(packing):
     tok, docs = data.ByteTokenizer(), _docs(3)
     stream = _stream(docs, tok)
     ev = data.EvalBatches(docs, tok, text_key="text", seq_len=SEQ_LEN, batch_size=BATCH,
-                          num_batches=6)
+                          num_batches=6, packing=packing)
     batches = list(ev)
     assert len(batches) == 6
     rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1)
@@ -317,8 +340,15 @@ def test_eval_short_split_pads_with_zero_weights():
     np.testing.assert_array_equal(flat[: len(stream)], stream)
     assert (flat[len(stream):] == 0).all()
     total_weight = sum(b["weights"].sum() for b in batches)
-    assert total_weight == sum(int((b["targets"] != 0).sum()) for b in batches)
+    # eos: every real target; masked: every real target but those after a document's EOS
+    lost = 0 if packing == "eos" else sum(int(((b["inputs"] == tok.eos_id) & (b["targets"] != 0)).sum())
+                                          for b in batches)
+    assert total_weight == sum(int((b["targets"] != 0).sum()) for b in batches) - lost
     assert batches[-1]["weights"].sum() == 0
+    if packing == "masked":
+        for b in batches:
+            _check_segments(b, tok)
+            assert (b["segment_ids"][b["inputs"] == 0] == 0).all()   # padding is segment 0
 
 
 # ------------------------------------------------------------------- named datasets

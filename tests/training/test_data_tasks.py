@@ -59,7 +59,7 @@ def _config(data_dir, **data_overrides):
 
 
 def _train(records, tasks, **kw):
-    kw = {"seed": 0, "batch_size": BATCH, **kw}
+    kw = {"seed": 0, "batch_size": BATCH, "packing": "eos", **kw}
     return data.train_dataset(records, TOK, text_key="text", seq_len=SEQ_LEN, tasks=tasks, **kw)
 
 
@@ -154,7 +154,7 @@ def test_documents_sharding_disjoint_documents_per_task():
 
 
 def _eval(records, tasks, **kw):
-    kw = {"batch_size": BATCH, "num_batches": 8, **kw}
+    kw = {"batch_size": BATCH, "num_batches": 8, "packing": "eos", **kw}
     return data.TaskEvalBatches(records, TOK, text_key="text", seq_len=SEQ_LEN, tasks=tasks, **kw)
 
 
@@ -209,7 +209,7 @@ def _reference_batches(c, n):
     d = c.data
     docs = grain.MapDataset.source(data.get_source(d, "train")).shuffle(seed=c.seed)
     docs = docs.repeat().map(data.EncodeDocument(TOK, "text"))
-    rows = data.PackIterDataset(docs.to_iter_dataset(), SEQ_LEN + 1)
+    rows = data.PackIterDataset(docs.to_iter_dataset(), SEQ_LEN + 1, segments=True)   # data.packing=masked
     return _take(iter(rows.batch(BATCH, batch_fn=data.MakeBatch(BATCH))), n)
 
 
@@ -217,7 +217,7 @@ def test_tasks_off_gives_the_untasked_batches(data_dir):
     c = _config(data_dir)
     assert c.data.tasks == ""
     got = _take(data.make_train_iterator(c, process_index=0, process_count=1), 4)
-    assert set(got[0]) == {"inputs", "targets", "weights"}
+    assert set(got[0]) == {"inputs", "targets", "weights", "segment_ids", "positions"}
     _assert_batches_equal(got, _reference_batches(c, 4))
     ev = data.eval_batches(c, process_index=0, process_count=1)
     assert type(ev) is data.EvalBatches and "task_id" not in next(iter(ev))

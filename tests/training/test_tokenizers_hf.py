@@ -154,10 +154,12 @@ def test_special_ids_from_the_tokenizers_own_specials(metaspace_dir, byte_level_
     assert (gpt2.eos_id, gpt2.bos_id, gpt2.pad_id) == (0, None, 0)    # <|endoftext|>; pad = eos
 
 
-def test_pipeline_uses_the_special_ids(metaspace_dir):
+@pytest.mark.parametrize("packing", ["eos", "masked"])
+def test_pipeline_uses_the_special_ids(metaspace_dir, packing):
     tok = data_lib.load_hf_tokenizer(str(metaspace_dir))
     docs = ["abc def", "héllo 你好", "x"]
-    batches = data_lib.EvalBatches(docs, tok, text_key="text", seq_len=7, batch_size=4, num_batches=1)
+    batches = data_lib.EvalBatches(docs, tok, text_key="text", seq_len=7, batch_size=4, num_batches=1,
+                                   packing=packing)
     batch = next(iter(batches))
     rows = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)   # [B, L+1]
     want = np.concatenate([np.append(tok.encode(d), tok.eos_id) for d in docs])
@@ -165,7 +167,10 @@ def test_pipeline_uses_the_special_ids(metaspace_dir):
     flat = rows.ravel()
     np.testing.assert_array_equal(flat[:len(want)], want)
     assert (flat[len(want):] == tok.pad_id).all() and len(flat) > len(want)
-    np.testing.assert_array_equal(batch["weights"], (batch["targets"] != tok.pad_id).astype(np.float32))
+    want_w = batch["targets"] != tok.pad_id
+    if packing == "masked":   # and never the next document's first token (the one after an eos)
+        want_w &= batch["inputs"] != tok.eos_id
+    np.testing.assert_array_equal(batch["weights"], want_w.astype(np.float32))
 
 
 def test_auto_picks_the_checkpoints_tokenizer(metaspace_dir, tmp_path, data_dir):

@@ -8,7 +8,13 @@
 * :mod:`~routezoo.training.data.tokenizers`: ``byte``, ``sentencepiece`` and ``hf``
   (Hugging Face ``tokenizer.json``; ``auto`` picks ``init.from_hf``'s own)
   (:func:`get_tokenizer`); ``token_bytes`` for bits per byte.
-* :mod:`~routezoo.training.data.packing`: documents to packed rows to batches.
+* :mod:`~routezoo.training.data.files`: ``data.name='files'``, the user's own ``.txt``,
+  ``.jsonl(.gz)``, ``.parquet`` and ``.array_record`` files, streamed
+  (:class:`FileDocuments`, :func:`check_files`).
+* :mod:`~routezoo.training.data.chat`: ``data.format='chat'`` (:class:`ChatEncoder`:
+  prompt/completion or messages, the loss on completions only).
+* :mod:`~routezoo.training.data.packing`: documents to packed rows (``data.packing``:
+  ``masked`` with segment ids and per-document positions, or ``eos``) to batches.
 * :mod:`~routezoo.training.data.tasks`: ``data.tasks``, per-example task ids from the
   stdlib's top-level packages.
 * :mod:`~routezoo.training.data.pipeline`: the per-process training iterator
@@ -19,12 +25,16 @@ Every public name of these modules is importable from here. Settings a module re
 call time (``SPM_SAMPLE_CHARS``, ``train_sentencepiece``) are changed on that module.
 """
 
-from routezoo.training.data.packing import (EncodeDocument, MakeBatch, MakeTaskBatch, PackIterator,  # noqa: F401
+from routezoo.training.data.chat import FORMATS, ChatEncoder  # noqa: F401
+from routezoo.training.data.files import (FILE_SUFFIXES, TXT_UNITS, FileDocuments, check_files,  # noqa: F401
+                                          expand_files)
+from routezoo.training.data.packing import (PACKINGS, EncodeDocument, MakeBatch, MakeTaskBatch, PackIterator,  # noqa: F401
                                             PackIterDataset, Subset, TagTask, TakeRows)
 from routezoo.training.data.pipeline import (PROCESS_SHARDING, EvalBatches, TaskEvalBatches,  # noqa: F401
-                                             eval_batches, iterator_restore_args, iterator_save_args,
+                                             document_encoder, eval_batches, iterator_restore_args, iterator_save_args,
                                              make_train_iterator, train_dataset)
-from routezoo.training.data.sources import (ensure_dataset, get_source, known_dataset,  # noqa: F401
+from routezoo.training.data.sources import (FILES, DocumentStream, ensure_dataset, files_split,  # noqa: F401
+                                            get_source, known_dataset,
                                             resolve_data_dir, text_key_of, text_of)
 from routezoo.training.data.stdlib import (STDLIB, VALIDATION_PER_MILLE, RoutezooStdlib, build_stdlib,  # noqa: F401
                                            file_lock, stdlib_files, stdlib_root, stdlib_split_of,

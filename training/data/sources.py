@@ -5,6 +5,8 @@ TensorFlow):
 
 * ``stdlib`` (the default, offline): :mod:`routezoo.training.data.stdlib`, built on
   first use by :func:`ensure_dataset`.
+* ``files``: the user's own files (``data.files``), streamed rather than indexed: a
+  :class:`DocumentStream` (:mod:`routezoo.training.data.files`).
 * any other ``data.name``: a TFDS dataset already prepared in array_record format in
   the data dir (``tfds build NAME --file_format=array_record``); ``data.text_key`` holds
   the text. Nothing is downloaded here.
@@ -26,6 +28,55 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from routezoo.training.data.stdlib import STDLIB, build_stdlib, stdlib_tfds_name
+
+
+FILES = "files"   # data.name of the user's own files
+
+
+class DocumentStream:
+    """One split of ``data.name='files'``: documents read in a stream, not by index.
+
+    :meth:`documents` makes the per-process grain dataset
+    (:class:`~routezoo.training.data.files.FileDocuments`): texts, or whole records when
+    ``text_key`` is None (chat data). ``split``: ``all`` (every record of ``files``), or
+    ``train`` / ``eval`` of the hash split by ``eval_fraction``.
+    """
+
+    def __init__(self, files: Sequence[str], *, text_key: str | None, txt_unit: str, split: str,
+                 eval_fraction: float, shuffle_buffer: int) -> None:
+        self.files, self.text_key, self.txt_unit = list(files), text_key, txt_unit
+        self.split, self.eval_fraction, self.shuffle_buffer = split, float(eval_fraction), int(shuffle_buffer)
+
+    def documents(self, *, process_index: int, process_count: int, seed: int, shuffle: bool,
+                  repeat: bool) -> Any:
+        from routezoo.training.data.files import FileDocuments
+        return FileDocuments(self.files, text_key=self.text_key, txt_unit=self.txt_unit, split=self.split,
+                             eval_fraction=self.eval_fraction, seed=seed, shuffle=shuffle,
+                             shuffle_buffer=self.shuffle_buffer, repeat=repeat,
+                             process_index=process_index, process_count=process_count)
+
+    def __repr__(self) -> str:
+        return f"DocumentStream({len(self.files)} files, split={self.split!r})"
+
+
+def files_split(data_cfg: Any, split: str) -> DocumentStream:
+    """The :class:`DocumentStream` of ``data.train_split`` or ``data.eval_split`` of
+    ``data.name='files'``: ``data.eval_files`` for validation when set, else the hash
+    split of ``data.files`` by ``data.eval_fraction``."""
+    from routezoo.training.data.files import expand_files
+    d = data_cfg
+    if split not in (d.train_split, d.eval_split):
+        raise ValueError(f"data.name='files' has the splits {d.train_split!r} (train) and {d.eval_split!r} "
+                         f"(validation); got {split!r}")
+    text_key = None if str(d.get("format", "text")) == "chat" else d.text_key
+    common = dict(text_key=text_key, txt_unit=str(d.txt_unit), eval_fraction=float(d.eval_fraction),
+                  shuffle_buffer=int(d.shuffle_buffer))
+    if d.eval_files:
+        if split == d.train_split:
+            return DocumentStream(expand_files(d.files, "data.files"), split="all", **common)
+        return DocumentStream(expand_files(d.eval_files, "data.eval_files"), split="all", **common)
+    return DocumentStream(expand_files(d.files, "data.files"),
+                          split="train" if split == d.train_split else "eval", **common)
 
 
 def resolve_data_dir(data_cfg: Any) -> str:
@@ -57,7 +108,7 @@ def _registered_builders() -> set[str]:
 
 def known_dataset(name: str, data_dir: str | None = None) -> bool:
     """'stdlib', a registered TFDS builder, or a dataset directory in ``data_dir``."""
-    if name == STDLIB:
+    if name in (STDLIB, FILES):
         return True
     base = _dataset_base_name(name)
     if not base:
@@ -69,8 +120,8 @@ def known_dataset(name: str, data_dir: str | None = None) -> bool:
 
 def _unknown_dataset_error(name: str) -> ValueError:
     return ValueError(
-        f"data.name={name!r} is not a known dataset; allowed: 'stdlib' or a TFDS dataset "
-        "name prepared in array_record format in data.data_dir")
+        f"data.name={name!r} is not a known dataset; allowed: 'stdlib', 'files' (data.files) or a TFDS "
+        "dataset name prepared in array_record format in data.data_dir")
 
 
 def ensure_dataset(data_cfg: Any) -> str:
@@ -78,14 +129,20 @@ def ensure_dataset(data_cfg: Any) -> str:
     data_dir = resolve_data_dir(data_cfg)
     if data_cfg.name == STDLIB:
         build_stdlib(data_dir)
+    elif data_cfg.name == FILES:
+        from routezoo.training.data.files import check_files
+        check_files(data_cfg, text_key=None if str(data_cfg.get("format", "text")) == "chat" else data_cfg.text_key)
     elif not known_dataset(data_cfg.name, data_dir):
         raise _unknown_dataset_error(data_cfg.name)
     return data_dir
 
 
-def get_source(data_cfg: Any, split: str) -> Sequence[Any]:
-    """The random-access TFDS data source of one split (records are feature dicts)."""
+def get_source(data_cfg: Any, split: str) -> Sequence[Any] | DocumentStream:
+    """The random-access TFDS data source of one split (records are feature dicts), or for
+    ``data.name='files'`` its :class:`DocumentStream`."""
     data_dir = ensure_dataset(data_cfg)
+    if data_cfg.name == FILES:
+        return files_split(data_cfg, split)
     name = stdlib_tfds_name() if data_cfg.name == STDLIB else data_cfg.name
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)

@@ -144,8 +144,23 @@ def _sample_texts(source: Sequence[Any], text_key: str, max_chars: int) -> Itera
             return
 
 
+def _stream_texts(stream: Any, max_chars: int) -> Iterator[str]:
+    """Texts of a :class:`~routezoo.training.data.sources.DocumentStream` in file order, up to ``max_chars``."""
+    total = 0
+    for text in stream.documents(process_index=0, process_count=1, seed=0, shuffle=False, repeat=False):
+        text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+        yield text[: max_chars - total]
+        total += len(text)
+        if total >= max_chars:
+            return
+
+
 def _spm_cache_path(data_cfg: Any, data_dir: str) -> pathlib.Path:
     dataset = stdlib_tfds_name() if data_cfg.name == STDLIB else data_cfg.name
+    if data_cfg.name == "files":   # the file list names the corpus
+        import hashlib
+        from routezoo.training.data.files import expand_files
+        dataset = "files_" + hashlib.blake2b("\n".join(expand_files(data_cfg.files)).encode(), digest_size=8).hexdigest()
     key = f"{dataset.replace('/', '_').replace(':', '_')}-{data_cfg.spm_vocab_size}"
     return pathlib.Path(data_dir) / "routezoo_spm" / f"{key}.model"
 
@@ -158,7 +173,8 @@ def _cached_spm_model(data_cfg: Any) -> bytes:
     with file_lock(path.with_suffix(".lock")):
         if not path.exists():
             source = get_source(data_cfg, data_cfg.train_split)
-            texts = _sample_texts(source, text_key_of(data_cfg), SPM_SAMPLE_CHARS)
+            texts = (_stream_texts(source, SPM_SAMPLE_CHARS) if hasattr(source, "documents")
+                     else _sample_texts(source, text_key_of(data_cfg), SPM_SAMPLE_CHARS))
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(train_sentencepiece(texts, data_cfg.spm_vocab_size))
             tmp.rename(path)
@@ -262,6 +278,27 @@ class HFTokenizer:
         self.bos_id = ids["bos"]
         self.pad_id = ids["eos"] if ids["pad"] is None else ids["pad"]
         self.token_bytes = self._token_bytes(added)
+        self.chat_template = self._chat_template(directory)
+        # what chat templates call the special tokens (bos_token, eos_token, ...)
+        self.special_tokens = {f"{kind}_token": self._tok.id_to_token(i) or ""
+                               for kind, i in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id))
+                               if i is not None}
+
+    def _chat_template(self, directory: pathlib.Path) -> str | None:
+        """The checkpoint's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+        ``chat_template`` (a string, or a list of named templates: the one named ``default``)."""
+        jinja = directory / "chat_template.jinja"
+        if jinja.is_file():
+            return jinja.read_text()
+        f = directory / "tokenizer_config.json"
+        try:
+            template = json.loads(f.read_text()).get("chat_template") if f.is_file() else None
+        except (OSError, ValueError):
+            return None
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        return template if isinstance(template, str) and template else None
 
     # ------------------------------------------------------------------ special ids
     def _id_of(self, token: Any) -> int | None:
@@ -339,6 +376,12 @@ class HFTokenizer:
         if ids and ids[-1] == self.eos_id and enc.special_tokens_mask[-1]:
             ids = ids[:-1]
         return np.asarray(ids, np.int32)
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of ``text`` without the tokenizer's own special tokens (a chat template
+        writes them) and the character offset where each token starts."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return np.asarray(enc.ids, np.int32), np.asarray([a for a, _ in enc.offsets], np.int64)
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = _as_ids(ids)
