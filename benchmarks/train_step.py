@@ -1,6 +1,7 @@
 """Training-step throughput and MFU of a MoE LM through routezoo's one ``train_step``.
 
-    python benchmarks/train_step.py [--config moe_1b] [--dispatch dropless:auto,capacity:1.25] [--out FILE]
+    python benchmarks/train_step.py [--config moe_1b] [--dispatch dropless:auto,capacity:1.25]
+        [--packing eos,masked] [--doc_len 600] [--out FILE]
 
 Builds the config's model, optimizer and sharded state exactly as ``routezoo train`` does
 (``training.train.state_shardings``/``create_state``/``make_train_step``), feeds random
@@ -8,6 +9,12 @@ tokens (no data pipeline), and times the jitted, donated step: median of ``--ite
 after 3 warm-up steps. MFU counts the model's training FLOPs per token (6·N_active plus
 attention, ``zoo.flops_per_token``) against two peaks: the dense bf16 matmul measured in
 the same process, and the datasheet peak given by ``--peak`` (H100 SXM: 989 TFLOP/s).
+
+``--packing``: ``eos`` feeds rows without document boundaries (attention over the whole
+row, the cuDNN flash kernel without a mask); ``masked`` adds ``segment_ids`` and
+``positions`` of documents with lengths drawn from a geometric distribution of mean
+``--doc_len`` tokens (seeded), as ``data.packing='masked'`` produces, so the step pays for
+the document mask (on GPU: the mask through cuDNN's fused attention as a bias).
 """
 
 from __future__ import annotations
@@ -30,7 +37,21 @@ def load_config(name: str):
     return importlib.import_module(f"routezoo.configs.{name}").get_config()
 
 
-def run(config, iters: int) -> dict:
+def packed_documents(b: int, l: int, doc_len: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``segment_ids`` and ``positions`` int32 ``[b, l]`` of rows packed with documents of
+    geometric lengths (mean ``doc_len``), cut at the row end as the packer does."""
+    rng = np.random.default_rng(seed)
+    seg, pos = np.zeros((b, l), np.int32), np.zeros((b, l), np.int32)
+    for r in range(b):
+        i, k = 0, 1
+        while i < l:
+            n = min(int(rng.geometric(1.0 / doc_len)), l - i)
+            seg[r, i:i + n], pos[r, i:i + n] = k, np.arange(n)
+            i, k = i + n, k + 1
+    return seg, pos
+
+
+def run(config, iters: int, packing: str = "eos", doc_len: float = 600.0) -> dict:
     from routezoo import zoo
     from routezoo.training.optim import make_optimizer
     from routezoo.training.train import (create_state, describe_model, make_train_step, mesh_and_rules,
@@ -51,6 +72,10 @@ def run(config, iters: int) -> dict:
                        out_shardings=(shardings, None), donate_argnums=0)
         tokens = np.random.default_rng(0).integers(2, v, size=(b, l + 1)).astype(np.int32)
         batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((b, l), np.float32)}
+        docs = 0.0
+        if packing == "masked":
+            batch["segment_ids"], batch["positions"] = packed_documents(b, l, doc_len)
+            docs = float(batch["segment_ids"].max(axis=1).mean())
         batch = jax.device_put(batch, batch_sharding)
         for _ in range(3):
             state, metrics = step(state, batch)
@@ -64,7 +89,7 @@ def run(config, iters: int) -> dict:
         mem = jax.devices()[0].memory_stats() or {}
     t = statistics.median(ts)
     return {**info, "step_s": t, "tokens_per_second": b * l / t, "loss": float(metrics["loss"]),
-            "peak_gib": mem.get("peak_bytes_in_use", 0) / 2 ** 30}
+            "peak_gib": mem.get("peak_bytes_in_use", 0) / 2 ** 30, "packing": packing, "docs_per_row": docs}
 
 
 def main():
@@ -74,11 +99,13 @@ def main():
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--peak", type=float, default=989.0)
+    p.add_argument("--packing", default="eos")
+    p.add_argument("--doc_len", type=float, default=600.0)
     p.add_argument("--out", default="train_step.json")
     a = p.parse_args()
     ceiling = dense_ceiling()
     rows = []
-    for variant in a.dispatch.split(","):
+    for variant, packing in [(v, k) for v in a.dispatch.split(",") for k in a.packing.split(",")]:
         dispatch, opt = variant.split(":")
         c = load_config(a.config)
         c.model.dtype = "bfloat16"
@@ -90,10 +117,10 @@ def main():
         if a.batch:
             c.train.batch_size = a.batch
         try:
-            r = run(c, a.iters)
+            r = run(c, a.iters, packing, a.doc_len)
         except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
             r = {"error": " ".join(str(e).split())[:300]}
-        r.update(variant=variant, config=a.config, batch=c.train.batch_size, seq_len=c.data.seq_len)
+        r.update(variant=f"{variant}/{packing}", config=a.config, batch=c.train.batch_size, seq_len=c.data.seq_len)
         if "tokens_per_second" in r:
             achieved = r["flops_per_token_train"] * r["tokens_per_second"] / 1e12
             r.update(tflops=achieved, mfu_datasheet=achieved / a.peak, mfu_measured=achieved / ceiling)
@@ -103,12 +130,12 @@ def main():
             "peak_tflops": a.peak}
     json.dump({"info": info, "rows": rows}, open(a.out, "w"), indent=1)
     print(f"\n{info['device']}, jax {info['jax']}; dense bf16 matmul {ceiling:.0f} TFLOP/s; datasheet {a.peak:.0f}")
-    print(f"{'variant':18} {'params':>8} {'active':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU(sheet)':>10} {'MFU(meas)':>9} {'peak GiB':>8}")
+    print(f"{'variant':24} {'params':>8} {'active':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU(sheet)':>10} {'MFU(meas)':>9} {'peak GiB':>8}")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:18} ERROR {r['error'][:100]}")
+            print(f"{r['variant']:24} ERROR {r['error'][:100]}")
             continue
-        print(f"{r['variant']:18} {r['params_total'] / 1e9:7.2f}B {r['params_active'] / 1e9:7.2f}B "
+        print(f"{r['variant']:24} {r['params_total'] / 1e9:7.2f}B {r['params_active'] / 1e9:7.2f}B "
               f"{r['tokens_per_second']:9.0f} {r['tflops']:8.1f} {100 * r['mfu_datasheet']:9.1f}% "
               f"{100 * r['mfu_measured']:8.1f}% {r['peak_gib']:8.1f}")
 
