@@ -77,3 +77,18 @@ def assert_cli_usage_error(tmp_path, capsys, flags, needle: str) -> None:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not wd.exists()
+
+
+def packed_ids(lengths, length: int):
+    """``(segment_ids, positions)`` int32 numpy ``[B, length]`` of packed rows: row ``b``
+    holds documents of ``lengths[b]`` tokens in order (ids 1, 2, ...; positions restarting
+    at 0), then padding (id 0, position 0)."""
+    import numpy as np
+    seg = np.zeros((len(lengths), length), np.int32)
+    pos = np.zeros((len(lengths), length), np.int32)
+    for b, row in enumerate(lengths):
+        start = 0
+        for s, n in enumerate(row, 1):
+            seg[b, start:start + n], pos[b, start:start + n] = s, np.arange(n)
+            start += n
+    return seg, pos

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from conftest import packed_ids as conftest_packed_ids
 from routezoo.layers import t5
 from routezoo.layers.attention import (Attention, cudnn_packed_attention, segment_lengths_and_offsets,
                                        segment_mask_of)
@@ -29,15 +30,8 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def packed_ids(lengths=LENGTHS, length=L):
-    """``(segment_ids, positions)`` int32 ``[B, L]`` of rows of the given document lengths."""
-    seg = np.zeros((len(lengths), length), np.int32)
-    pos = np.zeros((len(lengths), length), np.int32)
-    for b, row in enumerate(lengths):
-        start = 0
-        for s, n in enumerate(row, 1):
-            seg[b, start:start + n] = s
-            pos[b, start:start + n] = np.arange(n)
-            start += n
+    """``(segment_ids, positions)`` int32 ``[B, length]`` (:func:`conftest.packed_ids`)."""
+    seg, pos = conftest_packed_ids(lengths, length)
     return jnp.asarray(seg), jnp.asarray(pos)
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import packed_ids as conftest_packed_ids
 from conftest import tiny_config
 from routezoo import zoo
 from routezoo.zoo.lm import init_cache, mtp_loss, positions_from_segments
@@ -51,14 +52,8 @@ CASES = {
 
 
 def packed(lengths=LENGTHS, length=L):
-    """``(segment_ids, positions)`` int32 ``[B, length]``."""
-    seg = np.zeros((len(lengths), length), np.int32)
-    pos = np.zeros((len(lengths), length), np.int32)
-    for b, row in enumerate(lengths):
-        start = 0
-        for s, n in enumerate(row, 1):
-            seg[b, start:start + n], pos[b, start:start + n] = s, np.arange(n)
-            start += n
+    """``(segment_ids, positions)`` int32 ``[B, length]`` (:func:`conftest.packed_ids`)."""
+    seg, pos = conftest_packed_ids(lengths, length)
     return jnp.asarray(seg), jnp.asarray(pos)
 
 

@@ -186,15 +186,18 @@ def _read_jsonl_gz(path: str, pos: Sequence[int], column: str | None, txt_unit: 
         raise ValueError(f"{path}: cannot decompress after line {line}: {_first_line(e)}") from e
 
 
-def _read_parquet(path: str, pos: Sequence[int], column: str | None, txt_unit: str) -> _Read:
+def _open_parquet(path: str) -> Any:
+    """``pyarrow.parquet.ParquetFile(path)``, or one line saying why it cannot be read."""
     import pyarrow.parquet as pq
-
-    group0, row0 = (pos[0], pos[1]) if pos else (0, 0)
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types; report one line
         raise ValueError(f"cannot read {path} as Parquet: {_first_line(e)}") from e
-    with pf:
+
+
+def _read_parquet(path: str, pos: Sequence[int], column: str | None, txt_unit: str) -> _Read:
+    group0, row0 = (pos[0], pos[1]) if pos else (0, 0)
+    with _open_parquet(path) as pf:
         names = pf.schema_arrow.names
         if column is not None and column not in names:
             raise ValueError(f"{path}: no column {column!r}; its columns: {_keys_of(names)}")
@@ -324,13 +327,7 @@ def _check_file(path: str, text_key: str | None, txt_unit: str) -> None:
     suffix = file_suffix(path)
     key = None if suffix == ".txt" else text_key
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types; report one line
-            raise ValueError(f"cannot read {path} as Parquet: {_first_line(e)}") from e
-        with pf:
+        with _open_parquet(path) as pf:
             names = pf.schema_arrow.names
             if pf.metadata.num_rows == 0:
                 raise ValueError(f"{path} holds no rows")
