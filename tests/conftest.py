@@ -92,3 +92,12 @@ def packed_ids(lengths, length: int):
             seg[b, start:start + n], pos[b, start:start + n] = s, np.arange(n)
             start += n
     return seg, pos
+
+
+def packed_documents(lengths):
+    """``(row, start, n)`` of every document of :func:`packed_ids`' rows."""
+    for b, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            yield b, start, n
+            start += n

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from conftest import packed_documents as conftest_packed_documents
 from conftest import packed_ids as conftest_packed_ids
 from routezoo.layers import t5
 from routezoo.layers.attention import (Attention, cudnn_packed_attention, segment_lengths_and_offsets,
@@ -43,12 +44,8 @@ def rand(*shape, seed=0):
 
 
 def documents(lengths=LENGTHS):
-    """``(row, start, n)`` of every document."""
-    for b, row in enumerate(lengths):
-        start = 0
-        for n in row:
-            yield b, start, n
-            start += n
+    """``(row, start, n)`` of every document (:func:`conftest.packed_documents`)."""
+    return conftest_packed_documents(lengths)
 
 
 def assert_documents_match(packed_out, run_alone, lengths=LENGTHS):

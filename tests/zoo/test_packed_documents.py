@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import packed_documents as conftest_packed_documents
 from conftest import packed_ids as conftest_packed_ids
 from conftest import tiny_config
 from routezoo import zoo
@@ -58,11 +59,8 @@ def packed(lengths=LENGTHS, length=L):
 
 
 def documents(lengths=LENGTHS):
-    for b, row in enumerate(lengths):
-        start = 0
-        for n in row:
-            yield b, start, n
-            start += n
+    """``(row, start, n)`` of every document (:func:`conftest.packed_documents`)."""
+    return conftest_packed_documents(lengths)
 
 
 def unpack(tokens, lengths=LENGTHS):
