@@ -163,7 +163,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         if d.tasks:
             raise ConfigError("data.tasks needs data.name='stdlib'; data.name='files' has no tasks")
         try:
-            data_lib.check_files(d, text_key=None if d.format == "chat" else d.text_key)
+            data_lib.check_files(d)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     _positive(config, "model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",

@@ -87,6 +87,8 @@ class ChatEncoder:
       prompt_key, completion_key, messages_key: the record fields.
     """
 
+    whole_examples = True   # the packer never cuts an example across rows
+
     def __init__(self, tokenizer: Tokenizer, *, prompt_key: str = "prompt", completion_key: str = "completion",
                  messages_key: str = "messages") -> None:
         self.tokenizer = tokenizer
@@ -98,8 +100,7 @@ class ChatEncoder:
         """The conversation as text (the tokenizer's chat template, else the plain one)."""
         if self.template is None:
             return _plain_render(messages, add_generation_prompt)
-        tok = self.tokenizer
-        specials = getattr(tok, "special_tokens", {}) or {}
+        specials = getattr(self.tokenizer, "special_tokens", {}) or {}
         return _compiled(self.template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                                **specials)
 

@@ -350,10 +350,16 @@ def _check_file(path: str, text_key: str | None, txt_unit: str) -> None:
                          f"{_keys_of(record)}")
 
 
+def record_key(data_cfg: Any) -> str | None:
+    """The field a record's text is read from: ``data.text_key``; None for
+    ``data.format='chat'``, whose records are read whole."""
+    return None if str(data_cfg.get("format", "text")) == "chat" else data_cfg.text_key
+
+
 def check_files(data_cfg: Any, *, text_key: str | None = _FROM_CONFIG) -> None:
     """For ``data.name == 'files'``: the settings, the globs of ``data.files`` (and
     ``data.eval_files``), no empty file, and the first record of every file holds the text
-    key (``text_key``: default ``data.text_key``; None: no key check, e.g. chat data)."""
+    key (``text_key``: default :func:`record_key`; None: no key check)."""
     if data_cfg.name != "files":
         return
     if data_cfg.txt_unit not in TXT_UNITS:
@@ -366,7 +372,7 @@ def check_files(data_cfg: Any, *, text_key: str | None = _FROM_CONFIG) -> None:
                          "documents; set data.eval_fraction in (0, 1) or data.eval_files")
     if data_cfg.shuffle_buffer < 1:
         raise ValueError(f"data.shuffle_buffer={data_cfg.shuffle_buffer} must be at least 1")
-    key = data_cfg.text_key if text_key == _FROM_CONFIG else text_key
+    key = record_key(data_cfg) if text_key == _FROM_CONFIG else text_key
     for cfg_key, spec in (("data.files", data_cfg.files), ("data.eval_files", data_cfg.eval_files)):
         if cfg_key == "data.eval_files" and not str(spec or "").strip():
             continue

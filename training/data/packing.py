@@ -170,10 +170,11 @@ class PackIterator(grain.DatasetIterator):
             return tokens
         row = {"tokens": tokens}
         if self._segments:
-            row["segment_ids"] = np.pad(np.concatenate(
-                [np.full(len(ids), i + 1, np.int32) for i, (ids, _) in enumerate(pieces)]), (0, pad))
-            row["positions"] = np.pad(np.concatenate(
-                [np.arange(len(ids), dtype=np.int32) for ids, _ in pieces]), (0, pad))
+            lengths = np.array([len(ids) for ids, _ in pieces])
+            starts = np.cumsum(lengths) - lengths
+            seg = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), lengths)
+            pos = (np.arange(len(seg)) - np.repeat(starts, lengths)).astype(np.int32)
+            row["segment_ids"], row["positions"] = np.pad(seg, (0, pad)), np.pad(pos, (0, pad))
         if with_mask:
             row["mask"] = np.pad(np.concatenate(
                 [np.ones(len(ids), np.float32) if mask is None else mask for ids, mask in pieces]), (0, pad))

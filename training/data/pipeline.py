@@ -101,7 +101,7 @@ def _encoder(tokenizer: Tokenizer, text_key: str, encoder: Any) -> Any:
 def _packer(docs: grain.IterDataset, seq_len: int, tokenizer: Tokenizer, packing: str, encoder: Any,
             pad_final: bool = False) -> PackIterDataset:
     return PackIterDataset(docs, seq_len + 1, pad_id=tokenizer.pad_id, pad_final=pad_final,
-                           segments=packing == "masked", whole=isinstance(encoder, ChatEncoder))
+                           segments=packing == "masked", whole=bool(getattr(encoder, "whole_examples", False)))
 
 
 def document_encoder(data_cfg: Any, tokenizer: Tokenizer) -> Any:
@@ -132,8 +132,8 @@ def train_dataset(source: Sequence[Any], tokenizer: Tokenizer, *, text_key: str,
     ``source``: a random-access sequence of records, or a
     :class:`~routezoo.training.data.sources.DocumentStream` (``data.name='files'``).
     ``packing``: ``masked`` or ``eos`` (:mod:`~routezoo.training.data.packing`);
-    ``encoder``: record -> document (default: :class:`EncodeDocument` of ``text_key``; a
-    :class:`ChatEncoder` also packs examples whole).
+    ``encoder``: record -> document (default: :class:`EncodeDocument` of ``text_key``); an
+    encoder whose ``whole_examples`` is true (:class:`ChatEncoder`) has its examples packed whole.
 
     ``process_sharding='documents'``: this process packs its own share of documents.
     ``'rows'``: every process packs the same global stream of ``batch_size *

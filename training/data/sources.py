@@ -63,13 +63,12 @@ def files_split(data_cfg: Any, split: str) -> DocumentStream:
     """The :class:`DocumentStream` of ``data.train_split`` or ``data.eval_split`` of
     ``data.name='files'``: ``data.eval_files`` for validation when set, else the hash
     split of ``data.files`` by ``data.eval_fraction``."""
-    from routezoo.training.data.files import expand_files
+    from routezoo.training.data.files import expand_files, record_key
     d = data_cfg
     if split not in (d.train_split, d.eval_split):
         raise ValueError(f"data.name='files' has the splits {d.train_split!r} (train) and {d.eval_split!r} "
                          f"(validation); got {split!r}")
-    text_key = None if str(d.get("format", "text")) == "chat" else d.text_key
-    common = dict(text_key=text_key, txt_unit=str(d.txt_unit), eval_fraction=float(d.eval_fraction),
+    common = dict(text_key=record_key(d), txt_unit=str(d.txt_unit), eval_fraction=float(d.eval_fraction),
                   shuffle_buffer=int(d.shuffle_buffer))
     if d.eval_files:
         if split == d.train_split:
@@ -131,7 +130,7 @@ def ensure_dataset(data_cfg: Any) -> str:
         build_stdlib(data_dir)
     elif data_cfg.name == FILES:
         from routezoo.training.data.files import check_files
-        check_files(data_cfg, text_key=None if str(data_cfg.get("format", "text")) == "chat" else data_cfg.text_key)
+        check_files(data_cfg)
     elif not known_dataset(data_cfg.name, data_dir):
         raise _unknown_dataset_error(data_cfg.name)
     return data_dir
@@ -139,10 +138,11 @@ def ensure_dataset(data_cfg: Any) -> str:
 
 def get_source(data_cfg: Any, split: str) -> Sequence[Any] | DocumentStream:
     """The random-access TFDS data source of one split (records are feature dicts), or for
-    ``data.name='files'`` its :class:`DocumentStream`."""
-    data_dir = ensure_dataset(data_cfg)
+    ``data.name='files'`` its :class:`DocumentStream` (the files are checked once, by
+    :func:`ensure_dataset`, before a run; not again at every evaluation)."""
     if data_cfg.name == FILES:
         return files_split(data_cfg, split)
+    data_dir = ensure_dataset(data_cfg)
     name = stdlib_tfds_name() if data_cfg.name == STDLIB else data_cfg.name
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
