@@ -6,6 +6,8 @@ problem and the allowed values. The CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 import ml_collections
@@ -84,9 +86,39 @@ def _check_schema(cfg: Any, schema: Any, prefix: str) -> None:
             if type(got) is not type(want):
                 raise ConfigError(f"config key {path!r} must be {type(want).__name__}, got {got!r}")
         elif isinstance(want, float) and isinstance(got, (int, float)):
-            pass
+            if not math.isfinite(got):   # e.g. optimizer.learning_rate=nan would train to NaN
+                raise ConfigError(f"config key {path!r} must be a finite number, got {got!r}")
         elif type(got) is not type(want):
             raise ConfigError(f"config key {path!r} must be {type(want).__name__}, got {got!r}")
+
+
+def _check_init_sources(config) -> None:
+    """``init.from_workdir`` and ``init.from_hf`` point at something that loads: a trained
+    run's workdir (a readable config.json and a checkpoint), a checkpoint directory whose
+    config.json parses and whose safetensors files open (headers only, nothing read)."""
+    i = config.init
+    if i.from_workdir:
+        key, path = "init.from_workdir (--config.init.from)", i.from_workdir
+        if not os.path.isdir(path):
+            raise ConfigError(f"config key {key}: {path!r} is not a directory; give the workdir of a trained run "
+                              "(its config.json and checkpoints/)")
+        from routezoo.training.workdir import read_workdir_config
+        try:
+            read_workdir_config(path)
+        except (OSError, ValueError) as e:
+            hint = ("; it holds safetensors files: for a Hugging Face checkpoint use init.from_hf"
+                    if any(n.endswith(".safetensors") for n in os.listdir(path)) else "")
+            raise ConfigError(f"config key {key}: {' '.join(str(e).split())}{hint}") from None
+        ckpt = os.path.join(path, "checkpoints")
+        if not (os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))):
+            raise ConfigError(f"config key {key}: {path!r} holds no checkpoint (nothing in {ckpt}); "
+                              "give the workdir of a run that saved one")
+    if i.from_hf:
+        from routezoo.zoo import hf
+        try:
+            hf.open_source(i.from_hf).reader().close()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'init.from_hf': {' '.join(str(e).split())}") from None
 
 
 def _one_of(value: Any, allowed, key: str) -> None:
@@ -169,7 +201,14 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     _positive(config, "model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
               "model.head_dim", "model.mlp_dim", "model.vocab_size", "data.seq_len", "train.steps",
               "train.batch_size", "train.grad_accum", "train.eval_every", "train.eval_steps",
-              "train.log_every", "checkpoint.every", "checkpoint.keep", "optimizer.learning_rate")
+              "train.log_every", "checkpoint.every", "checkpoint.keep", "optimizer.learning_rate",
+              "train.max_consecutive_skips")
+    from routezoo.training.checkpoint import ON_CORRUPT
+    from routezoo.training.step import NONFINITE_POLICIES
+    _one_of(t.on_nonfinite, NONFINITE_POLICIES, "train.on_nonfinite")
+    _one_of(config.checkpoint.on_corrupt, ON_CORRUPT, "checkpoint.on_corrupt")
+    if t.spike_factor != 0 and not t.spike_factor > 1:
+        raise ConfigError(f"config key 'train.spike_factor' must be 0 (off) or > 1, got {t.spike_factor}")
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads "
                           f"({m.num_kv_heads})")
@@ -258,6 +297,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     _check_adapter_sources(config)
     if config.init.from_workdir and config.init.from_hf:
         raise ConfigError("config keys 'init.from_workdir' and 'init.from_hf' are both set; allowed: one of them")
+    _check_init_sources(config)
     if "moe" in kinds:
         from routezoo.layers.moe import validate_moe_config
         from routezoo.layers.routers import ROUTERS

@@ -3,10 +3,17 @@
 
 A run resumes from its newest checkpoint (state and data iterator). SIGTERM/SIGINT
 (:class:`StopFlag`) saves a checkpoint and returns at the next step, as does
-``stop_after``. Evaluation (:func:`evaluate_all`) runs the plain eval, the router's eval
-variants (``eval_loss@SUFFIX``) and, with ``train.eval_per_task``, each task's own
-(``eval_loss@task=NAME``). Plain and adapter runs share the loop through
-:func:`routezoo.training.adapter_run.make_run`.
+``stop_after``. A run holds its workdir's lock (:class:`~routezoo.training.workdir.WorkdirLock`)
+throughout and writes nothing there before its config, its sources and its checkpoints
+have been checked: ``config.json``, ``metrics.jsonl`` and TensorBoard are written only
+once the state is restored or created. A resumed run cuts ``metrics.jsonl`` back to its
+checkpoint's step first. A non-finite loss or gradient norm (``train.on_nonfinite``,
+docs/runs.md) is flagged inside the step and read with the metrics the loop fetches
+anyway, and again before every save: ``stop`` raises :class:`Diverged` without saving the
+flagged state, ``skip`` drops the update and counts it. Evaluation (:func:`evaluate_all`)
+runs the plain eval, the router's eval variants (``eval_loss@SUFFIX``) and, with
+``train.eval_per_task``, each task's own (``eval_loss@task=NAME``). Plain and adapter runs
+share the loop through :func:`routezoo.training.adapter_run.make_run`.
 """
 
 from __future__ import annotations
@@ -21,16 +28,52 @@ import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from routezoo import zoo
 from routezoo.layers import adapters as adapter_lib
 from routezoo.layers import sharding as shd
 from routezoo.training import checkpoint as ckpt_lib
 from routezoo.training import metrics as metrics_lib
+from routezoo.training import workdir as workdir_lib
 from routezoo.training.adapter_run import adapter_config, make_run, optimizer_for
 from routezoo.training.state import maybe_initialize_distributed, mesh_and_rules
-from routezoo.training.step import make_eval_step, make_train_step, special_ids_of
+from routezoo.training.step import init_guard, make_eval_step, make_train_step, special_ids_of
+
+GUARD_SAVED = ("skipped", "loss_mean", "count")   # the guard's counters kept with each checkpoint
+
+
+class Diverged(ckpt_lib.RunError):
+    """The run met a non-finite (or spiking) loss or gradient and ``train.on_nonfinite``
+    says stop (or ``skip`` skipped too many steps in a row); nothing after it was saved."""
+
+    exit_code = 3
+
+
+def check_guard(guard: dict[str, Any], config, step: int, checkpointer) -> None:
+    """Raises :class:`Diverged` when the fetched guard says the run must stop."""
+    t = config.train
+    policy = str(t.get("on_nonfinite", "stop"))
+    first = int(guard["first_bad"])
+    latest = checkpointer.latest_step()
+    kept = (f"the newest checkpoint is step {latest} (intact; running again resumes from it)"
+            if latest is not None else "no checkpoint was saved")
+    if policy == "stop" and first >= 0:
+        loss, gnorm = float(guard["first_loss"]), float(guard["first_grad_norm"])
+        if int(guard["first_spike"]):
+            what = (f"loss {loss:.4g} above train.spike_factor={float(t.spike_factor):g} times its running "
+                    f"mean {float(guard['loss_mean']):.4g}")
+        else:
+            what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} (loss {loss:.4g}, " \
+                   f"grad norm {gnorm:.4g})"
+        raise Diverged(f"train: diverged at step {first}: {what}; stopped (train.on_nonfinite=stop) without "
+                       f"saving anything after it; {kept}; lower optimizer.learning_rate, or set "
+                       "train.on_nonfinite=skip to drop such steps")
+    limit = int(t.get("max_consecutive_skips", 0))
+    if policy == "skip" and limit and int(guard["worst"]) >= limit:
+        raise Diverged(f"train: {int(guard['worst'])} steps in a row skipped for a non-finite or spiking loss "
+                       f"(train.max_consecutive_skips={limit}), at step {step}: the run no longer recovers; "
+                       f"stopped without saving; {kept}; lower optimizer.learning_rate")
 
 
 def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -159,17 +202,26 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
 
     Returns:
       The last train metrics (means) and eval metrics, with ``step``.
+
+    Raises:
+      routezoo.training.checkpoint.RunError: one line, with the CLI's ``exit_code``:
+        :class:`~routezoo.training.workdir.WorkdirBusy` (another run holds the workdir),
+        :class:`~routezoo.training.checkpoint.CheckpointMismatch` (the checkpoints are of
+        another model), :class:`~routezoo.training.checkpoint.NoIntactCheckpoint`,
+        :class:`Diverged`, :class:`~routezoo.training.checkpoint.CheckpointWriteFailed`.
     """
     from routezoo.training import data as data_lib   # the data stack only where data is read
     maybe_initialize_distributed()
     data_lib.resolve_tokenizer(config)   # data.tokenizer=auto with init.from_hf: its tokenizer
     is_main = jax.process_index() == 0
     workdir = os.path.abspath(workdir)
-    if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    log = print if is_main else (lambda *_: None)
+    with workdir_lib.WorkdirLock(workdir, enabled=is_main, log=log):
+        return _train(config, workdir, stop_after, is_main)
 
+
+def _train(config, workdir: str, stop_after: int | None, is_main: bool) -> dict[str, Any]:
+    from routezoo.training import data as data_lib
     mesh, rules = mesh_and_rules(config)
     data_lib.ensure_dataset(config.data)
     tokenizer = data_lib.get_tokenizer(config.data)
@@ -178,7 +230,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     tx, schedule = optimizer_for(config, adapter)
     # Leading (batch) axis sharded, the rest replicated: fits inputs [B, L] and task_id [B].
     batch_sharding = NamedSharding(mesh, shd.batch_spec(1))
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    replicated = NamedSharding(mesh, PartitionSpec())
     progress_log = print if is_main else (lambda *_: None)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -197,68 +249,126 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         train_iter = data_lib.make_train_iterator(config)
         checkpointer = ckpt_lib.Checkpointer(
             os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-            async_save=config.checkpoint.async_save, verify=config.checkpoint.verify, log=progress_log)
-        restored = checkpointer.restore_latest(abstract, data_lib.iterator_restore_args(train_iter))
-        if restored is None:
-            state, start = run.create_state(), 0
-        else:
-            start, state, _ = restored
-            progress_log(f"resumed from step {start} ({checkpointer.step_dir(start)})")
+            async_save=config.checkpoint.async_save, verify=config.checkpoint.verify, log=progress_log,
+            on_corrupt=str(config.checkpoint.get("on_corrupt", "stop")))
+        try:
+            try:
+                restored = checkpointer.restore_latest(abstract, data_lib.iterator_restore_args(train_iter))
+            except ckpt_lib.CheckpointMismatch:
+                diff = workdir_lib.config_differences(workdir, config)
+                if not diff:
+                    raise
+                raise ckpt_lib.CheckpointMismatch(
+                    f"the checkpoints in {checkpointer.directory} are of another config ({'; '.join(diff[:3])}"
+                    f"{'; ...' if len(diff) > 3 else ''}); use the config they were saved with, or another "
+                    "--workdir") from None
+            saved_guard = {}
+            if restored is None:
+                state, start = run.create_state(), 0
+            else:
+                start, state, _ = restored
+                saved_guard = {k: v for k, v in (checkpointer.restored_extra or {}).items() if k in GUARD_SAVED}
+                progress_log(f"resumed from step {start} ({checkpointer.step_dir(start)})")
+        except BaseException:
+            checkpointer.abandon()
+            raise
 
-        special_ids = special_ids_of(tokenizer)
-        train_step = jax.jit(make_train_step(model, tx, config, schedule, run.adapter, special_ids),
-                             in_shardings=(shardings, batch_sharding, *run.extra_shardings),
-                             out_shardings=(shardings, None), donate_argnums=0)
-        eval_steps = {suffix: jax.jit(make_eval_step(m, tokenizer.token_bytes, run.adapter, special_ids),
-                                      in_shardings=(shardings, batch_sharding, *run.extra_shardings))
-                      for suffix, m in {"": model, **eval_variants(config)}.items()}
-        if start == 0:   # model size and the untrained model's eval, as step 0
-            first = evaluate_all(eval_steps, state, config, mesh, batch_sharding, extra)
-            writer.write(0, {**info, **first})
-            progress_log(f"step 0: eval loss {first['eval_loss']:.4f}, "
-                         f"eval bits/byte {first['eval_bits_per_byte']:.4f}")
+        # The config, its sources and the checkpoints are good: from here on the run writes.
+        restart_at = start + 1 if start else 0   # the first step written again
+        if is_main:
+            dropped = metrics_lib.truncate_metrics(workdir, restart_at)
+            if dropped:
+                progress_log(f"metrics.jsonl: dropped {dropped} record(s) of steps >= {restart_at}, "
+                             "which this run writes again")
+            tmp = os.path.join(workdir, "config.json.tmp")
+            with open(tmp, "w") as f:
+                f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+            os.replace(tmp, os.path.join(workdir, "config.json"))
+        writer = metrics_lib.MetricWriter(workdir, enabled=is_main, restart_step=restart_at)
+        progress = None
+        try:
+            special_ids = special_ids_of(tokenizer)
+            train_step = jax.jit(make_train_step(model, tx, config, schedule, run.adapter, special_ids, guarded=True),
+                                 in_shardings=(shardings, replicated, batch_sharding, *run.extra_shardings),
+                                 out_shardings=(shardings, replicated, None), donate_argnums=(0, 1))
+            eval_steps = {suffix: jax.jit(make_eval_step(m, tokenizer.token_bytes, run.adapter, special_ids),
+                                          in_shardings=(shardings, batch_sharding, *run.extra_shardings))
+                          for suffix, m in {"": model, **eval_variants(config)}.items()}
+            guard = jax.jit(lambda: init_guard(**saved_guard), out_shardings=replicated)()
+            if start == 0:   # model size and the untrained model's eval, as step 0
+                first = evaluate_all(eval_steps, state, config, mesh, batch_sharding, extra)
+                writer.write(0, {**info, **first})
+                progress_log(f"step 0: eval loss {first['eval_loss']:.4f}, "
+                             f"eval bits/byte {first['eval_bits_per_byte']:.4f}")
 
-        steps, last_metrics, last_eval = config.train.steps, {}, {}
-        tokens_per_step = config.train.batch_size * config.data.seq_len
-        progress = metrics_lib.Progress(steps, min(start, steps), enabled=is_main and config.train.progress)
-        t_last, step_last = time.time(), start
-        step, waited = start, 0.0
-        with StopFlag() as stop:
-            while step < steps:
-                t_wait = time.perf_counter()
-                host_batch = next(train_iter)   # the device runs the previous step meanwhile (async dispatch)
-                waited += time.perf_counter() - t_wait
-                batch = to_global(host_batch, batch_sharding)
-                state, metrics = train_step(state, batch, *extra)
-                step += 1
-                log_now = step % config.train.log_every == 0 or step == steps
-                eval_now = step % config.train.eval_every == 0 or step == steps
-                if log_now or eval_now:
-                    last_metrics = jax.device_get(metrics)
-                    now = time.time()
-                    tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
-                    # the share of wall time spent waiting for the input pipeline: the device idles then
-                    record = {**last_metrics, "tokens_per_second": tps,
-                              "data_wait_fraction": min(waited / max(now - t_last, 1e-9), 1.0)}
-                    t_last, step_last, waited = now, step, 0.0
-                    if eval_now:
-                        last_eval = evaluate_all(eval_steps, state, config, mesh, batch_sharding, extra)
-                        record.update(last_eval)
-                        progress.write(f"step {step}: loss {float(last_metrics['loss']):.4f}, "
-                                       f"eval loss {last_eval['eval_loss']:.4f}, "
-                                       f"eval bits/byte {last_eval['eval_bits_per_byte']:.4f}")
-                    writer.write(step, record)
-                    progress.update_to(step, loss=f"{float(last_metrics['loss']):.3f}", tok_s=f"{tps:,.0f}")
-                stopping = stop.any_process() or (stop_after is not None and step - start >= stop_after)
-                if stopping or step % config.checkpoint.every == 0 or step == steps:
-                    checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True)
-                    run.save(workdir, step, state)
-                if stopping:
-                    progress.write(f"stopped at step {step}; checkpoint saved; run again to resume")
-                    break
+            steps, last_metrics, last_eval = config.train.steps, {}, {}
+            tokens_per_step = config.train.batch_size * config.data.seq_len
+            progress = metrics_lib.Progress(steps, min(start, steps), enabled=is_main and config.train.progress)
+            skip_mode = str(config.train.get("on_nonfinite", "stop")) == "skip"
+            t_last, step_last = time.time(), start
+            step, waited, skipped_seen = start, 0.0, int(saved_guard.get("skipped", 0))
+            with StopFlag() as stop:
+                while step < steps:
+                    t_wait = time.perf_counter()
+                    host_batch = next(train_iter)   # the device runs the previous step meanwhile (async dispatch)
+                    waited += time.perf_counter() - t_wait
+                    batch = to_global(host_batch, batch_sharding)
+                    state, guard, metrics = train_step(state, guard, batch, *extra)
+                    step += 1
+                    log_now = step % config.train.log_every == 0 or step == steps
+                    eval_now = step % config.train.eval_every == 0 or step == steps
+                    if log_now or eval_now:
+                        last_metrics, fetched = jax.device_get((metrics, guard))
+                        now = time.time()
+                        tps = tokens_per_step * (step - step_last) / max(now - t_last, 1e-9)
+                        # the share of wall time spent waiting for the input pipeline: the device idles then
+                        record = {**last_metrics, "tokens_per_second": tps,
+                                  "data_wait_fraction": min(waited / max(now - t_last, 1e-9), 1.0)}
+                        t_last, step_last, waited = now, step, 0.0
+                        if skip_mode and int(fetched["skipped"]) > skipped_seen:
+                            progress.write(f"step {step}: {int(fetched['skipped']) - skipped_seen} step(s) skipped "
+                                           f"for a non-finite or spiking loss since the last log, "
+                                           f"{int(fetched['skipped'])} in all (train.on_nonfinite=skip)")
+                            skipped_seen = int(fetched["skipped"])
+                        try:
+                            check_guard(fetched, config, step, checkpointer)
+                        except Diverged:
+                            writer.write(step, record)   # the diverged values, as null
+                            raise
+                        if eval_now:
+                            last_eval = evaluate_all(eval_steps, state, config, mesh, batch_sharding, extra)
+                            record.update(last_eval)
+                            progress.write(f"step {step}: loss {float(last_metrics['loss']):.4f}, "
+                                           f"eval loss {last_eval['eval_loss']:.4f}, "
+                                           f"eval bits/byte {last_eval['eval_bits_per_byte']:.4f}")
+                        writer.write(step, record)
+                        progress.update_to(step, loss=f"{float(last_metrics['loss']):.3f}", tok_s=f"{tps:,.0f}")
+                    stopping = stop.any_process() or (stop_after is not None and step - start >= stop_after)
+                    if stopping or step % config.checkpoint.every == 0 or step == steps:
+                        fetched = jax.device_get(guard)
+                        check_guard(fetched, config, step, checkpointer)   # never save a diverged state
+                        checkpointer.save(step, state, data_lib.iterator_save_args(train_iter), force=True,
+                                          extra={k: fetched[k].item() for k in GUARD_SAVED})
+                        run.save(workdir, step, state)
+                    if stopping:
+                        progress.write(f"stopped at step {step}; checkpoint saved; run again to resume")
+                        break
+        except BaseException:
+            if progress is not None:
+                progress.close()
+            checkpointer.abandon()   # lets a save of an earlier (good) step finish
+            writer.close()
+            if is_main:
+                try:   # the curves up to the failure; a plot that cannot be written is no reason to hide it
+                    metrics_lib.plot_metrics(workdir)
+                except Exception:  # noqa: BLE001
+                    pass
+            raise
         progress.close()
-        checkpointer.close()
-        writer.close()
+        try:
+            checkpointer.close()   # waits for the last save: CheckpointWriteFailed if it failed
+        finally:
+            writer.close()
     if is_main:
         metrics_lib.plot_metrics(workdir)
     return {"step": step, **{k: float(np.mean(v)) for k, v in last_metrics.items()}, **last_eval}

@@ -15,6 +15,17 @@ mutable.
 Mixed precision: parameters and optimizer state in ``model.param_dtype`` (float32),
 compute in ``model.dtype``. Gradient accumulation: ``train.grad_accum`` micro-batches
 through ``lax.scan``, averaging their gradients.
+
+Divergence (``train.on_nonfinite``, docs/runs.md): the step itself flags a non-finite
+loss or gradient norm (and, with ``train.spike_factor``, a loss above that factor times
+its running mean) without any host round trip. Under ``skip`` a flagged step keeps
+``params``, ``opt_state`` and ``model_state`` bit for bit (only ``step`` advances, so the
+step number, the data position and the checkpoint numbers stay aligned; the optimizer's
+own counters do not advance); under ``stop`` the update is applied and the loop, which
+reads the flag with the metrics it already fetches, stops before saving anything after
+it. The loop's step (``make_train_step(..., guarded=True)``) also carries a small
+:func:`init_guard` tree: the skipped count, the running mean of the loss and the first
+flagged step.
 """
 
 from __future__ import annotations
@@ -32,6 +43,10 @@ from routezoo.training.state import RNG_STREAMS, TrainState
 from routezoo.zoo.lm import cross_entropy
 
 EVAL_MASK_SEED = 0   # masked_lm evaluation masks with this fixed key: a deterministic eval loss
+
+NONFINITE_POLICIES = ("stop", "skip")   # train.on_nonfinite
+SPIKE_WARMUP = 10       # train.spike_factor: good steps in the running mean before a spike can be flagged
+SPIKE_HORIZON = 100     # the running mean: the plain mean of the first 100 good losses, then an EMA of weight 1/100
 
 
 BYTE_SPECIAL_IDS = {"pad": 0, "eos": 1}   # routezoo's byte and SentencePiece tokenizers
@@ -107,26 +122,51 @@ def forward_params(adapter, base, params):
     return base if adapter_hooks.is_activation_adapter(adapter) else adapter.merge(base, params)
 
 
+def init_guard(skipped: int = 0, loss_mean: float = 0.0, count: int = 0) -> dict[str, jax.Array]:
+    """The divergence guard the loop's step carries from step to step (all scalars).
+
+    ``skipped``: steps skipped so far (``train.on_nonfinite=skip``); ``run`` / ``worst``:
+    the current and the longest run of flagged steps in a row; ``first_bad``: the step
+    number of the first flagged step (-1: none), with its ``first_loss``,
+    ``first_grad_norm`` and ``first_spike`` (1: flagged as a loss spike, 0: non-finite);
+    ``loss_mean`` / ``count``: the running mean of the good steps' losses and how many
+    went into it. ``skipped``, ``loss_mean`` and ``count`` are saved with each checkpoint.
+    """
+    i32, f32 = jnp.int32, jnp.float32
+    return {"skipped": jnp.asarray(skipped, i32), "run": jnp.zeros((), i32), "worst": jnp.zeros((), i32),
+            "first_bad": jnp.asarray(-1, i32), "first_loss": jnp.zeros((), f32),
+            "first_grad_norm": jnp.zeros((), f32), "first_spike": jnp.zeros((), i32),
+            "loss_mean": jnp.asarray(loss_mean, f32), "count": jnp.asarray(count, i32)}
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
                     schedule: optax.Schedule, adapter: Any = None,
-                    special_ids: dict[str, int] | None = None) -> Callable:
+                    special_ids: dict[str, int] | None = None, *, guarded: bool = False) -> Callable:
     """The train step of ``model`` under ``tx``.
 
     Args:
       model: the Flax module.
       tx: the optimizer.
-      config: the run's config (``train.grad_accum``, ``model``).
+      config: the run's config (``train.grad_accum``, ``train.on_nonfinite``,
+        ``train.spike_factor``, ``model``).
       schedule: the learning-rate schedule (logged).
       adapter: an adapter method, or ``None``.
       special_ids: the tokenizer's pad and eos ids for the objective (:func:`objective_batch`).
+      guarded: the loop's variant, which carries the divergence guard (:func:`init_guard`).
 
     Returns:
       ``train_step(state, batch)``; with an ``adapter``, ``train_step(state, batch, base)``
       where ``state.params`` are the adapter's and ``base`` the frozen base parameters:
       the model runs on ``adapter.merge(base, params)`` and only ``params`` are
-      differentiated.
+      differentiated. ``guarded``: ``train_step(state, guard, batch[, base]) -> (state,
+      guard, metrics)``; the loss-spike check needs the guard's running mean, so only this
+      variant applies ``train.spike_factor``. Under ``train.on_nonfinite=skip`` a flagged
+      step leaves the state as it was except ``step`` (the unguarded variant then logs
+      ``nonfinite`` = 1, the guarded one the running total ``skipped_steps``).
     """
     accum = int(config.train.grad_accum)
+    skip = str(config.train.get("on_nonfinite", "stop")) == "skip"
+    spike_factor = float(config.train.get("spike_factor", 0.0))
 
     def loss_fn(params, model_state, batch, rng, base):
         rngs = {s: jax.random.fold_in(rng, i) for i, s in enumerate(RNG_STREAMS)}
@@ -150,7 +190,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: dict[str, jax.Array], base):
+    def step(state: TrainState, batch: dict[str, jax.Array], base, guard=None):
         rng = jax.random.fold_in(state.rng, state.step)
         if accum == 1:
             (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng, base)
@@ -172,13 +212,36 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
                 body, (zeros, 0.0, m0, state.model_state), (micro, jnp.arange(accum)))
             grads = jax.tree.map(lambda g: g / accum, grads)
             loss, metrics = loss / accum, jax.tree.map(lambda m: m / accum, metrics)
+        grad_norm = optax.tree.norm(grads)
+        bad = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))   # computed on device: no host sync
+        spike = jnp.zeros((), bool)
+        if guard is not None and spike_factor > 0:
+            spike = ~bad & (guard["count"] >= SPIKE_WARMUP) & (loss > spike_factor * guard["loss_mean"])
+            bad = bad | spike
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads),
+        if skip:   # drop the update: the old values, bit for bit
+            def keep(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            model_state = keep(model_state, state.model_state)
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
                    "learning_rate": schedule(state.step)}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   model_state=model_state)
-        return new_state, metrics
+        if guard is None:
+            if skip:
+                metrics["nonfinite"] = bad.astype(jnp.float32)
+            return new_state, metrics
+        new_guard = update_guard(guard, bad, spike, loss, grad_norm, state.step + 1, skip)
+        if skip:
+            metrics["skipped_steps"] = new_guard["skipped"]
+        return new_state, new_guard, metrics
+
+    if guarded:
+        if adapter is not None:
+            return lambda state, guard, batch, base: step(state, batch, base, guard)
+        return lambda state, guard, batch: step(state, batch, None, guard)
 
     if adapter is not None:
         return step
@@ -186,6 +249,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         return step(state, batch, None)
     return train_step
+
+
+def update_guard(guard: dict[str, jax.Array], bad: jax.Array, spike: jax.Array, loss: jax.Array,
+                 grad_norm: jax.Array, step: jax.Array, skip: bool) -> dict[str, jax.Array]:
+    """The guard after one step (``bad``: the step was flagged; ``step``: its number)."""
+    good = ~bad
+    count = guard["count"] + good.astype(jnp.int32)
+    weight = jnp.maximum(1.0 / jnp.maximum(count, 1).astype(jnp.float32), 1.0 / SPIKE_HORIZON)
+    loss_mean = jnp.where(good, guard["loss_mean"] + weight * (loss.astype(jnp.float32) - guard["loss_mean"]),
+                          guard["loss_mean"])
+    run = jnp.where(bad, guard["run"] + 1, 0)
+    first = bad & (guard["first_bad"] < 0)
+    return {"skipped": guard["skipped"] + (bad & skip).astype(jnp.int32), "run": run,
+            "worst": jnp.maximum(guard["worst"], run),
+            "first_bad": jnp.where(first, step.astype(jnp.int32), guard["first_bad"]),
+            "first_loss": jnp.where(first, loss.astype(jnp.float32), guard["first_loss"]),
+            "first_grad_norm": jnp.where(first, grad_norm.astype(jnp.float32), guard["first_grad_norm"]),
+            "first_spike": jnp.where(first, spike.astype(jnp.int32), guard["first_spike"]),
+            "loss_mean": loss_mean, "count": count}
 
 
 def make_eval_step(model: nn.Module, token_bytes: np.ndarray, adapter: Any = None,

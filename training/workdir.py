@@ -1,17 +1,27 @@
-"""A finished (or running) run's workdir read back: its config and its trained weights.
+"""A run's workdir: the lock a training run holds on it, and a finished (or running)
+run read back: its config and its trained weights.
 
 ``WORKDIR/config.json`` is the resolved config a run wrote (:func:`read_workdir_config`);
 ``WORKDIR/checkpoints`` its train checkpoints. :func:`load_trained` gives ``(config,
 model, state)`` for inference; :func:`restore_params` another run's parameters on a
 given mesh (``init.from_workdir``). For an adapter run the parameters returned are its
-base with the adapter merged in.
+base with the adapter merged in. Reading falls back from a corrupt newest checkpoint to
+the newest intact one (:func:`routezoo.training.checkpoint.restore_newest_intact`) and
+never moves or writes anything.
+
+:class:`WorkdirLock`: one training run at a time per workdir, through ``fcntl.flock`` on
+``WORKDIR/run.lock`` (docs/runs.md). The operating system releases the lock when the
+process ends, however it ends, so a crashed run never leaves it stuck.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
 import json
 import os
-from typing import Any
+import socket
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +29,7 @@ from flax import linen as nn
 
 from routezoo import zoo
 from routezoo.layers import adapters as adapter_lib
+from routezoo.training import checkpoint as ckpt_lib
 from routezoo.layers import sharding as shd
 from routezoo.layers.adapters import hooks as adapter_hooks
 from routezoo.training.adapter_run import (adapter_config, adapter_sources, adapter_state_shardings, load_base,
@@ -26,15 +37,137 @@ from routezoo.training.adapter_run import (adapter_config, adapter_sources, adap
 from routezoo.training.state import TrainState, mesh_and_rules, state_shardings
 
 
+LOCK_FILE = "run.lock"
+
+
+class WorkdirBusy(ckpt_lib.RunError):
+    """Another process holds the workdir's lock."""
+
+
+class WorkdirLock:
+    """The lock of a training run on its workdir, held from before the run's first write
+    until it returns (a context manager).
+
+    ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``WORKDIR/run.lock``: a second run is refused
+    with :class:`WorkdirBusy` (naming the holder's pid, host and start time, which the
+    holder writes into the file) before it writes anything. The lock belongs to the open
+    file, so the operating system drops it when the holder exits or is killed. On a
+    filesystem without locks (some network or FUSE mounts) a warning is logged and the run
+    goes on unprotected. Only process 0 of a multi-process run takes the lock; the others
+    learn the outcome from it. The file stays after the run (removing it would race with a
+    process that has it open), except in a workdir this run created and left empty (it
+    failed before writing anything): that directory is removed again.
+
+    Args:
+      workdir: the run's directory (created if absent).
+      enabled: take the lock here (process 0).
+      log: prints a message.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True, log: Callable[[str], None] = print):
+        self.workdir = os.path.abspath(workdir)
+        self.path = os.path.join(self.workdir, LOCK_FILE)
+        self.enabled = enabled
+        self.log = log
+        self.created = False
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        busy = None
+        if self.enabled:
+            try:
+                self._acquire()
+            except WorkdirBusy as e:
+                busy = e
+        if jax.process_count() > 1:   # every process stops when process 0 could not lock
+            import numpy as np
+            from jax.experimental import multihost_utils
+            ok = multihost_utils.process_allgather(np.int32(busy is None))
+            if not np.all(ok):
+                raise busy or WorkdirBusy(f"workdir {self.workdir} is in use by another run")
+        elif busy is not None:
+            raise busy
+
+    def _acquire(self) -> None:
+        import fcntl
+        if not os.path.isdir(self.workdir):
+            os.makedirs(self.workdir)
+            self.created = True
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 400).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise WorkdirBusy(f"workdir {self.workdir} is in use by another run ({holder or 'holder unknown'}); "
+                              "wait for it to finish, stop it, or use another --workdir") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            self.log(f"warning: the filesystem of {self.workdir} does not support locks "
+                     f"({os.strerror(e.errno)}); this run does not keep others out of the workdir")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{datetime.datetime.now().isoformat(timespec='seconds')}\n".encode())
+        self._fd = fd
+
+    def release(self, *, failed: bool = False) -> None:
+        """Drops the lock; after a failure, removes a workdir this run created and left empty."""
+        if self._fd is None:
+            return
+        if failed and self.created and os.listdir(self.workdir) == [LOCK_FILE]:
+            os.remove(self.path)
+            os.rmdir(self.workdir)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release(failed=exc_type is not None)
+
+
 def read_workdir_config(workdir: str):
-    """The resolved config a run wrote to ``workdir/config.json`` (on top of the defaults)."""
+    """The resolved config a run wrote to ``workdir/config.json`` (on top of the defaults).
+
+    Raises:
+      FileNotFoundError: no ``config.json``.
+      ValueError: a ``config.json`` that is not JSON or not a routezoo config (one line
+        naming the file).
+    """
     from routezoo.configs import base
     path = os.path.join(os.path.abspath(workdir), "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: not a routezoo training workdir")
+    try:
+        with open(path) as f:
+            tree = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); not a usable routezoo workdir config") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path} holds a JSON {type(tree).__name__}, not a routezoo config")
     config = base.get_config()
-    config.update_from_flattened_dict(_flatten(json.load(open(path))))
+    try:
+        config.update_from_flattened_dict(_flatten(tree))
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a routezoo config ({' '.join(str(e).split())[:200]})") from None
     return config
+
+
+def config_differences(workdir: str, config, prefixes=("model.", "adapter.", "optimizer.name")) -> list[str]:
+    """``'KEY: OLD in WORKDIR/config.json, NEW here'`` for the keys under ``prefixes`` that
+    differ between the workdir's config and ``config`` (empty without a readable config.json)."""
+    try:
+        saved = read_workdir_config(workdir)
+    except (OSError, ValueError):
+        return []
+    a, b = _flatten(saved.to_dict()), _flatten(config.to_dict())
+    path = os.path.join(os.path.abspath(workdir), "config.json")
+    return [f"{k}: {a.get(k)!r} in {path}, {b.get(k)!r} here" for k in sorted(set(a) | set(b))
+            if k.startswith(prefixes) and a.get(k) != b.get(k)]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -47,11 +180,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: int | None = None) -> TrainState:
-    """The TrainState of a run's newest (or given) checkpoint, placed on ``mesh``.
+def restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: int | None = None,
+                  log: Callable[[str], None] = print) -> TrainState:
+    """The TrainState of a run's newest intact (or given) checkpoint, placed on ``mesh``.
 
     For an adapter run ``params`` are its base with the adapter merged in. Call it inside
-    the mesh and rules context.
+    the mesh and rules context. A newest step that fails its manifest or does not load is
+    reported through ``log`` and the next older one is used; nothing is moved.
 
     Args:
       workdir: the run's directory.
@@ -59,10 +194,15 @@ def restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: int
       model: its Flax module.
       mesh: the device mesh to place the state on.
       rules: logical-axis rules.
-      step: the checkpoint step; ``None`` for the newest.
+      step: the checkpoint step; ``None`` for the newest intact one.
+      log: prints a message.
 
     Returns:
       The restored TrainState.
+
+    Raises:
+      FileNotFoundError: no checkpoint.
+      ValueError: no intact checkpoint, or one that does not fit ``config`` (one line).
     """
     import orbax.checkpoint as ocp
     workdir = os.path.abspath(workdir)
@@ -77,12 +217,16 @@ def restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: int
     else:
         abstract, _, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter,
                                                      adapter_sources(config))
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    manager.close()
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "guard"),
+                                    options=ocp.CheckpointManagerOptions(create=False))   # reads only
+    try:
+        _, state = ckpt_lib.restore_newest_intact(
+            ckpt_dir, lambda s: manager.restore(s, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"],
+            step=step, verify=bool(config.checkpoint.get("verify", True)), abstract_state=abstract, log=log)
+    finally:
+        manager.close()
     if adapter is not None:   # an adapter run: its base with the adapter merged in
         base = load_base(model, config, setup, mesh, rules)
         state = state.replace(params=jax.jit(adapter.merge, out_shardings=setup.base_shardings)(
@@ -90,7 +234,8 @@ def restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: int
     return state
 
 
-def restore_params(workdir: str, mesh, rules, step: int | None = None) -> tuple[Any, Any]:
+def restore_params(workdir: str, mesh, rules, step: int | None = None,
+                   log: Callable[[str], None] = print) -> tuple[Any, Any]:
     """Another run's trained parameters, placed on ``mesh``.
 
     Args:
@@ -104,7 +249,7 @@ def restore_params(workdir: str, mesh, rules, step: int | None = None) -> tuple[
       merged in.
     """
     config = read_workdir_config(workdir)
-    return config, restore_state(workdir, config, zoo.build(config.model), mesh, rules, step).params
+    return config, restore_state(workdir, config, zoo.build(config.model), mesh, rules, step, log).params
 
 
 def workdir_params(source: str, want_abstract, param_shardings, mesh, rules) -> Any:
@@ -119,13 +264,16 @@ def workdir_params(source: str, want_abstract, param_shardings, mesh, rules) -> 
     return jax.device_put(params, param_shardings)
 
 
-def load_trained(workdir: str, step: int | None = None, mesh_shape: dict[str, int] | None = None):
+def load_trained(workdir: str, step: int | None = None, mesh_shape: dict[str, int] | None = None,
+                 log: Callable[[str], None] = print):
     """A trained run, ready for inference.
 
     Args:
       workdir: the run's directory (its ``config.json`` and checkpoints).
-      step: the checkpoint step; ``None`` for the newest.
+      step: the checkpoint step; ``None`` for the newest intact one (a corrupt newer
+        step is reported through ``log`` and skipped).
       mesh_shape: the mesh to restore onto (default: all devices on ``data``).
+      log: prints a message.
 
     Returns:
       ``(config, model, state)``. For an adapter run ``state.params`` are the base with
@@ -137,5 +285,5 @@ def load_trained(workdir: str, step: int | None = None, mesh_shape: dict[str, in
     mesh, rules = mesh_and_rules(config)
     model = zoo.build(config.model)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = restore_state(workdir, config, model, mesh, rules, step)
+        state = restore_state(workdir, config, model, mesh, rules, step, log)
     return config, model, state

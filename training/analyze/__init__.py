@@ -1,6 +1,6 @@
 """Routing analytics of a trained MoE LM: ``routezoo analyze --workdir DIR [--steps N]``.
 
-Loads the run's newest checkpoint (:func:`~routezoo.training.train.load_trained`), runs
+Loads the run's newest intact checkpoint (:func:`~routezoo.training.train.load_trained`), runs
 the model in evaluation mode (``deterministic=True``) over ``N`` validation batches
 (:func:`~routezoo.training.data.eval_batches`, default ``train.eval_steps``) and records
 every MoE layer's routing decision per token. It writes to ``DIR/analysis/``:

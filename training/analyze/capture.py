@@ -60,8 +60,19 @@ def capture_routing(model: Any, variables: dict[str, Any], tokens: jax.Array, *,
     """Runs ``model`` on ``tokens [B, L]`` and returns ``(logits, aux, {layer: Routing})``.
 
     The model is unchanged: the routers' outputs are captured with Flax's
-    ``capture_intermediates``. ``Routing.indices`` / ``weights`` are ``[B·L, K]``.
+    ``capture_intermediates``. ``Routing.indices`` / ``weights`` are ``[B·L, K]``. A
+    scanned model (``model.scan_layers``) runs here in its unscanned form on the same
+    values (:func:`routezoo.zoo.stack.to_unscanned`), so every layer's routing is
+    captured under its own index.
     """
+    from routezoo.zoo import stack
+    if stack.is_scanned(model.cfg):
+        from routezoo import zoo
+        cfg = model.cfg.as_configdict() if hasattr(model.cfg, "as_configdict") else model.cfg
+        cfg = cfg.copy_and_resolve_references()
+        cfg.scan_layers = False
+        variables = stack.to_unscanned(dict(variables), model.cfg)
+        model = zoo.build(cfg)
     (logits, aux), state = model.apply(variables, tokens, deterministic=deterministic, rngs=rngs,
                                        capture_intermediates=_is_router_call,
                                        mutable=["intermediates"])

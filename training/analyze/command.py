@@ -14,8 +14,8 @@ from routezoo.training.analyze.report import write_report
 
 USAGE = """usage: routezoo analyze --workdir DIR [--steps N] [--top N] [--min-count N] [--out DIR]
 
-  --workdir DIR: a training workdir (config.json + checkpoints/); its newest checkpoint
-      is analysed.
+  --workdir DIR: a training workdir (config.json + checkpoints/); its newest intact
+      checkpoint is analysed (a corrupt newer step is reported and skipped).
   --steps N: validation batches to run (default: the run's train.eval_steps).
   --top N: token ids listed per expert and most/least specialised token ids (default 10).
   --min-count N: a token id needs this many occurrences to enter the most/least
@@ -36,7 +36,7 @@ def read_run_config(workdir: str):
     from routezoo.training.train import read_workdir_config
     try:
         return read_workdir_config(workdir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:   # missing, or not JSON (the message names the file)
         raise AnalyzeError(str(e)) from None
 
 
@@ -76,9 +76,9 @@ def analyze(workdir: str, *, steps: int | None = None, top: int = 10, min_count:
         raise AnalyzeError(f"no checkpoint in {ckpt_dir}")
     if jax.process_count() > 1:
         raise AnalyzeError("analyze runs in a single process")
-    try:
-        config, model, state = load_trained(workdir)
-    except FileNotFoundError as e:
+    try:   # the newest intact checkpoint: a corrupt newer step is reported through log and skipped
+        config, model, state = load_trained(workdir, log=log)
+    except (FileNotFoundError, ValueError) as e:
         raise AnalyzeError(" ".join(str(e).split())) from None
     if steps is not None:
         config.train.eval_steps = int(steps)

@@ -46,8 +46,12 @@ class Reader:
         index_path = os.path.join(directory, index_name)
         single_path = os.path.join(directory, single_name)
         if os.path.exists(index_path):
-            with open(index_path) as fh:
-                weight_map = json.load(fh)["weight_map"]
+            try:
+                with open(index_path) as fh:
+                    weight_map = json.load(fh)["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise HFError(f"{index_path} is not a safetensors index (JSON with a weight_map): "
+                              f"{' '.join(str(e).split())}") from None
             for file in sorted(set(weight_map.values())):
                 if not os.path.exists(os.path.join(directory, file)):
                     users = sorted(n for n, f in weight_map.items() if f == file)
@@ -66,7 +70,14 @@ class Reader:
         files = sorted(set(weight_map.values())) if weight_map else [single_name]
         self.location: dict[str, str] = {}
         for file in files:
-            handle = self._stack.enter_context(safe_open(os.path.join(directory, file), framework="numpy"))
+            path = os.path.join(directory, file)
+            try:
+                handle = self._stack.enter_context(safe_open(path, framework="numpy"))
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (no OSError)
+                self._stack.close()
+                raise HFError(f"{path} ({os.path.getsize(path) if os.path.exists(path) else 0} bytes) is not a "
+                              f"readable safetensors file: {' '.join(str(e).split())}; it may be truncated "
+                              "or damaged: copy or download it again") from None
             self._files[file] = handle
             for name in handle.keys():
                 self.location[name] = file
@@ -153,12 +164,21 @@ def read_configs(path: str) -> tuple[dict, dict | None]:
         raise FileNotFoundError(f"{path} is not a directory")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: not a Hugging Face checkpoint directory")
-    with open(cfg_path) as fh:
-        cfg = json.load(fh)
+    cfg = _read_json(cfg_path)
+    if not isinstance(cfg, dict):
+        raise HFError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not a checkpoint config (an object)")
     if isinstance(cfg.get("model"), dict) and os.path.exists(os.path.join(path, RZ_HF_CONFIG)):
-        with open(os.path.join(path, RZ_HF_CONFIG)) as fh:
-            return cfg, json.load(fh)
+        return cfg, _read_json(os.path.join(path, RZ_HF_CONFIG))
     return cfg, None
+
+
+def _read_json(path: str) -> Any:
+    """A JSON file; a file that does not parse is an :class:`HFError` naming it."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except ValueError as e:
+        raise HFError(f"{path} is not valid JSON ({e})") from None
 
 
 def make_dir(path: str) -> None:
