@@ -60,6 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
     m.mla_qk_rope_head_dim = 16  # mla: rotary query/key dims P (the rotary key is shared by all heads)
     m.mla_v_head_dim = 32        # mla: value head dim V
     m.mla_rope_interleave = True # mla: rotary pairs (0,1),(2,3),... (DeepSeek checkpoints); False: (i, i+P/2)
+    # Deep stacks (routezoo/zoo/stack.py, docs/scale.md): the repeated block under nn.scan, its
+    # parameters stacked on a leading `layers` axis (compile time independent of depth); stacks
+    # whose routers take per-layer routes from outside (pregate, duo) stay unscanned.
+    m.scan_layers = False
+    # Activation rematerialisation per block: none | full | dots_saveable | dots_no_batch |
+    # save_moe_dispatch | save_moe_dispatch_attn (what the backward pass keeps; the rest is recomputed)
+    m.remat = "none"
     m.hf_architecture = ""       # HF class imported from (zoo.hf), the default for export; "" = inferred
     # Feed-forward slot per layer: "mlp" everywhere, "moe" (every `moe.every`-th layer, the
     # others "mlp"), or a comma-separated list with one entry per layer, e.g. "mlp,moe".
@@ -168,6 +175,12 @@ def get_config() -> ml_collections.ConfigDict:
     t.eval_per_task = False      # with data.tasks: also eval_loss@task=NAME on each task's validation rows
     t.log_every = 10
     t.progress = True            # progress bar on process 0
+    # A non-finite loss or gradient norm (docs/runs.md): stop (exit 3; checkpoints before it kept,
+    # nothing saved after it) | skip (the update is dropped, params and optimizer state unchanged,
+    # the step number advances; counted in the metric skipped_steps)
+    t.on_nonfinite = "stop"
+    t.spike_factor = 0.0         # > 1: a loss above spike_factor x its running mean counts as non-finite too; 0 = off
+    t.max_consecutive_skips = 20 # on_nonfinite=skip: this many skipped steps in a row stop the run as diverged (exit 3)
 
     o = c.optimizer = ml_collections.ConfigDict()
     o.name = "adamw"             # adamw | adafactor | sgd
@@ -186,7 +199,10 @@ def get_config() -> ml_collections.ConfigDict:
     ck.every = 200
     ck.keep = 3
     ck.async_save = True
-    ck.verify = True             # checksum manifest written after each save, checked on restore
+    ck.verify = True             # checksum manifest written with each save, checked on restore
+    # Every kept checkpoint corrupt (docs/runs.md): stop (one line, exit 2, nothing moved) |
+    # restart (move them to checkpoints/corrupt/ and train from step 0)
+    ck.on_corrupt = "stop"
 
     # ---------------------------------------------------------------- init
     i = c.init = ml_collections.ConfigDict()

@@ -25,6 +25,18 @@ MODELS: dict[str, Callable[[Any], nn.Module]] = {
 }
 
 
+MODEL_CLASSES: dict[str, type] = {"decoder_lm": DecoderLM, "encoder_mlm": EncoderMLM,
+                                  "encoder_decoder": EncoderDecoderLM}
+
+
+def model_class(model_cfg: Any) -> type:
+    """The model class of ``model_cfg.name``; ``ValueError`` lists the known names."""
+    name = model_cfg.name
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODEL_CLASSES))}")
+    return MODEL_CLASSES[name]
+
+
 def build(model_cfg: Any) -> nn.Module:
     """The Flax module for ``model_cfg.name``; ``ValueError`` lists the known names."""
     name = model_cfg.name
@@ -63,6 +75,8 @@ def param_sizes(params: Any, model_cfg: Any, seq_len: int | None = None):
                 else moe.k / moe.num_experts)
     for path, leaf in leaves:
         names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
+        if names and names[0] == "layers":   # a scanned stack: [R, ...] of R layers
+            names = names[1:]
         value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
         size = int(np.prod(value.shape))
         keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
@@ -96,5 +110,5 @@ def flops_per_token(model_cfg: Any, seq_len: int, active_params: int,
     return {"forward": fwd, "train": 3.0 * fwd}
 
 
-__all__ = ["MODELS", "build", "count_params", "param_sizes", "flops_per_token", "ffn_kinds", "DecoderLM", "EncoderMLM", "EncoderDecoderLM",
+__all__ = ["MODELS", "MODEL_CLASSES", "build", "model_class", "count_params", "param_sizes", "flops_per_token", "ffn_kinds", "DecoderLM", "EncoderMLM", "EncoderDecoderLM",
            "from_hf", "to_hf"]

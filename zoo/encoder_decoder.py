@@ -80,6 +80,7 @@ from routezoo.layers.mlp import MLP
 from routezoo.layers.norms import make_norm
 from routezoo.layers.sharding import param
 from routezoo.zoo.lm import resolve_dtype
+from routezoo.zoo.stack import remat_block, scanned_group, stack_layout
 
 Aux = dict[str, dict[str, jax.Array]]
 INPUT_KEYS = ("encoder_tokens", "decoder_tokens", "encoder_mask", "decoder_mask", "encoder_segment_ids",
@@ -175,15 +176,54 @@ class T5Stack(nn.Module):
                 cross_mask = t5.segment_mask(cross_mask, segment_ids, encoder_segment_ids)
         losses: dict[str, jax.Array] = {}
         stats: dict[str, jax.Array] = {}
-        for i, kind in enumerate(kinds):
-            x, aux = T5Block(c, kind, self.decoder, self.dtype, self.param_dtype, name=f"layer{i}")(
-                x, bias, self_mask, deterministic, encoded, cross_mask, segment_ids is not None)
+        packed = segment_ids is not None
+        layout = stack_layout(kinds, _scan_enabled(c))
+        remat = str(c.get("remat", "none"))
+
+        def record(i, aux):
             for k, v in aux.get("losses", {}).items():
                 losses[k] = losses.get(k, 0.0) + v
             for k, v in aux.get("stats", {}).items():
                 stats[f"layer{i}/{k}"] = v
+
+        # T5Block.__call__ arguments 4 (deterministic) and 7 (packed) are Python bools
+        block_cls = remat_block(T5Block, remat, (4, 7), in_scan=False)
+        for i in range(layout.prefix) if layout.scanned else range(len(kinds)):
+            x, aux = block_cls(c, kinds[i], self.decoder, self.dtype, self.param_dtype, name=f"layer{i}")(
+                x, bias, self_mask, deterministic, encoded, cross_mask, packed)
+            record(i, aux)
+        if layout.scanned:
+            scan_cls = remat_block(T5Block, remat, (4, 7), in_scan=True)
+            decoder, dtype, param_dtype = self.decoder, self.dtype, self.param_dtype
+
+            def step(p, kind, x, carry, shared):
+                x, aux = scan_cls(c, kind, decoder, dtype, param_dtype, name=f"block{p}")(
+                    x, shared["bias"], shared["self_mask"], deterministic, shared["encoded"], shared["cross_mask"],
+                    packed)
+                return x, carry, {"losses": aux.get("losses", {}), "stats": aux.get("stats", {})}
+
+            (x, _), outs = scanned_group(layout, step)((x, None), {
+                "bias": bias, "self_mask": self_mask, "encoded": encoded, "cross_mask": cross_mask})
+            for r in range(layout.repeats):
+                for p, out in enumerate(outs):
+                    record(layout.layer_index(r, p), jax.tree.map(lambda v: v[r], out))
+            for i in layout.suffix:
+                x, aux = block_cls(c, kinds[i], self.decoder, self.dtype, self.param_dtype, name=f"layer{i}")(
+                    x, bias, self_mask, deterministic, encoded, cross_mask, packed)
+                record(i, aux)
         x = make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
         return x, losses, stats
+
+
+def _scan_enabled(cfg: Any) -> bool:
+    """``model.scan_layers``, unless the MoE router cannot run under ``nn.scan``."""
+    if not bool(cfg.get("scan_layers", False)):
+        return False
+    kinds = stack_kinds(cfg)
+    if "moe" in kinds["encoder"] + kinds["decoder"]:
+        from routezoo.layers.routers import router_class
+        return bool(router_class(str(cfg.moe.router)).scannable)
+    return True
 
 
 def _check_segments(encoder_segment_ids, decoder_segment_ids) -> None:
@@ -209,6 +249,12 @@ class EncoderDecoderLM(nn.Module):
 
     causal: ClassVar[bool] = True           # the decoder is causal: routers must be causal
     objective: ClassVar[str] = "seq2seq"    # training/step.py objective_batch -> seq2seq_batch
+
+    @classmethod
+    def stack_layouts(cls, cfg: Any) -> dict[tuple[str, ...], Any]:
+        """The encoder's and the decoder's layer stacks (``encoder/``, ``decoder/``)."""
+        kinds, scan = stack_kinds(cfg), _scan_enabled(cfg)
+        return {(name,): stack_layout(kinds[name], scan) for name in ("encoder", "decoder")}
 
     def setup(self):
         c = self.cfg

@@ -30,6 +30,7 @@ from routezoo.layers.embed import Embed
 from routezoo.layers.mlp import MLP
 from routezoo.layers.norms import make_norm
 from routezoo.layers.sharding import param
+from routezoo.zoo.stack import remat_block, scanned_group, stack_layout
 
 Aux = dict[str, dict[str, jax.Array]]
 FFN = Callable[..., tuple[jax.Array, Aux]]
@@ -340,6 +341,12 @@ class DecoderLM(nn.Module):
     causal: ClassVar[bool] = True             # attention mask; EncoderMLM: False
     objective: ClassVar[str] = "causal_lm"    # training objective (training/step.py objective_batch)
 
+    @classmethod
+    def stack_layouts(cls, cfg: Any) -> dict[tuple[str, ...], Any]:
+        """``{(): layout}``: the one layer stack at the top of the parameter tree
+        (:func:`routezoo.zoo.stack.stack_layout` of the layers' kinds)."""
+        return {(): stack_layout(ffn_kinds(cfg), scan_enabled(cfg))}
+
     def moe_layers(self) -> tuple[int, ...]:
         """Indices of the MoE layers (the ``Z`` axis of :meth:`routes`)."""
         return tuple(i for i, kind in enumerate(ffn_kinds(self.cfg)) if kind == "moe")
@@ -348,6 +355,37 @@ class DecoderLM(nn.Module):
         """Read-ME pre-gating: experts of every MoE layer, int32 ``[Z, B, L, K]``, computed
         from the token ids alone, before (and without) the backbone."""
         return self(tokens, positions=positions, _routes_only=True)
+
+    def _scan_group(self, layout, routing, *, deterministic: bool, decode: bool, dtype, param_dtype):
+        """The scanned group of ``layout`` (``layers/block{p}``, stacked ``[R, ...]``), made
+        once per call; :meth:`_run_scan_group` runs it."""
+        c = self.cfg
+        block_cls = remat_block(Block, str(c.get("remat", "none")), (3, 7), in_scan=True)
+        causal = self.causal
+        scan_inputs, scan_update = routing.scan_inputs, routing.scan_update
+
+        def step(p, kind, x, carry, shared):
+            router_inputs = scan_inputs(carry, shared["router"]) if kind == "moe" else None
+            x, aux = block_cls(c, kind, dtype, param_dtype, causal=causal, name=f"block{p}")(
+                x, shared["positions"], deterministic, shared["tokens"], router_inputs, shared["segment_mask"],
+                decode, shared["segment_ids"])
+            carry, recorded = scan_update(carry, aux) if kind == "moe" else (carry, {})
+            return x, carry, {"losses": aux.get("losses", {}), "stats": aux.get("stats", {}), "recorded": recorded}
+
+        return scanned_group(layout, step)
+
+    @staticmethod
+    def _run_scan_group(group, layout, routing, x, record, shared):
+        """Runs ``group`` on ``x`` and records each of its layers' losses, statistics and
+        router values as the unscanned loop does, under the same ``layer{i}`` names."""
+        (x, carry), outs = group((x, routing.scan_carry()), {"router": routing.scan_shared(), **shared})
+        routing.set_scan_carry(carry)
+        for r in range(layout.repeats):
+            at = lambda tree: jax.tree.map(lambda v: v[r], tree)
+            for p, out in enumerate(outs):
+                record(layout.layer_index(r, p), {"losses": at(out["losses"]), "stats": at(out["stats"])},
+                       at(out["recorded"]))
+        return x
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
@@ -400,8 +438,14 @@ class DecoderLM(nn.Module):
             return routing.precomputed_routes()  # [Z, B, L, K]
         embed = Embed(c.vocab_size, c.d_model, dtype=dtype, param_dtype=param_dtype,
                             scale_attend=bool(c.get("scale_tied_logits", True)), name="embed")
-        blocks = [Block(c, kind, dtype, param_dtype, causal=self.causal, name=f"layer{i}")
-                  for i, kind in enumerate(ffn_kinds(c))]
+        layout = self.stack_layouts(c)[()]
+        remat = str(c.get("remat", "none"))
+        # Block.__call__ arguments 3 (deterministic) and 7 (decode) are Python bools
+        block_cls = remat_block(Block, remat, (3, 7), in_scan=False)
+        blocks = {i: block_cls(c, kind, dtype, param_dtype, causal=self.causal, name=f"layer{i}")
+                  for i, kind in enumerate(layout.kinds) if i not in layout.scanned_layers}
+        scan_group = self._scan_group(layout, routing, deterministic=deterministic, decode=decode, dtype=dtype,
+                                      param_dtype=param_dtype) if layout.scanned else None
         final_norm = make_norm(c.norm, c.norm_eps, dtype, param_dtype, "final_norm")
         unembed = None if c.tie_embeddings else self.param(
             "unembed", param(nn.initializers.normal(c.d_model ** -0.5), ("embed", "vocab")),
@@ -418,17 +462,31 @@ class DecoderLM(nn.Module):
             losses: dict[str, jax.Array] = {}
             stats: dict[str, jax.Array] = {}
             routing.begin(b, l)
-            for i, block in enumerate(blocks):
-                router_inputs = routing.layer_inputs(moe_layers.index(i), b, l) if i in moe_layers else None
-                x, aux = block(x, positions, deterministic, tokens, router_inputs, segment_mask, decode,
-                               segment_ids)
-                for name, value in routing.after_layer(aux).items():   # e.g. the recurrent router state
+
+            def record(i, aux, recorded):
+                for name, value in recorded.items():   # e.g. the recurrent router state
                     if not self.is_initializing():
                         self.sow("intermediates", f"layer{i}_{name}", value)
                 for k, v in aux.get("losses", {}).items():
                     losses[k] = losses.get(k, 0.0) + v
                 for k, v in aux.get("stats", {}).items():
                     stats[f"layer{i}/{k}"] = v
+
+            def run_layer(i, x):
+                router_inputs = routing.layer_inputs(moe_layers.index(i), b, l) if i in moe_layers else None
+                x, aux = blocks[i](x, positions, deterministic, tokens, router_inputs, segment_mask, decode,
+                                   segment_ids)
+                record(i, aux, routing.after_layer(aux))
+                return x
+
+            for i in range(layout.prefix):
+                x = run_layer(i, x)
+            if layout.scanned:
+                x = self._run_scan_group(scan_group, layout, routing, x, record, {
+                    "positions": positions, "tokens": tokens, "segment_mask": segment_mask,
+                    "segment_ids": segment_ids})
+            for i in layout.suffix:
+                x = run_layer(i, x)
             x = final_norm(x)
             logits = head(x)
             mtp_logits = []
@@ -456,6 +514,18 @@ class DecoderLM(nn.Module):
                 aux_out["metrics"] = {"mtp_ce": mtp_loss(mtp_logits, targets, weights, segment_ids)}
                 losses["mtp"] = float(c.mtp_weight) * aux_out["metrics"]["mtp_ce"]
         return logits, aux_out
+
+
+def scan_enabled(cfg: Any) -> bool:
+    """Whether ``cfg`` (a decoder or encoder model config) runs its repeated block under
+    ``nn.scan``: ``model.scan_layers`` and, with MoE layers, a router whose model-level
+    routing can be scanned (``Router.scannable``; Read-ME's pre-gate and Duo-LLM's fixed
+    routes are per layer and keep the stack unscanned)."""
+    if not bool(cfg.get("scan_layers", False)):
+        return False
+    if "moe" in ffn_kinds(cfg):
+        return bool(router_class_of(cfg).scannable)
+    return True
 
 
 def init_cache(model: nn.Module, batch: int, max_len: int) -> dict:

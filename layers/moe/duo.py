@@ -143,6 +143,7 @@ class DuoRouter(Router):
     causal: ClassVar[bool] = True
     accepts_routes: ClassVar[bool] = True
     supports_mtp: ClassVar[bool] = False
+    scannable: ClassVar[bool] = False         # per-layer routes come from outside the layers
     makes_expert_choices: ClassVar[bool] = False
     analysis_note: ClassVar[str] = (
         "moe.router='duo' (Duo-LLM) chooses big/small/skip, not experts; its option fractions are in "

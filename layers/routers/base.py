@@ -216,6 +216,33 @@ class ModelRouting:
         when this router has no such step (only :attr:`Router.precomputes_routes`)."""
         return None
 
+    # Scanned layers (``model.scan_layers``, routezoo/zoo/stack.py): inside ``nn.scan`` the
+    # layers cannot call back into this object, so what it threads through them is split
+    # into arrays: a carry that goes from layer to layer, arrays shared by all layers, and
+    # two pure functions of them. The defaults carry nothing. Routers whose inputs differ
+    # per layer in ways a carry cannot express set ``Router.scannable = False``.
+
+    def scan_carry(self) -> Any:
+        """Arrays carried into the scanned group (the state after the layers before it)."""
+        return None
+
+    def scan_shared(self) -> Any:
+        """Arrays every scanned layer reads (broadcast, not scanned)."""
+        return None
+
+    def set_scan_carry(self, carry: Any) -> None:
+        """Takes the carry back after the scanned group (for the layers after it)."""
+
+    @staticmethod
+    def scan_inputs(carry: Any, shared: Any) -> dict[str, Any] | None:
+        """``router_inputs`` of a scanned MoE layer from the carry and the shared arrays."""
+        return None
+
+    @staticmethod
+    def scan_update(carry: Any, aux: dict[str, Any]) -> tuple[Any, dict[str, Array]]:
+        """``(new carry, values to record as layer{i}_{name})`` after a scanned layer."""
+        return carry, {}
+
 
 class Router(nn.Module):
     """Base class: the router kernel, jitter and the z-loss.
@@ -244,6 +271,9 @@ class Router(nn.Module):
         ``DecoderLM.routes`` can return them (pregate).
       supports_mtp: it can run in the blocks of multi-token prediction, which get no
         model-level router inputs (``False``: recurrent, pregate, duo).
+      scannable: a model with ``scan_layers`` can run its MoE layers under ``nn.scan``
+        (``False``: pregate and duo, whose per-layer routes come from outside the layers;
+        their models stay unscanned).
       makes_expert_choices: its layers route tokens to experts, which the routing
         analysis (``routezoo analyze``) counts (``False``: soft, duo).
       analysis_note: why the routing analysis refuses a router without expert choices,
@@ -269,6 +299,7 @@ class Router(nn.Module):
     precomputes_routes: ClassVar[bool] = False
     supports_mtp: ClassVar[bool] = True
     makes_expert_choices: ClassVar[bool] = True
+    scannable: ClassVar[bool] = True   # its model routing runs under nn.scan (ModelRouting.scan_*)
     analysis_note: ClassVar[str] = ""
     expert_major: ClassVar[bool] = False
     config_keys: ClassVar[dict[str, Any]] = {}

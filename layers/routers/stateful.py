@@ -191,7 +191,11 @@ class RecurrentRouter(Router):
             nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal"), (None, None)),
             (r, self.num_experts), jnp.float32)
         xp = jnp.einsum("TD,DW->TW", x, w1, precision=hp)  # [T, W]
-        h = router_cell(xp, router_state.astype(jnp.float32))  # [T, W]
+        if isinstance(router_cell, nn.Module):
+            h = router_cell(xp, router_state.astype(jnp.float32))  # [T, W]
+        else:   # the shared cell's parameters (a scanned model passes arrays only)
+            cell = "gru" if router_cell["wi"].shape[-1] == 3 * r else "rnn"
+            h = RecurrentRouterCell(r, cell).apply({"params": router_cell}, xp, router_state.astype(jnp.float32))
         logits = jnp.einsum("TW,WE->TE", h, w2, precision=hp)  # [T, E]
         indices, weights, losses, stats = _topk_routing(
             logits, self.k, self.num_experts, group_size, renormalize=self.renormalize,
@@ -244,13 +248,34 @@ class RecurrentState(ModelRouting):
 
     def begin(self, batch: int, length: int) -> None:
         self.state = jnp.zeros((batch * length, self.width), jnp.float32)
+        # the layers get the cell's parameters (arrays pass through nn.scan and nn.remat);
+        # one call on a single zero row creates them at init and binds the cell
+        self.cell(jnp.zeros((1, self.width), jnp.float32), jnp.zeros((1, self.width), jnp.float32))
 
     def layer_inputs(self, moe_index: int, batch: int, length: int) -> dict[str, Any]:
-        return {"router_state": self.state, "router_cell": self.cell}
+        return {"router_state": self.state, "router_cell": self.scan_shared()}
 
     def after_layer(self, aux: dict[str, Any]) -> dict[str, Array]:
         self.state = aux.get("router_state", self.state)
         return {"router_state": self.state}
+
+    def scan_carry(self) -> Any:
+        return self.state
+
+    def scan_shared(self) -> Any:
+        return nn.meta.unbox(self.cell.variables["params"])
+
+    def set_scan_carry(self, carry: Any) -> None:
+        self.state = carry
+
+    @staticmethod
+    def scan_inputs(carry: Any, shared: Any) -> dict[str, Any]:
+        return {"router_state": carry, "router_cell": shared}
+
+    @staticmethod
+    def scan_update(carry: Any, aux: dict[str, Any]) -> tuple[Any, dict[str, Array]]:
+        carry = aux.get("router_state", carry)
+        return carry, {"router_state": carry}
 
 
 # ------------------------------------------------------------------ Read-ME pre-gate
@@ -344,6 +369,7 @@ class PreGateRouter(Router):
     accepts_routes: ClassVar[bool] = True
     precomputes_routes: ClassVar[bool] = True
     supports_mtp: ClassVar[bool] = False
+    scannable: ClassVar[bool] = False         # per-layer routes come from outside the layers
     config_keys: ClassVar[dict[str, Any]] = {
         "pregate_dim": 64,              # width P of the pre-gate Transformer (Read-ME, Cai et al. 2024)
         "pregate_layers": 1,            # causal attention + MLP blocks in the pre-gate

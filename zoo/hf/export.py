@@ -59,7 +59,8 @@ def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architectu
     arch = (architecture or str(model_cfg.get("hf_architecture", "") or "")
             or (base_config or {}).get("architectures", [None])[0] or infer_architecture(model_cfg))
     fam = family_named(arch)
-    flat = flatten(params)
+    from routezoo.zoo import stack
+    flat = flatten(stack.to_unscanned(params, model_cfg))   # the tensor maps address layers one by one
     disk = _np_dtype(dtype)
     first = next(iter(flat.values()))
     hf_cfg = hf_config_from_model(model_cfg, arch, base_config,

@@ -164,6 +164,11 @@ def load_params(source: Source, model_cfg: Any, shardings: Any, abstract: Any) -
     Returns:
       The params tree.
     """
+    from routezoo.zoo import stack
+    scanned = stack.is_scanned(model_cfg)
+    if scanned:   # tensor maps address layers one by one: read unscanned, then stack
+        abstract = stack.to_unscanned(abstract, model_cfg)
+        scanned_shardings, shardings = shardings, stack.to_unscanned(shardings, model_cfg)
     flat_abs = flatten(abstract)
     flat_shd = flatten(shardings)
     maps = source.maps(model_cfg, {p: a.shape for p, a in flat_abs.items()})
@@ -184,6 +189,8 @@ def load_params(source: Source, model_cfg: Any, shardings: Any, abstract: Any) -
             if tm.shape != tuple(flat_abs[tm.path].shape):
                 raise AssertionError(f"{'/'.join(tm.path)}: map shape {tm.shape} != model {flat_abs[tm.path].shape}")
             out[tm.path] = _place(tm, reader, flat_abs[tm.path], flat_shd[tm.path])
+    if scanned:
+        return jax.device_put(stack.to_scanned(unflatten(out), model_cfg), scanned_shardings)
     return unflatten(out)
 
 
