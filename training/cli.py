@@ -20,6 +20,7 @@ commands:
   convert   Hugging Face checkpoints: routezoo convert --from-hf DIR --workdir OUT
             (and back: routezoo convert --workdir DIR --to-hf OUT [--dtype bfloat16])
   analyze   routing analytics of a trained MoE: routezoo analyze --workdir DIR [--steps N] (writes DIR/analysis/)
+  compile   will it fit? compile the train step for a TPU topology: routezoo compile [--config FILE|NAME] --topology v5p:4x4x8
 
 Run 'routezoo COMMAND --help' for the flags of a command.
 Configs shipped with routezoo: {configs}
@@ -148,8 +149,16 @@ def train_main(argv: list[str]) -> int:
             data_lib.check_tasks(config)
         except ValueError as e:
             return _fail(" ".join(str(e).split()))
+    from routezoo.training.checkpoint import RunError
     from routezoo.training.loop import train_and_evaluate
-    result = train_and_evaluate(config, workdir, stop_after=stop_after)
+    from routezoo.zoo.hf.registry import HFError
+    try:
+        result = train_and_evaluate(config, workdir, stop_after=stop_after)
+    except RunError as e:   # a busy workdir, checkpoints of another config, divergence, a failed save
+        print(f"routezoo: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
+    except HFError as e:    # init.from_hf that passed the checks but does not load
+        return _fail(" ".join(str(e).split()))
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                         if k in ("step", "loss", "eval_loss", "eval_bits_per_byte"))
     print(f"done: {summary}; outputs in {os.path.abspath(workdir)}")
@@ -217,7 +226,7 @@ def convert_main(argv: list[str]) -> int:
                      tokenizer=args.workdir)
         print(f"exported {os.path.abspath(args.workdir)} to {os.path.abspath(args.to_hf)}")
         return 0
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:   # incl. no intact checkpoint, an unreadable config.json
         return _fail(f"convert: {' '.join(str(e).split())}")
 
 
@@ -227,7 +236,9 @@ def analyze_main(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "convert": convert_main,
-                                                   "analyze": analyze_main}
+                                                   "analyze": analyze_main,
+                                                   "compile": lambda argv: __import__(
+                                                       "routezoo.training.compile", fromlist=["main"]).main(argv)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,11 @@ that MaxText's dropless MoE uses on TPUs; routezoo uses its two kernels, ``gmm``
   columns contribute 0, so the result is unchanged.
 
 Tiles: ``(tm, tk, tn) = (512, 1024, 1024)`` clipped to the problem (MaxText's default
-for bf16 on TPU v4/v5), smaller in ``I``/``O`` where that would pad more than 1/8; not
-tuned here (no TPU was available: this backend is
-checked for correctness on CPU in Pallas interpret mode, not for speed).
+for bf16 on TPU v4/v5), smaller in ``I``/``O`` where that would pad more than 1/8, with
+``tgmm``'s ``tk`` and ``tn`` at most 512 (its f32 blocks would overflow the default scoped
+VMEM); not tuned here (no TPU was available: this backend is checked for correctness on
+CPU in Pallas interpret mode, and compiled for TPU topologies ahead of time by
+``routezoo compile``, never run on a TPU, never timed).
 """
 
 from __future__ import annotations
@@ -59,6 +61,28 @@ def tiling_for(m: int, k: int, n: int, tiling: tuple[int, int, int] = DEFAULT_TI
     return (tm, tk, tn), (round_up(m, tm), round_up(k, tk), round_up(n, tn))
 
 
+# tgmm (the weight gradient) holds an f32 output block and an f32 accumulator, both
+# (tk, tn), besides double-buffered (tm, tk) and (tm, tn) inputs: at (512, 1024, 1024)
+# that is 16 MiB, over the scoped VMEM a Mosaic kernel gets by default (the TPU compiler
+# refuses it: CompileTimeScopedVmemOom, seen compiling Mixtral-sized experts for v5p).
+# Its k and n tiles are capped at 512 (5 MiB); gmm's own blocks stay within the limit.
+_TGMM_MAX_TILE = 512
+
+
+def _divisor_tile(dim: int, tile: int, cap: int) -> int:
+    """The largest multiple of 128 up to ``min(tile, cap)`` that divides ``dim`` (a
+    multiple of ``tile``, itself a multiple of 128)."""
+    for t in range(min(tile, cap) // _LANE * _LANE, _LANE - 1, -_LANE):
+        if dim % t == 0:
+            return t
+    return min(tile, dim)
+
+
+def _tgmm_tiling(tiling: tuple[int, int, int], k: int, n: int) -> tuple[int, int, int]:
+    tm, tk, tn = tiling
+    return tm, _divisor_tile(k, tk, _TGMM_MAX_TILE), _divisor_tile(n, tn, _TGMM_MAX_TILE)
+
+
 def _backend():
     """The kernels module (the package's own ``gmm`` name is megablox's custom-VJP op)."""
     return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
@@ -81,7 +105,8 @@ def _gmm_bwd(tiling, interpret, res, dout):
     dout = dout.astype(lhs.dtype)
     d_lhs = mb.gmm(dout, rhs, group_sizes, jnp.float32, tiling, transpose_rhs=True,
                    interpret=interpret)
-    d_rhs = mb.tgmm(lhs.swapaxes(0, 1), dout, group_sizes, jnp.float32, tiling,
+    d_rhs = mb.tgmm(lhs.swapaxes(0, 1), dout, group_sizes, jnp.float32,
+                    _tgmm_tiling(tiling, lhs.shape[1], dout.shape[1]),
                     num_actual_groups=rhs.shape[0], interpret=interpret)
     return (rows_in_groups(d_lhs.astype(lhs.dtype), group_sizes), d_rhs.astype(rhs.dtype),
             None)
@@ -94,14 +119,20 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
         tiling: tuple[int, int, int] = DEFAULT_TILING, interpret: bool | None = None) -> Array:
     """Grouped matmul ``[X, I] x [E, I, O] -> [X, O]`` (in ``lhs.dtype``, f32 accumulation),
     differentiable in ``lhs`` and ``rhs``; the module docstring has the contract.
-    ``interpret=None``: compiled on TPU, Pallas interpret mode elsewhere (tests)."""
+    ``interpret=None``: the Mosaic kernels where the program is lowered for a TPU, Pallas
+    interpret mode for any other platform (tests). The choice is made when the program is
+    lowered (``jax.lax.platform_dependent``), not from the machine's default backend, so a
+    program compiled ahead of time for a TPU topology on a CPU machine
+    (:mod:`routezoo.training.compile`) gets the real kernels."""
     m, k, g, n = gmm_dims(lhs, rhs)
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     if m == 0 or n == 0 or g == 0:
         return jnp.zeros((m, n), lhs.dtype)
     tiles, (mp, kp, np_) = tiling_for(m, k, n, tiling)
     rhs = rhs.astype(lhs.dtype)
-    out = _gmm(pad_to(lhs, (mp, kp)), pad_to(rhs, (g, kp, np_)),
-               jnp.maximum(group_sizes.astype(jnp.int32), 0), tiles, interpret)
+    args = (pad_to(lhs, (mp, kp)), pad_to(rhs, (g, kp, np_)), jnp.maximum(group_sizes.astype(jnp.int32), 0))
+    if interpret is None:
+        out = jax.lax.platform_dependent(*args, tpu=lambda *a: _gmm(*a, tiles, False),
+                                         default=lambda *a: _gmm(*a, tiles, True))
+    else:
+        out = _gmm(*args, tiles, interpret)
     return out[:m, :n]
