@@ -128,14 +128,14 @@ def test_editable_install_points_at_checkout(tmp_path):
 
 
 def test_every_subpackage_is_listed_for_the_wheel():
-    """Each folder of the four source trees that holds an ``__init__.py`` is a package the
+    """Each folder of the five source trees that holds an ``__init__.py`` is a package the
     wheel must carry: ``pyproject.toml`` lists it (a missing entry installs a wheel that
     fails on import)."""
     import tomllib
     with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
         listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
     found = set()
-    for top in ("layers", "zoo", "training", "configs"):
+    for top in ("layers", "zoo", "training", "configs", "nnx"):
         for dirpath, _, names in os.walk(os.path.join(REPO_ROOT, top)):
             if "__init__.py" in names and "__pycache__" not in dirpath:
                 found.add("routezoo." + os.path.relpath(dirpath, REPO_ROOT).replace(os.sep, "."))
