@@ -50,6 +50,12 @@ def tiny_config(data_dir: str, **overrides):
     return c
 
 
+def per_layer_config(data_dir: str, **overrides):
+    """:func:`tiny_config` with the layers unscanned (``model.scan_layers=False``): the
+    layout adapters address (``layer0/attn/q``), which adapter runs also switch to."""
+    return tiny_config(data_dir, **{"model.scan_layers": False, **overrides})
+
+
 def random_adapter(method, params, seed: int = 1, scale: float = 0.3, **sources):
     """Adapter parameters of ``method``'s shapes (for base ``params``, boxed) with random,
     non-zero numpy values; no device computation (eager JAX ops each compile once: slow

@@ -66,6 +66,17 @@ def adapter_config(config):
     return a
 
 
+def resolve_layout(config, log: Callable[[str], None] = print) -> None:
+    """An adapter run executes its base unscanned (``model.scan_layers=False``, set here in
+    place): adapters address the base's layers one by one (``layer3/attn/q``), its
+    parameters, the hooks of activation-space methods and the saved adapter all keep that
+    layout. The base may come from a scanned run (``init.from_workdir``); its parameters
+    are moved to the per-layer layout when they are loaded."""
+    if str(config.adapter.method) and bool(config.model.get("scan_layers", False)):
+        config.model.scan_layers = False
+        log("adapter run: the base runs unscanned (model.scan_layers=false); adapters address layers one by one")
+
+
 def optimizer_for(config, adapter=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``config.optimizer``'s transformation, split by the adapter's parameter groups.
 
@@ -201,7 +212,8 @@ def load_base(model, config, setup: AdapterSetup, mesh, rules) -> Any:
     """
     if config.init.from_workdir:
         from routezoo.training.workdir import workdir_params   # it restores through this module
-        return workdir_params(config.init.from_workdir, setup.base_abstract, setup.base_shardings, mesh, rules)
+        return workdir_params(config.init.from_workdir, setup.base_abstract, setup.base_shardings, mesh, rules,
+                              config.model)
     if config.init.from_hf:
         from routezoo.zoo import hf
         return hf.load_params_for_config(config, None, setup.base_shardings)
@@ -314,6 +326,7 @@ def load_adapter(directory: str, base) -> tuple[Any, Any, dict[str, Any]]:
       ValueError: the adapter was trained on another base (fingerprint).
     """
     params, meta = read_adapter_dir(directory)
+    adapter_lib.adaptable(base)   # a scanned base is refused, naming the layout, before the fingerprint
     check_adapter_dir(directory, adapter_lib.fingerprint(base))
     adapter = with_saved_buffers(adapter_lib.from_config(ml_collections.ConfigDict(meta["adapter"])), directory)
     return adapter, params, meta

@@ -36,7 +36,7 @@ from routezoo.layers import sharding as shd
 from routezoo.training import checkpoint as ckpt_lib
 from routezoo.training import metrics as metrics_lib
 from routezoo.training import workdir as workdir_lib
-from routezoo.training.adapter_run import adapter_config, make_run, optimizer_for
+from routezoo.training.adapter_run import adapter_config, make_run, optimizer_for, resolve_layout
 from routezoo.training.state import maybe_initialize_distributed, mesh_and_rules
 from routezoo.training.step import init_guard, make_eval_step, make_train_step, special_ids_of
 
@@ -216,6 +216,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     is_main = jax.process_index() == 0
     workdir = os.path.abspath(workdir)
     log = print if is_main else (lambda *_: None)
+    resolve_layout(config, log)          # an adapter run's base runs unscanned
     with workdir_lib.WorkdirLock(workdir, enabled=is_main, log=log):
         return _train(config, workdir, stop_after, is_main)
 

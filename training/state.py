@@ -192,7 +192,8 @@ def create_state(model, tx, config, shardings) -> TrainState:
     elif config.init.from_workdir:
         from routezoo.training.workdir import workdir_params   # it restores through this module
         want = jax.eval_shape(lambda r: nn.unbox(init_vars(r))["params"], jax.random.PRNGKey(0))
-        loaded = workdir_params(config.init.from_workdir, want, shardings.params, *mesh_and_rules(config))
+        loaded = workdir_params(config.init.from_workdir, want, shardings.params, *mesh_and_rules(config),
+                                config.model)
 
     def init(seed, loaded):
         rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))

@@ -252,10 +252,15 @@ def restore_params(workdir: str, mesh, rules, step: int | None = None,
     return config, restore_state(workdir, config, zoo.build(config.model), mesh, rules, step, log).params
 
 
-def workdir_params(source: str, want_abstract, param_shardings, mesh, rules) -> Any:
+def workdir_params(source: str, want_abstract, param_shardings, mesh, rules, model_cfg=None) -> Any:
     """``init.from``: another run's trained parameters, checked against the shapes and
-    dtypes of ``want_abstract`` and placed with ``param_shardings``."""
-    _, params = restore_params(source, mesh, rules)
+    dtypes of ``want_abstract`` and placed with ``param_shardings``. With ``model_cfg``
+    (the receiving model's config) they are moved into its layer layout first, so a run
+    scanned one way starts from a run scanned the other (``model.scan_layers``)."""
+    src_config, params = restore_params(source, mesh, rules)
+    if model_cfg is not None:
+        from routezoo.zoo import stack
+        params = stack.to_layout(stack.to_unscanned(params, src_config.model), model_cfg)
     want = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), want_abstract)
     got = jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype).name), params)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:

@@ -217,10 +217,24 @@ def split_axes(shape: tuple[int, ...], names: tuple | None) -> tuple[int, int] |
     return lead, 1
 
 
+SCANNED_AXIS = "layers"   # the logical name of a scanned stack's leading axis (routezoo.zoo.stack)
+_SCANNED_PATH = re.compile(r"(?:^|/)layers/block\d+/")   # where a scanned stack keeps its blocks
+
+
 def adaptable(params: Params) -> dict[str, Target]:
-    """Every weight an adapter can target, by path."""
+    """Every weight an adapter can target, by path.
+
+    Adapters address a model's layers one by one (``layer0/attn/q``): parameters of a
+    scanned stack (``model.scan_layers``, a leading ``layers`` axis) are refused with a
+    ``ValueError`` that says how to get the per-layer layout.
+    """
     out = {}
     for path, leaf in flat_params(params).items():
+        if (_names(leaf) or (None,))[0] == SCANNED_AXIS or _SCANNED_PATH.search(path):
+            raise ValueError(f"adapter: base parameter {path!r} belongs to a scanned layer stack (its leading axis is "
+                             f"{SCANNED_AXIS!r}); adapters address layers one by one: pass "
+                             "routezoo.zoo.stack.to_unscanned(params, model_cfg) and apply the model built with "
+                             "model.scan_layers=False (adapter runs do this themselves)")
         if path.rsplit("/", 1)[-1].endswith("bias"):   # q_bias [H, K] has two axes but is no weight
             continue
         value, names = _unbox(leaf), _names(leaf)

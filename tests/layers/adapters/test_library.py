@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import tiny_config
+from conftest import per_layer_config, tiny_config
 from routezoo import zoo
 from routezoo.layers import adapters
 from routezoo.layers.adapters import hooks as adapter_hooks
@@ -66,7 +66,7 @@ def _np_topk(logits, k):
 # --------------------------------------------------------------------------- ScaLearn
 
 def test_scalearn_one_adapter_omega_one_equals_merged_lora(data_dir):
-    c = tiny_config(data_dir)
+    c = per_layer_config(data_dir)
     model, shapes = _model_and_shapes(c)
     base = _values(shapes, 0, scale=0.1)
     lora, lora_params, cfg = _lora(base, "attn/(q|o)|mlp/wo", rank=3, seed=1)
@@ -90,7 +90,7 @@ def test_scalearn_one_adapter_omega_one_equals_merged_lora(data_dir):
 
 
 def test_scalearn_counts_equal_peft_formulas(data_dir):
-    c = tiny_config(data_dir)
+    c = per_layer_config(data_dir)
     m = c.model
     _, params = _model_and_shapes(c)
     targets, k = "attn/(q|v)|mlp/wo", 3
@@ -271,7 +271,7 @@ def test_library_entries_with_different_targets_and_ranks():
 
 def test_errors(data_dir, tmp_path):
     def cfg(method, **kw):
-        return tiny_config(data_dir, **{"adapter.method": method, "adapter.targets": "attn/q",
+        return per_layer_config(data_dir, **{"adapter.method": method, "adapter.targets": "attn/q",
                                         **{f"adapter.{k}": v for k, v in kw.items()}})
     for method in ("scalearn", "phatgoose", "glider"):
         with pytest.raises(config_check.ConfigError, match=rf"^adapter.method='{method}' needs adapter.library: "):
@@ -306,7 +306,7 @@ def test_errors(data_dir, tmp_path):
 
 
 def test_task_similarity_of_the_base_model(data_dir):
-    c = tiny_config(data_dir)
+    c = per_layer_config(data_dir)
     model, shapes = _model_and_shapes(c)
     base = _values(shapes, 0, scale=0.2)
     rng = np.random.default_rng(0)
@@ -326,7 +326,7 @@ def test_task_similarity_of_the_base_model(data_dir):
 # --------------------------------------------------------------------------- end to end
 
 def _run(data_dir, workdir, steps, lr=None, **adapter):
-    c = tiny_config(data_dir, **{"train.steps": steps, "train.eval_every": steps, "train.eval_steps": 1,
+    c = per_layer_config(data_dir, **{"train.steps": steps, "train.eval_every": steps, "train.eval_steps": 1,
                                  "checkpoint.every": steps, **{f"adapter.{k}": v for k, v in adapter.items()}})
     c.optimizer.warmup_steps = 0   # every step at the peak rate: one step moves what trains
     if lr is not None:
@@ -350,7 +350,7 @@ def test_library_runs_end_to_end(data_dir, tmp_path):
     _run(data_dir, wd["lora1"], 1, method="lora", targets=targets, rank=2)
     # The second library run, written without training (to save time): another rank, fewer targets.
     lora1, meta1 = _saved(wd["lora1"])
-    c1 = tiny_config(data_dir, **{"adapter.method": "lora", "adapter.targets": "attn/q", "adapter.rank": 4})
+    c1 = per_layer_config(data_dir, **{"adapter.method": "lora", "adapter.targets": "attn/q", "adapter.rank": 4})
     lora2 = _lora(_model_and_shapes(c1)[1], "attn/q", 4, seed=3)[1]
     train_lib.save_adapter(os.path.join(wd["lora2"], "adapter"), lora2,
                            {**{k: v for k, v in meta1.items() if k != "directory"}, "adapter": c1.adapter.to_dict()}, 1)

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import random_adapter, tiny_config
+from conftest import per_layer_config, random_adapter, tiny_config
 from routezoo import zoo
 from routezoo.layers import adapters
 from routezoo.layers.mlp import MLP
+from routezoo.zoo import stack
 from routezoo.training import config_check
 from routezoo.training.optim import make_optimizer
 from routezoo.training import train as train_lib
@@ -29,7 +30,7 @@ def _boxed_params(c):
 
 
 def test_lora_counts_equal_peft_formula(data_dir):
-    c = tiny_config(data_dir)
+    c = per_layer_config(data_dir)
     m = c.model
     _, params = _boxed_params(c)
     lora = adapters.LoRA("attn/(q|v|o)|mlp/.*", rank=4)
@@ -44,7 +45,7 @@ def test_lora_counts_equal_peft_formula(data_dir):
 
 
 def test_lora_counts_per_expert(data_dir):
-    c = tiny_config(data_dir, **{"model.ffn": "moe"})
+    c = per_layer_config(data_dir, **{"model.ffn": "moe"})
     _, params = _boxed_params(c)
     lora = adapters.LoRA("experts/(wi|wo)", rank=2)
     e, d, fe = c.model.moe.num_experts, c.model.d_model, c.model.moe.expert_dim
@@ -96,7 +97,7 @@ def test_attention_output_projection_merged_equals_unmerged():
 
 
 def test_target_matching_nothing_lists_paths(data_dir):
-    _, params = _boxed_params(tiny_config(data_dir))
+    _, params = _boxed_params(per_layer_config(data_dir))
     with pytest.raises(ValueError, match=r"matches no adaptable parameter.*layer\*/attn/q.*layer\*/mlp/wo"):
         adapters.select_targets(params, "attn/nope")
     chosen = adapters.select_targets(params, "attn/(q|v)")
@@ -104,17 +105,17 @@ def test_target_matching_nothing_lists_paths(data_dir):
 
 
 def test_unknown_method_and_empty_targets(data_dir):
-    c = tiny_config(data_dir, **{"adapter.method": "dora", "adapter.targets": "attn/q"})
+    c = per_layer_config(data_dir, **{"adapter.method": "dora", "adapter.targets": "attn/q"})
     allowed = ", ".join(sorted(adapters.METHODS))
     assert allowed.startswith("glider, hydra, lora, mhr, mhr_mu, mhr_z, mos, multi_lora, phatgoose")
     with pytest.raises(config_check.ConfigError, match=f"unknown adapter.method 'dora'; allowed: {allowed}$"):
         config_check.validate(c)
     with pytest.raises(ValueError, match=f"allowed: {allowed}$"):
         adapters.from_config(c.adapter)
-    c = tiny_config(data_dir, **{"adapter.method": "lora"})
+    c = per_layer_config(data_dir, **{"adapter.method": "lora"})
     with pytest.raises(config_check.ConfigError, match="adapter.targets"):
         config_check.validate(c)
-    config_check.validate(tiny_config(data_dir, **{"adapter.method": "lora", "adapter.targets": "attn/q"}))
+    config_check.validate(per_layer_config(data_dir, **{"adapter.method": "lora", "adapter.targets": "attn/q"}))
 
 
 def test_cli_accepts_init_from(tmp_path):
@@ -131,7 +132,7 @@ _METHOD_KEYS = {"lora": {}, "hydra": {"adapter.rank": 2, "adapter.hydra_seq_rank
 
 @pytest.mark.parametrize("method", sorted(_METHOD_KEYS))
 def test_train_step_freezes_base_and_optimizes_adapter_only(data_dir, method):
-    c = tiny_config(data_dir, **{"adapter.method": method, "adapter.targets": "attn/(q|v)", **_METHOD_KEYS[method]})
+    c = per_layer_config(data_dir, **{"adapter.method": method, "adapter.targets": "attn/(q|v)", **_METHOD_KEYS[method]})
     mesh, rules = train_lib.mesh_and_rules(c)
     model = zoo.build(c.model)
     lora = adapters.from_config(c.adapter)
@@ -164,7 +165,9 @@ def test_train_step_freezes_base_and_optimizes_adapter_only(data_dir, method):
 
 def test_finetune_from_trained_base_saves_adapter_with_fingerprint(data_dir, tmp_path):
     base_wd, ft_wd = str(tmp_path / "base"), str(tmp_path / "ft")
-    train_lib.train_and_evaluate(tiny_config(data_dir, **{"train.steps": 4}), base_wd)
+    base_config = tiny_config(data_dir, **{"train.steps": 4})   # the base trains scanned (the default)
+    assert stack.is_scanned(base_config.model)
+    train_lib.train_and_evaluate(base_config, base_wd)
     c = tiny_config(data_dir, **{"train.steps": 4, "adapter.method": "lora", "adapter.targets": "attn/(q|v)|mlp/wo",
                                  "adapter.rank": 4, "adapter.rslora": True})
     c.init.from_workdir = base_wd
@@ -180,11 +183,16 @@ def test_finetune_from_trained_base_saves_adapter_with_fingerprint(data_dir, tmp
     first = json.loads(open(os.path.join(ft_wd, "metrics.jsonl")).readline())
     assert first["params_trainable"] == meta["params_trainable"]
 
+    # The adapter run executed its base unscanned and recorded so.
+    assert train_lib.read_workdir_config(ft_wd).model.scan_layers is False
     # The trained base restores bit-identical to what it was before fine-tuning, and
-    # its fingerprint is the one stored with the adapter.
+    # its fingerprint (in the per-layer layout) is the one stored with the adapter.
     mesh, rules = train_lib.mesh_and_rules(c)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        _, base = train_lib.restore_params(base_wd, mesh, rules)
+        _, scanned_base = train_lib.restore_params(base_wd, mesh, rules)
+        with pytest.raises(ValueError, match="scanned layer stack"):
+            train_lib.load_adapter(os.path.join(ft_wd, "adapter"), scanned_base)
+        base = stack.to_unscanned(scanned_base, base_config.model)
         assert adapters.fingerprint(base) == meta["base_fingerprint"]
         lora, ad, _ = train_lib.load_adapter(os.path.join(ft_wd, "adapter"), base)
         # Loaded adapter merged == the fine-tuned run's own merged parameters (load_trained).
@@ -213,7 +221,7 @@ def _stack_params(num_layers, shape=(8, 2, 4), names=("embed", "heads", "head_di
 
 
 def test_mos_counts_equal_peft_formula(data_dir):
-    c = tiny_config(data_dir)
+    c = per_layer_config(data_dir)
     m = c.model
     _, params = _boxed_params(c)
     mos = adapters.MoS("attn/(q|v)|mlp/wo", **_MOS)
@@ -296,7 +304,7 @@ def test_mos_index_buffers_strategies():
 
 def test_mos_config_errors(data_dir):
     def cfg(**kw):
-        return tiny_config(data_dir, **{"adapter.method": "mos", "adapter.targets": "attn/q", "adapter.rank": 4,
+        return per_layer_config(data_dir, **{"adapter.method": "mos", "adapter.targets": "attn/q", "adapter.rank": 4,
                                         **{f"adapter.{k}": v for k, v in kw.items()}})
     with pytest.raises(config_check.ConfigError, match=r"^adapter.mos_private_rank=5 must be in \[0, min"):
         config_check.validate(cfg(mos_private_rank=5))
@@ -313,7 +321,7 @@ def test_mos_config_errors(data_dir):
 def test_mos_trains_saves_and_restores_index_buffers(data_dir, tmp_path):
     """train_and_evaluate with mos: adapter.json keeps the seed, and load_adapter rebuilds
     the same method, whose regenerated index buffers equal the training run's."""
-    c = tiny_config(data_dir, **{"train.steps": 2, "train.eval_every": 2, "train.eval_steps": 1, "checkpoint.every": 2,
+    c = per_layer_config(data_dir, **{"train.steps": 2, "train.eval_every": 2, "train.eval_steps": 1, "checkpoint.every": 2,
                                  "adapter.method": "mos", "adapter.targets": "attn/q|mlp/wo", "adapter.rank": 4,
                                  "adapter.mos_equiv_rank": 3, "adapter.mos_seed": 7})
     out = train_lib.train_and_evaluate(c, str(tmp_path))
@@ -380,7 +388,7 @@ def test_mos_experts_and_unboxed_base():
 # --------------------------------------------------------------------------- Hydra
 
 def test_hydra_counts_equal_peft_formula(data_dir):
-    c = tiny_config(data_dir, **{"model.ffn": "moe"})
+    c = per_layer_config(data_dir, **{"model.ffn": "moe"})
     m = c.model
     _, params = _boxed_params(c)
     hydra = adapters.Hydra("attn/(q|o)|experts/wo", rank=3, seq_rank=2)
@@ -442,7 +450,7 @@ def test_lora_dropout_path(data_dir):
     projection's bias); in training the input is dropped at rate p and scaled by 1/(1-p),
     so the low-rank term is unbiased; stacked experts are refused."""
     from routezoo.layers.adapters import hooks as adapter_hooks
-    c = tiny_config(data_dir, **{"model.qkv_bias": True})
+    c = per_layer_config(data_dir, **{"model.qkv_bias": True})
     model, params = _boxed_params(c)
     rng = np.random.default_rng(0)
     base = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32), nn.unbox(params))
@@ -468,7 +476,7 @@ def test_lora_dropout_path(data_dir):
     vals = np.asarray(draws[..., :2]).ravel()
     assert np.all(np.isclose(vals, 0.0) | np.isclose(vals, 1 / 0.75))
     assert abs((vals == 0).mean() - 0.25) < 0.03 and abs(vals.mean() - 1.0) < 0.05
-    moe = tiny_config(data_dir, **{"model.ffn": "moe"})
+    moe = per_layer_config(data_dir, **{"model.ffn": "moe"})
     _, moe_params = _boxed_params(moe)
     with pytest.raises(ValueError, match="stacked experts"):
         adapters.LoRA("experts/wi", dropout=0.1).select(moe_params)

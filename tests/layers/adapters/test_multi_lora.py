@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import random_adapter, tiny_config
+from conftest import random_adapter, per_layer_config, tiny_config
 from routezoo import zoo
 from routezoo.layers import adapters
 from routezoo.layers.adapters import hooks as adapter_hooks
@@ -30,7 +30,7 @@ LORA_2 = adapters.LoRA("attn/(q|o)|mlp/wo", rank=4, alpha=8.0, rslora=True)
 
 @pytest.fixture(scope="module")
 def lm(data_dir):
-    c = tiny_config(data_dir)
+    c = per_layer_config(data_dir)
     model = zoo.build(c.model)
     tokens = jnp.zeros((1, 8), jnp.int32)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"]
@@ -167,13 +167,13 @@ def test_library_through_training_loop_is_frozen(lm, data_dir, tmp_path):
     c0, model, boxed, _, lib = lm
     dirs = []
     for n, (lora, params) in enumerate(zip((LORA_1, LORA_2), lib)):
-        cfg = tiny_config(data_dir, **{"adapter.method": "lora", "adapter.targets": lora.targets,
+        cfg = per_layer_config(data_dir, **{"adapter.method": "lora", "adapter.targets": lora.targets,
                                        "adapter.rank": lora.rank, "adapter.alpha": lora.alpha,
                                        "adapter.rslora": lora.rslora})
         d = str(tmp_path / f"lora{n}")
         train_lib.save_adapter(d, params, {"adapter": cfg.adapter.to_dict(), "base_fingerprint": "x"}, 0)
         dirs.append(d)
-    c = tiny_config(data_dir, **{"adapter.method": "multi_lora", "adapter.targets": ".*",
+    c = per_layer_config(data_dir, **{"adapter.method": "multi_lora", "adapter.targets": ".*",
                                  "adapter.library": ",".join(dirs), "adapter.multi_lora_impl": "sorted"})
     config_check.validate(c)
     multi = adapters.from_config(c.adapter)
@@ -225,10 +225,10 @@ def test_errors(lm, data_dir):
     with pytest.raises(ValueError, match="needs a library"):
         MultiLoRA().init(jax.random.PRNGKey(0), boxed)
     with pytest.raises(ValueError, match="multi_lora_impl='bgmv'; allowed: auto, gather, sorted"):
-        adapters.from_config(tiny_config(data_dir, **{"adapter.method": "multi_lora", "adapter.targets": ".*",
+        adapters.from_config(per_layer_config(data_dir, **{"adapter.method": "multi_lora", "adapter.targets": ".*",
                                                       "adapter.multi_lora_impl": "bgmv"}).adapter)
     # Stacked expert weights are not reached by the hook: refused when stacking.
-    c = tiny_config(data_dir, **{"model.ffn": "moe"})
+    c = per_layer_config(data_dir, **{"model.ffn": "moe"})
     moe_model = zoo.build(c.model)
     moe_boxed = jax.eval_shape(lambda: moe_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     experts = adapters.LoRA("experts/wi", rank=2)

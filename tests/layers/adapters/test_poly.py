@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import random_adapter, tiny_config
+from conftest import random_adapter, per_layer_config, tiny_config
 from routezoo import zoo
 from routezoo.layers import adapters
 from routezoo.layers.adapters import hooks as adapter_hooks
@@ -23,7 +23,7 @@ TARGETS = "attn/(q|o)|mlp/(wi|wo)"
 @pytest.fixture(scope="module")
 def lm(data_dir):
     """(config, model, base params unboxed numpy, boxed abstract params, jitted apply)."""
-    c = tiny_config(data_dir)
+    c = per_layer_config(data_dir)
     model = zoo.build(c.model)
     tokens = jnp.zeros((1, 8), jnp.int32)
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"]
@@ -130,7 +130,7 @@ def test_train_step_poly_then_mhr_z_freezes_skills(lm):
     """Poly trains skills and router (router at 100x); MHR-z from it trains only its new
     router: skills and base bit-identical, skills absent from the optimizer state."""
     c, model, base, boxed, _ = lm
-    c = tiny_config(c.data.data_dir, **{"adapter.method": "poly", "adapter.targets": TARGETS, "adapter.rank": 2,
+    c = per_layer_config(c.data.data_dir, **{"adapter.method": "poly", "adapter.targets": TARGETS, "adapter.rank": 2,
                                         "adapter.poly_skills": 3, "adapter.num_tasks": 3})
     rng = np.random.default_rng(0)
 
@@ -177,7 +177,7 @@ def test_train_step_poly_then_mhr_z_freezes_skills(lm):
 def test_errors(lm):
     c, model, base, boxed, _ = lm
     with pytest.raises(ValueError, match="cannot adapt stacked experts"):
-        cm = tiny_config(c.data.data_dir, **{"model.ffn": "moe"})
+        cm = per_layer_config(c.data.data_dir, **{"model.ffn": "moe"})
         mm = zoo.build(cm.model)
         b = jax.eval_shape(lambda: mm.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))["params"]
         poly.Poly("experts/wi", num_tasks=2).select(b)
@@ -209,10 +209,10 @@ def test_multitask_then_fewshot_workflow(data_dir, tmp_path):
     from routezoo.configs import mhr_fewshot, poly_multitask
     from routezoo.training import config_check
     base_wd, mt_wd, fs_wd = (str(tmp_path / n) for n in ("base", "mhr", "mhr_z"))
-    train_lib.train_and_evaluate(tiny_config(data_dir, **{"train.steps": 2}), base_wd)
+    train_lib.train_and_evaluate(per_layer_config(data_dir, **{"train.steps": 2}), base_wd)
 
     def adapter_run(cfg_module, tasks, **keys):
-        c = tiny_config(data_dir, **{"train.steps": 3, "train.eval_every": 3, "checkpoint.every": 3})
+        c = per_layer_config(data_dir, **{"train.steps": 3, "train.eval_every": 3, "checkpoint.every": 3})
         ref = cfg_module.get_config()
         c.adapter.update(ref.adapter.to_dict())
         c.adapter.update({"rank": 2, "poly_skills": 2, "mhr_heads": 2, **keys})

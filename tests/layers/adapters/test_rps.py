@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import tiny_config
+from conftest import per_layer_config, tiny_config
 from routezoo import zoo
 from routezoo.layers import adapters
 from routezoo.layers.adapters import rps
@@ -62,7 +62,7 @@ def _boxed_model_params(c):
 # --------------------------------------------------------------------------- counts, hashing
 
 def test_count_equals_formula(data_dir):
-    c = tiny_config(data_dir)
+    c = per_layer_config(data_dir)
     m_ = c.model
     params = _boxed_model_params(c)
     d, h, g, k, f, layers = m_.d_model, m_.num_heads, m_.num_kv_heads, m_.head_dim, m_.mlp_dim, m_.num_layers
@@ -170,7 +170,7 @@ def test_roast_tiles_are_contiguous_slices_of_m():
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_merge_recovers_base_shapes_and_dtypes(data_dir, param_dtype):
-    c = tiny_config(data_dir, **{"model.param_dtype": param_dtype, "model.ffn": "mlp,moe"})
+    c = per_layer_config(data_dir, **{"model.param_dtype": param_dtype, "model.ffn": "mlp,moe"})
     boxed = _boxed_model_params(c)
     base = nn.unbox(boxed)
     r = rps.RPS("attn/.*|mlp/.*|experts/.*", compression=0.05, mapping="roast", tile=4)
@@ -208,7 +208,7 @@ def test_gradient_scaler_against_numpy_reference():
 # --------------------------------------------------------------------------- training
 
 def test_train_and_evaluate_trains_m_and_dense_leftovers(data_dir, tmp_path):
-    c = tiny_config(data_dir, **{"adapter.method": "rps", "adapter.targets": "attn/.*|mlp/.*",
+    c = per_layer_config(data_dir, **{"adapter.method": "rps", "adapter.targets": "attn/.*|mlp/.*",
                                  "adapter.rps_compression": 0.25, "train.steps": 2, "train.eval_every": 2,
                                  "train.eval_steps": 1, "checkpoint.every": 2})
     config_check.validate(c)
@@ -241,7 +241,7 @@ def test_train_and_evaluate_trains_m_and_dense_leftovers(data_dir, tmp_path):
     ("rps_tile", 0, "rps_tile=0 must be >= 1"),
 ])
 def test_config_errors(data_dir, key, value, match):
-    c = tiny_config(data_dir, **{"adapter.method": "rps", "adapter.targets": "attn/.*", f"adapter.{key}": value})
+    c = per_layer_config(data_dir, **{"adapter.method": "rps", "adapter.targets": "attn/.*", f"adapter.{key}": value})
     with pytest.raises(config_check.ConfigError, match=match):
         config_check.validate(c)
 
