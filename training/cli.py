@@ -18,7 +18,8 @@ USAGE = """usage: routezoo COMMAND [flags]
 commands:
   train     train a model: routezoo train [--config FILE|NAME] --workdir DIR [--config.a.b=value ...]
   convert   Hugging Face checkpoints: routezoo convert --from-hf DIR --workdir OUT
-            (and back: routezoo convert --workdir DIR --to-hf OUT [--dtype bfloat16])
+            (and back: routezoo convert --workdir DIR --to-hf OUT [--dtype bfloat16]);
+            layer layout: routezoo convert --workdir DIR --layout scanned|unscanned --out NEW_DIR
   analyze   routing analytics of a trained MoE: routezoo analyze --workdir DIR [--steps N] (writes DIR/analysis/)
   compile   will it fit? compile the train step for a TPU topology: routezoo compile [--config FILE|NAME] --topology v5p:4x4x8
 
@@ -167,6 +168,7 @@ def train_main(argv: list[str]) -> int:
 
 CONVERT_USAGE = """usage: routezoo convert --from-hf HF_DIR --workdir OUT
        routezoo convert --workdir DIR --to-hf HF_OUT [--dtype float32|bfloat16]
+       routezoo convert --workdir DIR --layout scanned|unscanned --out NEW_DIR
 
   --from-hf HF_DIR: a Hugging Face checkpoint (config.json + *.safetensors) of a supported
       architecture; OUT gets config.json (a routezoo config), hf_config.json and
@@ -175,6 +177,13 @@ CONVERT_USAGE = """usage: routezoo convert --from-hf HF_DIR --workdir OUT
       checkpoint) as a Hugging Face checkpoint loadable by transformers, with the run's
       Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) if it has one.
   --dtype: tensor dtype written by --to-hf (default: the parameters' dtype).
+  --layout scanned|unscanned --out NEW_DIR: DIR (a training workdir) moved to the other
+      layer layout (model.scan_layers), bit for bit: NEW_DIR gets DIR's config.json with
+      model.scan_layers set and DIR's newest intact checkpoint converted (parameters,
+      optimizer state, model state; the same step, PRNG key, data position and guard),
+      so 'routezoo train --workdir NEW_DIR' resumes where DIR would. DIR is only read;
+      NEW_DIR must be new or empty. Adapter runs (always unscanned) and models that
+      cannot be scanned are refused.
 """
 
 
@@ -194,9 +203,21 @@ def convert_main(argv: list[str]) -> int:
     parser.add_argument("--to-hf", dest="to_hf")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
+    parser.add_argument("--layout", default=None, choices=("scanned", "unscanned"))
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if bool(args.from_hf) == bool(args.to_hf):
-        return _fail("convert: give exactly one of --from-hf HF_DIR or --to-hf HF_OUT")
+    if sum(bool(x) for x in (args.from_hf, args.to_hf, args.layout)) != 1:
+        return _fail("convert: give exactly one of --from-hf HF_DIR, --to-hf HF_OUT or "
+                     "--layout scanned|unscanned --out NEW_DIR")
+    if bool(args.layout) != bool(args.out):
+        return _fail("convert: --layout scanned|unscanned and --out NEW_DIR go together")
+    if args.layout:
+        from routezoo.training import relayout
+        try:
+            relayout.convert_layout(args.workdir, args.out, args.layout == "scanned")
+        except (FileNotFoundError, ValueError) as e:   # refusals, not a workdir, no intact checkpoint
+            return _fail(f"convert: {' '.join(str(e).split())}")
+        return 0
 
     from routezoo.zoo import hf
     try:
