@@ -22,6 +22,8 @@ Logical names for parameters:
 ``expert_mlp`` hidden width F of expert MLPs
 ``rank``       adapter rank R
 ``norm``       scale/bias vectors of norms (replicated)
+``layers``     leading axis R of a scanned stack's parameters (replicated: every
+               device holds all R repeats of its own slice of each weight)
 =============  ==================================================================
 
 Logical names for activations:
@@ -77,6 +79,7 @@ DEFAULT_RULES: Rules = (
     ("expert_mlp", "tensor"),
     ("rank", None),
     ("norm", None),
+    ("layers", None),
 )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from routezoo.zoo.hf import safetensors_io
 from routezoo.zoo.hf.config_map import hf_config_from_model, infer_architecture
-from routezoo.zoo.hf.loading import check_shapes, open_source
+from routezoo.zoo.hf.loading import check_shapes, layer_sources, open_source
 from routezoo.zoo.hf.registry import HFError, family_named
 from routezoo.zoo.hf.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, HF_INDEX, HF_SINGLE, RZ_INDEX, RZ_SINGLE,
                                             copy_tokenizer)
@@ -24,6 +24,25 @@ def _host_value(x: Any) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+class _LayerView:
+    """``view[unscanned path]``: the parameter of one layer (``layer3/attn/q``) of a params
+    tree in either layout, sliced out of a scanned stack's ``[R, ...]`` leaf on demand."""
+
+    def __init__(self, flat: Mapping[tuple[str, ...], Any], model_cfg: Any):
+        self._flat = flat
+        self._where = layer_sources(flat, model_cfg)
+
+    def first(self) -> Any:
+        return next(iter(self._flat.values()))
+
+    def __getitem__(self, path: tuple[str, ...]) -> Any:
+        leaf, r = self._where[path]
+        return self._flat[leaf] if r is None else self._flat[leaf][r]
+
+    def dtype(self, path: tuple[str, ...]) -> np.dtype:
+        return np.dtype(self._flat[self._where[path][0]].dtype)
 
 
 def _np_dtype(name: str | None):
@@ -59,10 +78,11 @@ def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architectu
     arch = (architecture or str(model_cfg.get("hf_architecture", "") or "")
             or (base_config or {}).get("architectures", [None])[0] or infer_architecture(model_cfg))
     fam = family_named(arch)
-    from routezoo.zoo import stack
-    flat = flatten(stack.to_unscanned(params, model_cfg))   # the tensor maps address layers one by one
+    # The tensor maps address layers one by one; a scanned stack's [R, ...] leaf is sliced
+    # one layer at a time as its tensors are written (never the whole model twice on device).
+    flat = _LayerView(flatten(params), model_cfg)
     disk = _np_dtype(dtype)
-    first = next(iter(flat.values()))
+    first = flat.first()
     hf_cfg = hf_config_from_model(model_cfg, arch, base_config,
                                   dtype=str(jnp.dtype(dtype or first.dtype).name))
     maps = fam.tensor_maps(model_cfg)
@@ -99,7 +119,7 @@ def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architectu
     name_to_path = {**{n: tm.path for tm in maps for n in tm.hf}, **copies}
 
     def itemsize(name):
-        return (disk or np.dtype(flat[name_to_path[name]].dtype)).itemsize
+        return (disk or flat.dtype(name_to_path[name])).itemsize
     safetensors_io.write_shards(out_dir, items, HF_INDEX, HF_SINGLE, max_shard_bytes, itemsize)
     safetensors_io.write_hf_config(out_dir, hf_cfg)
     if tokenizer:

@@ -4,6 +4,10 @@ Loading never holds the whole model on one device, nor (except for one tensor at
 when a device's shard needs all of it) on the host: every parameter is placed with
 :func:`jax.make_array_from_callback`, whose callback reads only the slice each device
 holds (for stacked experts, only the experts of that slice, each from its own HF tensor).
+A scanned stack's parameter (``layers/block{p}/...``, stacked ``[R, ...]``) is placed the
+same way, once, directly in that layout: each device's block is read layer by layer from
+the tensors of the ``R`` layers it stacks (:func:`layer_sources`), so a scanned model
+never exists on the devices in the per-layer layout as well.
 """
 
 from __future__ import annotations
@@ -152,31 +156,97 @@ def check_shapes(maps: list[TensorMap], reader: safetensors_io.Reader) -> None:
                               f"config implies {list(tm.hf_shape)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """Repeat ``r`` of the stacked leaf at ``path`` (a tag that :func:`layer_sources`
+    sends through :func:`routezoo.zoo.stack.to_unscanned`)."""
+
+    path: tuple[str, ...]
+    r: int
+
+
+def layer_sources(flat: Mapping[tuple[str, ...], Any], model_cfg: Any
+                  ) -> dict[tuple[str, ...], tuple[tuple[str, ...], int | None]]:
+    """Where each parameter of the per-layer (unscanned) layout lives in ``flat``.
+
+    The tensor maps (and HF names) address layers one by one (``layer3/attn/q``); a model
+    with scanned stacks holds those layers stacked (``layers/block0/attn/q``, ``[R, ...]``).
+
+    Args:
+      flat: ``{path: leaf with .shape}`` of a params tree of the model of ``model_cfg``,
+        in either layout (``model_cfg.scan_layers`` is not read).
+      model_cfg: the model config.
+
+    Returns:
+      ``{unscanned path: (path in flat, r)}``: ``r`` the repeat along the leading
+      ``layers`` axis, ``None`` for a leaf that is not stacked.
+    """
+    from routezoo.zoo import stack
+
+    def tags(path, leaf):   # an object array [R] of refs: to_unscanned slices the stacked ones
+        n = leaf.shape[0] if len(leaf.shape) else 1
+        out = np.empty((n,), dtype=object)
+        out[:] = [_Ref(path, r) for r in range(n)]
+        return out
+    tagged = flatten(stack.to_unscanned(unflatten({p: tags(p, a) for p, a in flat.items()}), model_cfg))
+    return {p: (t.path, t.r) if isinstance(t, _Ref) else (p, None) for p, t in tagged.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Repeats:
+    """The maps of the ``R`` layers a scanned leaf stacks, read as one ``[R, ...]`` map."""
+
+    maps: tuple[TensorMap, ...]
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return self.maps[0].path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.maps),) + self.maps[0].shape
+
+    def read(self, reader: safetensors_io.Reader, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        (r0, r1), *rest = block_bounds(index, self.shape)
+        inner = tuple(slice(a, b) for a, b in rest)
+        return np.stack([self.maps[r].read(reader, inner) for r in range(r0, r1)])
+
+
 def load_params(source: Source, model_cfg: Any, shardings: Any, abstract: Any) -> dict:
     """Params tree of the zoo model of ``model_cfg``, each leaf placed with its sharding.
 
     Args:
       source: where to read.
       model_cfg: the model config.
-      shardings: the tree of shardings.
-      abstract: shapes and dtypes (unboxed ShapeDtypeStructs).
+      shardings: the tree of shardings (in the layout ``model_cfg`` runs, scanned or not).
+      abstract: shapes and dtypes (unboxed ShapeDtypeStructs, in that layout).
 
     Returns:
-      The params tree.
+      The params tree, in that layout.
     """
-    from routezoo.zoo import stack
-    scanned = stack.is_scanned(model_cfg)
-    if scanned:   # tensor maps address layers one by one: read unscanned, then stack
-        abstract = stack.to_unscanned(abstract, model_cfg)
-        scanned_shardings, shardings = shardings, stack.to_unscanned(shardings, model_cfg)
     flat_abs = flatten(abstract)
     flat_shd = flatten(shardings)
-    maps = source.maps(model_cfg, {p: a.shape for p, a in flat_abs.items()})
+    where = layer_sources(flat_abs, model_cfg)   # per-layer path -> (leaf, repeat)
+    layer_shapes = {p: tuple(flat_abs[q].shape)[(0 if r is None else 1):] for p, (q, r) in where.items()}
+    maps = source.maps(model_cfg, layer_shapes)
     by_path = {tm.path: tm for tm in maps}
-    missing = sorted(set(flat_abs) - set(by_path))
-    extra = sorted(set(by_path) - set(flat_abs))
+    missing = sorted(set(where) - set(by_path))
+    extra = sorted(set(by_path) - set(where))
     if missing or extra:  # a bug in the tables, not in the checkpoint
         raise AssertionError(f"tensor maps do not cover the model: missing {missing[:3]}, extra {extra[:3]}")
+    for tm in maps:
+        if tm.shape != layer_shapes[tm.path]:
+            raise AssertionError(f"{'/'.join(tm.path)}: map shape {tm.shape} != model {layer_shapes[tm.path]}")
+    # one map per leaf of the model's layout: a scanned leaf reads its R layers' maps
+    repeats: dict[tuple[str, ...], dict[int, TensorMap]] = {}
+    leaf_maps: dict[tuple[str, ...], Any] = {}
+    for p, (q, r) in where.items():
+        if r is None:
+            leaf_maps[q] = by_path[p]
+        else:
+            repeats.setdefault(q, {})[r] = by_path[p]
+    for q, per_r in repeats.items():
+        leaf_maps[q] = _Repeats(tuple(per_r[r] for r in range(len(per_r))))
     out = {}
     with source.reader() as reader:
         expected = {name for tm in maps for name in tm.hf} | source.unused_tensors(model_cfg)
@@ -185,16 +255,12 @@ def load_params(source: Source, model_cfg: Any, shardings: Any, abstract: Any) -
             raise HFError(f"{len(unexpected)} tensors in {source.directory} are not used by the model built "
                           f"from its config, e.g. {', '.join(repr(n) for n in unexpected[:3])}")
         check_shapes(maps, reader)
-        for tm in maps:
-            if tm.shape != tuple(flat_abs[tm.path].shape):
-                raise AssertionError(f"{'/'.join(tm.path)}: map shape {tm.shape} != model {flat_abs[tm.path].shape}")
-            out[tm.path] = _place(tm, reader, flat_abs[tm.path], flat_shd[tm.path])
-    if scanned:
-        return jax.device_put(stack.to_scanned(unflatten(out), model_cfg), scanned_shardings)
+        for path in flat_abs:
+            out[path] = _place(leaf_maps[path], reader, flat_abs[path], flat_shd[path])
     return unflatten(out)
 
 
-def _place(tm: TensorMap, reader: safetensors_io.Reader, abstract: Any, sharding: Any) -> jax.Array:
+def _place(tm: TensorMap | _Repeats, reader: safetensors_io.Reader, abstract: Any, sharding: Any) -> jax.Array:
     dtype = np.dtype(abstract.dtype)
     cache: dict[tuple, np.ndarray] = {}   # replicated shards ask for the same block many times
 
@@ -213,7 +279,7 @@ def _build(model_cfg: Any) -> nn.Module:
 
 
 def from_hf(path: str, mesh: jax.sharding.Mesh | None = None, *, rules=None, dtype: str = "float32",
-            param_dtype: str = "float32") -> tuple[nn.Module, dict]:
+            param_dtype: str = "float32", scan_layers: bool | None = None) -> tuple[nn.Module, dict]:
     """``(model, params)`` from an HF checkpoint directory (or a converted directory).
 
     ``model.apply({'params': params}, tokens)`` returns ``(logits, aux)``; run it under
@@ -226,11 +292,15 @@ def from_hf(path: str, mesh: jax.sharding.Mesh | None = None, *, rules=None, dty
       rules: logical axis rules (default ``layers.sharding.DEFAULT_RULES``).
       dtype: ``model.dtype``.
       param_dtype: ``model.param_dtype`` (the dtype of the loaded parameters).
+      scan_layers: ``model.scan_layers`` of the built model (``None``: the directory's
+        config, else the default config's); ``False`` gives the per-layer parameter tree.
 
     Returns:
       The Flax module and its params tree.
     """
     source = open_source(path, dtype=dtype, param_dtype=param_dtype)
+    if scan_layers is not None:
+        source.model_config.scan_layers = bool(scan_layers)
     model = _build(source.model_config)
     shardings = param_shardings(model, mesh, rules)
     abstract = _strip(abstract_params(model))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from routezoo import zoo
+from routezoo.zoo import stack
 from routezoo.configs import base
 from routezoo.layers.mlp import MLP
 from routezoo.layers.moe import duo as duo_lib
@@ -208,6 +209,9 @@ def test_model_with_uniform_routes_equals_a_dense_model(option):
     got = apply(variables, toks, routes)
     dense_cfg = model_cfg()
     dense_cfg.ffn = "mlp"
+    # Duo stacks take per-layer routes from outside and stay unscanned; the dense LM scans
+    # its blocks (model.scan_layers), so its parameters are moved to its own layout below.
+    assert not stack.is_scanned(model.cfg)
     params = dict(variables["params"])
     for i in range(LAYERS):
         layer = dict(params[f"layer{i}"])
@@ -216,6 +220,7 @@ def test_model_with_uniform_routes_equals_a_dense_model(option):
             mlp["wo"] = jnp.zeros_like(mlp["wo"])
         layer["mlp"] = mlp
         params[f"layer{i}"] = layer
+    params = stack.to_layout(params, dense_cfg)
     want = jax.jit(zoo.build(dense_cfg).apply)({"params": params}, toks)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"duo routes must be int32 \[M, B, L\]"):

@@ -23,6 +23,7 @@ from flax import linen as nn
 from routezoo.layers import sharding as shd
 from routezoo.layers.routers import TopKRouter
 from routezoo.zoo import hf
+from routezoo.zoo import stack
 from routezoo.zoo.hf import safetensors_io
 from routezoo.zoo.lm import ffn_kinds, positions_from_mask
 
@@ -145,10 +146,12 @@ def _hf_forward(model, tokens, mask, chosen=None):
 
 
 def _rz_forward(model, params, tokens, mask):
+    """(logits, each MoE layer's Routing) of the model as imported (scanned or not); the
+    routings are read per layer from the unscanned layout of the captured intermediates."""
     (logits, _), state = model.apply({"params": params}, jnp.asarray(tokens), attention_mask=mask,
                                      positions=positions_from_mask(mask), mutable=["intermediates"],
                                      capture_intermediates=lambda mdl, method: isinstance(mdl, TopKRouter))
-    inter = state.get("intermediates", {})
+    inter = stack.to_unscanned(dict(state.get("intermediates", {})), model.cfg)
     routers = [inter.get(f"layer{i}", {}).get("moe", {}).get("router", {}) for i in range(model.cfg.num_layers)]
     return np.asarray(logits), [r["__call__"][0] for r in routers if "__call__" in r]
 
@@ -215,7 +218,7 @@ def test_bfloat16_checkpoint(hf_dir, tmp_path):
     ref_model.to(torch.float32)
     model, params = hf.from_hf(bf)
     want = load_file(os.path.join(bf, "model.safetensors"))["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
-    got = np.asarray(params["layer1"]["moe"]["experts"]["wo"][3])   # [F, D]
+    got = np.asarray(stack.to_unscanned(params, model.cfg)["layer1"]["moe"]["experts"]["wo"][3])   # [F, D]
     np.testing.assert_array_equal(got, want.float().numpy().T)
     out = str(tmp_path / "bf16_export")
     hf.to_hf(model.cfg, params, out, dtype="bfloat16")
@@ -277,10 +280,15 @@ def test_sharded_import_reads_only_each_devices_slice(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors_io.Reader, "get", recording_get)
     model, params = hf.from_hf(path, mesh=mesh)
 
-    wi = params["layer0"]["moe"]["experts"]["wi"]                          # [E, D, F] = [4, 32, 48]
-    assert wi.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
+    # Both layers are scanned: each leaf [R, ...] holds every layer of its device's slice.
+    assert stack.is_scanned(model.cfg)
+    stacked = params["layers"]["block0"]["moe"]["experts"]["wi"]           # [R, E, D, F] = [2, 4, 32, 48]
+    assert stacked.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
+    assert {s.data.shape for s in stacked.addressable_shards} == {(2, 2, 16, 24)}
+    layers = stack.to_unscanned(params, model.cfg)
+    wi = layers["layer0"]["moe"]["experts"]["wi"]                          # [E, D, F] = [4, 32, 48]
     assert {s.data.shape for s in wi.addressable_shards} == {(2, 16, 24)}
-    q = params["layer1"]["attn"]["q"]                                       # [D, H, K] = [32, 4, 8]
+    q = layers["layer1"]["attn"]["q"]                                       # [D, H, K] = [32, 4, 8]
     assert {s.data.shape for s in q.addressable_shards} == {(16, 2, 8)}
     # No read of an expert or q tensor covers more than one device's slice.
     assert all(shape == (24, 16) for name, shape in reads if name.endswith("experts.0.w3.weight"))
@@ -374,7 +382,11 @@ def test_convert_cli_and_training_init(tmp_path):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             _, shardings, _ = state_shardings(model, tx, config, mesh, rules)
             loaded = hf.load_params_for_config(config, mesh, shardings)
-        assert loaded["layer0"]["moe"]["experts"]["wi"].sharding == shardings.params["layer0"]["moe"]["experts"]["wi"]
+        # every parameter (the scanned stack's [R, ...] leaves included) on the state's sharding
+        assert jax.tree.structure(loaded) == jax.tree.structure(shardings.params)
+        assert all(a.sharding == s for a, s in zip(jax.tree.leaves(loaded), jax.tree.leaves(shardings.params)))
+        wi = stack.to_unscanned(loaded, config.model)["layer0"]["moe"]["experts"]["wi"]
+        assert wi.sharding.spec[0] == "expert" and not wi.sharding.is_fully_replicated
         for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ref_params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -445,3 +457,122 @@ def test_deepseek_v3_config_validation_and_refusals():
     moe.bias_update_rate = 1e-3
     with pytest.raises(ValueError, match="bias_update_rate"):
         validate_moe_config(moe, causal=True, mesh_shape={})
+
+
+# ----------------------------------------------------------------------------- scanned stacks
+
+# 4 layers each, so that a stack scans: every layer MoE (Mixtral); a dense first layer left
+# outside the scan (DeepSeek-V3's first_k_dense_replace); a dense last layer outside it (Qwen2-MoE).
+SCANNED_FAMILIES = {
+    "mixtral_4": ("MixtralConfig", dict(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2)),
+    "deepseek_v3_4": ("DeepseekV3Config", dict(FAMILIES["deepseek_v3"][1], num_hidden_layers=4)),
+    "qwen2_moe_4": ("Qwen2MoeConfig", dict(FAMILIES["qwen2_moe"][1], num_hidden_layers=4, mlp_only_layers=[3])),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_dir_4(tmp_path_factory):
+    return tiny_causal_lm_factory(tmp_path_factory, SCANNED_FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(SCANNED_FAMILIES))
+def test_scanned_import_and_export_equal_the_unscanned_path(family, hf_dir_4, tmp_path):
+    """HF import into a scanned model holds the unscanned import's parameters layer by
+    layer, computes its logits, and exports the same tensors, byte for byte."""
+    from safetensors.numpy import load_file
+
+    path, _ = hf_dir_4(family)
+    model_s, params_s = hf.from_hf(path)
+    model_u, params_u = hf.from_hf(path, scan_layers=False)
+    layout = stack.stack_layouts(model_s.cfg)[()]
+    assert stack.is_scanned(model_s.cfg) and not stack.is_scanned(model_u.cfg)
+    assert layout.repeats >= 2 and (layout.prefix or layout.suffix or family == "mixtral_4"), layout.describe()
+    assert "layers" in params_s and "layer0" in params_u and "layers" not in params_u
+    per_layer = stack.to_unscanned(params_s, model_s.cfg)
+    assert jax.tree.structure(per_layer) == jax.tree.structure(params_u)
+    for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(per_layer),
+                                jax.tree_util.tree_leaves_with_path(params_u)):
+        assert p1 == p2 and a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b)), p1
+
+    tokens, mask = _tokens()
+    kw = dict(attention_mask=mask, positions=positions_from_mask(mask))
+    # both compiled (run eagerly, the unscanned layers go op by op and round differently)
+    logits_s = jax.jit(lambda p: model_s.apply({"params": p}, jnp.asarray(tokens), **kw)[0])(params_s)
+    logits_u = jax.jit(lambda p: model_u.apply({"params": p}, jnp.asarray(tokens), **kw)[0])(params_u)
+    np.testing.assert_array_equal(np.asarray(logits_s)[mask], np.asarray(logits_u)[mask])
+
+    out_s, out_u = str(tmp_path / "scanned"), str(tmp_path / "unscanned")
+    hf.to_hf(model_s.cfg, params_s, out_s)
+    hf.to_hf(model_u.cfg, params_u, out_u)
+    original, exported_s, exported_u = (load_file(os.path.join(d, "model.safetensors")) for d in (path, out_s, out_u))
+    assert sorted(exported_s) == sorted(exported_u) == sorted(original)
+    for name, value in exported_u.items():
+        assert exported_s[name].dtype == value.dtype and exported_s[name].shape == value.shape, name
+        assert exported_s[name].tobytes() == value.tobytes() == original[name].tobytes(), name
+    assert json.load(open(os.path.join(out_s, "config.json"))) == json.load(open(os.path.join(out_u, "config.json")))
+    # and the export of the scanned model imports back, scanned, to the same parameters
+    _, params_back = hf.from_hf(out_s)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(params_back), jax.tree.leaves(params_s)))
+
+
+def test_scanned_import_places_each_parameter_once_in_its_layout(tmp_path, monkeypatch):
+    """A scanned model's import places every parameter once, at its stacked [R, ...] shape
+    and final sharding (never per layer first and then stacked: that held the model twice
+    on the devices), and each read still covers one device's slice of one layer."""
+    path = str(tmp_path / "mixtral")
+    _, ref_params = _random_checkpoint(path, MIXTRAL_CFG)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 2, "expert": 2, "tensor": 2})
+    placed, reads = [], []
+    make_array = jax.make_array_from_callback
+    original_get = safetensors_io.Reader.get
+
+    def recording_make(shape, sharding, callback, *args, **kwargs):
+        placed.append((tuple(shape), sharding))
+        return make_array(shape, sharding, callback, *args, **kwargs)
+
+    def recording_get(self, name, index):
+        out = original_get(self, name, index)
+        reads.append((name, out.shape))
+        return out
+    monkeypatch.setattr(jax, "make_array_from_callback", recording_make)
+    monkeypatch.setattr(safetensors_io.Reader, "get", recording_get)
+    model, params = hf.from_hf(path, mesh=mesh)
+    assert stack.is_scanned(model.cfg)
+    leaves = jax.tree.leaves(params)
+    assert sorted(map(repr, placed)) == sorted(repr((a.shape, a.sharding)) for a in leaves)
+    assert all(any(a is b for b in jax.live_arrays()) for a in leaves)
+    assert all(shape == (24, 16) for name, shape in reads if name.endswith("experts.0.w3.weight"))
+    assert {name for name, _ in reads if name.endswith("experts.0.w3.weight")} == {
+        f"model.layers.{i}.block_sparse_moe.experts.0.w3.weight" for i in range(2)}
+    for a, b in zip(leaves, jax.tree.leaves(ref_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scanned_export_slices_one_layer_at_a_time(tmp_path, monkeypatch):
+    """Exporting a scanned model slices one layer's tensor out of a stacked leaf at a
+    time: device memory never holds a per-layer copy of the whole model."""
+    from routezoo.zoo.hf import export as export_lib
+
+    model, params = _random_checkpoint(str(tmp_path / "src"), dict(MIXTRAL_CFG, num_hidden_layers=4))
+    assert stack.is_scanned(model.cfg)
+    params = jax.device_put(params)
+    model_bytes = sum(a.nbytes for a in jax.tree.leaves(params))
+    shapes = stack.to_unscanned(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params), model.cfg)
+    largest = max(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes))   # one layer's tensor
+    assert largest < model_bytes / 8
+    live = lambda: sum(a.nbytes for a in jax.live_arrays())
+    base = live()
+    extra = []
+    host_value = export_lib._host_value
+
+    def recording(x):
+        extra.append(live() - base)
+        return host_value(x)
+    monkeypatch.setattr(export_lib, "_host_value", recording)
+    out = str(tmp_path / "out")
+    hf.to_hf(model.cfg, params, out)
+    assert extra and max(extra) <= largest, (max(extra), largest, model_bytes)
+    _, back = hf.from_hf(out)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
