@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from routezoo.layers.adapters.hooks import project
 from routezoo.layers.sharding import constrain, param
@@ -38,6 +39,11 @@ Dtype = Any
 
 
 QK_NORMS = ("none", "head", "full")
+
+# The name (``jax.ad_checkpoint.checkpoint_name``) of every attention layer's output before
+# its output projection, ``[B, L, H, A]``, which ``model.remat='save_moe_dispatch_attn'``
+# keeps for the backward pass (routezoo/zoo/stack.py).
+ATTN_OUT = "attn_out"
 
 
 ROPE_SCALING_TYPES = ("none", "yarn")
@@ -469,7 +475,7 @@ class Attention(nn.Module):
                 impl = "cudnn" if use_cudnn else None
             out = jax.nn.dot_product_attention(
                 q, kk, v, mask=segment_mask, is_causal=self.causal, implementation=impl)   # [B, L, H, A]
-        out = constrain(out, ("batch", "length", "act_heads", None))
+        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), ATTN_OUT)
         wo = self.param("o", param(default_kernel_init, ("heads", "head_dim", "embed")),
                         (h, k, d), self.param_dtype)
         y = project(self, "o", "BLHA,HAD->BLD", out, jnp.asarray(wo, self.dtype), num_in=2)

@@ -51,10 +51,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from routezoo.layers.adapters.hooks import project
 from routezoo.layers.norms import RMSNorm
-from routezoo.layers.attention import RopeScaling, combine_masks, decode_cache, rope_scaling_of, rotary_embedding
+from routezoo.layers.attention import ATTN_OUT, RopeScaling, combine_masks, decode_cache, rope_scaling_of, rotary_embedding
 from routezoo.layers.attention import segment_mask_of
 from routezoo.layers.attention import default_kernel_init
 from routezoo.layers.sharding import constrain, param
@@ -183,7 +184,7 @@ class MLAttention(nn.Module):
                 allowed = allowed[None, None]
             out = self._attend_xla(qq, kk, val, scale,
                                    allowed if segment_mask is None else allowed & segment_mask)
-        out = constrain(out, ("batch", "length", "act_heads", None))
+        out = checkpoint_name(constrain(out, ("batch", "length", "act_heads", None)), ATTN_OUT)   # [B, L, H, v]
         y = project(self, "o", "BLHv,HvD->BLD", out, w("o", (h, v, d), ("heads", "head_dim", "embed")), num_in=2)
         return constrain(y, ("batch", "length", "act_embed"))
 

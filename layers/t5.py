@@ -45,9 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from routezoo.layers.adapters.hooks import project
-from routezoo.layers.attention import combine_masks, segment_mask_of
+from routezoo.layers.attention import ATTN_OUT, combine_masks, segment_mask_of
 from routezoo.layers.sharding import constrain, param
 
 Dtype = Any
@@ -177,6 +178,7 @@ class T5Attention(nn.Module):
             weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
         weights = weights.astype(self.dtype)
         out = constrain(jnp.einsum("BHLM,BMHA->BLHA", weights, v), ("batch", "length", "act_heads", None))
+        out = checkpoint_name(out, ATTN_OUT)   # [B, L, H, A]: kept by model.remat='save_moe_dispatch_attn'
         wo = self.param("o", param(nn.initializers.normal((h * k) ** -0.5), ("heads", "head_dim", "embed")),
                         (h, k, d), self.param_dtype)
         y = project(self, "o", "BLHA,HAD->BLD", out, jnp.asarray(wo, self.dtype), num_in=2)

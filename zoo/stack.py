@@ -21,9 +21,42 @@ the decode cache, a whole train state) between the two, exactly (stacking and sl
 copy values, never change them). Tools that address layers by index (Hugging Face
 export, routing analysis) read the unscanned layout.
 
-Rematerialisation (``model.remat``, :data:`REMAT_POLICIES`) wraps each block in
-``nn.remat`` with a ``jax.checkpoint`` policy: what the backward pass keeps from the
-forward pass, the rest being recomputed.
+Rematerialisation (``model.remat``, :data:`REMAT_POLICIES`) wraps each block (one layer:
+attention and feed-forward) in ``nn.remat`` with a ``jax.checkpoint`` policy: what the
+backward pass keeps from the block's forward pass; everything else it needs is recomputed
+from what was kept and the block's inputs. Values, and so outputs and gradients, are the
+same under every policy; only memory and backward-pass work change. Letters: ``B`` batch,
+``L`` length, ``D`` embed, ``H`` heads, ``A`` head dim, ``F`` expert width, ``T = B·L``
+tokens, ``K`` experts per token, ``E`` experts, ``C`` capacity, ``G`` routing groups.
+
+* ``none``: no remat; every intermediate the gradient needs is kept (attention scores
+  ``[B, H, L, L]``, the experts' hidden ``[T·K, F]``, ...).
+* ``full``: nothing but the block's inputs; the whole block runs again in the backward
+  pass.
+* ``dots_saveable``: the output of every ``dot_general`` (projections, attention scores
+  and values, the router's logits, the capacity experts' einsums, the ``blocked`` grouped
+  matmul); elementwise work (norms, activations, softmax, rotary) is recomputed. The
+  ``ragged_dot`` and kernel grouped matmuls (pallas, mosaic, megablox) are no
+  ``dot_general``: their outputs are recomputed.
+* ``dots_no_batch``: only ``dot_general`` outputs without batch dimensions: the
+  projections (q/k/v/o, MLPs, router); not the attention scores and values, nor the
+  capacity experts' einsums (``E`` is a batch dimension there).
+* ``save_moe_dispatch``: what the MoE layers name (``jax.ad_checkpoint.checkpoint_name``,
+  :mod:`routezoo.layers.moe`): ``moe_perm``, the dispatch's index arrays (dropless: the
+  sort permutation ``[T·K]``, its inverse, the group sizes ``[E]`` and the routed-row mask;
+  with expert parallelism the slot maps and the all-gathered counts; capacity: the
+  buffer slots ``[G, S, K]`` and ``[G, E·C]``), and ``moe_gmm_in``, the experts' input
+  (dropless: the rows sorted by expert ``[T·K, D]``, with expert parallelism the received
+  rows ``[N·T·K, D]``; capacity, expert choice and Soft MoE: the ``[G, E, C, D]``
+  buffers). Never the hidden ``[T·K, F]``: the backward pass re-runs the attention, the
+  router and the experts' matmuls (for their gradients and the combine's; with expert
+  parallelism also the exchange back), but not the dispatch's sort nor its exchange to
+  the experts. Blocks without an MoE layer keep nothing (as ``full``).
+* ``save_moe_dispatch_attn``: as ``save_moe_dispatch``, plus ``attn_out``, every
+  attention layer's output before its output projection (``[B, L, H, A]``; latent
+  attention ``[B, L, H, v]``; T5 self- and cross-attention; UoE's selective attention):
+  the output projection's gradient reads it, while attention's own gradient still
+  recomputes q, k, v and the scores from the block's input.
 """
 
 from __future__ import annotations
@@ -40,27 +73,36 @@ from flax import linen as nn
 SCAN_NAME = "layers"          # the scanned group's module (and logical axis) name
 
 
+def _moe_dispatch_names() -> tuple[str, ...]:
+    # the names the layers tag (imported here, not at module level: dense models need not
+    # import the MoE package)
+    from routezoo.layers.moe.gmm import MOE_GMM_IN, MOE_PERM
+    return (MOE_PERM, MOE_GMM_IN)
+
+
 def _moe_dispatch_policy():
-    return jax.checkpoint_policies.save_only_these_names("moe_perm", "moe_gmm_in")
+    return jax.checkpoint_policies.save_only_these_names(*_moe_dispatch_names())
 
 
 def _moe_dispatch_attn_policy():
-    return jax.checkpoint_policies.save_only_these_names("moe_perm", "moe_gmm_in", "attn_out")
+    from routezoo.layers.attention import ATTN_OUT
+    return jax.checkpoint_policies.save_only_these_names(*_moe_dispatch_names(), ATTN_OUT)
 
 
-# model.remat -> a jax.checkpoint policy factory (None: no remat; "full": save nothing)
+# model.remat -> a jax.checkpoint policy factory (None: no remat); what each keeps: the
+# module docstring
 REMAT_POLICIES: dict[str, Callable[[], Any] | None] = {
     "none": None,
-    # recompute the whole block in the backward pass: only its inputs are kept
+    # only the block's inputs: the whole block runs again in the backward pass
     "full": lambda: jax.checkpoint_policies.nothing_saveable,
-    # keep every matmul output, recompute elementwise work (norms, activations, softmax)
+    # every dot_general output; elementwise work (norms, activations, softmax) recomputed
     "dots_saveable": lambda: jax.checkpoint_policies.dots_saveable,
-    # keep matmul outputs without batch dimensions (projections; not attention scores)
+    # dot_general outputs without batch dimensions (projections; not attention scores)
     "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # keep the MoE permutation and the grouped matmul's sorted input [T·K, D], recompute
-    # the rest (never the [T·K, F] hidden activations)
+    # the MoE dispatch's indices ('moe_perm') and the experts' input ('moe_gmm_in': dropless
+    # [T·K, D] sorted rows, capacity [G, E, C, D] buffers); never the [T·K, F] hidden
     "save_moe_dispatch": _moe_dispatch_policy,
-    # as save_moe_dispatch, plus the attention output [B, L, H, K] (no attention recompute)
+    # as save_moe_dispatch, plus the attention output before its projection ('attn_out')
     "save_moe_dispatch_attn": _moe_dispatch_attn_policy,
 }
 

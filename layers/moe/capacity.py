@@ -29,9 +29,10 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from routezoo.layers import sharding
-from routezoo.layers.moe.gmm import take_rows
+from routezoo.layers.moe.gmm import MOE_GMM_IN, MOE_PERM, take_rows
 from routezoo.layers.moe.exchange import constrain_expert_parallel
 from routezoo.layers.moe.gmm import ffn_batched
 
@@ -57,6 +58,7 @@ def _experts_on_buffers(buf: Array, params: Params, *, expert_type: str) -> tupl
     by_group = ("batch", None, "capacity", "act_embed")
     by_expert = ("batch", "act_expert", "capacity", "act_embed")
     buf = constrain_expert_parallel(sharding.constrain(buf, by_group), by_expert)
+    buf = checkpoint_name(buf, MOE_GMM_IN)  # the experts' input, what save_moe_dispatch keeps
     out = constrain_expert_parallel(ffn_batched(buf, params, expert_type=expert_type), by_expert)
     return buf, sharding.constrain(out, by_group)
 
@@ -136,6 +138,7 @@ def capacity_moe(x: Array, indices: Array, weights: Array, priority: Array | Non
     e, c = params["wi"].shape[0], capacity
     slot, src = jax.vmap(functools.partial(capacity_slots, num_experts=e, capacity=c, fill=fill))(
         indices, priority)  # [G, S, K], [G, E·C]
+    slot, src = checkpoint_name(slot, MOE_PERM), checkpoint_name(src, MOE_PERM)
     valid = indices >= 0
     kept = slot < e * c  # [G, S, K]
     dropped = jnp.sum(valid & ~kept) / jnp.maximum(jnp.sum(valid), 1)

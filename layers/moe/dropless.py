@@ -27,12 +27,13 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from routezoo.layers import sharding
 from routezoo.layers.moe.exchange import _mesh, mesh_axes_of, ragged_exchange, ragged_exchange_emulated, resolve_ep_exchange
 from routezoo.layers.moe.gmm import EXPERT_PARAM_NAMES, ffn_grouped, gmm_megablox, gmm_mosaic, resolve_gmm_backend
-from routezoo.layers.moe.gmm import invert_permutation, take_rows
+from routezoo.layers.moe.gmm import MOE_GMM_IN, MOE_PERM, invert_permutation, take_rows
 
 Array = jax.Array
 Params = Mapping[str, Array]
@@ -46,12 +47,13 @@ def _sorted_expert_ffn(rows: Array, ids: Array, num_experts: int, params: Params
     get 0.
     """
     ids = jnp.where((ids < 0) | (ids >= num_experts), num_experts, ids).astype(jnp.int32)
-    perm = jnp.argsort(ids, stable=True)  # [X]
-    inv = invert_permutation(perm)
-    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[ids].add(1, mode="drop")  # [E]
-    sorted_rows = take_rows(rows, perm, inv)  # [X, D]
+    perm = checkpoint_name(jnp.argsort(ids, stable=True), MOE_PERM)  # [X]
+    inv = checkpoint_name(invert_permutation(perm), MOE_PERM)
+    group_sizes = checkpoint_name(jnp.zeros((num_experts,), jnp.int32).at[ids].add(1, mode="drop"), MOE_PERM)  # [E]
+    sorted_rows = checkpoint_name(take_rows(rows, perm, inv), MOE_GMM_IN)  # [X, D]
     out = ffn_grouped(sorted_rows, group_sizes, params, expert_type=expert_type, gmm=gmm)
-    out = jnp.where((ids[perm] < num_experts)[:, None], out, jnp.zeros((), out.dtype))
+    routed = checkpoint_name(ids[perm] < num_experts, MOE_PERM)  # [X]
+    out = jnp.where(routed[:, None], out, jnp.zeros((), out.dtype))
     return take_rows(out, inv, perm)  # [X, D]
 
 
@@ -94,8 +96,8 @@ def _dropless_all_to_all(x: Array, indices: Array, weights: Array, params: Param
     e_local = num_experts // n
     ids = indices.reshape(-1)
     ids = jnp.where(ids < 0, num_experts, ids).astype(jnp.int32)  # [X]; E = none
-    perm = jnp.argsort(ids, stable=True)
-    inv = invert_permutation(perm)
+    perm = checkpoint_name(jnp.argsort(ids, stable=True), MOE_PERM)
+    inv = checkpoint_name(invert_permutation(perm), MOE_PERM)
     sorted_ids = ids[perm]  # [X]
     copies = jnp.broadcast_to(x[:, None, :], (t, k, d)).reshape(m, d)
     rows = take_rows(copies, perm, inv)  # [X, D] sorted by expert
@@ -106,6 +108,7 @@ def _dropless_all_to_all(x: Array, indices: Array, weights: Array, params: Param
     r = jnp.arange(m, dtype=jnp.int32)
     slot = jnp.where(dest < n, dest * m + r - starts[jnp.minimum(dest, n - 1)], n * m)  # [X]
     src = jnp.full((n * m,), m, jnp.int32).at[slot].set(r, mode="drop")  # [N·X]
+    slot, src = checkpoint_name(slot, MOE_PERM), checkpoint_name(src, MOE_PERM)
     send = take_rows(rows, src, slot).reshape(n, m, d)  # [N, X, D]
     send_ids = jnp.full((n * m,), e_local, jnp.int32).at[slot].set(
         sorted_ids - dest * e_local, mode="drop").reshape(n, m)  # [N, X] local expert id
@@ -167,13 +170,13 @@ def _dropless_ragged(x: Array, indices: Array, weights: Array, params: Params, *
     axis = expert_axes if len(expert_axes) > 1 else expert_axes[0]
     ids = indices.reshape(-1)
     ids = jnp.where(ids < 0, num_experts, ids).astype(jnp.int32)      # [X]; E = none
-    perm = jnp.argsort(ids, stable=True)
-    inv = invert_permutation(perm)
+    perm = checkpoint_name(jnp.argsort(ids, stable=True), MOE_PERM)
+    inv = checkpoint_name(invert_permutation(perm), MOE_PERM)
     copies = jnp.broadcast_to(x[:, None, :], (t, k, d)).reshape(m, d)
     rows = take_rows(copies, perm, inv)                                 # [X, D] sorted by expert
 
     counts = jnp.zeros((num_experts,), jnp.int32).at[ids].add(1, mode="drop")  # [E]
-    c = jax.lax.all_gather(counts, axis).reshape(n, n, el)             # [sender, receiver, local expert]
+    c = checkpoint_name(jax.lax.all_gather(counts, axis).reshape(n, n, el), MOE_PERM)  # [sender, receiver, local expert]
     s = jnp.sum(c, axis=-1)                                            # [N, N] rows sender -> receiver
     me = jax.lax.axis_index(axis)
     send_sizes = jnp.sum(counts.reshape(n, el), axis=-1)               # [N] = s[me]
@@ -200,11 +203,11 @@ def _dropless_ragged(x: Array, indices: Array, weights: Array, params: Params, *
         bc = jnp.minimum(b, n * el - 1)
         dst = jnp.where(b < n * el, starts_em[bc] + p - starts_sm[bc], r_buf)  # [N·X] expert-major row
         src = jnp.full((r_buf,), r_buf, jnp.int32).at[dst].set(p, mode="drop")
-        buf = take_rows(recv, src, dst)                                # [N·X, D] expert-major
+        buf = checkpoint_name(take_rows(recv, src, dst), MOE_GMM_IN)  # [N·X, D] expert-major
         out = ffn_grouped(buf, group_sizes, params, expert_type=expert_type, gmm=gmm)
         out = take_rows(out, dst, src)                                 # [N·X, D] sender-major
     else:
-        out = ffn_grouped(recv, group_sizes, params, expert_type=expert_type, gmm=gmm)
+        out = ffn_grouped(checkpoint_name(recv, MOE_GMM_IN), group_sizes, params, expert_type=expert_type, gmm=gmm)
 
     back = exchange(out, jnp.zeros_like(out, shape=(m, d)), recv_offsets, recv_sizes,
                     back_offsets, send_sizes, axis)                     # [X, D] sorted by expert

@@ -34,6 +34,13 @@ EXPERT_PARAM_NAMES: dict[str, tuple[str, str, str]] = {
 }
 EXPERT_TYPES = ("swiglu", "gelu", "relu")   # relu: T5 v1.0 / Switch Transformers experts
 
+# Names given with ``jax.ad_checkpoint.checkpoint_name`` to what a remat policy may keep
+# (``model.remat``, routezoo/zoo/stack.py): the dispatch's index arrays (sort permutations,
+# their inverses, group sizes, buffer slots, exchanged counts) and the experts' input rows
+# (dropless ``[X, D]`` sorted by expert, capacity ``[G, E, C, D]`` buffers).
+MOE_PERM = "moe_perm"
+MOE_GMM_IN = "moe_gmm_in"
+
 
 # ------------------------------------------------------------------ expert maths
 

@@ -71,9 +71,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
+from jax.ad_checkpoint import checkpoint_name
 
 from routezoo.layers.moe.exchange import constrain_expert_parallel
-from routezoo.layers.moe.gmm import ffn_batched
+from routezoo.layers.moe.gmm import MOE_GMM_IN, ffn_batched
 from routezoo.layers import sharding
 from routezoo.layers.moe.block import Experts, _dtype
 from routezoo.layers.routers import Router
@@ -266,6 +267,7 @@ class SoftMoE(nn.Module):
         by_group = ("batch", None, "capacity", "act_embed")
         by_expert = ("batch", "act_expert", "capacity", "act_embed")
         slots = constrain_expert_parallel(sharding.constrain(slots, by_group), by_expert)
+        slots = checkpoint_name(slots, MOE_GMM_IN)   # the experts' input, as capacity buffers
         out = ffn_batched(slots, params, expert_type=self.expert_type)  # [G, E, C, D]
         out = sharding.constrain(constrain_expert_parallel(out, by_expert), by_group)
 

@@ -95,8 +95,10 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from routezoo.layers import sharding
+from routezoo.layers.attention import ATTN_OUT
 
 from routezoo.layers.routers import TopKRouter
 from routezoo.layers.routers.base import load_balance_loss, router_z_loss, top_k
@@ -271,6 +273,7 @@ class SelectiveAttention(nn.Module):
             return jnp.zeros((l, h, kd), out_b.dtype).at[idx_b, head].add(out_b)
 
         o = sharding.constrain(jax.vmap(scatter)(out, idx), ("batch", "length", "act_heads", None))
+        o = checkpoint_name(o, ATTN_OUT)   # [B, L, H, A]
         w_o = self.param("o", sharding.param(default_kernel_init, ("heads", "head_dim", "embed")),
                          (h, kd, d), self.param_dtype)
         y = jnp.einsum("BLHA,HAD->BLD", o, jnp.asarray(w_o, self.dtype))
