@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Deep stacks (routezoo/zoo/stack.py, docs/scale.md): the repeated block under nn.scan, its
     # parameters stacked on a leading `layers` axis (compile time independent of depth); stacks
     # whose routers take per-layer routes from outside (pregate, duo) stay unscanned.
-    m.scan_layers = False
+    m.scan_layers = True
     # Activation rematerialisation per block: none | full | dots_saveable | dots_no_batch |
     # save_moe_dispatch | save_moe_dispatch_attn (what the backward pass keeps; the rest is recomputed)
     m.remat = "none"

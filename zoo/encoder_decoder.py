@@ -363,7 +363,8 @@ def flops_per_token(params: Any, model_cfg: Any, seq_len: int) -> dict[str, floa
     for keys, _, active in param_sizes(params, c, seq_len):
         if keys[0] == "encoder":
             n_enc += active
-        elif keys[0] == "decoder" and len(keys) >= 4 and keys[2] == "cross" and keys[3] in ("k", "v"):
+        elif keys[0] == "decoder" and "cross" in keys[1:-1] and keys[keys.index("cross") + 1] in ("k", "v"):
+            # decoder/layer{i}/cross/k, or decoder/layers/block{p}/cross/k when scanned
             n_kv += active
         elif keys[0] == "decoder":
             n_dec += active

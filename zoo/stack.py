@@ -223,7 +223,7 @@ def _unbox(x):
 def _stack(leaves):
     first = leaves[0]
     if isinstance(first, nn.Partitioned):
-        value = jnp.stack([_unbox(v) for v in leaves])
+        value = _stack([_unbox(v) for v in leaves])   # arrays or abstract shapes
         return first.replace_boxed(value).replace(names=(SCAN_NAME, *first.names))
     if isinstance(first, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
@@ -237,7 +237,7 @@ def _slice(leaf, r: int):
         return leaf
     if isinstance(leaf, nn.Partitioned):
         names = leaf.names[1:] if leaf.names and leaf.names[0] == SCAN_NAME else leaf.names
-        return leaf.replace_boxed(leaf.unbox()[r]).replace(names=names)
+        return leaf.replace_boxed(_slice(leaf.unbox(), r)).replace(names=names)
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
     return leaf[r]
@@ -340,6 +340,17 @@ def is_scanned(model_cfg: Any) -> bool:
     return any(layout.scanned for layout in stack_layouts(model_cfg).values())
 
 
+def as_unscanned(model: nn.Module, variables: Any) -> tuple[nn.Module, Any]:
+    """``(model, variables)`` of a built zoo model in the unscanned form: the same model
+    with ``scan_layers=False`` and ``variables`` (any collections) moved to the unscanned
+    layout, so that every layer runs, and is captured, under its own ``layer{i}`` name.
+    A model that is not scanned comes back as it is."""
+    if not is_scanned(model.cfg):
+        return model, variables
+    from routezoo import zoo
+    return zoo.build(_with_scan(model.cfg, False)), to_unscanned(variables, model.cfg)
+
+
 def _with_scan(model_cfg: Any, value: bool):
     cfg = ml_collections.ConfigDict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))
     cfg.scan_layers = value
@@ -381,5 +392,5 @@ def scanned_group(layout: StackLayout, step: Callable[..., Any], *, name: str = 
     return scanned(layout.unit, step, name=name)
 
 
-__all__ = ["REMAT_POLICIES", "SCAN_NAME", "ScanUnit", "StackLayout", "is_scanned", "remat_block", "scanned_group",
+__all__ = ["REMAT_POLICIES", "SCAN_NAME", "ScanUnit", "StackLayout", "as_unscanned", "is_scanned", "remat_block", "scanned_group",
            "stack_layout", "stack_layouts", "to_layout", "to_scanned", "to_unscanned"]

@@ -66,13 +66,7 @@ def capture_routing(model: Any, variables: dict[str, Any], tokens: jax.Array, *,
     captured under its own index.
     """
     from routezoo.zoo import stack
-    if stack.is_scanned(model.cfg):
-        from routezoo import zoo
-        cfg = model.cfg.as_configdict() if hasattr(model.cfg, "as_configdict") else model.cfg
-        cfg = cfg.copy_and_resolve_references()
-        cfg.scan_layers = False
-        variables = stack.to_unscanned(dict(variables), model.cfg)
-        model = zoo.build(cfg)
+    model, variables = stack.as_unscanned(model, dict(variables))
     (logits, aux), state = model.apply(variables, tokens, deterministic=deterministic, rngs=rngs,
                                        capture_intermediates=_is_router_call,
                                        mutable=["intermediates"])
