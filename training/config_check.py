@@ -207,6 +207,8 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     from routezoo.training.step import NONFINITE_POLICIES
     _one_of(t.on_nonfinite, NONFINITE_POLICIES, "train.on_nonfinite")
     _one_of(config.checkpoint.on_corrupt, ON_CORRUPT, "checkpoint.on_corrupt")
+    from routezoo.zoo.stack import REMAT_POLICIES
+    _one_of(m.remat, REMAT_POLICIES, "model.remat")
     if t.spike_factor != 0 and not t.spike_factor > 1:
         raise ConfigError(f"config key 'train.spike_factor' must be 0 (off) or > 1, got {t.spike_factor}")
     if m.num_heads % m.num_kv_heads:

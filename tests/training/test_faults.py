@@ -209,6 +209,7 @@ def test_metric_writer_writes_null_for_nonfinite(tmp_path):
     (["--config.train.on_nonfinite=ignore"], "unknown train.on_nonfinite 'ignore'; allowed: stop, skip"),
     (["--config.checkpoint.on_corrupt=x"], "unknown checkpoint.on_corrupt 'x'; allowed: stop, restart"),
     (["--config.train.spike_factor=0.5"], "'train.spike_factor' must be 0 (off) or > 1"),
+    (["--config.model.remat=bogus"], "unknown model.remat 'bogus'; allowed: none, full, dots_saveable"),
     (["--config.init.from=/nonexistent/run"], "'/nonexistent/run' is not a directory"),
 ])
 def test_bad_new_keys_one_line_exit_2(tmp_path, capsys, flags, needle):
