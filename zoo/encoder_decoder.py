@@ -80,7 +80,7 @@ from routezoo.layers.mlp import MLP
 from routezoo.layers.norms import make_norm
 from routezoo.layers.sharding import param
 from routezoo.zoo.lm import resolve_dtype
-from routezoo.zoo.stack import remat_block, scanned_group, stack_layout
+from routezoo.zoo.stack import remat_block, scan_enabled, scanned_group, stack_layout
 
 Aux = dict[str, dict[str, jax.Array]]
 INPUT_KEYS = ("encoder_tokens", "decoder_tokens", "encoder_mask", "decoder_mask", "encoder_segment_ids",
@@ -164,7 +164,8 @@ class T5Stack(nn.Module):
         # encoder_segment_ids [B, e]: the encoder's, for the decoder's cross-attention
         c = self.cfg
         l = x.shape[1]
-        kinds = stack_kinds(c)["decoder" if self.decoder else "encoder"]
+        layout = EncoderDecoderLM.stack_layouts(c)[("decoder" if self.decoder else "encoder",)]
+        kinds = layout.kinds
         bias = t5.RelativePositionBias(int(c.num_heads), int(c.relative_attention_num_buckets),
                                        int(c.relative_attention_max_distance), bidirectional=not self.decoder,
                                        param_dtype=self.param_dtype, name="relpos")(l, l)
@@ -177,7 +178,6 @@ class T5Stack(nn.Module):
         losses: dict[str, jax.Array] = {}
         stats: dict[str, jax.Array] = {}
         packed = segment_ids is not None
-        layout = stack_layout(kinds, _scan_enabled(c))
         remat = str(c.get("remat", "none"))
 
         def record(i, aux):
@@ -188,10 +188,15 @@ class T5Stack(nn.Module):
 
         # T5Block.__call__ arguments 4 (deterministic) and 7 (packed) are Python bools
         block_cls = remat_block(T5Block, remat, (4, 7), in_scan=False)
-        for i in range(layout.prefix) if layout.scanned else range(len(kinds)):
+
+        def run_layer(i, x):
             x, aux = block_cls(c, kinds[i], self.decoder, self.dtype, self.param_dtype, name=f"layer{i}")(
                 x, bias, self_mask, deterministic, encoded, cross_mask, packed)
             record(i, aux)
+            return x
+
+        for i in range(layout.prefix):
+            x = run_layer(i, x)
         if layout.scanned:
             scan_cls = remat_block(T5Block, remat, (4, 7), in_scan=True)
             decoder, dtype, param_dtype = self.decoder, self.dtype, self.param_dtype
@@ -204,26 +209,12 @@ class T5Stack(nn.Module):
 
             (x, _), outs = scanned_group(layout, step)((x, None), {
                 "bias": bias, "self_mask": self_mask, "encoded": encoded, "cross_mask": cross_mask})
-            for r in range(layout.repeats):
-                for p, out in enumerate(outs):
-                    record(layout.layer_index(r, p), jax.tree.map(lambda v: v[r], out))
-            for i in layout.suffix:
-                x, aux = block_cls(c, kinds[i], self.decoder, self.dtype, self.param_dtype, name=f"layer{i}")(
-                    x, bias, self_mask, deterministic, encoded, cross_mask, packed)
-                record(i, aux)
+            for i, out in layout.per_layer(outs):
+                record(i, out)
+        for i in layout.suffix:   # every layer when the stack is not scanned
+            x = run_layer(i, x)
         x = make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, "final_norm")(x)
         return x, losses, stats
-
-
-def _scan_enabled(cfg: Any) -> bool:
-    """``model.scan_layers``, unless the MoE router cannot run under ``nn.scan``."""
-    if not bool(cfg.get("scan_layers", False)):
-        return False
-    kinds = stack_kinds(cfg)
-    if "moe" in kinds["encoder"] + kinds["decoder"]:
-        from routezoo.layers.routers import router_class
-        return bool(router_class(str(cfg.moe.router)).scannable)
-    return True
 
 
 def _check_segments(encoder_segment_ids, decoder_segment_ids) -> None:
@@ -253,7 +244,8 @@ class EncoderDecoderLM(nn.Module):
     @classmethod
     def stack_layouts(cls, cfg: Any) -> dict[tuple[str, ...], Any]:
         """The encoder's and the decoder's layer stacks (``encoder/``, ``decoder/``)."""
-        kinds, scan = stack_kinds(cfg), _scan_enabled(cfg)
+        kinds = stack_kinds(cfg)
+        scan = scan_enabled(cfg, kinds["encoder"] + kinds["decoder"])
         return {(name,): stack_layout(kinds[name], scan) for name in ("encoder", "decoder")}
 
     def setup(self):

@@ -30,7 +30,7 @@ from routezoo.layers.embed import Embed
 from routezoo.layers.mlp import MLP
 from routezoo.layers.norms import make_norm
 from routezoo.layers.sharding import param
-from routezoo.zoo.stack import remat_block, scanned_group, stack_layout
+from routezoo.zoo.stack import remat_block, scan_enabled, scanned_group, stack_layout
 
 Aux = dict[str, dict[str, jax.Array]]
 FFN = Callable[..., tuple[jax.Array, Aux]]
@@ -345,7 +345,8 @@ class DecoderLM(nn.Module):
     def stack_layouts(cls, cfg: Any) -> dict[tuple[str, ...], Any]:
         """``{(): layout}``: the one layer stack at the top of the parameter tree
         (:func:`routezoo.zoo.stack.stack_layout` of the layers' kinds)."""
-        return {(): stack_layout(ffn_kinds(cfg), scan_enabled(cfg))}
+        kinds = ffn_kinds(cfg)
+        return {(): stack_layout(kinds, scan_enabled(cfg, kinds))}
 
     def moe_layers(self) -> tuple[int, ...]:
         """Indices of the MoE layers (the ``Z`` axis of :meth:`routes`)."""
@@ -380,11 +381,8 @@ class DecoderLM(nn.Module):
         router values as the unscanned loop does, under the same ``layer{i}`` names."""
         (x, carry), outs = group((x, routing.scan_carry()), {"router": routing.scan_shared(), **shared})
         routing.set_scan_carry(carry)
-        for r in range(layout.repeats):
-            at = lambda tree: jax.tree.map(lambda v: v[r], tree)
-            for p, out in enumerate(outs):
-                record(layout.layer_index(r, p), {"losses": at(out["losses"]), "stats": at(out["stats"])},
-                       at(out["recorded"]))
+        for i, out in layout.per_layer(outs):
+            record(i, {"losses": out["losses"], "stats": out["stats"]}, out["recorded"])
         return x
 
     @nn.compact
@@ -514,18 +512,6 @@ class DecoderLM(nn.Module):
                 aux_out["metrics"] = {"mtp_ce": mtp_loss(mtp_logits, targets, weights, segment_ids)}
                 losses["mtp"] = float(c.mtp_weight) * aux_out["metrics"]["mtp_ce"]
         return logits, aux_out
-
-
-def scan_enabled(cfg: Any) -> bool:
-    """Whether ``cfg`` (a decoder or encoder model config) runs its repeated block under
-    ``nn.scan``: ``model.scan_layers`` and, with MoE layers, a router whose model-level
-    routing can be scanned (``Router.scannable``; Read-ME's pre-gate and Duo-LLM's fixed
-    routes are per layer and keep the stack unscanned)."""
-    if not bool(cfg.get("scan_layers", False)):
-        return False
-    if "moe" in ffn_kinds(cfg):
-        return bool(router_class_of(cfg).scannable)
-    return True
 
 
 def init_cache(model: nn.Module, batch: int, max_len: int) -> dict:

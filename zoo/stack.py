@@ -147,6 +147,12 @@ class StackLayout:
     def layer_index(self, r: int, p: int) -> int:
         return self.prefix + r * len(self.unit) + p
 
+    def per_layer(self, outs):
+        """``(layer index, outputs)`` of every scanned layer, in order, from the scanned
+        group's ``outs`` (``outs[p]`` block ``p``'s outputs stacked ``[R, ...]``)."""
+        return [(self.layer_index(r, p), jax.tree.map(lambda v, r=r: v[r], out))
+                for r in range(self.repeats) for p, out in enumerate(outs)]
+
     @property
     def scanned_layers(self) -> range:
         return range(self.prefix, self.prefix + self.repeats * len(self.unit))
@@ -164,6 +170,20 @@ class StackLayout:
         if self.suffix:
             parts.append(f"{len(self.suffix)} trailing")
         return ", ".join(parts)
+
+
+def scan_enabled(model_cfg: Any, kinds) -> bool:
+    """Whether the model of ``model_cfg``, whose layers have the feed-forward ``kinds``
+    (all of its stacks'), runs its repeated blocks under ``nn.scan``: ``model.scan_layers``
+    and, with MoE layers, a router whose model-level routing can be scanned
+    (``Router.scannable``; Read-ME's pre-gate and Duo-LLM take per-layer routes from outside
+    the layers and keep the stack unscanned)."""
+    if not bool(model_cfg.get("scan_layers", False)):
+        return False
+    if "moe" in kinds:
+        from routezoo.layers.routers import router_class
+        return bool(router_class(str(model_cfg.moe.router)).scannable)
+    return True
 
 
 def stack_layout(kinds: tuple[str, ...], scan: bool) -> StackLayout:
@@ -318,7 +338,7 @@ def to_scanned(tree, model_cfg: Any):
     """``tree`` (parameters, optimizer state, cache, a train state's fields) with every
     stack in the scanned layout of ``model_cfg`` (as if ``scan_layers=True``); subtrees
     already scanned are left as they are."""
-    cfg = _with_scan(model_cfg, True)
+    cfg = with_scan(model_cfg, True)
     return _convert(tree, stack_layouts(cfg), True)
 
 
@@ -326,7 +346,7 @@ def to_unscanned(tree, model_cfg: Any):
     """``tree`` with every stack in the unscanned layout (``layer0``, ``layer1``, ...);
     the inverse of :func:`to_scanned`. ``model_cfg`` describes the model (its
     ``scan_layers`` value is not read)."""
-    cfg = _with_scan(model_cfg, True)
+    cfg = with_scan(model_cfg, True)
     return _convert(tree, stack_layouts(cfg), False)
 
 
@@ -348,10 +368,11 @@ def as_unscanned(model: nn.Module, variables: Any) -> tuple[nn.Module, Any]:
     if not is_scanned(model.cfg):
         return model, variables
     from routezoo import zoo
-    return zoo.build(_with_scan(model.cfg, False)), to_unscanned(variables, model.cfg)
+    return zoo.build(with_scan(model.cfg, False)), to_unscanned(variables, model.cfg)
 
 
-def _with_scan(model_cfg: Any, value: bool):
+def with_scan(model_cfg: Any, value: bool):
+    """A copy of ``model_cfg`` with ``scan_layers`` set to ``value``."""
     cfg = ml_collections.ConfigDict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg))
     cfg.scan_layers = value
     return cfg
@@ -392,5 +413,5 @@ def scanned_group(layout: StackLayout, step: Callable[..., Any], *, name: str = 
     return scanned(layout.unit, step, name=name)
 
 
-__all__ = ["REMAT_POLICIES", "SCAN_NAME", "ScanUnit", "StackLayout", "as_unscanned", "is_scanned", "remat_block", "scanned_group",
-           "stack_layout", "stack_layouts", "to_layout", "to_scanned", "to_unscanned"]
+__all__ = ["REMAT_POLICIES", "SCAN_NAME", "ScanUnit", "StackLayout", "as_unscanned", "is_scanned", "remat_block", "scan_enabled", "scanned_group",
+           "stack_layout", "stack_layouts", "to_layout", "to_scanned", "to_unscanned", "with_scan"]
