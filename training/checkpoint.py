@@ -44,6 +44,7 @@ import orbax.checkpoint as ocp
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"   # Orbax's temporary step directory: STEP + TMP_SUFFIX
 ON_CORRUPT = ("stop", "restart")        # checkpoint.on_corrupt
+ITEMS = ("state", "data", "guard")      # the items of a train checkpoint step
 
 
 class RunError(Exception):
@@ -239,7 +240,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=False, enable_async_checkpointing=async_save,
                 async_options=async_options),
-            item_names=("state", "data", "guard"))
+            item_names=ITEMS)
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -469,3 +470,18 @@ def restore_newest_intact(directory: str, restore: Callable[[int], Any], *, step
     steps_text = ", ".join(str(s) for s, _ in problems)
     raise ValueError(f"no intact checkpoint in {directory}: step {problems[0][0]} is corrupt or incomplete "
                      f"({problems[0][1]})" + (f"; steps {steps_text} all are" if len(problems) > 1 else ""))
+
+
+def restore_state_item(directory: str, abstract_state: Any, *, step: int | None = None, verify: bool = True,
+                       log: Callable[[str], None] = print) -> tuple[int, Any]:
+    """``(step, state)``: the ``state`` item of ``directory``'s newest intact step (or of
+    ``step``) restored into ``abstract_state`` (shapes, dtypes, shardings); read-only, as
+    :func:`restore_newest_intact`, which says what it raises."""
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        return restore_newest_intact(
+            directory, lambda s: manager.restore(s, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"],
+            step=step, verify=verify, abstract_state=abstract_state, log=log)
+    finally:
+        manager.close()

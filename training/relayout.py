@@ -42,7 +42,6 @@ import shutil
 from typing import Any, Callable
 
 LAYOUTS = ("scanned", "unscanned")
-ITEMS = ("state", "data", "guard")     # the items of a train checkpoint (training/checkpoint.py)
 
 
 class RelayoutError(ValueError):
@@ -51,13 +50,6 @@ class RelayoutError(ValueError):
 
 def layout_name(scanned: bool) -> str:
     return LAYOUTS[0] if scanned else LAYOUTS[1]
-
-
-def _model_with_scan(model_cfg, value: bool):
-    import ml_collections
-    cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-    cfg.scan_layers = value
-    return cfg
 
 
 def check_conversion(src: str, dst: str, scanned: bool):
@@ -88,8 +80,9 @@ def check_conversion(src: str, dst: str, scanned: bool):
             "(model.scan_layers=false; adapters address layers one by one), so there is no scanned layout "
             "to convert to or from")
     model = config.model
-    if not stack.is_scanned(_model_with_scan(model, True)):
-        layouts = "; ".join(layout.describe() for layout in stack.stack_layouts(_model_with_scan(model, True)).values())
+    as_scanned = stack.with_scan(model, True)
+    if not stack.is_scanned(as_scanned):
+        layouts = "; ".join(layout.describe() for layout in stack.stack_layouts(as_scanned).values())
         raise RelayoutError(
             f"the model of {src} cannot be scanned (model.name={model.name}, {layouts}: no block repeats at "
             f"least twice, or moe.router={model.moe.router!r} routes the layers from outside the stack); "
@@ -130,22 +123,14 @@ def restore_newest(src: str, config, mesh, rules, log: Callable[[str], None] = p
     """``(step, TrainState)`` of ``SRC``'s newest intact checkpoint in its own layout,
     placed on ``mesh`` (a corrupt newer step is reported through ``log`` and skipped;
     nothing is moved). Call inside the mesh and rules context."""
-    import orbax.checkpoint as ocp
     from routezoo.training import checkpoint as ckpt_lib
 
     abstract, _ = _abstract_state(config, mesh, rules)
     ckpt_dir = os.path.join(os.path.abspath(src), "checkpoints")
     if not ckpt_lib.step_dirs(ckpt_dir):
         raise RelayoutError(f"no checkpoint in {ckpt_dir}: nothing to convert (train first)")
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS,
-                                    options=ocp.CheckpointManagerOptions(create=False))   # reads only
-    try:
-        return ckpt_lib.restore_newest_intact(
-            ckpt_dir, lambda s: manager.restore(s, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))["state"],
-            verify=bool(config.checkpoint.get("verify", True)), abstract_state=abstract, log=log)
-    finally:
-        manager.close()
+    return ckpt_lib.restore_state_item(ckpt_dir, abstract, verify=bool(config.checkpoint.get("verify", True)),
+                                       log=log)
 
 
 def convert_state(state, model_cfg, scanned: bool):
@@ -253,7 +238,7 @@ def convert_layout(src: str, dst: str, scanned: bool, log: Callable[[str], None]
                 raise RelayoutError(f"writing {dst} failed: {e.strerror or e}; nothing was left there") from None
             raise
     scan = "; ".join(layout.describe() for layout in stack.stack_layouts(
-        _model_with_scan(config.model, True)).values())
+        stack.with_scan(config.model, True)).values())
     log(f"converted step {step} of {src} from the {layout_name(not scanned)} to the {layout_name(scanned)} "
         f"layout (scanned, its stack is {scan}) in {dst}; resume it with: routezoo train --workdir {dst}")
     return step

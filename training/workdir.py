@@ -204,7 +204,6 @@ def restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: int
       FileNotFoundError: no checkpoint.
       ValueError: no intact checkpoint, or one that does not fit ``config`` (one line).
     """
-    import orbax.checkpoint as ocp
     workdir = os.path.abspath(workdir)
     adapter = adapter_lib.from_config(adapter_config(config))
     if adapter_hooks.is_activation_adapter(adapter) and not adapter.mergeable:
@@ -217,16 +216,8 @@ def restore_state(workdir: str, config, model: nn.Module, mesh, rules, step: int
     else:
         abstract, _, setup = adapter_state_shardings(model, tx, config, mesh, rules, adapter,
                                                      adapter_sources(config))
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    manager = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data", "guard"),
-                                    options=ocp.CheckpointManagerOptions(create=False))   # reads only
-    try:
-        _, state = ckpt_lib.restore_newest_intact(
-            ckpt_dir, lambda s: manager.restore(s, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))["state"],
-            step=step, verify=bool(config.checkpoint.get("verify", True)), abstract_state=abstract, log=log)
-    finally:
-        manager.close()
+    _, state = ckpt_lib.restore_state_item(os.path.join(workdir, "checkpoints"), abstract, step=step,
+                                           verify=bool(config.checkpoint.get("verify", True)), log=log)
     if adapter is not None:   # an adapter run: its base with the adapter merged in
         base = load_base(model, config, setup, mesh, rules)
         state = state.replace(params=jax.jit(adapter.merge, out_shardings=setup.base_shardings)(
