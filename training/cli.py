@@ -83,10 +83,34 @@ def _check_override_keys(argv: list[str]) -> None:
             node, done = node[part], done + [part]
 
 
+def parse_config_flags(prog: str, argv: list[str], define: Callable[..., None]):
+    """``(config, flag values)`` of ``prog`` from ``argv``: ``--config`` (a config file or
+    the name of a shipped config; default ``default``) with its ``--config.KEY=VALUE``
+    overrides checked against the schema, and the flags ``define(flag_values)`` adds.
+    SystemExit(2) with one line on any problem."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    _check_override_keys(argv)
+    fv = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_file(
+            "config", default=os.path.join(_configs_dir(), "default.py"),
+            help_string="config file (get_config()) or name of a shipped config", flag_values=fv,
+            lock_config=True, sys_argv=[prog, *argv])
+        define(fv)
+        fv([prog, *argv])
+        return fv.config, fv
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - absl and config_flags raise many types
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise SystemExit(_fail(msg[:500])) from None
+
+
 def parse_train_flags(argv: list[str]):
     """(config, workdir, stop_after) from ``train`` flags; SystemExit(2) on any problem."""
     from absl import flags
-    from ml_collections import config_flags
 
     argv = _resolve_config_arg(argv)
     if any(a in ("-h", "--help", "-help") for a in argv):
@@ -99,23 +123,13 @@ def parse_train_flags(argv: list[str]):
     # --config.init.from=DIR (the issue's spelling) is --config.init.from_workdir=DIR.
     argv = [("--config.init.from_workdir" + a[len("--config.init.from"):])
             if a == "--config.init.from" or a.startswith("--config.init.from=") else a for a in argv]
-    _check_override_keys(argv)
-    fv = flags.FlagValues()
-    try:
-        config_flags.DEFINE_config_file(
-            "config", default=os.path.join(_configs_dir(), "default.py"),
-            help_string="config file (get_config()) or name of a shipped config", flag_values=fv,
-            lock_config=True, sys_argv=["routezoo train", *argv])
+
+    def define(fv):
         flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, plots", flag_values=fv)
         flags.DEFINE_integer("stop_after", None, "leave after this many steps (checkpoint saved); "
                              "running again resumes", flag_values=fv)
-        fv(["routezoo train", *argv])
-        config = fv.config
-    except SystemExit:
-        raise
-    except Exception as e:  # noqa: BLE001 - absl and config_flags raise many types
-        msg = " ".join(str(e).split()) or type(e).__name__
-        raise SystemExit(_fail(msg[:500])) from None
+
+    config, fv = parse_config_flags("routezoo train", argv, define)
     if not fv.workdir:
         raise SystemExit(_fail("--workdir is required"))
     return config, fv.workdir, fv.stop_after

@@ -411,33 +411,6 @@ def _is_out_of_hbm(msg: str) -> bool:
     return ("RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg) and "vmem" not in msg.lower()
 
 
-def _loop_train_step(model, tx, config, schedule, run, mesh, batch_sharding):
-    """``(jitted step, arguments before the batch)`` as :func:`routezoo.training.loop.train_and_evaluate`
-    jits it: the same step function, in/out shardings and donation. Where the step carries
-    the loop's divergence guard (``make_train_step(..., guarded=True)``) that variant is
-    the loop's, with the guard's abstract scalars (replicated) before the batch."""
-    import inspect
-
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from routezoo.training import step as step_lib
-
-    shardings = run.shardings
-    if "guarded" not in inspect.signature(step_lib.make_train_step).parameters:
-        fn = jax.jit(step_lib.make_train_step(model, tx, config, schedule, run.adapter, None),
-                     in_shardings=(shardings, batch_sharding, *run.extra_shardings),
-                     out_shardings=(shardings, None), donate_argnums=0)
-        return fn, ()
-    replicated = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(step_lib.make_train_step(model, tx, config, schedule, run.adapter, None, guarded=True),
-                 in_shardings=(shardings, replicated, batch_sharding, *run.extra_shardings),
-                 out_shardings=(shardings, replicated, None), donate_argnums=(0, 1))
-    guard = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                         jax.eval_shape(step_lib.init_guard))
-    return fn, (guard,)
-
-
 def fit_check(config, topology: str, *, hbm_gib: float | None = None, config_name: str = "",
               hlo_path: str | None = None) -> FitReport:
     """Compiles ``config``'s train step for ``topology`` and measures it.
@@ -462,14 +435,15 @@ def fit_check(config, topology: str, *, hbm_gib: float | None = None, config_nam
     import jax
     import ml_collections
     from flax import linen as nn
-    from jax.sharding import NamedSharding
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from routezoo import zoo
     from routezoo.layers import adapters as adapter_lib
     from routezoo.layers import sharding as shd
     from routezoo.training import config_check
     from routezoo.training.adapter_run import adapter_config, make_run, optimizer_for
-    from routezoo.training.loop import describe_model
+    from routezoo.training.loop import describe_model, jit_train_step
+    from routezoo.training.step import init_guard
 
     devices = tpu_devices(topology)
     config = ml_collections.ConfigDict(config.to_dict())
@@ -505,8 +479,11 @@ def fit_check(config, topology: str, *, hbm_gib: float | None = None, config_nam
     extra = (run.setup.base_abstract,) if adapter is not None else ()
     info = describe_model(run.boxed_params, config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        train_step, args = _loop_train_step(model, tx, config, schedule, run, mesh, batch_sharding)
-        traced = train_step.trace(run.abstract, *args, batch, *extra)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        train_step = jit_train_step(model, tx, config, schedule, run, None, batch_sharding, replicated)
+        guard = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                             jax.eval_shape(init_guard))
+        traced = train_step.trace(run.abstract, guard, batch, *extra)
         lowered = traced.lower()
     t1 = time.perf_counter()
     step_matmul_flops, step_kernel_flops = matmul_flops(traced.jaxpr)
@@ -575,28 +552,17 @@ USAGE = """usage: routezoo compile [--config FILE|NAME] --topology GEN:SHAPE [--
 def parse_flags(argv: list[str]):
     """``(config, config_name, topology, hbm_gib, json_path, hlo_path)``; SystemExit(2) on a problem."""
     from absl import flags
-    from ml_collections import config_flags
 
     from routezoo.training import cli
 
-    argv = cli._resolve_config_arg(argv)
-    cli._check_override_keys(argv)
-    fv = flags.FlagValues()
-    try:
-        config_flags.DEFINE_config_file(
-            "config", default=os.path.join(cli._configs_dir(), "default.py"),
-            help_string="config file (get_config()) or name of a shipped config", flag_values=fv,
-            lock_config=True, sys_argv=["routezoo compile", *argv])
+    def define(fv):
         flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x8", flag_values=fv)
         flags.DEFINE_float("hbm_gib", None, "HBM per chip in GiB to judge the fit against", flag_values=fv)
         flags.DEFINE_string("json", None, "write the report as JSON here", flag_values=fv)
         flags.DEFINE_string("hlo", None, "write the compiled HLO text here", flag_values=fv)
-        fv(["routezoo compile", *argv])
-        config = fv.config
-    except SystemExit:
-        raise
-    except Exception as e:  # noqa: BLE001 - absl and config_flags raise many types
-        raise SystemExit(cli._fail(_one_line(e, 500) or type(e).__name__)) from None
+
+    argv = cli._resolve_config_arg(argv)
+    config, fv = cli.parse_config_flags("routezoo compile", argv, define)
     if not fv.topology:
         raise SystemExit(cli._fail(f"--topology is required; allowed: a TPU topology such as {TOPOLOGY_EXAMPLES}"))
     if fv.hbm_gib is not None and fv.hbm_gib <= 0:

@@ -76,6 +76,18 @@ def check_guard(guard: dict[str, Any], config, step: int, checkpointer) -> None:
                        f"stopped without saving; {kept}; lower optimizer.learning_rate")
 
 
+def jit_train_step(model, tx, config, schedule, run, special_ids, batch_sharding: NamedSharding,
+                   replicated: NamedSharding):
+    """The loop's train step, jitted as the loop runs it (``routezoo compile`` compiles this
+    same one): the guarded step (:func:`~routezoo.training.step.make_train_step` with
+    ``guarded=True``), the state donated and sharded as ``run.shardings``, the divergence
+    guard replicated and donated, the batch on ``batch_sharding``. Called as
+    ``train_step(state, guard, batch, *run.extra) -> (state, guard, metrics)``."""
+    return jax.jit(make_train_step(model, tx, config, schedule, run.adapter, special_ids, guarded=True),
+                   in_shardings=(run.shardings, replicated, batch_sharding, *run.extra_shardings),
+                   out_shardings=(run.shardings, replicated, None), donate_argnums=(0, 1))
+
+
 def to_global(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Per-process batch -> global arrays sharded over the batch axes of the mesh."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
@@ -289,9 +301,7 @@ def _train(config, workdir: str, stop_after: int | None, is_main: bool) -> dict[
         progress = None
         try:
             special_ids = special_ids_of(tokenizer)
-            train_step = jax.jit(make_train_step(model, tx, config, schedule, run.adapter, special_ids, guarded=True),
-                                 in_shardings=(shardings, replicated, batch_sharding, *run.extra_shardings),
-                                 out_shardings=(shardings, replicated, None), donate_argnums=(0, 1))
+            train_step = jit_train_step(model, tx, config, schedule, run, special_ids, batch_sharding, replicated)
             eval_steps = {suffix: jax.jit(make_eval_step(m, tokenizer.token_bytes, run.adapter, special_ids),
                                           in_shardings=(shardings, batch_sharding, *run.extra_shardings))
                           for suffix, m in {"": model, **eval_variants(config)}.items()}
