@@ -15,7 +15,7 @@ Meant for v5p:8x8x8 (512 chips, 128 hosts; Google names the slice v5p-1024): mes
 fsdp=8 x expert=8 x tensor=8 (each axis one side of the 8x8x8 torus, as jax.make_mesh
 requires), sequences of 4096, global batch 128 (one row per host; two per group of the 8
 chips that split the heads), each block rematerialised in the backward pass
-(``model.remat=full``, where the schema has the key).
+(``model.remat=full``).
 
 Command:  routezoo compile --config deepseek_v3_pod --topology v5p:8x8x8
 Result:   fits, 72.73 of 95 GiB per chip (arguments 12.26, temporaries 60.25 GiB); compiled in
@@ -45,8 +45,7 @@ def get_config():
     m.tie_embeddings = False
     m.norm_eps = 1e-6
     m.max_len = 4096
-    if "remat" in m:   # where the schema has it: each block recomputed in the backward pass
-        m.remat = "full"
+    m.remat = "full"   # each block recomputed in the backward pass
     m.ffn = ",".join(["mlp"] * DENSE_LAYERS + ["moe"] * (m.num_layers - DENSE_LAYERS))
     m.mtp_depth = 1
     moe = m.moe

@@ -10,7 +10,7 @@ left here changes no shape of the compiled step.
 Meant for v5p:4x4x4 (64 chips, 16 hosts; Google names the slice v5p-128): FSDP over all
 64 chips (mesh fsdp=-1; every chip runs all 128 experts on its own tokens, no token
 exchange), sequences of 4096, global batch 128 (two sequences per chip), each block
-rematerialised in the backward pass (``model.remat=full``, where the schema has the key).
+rematerialised in the backward pass (``model.remat=full``).
 
 Command:  routezoo compile --config qwen3_30b_a3b --topology v5p:4x4x4
 Result:   fits, 25.19 of 95 GiB per chip (arguments 5.33, temporaries 19.78 GiB); compiled in
@@ -35,8 +35,7 @@ def get_config():
     m.norm_eps = 1e-6
     m.rope_theta = 1e6
     m.max_len = 4096
-    if "remat" in m:   # where the schema has it: each block recomputed in the backward pass
-        m.remat = "full"
+    m.remat = "full"   # each block recomputed in the backward pass
     m.ffn = "moe"
     moe = m.moe
     moe.num_experts, moe.k, moe.expert_dim, moe.renormalize = 128, 8, 768, True
