@@ -1,5 +1,15 @@
 """Shared timing for the benchmark scripts: median wall time after warm-up, and the dense
-bf16 matmul rate measured in the same process (the ceiling ratios are taken against)."""
+bf16 matmul rate measured in the same process (the ceiling ratios are taken against).
+
+The ceiling is read on both sides of the card when PyTorch is importable: XLA's own GEMM
+(:func:`dense_ceiling`) and cuBLAS through ``torch.matmul`` (:func:`torch_dense_ceiling`),
+both queued (many calls back to back, one wait at the end) so neither side counts the
+host's dispatch latency. :func:`ceilings` returns both and the rule the scripts divide by:
+**the ceiling is the higher of the two** (XLA's GEMM can read below cuBLAS on the same
+card; a ceiling taken from the slower side would flatter every ratio). PyTorch is
+imported only inside the ``torch_*`` functions, so the scripts run without it (JAX side
+only).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+CEILING_N = 8192     # the square matmul's side
+CEILING_QUEUE = 20   # matmuls per timed sample (8192^3 at ~700 TFLOP/s: ~1.6 ms each)
 
 
 def call_times(fn, *args, iters: int, warmup: int = 3, queue: int = 1) -> list[float]:
@@ -38,8 +51,89 @@ def bench(fn, *args, iters: int, warmup: int = 3, queue: int = 1) -> float:
     return statistics.median(call_times(fn, *args, iters=iters, warmup=warmup, queue=queue))
 
 
-def dense_ceiling(iters: int = 10, n: int = 8192, queue: int = 1) -> float:
-    """TFLOP/s of a bf16 ``n x n x n`` matmul on random data."""
+def dense_ceiling(iters: int = 10, n: int = CEILING_N, queue: int = 1) -> float:
+    """TFLOP/s of a bf16 ``n x n x n`` matmul on random data through XLA (``queue``: see
+    :func:`call_times`; :func:`ceilings` uses the queued form)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     return 2 * n ** 3 / bench(jax.jit(lambda a, b: a @ b), a, b, iters=iters, queue=queue) / 1e12
+
+
+# ------------------------------------------------------------------ PyTorch side
+
+
+def torch_device() -> str:
+    """``'cuda'`` when PyTorch sees a GPU, else ``'cpu'`` (PyTorch must be importable)."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_call_times(fn, *, iters: int, warmup: int = 3, queue: int = 1) -> list[float]:
+    """Seconds per call of ``fn()`` on PyTorch, ``iters`` samples after ``warmup`` calls.
+
+    On a GPU each sample is ``queue`` calls issued back to back on the current stream
+    between two CUDA events, read after one synchronisation (the events time the stream,
+    so host time shows only where the host falls behind the device); on the CPU,
+    ``time.perf_counter`` around the same loop.
+    """
+    import torch
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(queue):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / queue)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(queue):
+                fn()
+            times.append((time.perf_counter() - t0) / queue)
+    return times
+
+
+def torch_bench(fn, *, iters: int, warmup: int = 3, queue: int = 1) -> float:
+    """Median seconds per call of ``fn()`` (see :func:`torch_call_times`)."""
+    return statistics.median(torch_call_times(fn, iters=iters, warmup=warmup, queue=queue))
+
+
+def torch_dense_ceiling(n: int = CEILING_N, iters: int = 10, queue: int = CEILING_QUEUE) -> float:
+    """TFLOP/s of a bf16 ``n x n x n`` matmul on random data through ``torch.matmul``
+    (cuBLAS on a GPU), ``queue`` calls per CUDA-event sample, median of ``iters``."""
+    import torch
+    dev = torch_device()
+    g = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=g)
+    c = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
+    t = torch_bench(lambda: torch.matmul(a, b, out=c), iters=iters, queue=queue)
+    del a, b, c
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * n ** 3 / t / 1e12
+
+
+def ceilings(n: int = CEILING_N, iters: int = 10, queue: int = CEILING_QUEUE, torch_side: bool = True) -> dict:
+    """The dense bf16 ``n^3`` matmul rate on both sides, in TFLOP/s:
+    ``{'jax', 'torch', 'max', 'n', 'queue'}``; ``torch`` is ``None`` when ``torch_side`` is
+    off. ``max`` is the ceiling every ratio is taken against: the higher of the two.
+
+    Order: PyTorch first (its buffers freed and its cache emptied), then JAX."""
+    t = torch_dense_ceiling(n, iters, queue) if torch_side else None
+    j = dense_ceiling(iters, n, queue)
+    return {"jax": j, "torch": t, "max": max(j, t or 0.0), "n": n, "queue": queue}
+
+
+def format_ceilings(c: dict) -> str:
+    """One line: both readings and which one the ratios use."""
+    torch_part = f"cuBLAS (torch) {c['torch']:.0f}" if c.get("torch") is not None else "torch side off"
+    return (f"dense bf16 {c['n']}^3 (queued x{c['queue']}): XLA {c['jax']:.0f}, {torch_part} TFLOP/s; "
+            f"ceiling = the higher: {c['max']:.0f}")
