@@ -21,6 +21,7 @@ commands:
             (and back: routezoo convert --workdir DIR --to-hf OUT [--dtype bfloat16]);
             layer layout: routezoo convert --workdir DIR --layout scanned|unscanned --out NEW_DIR
   analyze   routing analytics of a trained MoE: routezoo analyze --workdir DIR [--steps N] (writes DIR/analysis/)
+  merge     merge fine-tunes of one base without training: routezoo merge --method ties --base B --from W1,W2 --workdir OUT
   compile   will it fit? compile the train step for a TPU topology: routezoo compile [--config FILE|NAME] --topology v5p:4x4x8
 
 Run 'routezoo COMMAND --help' for the flags of a command.
@@ -272,6 +273,8 @@ def analyze_main(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "convert": convert_main,
                                                    "analyze": analyze_main,
+                                                   "merge": lambda argv: __import__(
+                                                       "routezoo.training.merge", fromlist=["main"]).main(argv),
                                                    "compile": lambda argv: __import__(
                                                        "routezoo.training.compile", fromlist=["main"]).main(argv)}
 
