@@ -112,7 +112,8 @@ def adapter_sources(config) -> dict[str, Any]:
     """Trained adapters an adapter run starts from, read from disk (host arrays).
 
     ``{'previous': (params, meta)}`` from ``init.adapter_from`` (a workdir whose
-    ``adapter/`` initialises this one, e.g. Poly's few-shot modes) and ``{'library':
+    ``adapter/`` initialises this one, e.g. Poly's few-shot modes) or ``init.from_peft``
+    (a Hugging Face peft LoRA, :mod:`routezoo.zoo.hf.peft`) and ``{'library':
     [(params, meta), ...]}`` from ``adapter.library`` (comma-separated workdirs of trained
     adapters that ScaLearn, PHATGOOSE, GLIDER or a many-adapter batch combine). Their base
     fingerprints are checked against the base by :func:`check_sources`.
@@ -126,6 +127,10 @@ def adapter_sources(config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if config.init.adapter_from:
         out["previous"] = read_adapter_dir(_adapter_dir_of(config.init.adapter_from))
+    if config.init.get("from_peft", ""):   # a peft LoRA: checked against init.from_hf by names and shapes
+        from routezoo.zoo.hf import peft
+        params = peft.read_params(peft.read(config.init.from_peft, config.init.from_hf))
+        out["previous"] = (params, {"directory": os.path.abspath(config.init.from_peft), "base_fingerprint": None})
     library = [p.strip() for p in str(config.adapter.library).split(",") if p.strip()]
     if library:
         out["library"] = [read_adapter_dir(_adapter_dir_of(p)) for p in library]
@@ -160,7 +165,7 @@ def check_sources(sources, fingerprint: str) -> None:
     """Every source adapter must belong to this base (one-line ValueError)."""
     for meta in ([sources["previous"][1]] if "previous" in (sources or {}) else []) + \
             [m for _, m in (sources or {}).get("library", [])]:
-        if meta["base_fingerprint"] != fingerprint:
+        if meta["base_fingerprint"] not in (None, fingerprint):   # None: a peft adapter (no fingerprint)
             raise ValueError(f"adapter in {meta['directory']} belongs to base {meta['base_fingerprint']}, "
                              f"not to this base {fingerprint}; refusing to load it")
 
@@ -185,9 +190,9 @@ def adapter_state_shardings(model, tx, config, mesh, rules, adapter, sources=Non
     abstract_vars = jax.eval_shape(init_variables(model, config), jax.random.PRNGKey(0))
     var_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_vars), mesh, rules)
     unboxed = strip_boxes(abstract_vars)
-    adapter_boxed = jax.eval_shape(
-        lambda r, src: adapter.init(r, abstract_vars["params"], **src, **_source_configs(sources)),
-        jax.random.PRNGKey(0), _source_params(sources))
+    adapter_boxed = jax.eval_shape(   # the base an argument: a method may read its (traced) values
+        lambda r, src, base: adapter.init(r, base, **src, **_source_configs(sources)),
+        jax.random.PRNGKey(0), _source_params(sources), abstract_vars["params"])
     adapter_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(adapter_boxed), mesh, rules)
     abstract, shardings = assemble_state(tx, mesh, strip_boxes(adapter_boxed), adapter_shard, unboxed, var_shard)
     base_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -225,7 +230,7 @@ def load_base(model, config, setup: AdapterSetup, mesh, rules) -> Any:
     return jax.jit(init, static_argnums=0, out_shardings=setup.base_shardings)(config.seed)
 
 
-def create_adapter_state(model, tx, config, shardings, setup: AdapterSetup, sources=None) -> TrainState:
+def create_adapter_state(model, tx, config, shardings, setup: AdapterSetup, sources=None, base=None) -> TrainState:
     """A fresh adapter TrainState: adapter params, optimizer state over them only.
 
     Args:
@@ -235,21 +240,38 @@ def create_adapter_state(model, tx, config, shardings, setup: AdapterSetup, sour
       shardings: the sharding tree of :func:`adapter_state_shardings`.
       setup: the run's :class:`AdapterSetup`.
       sources: :func:`adapter_sources`.
+      base: the loaded base parameters (:func:`load_base`); needed by a method whose
+        initialisation reads the base's values (``adapter.init_reads_base``: DoRA, PiSSA).
 
     Returns:
       The TrainState at step 0.
     """
     init_vars = init_variables(model, config)
+    reads_base = setup.adapter.init_reads_base
+    if reads_base and base is None:
+        raise ValueError(f"adapter.method={setup.adapter.name!r} initialises from the base weights' values: "
+                         "pass base= (the loaded base) to create_adapter_state")
 
-    def init(seed, src):
+    def init(seed, src, base_values):
         rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
         variables = nn.unbox(init_vars(init_rng))
         variables.pop("params")
-        params = nn.unbox(setup.adapter.init(jax.random.fold_in(init_rng, 0xAD), setup.base_boxed, **src,
+        boxed = setup.base_boxed if base_values is None else _rebox(setup.base_boxed, base_values)
+        params = nn.unbox(setup.adapter.init(jax.random.fold_in(init_rng, 0xAD), boxed, **src,
                                              **_source_configs(sources)))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           model_state=dict(variables), rng=rng)
-    return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed, _source_params(sources))
+    return jax.jit(init, static_argnums=0, out_shardings=shardings)(
+        config.seed, _source_params(sources), base if reads_base else None)
+
+
+def _rebox(boxed, values):
+    """``values`` (unboxed, by the same paths) in ``boxed``'s logical-name boxes."""
+    from flax import traverse_util
+    flat_values = adapter_lib.flat_params(values)
+    out = {path: leaf.replace_boxed(flat_values[path]) if isinstance(leaf, nn.meta.AxisMetadata)
+           else flat_values[path] for path, leaf in adapter_lib.flat_params(boxed).items()}
+    return traverse_util.unflatten_dict(out, sep="/")
 
 
 # --------------------------------------------------------------------------- adapter directories
@@ -434,7 +456,8 @@ class AdapterRun(PlainRun):
 
     def create_state(self) -> TrainState:
         """A fresh adapter TrainState (:func:`create_adapter_state`)."""
-        return create_adapter_state(self.model, self.tx, self.config, self.shardings, self.setup, self.sources)
+        return create_adapter_state(self.model, self.tx, self.config, self.shardings, self.setup, self.sources,
+                                    base=self.extra[0] if self.extra else None)
 
     def save(self, workdir: str, step: int, state: TrainState) -> None:
         """Writes the adapter directory (:func:`save_adapter`) beside the train checkpoint."""

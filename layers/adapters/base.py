@@ -69,6 +69,8 @@ class Adapter(abc.ABC):
       needs_task_ids: the forward pass needs one task id per example (``task_ids``).
       needs_previous: :meth:`init` starts from a trained adapter (``init.adapter_from``).
       uses_library: ``adapter.library`` (trained LoRA runs) is the method's input.
+      init_reads_base: :meth:`init` reads the base weights' values, not only their shapes
+        and names (DoRA's column norms, PiSSA's SVD): it needs the loaded base.
       LR_GROUPS: learning-rate multiplier per parameter group label of
         :meth:`param_groups` (0 freezes a group); ``None``: one group.
       hook_delta: ``None`` for parameter-space methods; else a callable
@@ -80,6 +82,7 @@ class Adapter(abc.ABC):
     needs_task_ids: ClassVar[bool] = False
     needs_previous: ClassVar[bool] = False
     uses_library: ClassVar[bool] = False
+    init_reads_base: ClassVar[bool] = False
     LR_GROUPS: ClassVar[dict[str, float] | None] = None
     hook_delta: ClassVar[Any] = None
 
