@@ -216,21 +216,28 @@ def get_config() -> ml_collections.ConfigDict:
     # Start the adapter from another adapter run's trained adapter (its workdir, or its
     # adapter/ directory), e.g. Poly/MHR few-shot modes from the multi-task adapter.
     i.adapter_from = ""
+    # Start a LoRA run from a Hugging Face peft LoRA directory (adapter_config.json +
+    # adapter_model.safetensors) trained on the init.from_hf base: adapter.method, rank, alpha,
+    # rslora, targets and lora_dropout are taken from it (zoo/hf/peft.py).
+    i.from_peft = ""
 
     # ---------------------------------------------------------------- adapter
     # Parameter-efficient fine-tuning (layers/adapters/base.py): the base parameters are frozen
     # (not in the optimizer state, not in the train checkpoint); the adapter's parameters
     # train and are saved to WORKDIR/adapter/ with the base's fingerprint.
     a = c.adapter = ml_collections.ConfigDict()
-    a.method = ""                # "" = no adapter (full training) | lora | mos | hydra | poly | mhr | mhr_z | mhr_mu | scalearn | phatgoose_gate | phatgoose | glider | multi_lora | rps
+    a.method = ""                # "" = no adapter (full training) | lora | dora | pissa | mos | hydra | poly | mhr | mhr_z | mhr_mu | scalearn | phatgoose_gate | phatgoose | glider | multi_lora | rps
     a.targets = ""               # regex over parameter paths, matched at the end, e.g. "attn/(q|v)", "mlp/.*"
     # Trained adapters that a method combines (scalearn, phatgoose, glider, multi_lora):
     # comma-separated workdirs (or their adapter/ directories), all trained on this base.
     a.library = ""
-    a.rank = 8                   # lora: rank r; mos: active rank r; hydra: parallel rank r_p
-    a.alpha = 16.0               # lora, mos: scale alpha / r
-    a.rslora = False             # lora: rsLoRA scale alpha / sqrt(r)
-    a.lora_dropout = 0.0         # lora, mos: dropout on the adapter's input x in training (MoS recipe 0.1); hydra: on both branches' low-rank activations (ViT recipe 0.2)
+    a.rank = 8                   # lora, dora, pissa: rank r (pissa: <= min(d_in, d_out)); mos: active rank r; hydra: parallel rank r_p
+    a.alpha = 16.0               # lora, dora, mos: scale alpha / r (pissa: scale 1, alpha unused)
+    a.rslora = False             # lora, dora: rsLoRA scale alpha / sqrt(r)
+    a.lora_dropout = 0.0         # lora, dora, mos: dropout on the adapter's input x in training (MoS recipe 0.1); hydra: on both branches' low-rank activations (ViT recipe 0.2)
+    # dora (Liu et al. 2024): W' = m (W + s A B) / ||W + s A B||_c, m a magnitude per output unit (init: the
+    # column norms of W). pissa (Meng et al. 2024): A, B from the top-r SVD of W, frozen residual W - A B.
+    a.dora_detach_norm = True    # dora: the column norm is a constant in backprop (paper sec. 4.3; False: exact gradient)
     # mos (Mixture of Shards, Wang et al. 2025): rank = active rank r, scale alpha / r; per projection
     # type one pool of A- and B-shards shared by all layers, picked by frozen random indices.
     a.mos_equiv_rank = 2         # mos: r_eq, parameters = LoRA at rank r_eq (pool P = r_eq * layers * n)

@@ -5,7 +5,7 @@ class) is complete whatever is imported first.
 
 * ``base``: the :class:`Adapter` protocol, target selection, the registry, fingerprints;
 * ``hooks``: the activation-space hook that every projection of routezoo's layers calls;
-* ``lora``, ``mos`` (Mixture of Shards), ``hydra``: parameter-space methods;
+* ``lora``, ``dora``, ``pissa``, ``mos`` (Mixture of Shards), ``hydra``: parameter-space methods;
 * ``poly`` (Poly, MHR and their few-shot variants), ``library`` (ScaLearn, PHATGOOSE,
   GLIDER over a library of trained LoRAs), ``multi_lora`` (many LoRAs in one batch),
   ``rps`` (randomised parameter sharing).
@@ -19,6 +19,10 @@ from routezoo.layers.adapters.base import (  # noqa: F401
     Adapter, METHODS, register, flat_params, adapted_paths, Target, split_axes, adaptable, select_targets, from_previous, from_config, num_params, fingerprint)
 from routezoo.layers.adapters.lora import (  # noqa: F401
     low_rank_dropout_delta, lora_delta, lora_dense, LoRA)
+from routezoo.layers.adapters.dora import (  # noqa: F401
+    DoRA)
+from routezoo.layers.adapters.pissa import (  # noqa: F401
+    PiSSA)
 from routezoo.layers.adapters.mos import (  # noqa: F401
     projection_type, MoS)
 from routezoo.layers.adapters.hydra import (  # noqa: F401

@@ -24,7 +24,7 @@ from routezoo.layers.routers import ROUTERS, router_config_keys
 
 ALL_ROUTERS = {"top_k", "expert_choice", "deepseek_v3", "deepseek_v2", "hash", "thor", "smoe_dropout",
                "top_p", "null_experts", "recurrent", "pregate", "soft", "uoe", "duo"}
-ALL_METHODS = {"lora", "mos", "hydra", "poly", "mhr", "mhr_z", "mhr_mu", "scalearn", "phatgoose_gate",
+ALL_METHODS = {"lora", "dora", "pissa", "mos", "hydra", "poly", "mhr", "mhr_z", "mhr_mu", "scalearn", "phatgoose_gate",
                "phatgoose", "glider", "multi_lora", "rps"}
 
 _LISTS = """
