@@ -16,7 +16,10 @@ What runs (every adapter on the same frozen base, same optimizer, same batches):
    (``--ft_task``) with LoRA at rank ``r_eq``, MoS at active rank ``r`` with the parameter
    budget of LoRA rank ``r_eq`` (equal trainable parameters), and LoRA at rank ``r`` (MoS's
    active rank, ``r/r_eq`` times the parameters). Expected (paper): MoS beats LoRA at
-   ``r_eq`` and approaches LoRA at ``r``.
+   ``r_eq`` and approaches LoRA at ``r``. DoRA and PiSSA at rank ``r_eq`` join the
+   comparison: PiSSA trains exactly LoRA ``r_eq``'s parameters (its frozen residual is
+   stored, not trained); DoRA adds one magnitude per output unit, the sum of the targets'
+   output sizes (at ``--size small`` 35,840 on top of LoRA ``r_eq = 2``'s 133,120).
 3. **Multi-task, then few-shot on held-out tasks** (the MHR paper's small-scale
    check): Poly, MHR and one multi-task LoRA (task ids ignored) train on the mixed train
    tasks; then each adapts to the held-out tasks from ``--fewshot_rows`` sequences per
@@ -143,7 +146,7 @@ def train_run(config, base, train_batches, eval_sets, steps, sources=None, log=p
             _, shardings, setup = T.adapter_state_shardings(model, tx, config, mesh, rules, adapter, sources)
             base_dev = jax.device_put(base, setup.base_shardings)
             meta = T.adapter_metadata(config, setup, base_dev)
-            state = T.create_adapter_state(model, tx, config, shardings, setup, sources)
+            state = T.create_adapter_state(model, tx, config, shardings, setup, sources, base=base_dev)
             extra, extra_shard = (base_dev,), (setup.base_shardings,)
             info = {k: meta[k] for k in ("params_trainable", "params_adapter", "params_base")}
         step_fn = jax.jit(T.make_train_step(model, tx, config, schedule, adapter),
@@ -235,7 +238,11 @@ def run(a) -> None:
             (f"mos r={r_act} r_eq={r_eq}", "mos", {"rank": r_act, "alpha": 2.0 * r_act, "mos_equiv_rank": r_eq,
                                                  "mos_private_rank": 1, "mos_shards_per_vector": 2},
              "MoS: active rank r, parameters of LoRA r_eq"),
-            (f"lora r={r_act}", "lora", {"rank": r_act, "alpha": 2.0 * r_act}, "LoRA at MoS's active rank")):
+            (f"lora r={r_act}", "lora", {"rank": r_act, "alpha": 2.0 * r_act}, "LoRA at MoS's active rank"),
+            (f"dora r={r_eq}", "dora", {"rank": r_eq, "alpha": 2.0 * r_eq},
+             "DoRA: LoRA r_eq's parameters plus one magnitude per output unit"),
+            (f"pissa r={r_eq}", "pissa", {"rank": r_eq},
+             "PiSSA: LoRA r_eq's trainable parameters from the top-r_eq SVD, scale 1; residual frozen")):
         print(f"{name} on {a.ft_task}", flush=True)
         ft.rng, ft.next = np.random.default_rng(a.seed + 1), [0]
         _, res = train_run(_adapter(cfg(a.ft_steps, a.lr), method, **keys), base, ft, eval_sets([a.ft_task]),
