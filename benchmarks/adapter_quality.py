@@ -119,9 +119,38 @@ class TaskBatches:
 # --------------------------------------------------------------------------- training
 
 
-def train_run(config, base, train_batches, eval_sets, steps, sources=None, log=print) -> tuple[object, dict]:
+def evaluate(eval_fn, state, config, eval_sets, batch_sharding, extra=()) -> dict[str, float]:
+    """Validation loss per task (``eval_loss/<task>``), bits per byte per task
+    (``eval_bits_per_byte/<task>``) and over all tasks, of ``eval_fn(state, batch, *extra)``."""
+    import jax
+    out, tot = {}, {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    b = int(config.train.batch_size)
+    for task_id, (name, rows) in enumerate(eval_sets["tasks"]):
+        s = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+        for i in range(0, len(rows), b):
+            r = rows[i:i + b].astype(np.int32)
+            if len(r) < b:
+                r = np.concatenate([r, np.full((b - len(r), r.shape[1]), eval_sets["pad_id"], np.int32)])
+            batch = {"inputs": r[:, :-1], "targets": r[:, 1:],
+                     "weights": (r[:, 1:] != eval_sets["pad_id"]).astype(np.float32),
+                     "task_id": np.full((b,), task_id, np.int32)}
+            res = jax.device_get(eval_fn(state, jax.device_put(batch, batch_sharding), *extra))
+            for k in s:
+                s[k] += float(res[k])
+        out[f"eval_loss/{name}"] = s["nll"] / max(s["tokens"], 1.0)
+        out[f"eval_bits_per_byte/{name}"] = s["nll"] / np.log(2) / max(s["bytes"], 1.0)
+        for k in tot:
+            tot[k] += s[k]
+    out["eval_loss"] = tot["nll"] / max(tot["tokens"], 1.0)
+    out["eval_bits_per_byte"] = tot["nll"] / np.log(2) / max(tot["bytes"], 1.0)
+    return out
+
+
+def train_run(config, base, train_batches, eval_sets, steps, sources=None, log=print,
+              init_params=None) -> tuple[object, dict]:
     """Trains ``config`` (an adapter run over ``base``, or the base itself when
-    ``base`` is None) for ``steps``; returns (params, metrics incl. per-task eval)."""
+    ``base`` is None; a full fine-tune of ``init_params`` when given) for ``steps``;
+    returns (params, metrics incl. per-task eval)."""
     import jax
     from flax import linen as nn
     from jax.sharding import NamedSharding
@@ -141,6 +170,10 @@ def train_run(config, base, train_batches, eval_sets, steps, sources=None, log=p
         if adapter is None:
             _, shardings, _ = T.state_shardings(model, tx, config, mesh, rules)
             state = T.create_state(model, tx, config, shardings)
+            if init_params is not None:   # a full fine-tune: the given parameters, a fresh optimizer
+                params = jax.device_put(init_params, shardings.params)
+                state = state.replace(params=params, opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(
+                    params))
             extra, extra_shard, info = (), (), {}
         else:
             _, shardings, setup = T.adapter_state_shardings(model, tx, config, mesh, rules, adapter, sources)
@@ -154,28 +187,6 @@ def train_run(config, base, train_batches, eval_sets, steps, sources=None, log=p
                           donate_argnums=0)
         eval_fn = jax.jit(T.make_eval_step(model, table, adapter), in_shardings=(shardings, bs, *extra_shard))
 
-        def evaluate() -> dict[str, float]:
-            out, tot = {}, {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
-            b = int(config.train.batch_size)
-            for task_id, (name, rows) in enumerate(eval_sets["tasks"]):
-                s = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
-                for i in range(0, len(rows), b):
-                    r = rows[i:i + b].astype(np.int32)
-                    if len(r) < b:
-                        r = np.concatenate([r, np.full((b - len(r), r.shape[1]), eval_sets["pad_id"], np.int32)])
-                    batch = {"inputs": r[:, :-1], "targets": r[:, 1:],
-                             "weights": (r[:, 1:] != eval_sets["pad_id"]).astype(np.float32),
-                             "task_id": np.full((b,), task_id, np.int32)}
-                    res = jax.device_get(eval_fn(state, jax.device_put(batch, bs), *extra))
-                    for k in s:
-                        s[k] += float(res[k])
-                out[f"eval_loss/{name}"] = s["nll"] / max(s["tokens"], 1.0)
-                for k in tot:
-                    tot[k] += s[k]
-            out["eval_loss"] = tot["nll"] / max(tot["tokens"], 1.0)
-            out["eval_bits_per_byte"] = tot["nll"] / np.log(2) / max(tot["bytes"], 1.0)
-            return out
-
         t0, metrics = None, None
         for i in range(steps):
             state, metrics = step_fn(state, jax.device_put(train_batches(), bs), *extra)
@@ -185,7 +196,7 @@ def train_run(config, base, train_batches, eval_sets, steps, sources=None, log=p
         jax.block_until_ready(state.params)
         tps = int(config.train.batch_size) * int(config.data.seq_len) * (steps - 1 - i0) / max(
             time.perf_counter() - t0, 1e-9)
-        ev = evaluate()
+        ev = evaluate(eval_fn, state, config, eval_sets, bs, extra)
         log("  " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()) + f"; loss {float(metrics['loss']):.4f}")
         params = jax.device_get(state.params)
     return params, {**info, **ev, "train_loss": float(metrics["loss"]), "steps": steps, "tokens_per_second": tps}
