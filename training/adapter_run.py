@@ -112,7 +112,8 @@ def adapter_sources(config) -> dict[str, Any]:
     """Trained adapters an adapter run starts from, read from disk (host arrays).
 
     ``{'previous': (params, meta)}`` from ``init.adapter_from`` (a workdir whose
-    ``adapter/`` initialises this one, e.g. Poly's few-shot modes) and ``{'library':
+    ``adapter/`` initialises this one, e.g. Poly's few-shot modes) or ``init.from_peft``
+    (a Hugging Face peft LoRA, :mod:`routezoo.zoo.hf.peft`) and ``{'library':
     [(params, meta), ...]}`` from ``adapter.library`` (comma-separated workdirs of trained
     adapters that ScaLearn, PHATGOOSE, GLIDER or a many-adapter batch combine). Their base
     fingerprints are checked against the base by :func:`check_sources`.
@@ -126,6 +127,10 @@ def adapter_sources(config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if config.init.adapter_from:
         out["previous"] = read_adapter_dir(_adapter_dir_of(config.init.adapter_from))
+    if config.init.get("from_peft", ""):   # a peft LoRA: checked against init.from_hf by names and shapes
+        from routezoo.zoo.hf import peft
+        params = peft.read_params(peft.read(config.init.from_peft, config.init.from_hf))
+        out["previous"] = (params, {"directory": os.path.abspath(config.init.from_peft), "base_fingerprint": None})
     library = [p.strip() for p in str(config.adapter.library).split(",") if p.strip()]
     if library:
         out["library"] = [read_adapter_dir(_adapter_dir_of(p)) for p in library]
@@ -160,7 +165,7 @@ def check_sources(sources, fingerprint: str) -> None:
     """Every source adapter must belong to this base (one-line ValueError)."""
     for meta in ([sources["previous"][1]] if "previous" in (sources or {}) else []) + \
             [m for _, m in (sources or {}).get("library", [])]:
-        if meta["base_fingerprint"] != fingerprint:
+        if meta["base_fingerprint"] not in (None, fingerprint):   # None: a peft adapter (no fingerprint)
             raise ValueError(f"adapter in {meta['directory']} belongs to base {meta['base_fingerprint']}, "
                              f"not to this base {fingerprint}; refusing to load it")
 

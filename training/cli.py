@@ -19,6 +19,7 @@ commands:
   train     train a model: routezoo train [--config FILE|NAME] --workdir DIR [--config.a.b=value ...]
   convert   Hugging Face checkpoints: routezoo convert --from-hf DIR --workdir OUT
             (and back: routezoo convert --workdir DIR --to-hf OUT [--dtype bfloat16]);
+            a LoRA run as a peft adapter: routezoo convert --workdir DIR --to-peft OUT;
             layer layout: routezoo convert --workdir DIR --layout scanned|unscanned --out NEW_DIR
   analyze   routing analytics of a trained MoE: routezoo analyze --workdir DIR [--steps N] (writes DIR/analysis/)
   merge     merge fine-tunes of one base without training: routezoo merge --method ties --base B --from W1,W2 --workdir OUT
@@ -154,6 +155,14 @@ def train_main(argv: list[str]) -> int:
         tok_changes = resolve_tokenizer(config)   # data.tokenizer=auto: the checkpoint's own tokenizer
         if tok_changes:
             print(f"init.from_hf: tokenizer from the checkpoint: {', '.join(tok_changes)}")
+    if config.init.get("from_peft", ""):
+        from routezoo.zoo.hf import peft
+        try:
+            changes = peft.update_config_from_peft(config)
+        except (ValueError, FileNotFoundError) as e:
+            return _fail(" ".join(str(e).split()))
+        if changes:
+            print(f"init.from_peft: adapter config from the peft adapter: {', '.join(changes)}")
     try:
         config_check.validate(config)
     except config_check.ConfigError as e:
@@ -183,6 +192,7 @@ def train_main(argv: list[str]) -> int:
 
 CONVERT_USAGE = """usage: routezoo convert --from-hf HF_DIR --workdir OUT
        routezoo convert --workdir DIR --to-hf HF_OUT [--dtype float32|bfloat16]
+       routezoo convert --workdir DIR --to-peft PEFT_OUT [--dtype float32|bfloat16]
        routezoo convert --workdir DIR --layout scanned|unscanned --out NEW_DIR
 
   --from-hf HF_DIR: a Hugging Face checkpoint (config.json + *.safetensors) of a supported
@@ -191,7 +201,11 @@ CONVERT_USAGE = """usage: routezoo convert --from-hf HF_DIR --workdir OUT
   --to-hf HF_OUT: export DIR (a converted directory or a training workdir, its newest
       checkpoint) as a Hugging Face checkpoint loadable by transformers, with the run's
       Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) if it has one.
-  --dtype: tensor dtype written by --to-hf (default: the parameters' dtype).
+  --to-peft PEFT_OUT: export the LoRA of DIR (a training workdir of adapter.method=lora on a
+      Hugging Face base, init.from_hf) as a peft adapter: adapter_config.json and
+      adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained on that base.
+      Load one into a run with --config.init.from_peft=DIR (and --config.init.from_hf=BASE).
+  --dtype: tensor dtype written by --to-hf or --to-peft (default: the parameters' dtype; float32 for --to-peft).
   --layout scanned|unscanned --out NEW_DIR: DIR (a training workdir) moved to the other
       layer layout (model.scan_layers), bit for bit: NEW_DIR gets DIR's config.json with
       model.scan_layers set and DIR's newest intact checkpoint converted (parameters,
@@ -216,13 +230,14 @@ def convert_main(argv: list[str]) -> int:
     parser = _Parser(prog="routezoo convert", add_help=False)
     parser.add_argument("--from-hf", dest="from_hf")
     parser.add_argument("--to-hf", dest="to_hf")
+    parser.add_argument("--to-peft", dest="to_peft")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
     parser.add_argument("--layout", default=None, choices=("scanned", "unscanned"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if sum(bool(x) for x in (args.from_hf, args.to_hf, args.layout)) != 1:
-        return _fail("convert: give exactly one of --from-hf HF_DIR, --to-hf HF_OUT or "
+    if sum(bool(x) for x in (args.from_hf, args.to_hf, args.to_peft, args.layout)) != 1:
+        return _fail("convert: give exactly one of --from-hf HF_DIR, --to-hf HF_OUT, --to-peft PEFT_OUT or "
                      "--layout scanned|unscanned --out NEW_DIR")
     if bool(args.layout) != bool(args.out):
         return _fail("convert: --layout scanned|unscanned and --out NEW_DIR go together")
@@ -233,6 +248,8 @@ def convert_main(argv: list[str]) -> int:
         except (FileNotFoundError, ValueError) as e:   # refusals, not a workdir, no intact checkpoint
             return _fail(f"convert: {' '.join(str(e).split())}")
         return 0
+    if args.to_peft:
+        return _to_peft(args.workdir, args.to_peft, args.dtype)
 
     from routezoo.zoo import hf
     try:
@@ -264,6 +281,28 @@ def convert_main(argv: list[str]) -> int:
         return 0
     except (FileNotFoundError, ValueError) as e:   # incl. no intact checkpoint, an unreadable config.json
         return _fail(f"convert: {' '.join(str(e).split())}")
+
+
+def _to_peft(workdir: str, out: str, dtype: str | None) -> int:
+    """``convert --workdir RUN --to-peft OUT``: RUN's saved LoRA as a peft adapter directory."""
+    from routezoo.training.adapter_run import ADAPTER_DIR, read_adapter_dir
+    from routezoo.training.workdir import read_workdir_config
+    from routezoo.zoo.hf import peft
+    try:
+        config = read_workdir_config(workdir)
+        if not config.adapter.method:
+            return _fail(f"convert: {workdir} is not an adapter run (adapter.method is empty); --to-peft exports "
+                         f"adapter.method={' or '.join(peft.METHODS)}; a full model goes out with --to-hf")
+        if config.adapter.method not in peft.METHODS:
+            return _fail(f"convert: adapter.method={config.adapter.method!r} of {workdir} has no peft form; "
+                         f"allowed: {', '.join(peft.METHODS)}")
+        params, meta = read_adapter_dir(os.path.join(workdir, ADAPTER_DIR))
+        peft.to_peft(config.model, meta["adapter"], params, out, base=config.init.from_hf or None, dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(f"convert: {' '.join(str(e).split())}")
+    print(f"exported the {config.adapter.method} adapter of {os.path.abspath(workdir)} to {os.path.abspath(out)} "
+          "(peft format)")
+    return 0
 
 
 def analyze_main(argv: list[str]) -> int:

@@ -121,6 +121,26 @@ def _check_init_sources(config) -> None:
             raise ConfigError(f"config key 'init.from_hf': {' '.join(str(e).split())}") from None
 
 
+def _check_peft_source(config) -> None:
+    """``init.from_peft``: a peft LoRA directory that loads on the ``init.from_hf`` base, and
+    ``config.adapter`` as the adapter is (the CLI sets it from the directory)."""
+    path = str(config.init.get("from_peft", "") or "")
+    if not path:
+        return
+    if not config.init.from_hf:
+        raise ConfigError("config key 'init.from_peft' needs init.from_hf: the Hugging Face base the peft adapter "
+                          "was trained on")
+    if config.init.adapter_from:
+        raise ConfigError("config keys 'init.from_peft' and 'init.adapter_from' are both set; allowed: one of them")
+    from routezoo.zoo.hf import peft
+    try:
+        problems = peft.config_mismatches(config.adapter, peft.read(path, config.init.from_hf))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'init.from_peft': {' '.join(str(e).split())}") from None
+    if problems:
+        raise ConfigError(f"config key 'init.from_peft': {path} does not match the config: {'; '.join(problems)}")
+
+
 def _one_of(value: Any, allowed, key: str) -> None:
     if value not in allowed:
         raise ConfigError(f"unknown {key} {value!r}; allowed: {', '.join(map(str, allowed))}")
@@ -300,6 +320,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     if config.init.from_workdir and config.init.from_hf:
         raise ConfigError("config keys 'init.from_workdir' and 'init.from_hf' are both set; allowed: one of them")
     _check_init_sources(config)
+    _check_peft_source(config)
     if "moe" in kinds:
         from routezoo.layers.moe import validate_moe_config
         from routezoo.layers.routers import ROUTERS

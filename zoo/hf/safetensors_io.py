@@ -283,3 +283,50 @@ def copy_tokenizer(source: str, out_dir: str) -> list[str]:
         for src, name in pairs:
             shutil.copyfile(src, os.path.join(out_dir, name))
     return [name for _, name in pairs]
+
+
+# peft adapter directories (huggingface/peft's PeftModel.save_pretrained layout; routezoo.zoo.hf.peft)
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_INDEX = "adapter_model.safetensors.index.json"
+
+
+def read_peft_config(directory: str) -> dict:
+    """``adapter_config.json`` of a peft adapter directory; one-line errors when it is absent or not a JSON object."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"peft adapter {directory} is not a directory")
+    path = os.path.join(directory, PEFT_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: a peft adapter directory holds {PEFT_CONFIG} and {PEFT_WEIGHTS} "
+                                "(PeftModel.save_pretrained)")
+    cfg = _read_json(path)
+    if not isinstance(cfg, dict):
+        raise HFError(f"{path} holds a JSON {type(cfg).__name__}, not a peft config (an object)")
+    return cfg
+
+
+def peft_reader(directory: str) -> Reader:
+    """A :class:`Reader` of a peft adapter's ``adapter_model.safetensors``."""
+    return Reader(directory, PEFT_INDEX, PEFT_WEIGHTS)
+
+
+def write_peft_dir(directory: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Writes a peft adapter directory (process 0): ``adapter_model.safetensors`` and
+    ``adapter_config.json``, each written under a temporary name and renamed into place.
+
+    Args:
+      directory: the directory (created if absent).
+      config: the ``adapter_config.json`` dict.
+      tensors: ``{name: array}``.
+    """
+    from safetensors.numpy import save_file
+
+    if jax.process_index() != 0:
+        return
+    os.makedirs(directory, exist_ok=True)
+    weights, cfg = os.path.join(directory, PEFT_WEIGHTS), os.path.join(directory, PEFT_CONFIG)
+    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+    with open(cfg + ".tmp", "w") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+    os.replace(weights + ".tmp", weights)
+    os.replace(cfg + ".tmp", cfg)
