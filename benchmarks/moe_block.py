@@ -21,6 +21,21 @@ gradient, and the per-copy activations the backward pass needs), as a ratio.
 
 Prints a table and writes JSON. Timing: ``block_until_ready`` after 3 warm-up calls,
 median of ``--iters`` calls. Parameters and compute in bf16 (no cast overhead).
+
+The ceiling: a queued bf16 ``n^3`` matmul (``--ceiling_n``, 8192), through XLA and through
+cuBLAS (PyTorch) in the same process; every rate is given as % of the higher of the two
+(``timing.ceilings``). ``--peers`` (default on when torch and a CUDA device are available)
+also times the block a PyTorch user writes (``peers/torch_moe.py``: float32 router, sort,
+``torch._grouped_mm``, ``index_add``) at each shape, eager and under ``torch.compile``
+(``--no-peer_compile``: eager only), with the same FLOP count and ``--queue``, and prints
+routezoo's ratio to each (tokens/s over tokens/s). Order in the process (see
+``peers/__init__.py``): ceilings, every PyTorch row, PyTorch's memory released, then the
+routezoo rows.
+
+CPU smoke run (tiny shapes, PyTorch on the CPU)::
+
+    python benchmarks/moe_block.py --peers --shapes tiny,tiny_shared --tokens 256 \\
+        --variants dropless:blocked --iters 2 --ceiling_n 256 --out /tmp/moe_block.json
 """
 
 from __future__ import annotations
@@ -29,17 +44,25 @@ import argparse
 import dataclasses
 import json
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import peers
 
-from timing import bench, dense_ceiling
+# decided before jax starts its GPU client; a module importing this one gets no peers
+PEERS = peers.decide() if __name__ == "__main__" else {"on": False, "note": "peers off (imported)"}
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from timing import CEILING_N, CEILING_QUEUE, bench, ceilings, format_ceilings  # noqa: E402
 
 SHAPES = {
     # name: (E, k, D, F, shared experts)
     "mixtral": (8, 2, 4096, 14336, 0),
     "deepseek": (64, 6, 2048, 1408, 2),
     "small": (128, 1, 1024, 4096, 0),
+    # CPU smoke runs
+    "tiny": (8, 2, 64, 128, 0),
+    "tiny_shared": (16, 4, 64, 64, 2),
 }
 VARIANTS = [
     ("dropless", "ragged_dot", None),
@@ -144,7 +167,7 @@ def build_step(name: str, tokens: int, dispatch: str, backend: str, cf: float | 
     cfg.jitter = 0.0
     cfg.router_precision = ROUTER_PRECISION[0]
     model = moe_from_config(cfg, d_model=d, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    seq = 2048
+    seq = min(2048, tokens)
     x = jax.random.normal(jax.random.key(2), (tokens // seq, seq, d), jnp.bfloat16)
     variables = jax.jit(lambda: model.init(jax.random.key(0), x, deterministic=True))()
 
@@ -222,15 +245,33 @@ def _moe_case(name, tokens, dispatch, backend, cf, iters, queue, profile=False):
             "peak_over_analytic": peak / analytic}
 
 
+def peer_rows(shapes: list[str], tokens: int, iters: int, queue: int, compile: bool) -> list[dict]:
+    """The PyTorch block at every shape, eager then compiled (``peers/torch_moe.py``);
+    PyTorch's memory released after each."""
+    from peers import free_torch
+    from peers.torch_moe import block_row
+
+    rows = []
+    for shape in shapes:
+        for compiled in (False, True) if compile else (False,):
+            r = block_row(shape, SHAPES[shape], tokens, compiled, iters=iters, queue=queue,
+                          seq=min(2048, tokens))
+            free_torch()
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--shapes", default="mixtral,deepseek,small")
+    p.add_argument("--shapes", default="mixtral,deepseek,small", help=f"of {list(SHAPES)}")
     p.add_argument("--variants", default="all")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default="moe_block.json")
     p.add_argument("--queue", type=int, default=1,
-                   help="calls per timed sample, issued back to back (timing.call_times)")
+                   help="calls per timed sample, issued back to back (timing.call_times); the PyTorch "
+                        "block's samples too")
     p.add_argument("--policies", default="default",
                    help=f"grouped-matmul configurations for dropless:pallas, of {list(POLICIES)}, "
                         f"and for dropless:mosaic, of {list(MOSAIC_POLICIES)}")
@@ -238,12 +279,25 @@ def main():
                    help="also print each case's device time per kernel (profiler trace)")
     p.add_argument("--router_precision", default="float32", help="moe.router_precision")
     p.add_argument("--dump_hlo", default="", help="directory: write each case's compiled HLO there")
+    p.add_argument("--ceiling_n", type=int, default=CEILING_N, help="side of the square ceiling matmul")
+    p.add_argument("--ceiling_queue", type=int, default=CEILING_QUEUE, help="ceiling matmuls per timed sample")
+    peers.add_flag(p)
+    p.add_argument("--peer_compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the PyTorch block under torch.compile too")
     a = p.parse_args()
     ROUTER_PRECISION[0] = a.router_precision
     HLO_DIR[0] = a.dump_hlo
-    ceiling = dense_ceiling(a.iters, queue=a.queue)
+    shapes = a.shapes.split(",")
+    print(PEERS["note"], flush=True)
+    ceil = ceilings(a.ceiling_n, a.iters, a.ceiling_queue, torch_side=PEERS["on"])
+    ceiling = ceil["max"]
+    print(format_ceilings(ceil), flush=True)
+    torch_rows = peer_rows(shapes, a.tokens, a.iters, a.queue, a.peer_compile) if PEERS["on"] else []
+    for r in torch_rows:
+        if "tflops" in r:
+            r["pct_ceiling"] = 100 * r["tflops"] / ceiling
     rows = []
-    for shape in a.shapes.split(","):
+    for shape in shapes:
         for dispatch, backend, cf in VARIANTS:
             if a.variants != "all" and f"{dispatch}:{backend}" not in a.variants.split(","):
                 continue
@@ -261,23 +315,48 @@ def main():
                     r = {"shape": shape, "dispatch": dispatch, "backend": backend, "capacity_factor": cf,
                          "error": " ".join(str(e).split())[:200]}
                 r["ceiling_tflops"], r["policy"] = ceiling, policy
+                if "tflops" in r:
+                    r["pct_ceiling"] = 100 * r["tflops"] / ceiling
+                    # routezoo's tokens/s over the PyTorch block's, same shape and tokens
+                    for t in torch_rows:
+                        if t["shape"] == shape and "ms" in t:
+                            r[f"vs_torch_{t['block']}"] = t["ms"] / r["ms"]
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceiling_tflops": ceiling,
-            "iters": a.iters, "queue": a.queue, "tokens": a.tokens, "router_precision": a.router_precision}
+            "ceilings": ceil, "iters": a.iters, "queue": a.queue, "tokens": a.tokens,
+            "router_precision": a.router_precision, "peers": PEERS["note"]}
+    if PEERS["on"]:
+        info["torch_versions"] = peers.versions()
     with open(a.out, "w") as fh:
-        json.dump({"info": info, "rows": rows}, fh, indent=1)
-    print(f"\n{info['device']}, jax {info['jax']}, dense bf16 8192^3: {ceiling:.0f} TFLOP/s, tokens {a.tokens}")
-    print(f"{'shape':9} {'dispatch':9} {'backend':11} {'policy':8} {'cf':>5} {'ms':>8} {'TFLOP/s':>8} {'% dense':>8} {'dropped':>8} "
-          f"{'temp GiB':>8} {'peak GiB':>8} {'/analytic':>9}")
+        json.dump({"info": info, "rows": rows, "torch_rows": torch_rows}, fh, indent=1)
+    print(f"\n{info['device']}, jax {info['jax']}, tokens {a.tokens}; {format_ceilings(ceil)}")
+    if PEERS["on"]:
+        print(f"PyTorch peers: {info['torch_versions']}")
+    vs = [b for b in ("eager", "compiled") if any(t.get("block") == b for t in torch_rows)]
+    print(f"{'shape':11} {'dispatch':9} {'backend':11} {'policy':8} {'cf':>5} {'ms':>8} {'TFLOP/s':>8} {'% ceil':>7} "
+          f"{'dropped':>8} {'temp GiB':>8} {'peak GiB':>8} {'/analytic':>9}"
+          + "".join(f" {'x torch ' + b:>16}" for b in vs))
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:9} {r['dispatch']:9} {r['backend']:11} {r['policy']:8} {'':>5} ERROR {r['error'][:80]}")
+            print(f"{r['shape']:11} {r['dispatch']:9} {r['backend']:11} {r['policy']:8} {'':>5} "
+                  f"ERROR {r['error'][:80]}")
             continue
         cf = f"{r['capacity_factor']:.2f}" if r["capacity_factor"] else "-"
-        print(f"{r['shape']:9} {r['dispatch']:9} {r['backend']:11} {r['policy']:8} {cf:>5} {r['ms']:8.2f} {r['tflops']:8.1f} "
-              f"{100 * r['tflops'] / ceiling:7.1f}% {r['dropped']:8.3f} {r['temp_gib']:8.2f} {r['peak_gib']:8.2f} "
-              f"{r['peak_over_analytic']:9.2f}")
+        ratios = "".join(f" {r[f'vs_torch_{b}']:15.2f}x" if f"vs_torch_{b}" in r else f" {'-':>16}" for b in vs)
+        print(f"{r['shape']:11} {r['dispatch']:9} {r['backend']:11} {r['policy']:8} {cf:>5} {r['ms']:8.2f} "
+              f"{r['tflops']:8.1f} {r['pct_ceiling']:6.1f}% {r['dropped']:8.3f} {r['temp_gib']:8.2f} "
+              f"{r['peak_gib']:8.2f} {r['peak_over_analytic']:9.2f}{ratios}")
+    if torch_rows:
+        print("\nPyTorch block (peers/torch_moe.py), same tokens and FLOP count")
+        print(f"{'shape':11} {'block':9} {'grouped matmul':18} {'ms':>8} {'TFLOP/s':>8} {'% ceil':>7} {'peak GiB':>8}")
+        for t in torch_rows:
+            if "error" in t:
+                print(f"{t['shape']:11} {t['block']:9} {t['grouped_mm']:18} ERROR {t['error'][:80]}")
+                continue
+            peak = f"{t['peak_gib']:8.2f}" if "peak_gib" in t else f"{'-':>8}"
+            print(f"{t['shape']:11} {t['block']:9} {t['grouped_mm']:18} {t['ms']:8.2f} {t['tflops']:8.1f} "
+                  f"{t['pct_ceiling']:6.1f}% {peak}")
 
 
 if __name__ == "__main__":

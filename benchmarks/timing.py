@@ -134,6 +134,9 @@ def ceilings(n: int = CEILING_N, iters: int = 10, queue: int = CEILING_QUEUE, to
 
 def format_ceilings(c: dict) -> str:
     """One line: both readings and which one the ratios use."""
-    torch_part = f"cuBLAS (torch) {c['torch']:.0f}" if c.get("torch") is not None else "torch side off"
-    return (f"dense bf16 {c['n']}^3 (queued x{c['queue']}): XLA {c['jax']:.0f}, {torch_part} TFLOP/s; "
-            f"ceiling = the higher: {c['max']:.0f}")
+    f = lambda v: f"{v:.0f}" if v >= 10 else f"{v:.3g}"
+    head = f"dense bf16 {c['n']}^3 (queued x{c['queue']})"
+    if c.get("torch") is None:
+        return f"{head}: XLA {f(c['jax'])} TFLOP/s (no PyTorch side: the ceiling is XLA's)"
+    return (f"{head}: XLA {f(c['jax'])}, cuBLAS (torch) {f(c['torch'])} TFLOP/s; "
+            f"ceiling = the higher: {f(c['max'])}")

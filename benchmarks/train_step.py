@@ -15,6 +15,22 @@ row, the cuDNN flash kernel without a mask); ``masked`` adds ``segment_ids`` and
 ``positions`` of documents with lengths drawn from a geometric distribution of mean
 ``--doc_len`` tokens (seeded), as ``data.packing='masked'`` produces, so the step pays for
 the document mask (on GPU: the mask through cuDNN's fused attention as a bias).
+
+The measured ceiling is the higher of a queued bf16 ``n^3`` matmul (``--ceiling_n``, 8192) through
+XLA and through cuBLAS (PyTorch), both in this process (``timing.ceilings``). ``--peers``
+(default on when torch and a CUDA device are available) first times transformers'
+``MixtralForCausalLM`` of the same shape and batch (``peers/hf_mixtral.py``: random bf16
+weights, fused AdamW, load-balancing loss, the model under ``torch.compile``) with each
+experts backend of ``--peer_experts`` (``auto``: every one transformers registers), and
+reports each routezoo row's tokens/s over the fastest of them. The PyTorch side keeps bf16
+weights and optimizer state; routezoo keeps float32 master weights and AdamW state (more
+work). Order in the process: ceilings, the transformers steps, PyTorch's memory released,
+the routezoo steps (``peers/__init__.py``).
+
+CPU smoke run (the default config's tiny model, PyTorch on the CPU)::
+
+    python benchmarks/train_step.py --peers --config default --batch 2 --dispatch dropless:auto \\
+        --iters 2 --ceiling_n 256 --out /tmp/train_step.json
 """
 
 from __future__ import annotations
@@ -24,12 +40,16 @@ import json
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import linen as nn
+import peers
 
-from timing import dense_ceiling
+# decided before jax starts its GPU client; a module importing this one gets no peers
+PEERS = peers.decide() if __name__ == "__main__" else {"on": False, "note": "peers off (imported)"}
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from timing import CEILING_N, CEILING_QUEUE, ceilings, format_ceilings  # noqa: E402
 
 
 def load_config(name: str):
@@ -102,8 +122,30 @@ def main():
     p.add_argument("--packing", default="eos")
     p.add_argument("--doc_len", type=float, default=600.0)
     p.add_argument("--out", default="train_step.json")
+    p.add_argument("--ceiling_n", type=int, default=CEILING_N, help="side of the square ceiling matmul")
+    p.add_argument("--ceiling_queue", type=int, default=CEILING_QUEUE, help="ceiling matmuls per timed sample")
+    peers.add_flag(p)
+    p.add_argument("--peer_experts", default="grouped_mm,eager",
+                   help="transformers experts backends to time, comma-separated, or 'auto' (all registered)")
+    p.add_argument("--peer_compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="the transformers model under torch.compile (--no-peer_compile: eager)")
+    p.add_argument("--peer_batch", type=int, default=0, help="the transformers side's batch (0: the same)")
     a = p.parse_args()
-    ceiling = dense_ceiling()
+    print(PEERS["note"], flush=True)
+    ceil = ceilings(a.ceiling_n, 10, a.ceiling_queue, torch_side=PEERS["on"])
+    ceiling = ceil["max"]
+    print(format_ceilings(ceil), flush=True)
+    base_cfg = load_config(a.config)
+    batch = a.batch or base_cfg.train.batch_size
+    torch_rows = []
+    if PEERS["on"]:
+        from peers import hf_mixtral
+        torch_rows = hf_mixtral.train_rows(
+            base_cfg.model, a.peer_batch or batch, base_cfg.data.seq_len, iters=a.iters,
+            backends=hf_mixtral.parse_backends(a.peer_experts, hf_mixtral.TRAIN_BACKENDS), compile=a.peer_compile,
+            log=lambda r: print(json.dumps(r), flush=True))
+    best_t = max((r for r in torch_rows if "tokens_per_second" in r), key=lambda r: r["tokens_per_second"],
+                 default=None)
     rows = []
     for variant, packing in [(v, k) for v in a.dispatch.split(",") for k in a.packing.split(",")]:
         dispatch, opt = variant.split(":")
@@ -124,20 +166,44 @@ def main():
         if "tokens_per_second" in r:
             achieved = r["flops_per_token_train"] * r["tokens_per_second"] / 1e12
             r.update(tflops=achieved, mfu_datasheet=achieved / a.peak, mfu_measured=achieved / ceiling)
+            if best_t:
+                r["vs_transformers"] = r["tokens_per_second"] / best_t["tokens_per_second"]
         rows.append(r)
         print(json.dumps(r), flush=True)
+    # the transformers rows' MFU, with routezoo's FLOP count of the same shape
+    fpt = next((r["flops_per_token_train"] for r in rows if "flops_per_token_train" in r), None)
+    for t in torch_rows:
+        if fpt and "tokens_per_second" in t:
+            achieved = fpt * t["tokens_per_second"] / 1e12
+            t.update(tflops=achieved, mfu_datasheet=achieved / a.peak, mfu_measured=achieved / ceiling)
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "ceiling_tflops": ceiling,
-            "peak_tflops": a.peak}
-    json.dump({"info": info, "rows": rows}, open(a.out, "w"), indent=1)
-    print(f"\n{info['device']}, jax {info['jax']}; dense bf16 matmul {ceiling:.0f} TFLOP/s; datasheet {a.peak:.0f}")
-    print(f"{'variant':24} {'params':>8} {'active':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU(sheet)':>10} {'MFU(meas)':>9} {'peak GiB':>8}")
+            "ceilings": ceil, "peak_tflops": a.peak, "peers": PEERS["note"]}
+    if PEERS["on"]:
+        info["torch_versions"] = peers.versions()
+    json.dump({"info": info, "rows": rows, "torch_rows": torch_rows}, open(a.out, "w"), indent=1)
+    print(f"\n{info['device']}, jax {info['jax']}; {format_ceilings(ceil)}; datasheet {a.peak:.0f}")
+    if PEERS["on"]:
+        print(f"transformers peer: {info['torch_versions']}")
+    print(f"{'variant':28} {'params':>8} {'active':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU(sheet)':>10} {'MFU(meas)':>9} "
+          f"{'peak GiB':>8} {'vs transformers':>15}")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:24} ERROR {r['error'][:100]}")
+            print(f"{r['variant']:28} ERROR {r['error'][:100]}")
             continue
-        print(f"{r['variant']:24} {r['params_total'] / 1e9:7.2f}B {r['params_active'] / 1e9:7.2f}B "
+        ratio = f"{r['vs_transformers']:14.2f}x" if "vs_transformers" in r else f"{'-':>15}"
+        print(f"{r['variant']:28} {r['params_total'] / 1e9:7.2f}B {r['params_active'] / 1e9:7.2f}B "
               f"{r['tokens_per_second']:9.0f} {r['tflops']:8.1f} {100 * r['mfu_datasheet']:9.1f}% "
-              f"{100 * r['mfu_measured']:8.1f}% {r['peak_gib']:8.1f}")
+              f"{100 * r['mfu_measured']:8.1f}% {r['peak_gib']:8.1f} {ratio}")
+    for t in torch_rows:
+        name = f"transformers {t['experts_implementation']}" + ("" if t.get("compiled") else " eager")
+        if "error" in t:
+            print(f"{name:28} ERROR {t['error'][:100]}")
+            continue
+        tflops = f"{t['tflops']:8.1f} {100 * t['mfu_datasheet']:9.1f}% {100 * t['mfu_measured']:8.1f}%" \
+            if "tflops" in t else f"{'-':>8} {'-':>10} {'-':>9}"
+        peak = f"{t['peak_gib']:8.1f}" if "peak_gib" in t else f"{'-':>8}"
+        print(f"{name:28} {'':8} {'':8} {t['tokens_per_second']:9.0f} {tflops} {peak} "
+              f"{'(batch ' + str(t['batch']) + ')':>15}")
 
 
 if __name__ == "__main__":

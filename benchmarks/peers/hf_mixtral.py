@@ -215,8 +215,7 @@ def generate_rows(model_cfg: Any, batches: list[int], prompt: int, new: int, *, 
                     kw["disable_compile"] = True
 
                 def gen():
-                    with torch.inference_mode():
-                        return model.generate(ids, **kw)
+                    return model.generate(ids, **kw)   # generate runs under torch.no_grad itself
 
                 for _ in range(warmup):
                     out = gen()
