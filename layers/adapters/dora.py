@@ -47,12 +47,13 @@ def concrete_weight(method: str, path: str, leaf: Any) -> jax.Array:
     return jnp.asarray(value)
 
 
-def column_norm(t: Target, v: jax.Array) -> jax.Array:
+def column_norm(t: Target, v: jax.Array, floor: float = 0.0) -> jax.Array:
     """``||v||_c``: for ``v [E?, I.., O..]`` the float32 norm over the input axes,
-    ``[E?, O..]`` (one value per output unit, per expert)."""
+    ``[E?, O..]`` (one value per output unit, per expert), at least ``floor`` (a floor
+    above 0 also keeps the gradient of an all-zero column finite)."""
     e = (t.num_experts,) if t.experts else ()
     v = v.astype(jnp.float32).reshape(*e, t.d_in, t.d_out)
-    return jnp.sqrt(jnp.sum(v * v, axis=-2)).reshape(*e, *t.out_shape)
+    return jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=-2), floor * floor)).reshape(*e, *t.out_shape)
 
 
 def _per_column(t: Target, g: jax.Array) -> jax.Array:
@@ -144,10 +145,10 @@ class DoRA(Adapter):
 
     def _gain(self, t: Target, v: jax.Array, m: jax.Array) -> jax.Array:
         """``g = m / ||V||_c`` ``[E?, O..]`` (the norm a constant in backprop with ``detach_norm``)."""
-        norm = column_norm(t, v)
+        norm = column_norm(t, v, NORM_FLOOR)
         if self.detach_norm:
             norm = jax.lax.stop_gradient(norm)
-        return m.astype(jnp.float32) / jnp.maximum(norm, NORM_FLOOR)
+        return m.astype(jnp.float32) / norm
 
     def merge(self, base: Params, adapter: Params) -> Params:
         """Base parameters with every target replaced by ``W'`` (unboxed arrays, the base's dtypes)."""
@@ -184,9 +185,4 @@ class DoRA(Adapter):
         return (g - 1.0) * y.astype(jnp.float32) + g * low
 
 
-def magnitude_shape(t: Target) -> tuple[int, ...]:
-    """The shape of a target's ``lora_magnitude``: ``[E?, O..]``."""
-    return ((t.num_experts,) if t.experts else ()) + t.out_shape
-
-
-__all__ = ["DoRA", "MAGNITUDE", "NORM_FLOOR", "column_norm", "concrete_weight", "magnitude_shape"]
+__all__ = ["DoRA", "MAGNITUDE", "NORM_FLOOR", "column_norm", "concrete_weight"]
