@@ -190,9 +190,13 @@ def adapter_state_shardings(model, tx, config, mesh, rules, adapter, sources=Non
     abstract_vars = jax.eval_shape(init_variables(model, config), jax.random.PRNGKey(0))
     var_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_vars), mesh, rules)
     unboxed = strip_boxes(abstract_vars)
-    adapter_boxed = jax.eval_shape(   # the base an argument: a method may read its (traced) values
-        lambda r, src, base: adapter.init(r, base, **src, **_source_configs(sources)),
-        jax.random.PRNGKey(0), _source_params(sources), abstract_vars["params"])
+    try:
+        adapter_boxed = jax.eval_shape(   # the base an argument: a method may read its (traced) values
+            lambda r, src, base: adapter.init(r, base, **src, **_source_configs(sources)),
+            jax.random.PRNGKey(0), _source_params(sources), abstract_vars["params"])
+    except ValueError as e:   # a method's check against the model's weights (a rank too large, ...)
+        from routezoo.training.config_check import ConfigError
+        raise ConfigError(" ".join(str(e).split())) from None
     adapter_shard = nn.logical_to_mesh_sharding(nn.get_partition_spec(adapter_boxed), mesh, rules)
     abstract, shardings = assemble_state(tx, mesh, strip_boxes(adapter_boxed), adapter_shard, unboxed, var_shard)
     base_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -19,7 +19,7 @@ commands:
   train     train a model: routezoo train [--config FILE|NAME] --workdir DIR [--config.a.b=value ...]
   convert   Hugging Face checkpoints: routezoo convert --from-hf DIR --workdir OUT
             (and back: routezoo convert --workdir DIR --to-hf OUT [--dtype bfloat16]);
-            a LoRA run as a peft adapter: routezoo convert --workdir DIR --to-peft OUT;
+            a LoRA/DoRA run as a peft adapter: routezoo convert --workdir DIR --to-peft OUT;
             layer layout: routezoo convert --workdir DIR --layout scanned|unscanned --out NEW_DIR
   analyze   routing analytics of a trained MoE: routezoo analyze --workdir DIR [--steps N] (writes DIR/analysis/)
   merge     merge fine-tunes of one base without training: routezoo merge --method ties --base B --from W1,W2 --workdir OUT
@@ -184,6 +184,8 @@ def train_main(argv: list[str]) -> int:
         return e.exit_code
     except HFError as e:    # init.from_hf that passed the checks but does not load
         return _fail(" ".join(str(e).split()))
+    except config_check.ConfigError as e:   # a check that needs the model's weights (an adapter's rank, ...)
+        return _fail(str(e))
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.items()
                         if k in ("step", "loss", "eval_loss", "eval_bits_per_byte"))
     print(f"done: {summary}; outputs in {os.path.abspath(workdir)}")
@@ -201,8 +203,8 @@ CONVERT_USAGE = """usage: routezoo convert --from-hf HF_DIR --workdir OUT
   --to-hf HF_OUT: export DIR (a converted directory or a training workdir, its newest
       checkpoint) as a Hugging Face checkpoint loadable by transformers, with the run's
       Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json, ...) if it has one.
-  --to-peft PEFT_OUT: export the LoRA of DIR (a training workdir of adapter.method=lora on a
-      Hugging Face base, init.from_hf) as a peft adapter: adapter_config.json and
+  --to-peft PEFT_OUT: export the adapter of DIR (a training workdir of adapter.method=lora or
+      dora on a Hugging Face base, init.from_hf) as a peft adapter: adapter_config.json and
       adapter_model.safetensors, loadable with peft.PeftModel.from_pretrained on that base.
       Load one into a run with --config.init.from_peft=DIR (and --config.init.from_hf=BASE).
   --dtype: tensor dtype written by --to-hf or --to-peft (default: the parameters' dtype; float32 for --to-peft).

@@ -360,6 +360,18 @@ def test_unparsable_config_json_is_named(run_dir, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and os.path.join(wd, "config.json") in err and "not valid JSON" in err
 
 
+def test_adapter_rank_beyond_the_weight_is_one_line_and_writes_nothing(run_dir, data_dir, tmp_path, capsys):
+    # PiSSA's rank is checked against the base's weights once the model is built: still a
+    # config error (exit 2, one line), with nothing of the run written.
+    wd = tmp_path / "pissa"
+    code, out, err = _train(capsys, wd, data_dir, f"--config.init.from_workdir={run_dir}",
+                            "--config.adapter.method=pissa", "--config.adapter.targets=attn/q",
+                            "--config.adapter.rank=1000")
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "rank" in err and "1000" in err, err
+    assert not os.path.exists(wd / "config.json") and not os.path.exists(wd / "checkpoints")
+
+
 # --------------------------------------------------------------------------- reruns and sources
 
 def test_rerun_with_another_config_changes_nothing(run_dir, data_dir, tmp_path, capsys):
