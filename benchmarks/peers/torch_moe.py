@@ -13,8 +13,9 @@ grouped matmuls are a loop over experts.
     python benchmarks/peers/torch_moe.py --shape mixtral --tokens 16384 [--no-compile]
 
 ``--check`` builds routezoo's block (dropless) at tiny shapes in float32, copies its
-weights into this block and compares outputs, losses and the gradients of the input and of
-every weight; exits 1 on a mismatch.
+weights into this block (the loop over experts) and compares outputs, losses and the
+gradients of the input and of every weight; on a GPU it also compares the block through
+``torch._grouped_mm``, eager and compiled, with the loop in bf16. Exits 1 on a mismatch.
 
 :func:`time_block` returns milliseconds per forward + backward (gradients of the input
 and every weight through ``torch.autograd.grad``), timed with CUDA events over queued
@@ -91,11 +92,11 @@ class TorchMoE(torch.nn.Module):
         self.e, self.k, self.renormalize = e, k, renormalize
         self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef
         self.use_gmm = grouped_mm_available(device) if use_grouped_mm is None else use_grouped_mm
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        g = torch.Generator(device=device).manual_seed(seed)
 
-        def init(shape, fan_in, dt, scale=1.0):
-            w = torch.randn(*shape, generator=g, dtype=torch.float32) * (scale / fan_in) ** 0.5
-            return torch.nn.Parameter(w.to(device=device, dtype=dt))
+        def init(shape, fan_in, dt, scale=1.0):   # drawn on the device: the large shapes are GBs
+            w = torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * (scale / fan_in) ** 0.5
+            return torch.nn.Parameter(w.to(dt))
 
         self.router = init((d, e), d, torch.float32, 0.1)
         self.gate_up = init((e, 2 * f, d), d, dtype)
@@ -282,6 +283,41 @@ def check(atol: float = 2e-5, rtol: float = 2e-5) -> bool:
     return ok
 
 
+def check_grouped_mm(tokens: int = 1024, tol: float = 5e-2) -> bool:
+    """On a GPU with ``torch._grouped_mm``: the bf16 block through it, eager and compiled,
+    against the loop over experts with the same weights (routing is identical: the router
+    is float32), at one shape with shared experts. Output and gradients compared as
+    ``max |a - b| / max |b|``. ``True`` when skipped (no GPU or no kernel)."""
+    if not grouped_mm_available("cuda" if torch.cuda.is_available() else "cpu"):
+        print("grouped_mm: skipped (no CUDA device or no torch._grouped_mm kernel)")
+        return True
+    e, k, d, f, shared = 8, 2, 256, 512, 1
+    ref = TorchMoE(e, k, d, f, shared, device="cuda", use_grouped_mm=False)
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def run(block, compiled):
+        loss = _loss_fn(block, tokens)
+        loss = torch.compile(loss) if compiled else loss
+        out = loss(x)
+        return [out.detach(), *torch.autograd.grad(out, [x, *block.parameters()])]
+
+    want = run(ref, False)
+    ok = True
+    for compiled in (False, True):
+        gmm = TorchMoE(e, k, d, f, shared, device="cuda", use_grouped_mm=True)
+        gmm.load_state_dict(ref.state_dict())
+        got = run(gmm, compiled)
+        names = ["loss", "dx", *(n for n, _ in gmm.named_parameters())]
+        errs = {n: float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+                for n, a, b in zip(names, got, want)}
+        bad = [n for n, v in errs.items() if not v <= tol]
+        ok &= not bad
+        print(f"grouped_mm {'compiled' if compiled else 'eager'} vs loop, bf16, E={e} k={k} D={d} F={f} "
+              f"shared={shared}, {tokens} tokens: " + ("ok" if not bad else "MISMATCH " + ", ".join(bad))
+              + f" (max relative error {max(errs.values()):.1e})", flush=True)
+    return ok
+
+
 SHAPES = {   # moe_block.py's
     "mixtral": (8, 2, 4096, 14336, 0),
     "deepseek": (64, 6, 2048, 1408, 2),
@@ -303,7 +339,9 @@ def main():
                    help="also time the block under torch.compile")
     a = p.parse_args()
     if a.check:
-        sys.exit(0 if check() else 1)
+        ok = check()
+        ok &= check_grouped_mm()
+        sys.exit(0 if ok else 1)
     shape = SHAPES[a.shape] if a.shape in SHAPES else tuple(int(v) for v in a.shape.split(","))
     for compiled in (False, True) if a.compile else (False,):
         print(json.dumps(block_row(a.shape, shape, a.tokens, compiled, iters=a.iters, queue=a.queue)), flush=True)
