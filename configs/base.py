@@ -216,7 +216,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Start the adapter from another adapter run's trained adapter (its workdir, or its
     # adapter/ directory), e.g. Poly/MHR few-shot modes from the multi-task adapter.
     i.adapter_from = ""
-    # Start a LoRA run from a Hugging Face peft LoRA directory (adapter_config.json +
+    # Start a LoRA (or DoRA) run from a Hugging Face peft adapter directory (adapter_config.json +
     # adapter_model.safetensors) trained on the init.from_hf base: adapter.method, rank, alpha,
     # rslora, targets and lora_dropout are taken from it (zoo/hf/peft.py).
     i.from_peft = ""

@@ -1,4 +1,4 @@
-"""LoRA adapters in Hugging Face ``peft``'s format, in and out, on an imported HF base.
+"""LoRA and DoRA adapters in Hugging Face ``peft``'s format, in and out, on an imported HF base.
 
 A peft LoRA directory (``PeftModel.save_pretrained``) holds ``adapter_config.json``
 (``peft_type`` LORA, ``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``, ...) and
@@ -7,7 +7,10 @@ transformers model, ``base_model.model.M.lora_A.weight`` ``[R, in]`` and
 ``base_model.model.M.lora_B.weight`` ``[out, R]``. The module computes
 ``y = x W^T + s·(x A^T) B^T`` with ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA),
 the scale of :class:`routezoo.layers.adapters.lora.LoRA`, which keeps ``A [I.., R]`` and
-``B [R, O..]`` for a weight ``W [I.., O..]``.
+``B [R, O..]`` for a weight ``W [I.., O..]``. A DoRA (peft ``use_dora``; routezoo
+``adapter.method=dora``, :class:`routezoo.layers.adapters.dora.DoRA`) adds
+``base_model.model.M.lora_magnitude_vector`` ``[out]``, one magnitude per output unit:
+routezoo's ``lora_magnitude [O..]`` (the weight's output axes), flattened.
 
 Which module a routezoo weight is comes from the family tables the checkpoint import
 uses (:meth:`~routezoo.zoo.hf.registry.Family.tensor_maps`): ``layer3/attn/q`` reads
@@ -33,6 +36,7 @@ Einsum letters: ``I`` a weight's flattened input axes, ``O`` its output axes, ``
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -40,19 +44,20 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from routezoo.layers.adapters.dora import MAGNITUDE
 from routezoo.zoo.hf import safetensors_io
 from routezoo.zoo.hf.registry import Family, HFError, family_named, family_of
 from routezoo.zoo.hf.tensor_map import TensorMap, flatten
 
 PREFIX = "base_model.model."           # peft's prefix of every tensor name (PeftModel.base_model.model)
-METHODS = ("lora",)                    # routezoo adapter.method values with a peft LoRA form
-_TENSOR = re.compile(r"(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight")
+METHODS = ("lora", "dora")            # routezoo adapter.method values with a peft form (dora: use_dora)
+_TENSOR = re.compile(r"(?P<module>.+)\.(?P<factor>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)")
 # peft also saves the base weight of a targeted output head or embedding (``save_embedding_layers``)
 _BASE_COPY = re.compile(r"(?P<module>.+)\.base_layer\.weight")
 # adapter_config.json keys that change what a LoRA computes, which routezoo's LoRA has no
 # counterpart of: each must be unset (None, False, empty) to be read.
 _UNSUPPORTED = ("rank_pattern", "alpha_pattern", "target_parameters", "modules_to_save", "lora_bias",
-                "fan_in_fan_out", "layer_replication", "use_dora", "trainable_token_indices",
+                "fan_in_fan_out", "layer_replication", "trainable_token_indices",
                 "alora_invocation_tokens", "use_qalora", "use_bdlora", "velora_config", "kasa_config",
                 "arrow_config")
 
@@ -149,10 +154,24 @@ def layout(m: Any, family: Family | None = None) -> Layout:
     Returns:
       The :class:`Layout`.
     """
-    from routezoo.layers.adapters.base import adaptable
     from routezoo.zoo.hf.config_map import infer_architecture
     if family is None:
         family = family_named(str(m.get("hf_architecture", "") or "") or infer_architecture(m))
+    text = m.to_json_best_effort(sort_keys=True) if hasattr(m, "to_json_best_effort") else \
+        json.dumps(dict(m), sort_keys=True, default=str)
+    key = (family.architecture, text)
+    if key not in _LAYOUTS:   # one model trace per base and config (a run reads its adapter several times)
+        while len(_LAYOUTS) >= 8:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = _build_layout(m, family)
+    return _LAYOUTS[key]
+
+
+_LAYOUTS: dict[tuple[str, str], Layout] = {}
+
+
+def _build_layout(m: Any, family: Family) -> Layout:
+    from routezoo.layers.adapters.base import adaptable
     boxed = _abstract_per_layer(m)
     targets = adaptable(boxed)
     modules, refused, every, maps = {}, {}, set(), {}
@@ -209,7 +228,7 @@ def _selected(pattern: str, lay: Layout) -> set[str]:
 
 @dataclasses.dataclass(frozen=True)
 class PeftLoRA:
-    """A peft LoRA directory, checked against a base (names, shapes, settings; no tensor read).
+    """A peft LoRA (or DoRA) directory, checked against a base (names, shapes, settings; no tensor read).
 
     Attributes:
       directory: the adapter directory.
@@ -220,6 +239,7 @@ class PeftLoRA:
       dropout: ``lora_dropout``.
       targets: an ``adapter.targets`` regex selecting exactly the adapted weights.
       modules: the adapted modules.
+      dora: ``use_dora`` (each module has a ``lora_magnitude_vector``).
     """
 
     directory: str
@@ -230,10 +250,12 @@ class PeftLoRA:
     dropout: float
     targets: str
     modules: tuple[Module, ...]
+    dora: bool = False
 
     @property
     def method(self) -> str:
-        return "lora"
+        """The routezoo ``adapter.method`` it is."""
+        return "dora" if self.dora else "lora"
 
     def settings(self) -> dict[str, Any]:
         """``{adapter key: value}`` this adapter sets."""
@@ -265,8 +287,9 @@ def _number(cfg: Mapping[str, Any], key: str, where: str, kind=float) -> Any:
     return kind(value)
 
 
-def _check_settings(cfg: Mapping[str, Any], where: str) -> tuple[int, float, bool, float]:
-    """``(r, lora_alpha, use_rslora, lora_dropout)`` of a peft config; refuses what routezoo's LoRA cannot be."""
+def _check_settings(cfg: Mapping[str, Any], where: str) -> tuple[int, float, bool, float, bool]:
+    """``(r, lora_alpha, use_rslora, lora_dropout, use_dora)`` of a peft config; refuses what
+    routezoo's LoRA and DoRA cannot be."""
     kind = cfg.get("peft_type")
     if kind != "LORA":
         raise HFError(f"{where}: peft_type {kind!r} is not supported; allowed: 'LORA'")
@@ -283,7 +306,7 @@ def _check_settings(cfg: Mapping[str, Any], where: str) -> tuple[int, float, boo
     dropout = float(cfg.get("lora_dropout") or 0.0)
     if not 0.0 <= dropout < 1.0:
         raise HFError(f"{where}: lora_dropout={dropout}; allowed: [0, 1)")
-    return rank, alpha, bool(cfg.get("use_rslora", False)), dropout
+    return rank, alpha, bool(cfg.get("use_rslora", False)), dropout, bool(cfg.get("use_dora", False))
 
 
 def _check_target_modules(cfg: Mapping[str, Any], lay: Layout, where: str) -> None:
@@ -312,11 +335,11 @@ def _check_target_modules(cfg: Mapping[str, Any], lay: Layout, where: str) -> No
 
 
 def read(directory: str, base: str) -> PeftLoRA:
-    """Reads and checks the peft LoRA in ``directory`` against the HF base ``base``.
+    """Reads and checks the peft LoRA (or DoRA) in ``directory`` against the HF base ``base``.
 
     Reads ``adapter_config.json`` and the safetensors header only: every tensor must be a
-    ``lora_A``/``lora_B`` factor of a module of the base that routezoo maps, with the
-    base's shapes and rank ``r``.
+    ``lora_A``/``lora_B`` factor (and with ``use_dora`` a ``lora_magnitude_vector``) of a
+    module of the base that routezoo maps, with the base's shapes and rank ``r``.
 
     Args:
       directory: the peft adapter directory.
@@ -329,7 +352,7 @@ def read(directory: str, base: str) -> PeftLoRA:
     directory = os.fspath(directory)
     where = f"peft adapter {directory}"
     cfg = safetensors_io.read_peft_config(directory)
-    rank, alpha, rslora, dropout = _check_settings(cfg, where)
+    rank, alpha, rslora, dropout, dora = _check_settings(cfg, where)
     lay = _base_layout(base)
     _check_target_modules(cfg, lay, where)
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -348,7 +371,8 @@ def read(directory: str, base: str) -> PeftLoRA:
             hit = _TENSOR.fullmatch(name[len(PREFIX):]) if name.startswith(PREFIX) else None
             if hit is None:
                 raise HFError(f"{where}: tensor {name!r} is not a LoRA factor of a Linear module; allowed: "
-                              f"{PREFIX}<module>.lora_A.weight and .lora_B.weight")
+                              f"{PREFIX}<module>.lora_A.weight, .lora_B.weight"
+                              + (" and .lora_magnitude_vector (use_dora)" if dora else ""))
             module = hit["module"]
             if module not in lay.modules:
                 if module in lay.refused:
@@ -362,23 +386,29 @@ def read(directory: str, base: str) -> PeftLoRA:
     modules = []
     for module, shapes in sorted(factors.items()):
         mod = lay.modules[module]
-        want = {"lora_A": (rank, mod.d_in), "lora_B": (mod.d_out, rank)}
+        want = {"lora_A.weight": (rank, mod.d_in), "lora_B.weight": (mod.d_out, rank)}
+        if dora:
+            want["lora_magnitude_vector"] = (mod.d_out,)
+        elif "lora_magnitude_vector" in shapes:
+            raise HFError(f"{where}: {PREFIX}{module}.lora_magnitude_vector is a DoRA magnitude, but "
+                          "adapter_config.json has use_dora=false; allowed: use_dora=true with magnitudes, "
+                          "or no magnitudes")
         for factor, shape in want.items():
             if factor not in shapes:
-                raise HFError(f"{where}: {PREFIX}{module}.{factor}.weight is missing (the module has "
+                raise HFError(f"{where}: {PREFIX}{module}.{factor} is missing (the module has "
                               f"{', '.join(sorted(shapes))} only)")
             if tuple(shapes[factor]) != shape:
-                raise HFError(f"{where}: {PREFIX}{module}.{factor}.weight has shape {list(shapes[factor])}, but "
+                raise HFError(f"{where}: {PREFIX}{module}.{factor} has shape {list(shapes[factor])}, but "
                               f"rank r={rank} on the base's {module} [{mod.d_out}, {mod.d_in}] needs {list(shape)}: "
                               f"the adapter belongs to another base (or another r)")
         modules.append(mod)
     targets = targets_pattern({mod.path for mod in modules}, lay)
-    return PeftLoRA(directory, os.fspath(base), rank, alpha, rslora, dropout, targets, tuple(modules))
+    return PeftLoRA(directory, os.fspath(base), rank, alpha, rslora, dropout, targets, tuple(modules), dora)
 
 
 def read_params(peft: PeftLoRA) -> dict:
     """The adapter's parameters in routezoo's layout (host float32 arrays):
-    ``{layer3: {attn: {q: {lora_a: [I.., R], lora_b: [R, O..]}}}}``."""
+    ``{layer3: {attn: {q: {lora_a: [I.., R], lora_b: [R, O..]}}}}`` (DoRA: and ``lora_magnitude [O..]``)."""
     out: dict = {}
     with safetensors_io.peft_reader(peft.directory) as reader:
         for mod in peft.modules:
@@ -389,6 +419,9 @@ def read_params(peft: PeftLoRA) -> dict:
                 node = node.setdefault(part, {})
             node["lora_a"] = np.ascontiguousarray(a.T.reshape(*mod.in_shape, peft.rank))
             node["lora_b"] = np.ascontiguousarray(b.T.reshape(peft.rank, *mod.out_shape))
+            if peft.dora:
+                m = reader.get(f"{PREFIX}{mod.name}.lora_magnitude_vector", (slice(None),)).astype(np.float32)
+                node[MAGNITUDE] = np.ascontiguousarray(m.reshape(mod.out_shape))
     return out
 
 
@@ -468,8 +501,9 @@ def _task_type(architecture: str) -> str | None:
 
 def to_peft(model_cfg: Any, adapter_cfg: Mapping[str, Any], adapter_params: Mapping[str, Any], out_dir: str, *,
             base: str | None = None, dtype: str | None = None) -> str:
-    """Writes a routezoo LoRA as a peft LoRA directory (``adapter_config.json`` and
-    ``adapter_model.safetensors``) for the HF form of its base.
+    """Writes a routezoo LoRA (or DoRA) as a peft directory (``adapter_config.json`` and
+    ``adapter_model.safetensors``; DoRA with ``use_dora`` and ``lora_magnitude_vector``) for
+    the HF form of its base.
 
     Everything is checked before anything is written: on an error ``out_dir`` is neither
     created nor changed.
@@ -478,7 +512,7 @@ def to_peft(model_cfg: Any, adapter_cfg: Mapping[str, Any], adapter_params: Mapp
       model_cfg: the base's ``config.model`` (an imported HF architecture, either layer layout).
       adapter_cfg: the adapter's settings (``config.adapter`` or ``adapter.json``'s ``adapter``):
         ``method``, ``rank``, ``alpha``, ``rslora``, ``lora_dropout``.
-      adapter_params: the adapter's parameters (per-layer paths, ``lora_a``/``lora_b``).
+      adapter_params: the adapter's parameters (per-layer paths, ``lora_a``/``lora_b``, DoRA's ``lora_magnitude``).
       out_dir: the directory to write.
       base: ``base_model_name_or_path`` to record (the HF base's directory or hub id).
       dtype: tensor dtype on disk (default: float32).
@@ -515,13 +549,19 @@ def to_peft(model_cfg: Any, adapter_cfg: Mapping[str, Any], adapter_params: Mapp
                           f"weight (A {[*mod.in_shape, rank]}, B {[rank, *mod.out_shape]})")
         tensors[f"{PREFIX}{mod.name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(mod.d_in, rank).T.astype(disk))
         tensors[f"{PREFIX}{mod.name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(rank, mod.d_out).T.astype(disk))
+        if method == "dora":
+            m = flat.get(f"{path}/{MAGNITUDE}")
+            if m is None or m.shape != mod.out_shape:
+                raise HFError(f"adapter target {path}: magnitude {None if m is None else list(m.shape)} is not one "
+                              f"value per output unit of the base's weight ({list(mod.out_shape)})")
+            tensors[f"{PREFIX}{mod.name}.lora_magnitude_vector"] = np.ascontiguousarray(m.reshape(-1).astype(disk))
     names = {by_path[p].name for p in paths}
     config = {
         "peft_type": "LORA", "task_type": _task_type(arch), "base_model_name_or_path": base,
         "r": rank, "lora_alpha": float(adapter_cfg["alpha"]), "use_rslora": bool(adapter_cfg.get("rslora", False)),
         "lora_dropout": float(adapter_cfg.get("lora_dropout", 0.0) or 0.0),
         "target_modules": _peft_target_modules(names, lay), "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "inference_mode": True, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True, "use_dora": method == "dora", "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
     }
     safetensors_io.write_peft_dir(out_dir, config, tensors)

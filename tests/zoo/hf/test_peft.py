@@ -52,15 +52,19 @@ def base(tmp_path_factory):
 
 
 def _randomize_lora(model, seed: int, scale: float = 0.1) -> None:
+    """Random A and B; DoRA's magnitudes (peft's init: the base's norms) moved by up to ~20%."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude" in name:
+                p.mul_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "lora_" in name:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
 
 
 def make_peft(torch_base, out: str, seed: int = 1, **lora) -> "peft.PeftModel":
-    """peft's own LoRA on a copy of ``torch_base`` (random non-zero A and B), saved to ``out``."""
+    """peft's own LoRA (DoRA with ``use_dora``) on a copy of ``torch_base`` (random non-zero
+    factors), saved to ``out``."""
     model = peft.get_peft_model(copy.deepcopy(torch_base), peft.LoraConfig(**lora))
     _randomize_lora(model, seed)
     model.save_pretrained(out)
@@ -140,20 +144,28 @@ def _write_run(wd, config, adapter_params, base_params) -> None:
     adapter_run.save_adapter(os.path.join(wd, adapter_run.ADAPTER_DIR), adapter_params, meta, step=1)
 
 
-def test_run_starts_from_peft_and_exports_back_to_peft(base, tmp_path):
-    """init.from_peft sets the adapter config and initialises the run's LoRA (peft's
-    logits); ``convert --to-peft`` of the run loads in peft with routezoo's logits and the
-    same r, alpha, rsLoRA, dropout and target_modules."""
+def _boxed_values(boxed, params):
+    """The boxed abstract tree ``boxed`` holding the values ``params`` (DoRA's init reads them)."""
+    return jax.tree.map(lambda b, v: b.replace_boxed(v), boxed, params,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_run_starts_from_peft_and_exports_back_to_peft(dora, base, tmp_path):
+    """init.from_peft sets the adapter config and initialises the run's LoRA (or DoRA:
+    use_dora, lora_magnitude_vector) with peft's logits; ``convert --to-peft`` of the run
+    loads in peft with routezoo's logits and the same r, alpha, rsLoRA, dropout,
+    target_modules and use_dora."""
     base_dir, torch_base = base("mixtral")
     peft_dir = str(tmp_path / "adapter")
     ref = make_peft(torch_base, peft_dir, r=4, lora_alpha=8, use_rslora=True, lora_dropout=0.05,
-                    target_modules=["q_proj", "v_proj", "o_proj"])
+                    target_modules=["q_proj", "v_proj", "o_proj"], use_dora=dora)
     cfg = ref.peft_config["default"]
     wd = tmp_path / "run"
     config, changes = _run_config(wd, base_dir, peft_dir)
     a = config.adapter
     assert (a.method, a.rank, a.alpha, a.rslora, a.lora_dropout) == (
-        "lora", cfg.r, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout)
+        "dora" if cfg.use_dora else "lora", cfg.r, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout)
     assert any(c.startswith("adapter.targets=") for c in changes)
     config_check.validate(config, num_devices=1, process_count=1)
 
@@ -163,20 +175,21 @@ def test_run_starts_from_peft_and_exports_back_to_peft(base, tmp_path):
     method = adapters.from_config(adapter_run.adapter_config(config))
     sources = adapter_run.adapter_sources(config)
     adapter_run.check_sources(sources, fingerprint(base_params))
-    boxed = hf.abstract_params(model)
+    boxed = _boxed_values(hf.abstract_params(model), base_params)
     init = nn.unbox(method.init(jax.random.PRNGKey(0), boxed, previous=sources["previous"][0]))
     tokens, mask = _tokens()
     assert _rel_err(_rz_logits(model, method.merge(base_params, init), tokens, mask),
                     _torch_logits(ref, tokens, mask), mask) <= RTOL
 
     # a trained adapter (moved away from peft's), written as the loop does, exported
-    trained = jax.tree.map(lambda x, r: np.asarray(x) + r, init, random_adapter(method, boxed, seed=7, scale=0.05))
+    rng = np.random.default_rng(7)
+    trained = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), init)
     _write_run(str(wd), config, trained, base_params)
     out = str(tmp_path / "exported")
     assert cli.main(["convert", "--workdir", str(wd), "--to-peft", out]) == 0
     written = json.load(open(os.path.join(out, "adapter_config.json")))
-    assert (written["peft_type"], written["r"], written["lora_alpha"], written["use_rslora"],
-            written["lora_dropout"]) == ("LORA", cfg.r, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout)
+    assert (written["peft_type"], written["r"], written["lora_alpha"], written["use_rslora"], written["lora_dropout"],
+            written["use_dora"]) == ("LORA", cfg.r, cfg.lora_alpha, cfg.use_rslora, cfg.lora_dropout, cfg.use_dora)
     assert sorted(written["target_modules"]) == sorted(cfg.target_modules)
     assert written["base_model_name_or_path"] == base_dir
     back = peft.PeftModel.from_pretrained(copy.deepcopy(torch_base), out).eval()
@@ -268,6 +281,7 @@ BAD_DIRS = {
     "router_target": (_edit_config(target_modules=["gate"]), "MoE router"),
     "not_lora": (_edit_config(peft_type="IA3"), "allowed: 'LORA'"),
     "rank_pattern": (_edit_config(rank_pattern={"q_proj": 8}), "rank_pattern"),
+    "dora_without_magnitudes": (_edit_config(use_dora=True), "lora_magnitude_vector is missing"),
     "not_a_lora_tensor": (_add_tensor("base_model.model.model.embed_tokens.lora_embedding_A"),
                           "is not a LoRA factor of a Linear module"),
 }
