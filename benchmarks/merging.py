@@ -43,16 +43,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import adapter_quality as aq  # noqa: E402  (the data preparation and train_run this benchmark shares)
 
 TASKS = "email,importlib,asyncio,multiprocessing,distutils,lib2to3"
-# name: (adapter_quality size, seq_len, batch, base_steps, ft_steps, task_batches, eval_batches)
+# name: (adapter_quality size, seq_len, batch, base_steps, ft_steps, task_batches, eval_batches, LoRA lr)
 PRESETS = {
-    "tiny": ("tiny", 64, 16, 400, 60, 12, 2),      # a 2-core CPU: about 10 minutes for 3 seeds
-    "small": ("small", 256, 16, 1500, 300, 40, 4),  # one GPU
+    "tiny": ("tiny", 64, 16, 400, 100, 40, 4, 3e-3),     # a 2-core CPU: about 10 minutes for 3 seeds
+    "small": ("small", 256, 16, 1500, 300, 40, 4, 1e-3),  # one GPU
 }
 
 
 def prepare(a) -> None:
     """adapter_quality's preparation: pre-training rows and, per task, train and validation rows."""
-    size, seq_len, batch, base_steps, _, task_batches, eval_batches = PRESETS[a.size]
+    size, seq_len, batch, base_steps, _, task_batches, eval_batches, _ = PRESETS[a.size]
     tasks = a.tasks.split(",")
     aq.prepare(argparse.Namespace(
         out=a.out, seq_len=a.seq_len or seq_len, batch=batch, base_steps=a.base_steps or base_steps,
@@ -115,9 +115,10 @@ def run(a) -> None:
     if counts[-1] > len(tasks):
         raise SystemExit(f"--counts goes up to {counts[-1]} but only {len(tasks)} tasks are given")
     tasks = tasks[:counts[-1]]
-    size, _, _, base_steps, ft_steps, _, _ = PRESETS[a.size]
-    base_steps, ft_steps = a.base_steps or base_steps, a.ft_steps or ft_steps
+    size, _, _, base_steps, ft_steps, _, _, lora_lr = PRESETS[a.size]
+    base_steps, ft_steps, lora_lr = a.base_steps or base_steps, a.ft_steps or ft_steps, a.lr or lora_lr
     eval_rows = {t: data[f"eval/{t}"] for t in tasks}
+    variants = [(m, m, {}) for m in M.METHODS] + [parse_variant(v) for v in a.also.split(",") if v.strip()]
     rows: list[dict] = []
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "size": a.size, "model": size,
             "batch": batch, "seq_len": seq_len, "base_steps": base_steps, "ft_steps": ft_steps,
@@ -134,7 +135,7 @@ def run(a) -> None:
     def ft_config(steps, seed):
         if a.finetune == "full":
             return cfg(steps, a.full_lr, seed)
-        return aq._adapter(cfg(steps, a.lr, seed), "lora", rank=a.rank, alpha=2.0 * a.rank)
+        return aq._adapter(cfg(steps, lora_lr, seed), "lora", rank=a.rank, alpha=2.0 * a.rank)
 
     def eval_sets(names):
         return {"token_bytes": data["token_bytes"], "pad_id": pad_id, "tasks": [(t, eval_rows[t]) for t in names]}
@@ -166,7 +167,7 @@ def run(a) -> None:
                                aq.TaskBatches([data["pretrain"]], batch, pad_id, seed=seed), eval_sets(tasks),
                                base_steps, log=log)
         base = jax.device_get(base)
-        evaluator = Evaluator(cfg(1, a.lr, seed), data["token_bytes"], pad_id)
+        evaluator = Evaluator(cfg(1, lora_lr, seed), data["token_bytes"], pad_id)
         vectors, own = {}, {}
         for t in tasks:
             print(f"seed {seed}: {a.finetune} fine-tune on {t} ({ft_steps} steps)", flush=True)
@@ -182,10 +183,12 @@ def run(a) -> None:
             print(f"seed {seed}, {n} tasks: multi-task fine-tune ({ft_steps * n} steps)", flush=True)
             _, r = finetune(base, names, ft_steps * n, seed)
             record(seed, n, "multi-task", r, names)
-            for method in M.METHODS:
-                hyper = {"seed": seed} if "seed" in M.METHODS[method].defaults else {}
+            for name, method, hyper in variants:
+                if "seed" in M.METHODS[method].defaults:
+                    hyper = {"seed": seed, **hyper}
                 merged = M.merge(method, base, [vectors[t] for t in names], **hyper)
-                record(seed, n, method, evaluator(merged, eval_sets(names)["tasks"]), names)
+                record(seed, n, name, evaluator(merged, eval_sets(names)["tasks"]), names,
+                       hyperparameters=M.hyperparameters(method, **hyper))
         print(f"seed {seed} done ({time.perf_counter() - t_start:.0f} s so far)", flush=True)
     info["seconds"] = round(time.perf_counter() - t_start, 1)
     with open(a.json, "w") as f:
@@ -194,7 +197,25 @@ def run(a) -> None:
     print(f"\n{a.finetune} fine-tunes, size {a.size}, {a.seeds} seed(s), {info['seconds']:.0f} s; wrote {a.json}")
 
 
-MODELS = ("base", "per-task", "multi-task", *("task_arithmetic", "ties", "dare", "breadcrumbs"))
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """``'dare:scale=0.4:combine=ties'`` -> ``('dare scale=0.4 combine=ties', 'dare', {...})``."""
+    from routezoo.zoo import merge as M
+    method, *pairs = text.strip().split(":")
+    hyper = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        default = M.METHODS[method].defaults.get(key) if method in M.METHODS else None
+        hyper[key] = value if isinstance(default, str) else (int(value) if isinstance(default, int) else float(value))
+    M.hyperparameters(method, **hyper)   # refuses an unknown method, key or value now, not after training
+    return " ".join([method, *pairs]), method, hyper
+
+
+def _models(rows) -> list[str]:
+    out = []
+    for r in rows:
+        if r["model"] not in out:
+            out.append(r["model"])
+    return out
 
 
 def summarize(rows) -> list[dict]:
@@ -202,7 +223,7 @@ def summarize(rows) -> list[dict]:
     deviation over seeds."""
     out = []
     for n in sorted({r["tasks"] for r in rows}):
-        for model in MODELS:
+        for model in _models(rows):
             sel = [r for r in rows if r["tasks"] == n and r["model"] == model]
             if not sel:
                 continue
@@ -215,10 +236,11 @@ def summarize(rows) -> list[dict]:
 
 def print_table(rows) -> None:
     summary = summarize(rows)
-    print(f"\n{'tasks':>5} {'model':16} {'val loss':>16} {'bits/byte':>16} {'vs per-task':>12}")
+    width = max([16] + [len(s["model"]) for s in summary])
+    print(f"\n{'tasks':>5} {'model':{width}} {'val loss':>16} {'bits/byte':>16} {'vs per-task':>12}")
     for s in summary:
         ref = next(x for x in summary if x["tasks"] == s["tasks"] and x["model"] == "per-task")
-        print(f"{s['tasks']:>5} {s['model']:16} {s['loss_mean']:8.4f} ± {s['loss_std']:5.3f} "
+        print(f"{s['tasks']:>5} {s['model']:{width}} {s['loss_mean']:8.4f} ± {s['loss_std']:5.3f} "
               f"{s['bpb_mean']:8.4f} ± {s['bpb_std']:5.3f} {s['bpb_mean'] - ref['bpb_mean']:+12.4f}")
 
 
@@ -240,11 +262,13 @@ def main() -> None:
     pr.add_argument("--seed", type=int, default=0, help="the first seed")
     pr.add_argument("--finetune", default="lora", choices=("lora", "full"))
     pr.add_argument("--rank", type=int, default=8)
-    pr.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
+    pr.add_argument("--lr", type=float, default=None, help="LoRA learning rate; default: the size's")
     pr.add_argument("--full_lr", type=float, default=3e-4, help="full fine-tune learning rate")
     pr.add_argument("--base_steps", type=int, default=None, help="default: the size's")
     pr.add_argument("--ft_steps", type=int, default=None, help="per-task steps; default: the size's")
     pr.add_argument("--dtype", default="auto")
+    pr.add_argument("--also", default="", help="more merges at other settings, e.g. "
+                    "'dare:scale=0.4,ties:density=0.5:scale=0.5' (method:key=value:...)")
     pr.add_argument("--verbose", action="store_true", help="print every run's evaluation")
     pr.add_argument("--json", default="merging.json")
     a = p.parse_args()
