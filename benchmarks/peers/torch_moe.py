@@ -72,6 +72,11 @@ def grouped_linear(rows: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, coun
     ``offs`` int32 ``[G]`` cumulative ends -> ``[M, N]``, row ``i`` times ``w[g(i)]^T``."""
     if use_gmm:
         return torch._grouped_mm(rows, w.transpose(-2, -1), offs=offs)
+    return _loop_linear(rows, w, counts)
+
+
+@torch.compiler.disable   # data-dependent sizes: left out of compiled graphs (else one recompile per routing)
+def _loop_linear(rows: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     parts = rows.split(counts.tolist())   # the loop: one host sync for the sizes
     return torch.cat([p @ w[g].T for g, p in enumerate(parts)])
 
