@@ -1,0 +1,231 @@
+"""Expert merging (MC-SMoE), compression and AdaMoE's null experts: the maths on arrays
+(routezoo.zoo.expert_ops) against references, and the transforms on a tiny model."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from routezoo.zoo import expert_ops as ops
+
+
+def _experts(rng, e=4, d=6, f=5, gate=True):
+    out = {"wi": rng.normal(size=(e, d, f)), "wo": rng.normal(size=(e, f, d))}
+    if gate:
+        out["wi_gate"] = rng.normal(size=(e, d, f))
+    return out
+
+
+def _expert_fn(ex, x):
+    """One SwiGLU (or GELU-free linear-unit) expert on x [T, D], numpy reference."""
+    h = x @ ex["wi"]
+    if "wi_gate" in ex:
+        g = x @ ex["wi_gate"]
+        h = h * (g / (1.0 + np.exp(-g)))
+    else:
+        h = np.maximum(h, 0.0)
+    return h @ ex["wo"]
+
+
+# ------------------------------------------------------------------ assignment and alignment
+
+
+def test_linear_assignment_is_the_best_permutation():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 5, 6):
+        for _ in range(5):
+            s = rng.normal(size=(n, n))
+            perm = ops.linear_assignment(s)
+            assert sorted(perm.tolist()) == list(range(n))
+            best = max(sum(s[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+            assert s[np.arange(n), perm].sum() == pytest.approx(best, abs=1e-9)
+
+
+def test_linear_assignment_matches_scipy_on_larger_matrices():
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(1)
+    for n in (17, 40):
+        s = rng.normal(size=(n, n))
+        rows, cols = scipy_opt.linear_sum_assignment(s, maximize=True)
+        perm = ops.linear_assignment(s)
+        assert s[np.arange(n), perm].sum() == pytest.approx(s[rows, cols].sum(), abs=1e-9)
+
+
+def test_neuron_alignment_recovers_a_known_permutation():
+    rng = np.random.default_rng(2)
+    for gate in (True, False):
+        ex = {k: v[0] for k, v in _experts(rng, e=1, d=8, f=12, gate=gate).items()}
+        perm = rng.permutation(12)
+        shuffled = ops.permute_neurons(ex, perm)
+        # the permuted expert computes the same function
+        x = rng.normal(size=(7, 8))
+        np.testing.assert_allclose(_expert_fn(shuffled, x), _expert_fn(ex, x), rtol=1e-10, atol=1e-10)
+        back = ops.neuron_alignment(ex, shuffled)
+        aligned = ops.permute_neurons(shuffled, back)
+        for name in ex:
+            np.testing.assert_array_equal(aligned[name], ex[name])
+        # unit a of the aligned expert is the shuffled one's unit back[a]: the inverse of perm
+        np.testing.assert_array_equal(perm[back], np.arange(12))
+
+
+# ------------------------------------------------------------------ grouping and merging
+
+
+def test_similarity_and_grouping():
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(50, 3))
+    # columns 3, 4 are noisy copies of 0 and 2; expert 5 copies 1
+    logits = np.concatenate([base, base[:, [0, 2]] + 0.01 * rng.normal(size=(50, 2)),
+                             base[:, [1]] * 2.0], axis=1)
+    sim = ops.logit_similarity(logits)
+    h = logits / np.linalg.norm(logits, axis=0)
+    np.testing.assert_allclose(sim, (h.T @ h + 1) / 2, rtol=1e-12)
+    assert np.all(sim <= 1 + 1e-12) and np.all(sim >= -1e-12)
+    usage = np.array([10.0, 9.0, 8.0, 1.0, 2.0, 3.0])
+    dominant, group = ops.group_experts(usage, sim, 3)
+    np.testing.assert_array_equal(dominant, [0, 1, 2])
+    np.testing.assert_array_equal(group, [0, 1, 2, 0, 2, 1])
+    # dominant experts are the most used, in index order; ties go to the lower index
+    dominant, group = ops.group_experts(np.array([1.0, 5.0, 5.0, 5.0, 0.0, 0.0]), sim, 2)
+    np.testing.assert_array_equal(dominant, [1, 2])
+    assert group[1] == 0 and group[2] == 1
+
+
+def test_expert_usage_counts_routed_copies_through_the_map():
+    indices = np.array([[0, 3], [3, -1], [1, 2], [2, 0]])
+    valid = np.array([True, True, True, False])
+    usage = ops.expert_usage(indices, np.array([0, 1, 1, 0]), 2, valid)
+    np.testing.assert_array_equal(usage, [3.0, 2.0])   # outputs 0, 3 -> 0; 1, 2 -> 1
+    np.testing.assert_array_equal(ops.expert_usage(indices, ops.identity_map(4), 4), [2, 1, 2, 2])
+
+
+def test_physical_logits_logsumexp_over_the_outputs_of_an_expert():
+    rng = np.random.default_rng(4)
+    h = rng.normal(size=(9, 4))
+    np.testing.assert_allclose(ops.physical_logits(h, ops.identity_map(4), 4), h)
+    out = ops.physical_logits(h, np.array([1, 0, 1, 1]), 3)
+    np.testing.assert_allclose(out[:, 0], h[:, 1])
+    np.testing.assert_allclose(out[:, 1], np.log(np.exp(h[:, [0, 2, 3]]).sum(1)))
+    np.testing.assert_array_equal(out[:, 2], 0.0)
+
+
+def test_merging_identical_experts_changes_nothing():
+    rng = np.random.default_rng(5)
+    one = _experts(rng, e=1, d=6, f=9)
+    # expert 1 is expert 0 with its hidden units shuffled: the same function
+    shuffled = ops.permute_neurons({n: w[0] for n, w in one.items()}, rng.permutation(9))
+    two = {k: np.concatenate([v, shuffled[k][None]]) for k, v in one.items()}
+    for method in ("mc_smoe", "average"):
+        for usage in ([3.0, 1.0], [0.0, 0.0]):
+            group, dominant = np.array([0, 0]), np.array([0])
+            merged, _ = ops.merge_experts(two if method == "mc_smoe" else
+                                          {k: np.concatenate([v, v]) for k, v in one.items()},
+                                          group, dominant, np.array(usage), method)
+            for name in one:
+                np.testing.assert_allclose(merged[name], one[name], rtol=1e-12, atol=1e-12)
+
+
+def test_frequency_weighted_average_by_hand():
+    rng = np.random.default_rng(6)
+    ex = _experts(rng, e=5, d=6, f=8)
+    # members of group 0 are small perturbations of its dominant expert 2: alignment keeps them
+    for e in (0, 4):
+        for name in ex:
+            ex[name][e] = ex[name][2] + 1e-3 * rng.normal(size=ex[name][2].shape)
+    group = np.array([0, 1, 0, 1, 0])
+    dominant = np.array([2, 3])
+    usage = np.array([2.0, 7.0, 5.0, 1.0, 3.0])
+    merged, info = ops.merge_experts(ex, group, dominant, usage, "mc_smoe")
+    assert all(np.array_equal(p, np.arange(8)) for e, p in info["permutations"].items() if group[e] == 0)
+    for name in ex:
+        hand0 = (2.0 * ex[name][0] + 5.0 * ex[name][2] + 3.0 * ex[name][4]) / 10.0
+        np.testing.assert_allclose(merged[name][0], hand0, rtol=1e-12)
+    np.testing.assert_allclose(info["weights"], [0.2, 7 / 8, 0.5, 1 / 8, 0.3])
+    # the same group with its members' units shuffled: alignment undoes the shuffles first
+    shuffled = {k: v.copy() for k, v in ex.items()}
+    for e in (0, 4):
+        p = ops.permute_neurons({n: w[e] for n, w in ex.items()}, rng.permutation(8))
+        for name in ex:
+            shuffled[name][e] = p[name]
+    again, _ = ops.merge_experts(shuffled, group, dominant, usage, "mc_smoe")
+    for name in ex:
+        np.testing.assert_allclose(again[name][0], merged[name][0], rtol=1e-12)
+    # average: the plain mean, unaligned
+    avg, _ = ops.merge_experts(ex, group, dominant, usage, "average")
+    for name in ex:
+        np.testing.assert_allclose(avg[name][1], (ex[name][1] + ex[name][3]) / 2, rtol=1e-12)
+
+
+def test_merged_map_and_pruning():
+    group = np.array([0, 1, 0, 2, 1])
+    np.testing.assert_array_equal(ops.merged_expert_map(ops.identity_map(5), group), group)
+    np.testing.assert_array_equal(ops.merged_expert_map(np.array([4, 3, 2, 1, 0]), group), [1, 2, 0, 1, 0])
+    rng = np.random.default_rng(7)
+    ex = _experts(rng, e=5)
+    kernel = rng.normal(size=(6, 5))
+    usage = np.array([4.0, 1.0, 9.0, 0.0, 4.0])
+    pruned, k2, m2, outs = ops.prune_experts(ex, kernel, ops.identity_map(5), usage, 3)
+    np.testing.assert_array_equal(outs, [0, 2, 4])          # the three most used
+    np.testing.assert_array_equal(m2, [0, 1, 2])
+    np.testing.assert_array_equal(k2, kernel[:, [0, 2, 4]])
+    for name in ex:
+        np.testing.assert_array_equal(pruned[name], ex[name][[0, 2, 4]])
+    # through a many-to-one map: outputs reaching a dropped expert go with it
+    pruned, k2, m2, outs = ops.prune_experts({n: w[:3] for n, w in ex.items()}, kernel,
+                                             np.array([0, 1, 2, 1, 0]), np.array([5.0, 1.0, 3.0]), 2)
+    np.testing.assert_array_equal(outs, [0, 2, 4])
+    np.testing.assert_array_equal(m2, [0, 1, 0])
+
+
+# ------------------------------------------------------------------ compression
+
+
+def test_low_rank_plus_sparse():
+    rng = np.random.default_rng(8)
+    w = rng.normal(size=(12, 7))
+    u, v, s = ops.low_rank_plus_sparse(w, 7, 0.0)
+    np.testing.assert_allclose(u @ v + s, w, atol=1e-10)
+    u, v, s = ops.low_rank_plus_sparse(w, 0, 1.0)
+    np.testing.assert_array_equal(u @ v + s, w)
+    errors = []
+    for r in range(8):
+        u, v, s = ops.low_rank_plus_sparse(w, r, 0.1)
+        assert u.shape == (12, r) and v.shape == (r, 7)
+        assert np.count_nonzero(s) == round(0.1 * 84)
+        errors.append(np.linalg.norm(w - u @ v - s))
+        # the low-rank part is the best rank-r approximation (Eckart-Young)
+        sv = np.linalg.svd(w, compute_uv=False)
+        assert np.linalg.norm(w - u @ v) == pytest.approx(np.sqrt(np.sum(sv[r:] ** 2)), rel=1e-9, abs=1e-9)
+    assert all(a > b for a, b in zip(errors, errors[1:-1])) and errors[-1] < 1e-9
+    # the sparse part takes the largest residual entries
+    u, v, s = ops.low_rank_plus_sparse(w, 2, 0.2)
+    resid = np.abs(w - u @ v)
+    kept = np.abs(s) > 0
+    assert resid[kept].min() >= resid[~kept].max()
+    # error decreases with density at fixed rank
+    errs = []
+    for dd in (0.0, 0.3, 0.6, 1.0):
+        u, v, s = ops.low_rank_plus_sparse(w, 2, dd)
+        errs.append(np.linalg.norm(w - u @ v - s))
+    assert errs[0] > errs[1] > errs[2] > errs[3]
+    assert ops.compressed_size((12, 7), ops.rank_for_rate((12, 7), 0.5, 0.1), 0.1) <= 0.5 * 84
+
+
+# ------------------------------------------------------------------ null experts
+
+
+def test_tiled_null_columns_keep_the_top_k_choice():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(200, 6))
+    kernel = rng.normal(size=(6, 4))
+    for z, k in ((4, 2), (8, 1), (8, 2)):
+        new = ops.null_router_kernel(kernel, z)
+        assert new.shape == (6, 4 + z)
+        k2 = ops.tiled_null_k(k, 4, z)
+        h, h2 = x @ kernel, x @ new
+        top = np.argsort(-h, axis=1, kind="stable")[:, :k]
+        top2 = np.argsort(-h2, axis=1, kind="stable")[:, :k2]
+        real = [sorted(t[t < 4].tolist()) for t in top2]
+        assert real == [sorted(t.tolist()) for t in top]
+    with pytest.raises(ValueError):
+        ops.tiled_null_k(2, 4, 6)
