@@ -229,3 +229,104 @@ def test_tiled_null_columns_keep_the_top_k_choice():
         assert real == [sorted(t.tolist()) for t in top]
     with pytest.raises(ValueError):
         ops.tiled_null_k(2, 4, 6)
+
+
+# ------------------------------------------------------------------ the transforms on a tiny model
+
+MOE = {"model.ffn": "moe", "model.moe.num_experts": 4, "model.moe.k": 2, "train.steps": 3,
+       "checkpoint.every": 3, "train.eval_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def moe_run(data_dir, tmp_path_factory):
+    from conftest import tiny_config
+    from routezoo.training.train import train_and_evaluate
+    wd = str(tmp_path_factory.mktemp("experts_src"))
+    train_and_evaluate(tiny_config(data_dir, **MOE), wd)
+    return wd
+
+
+@pytest.fixture(scope="module")
+def source(moe_run):
+    from routezoo.training import transform as T
+    return T.load_source(moe_run, log=lambda *_: None)
+
+
+def _run(name, source, **opts):
+    """The transform ``name`` on an in-memory source; ``(result, ctx)``."""
+    from routezoo.training import transform as T
+    t = T.get_transform(name)
+    ctx = T.Context(source, log=lambda *_: None)
+    return t.fn(source, T.parse_options(t, {"evaluate": False, **opts} if "evaluate" in t.options else opts),
+                ctx), ctx
+
+
+def _with_params(source, params):
+    import dataclasses
+    return dataclasses.replace(source, params=params)
+
+
+def _logits(ctx, config, params, model_state, batch):
+    return np.asarray(ctx.apply(config, params, model_state, batch["inputs"])[0])
+
+
+def test_add_null_experts_keeps_the_outputs_at_init(source):
+    result, ctx = _run("add_null_experts", source, calibration_batches=1)
+    moe = result.config.model.moe
+    assert moe.router == "null_experts" and moe.num_null_experts == 4 and moe.k == 4
+    assert result.report["routing_preserved_at_init"]
+    for layer in source.moe_layers:
+        old = source.params[f"layer{layer}"]["moe"]["router"]["kernel"]
+        new = result.params[f"layer{layer}"]["moe"]["router"]["kernel"]
+        np.testing.assert_array_equal(new, np.concatenate([old, old], axis=1))
+    batch = ctx.batches(1)[0]
+    np.testing.assert_allclose(_logits(ctx, result.config, result.params, result.model_state, batch),
+                               _logits(ctx, source.config, source.params, source.model_state, batch),
+                               rtol=1e-5, atol=1e-5)
+    assert result.report["real_experts_per_token"]["mean"] == pytest.approx(2.0)
+    assert result.report["real_experts_per_token_source"]["mean"] == pytest.approx(2.0)
+
+
+def test_compress_at_full_rank_or_density_one_is_exact(source):
+    full = source.config.model.d_model   # min(D, F) with F = expert_dim = D here
+    for opts in ({"rank": min(full, int(source.config.model.moe.expert_dim))}, {"density": 1.0}):
+        result, _ = _run("compress", source, **opts)
+        for layer in source.moe_layers:
+            old = source.params[f"layer{layer}"]["moe"]["experts"]
+            new = result.params[f"layer{layer}"]["moe"]["experts"]
+            for name in old:
+                np.testing.assert_allclose(new[name], old[name], rtol=1e-5, atol=1e-6)
+        assert result.report["relative_error"] < 1e-6
+    errors = [_run("compress", source, rank=r)[0].report["relative_error"] for r in (2, 8, 16)]
+    assert errors[0] > errors[1] > errors[2] > 0
+
+
+def test_prune_keeps_the_most_used_experts(source):
+    result, ctx = _run("merge", source, merge_method="prune", num_experts=2, calibration_batches=2)
+    stats = ctx.routing_stats(source.config, source.params, source.model_state, 2)
+    assert result.config.model.moe.num_experts == 2 and result.config.model.moe.k == 2
+    for layer, load in zip(stats["layers"], stats["load"]):
+        keep = np.sort(np.argsort(-np.asarray(load), kind="stable")[:2])
+        assert result.report["layers"][f"layer{layer}"]["kept"] == keep.tolist()
+        old, new = source.params[f"layer{layer}"]["moe"], result.params[f"layer{layer}"]["moe"]
+        np.testing.assert_array_equal(new["router"]["kernel"], old["router"]["kernel"][:, keep])
+        for name in old["experts"]:
+            np.testing.assert_array_equal(new["experts"][name], old["experts"][name][keep])
+
+
+@pytest.mark.parametrize("name,flags,words", [
+    ("merge", ["--config.transform.merge_method=zip"], "merge_method"),
+    ("merge", ["--config.transform.num_experts=4"], "num_experts=4"),
+    ("merge", ["--config.transform.bogus=1"], "no option"),
+    ("compress", [], "rank"),
+    ("compress", ["--config.transform.density=1.5"], "density"),
+    ("add_null_experts", ["--config.transform.num_null_experts=3"], "multiple"),
+    ("add_null_experts", ["--config.transform.k=9"], "k=9"),
+])
+def test_bad_options_one_line_exit_2_nothing_written(moe_run, tmp_path, capsys, name, flags, words):
+    from routezoo.training import cli
+    out = tmp_path / "out"
+    assert cli.main(["transform", name, "--from", moe_run, "--workdir", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
