@@ -23,6 +23,7 @@ commands:
             layer layout: routezoo convert --workdir DIR --layout scanned|unscanned --out NEW_DIR
   analyze   routing analytics of a trained MoE: routezoo analyze --workdir DIR [--steps N] (writes DIR/analysis/)
   merge     merge fine-tunes of one base without training: routezoo merge --method ties --base B --from W1,W2 --workdir OUT
+  transform an operation on a trained model into a new workdir: routezoo transform NAME --from DIR --workdir OUT
   compile   will it fit? compile the train step for a TPU topology: routezoo compile [--config FILE|NAME] --topology v5p:4x4x8
 
 Run 'routezoo COMMAND --help' for the flags of a command.
@@ -134,7 +135,31 @@ def parse_train_flags(argv: list[str]):
     config, fv = parse_config_flags("routezoo train", argv, define)
     if not fv.workdir:
         raise SystemExit(_fail("--workdir is required"))
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        config = _transformed_workdir_config(fv.workdir, config, argv) or config
     return config, fv.workdir, fv.stop_after
+
+
+def _transformed_workdir_config(workdir: str, parsed, argv: list[str]):
+    """A workdir written by ``routezoo transform`` trains with its own ``config.json`` (no
+    config file describes the transformed model) when no ``--config`` is given; the
+    ``--config.KEY=VALUE`` overrides (already parsed into ``parsed``) go on top. ``None``
+    for any other workdir."""
+    from routezoo.training.workdir import read_workdir_config
+    if not os.path.isfile(os.path.join(workdir, "transform.json")):
+        return None
+    try:
+        config = read_workdir_config(workdir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(_fail(" ".join(str(e).split()))) from None
+    for a in argv:
+        if a.startswith("--config."):
+            path = a[len("--config."):].split("=", 1)[0].split(".")
+            src, dst = parsed, config
+            for part in path[:-1]:
+                src, dst = src[part], dst[part]
+            dst[path[-1]] = src[path[-1]]
+    return config
 
 
 def train_main(argv: list[str]) -> int:
@@ -317,7 +342,9 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "convert
                                                    "merge": lambda argv: __import__(
                                                        "routezoo.training.merge", fromlist=["main"]).main(argv),
                                                    "compile": lambda argv: __import__(
-                                                       "routezoo.training.compile", fromlist=["main"]).main(argv)}
+                                                       "routezoo.training.compile", fromlist=["main"]).main(argv),
+                                                   "transform": lambda argv: __import__(
+                                                       "routezoo.training.transform", fromlist=["main"]).main(argv)}
 
 
 def main(argv: list[str] | None = None) -> int:

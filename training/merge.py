@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from typing import Any, Callable
 
@@ -275,62 +274,20 @@ def merge_workdirs(method: str, base: str, sources: list[str], out: str, *, log:
 
 
 def _write(out: str, base: str, base_step: int, base_config, base_state, merged, info: dict[str, Any]) -> None:
-    """``OUT`` (module docstring), staged in a temporary sibling and renamed into place."""
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    from flax import linen as nn
-
-    from routezoo import zoo
-    from routezoo.training import checkpoint as ckpt_lib
-    from routezoo.training.adapter_run import optimizer_for
-    from routezoo.training.state import TrainState, state_shardings
+    """``OUT`` (module docstring), written by :func:`routezoo.training.workdir.write_step0_workdir`."""
+    from routezoo.training.workdir import write_step0_workdir
 
     with open(os.path.join(base, "config.json")) as f:
         tree = json.load(f)
     adapter = tree.setdefault("adapter", {})
     adapter["method"], adapter["library"] = "", ""
     tree.setdefault("init", {})["adapter_from"] = ""
-
-    mesh, rules = _mesh_and_rules(base_config)
-    tx = optimizer_for(base_config, None)[0]
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(out)}.merge-{os.getpid()}")
     try:
-        os.makedirs(staging)
-        with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(tree, f, indent=2, sort_keys=True)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            _, shardings, _ = state_shardings(zoo.build(base_config.model), tx, base_config, mesh, rules)
-            state = jax.jit(lambda p, ms, rng: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                                          opt_state=tx.init(p), model_state=ms, rng=rng),
-                            out_shardings=shardings)(merged, base_state.model_state, base_state.rng)
-            src_step = os.path.join(base, "checkpoints", str(base_step))
-            dst_step = os.path.join(staging, "checkpoints", "0")
-            # the data-iterator position and Orbax's step metadata, byte for byte; a new state
-            shutil.copytree(src_step, dst_step, ignore=lambda d, names: (
-                [n for n in names if n in ("state", "guard", ckpt_lib.MANIFEST)]
-                if os.path.samefile(d, src_step) else []))
-            scratch = os.path.join(staging, ".state")
-            manager = ocp.CheckpointManager(scratch, item_names=("state",), options=ocp.CheckpointManagerOptions(
-                create=True, enable_async_checkpointing=False))
-            try:
-                manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
-                manager.wait_until_finished()
-            finally:
-                manager.close()
-        os.replace(os.path.join(scratch, "0", "state"), os.path.join(dst_step, "state"))
-        shutil.rmtree(scratch)
-        ckpt_lib.write_manifest(dst_step)
-        with open(os.path.join(staging, MERGE_JSON), "w") as f:
-            json.dump(info, f, indent=2)
-        os.replace(staging, out)   # an empty OUT directory is replaced
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise MergeError(f"writing {out} failed: {e.strerror or e}; nothing was left there") from None
-        raise
+        write_step0_workdir(out, base_config, merged, base_state.model_state, base_state.rng,
+                            record_name=MERGE_JSON, record=info, config_tree=tree,
+                            data_from=os.path.join(base, "checkpoints", str(base_step)), tag="merge")
+    except OSError as e:
+        raise MergeError(f"writing {out} failed: {e.strerror or e}; nothing was left there") from None
 
 
 def main(argv: list[str]) -> int:

@@ -283,3 +283,88 @@ def load_trained(workdir: str, step: int | None = None, mesh_shape: dict[str, in
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = restore_state(workdir, config, model, mesh, rules, step, log)
     return config, model, state
+
+
+def write_step0_workdir(out: str, config, params, model_state, rng, *, record_name: str, record: dict[str, Any],
+                        data_from: str | None = None, config_tree: dict[str, Any] | None = None,
+                        tag: str = "new") -> None:
+    """Writes a new workdir ``out`` whose one checkpoint is a train state at step 0.
+
+    What ``out`` gets, assembled in a temporary sibling directory and renamed into place
+    once complete (an empty ``out`` directory is replaced; nothing is left behind on a
+    failure):
+
+    - ``config.json``: ``config_tree`` if given (a JSON-able dict), else ``config``'s;
+    - ``checkpoints/0/``: ``state/`` with ``params`` and ``model_state`` (host or device
+      trees in the layout ``config.model`` runs with), a fresh optimizer state of
+      ``config`` and ``rng``; the data iterator's position copied byte for byte from the
+      checkpoint step directory ``data_from`` (with Orbax's step metadata), or, without
+      it, a fresh iterator of ``config.data`` at its start; a manifest;
+    - ``record_name``: ``record`` as JSON (what made the workdir, from what).
+
+    ``routezoo train`` (resuming at step 0), ``analyze``, ``convert --to-hf``,
+    ``load_trained`` and ``init.from`` read it as any run.
+
+    Raises:
+      OSError: the write failed (the staging directory is removed first).
+    """
+    import shutil
+
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from routezoo.training.state import TrainState
+
+    mesh_config = ml_collections.ConfigDict(config.to_dict())
+    for axis in shd.MESH_AXES:
+        mesh_config.mesh[axis] = -1 if axis == "data" else 1
+    mesh, rules = mesh_and_rules(mesh_config)
+    tx = optimizer_for(config, None)[0]
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(out)}.{tag}-{os.getpid()}")
+    try:
+        os.makedirs(staging)
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            if config_tree is not None:
+                json.dump(config_tree, f, indent=2, sort_keys=True)
+            else:
+                f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        dst_step = os.path.join(staging, "checkpoints", "0")
+        scratch = os.path.join(staging, ".state")
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            _, shardings, _ = state_shardings(zoo.build(config.model), tx, config, mesh, rules)
+            state = jax.jit(lambda p, ms, r: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                                        opt_state=tx.init(p), model_state=ms, rng=r),
+                            out_shardings=shardings)(params, model_state, jnp.asarray(rng, jnp.uint32))
+            items = {"state": ocp.args.StandardSave(state)}
+            if data_from is not None:
+                # the data-iterator position and Orbax's step metadata, byte for byte; a new state
+                shutil.copytree(data_from, dst_step, ignore=lambda d, names: (
+                    [n for n in names if n in ("state", "guard", ckpt_lib.MANIFEST)]
+                    if os.path.samefile(d, data_from) else []))
+            else:
+                from routezoo.training import data as data_lib
+                data_lib.ensure_dataset(config.data)
+                items["data"] = data_lib.iterator_save_args(data_lib.make_train_iterator(config))
+            manager = ocp.CheckpointManager(scratch, item_names=tuple(items), options=ocp.CheckpointManagerOptions(
+                create=True, enable_async_checkpointing=False))
+            try:
+                manager.save(0, args=ocp.args.Composite(**items), force=True)
+                manager.wait_until_finished()
+            finally:
+                manager.close()
+        if data_from is not None:
+            os.replace(os.path.join(scratch, "0", "state"), os.path.join(dst_step, "state"))
+        else:
+            os.makedirs(os.path.dirname(dst_step), exist_ok=True)
+            os.replace(os.path.join(scratch, "0"), dst_step)
+        shutil.rmtree(scratch)
+        ckpt_lib.write_manifest(dst_step)
+        with open(os.path.join(staging, record_name), "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(staging, out)   # an empty ``out`` directory is replaced
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
