@@ -195,6 +195,14 @@ def get_config() -> ml_collections.ConfigDict:
     o.weight_decay_mask = "matrices"   # matrices (ndim >= 2, no embeddings) | all | none
     o.clip_norm = 1.0            # global-norm clipping; 0 = off
 
+    # Distillation from a frozen teacher (training/distill.py, docs/runs.md): the loss gains
+    # weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)), a per-token mean. Off
+    # ("" teacher or weight 0): the step is the plain one.
+    dl = c.distill = ml_collections.ConfigDict()
+    dl.teacher_workdir = ""      # workdir of a trained run with the same vocabulary and objective; "" = off
+    dl.weight = 1.0              # weight of the KL term (0 = off: the teacher is not loaded)
+    dl.temperature = 1.0         # T > 0: softens both distributions; the term is scaled by T^2 (Hinton et al. 2015)
+
     ck = c.checkpoint = ml_collections.ConfigDict()
     ck.every = 200
     ck.keep = 3

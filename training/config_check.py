@@ -321,6 +321,11 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         raise ConfigError("config keys 'init.from_workdir' and 'init.from_hf' are both set; allowed: one of them")
     _check_init_sources(config)
     _check_peft_source(config)
+    from routezoo.training import distill
+    try:   # distill.*: a teacher run of the same vocabulary and objective, weight >= 0, temperature > 0
+        distill.check_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if "moe" in kinds:
         from routezoo.layers.moe import validate_moe_config
         from routezoo.layers.routers import ROUTERS

@@ -77,14 +77,18 @@ def check_guard(guard: dict[str, Any], config, step: int, checkpointer) -> None:
 
 
 def jit_train_step(model, tx, config, schedule, run, special_ids, batch_sharding: NamedSharding,
-                   replicated: NamedSharding):
+                   replicated: NamedSharding, teacher=None):
     """The loop's train step, jitted as the loop runs it (``routezoo compile`` compiles this
     same one): the guarded step (:func:`~routezoo.training.step.make_train_step` with
     ``guarded=True``), the state donated and sharded as ``run.shardings``, the divergence
     guard replicated and donated, the batch on ``batch_sharding``. Called as
-    ``train_step(state, guard, batch, *run.extra) -> (state, guard, metrics)``."""
-    return jax.jit(make_train_step(model, tx, config, schedule, run.adapter, special_ids, guarded=True),
-                   in_shardings=(run.shardings, replicated, batch_sharding, *run.extra_shardings),
+    ``train_step(state, guard, batch, *run.extra) -> (state, guard, metrics)``; with a
+    ``teacher`` (:func:`routezoo.training.distill.load_teacher`) its variables follow, not
+    donated: ``train_step(state, guard, batch, *run.extra, teacher.variables)``."""
+    spec, extra = (None, ()) if teacher is None else (teacher.spec, (teacher.shardings,))
+    return jax.jit(make_train_step(model, tx, config, schedule, run.adapter, special_ids, guarded=True,
+                                   teacher=spec),
+                   in_shardings=(run.shardings, replicated, batch_sharding, *run.extra_shardings, *extra),
                    out_shardings=(run.shardings, replicated, None), donate_argnums=(0, 1))
 
 
@@ -258,6 +262,9 @@ def _train(config, workdir: str, stop_after: int | None, is_main: bool) -> dict[
             f"{jax.process_count()} process(es)")
         run.load(workdir, info, progress_log)   # an adapter run: its frozen base, passed to every step
         extra = run.extra
+        from routezoo.training.distill import load_teacher
+        teacher = load_teacher(config, mesh, rules, progress_log)   # distill.*: a frozen teacher, or None
+        train_extra = extra + (() if teacher is None else (teacher.variables,))
 
         train_iter = data_lib.make_train_iterator(config)
         checkpointer = ckpt_lib.Checkpointer(
@@ -301,7 +308,8 @@ def _train(config, workdir: str, stop_after: int | None, is_main: bool) -> dict[
         progress = None
         try:
             special_ids = special_ids_of(tokenizer)
-            train_step = jit_train_step(model, tx, config, schedule, run, special_ids, batch_sharding, replicated)
+            train_step = jit_train_step(model, tx, config, schedule, run, special_ids, batch_sharding, replicated,
+                                        teacher)
             eval_steps = {suffix: jax.jit(make_eval_step(m, tokenizer.token_bytes, run.adapter, special_ids),
                                           in_shardings=(shardings, batch_sharding, *run.extra_shardings))
                           for suffix, m in {"": model, **eval_variants(config)}.items()}
@@ -324,7 +332,7 @@ def _train(config, workdir: str, stop_after: int | None, is_main: bool) -> dict[
                     host_batch = next(train_iter)   # the device runs the previous step meanwhile (async dispatch)
                     waited += time.perf_counter() - t_wait
                     batch = to_global(host_batch, batch_sharding)
-                    state, guard, metrics = train_step(state, guard, batch, *extra)
+                    state, guard, metrics = train_step(state, guard, batch, *train_extra)
                     step += 1
                     log_now = step % config.train.log_every == 0 or step == steps
                     eval_now = step % config.train.eval_every == 0 or step == steps

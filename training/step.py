@@ -26,6 +26,12 @@ reads the flag with the metrics it already fetches, stops before saving anything
 it. The loop's step (``make_train_step(..., guarded=True)``) also carries a small
 :func:`init_guard` tree: the skipped count, the running mean of the loss and the first
 flagged step.
+
+Distillation (``distill.*``, :mod:`routezoo.training.distill`): ``make_train_step(...,
+teacher=Distill(...))`` takes the frozen teacher's variables as one more, last, argument
+of every variant; the teacher runs in evaluation mode on the step's inputs and its
+softened KL to the student is the loss term ``distill``. Without a teacher (or with
+weight 0) the step is the plain one.
 """
 
 from __future__ import annotations
@@ -141,7 +147,8 @@ def init_guard(skipped: int = 0, loss_mean: float = 0.0, count: int = 0) -> dict
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
                     schedule: optax.Schedule, adapter: Any = None,
-                    special_ids: dict[str, int] | None = None, *, guarded: bool = False) -> Callable:
+                    special_ids: dict[str, int] | None = None, *, guarded: bool = False,
+                    teacher: Any = None) -> Callable:
     """The train step of ``model`` under ``tx``.
 
     Args:
@@ -153,6 +160,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
       adapter: an adapter method, or ``None``.
       special_ids: the tokenizer's pad and eos ids for the objective (:func:`objective_batch`).
       guarded: the loop's variant, which carries the divergence guard (:func:`init_guard`).
+      teacher: a :class:`~routezoo.training.distill.Distill` (a frozen teacher's module,
+        weight and temperature), or ``None``; with weight 0 it is ignored.
 
     Returns:
       ``train_step(state, batch)``; with an ``adapter``, ``train_step(state, batch, base)``
@@ -162,13 +171,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
       guard, metrics)``; the loss-spike check needs the guard's running mean, so only this
       variant applies ``train.spike_factor``. Under ``train.on_nonfinite=skip`` a flagged
       step leaves the state as it was except ``step`` (the unguarded variant then logs
-      ``nonfinite`` = 1, the guarded one the running total ``skipped_steps``).
+      ``nonfinite`` = 1, the guarded one the running total ``skipped_steps``). With a
+      ``teacher`` every variant takes the teacher's variables (``{'params', **model_state}``)
+      as its last argument, e.g. ``train_step(state, batch, teacher_vars)``.
     """
     accum = int(config.train.grad_accum)
     skip = str(config.train.get("on_nonfinite", "stop")) == "skip"
     spike_factor = float(config.train.get("spike_factor", 0.0))
+    distill = teacher if teacher is not None and teacher.weight > 0 else None
+    if distill is not None:
+        from routezoo.training.distill import distill_kl
 
-    def loss_fn(params, model_state, batch, rng, base):
+    def loss_fn(params, model_state, batch, rng, base, teacher_vars=None):
         rngs = {s: jax.random.fold_in(rng, i) for i, s in enumerate(RNG_STREAMS)}
         mutable = list(model_state)
         full = forward_params(adapter, base, params)
@@ -183,30 +197,39 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
         denom = jnp.maximum(w.sum(), 1.0)
         ce = nll.sum() / denom
         losses = dict(aux.get("losses", {}))
+        extra_metrics = {}
+        if distill is not None:   # the frozen teacher on the same inputs, in evaluation mode
+            t_logits, _ = distill.model.apply(teacher_vars, inputs, deterministic=True,
+                                              **packed_kwargs(distill.model, batch))
+            kl = distill_kl(logits, t_logits, w, distill.temperature)
+            losses["distill"] = distill.weight * kl
+            extra_metrics["distill_kl"] = kl
         total = ce + sum(losses.values()) if losses else ce
         metrics = {"ce": ce, "accuracy": correct.sum() / denom, **losses, **aux.get("metrics", {}),
-                   **{f"moe/{k}": v for k, v in aux.get("stats", {}).items()}}
+                   **{f"moe/{k}": v for k, v in aux.get("stats", {}).items()}, **extra_metrics}
         return total, (metrics, dict(new_model_state))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: dict[str, jax.Array], base, guard=None):
+    def step(state: TrainState, batch: dict[str, jax.Array], base, guard=None, teacher_vars=None):
         rng = jax.random.fold_in(state.rng, state.step)
         if accum == 1:
-            (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng, base)
+            (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, rng, base,
+                                                            teacher_vars)
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def body(carry, mb_i):
                 g_acc, l_acc, m_acc, ms = carry
                 mb, i = mb_i
-                (l, (m, ms)), g = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i), base)
+                (l, (m, ms)), g = grad_fn(state.params, ms, mb, jax.random.fold_in(rng, i), base, teacher_vars)
                 return (jax.tree.map(jnp.add, g_acc, g), l_acc + l,
                         jax.tree.map(jnp.add, m_acc, m), ms), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             m0 = jax.eval_shape(lambda: grad_fn(state.params, state.model_state,
-                                                jax.tree.map(lambda x: x[0], micro), rng, base)[0][1][0])
+                                                jax.tree.map(lambda x: x[0], micro), rng, base,
+                                                teacher_vars)[0][1][0])
             m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
             (grads, loss, metrics, model_state), _ = jax.lax.scan(
                 body, (zeros, 0.0, m0, state.model_state), (micro, jnp.arange(accum)))
@@ -237,6 +260,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, config,
         if skip:
             metrics["skipped_steps"] = new_guard["skipped"]
         return new_state, new_guard, metrics
+
+    if distill is not None:   # the teacher's variables: the last argument of every variant
+        if guarded:
+            if adapter is not None:
+                return lambda state, guard, batch, base, tv: step(state, batch, base, guard, tv)
+            return lambda state, guard, batch, tv: step(state, batch, None, guard, tv)
+        if adapter is not None:
+            return lambda state, batch, base, tv: step(state, batch, base, None, tv)
+        return lambda state, batch, tv: step(state, batch, None, None, tv)
 
     if guarded:
         if adapter is not None:
