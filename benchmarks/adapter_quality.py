@@ -58,6 +58,7 @@ def base_config(size: str, seq_len: int, batch: int, steps: int):
     m = c.model
     m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim = layers, d, h, kv, hd
     m.ffn, m.mlp_dim = "mlp", f
+    m.scan_layers = False   # adapters address layers one by one (adapter runs execute the base unscanned)
     c.data.seq_len = seq_len
     c.train.batch_size, c.train.steps = batch, steps
     c.optimizer.learning_rate, c.optimizer.warmup_steps = 2e-3, max(steps // 20, 1)
@@ -241,7 +242,7 @@ def run(a) -> None:
                         eval_sets([a.ft_task] + heldout), a.base_steps)
     record("base", "base", r, "dense LM pre-trained on every package")
 
-    # --- LoRA vs MoS on one task -------------------------------------------------------
+    # --- LoRA vs MoS (and DoRA, PiSSA) on one task -----------------------------------
     ft = TaskBatches([data[f"train/{a.ft_task}"]], batch, pad_id, seed=a.seed + 1)
     r_eq, r_act = a.r_eq, a.r_active
     for name, method, keys, note in (
@@ -260,6 +261,9 @@ def run(a) -> None:
                            a.ft_steps)
         record(name, f"single task ({a.ft_task})", res, note)
 
+    if "multi" not in a.parts.split(","):
+        print_table(rows)
+        return
     # --- multi-task, then few-shot on held-out tasks ------------------------------------
     mt_rows = [data[f"train/{t}"] for t in train_tasks]
     shots = [data[f"train/{t}"][:a.fewshot_rows] for t in heldout]
@@ -335,6 +339,8 @@ def main() -> None:
     pr.add_argument("--skills", type=int, default=4)
     pr.add_argument("--heads", type=int, default=4)
     pr.add_argument("--seed", type=int, default=0, help="model init and batch order (the data stay the same)")
+    pr.add_argument("--parts", default="single,multi",
+                    help="single: LoRA vs MoS, DoRA, PiSSA on --ft_task; multi: multi-task then few-shot")
     pr.add_argument("--json", default="adapter_quality.json")
     a = p.parse_args()
     {"prepare": prepare, "run": run}[a.cmd](a)
