@@ -25,7 +25,7 @@ workdirs, then call these):
   average weighted by usage) or ``average`` (plain mean, no alignment);
 * :func:`prune_experts`: keep the ``N`` most used experts and their router outputs;
 * :func:`low_rank_plus_sparse`: ``W ≈ U V + S`` (MC-SMoE's compression);
-* :func:`null_router_kernel` / :func:`tiled_null_k`: AdaMoE's null experts added to a
+* :func:`null_router_kernel` / :func:`null_k_range`: AdaMoE's null experts added to a
   trained top-k router.
 
 References: Li et al. 2024, "Merge, Then Compress: Demystify Efficient SMoE with Hints from
@@ -368,11 +368,21 @@ def rank_for_rate(shape: tuple[int, int], rate: float, density: float) -> int:
 
 def tiled_null_k(k: int, num_outputs: int, num_null: int) -> int:
     """The ``k`` that keeps a top-``k`` routing over ``R`` outputs unchanged once ``Z``
-    tiled null columns are added (:func:`null_router_kernel`): ``k (R + Z) / R``, defined
-    when ``R`` divides ``Z``; ``ValueError`` otherwise."""
+    tiled null columns are added (:func:`null_router_kernel`), whatever the order of equal
+    logits: ``k (R + Z) / R``, defined when ``R`` divides ``Z``; ``ValueError`` otherwise."""
+    return null_k_range(k, num_outputs, num_null)[1]
+
+
+def null_k_range(k: int, num_outputs: int, num_null: int) -> tuple[int, int]:
+    """``(lo, hi)``: with ``c = 1 + Z/R`` equal logits per router output (``R`` divides
+    ``Z``), top-``k'`` over the ``R + Z`` columns selects exactly the original top-``k``
+    real outputs for every ``lo = (k - 1) c + 1 <= k' <= hi = k c``, when equal logits are
+    ordered real column first (the routers' stable top-k); ``k' = hi`` needs no order at
+    all. ``ValueError`` when ``R`` does not divide ``Z``."""
     if num_null % num_outputs:
         raise ValueError(f"{num_null} null experts are not a multiple of the {num_outputs} router outputs")
-    return k * (num_outputs + num_null) // num_outputs
+    c = 1 + num_null // num_outputs
+    return (k - 1) * c + 1, k * c
 
 
 def null_router_kernel(kernel: np.ndarray, num_null: int) -> np.ndarray:
@@ -380,10 +390,11 @@ def null_router_kernel(kernel: np.ndarray, num_null: int) -> np.ndarray:
 
     Null column ``j`` is a copy of real column ``j mod R`` (the authors' Mixtral fine-tune
     tiles the real rows). When ``R`` divides ``Z`` every router output has ``c = 1 + Z/R``
-    equal logits, so top-``c·k`` over ``R + Z`` picks, among the real outputs, exactly the
-    original top ``k`` (a tie goes to the lower index: the real column before its null
-    copies), and real weights renormalised over the selected real outputs are the original
-    ones: the model computes what it did before. Fine-tuning then separates the null
+    equal logits, so top-``k'`` over ``R + Z`` for ``k'`` in :func:`null_k_range` picks,
+    among the real outputs, exactly the original top ``k`` (``k' = c·k`` takes every copy
+    of the top ``k``; a smaller ``k'`` relies on a tie going to the lower index, the real
+    column before its null copies), and real weights renormalised over the selected real
+    outputs are the original ones: the model computes what it did before. Fine-tuning then separates the null
     columns from their real ones (the load-balance loss acts on them differently).
     """
     kernel = np.asarray(kernel)

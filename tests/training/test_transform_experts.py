@@ -218,15 +218,18 @@ def test_tiled_null_columns_keep_the_top_k_choice():
     rng = np.random.default_rng(9)
     x = rng.normal(size=(200, 6))
     kernel = rng.normal(size=(6, 4))
-    for z, k in ((4, 2), (8, 1), (8, 2)):
+    for z, k in ((4, 2), (8, 1), (8, 2), (8, 3)):
         new = ops.null_router_kernel(kernel, z)
         assert new.shape == (6, 4 + z)
-        k2 = ops.tiled_null_k(k, 4, z)
+        np.testing.assert_array_equal(new[:, 4:], kernel[:, np.arange(z) % 4])
+        lo, hi = ops.null_k_range(k, 4, z)
+        assert hi == ops.tiled_null_k(k, 4, z) == k * (4 + z) // 4
         h, h2 = x @ kernel, x @ new
-        top = np.argsort(-h, axis=1, kind="stable")[:, :k]
-        top2 = np.argsort(-h2, axis=1, kind="stable")[:, :k2]
-        real = [sorted(t[t < 4].tolist()) for t in top2]
-        assert real == [sorted(t.tolist()) for t in top]
+        top = [sorted(t.tolist()) for t in np.argsort(-h, axis=1, kind="stable")[:, :k]]
+        for k2 in range(1, 4 + z + 1):
+            top2 = np.argsort(-h2, axis=1, kind="stable")[:, :k2]
+            real = [sorted(t[t < 4].tolist()) for t in top2]
+            assert (real == top) == (lo <= k2 <= hi), (z, k, k2)
     with pytest.raises(ValueError):
         ops.tiled_null_k(2, 4, 6)
 
@@ -285,6 +288,13 @@ def test_add_null_experts_keeps_the_outputs_at_init(source):
                                rtol=1e-5, atol=1e-5)
     assert result.report["real_experts_per_token"]["mean"] == pytest.approx(2.0)
     assert result.report["real_experts_per_token_source"]["mean"] == pytest.approx(2.0)
+    # AdaMoE's recipe, Z = 2R nulls and k' = 2k: the real column ranks first among equal logits
+    recipe, _ = _run("add_null_experts", source, num_null_experts=8, k=4, calibration_batches=0)
+    assert recipe.report["routing_preserved_at_init"]
+    assert recipe.report["balanced_real_experts_per_token"] == pytest.approx(4 * 4 / 12)
+    np.testing.assert_allclose(_logits(ctx, recipe.config, recipe.params, recipe.model_state, batch),
+                               _logits(ctx, source.config, source.params, source.model_state, batch),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_compress_at_full_rank_or_density_one_is_exact(source):

@@ -12,15 +12,20 @@ ones. Nothing else changes (experts, expert map, every other weight).
 
 Initialisation (the authors' Mixtral fine-tune tiles the real router rows): null column
 ``j`` of the router kernel ``[D, R + Z]`` is a copy of real column ``j mod R``
-(:func:`~routezoo.zoo.expert_ops.null_router_kernel`). With ``Z`` a multiple of ``R`` and
-``k' = k (R + Z) / R`` (the default), each router output has ``1 + Z/R`` equal logits, so
-the top ``k'`` slots hold exactly the original top-``k`` real outputs with all their null
-copies, and the weights renormalised over the selected real outputs are the original ones:
-the new model computes what the source did (up to float rounding), with ``k`` real experts
-per token. Fine-tuning then separates the null columns from their real ones (the pooled
-load-balance loss pushes on them differently; the language-model loss never reaches them,
-as null slots carry no weight), and tokens begin to choose null experts. A ``k'`` given
-explicitly, or ``Z`` not a multiple of ``R``, starts from a different routing (reported).
+(:func:`~routezoo.zoo.expert_ops.null_router_kernel`). With ``Z`` a multiple of ``R`` each
+router output has ``c = 1 + Z/R`` equal logits. With ``k' = k c`` (the default) the top
+``k'`` slots hold exactly the original top-``k`` real outputs with all their null copies;
+with ``(k - 1) c < k' < k c`` (AdaMoE's Mixtral recipe: ``Z = 2R``, ``k' = 2k``) they hold
+the same real outputs as long as equal logits rank the real column first, which the
+routers' stable top-k does. Either way the weights renormalised over the selected real
+outputs are the original ones: the new model computes what the source did (up to float
+rounding), with ``k`` real experts per token. Fine-tuning then separates the null columns
+from their real ones (the pooled load-balance loss pushes on them differently; the
+language-model loss never reaches them, as null slots carry no weight). The load-balance
+loss's optimum spreads the ``k'`` slots evenly over the ``R + Z`` experts, ``R k' / (R + Z)``
+real experts per token (reported as ``balanced_real_experts_per_token``): ``k`` at the
+default ``k' = k c``, fewer for a smaller ``k'``. A ``k'`` outside that range, or ``Z`` not a
+multiple of ``R``, starts from a different routing (reported).
 
 ``finetune_steps > 0`` fine-tunes inside the transform (the training loop's step, the
 config's optimizer, all parameters); the report gives, for the source, the new model and
@@ -95,7 +100,8 @@ def add_null_experts(source, opts, ctx) -> TransformResult:
     if not k <= k_new <= r + z:
         raise TransformError(f"k={k_new} must be between the source's k={k} and {r + z} (router outputs plus null "
                              "experts)")
-    preserved = z % r == 0 and k_new == ops.tiled_null_k(k, r, z)
+    lo, hi = ops.null_k_range(k, r, z) if z % r == 0 else (0, -1)
+    preserved = lo <= k_new <= hi
     for key in ("finetune_steps", "calibration_batches"):
         if int(opts[key]) < 0:
             raise TransformError(f"{key}={opts[key]} must be >= 0")
@@ -120,6 +126,7 @@ def add_null_experts(source, opts, ctx) -> TransformResult:
     model_state = dict(source.model_state)
     report: dict[str, Any] = {"router_outputs": r, "num_null_experts": z, "k_before": k, "k_after": k_new,
                               "routing_preserved_at_init": preserved,
+                              "balanced_real_experts_per_token": r * k_new / (r + z),
                               "null_init": "tiled: null column j copies router column j mod R",
                               "load_balance_coef": float(moe_cfg.load_balance_coef)}
     n_cal = int(opts["calibration_batches"])
