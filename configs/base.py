@@ -115,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
     moe.group_size = 0                 # routing-group size in tokens; 0 = one group per sequence
     moe.gmm_backend = "auto"           # auto (blocked on CPU, pallas on GPU, megablox on TPU) | pallas | mosaic (Hopper) | megablox | blocked | ragged_dot | dense
     moe.ep_exchange = "auto"           # dropless expert parallel: auto (padded on CPU/GPU, ragged on TPU) | padded | ragged | ragged_emulated (CPU tests)
+    moe.expert_map = ""                # "" = identity; else the physical expert of each router output, e.g. "0,0,1,2" (router width 4 over num_experts experts); ";" between per-MoE-layer maps (docs/transforms.md)
     moe.router_init_scale = 0.1
     moe.router_precision = "float32"   # router logits matmul: float32 (exact) | bf16_3x (3 bf16 tensor-core passes, ~f32 accuracy, faster on GPUs)
     # Router-specific keys (moe.hash_seed, moe.thor_*, moe.duo_*, ...): each router class declares

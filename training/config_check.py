@@ -332,5 +332,20 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         try:
             validate_moe_config(m.moe, causal=causal, mesh_shape=sizes)
             ROUTERS[m.moe.router].check_model_config(m)   # routers that also change the model (uoe)
+            _check_expert_maps(m, kinds)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+def _check_expert_maps(m: Any, kinds) -> None:
+    """Per-layer ``moe.expert_map`` (``;``): one map per MoE layer of a decoder or encoder
+    stack without multi-token prediction modules (whose MoE blocks are no stack layer)."""
+    from routezoo.layers.moe.block import has_per_layer_maps, validate_expert_map
+    validate_expert_map(m.moe)
+    if has_per_layer_maps(m.moe):
+        if m.name == "encoder_decoder":
+            raise ValueError("moe.expert_map with per-layer maps (';') is for model.name='decoder_lm' or "
+                             "'encoder_mlm'; give the encoder-decoder one map for every layer")
+        if int(m.get("mtp_depth", 0) or 0):
+            raise ValueError(f"moe.expert_map with per-layer maps (';') and model.mtp_depth={m.mtp_depth}: the "
+                             "multi-token prediction blocks have no map of their own; give one map for every layer")
+        validate_expert_map(m.moe, num_moe_layers=sum(k == "moe" for k in kinds))

@@ -80,6 +80,22 @@ def ffn_kinds(cfg: Any) -> tuple[str, ...]:
     return kinds
 
 
+def layer_model_config(cfg: Any, layer: int) -> Any:
+    """The config layer ``layer`` is built from: ``cfg``, or with per-layer expert maps
+    (``model.moe.expert_map`` with ``;``, which keeps the stack unscanned) a copy whose
+    ``moe.expert_map`` is that MoE layer's own map."""
+    if cfg.get("moe", None) is None or not str(cfg.moe.get("expert_map", "") or "").count(";"):
+        return cfg
+    from routezoo.layers.moe.block import has_per_layer_maps, moe_config_for_layer
+    moe_layers = [i for i, kind in enumerate(ffn_kinds(cfg)) if kind == "moe"]
+    if layer not in moe_layers or not has_per_layer_maps(cfg.moe):
+        return cfg
+    import ml_collections
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.moe = ml_collections.ConfigDict(moe_config_for_layer(cfg.moe, moe_layers.index(layer)).to_dict())
+    return ml_collections.FrozenConfigDict(out)
+
+
 def router_class_of(cfg: Any):
     """The router class of ``cfg.moe.router`` (:data:`~routezoo.layers.routers.base.ROUTERS`);
     one-line ``ValueError`` for an unknown name."""
@@ -440,7 +456,7 @@ class DecoderLM(nn.Module):
         remat = str(c.get("remat", "none"))
         # Block.__call__ arguments 3 (deterministic) and 7 (decode) are Python bools
         block_cls = remat_block(Block, remat, (3, 7), in_scan=False)
-        blocks = {i: block_cls(c, kind, dtype, param_dtype, causal=self.causal, name=f"layer{i}")
+        blocks = {i: block_cls(layer_model_config(c, i), kind, dtype, param_dtype, causal=self.causal, name=f"layer{i}")
                   for i, kind in enumerate(layout.kinds) if i not in layout.scanned_layers}
         scan_group = self._scan_group(layout, routing, deterministic=deterministic, decode=decode, dtype=dtype,
                                       param_dtype=param_dtype) if layout.scanned else None

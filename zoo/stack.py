@@ -177,12 +177,15 @@ def scan_enabled(model_cfg: Any, kinds) -> bool:
     (all of its stacks'), runs its repeated blocks under ``nn.scan``: ``model.scan_layers``
     and, with MoE layers, a router whose model-level routing can be scanned
     (``Router.scannable``; Read-ME's pre-gate and Duo-LLM take per-layer routes from outside
-    the layers and keep the stack unscanned)."""
+    the layers and keep the stack unscanned) and one expert map for every MoE layer
+    (per-layer ``moe.expert_map`` keeps it unscanned)."""
     if not bool(model_cfg.get("scan_layers", False)):
         return False
     if "moe" in kinds:
+        from routezoo.layers.moe.block import has_per_layer_maps
         from routezoo.layers.routers import router_class
-        return bool(router_class(str(model_cfg.moe.router)).scannable)
+        # per-layer expert maps (moe.expert_map with ';') are static per layer: unscanned
+        return bool(router_class(str(model_cfg.moe.router)).scannable) and not has_per_layer_maps(model_cfg.moe)
     return True
 
 

@@ -19,7 +19,9 @@ from routezoo.layers.moe.capacity import (  # noqa: F401
 from routezoo.layers.moe.dropless import (  # noqa: F401
     dropless_moe)
 from routezoo.layers.moe.block import (  # noqa: F401
-    DISPATCH_MODES, Experts, MoE, moe_from_config, sparse_moe_from_config, validate_moe_config)
+    DISPATCH_MODES, Experts, MoE, moe_from_config, sparse_moe_from_config, validate_moe_config,
+    expand_expert_params, format_expert_maps, has_per_layer_maps, layer_expert_maps, logical_moe_config,
+    logical_num_experts, moe_config_for_layer, parse_expert_maps, validate_expert_map)
 from routezoo.layers.moe.soft import (  # noqa: F401
     slots_per_expert, SoftRouting, SoftRouter, SoftMoE, soft_moe_from_config)
 from routezoo.layers.moe.uoe import (  # noqa: F401

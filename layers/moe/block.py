@@ -29,6 +29,21 @@ What is where:
   Both use the experts' ``expert_type``. ``shared_expert_gate`` (Qwen2-MoE) scales the
   shared experts' output per token by ``sigmoid(x · w)``, ``w`` ``[D, 1]``.
 
+Expert map (``expert_map``, config ``model.moe.expert_map``): the router has ``R`` outputs
+(logical experts) and the block ``E`` stacked experts (physical experts, the parameters);
+router output ``r`` is computed by physical expert ``map[r]``. Every token copy the router
+sends to ``r`` is dispatched to ``map[r]`` with its combine weight unchanged, so two
+logical experts that share one physical expert add their weights on it. The identity map
+(``None``) is the plain block. A permutation places experts (``map[r]`` is where logical
+expert ``r`` lives; with experts sharded over the ``expert`` mesh axis, which shard); a
+many-to-one map serves merged experts behind an unchanged router. Dropless and capacity
+dispatch see physical ids only (capacity per physical expert: ``C = min(m·S,
+round(cf·K·S/E))`` with ``m`` the most router outputs one physical expert serves); expert-choice routing,
+whose routing is expert-major, runs on the logical experts' weights gathered from the
+physical ones. In the config one map serves every MoE layer, or one map per MoE layer
+(``;``-separated; :func:`parse_expert_maps`), which the model hands each layer
+(:func:`moe_config_for_layer`).
+
 Routing groups: the router and the capacity buffers work on groups of ``S`` consecutive
 tokens, ``S = group_size`` or, with ``group_size = 0``, one group per sequence (``S = L``).
 Routers run in float32; experts in ``dtype`` with parameters in ``param_dtype``.
@@ -123,6 +138,8 @@ class MoE(nn.Module):
       residual_mlp: add a dense FFN of width ``expert_dim``.
       d_model: if set, the input width must equal it.
       dtype / param_dtype: expert compute dtype / parameter dtype.
+      expert_map: ``None`` (identity) or the physical expert ``[0, E)`` of each of the
+        router's ``R`` outputs (module docstring); the router then has ``R`` experts.
     """
 
     num_experts: int = 8
@@ -145,6 +162,7 @@ class MoE(nn.Module):
     d_model: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    expert_map: tuple[int, ...] | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, token_ids: Array | None = None,
@@ -167,9 +185,14 @@ class MoE(nn.Module):
         g = t // s
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
-        router = self.router if self.router is not None else TopKRouter(num_experts=self.num_experts, name="router")
-        if router.num_experts != self.num_experts:
-            raise ValueError(f"MoE: router has {router.num_experts} experts, MoE has {self.num_experts}")
+        emap = None if self.expert_map is None else tuple(int(e) for e in self.expert_map)
+        if emap is not None and not all(0 <= e < self.num_experts for e in emap):
+            raise ValueError(f"MoE: expert_map {list(emap)} names experts outside [0, {self.num_experts})")
+        width = self.num_experts if emap is None else len(emap)
+        router = self.router if self.router is not None else TopKRouter(num_experts=width, name="router")
+        if router.num_experts != width:
+            raise ValueError(f"MoE: router has {router.num_experts} experts, MoE has {width} "
+                             f"({'router outputs in its expert_map' if emap is not None else 'experts'})")
         router_kwargs = {}
         if router.needs_token_ids:
             router_kwargs["token_ids"] = None if token_ids is None else jnp.reshape(token_ids, (t,))
@@ -182,21 +205,32 @@ class MoE(nn.Module):
         xc = x.astype(self.dtype)
         dropped = jnp.zeros((), jnp.float32)
 
+        indices = routing.indices
+        if emap is not None and routing.expert_indices is not None:
+            # expert-major routing: the logical experts' weights, gathered from the physical ones
+            params = {name: jnp.take(w, jnp.asarray(emap, jnp.int32), axis=0) for name, w in params.items()}
+        elif emap is not None:
+            # token copies go to the physical expert of their router output (-1 stays empty)
+            table = jnp.asarray(emap, jnp.int32)
+            indices = jnp.where(indices >= 0, table[jnp.clip(indices, 0, width - 1)], -1).astype(indices.dtype)
+
         if routing.expert_indices is not None:
             y = expert_choice_moe(xc.reshape(g, s, d), routing.expert_indices,
                                                routing.expert_weights, params,
                                                expert_type=self.expert_type)  # [G, S, D]
         elif self.dispatch == "capacity":
-            k = routing.indices.shape[-1]
+            k = indices.shape[-1]
             cf = self.eval_capacity_factor if deterministic else self.capacity_factor
-            c = expert_capacity(s, self.num_experts, k, cf, self.min_capacity)
+            # a physical expert serving m router outputs can get m copies of one token: C <= m·S
+            mult = 1 if emap is None else max(emap.count(e) for e in set(emap))
+            c = expert_capacity(s * mult, self.num_experts * mult, k, cf, self.min_capacity)
             priority = None if routing.priority is None else routing.priority.reshape(g, s)
             y, dropped = capacity_moe(
-                xc.reshape(g, s, d), routing.indices.reshape(g, s, k), routing.weights.reshape(g, s, k),
+                xc.reshape(g, s, d), indices.reshape(g, s, k), routing.weights.reshape(g, s, k),
                 priority, params, capacity=c, expert_type=self.expert_type, impl=self.capacity_impl,
                 fill=self.capacity_fill)
         else:
-            y = dropless_moe(xc.reshape(t, d), routing.indices, routing.weights, params,
+            y = dropless_moe(xc.reshape(t, d), indices, routing.weights, params,
                                           expert_type=self.expert_type, gmm_backend=self.gmm_backend,
                                           exchange=self.ep_exchange)
         y = sharding.constrain(y.reshape(b, l, d), ("batch", "length", "act_embed"))
@@ -261,10 +295,14 @@ def sparse_moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dt
     Returns:
       The :class:`MoE` block (the router adopted as its submodule ``router``).
     """
+    maps = parse_expert_maps(str(moe_cfg.get("expert_map", "") or ""))
+    if len(set(maps)) > 1:
+        raise ValueError(f"moe.expert_map holds {len(maps)} different per-layer maps; build each layer from "
+                         "moe_config_for_layer(moe_cfg, i) (the decoder does)")
     return MoE(
         num_experts=int(moe_cfg.num_experts),
         expert_dim=int(moe_cfg.expert_dim),
-        router=router_from_config(moe_cfg, parent=None),  # adopted by the MoE as 'router'
+        router=router_from_config(logical_moe_config(moe_cfg), parent=None),  # adopted by the MoE as 'router'
         dispatch=str(moe_cfg.dispatch),
         capacity_factor=float(moe_cfg.capacity_factor),
         eval_capacity_factor=float(moe_cfg.eval_capacity_factor),
@@ -281,8 +319,130 @@ def sparse_moe_from_config(moe_cfg: Any, *, d_model: int, dtype: Dtype, param_dt
         d_model=int(d_model),
         dtype=_dtype(dtype),
         param_dtype=_dtype(param_dtype),
+        expert_map=maps[0] if maps else None,
         name=name,
     )
+
+
+# ------------------------------------------------------------------ expert map
+
+
+def parse_expert_maps(spec: str) -> list[tuple[int, ...]]:
+    """``model.moe.expert_map`` as maps: ``''`` -> ``[]`` (identity everywhere); ``'0,1,1'`` ->
+    one map for every MoE layer; ``'0,1;1,0'`` -> one map per MoE layer, in layer order.
+
+    Raises a one-line ``ValueError`` for an entry that is not an integer, an empty map or
+    maps of different lengths (every layer's router has the same width).
+    """
+    spec = str(spec or "").strip()
+    if not spec:
+        return []
+    maps = []
+    for part in spec.split(";"):
+        entries = [e.strip() for e in part.split(",")]
+        try:
+            maps.append(tuple(int(e) for e in entries))
+        except ValueError:
+            bad = next(e for e in entries if not e.lstrip("-").isdigit())
+            raise ValueError(f"moe.expert_map={spec!r}: entry {bad!r} is not an integer; allowed: comma-separated "
+                             "physical expert indices, one per router output (';' between per-layer maps)") from None
+    if len({len(m) for m in maps}) > 1:
+        raise ValueError(f"moe.expert_map={spec!r}: the per-layer maps have different lengths "
+                         f"{sorted({len(m) for m in maps})}; every MoE layer's router has the same number of outputs")
+    return maps
+
+
+def format_expert_maps(maps) -> str:
+    """The config value of per-MoE-layer ``maps`` (sequences of ints): one map when they are
+    all equal, else ``;``-separated maps in layer order."""
+    maps = [tuple(int(e) for e in m) for m in maps]
+    if not maps:
+        return ""
+    if len(set(maps)) == 1:
+        maps = maps[:1]
+    return ";".join(",".join(str(e) for e in m) for m in maps)
+
+
+def logical_num_experts(moe_cfg: Any) -> int:
+    """The router's width ``R``: the length of ``moe.expert_map``, or ``moe.num_experts``."""
+    maps = parse_expert_maps(str(moe_cfg.get("expert_map", "") or ""))
+    return len(maps[0]) if maps else int(moe_cfg.num_experts)
+
+
+def layer_expert_maps(moe_cfg: Any, num_moe_layers: int) -> list[tuple[int, ...]]:
+    """The map of each of ``num_moe_layers`` MoE layers (the identity when the key is empty)."""
+    maps = parse_expert_maps(str(moe_cfg.get("expert_map", "") or ""))
+    if not maps:
+        return [tuple(range(int(moe_cfg.num_experts)))] * num_moe_layers
+    if len(maps) == 1:
+        return maps * num_moe_layers
+    if len(maps) != num_moe_layers:
+        raise ValueError(f"moe.expert_map has {len(maps)} per-layer maps for {num_moe_layers} MoE layers; "
+                         "give one map (every layer) or one per MoE layer")
+    return maps
+
+
+def has_per_layer_maps(moe_cfg: Any) -> bool:
+    """Whether ``moe.expert_map`` gives the MoE layers different maps (such a stack runs unscanned)."""
+    return len(set(parse_expert_maps(str(moe_cfg.get("expert_map", "") or "")))) > 1
+
+
+def moe_config_for_layer(moe_cfg: Any, moe_index: int) -> Any:
+    """``moe_cfg`` with ``expert_map`` reduced to the map of the ``moe_index``-th MoE layer
+    (``moe_cfg`` itself when every layer has the same map)."""
+    import ml_collections
+    maps = parse_expert_maps(str(moe_cfg.get("expert_map", "") or ""))
+    if len(set(maps)) <= 1:
+        return moe_cfg
+    if not 0 <= moe_index < len(maps):
+        raise ValueError(f"moe.expert_map has {len(maps)} per-layer maps; there is no MoE layer {moe_index}")
+    cfg = ml_collections.ConfigDict(moe_cfg.to_dict())
+    cfg.expert_map = format_expert_maps([maps[moe_index]])
+    return ml_collections.FrozenConfigDict(cfg) if isinstance(moe_cfg, ml_collections.FrozenConfigDict) else cfg
+
+
+def logical_moe_config(moe_cfg: Any) -> Any:
+    """The config the router sees: ``moe_cfg`` with ``num_experts`` = the router's width
+    (:func:`logical_num_experts`); ``moe_cfg`` itself without a map."""
+    import ml_collections
+    if not str(moe_cfg.get("expert_map", "") or "").strip():
+        return moe_cfg
+    cfg = ml_collections.ConfigDict(moe_cfg.to_dict())
+    cfg.num_experts = logical_num_experts(moe_cfg)
+    cfg.expert_map = ""
+    return cfg
+
+
+def validate_expert_map(moe_cfg: Any, num_moe_layers: int | None = None) -> None:
+    """One-line ``ValueError`` for a bad ``moe.expert_map``: entries that are not integers,
+    outside ``[0, num_experts)``, maps of different lengths, a count of per-layer maps other
+    than ``num_moe_layers`` (when given), or a router whose block is not the sparse MoE."""
+    spec = str(moe_cfg.get("expert_map", "") or "")
+    maps = parse_expert_maps(spec)
+    if not maps:
+        return
+    e = int(moe_cfg.num_experts)
+    for m in maps:
+        bad = [x for x in m if not 0 <= x < e]
+        if bad:
+            raise ValueError(f"moe.expert_map={spec!r} names expert {bad[0]}, outside [0, moe.num_experts={e}); "
+                             "each entry is a physical expert index")
+    if num_moe_layers is not None and len(maps) > 1 and len(maps) != num_moe_layers:
+        raise ValueError(f"moe.expert_map={spec!r} has {len(maps)} per-layer maps for {num_moe_layers} MoE layers; "
+                         "give one map (every layer) or one per MoE layer")
+    cls = router_class(str(moe_cfg.router))
+    if getattr(cls.build_block, "__func__", None) is not Router.build_block.__func__:
+        raise ValueError(f"moe.expert_map needs a router whose layers are the sparse MoE block; "
+                         f"moe.router={moe_cfg.router!r} builds its own block")
+
+
+def expand_expert_params(experts: dict[str, Any], expert_map) -> dict[str, Any]:
+    """One MoE layer's stacked expert weights (``{'wi': [E, D, F], ...}``) expanded to one
+    set per router output, ``w[map]`` (``[R, D, F]``, ...): the block with these weights and
+    no map computes what the block with ``expert_map`` computes."""
+    import numpy as np
+    idx = np.asarray(expert_map, np.int32)
+    return {name: np.take(np.asarray(w), idx, axis=0) for name, w in experts.items()}
 
 
 def validate_moe_config(moe_cfg: Any, *, causal: bool, mesh_shape: dict[str, int]) -> None:
@@ -308,6 +468,7 @@ def validate_moe_config(moe_cfg: Any, *, causal: bool, mesh_shape: dict[str, int
     e = int(moe_cfg.num_experts)
     if e < 1:
         raise ValueError(f"moe.num_experts={e} must be >= 1")
+    validate_expert_map(moe_cfg)
     for key in ("expert_dim",):
         if int(moe_cfg[key]) < 1:
             raise ValueError(f"moe.{key}={moe_cfg[key]} must be >= 1")
@@ -331,4 +492,4 @@ def validate_moe_config(moe_cfg: Any, *, causal: bool, mesh_shape: dict[str, int
         divisors = [n for n in range(1, e + 1) if e % n == 0]
         raise ValueError(f"moe.num_experts={e} is not divisible by mesh.expert={n_exp}; "
                          f"mesh.expert must divide it: one of {divisors}")
-    ROUTERS[moe_cfg.router].check_config(moe_cfg, causal=causal)
+    ROUTERS[moe_cfg.router].check_config(logical_moe_config(moe_cfg), causal=causal)

@@ -404,7 +404,7 @@ class PreGateRouter(Router):
         the backbone; see :class:`PreGateRouting`."""
         moe = model_cfg.moe
         logits = PreGate(
-            vocab_size=int(model_cfg.vocab_size), num_experts=int(moe.num_experts), num_moe_layers=num_moe_layers,
+            vocab_size=int(model_cfg.vocab_size), num_experts=_router_width(moe), num_moe_layers=num_moe_layers,
             features=int(moe.pregate_dim), num_layers=int(moe.pregate_layers), num_heads=int(moe.pregate_heads),
             shared_routes=bool(moe.pregate_shared_routes), init_scale=float(moe.router_init_scale),
             dtype=dtype, param_dtype=param_dtype, name="pregate")(tokens, positions)  # [Z, B, L, E]
@@ -450,3 +450,9 @@ class PreGateRouting(ModelRouting):
 
     def precomputed_routes(self) -> Array:
         return pregate_select(self.logits, self.k)  # [Z, B, L, K]
+
+
+def _router_width(moe_cfg: Any) -> int:
+    """The routers' number of outputs: ``len(moe.expert_map)`` when set, else ``moe.num_experts``."""
+    from routezoo.layers.moe.block import logical_num_experts
+    return logical_num_experts(moe_cfg)

@@ -100,7 +100,11 @@ def drop_settings(moe_cfg: Any, group_size: int, k: int) -> list[tuple[str, floa
     if str(moe_cfg.dispatch) != "capacity" or router_class(str(moe_cfg.router)).expert_major:
         return [("dropless", None, None)]
     e, mc = int(moe_cfg.num_experts), int(moe_cfg.min_capacity)
-    return [(name, float(cf), expert_capacity(group_size, e, k, float(cf), mc))
+    from routezoo.layers.moe.block import parse_expert_maps
+    # moe.expert_map: a physical expert serving m router outputs holds up to m·S copies (the block's rule)
+    mult = max([max(m.count(x) for x in set(m)) for m in parse_expert_maps(str(moe_cfg.get("expert_map", "") or ""))]
+               or [1])
+    return [(name, float(cf), expert_capacity(group_size * mult, e * mult, k, float(cf), mc))
             for name, cf in (("eval", moe_cfg.eval_capacity_factor), ("train", moe_cfg.capacity_factor))]
 
 
@@ -113,6 +117,13 @@ def make_forward(model: Any, moe_cfg: Any, seq_len: int) -> Any:
     """
     e = int(moe_cfg.num_experts)
     s = int(moe_cfg.group_size) or seq_len
+    # with model.moe.expert_map the routers name logical experts; capacity drops happen on
+    # the physical expert each one maps to
+    maps = {}
+    if str(moe_cfg.get("expert_map", "") or "").strip():
+        from routezoo.layers.moe.block import layer_expert_maps
+        layers = moe_layer_indices(model.cfg)
+        maps = dict(zip(layers, layer_expert_maps(moe_cfg, len(layers))))
 
     def forward(params, model_state, inputs):
         b, l = inputs.shape
@@ -125,7 +136,11 @@ def make_forward(model: Any, moe_cfg: Any, seq_len: int) -> Any:
                 if c is None or r.expert_indices is not None:
                     d = jnp.zeros(r.indices.shape, bool)
                 else:
-                    d = dropped_mask(r.indices, r.priority, num_experts=e, group_size=s, capacity=c,
+                    ids = r.indices
+                    if layer in maps:
+                        table = jnp.asarray(maps[layer], jnp.int32)
+                        ids = jnp.where(ids >= 0, table[jnp.clip(ids, 0, len(maps[layer]) - 1)], -1)
+                    d = dropped_mask(ids, r.priority, num_experts=e, group_size=s, capacity=c,
                                      fill=str(moe_cfg.capacity_fill))
                 dropped[name] = d.reshape(b, l, k)
             # the setting this forward pass ran (eval or dropless), over all tokens, padding

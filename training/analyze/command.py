@@ -100,7 +100,8 @@ def analyze(workdir: str, *, steps: int | None = None, top: int = 10, min_count:
             if acc is None:
                 k = next(iter(decisions.values()))["indices"].shape[-1]
                 settings = drop_settings(moe_cfg, group, k)
-                acc = RoutingAccumulator(sorted(decisions), int(moe_cfg.num_experts),
+                from routezoo.layers.moe.block import logical_num_experts   # router outputs (expert_map)
+                acc = RoutingAccumulator(sorted(decisions), logical_num_experts(moe_cfg),
                                          int(config.model.vocab_size), seq_len,
                                          [s for s, _, _ in settings], tokenizer.pad_id)
             acc.add(local["inputs"], decisions)

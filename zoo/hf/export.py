@@ -51,6 +51,42 @@ def _np_dtype(name: str | None):
     return np.dtype(jnp.dtype(name))
 
 
+def expand_expert_maps(model_cfg: Any, params: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any]]:
+    """A model with ``moe.expert_map`` as the same model without one: every MoE block's
+    stacked experts expanded to one set per router output (``w[map]``, that layer's map),
+    ``moe.num_experts`` the router's width. The HF formats hold one expert per router
+    output, so this is how a mapped model is exported, exactly. Without a map: the inputs
+    unchanged. The tree comes back on the host, unscanned (``scan_layers=False``)."""
+    moe = model_cfg.get("moe", None)
+    if moe is None or not str(moe.get("expert_map", "") or "").strip():
+        return model_cfg, params
+    import ml_collections
+
+    from routezoo.layers.moe.block import expand_expert_params, layer_expert_maps
+    from routezoo.zoo import stack
+    from routezoo.zoo.lm import ffn_kinds
+    layers = [i for i, kind in enumerate(ffn_kinds(model_cfg)) if kind == "moe"]
+    maps = dict(zip((f"layer{i}" for i in layers), layer_expert_maps(moe, len(layers))))
+    first = next(iter(maps.values()))
+
+    def walk(node, top):
+        if not isinstance(node, Mapping):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == "experts" and isinstance(value, Mapping) and "router" in node:
+                out[key] = expand_expert_params(value, maps.get(top, first))
+            else:
+                out[key] = walk(value, top if top is not None else key)
+        return out
+
+    host = jax.tree.map(_host_value, stack.to_unscanned(params, model_cfg))
+    tree = {key: walk(value, key) for key, value in host.items()}
+    cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    cfg.moe.num_experts, cfg.moe.expert_map, cfg.scan_layers = len(first), "", False
+    return cfg, tree
+
+
 def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architecture: str | None = None,
           base_config: Mapping[str, Any] | None = None, dtype: str | None = None,
           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: str | None = None) -> str:
@@ -75,6 +111,7 @@ def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architectu
     Returns:
       ``out_dir``.
     """
+    model_cfg, params = expand_expert_maps(model_cfg, params)
     arch = (architecture or str(model_cfg.get("hf_architecture", "") or "")
             or (base_config or {}).get("architectures", [None])[0] or infer_architecture(model_cfg))
     fam = family_named(arch)
