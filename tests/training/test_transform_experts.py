@@ -324,6 +324,71 @@ def test_prune_keeps_the_most_used_experts(source):
             np.testing.assert_array_equal(new["experts"][name], old["experts"][name][keep])
 
 
+def _twin_source(source, rng):
+    """``source`` with expert 1 of every MoE layer a copy of expert 0 with its hidden units
+    shuffled (the same function) and router column 1 equal to column 0."""
+    params = source.params
+    from routezoo.training.transform.merge_experts import get_path, set_path
+    for layer in source.moe_layers:
+        path = (f"layer{layer}", "moe")
+        block = get_path(params, path)
+        experts = {k: np.array(v) for k, v in block["experts"].items()}
+        twin = ops.permute_neurons({k: v[0] for k, v in experts.items()}, rng.permutation(experts["wi"].shape[-1]))
+        for k in experts:
+            experts[k][1] = twin[k]
+        kernel = np.array(block["router"]["kernel"])
+        kernel[:, 1] = kernel[:, 0]
+        params = set_path(params, path + ("experts",), experts)
+        params = set_path(params, path + ("router", "kernel"), kernel)
+    return _with_params(source, params)
+
+
+def test_merging_identical_experts_in_a_model_changes_nothing(source, monkeypatch):
+    from routezoo.training.transform import merge_experts as M
+    real = M.calibrate
+
+    def calibrate(*args, **kwargs):   # the routing counts make expert 1 the least used
+        stats = real(*args, **kwargs)
+        for entry in stats.values():
+            n = entry["indices"].shape[0]
+            entry["indices"] = np.tile(np.array([[0, 2], [0, 3], [2, 3], [1, 0]]), (n // 4 + 1, 1))[:n]
+        return stats
+
+    monkeypatch.setattr(M, "calibrate", calibrate)
+    twins = _twin_source(source, np.random.default_rng(10))
+    result, ctx = _run("merge", twins, num_experts=3, calibration_batches=1)
+    for layer in source.moe_layers:
+        rep = result.report["layers"][f"layer{layer}"]
+        # the twins are one group (router-logit similarity 1), every other expert is its own
+        assert rep["dominant"] == [0, 2, 3] and rep["group"] == [0, 0, 1, 2]
+    assert result.config.model.moe.num_experts == 3
+    batch = ctx.batches(1)[0]
+    np.testing.assert_allclose(_logits(ctx, result.config, result.params, result.model_state, batch),
+                               _logits(ctx, twins.config, twins.params, twins.model_state, batch),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_merged_model_is_the_many_to_one_map(source):
+    """The merged model (E -> N experts, router kept, many-to-one map) computes what the
+    source architecture computes with every expert replaced by its group's merged expert."""
+    from routezoo.layers.moe.block import expand_expert_params, layer_expert_maps
+    from routezoo.training.transform.merge_experts import set_path
+    result, ctx = _run("merge", source, num_experts=2, merge_method="mc_smoe", calibration_batches=1)
+    maps = layer_expert_maps(result.config.model.moe, len(source.moe_layers))
+    expanded = result.params
+    for layer, m in zip(source.moe_layers, maps):
+        rep = result.report["layers"][f"layer{layer}"]
+        assert list(m) == rep["group"]   # router output r -> its group's expert
+        path = (f"layer{layer}", "moe", "experts")
+        block = result.params[f"layer{layer}"]["moe"]
+        np.testing.assert_array_equal(block["router"]["kernel"], source.params[f"layer{layer}"]["moe"]["router"]["kernel"])
+        expanded = set_path(expanded, path, expand_expert_params(block["experts"], m))
+    batch = ctx.batches(1)[0]
+    np.testing.assert_allclose(_logits(ctx, result.config, result.params, result.model_state, batch),
+                               _logits(ctx, source.config, expanded, source.model_state, batch),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,flags,words", [
     ("merge", ["--config.transform.merge_method=zip"], "merge_method"),
     ("merge", ["--config.transform.num_experts=4"], "num_experts=4"),
