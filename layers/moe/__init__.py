@@ -13,7 +13,8 @@ from __future__ import annotations
 from routezoo.layers.moe.gmm import (  # noqa: F401
     EXPERT_PARAM_NAMES, EXPERT_TYPES, ffn_batched, gmm_ragged_dot, gmm_dense, gmm_blocked, gmm_pallas, gmm_megablox, gmm_mosaic, GMM_BACKENDS, GMM_BACKEND_NAMES, resolve_gmm_backend, ffn_grouped, take_rows, invert_permutation)
 from routezoo.layers.moe.exchange import (  # noqa: F401
-    mesh_axes_of, constrain_expert_parallel, EP_EXCHANGES, resolve_ep_exchange, ragged_exchange, ragged_exchange_emulated)
+    mesh_axes_of, constrain_expert_parallel, EP_EXCHANGES, resolve_ep_exchange, ragged_exchange, ragged_exchange_emulated,
+    ragged_exchange_rows)
 from routezoo.layers.moe.capacity import (  # noqa: F401
     CAPACITY_IMPLS, CAPACITY_FILLS, capacity_slots, capacity_moe, expert_choice_moe)
 from routezoo.layers.moe.dropless import (  # noqa: F401

@@ -170,3 +170,19 @@ def ragged_exchange_emulated(operand: Array, output: Array, input_offsets: Array
     got = jnp.take(recv.reshape(k * cap, *operand.shape[1:]), row_of, axis=0, mode="fill", fill_value=0)
     written = (row_of < k * cap).reshape((m_out,) + (1,) * (output.ndim - 1))
     return jnp.where(written, got, output)
+
+
+def ragged_exchange_rows(counts, num_shards: int):
+    """Rows the ragged exchange moves, from each shard's routed copies per expert.
+
+    ``counts`` ``[N, E]``: token copies shard ``i`` routes to (physical) expert ``e`` (the
+    ``counts`` each shard all-gathers in :func:`~routezoo.layers.moe.dropless._dropless_ragged`);
+    experts ``[j·E/N, (j+1)·E/N)`` live on shard ``j``. Returns ``[N, N]`` rows sender ->
+    receiver of the forward exchange (the one back is its transpose): the same arithmetic as
+    the exchange's ``send_sizes``. Off-diagonal rows cross devices; the padded exchange moves
+    ``N·T·K`` rows per shard whatever the routing. Works on numpy or jax arrays.
+    """
+    n, e = counts.shape
+    if n != num_shards or e % num_shards:
+        raise ValueError(f"counts {tuple(counts.shape)}: need [N={num_shards}, E] with E divisible by N")
+    return counts.reshape(n, n, e // n).sum(-1)

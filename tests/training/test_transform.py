@@ -174,3 +174,94 @@ def test_finetune_moves_only_what_the_mask_lets_move(moe_run, copy_transform):
                                                            jax.tree.leaves(source.params))
              if np.asarray(a).tobytes() != np.asarray(b).tobytes()}
     assert moved == {"['layer0']['moe']['router']['kernel']"} and np.isfinite(losses[0])
+
+
+# ------------------------------------------------------------------------ place
+
+
+def _brute_force(pairs, load, devices, balance):
+    import itertools
+    from routezoo.training.transform import place as P
+    m, e = load.shape
+    rows = [r for r in itertools.product(range(devices), repeat=e)
+            if all(np.bincount(r, minlength=devices) == e // devices)]
+    return min(P.objective(np.asarray(c), pairs, load, devices, balance) for c in itertools.product(rows, repeat=m))
+
+
+def test_place_solvers_on_hand_made_affinities():
+    from routezoo.training.transform import place as P
+    # 2 layers, 4 experts, 2 devices: expert i of layer 0 sends everything to expert pi(i) of layer 1
+    pairs = np.zeros((1, 4, 4), np.int64)
+    for i, j in [(0, 0), (1, 2), (2, 1), (3, 3)]:
+        pairs[0, i, j] = 10
+    load = np.full((2, 4), 10)
+    current = np.tile(P.devices_of_slots(4, 2), (2, 1))
+    assert P.cross_fraction(current, pairs) == 0.5           # experts 1 and 2 sit apart from their successors
+    for dev in (P.solve(pairs, load, 2), P.solve_exact(pairs, load, 2)):
+        assert P.cross_fraction(dev, pairs) == 0.0 and list(P.imbalance(dev, load, 2)) == [1.0, 1.0]
+    rng = np.random.default_rng(0)
+    for _ in range(6):   # the exact solver is the optimum; the greedy one never worse than staying put
+        pairs, load = rng.integers(0, 10, (2, 4, 4)), rng.integers(1, 20, (3, 4))
+        for balance in (0.0, 0.1):
+            best = _brute_force(pairs, load, 2, balance)
+            assert P.objective(P.solve_exact(pairs, load, 2, balance=balance), pairs, load, 2, balance) == \
+                pytest.approx(best, abs=1e-12)
+        pairs, load = rng.integers(0, 20, (3, 8, 8)), rng.integers(1, 50, (4, 8))
+        current = np.tile(P.devices_of_slots(8, 4), (4, 1))
+        dev = P.solve(pairs, load, 4)
+        assert P.objective(dev, pairs, load, 4, 0.1) <= P.objective(current, pairs, load, 4, 0.1)
+        assert P.cross_fraction(dev, pairs) <= P.cross_fraction(current, pairs) + 0.1 * 3  # J mixes in balance
+        for row in dev:
+            slots = P.slots_of(row, 4)
+            assert sorted(slots) == list(range(8)) and all(row == slots // 2)
+
+
+def test_ragged_exchange_rows_count_copies_by_sender_and_receiver():
+    from routezoo.layers.moe.exchange import ragged_exchange_rows
+    rng = np.random.default_rng(0)
+    experts = rng.integers(0, 8, (4, 40))                    # 4 shards, 40 copies each, 8 experts on 4 shards
+    counts = np.stack([np.bincount(r, minlength=8) for r in experts])
+    rows = ragged_exchange_rows(counts, 4)
+    for s in range(4):
+        for r in range(4):
+            assert rows[s, r] == np.sum(experts[s] // 2 == r)
+
+
+def test_place_permutes_experts_and_keeps_the_outputs(moe_run, tmp_path):
+    from routezoo.layers.moe.block import layer_expert_maps
+    out = str(tmp_path / "placed")
+    record = T.run_transform("place", moe_run, out, {"devices": "2", "calibration_batches": "1"},
+                             log=lambda *_: None)
+    rep = record["report"]
+    assert rep["objective_after"] <= rep["objective_before"] + 1e-12
+    assert rep["after"]["cross_device_fraction"] <= rep["before"]["cross_device_fraction"] + 0.1
+    assert sum(rep["before"]["ragged_exchange"]["rows_total"]) == 2 * 2 * rep["tokens"]   # layers x k x tokens
+    src = T.load_source(moe_run, log=lambda *_: None)
+    new = T.load_source(out, log=lambda *_: None)
+    maps = layer_expert_maps(new.config.model.moe, 2)
+    for layer, m in zip(new.moe_layers, maps):
+        assert sorted(m) == [0, 1, 2, 3]                      # a permutation per layer
+        for name, w in src.params[f"layer{layer}"]["moe"]["experts"].items():
+            got = np.asarray(new.params[f"layer{layer}"]["moe"]["experts"][name])
+            assert got[list(m)].tobytes() == np.asarray(w).tobytes()
+    ctx = T.Context(src, log=lambda *_: None)
+    inputs = ctx.batches(1)[0]["inputs"][:4]
+    want, _ = ctx.apply(src.config, src.params, src.model_state, inputs)
+    got, _ = ctx.apply(new.config, new.params, new.model_state, inputs)
+    assert np.asarray(got).tobytes() == np.asarray(want).tobytes()   # same rows, same weights: bit for bit
+
+
+def test_place_with_the_identity_placement_is_the_source(moe_run, tmp_path, capsys):
+    from routezoo.training.workdir import load_trained
+    out = str(tmp_path / "same")
+    assert cli.main(["transform", "place", "--from", moe_run, "--workdir", out, "--config.transform.devices=2",
+                     "--config.transform.solver=identity", "--config.transform.calibration_batches=1"]) == 0
+    rep = json.load(open(os.path.join(out, T.TRANSFORM_JSON)))["report"]
+    assert rep["before"] == rep["after"] and rep["expert_map"] == ""
+    cfg, _, state = load_trained(out)
+    src_cfg, _, src_state = load_trained(moe_run)
+    assert cfg.model.to_dict() == src_cfg.model.to_dict() and _params_equal(state.params, src_state.params)
+    assert cli.main(["transform", "place", "--from", moe_run, "--workdir", str(tmp_path / "o3"),
+                     "--config.transform.devices=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not divide model.moe.num_experts=4" in err and len(err.splitlines()) == 1
