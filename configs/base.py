@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Feed-forward slot per layer: "mlp" everywhere, "moe" (every `moe.every`-th layer, the
     # others "mlp"), or a comma-separated list with one entry per layer, e.g. "mlp,moe".
     m.ffn = "mlp"
+    # Layers whose block is skipped (comma-separated indices, e.g. "2,5"; "" = none): their input
+    # passes on unchanged (decoder_lm and encoder_mlm; the layer_skip transform sets it, docs/transforms.md)
+    m.skip_layers = ""
     # Masked-token models (model.name=encoder_mlm): fraction of valid (non-padding) positions
     # predicted per sequence; of those 80% -> mask id vocab_size - 1, 10% random id, 10% unchanged (BERT).
     m.mask_rate = 0.15

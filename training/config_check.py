@@ -273,6 +273,15 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         if not ROUTERS.get(m.moe.router, Router).supports_mtp:
             raise ConfigError(f"model.mtp_depth={m.mtp_depth} does not work with moe.router="
                               f"{m.moe.router!r} (its state lives outside the layers); allowed: any other router")
+    if str(m.get("skip_layers", "")).strip():   # model.skip_layers: indices of this model's layers
+        if m.name == "encoder_decoder":
+            raise ConfigError("model.skip_layers is for model.name='decoder_lm' or 'encoder_mlm'; the "
+                              "encoder-decoder does not skip layers")
+        from routezoo.zoo.lm import skip_layers_of
+        try:
+            skip_layers_of(m)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if m.name == "encoder_decoder":
         kinds = _encoder_decoder_kinds(m)
         if m.seq2seq_objective == "span_corruption":
@@ -335,6 +344,7 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
             _check_expert_maps(m, kinds)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
 
 def _check_expert_maps(m: Any, kinds) -> None:
     """Per-layer ``moe.expert_map`` (``;``): one map per MoE layer of a decoder or encoder

@@ -80,6 +80,23 @@ def ffn_kinds(cfg: Any) -> tuple[str, ...]:
     return kinds
 
 
+def skip_layers_of(cfg: Any) -> frozenset[int]:
+    """The layers ``model.skip_layers`` names (comma-separated indices; "" = none): the
+    decoder passes their input on unchanged (:class:`DecoderLM`). One-line ``ValueError``
+    for an index that is no layer of the model."""
+    spec = str(cfg.get("skip_layers", "") or "").strip()
+    if not spec:
+        return frozenset()
+    try:
+        skip = frozenset(int(s) for s in spec.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"model.skip_layers={spec!r}: allowed: comma-separated layer indices, e.g. '2,5'") from None
+    bad = sorted(i for i in skip if not 0 <= i < int(cfg.num_layers))
+    if bad:
+        raise ValueError(f"model.skip_layers names layer {bad[0]}, but the model has layers 0..{int(cfg.num_layers) - 1}")
+    return skip
+
+
 def layer_model_config(cfg: Any, layer: int) -> Any:
     """The config layer ``layer`` is built from: ``cfg``, or with per-layer expert maps
     (``model.moe.expert_map`` with ``;``, which keeps the stack unscanned) a copy whose
@@ -340,6 +357,15 @@ class DecoderLM(nn.Module):
     (``Router.supports_decode``: ``moe.router='pregate'``, ``'uoe'``).
     :func:`routezoo.zoo.sampling.sample` uses it.
 
+    Skipped layers (``model.skip_layers``, :func:`skip_layers_of`; the ``layer_skip``
+    transform): a skipped layer's block is not applied, its input passes on unchanged, its
+    losses and statistics are left out and a router state passes it as it passes a dense
+    layer; its parameters stay in the tree (initialisation makes them), so a model's
+    checkpoint loads whatever it skips. Unscanned, a skipped block is never called (its
+    compute is saved); in a scanned stack, whose repeats share one compiled body, the block
+    runs and its output is discarded (``jnp.where`` on a per-layer flag): the same outputs,
+    not the saving.
+
     Multi-token prediction (``model.mtp_depth = D > 0``, DeepSeek-V3): ``D`` sequential
     :class:`MTPModule` s (``mtp1`` ... ``mtpD``, each with a block of the last layer's
     kind) after the trunk; ``aux['mtp_logits'][k-1]`` ``[B, L, V]`` predicts token
@@ -373,32 +399,51 @@ class DecoderLM(nn.Module):
         from the token ids alone, before (and without) the backbone."""
         return self(tokens, positions=positions, _routes_only=True)
 
-    def _scan_group(self, layout, routing, *, deterministic: bool, decode: bool, dtype, param_dtype):
+    def _scan_group(self, layout, routing, *, deterministic: bool, decode: bool, dtype, param_dtype,
+                    skip: frozenset[int] = frozenset()):
         """The scanned group of ``layout`` (``layers/block{p}``, stacked ``[R, ...]``), made
-        once per call; :meth:`_run_scan_group` runs it."""
+        once per call; :meth:`_run_scan_group` runs it. With layers to ``skip`` among the
+        scanned ones the carry also holds the layer index, and a skipped layer's output
+        and router state are its input's (``shared['skip']``, bool ``[num_layers]``)."""
         c = self.cfg
         block_cls = remat_block(Block, str(c.get("remat", "none")), (3, 7), in_scan=True)
         causal = self.causal
         scan_inputs, scan_update = routing.scan_inputs, routing.scan_update
+        skipping = bool(skip & set(layout.scanned_layers))
 
         def step(p, kind, x, carry, shared):
+            if skipping:
+                carry, index = carry
             router_inputs = scan_inputs(carry, shared["router"]) if kind == "moe" else None
+            x_in, carry_in = x, carry
             x, aux = block_cls(c, kind, dtype, param_dtype, causal=causal, name=f"block{p}")(
                 x, shared["positions"], deterministic, shared["tokens"], router_inputs, shared["segment_mask"],
                 decode, shared["segment_ids"])
             carry, recorded = scan_update(carry, aux) if kind == "moe" else (carry, {})
+            if skipping:   # a skipped layer hands on its input (its losses and stats are dropped outside)
+                keep = ~shared["skip"][index]
+                x = jnp.where(keep, x, x_in)
+                carry = (jax.tree.map(lambda n, o: jnp.where(keep, n, o), carry, carry_in), index + 1)
             return x, carry, {"losses": aux.get("losses", {}), "stats": aux.get("stats", {}), "recorded": recorded}
 
         return scanned_group(layout, step)
 
     @staticmethod
-    def _run_scan_group(group, layout, routing, x, record, shared):
+    def _run_scan_group(group, layout, routing, x, record, shared, skip: frozenset[int] = frozenset()):
         """Runs ``group`` on ``x`` and records each of its layers' losses, statistics and
-        router values as the unscanned loop does, under the same ``layer{i}`` names."""
-        (x, carry), outs = group((x, routing.scan_carry()), {"router": routing.scan_shared(), **shared})
+        router values as the unscanned loop does, under the same ``layer{i}`` names
+        (skipped layers: nothing)."""
+        carry = routing.scan_carry()
+        if skip & set(layout.scanned_layers):
+            mask = jnp.asarray([i in skip for i in range(len(layout.kinds))])
+            carry, shared = (carry, jnp.asarray(layout.prefix, jnp.int32)), {**shared, "skip": mask}
+        (x, carry), outs = group((x, carry), {"router": routing.scan_shared(), **shared})
+        if skip & set(layout.scanned_layers):
+            carry = carry[0]
         routing.set_scan_carry(carry)
         for i, out in layout.per_layer(outs):
-            record(i, {"losses": out["losses"], "stats": out["stats"]}, out["recorded"])
+            if i not in skip:
+                record(i, {"losses": out["losses"], "stats": out["stats"]}, out["recorded"])
         return x
 
     @nn.compact
@@ -458,8 +503,10 @@ class DecoderLM(nn.Module):
         block_cls = remat_block(Block, remat, (3, 7), in_scan=False)
         blocks = {i: block_cls(layer_model_config(c, i), kind, dtype, param_dtype, causal=self.causal, name=f"layer{i}")
                   for i, kind in enumerate(layout.kinds) if i not in layout.scanned_layers}
+        # model.skip_layers: passed over in apply; initialisation makes every layer's parameters
+        skip = frozenset() if self.is_initializing() else skip_layers_of(c)
         scan_group = self._scan_group(layout, routing, deterministic=deterministic, decode=decode, dtype=dtype,
-                                      param_dtype=param_dtype) if layout.scanned else None
+                                      param_dtype=param_dtype, skip=skip) if layout.scanned else None
         final_norm = make_norm(c.norm, c.norm_eps, dtype, param_dtype, "final_norm")
         unembed = None if c.tie_embeddings else self.param(
             "unembed", param(nn.initializers.normal(c.d_model ** -0.5), ("embed", "vocab")),
@@ -487,6 +534,8 @@ class DecoderLM(nn.Module):
                     stats[f"layer{i}/{k}"] = v
 
             def run_layer(i, x):
+                if i in skip:   # not called: its input goes on, its losses and stats are absent
+                    return x
                 router_inputs = routing.layer_inputs(moe_layers.index(i), b, l) if i in moe_layers else None
                 x, aux = blocks[i](x, positions, deterministic, tokens, router_inputs, segment_mask, decode,
                                    segment_ids)
@@ -498,7 +547,7 @@ class DecoderLM(nn.Module):
             if layout.scanned:
                 x = self._run_scan_group(scan_group, layout, routing, x, record, {
                     "positions": positions, "tokens": tokens, "segment_mask": segment_mask,
-                    "segment_ids": segment_ids})
+                    "segment_ids": segment_ids}, skip)
             for i in layout.suffix:
                 x = run_layer(i, x)
             x = final_norm(x)
