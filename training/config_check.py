@@ -104,11 +104,15 @@ def _check_init_sources(config) -> None:
                               "(its config.json and checkpoints/)")
         from routezoo.training.workdir import read_workdir_config
         try:
-            read_workdir_config(path)
+            src = read_workdir_config(path)
         except (OSError, ValueError) as e:
             hint = ("; it holds safetensors files: for a Hugging Face checkpoint use init.from_hf"
                     if any(n.endswith(".safetensors") for n in os.listdir(path)) else "")
             raise ConfigError(f"config key {key}: {' '.join(str(e).split())}{hint}") from None
+        mine, theirs = str(config.model.moe.get("expert_map", "")), str(src.model.moe.get("expert_map", ""))
+        if mine != theirs:   # equal shapes, another meaning: which stacked expert serves which router output
+            raise ConfigError(f"config key {key}: {path!r} has model.moe.expert_map={theirs!r}, this config "
+                              f"{mine!r}; set the source's map (from its config.json)")
         ckpt = os.path.join(path, "checkpoints")
         if not (os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))):
             raise ConfigError(f"config key {key}: {path!r} holds no checkpoint (nothing in {ckpt}); "

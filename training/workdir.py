@@ -249,6 +249,12 @@ def workdir_params(source: str, want_abstract, param_shardings, mesh, rules, mod
     (the receiving model's config) they are moved into its layer layout first, so a run
     scanned one way starts from a run scanned the other (``model.scan_layers``)."""
     src_config, params = restore_params(source, mesh, rules)
+    if model_cfg is not None and "moe" in model_cfg and \
+            str(src_config.model.moe.get("expert_map", "")) != str(model_cfg.moe.get("expert_map", "")):
+        # equal shapes, other meaning: the map says which stacked expert serves which router output
+        raise ValueError(f"init.from {source!r}: its model.moe.expert_map={src_config.model.moe.expert_map!r} "
+                         f"differs from config.model.moe.expert_map={model_cfg.moe.get('expert_map', '')!r}; "
+                         "set the source's map (its config.json)")
     if model_cfg is not None:
         from routezoo.zoo import stack
         params = stack.to_layout(stack.to_unscanned(params, src_config.model), model_cfg)

@@ -250,3 +250,18 @@ def test_hf_export_of_a_mapped_model_round_trips_its_logits(tmp_path):
     np.testing.assert_allclose(got, want, **TOL)
     assert os.path.isfile(os.path.join(out, "config.json"))
     del stack, zoo
+
+
+def test_init_from_a_run_with_another_map_is_refused(tmp_path):
+    """Equal shapes, another meaning: starting from a mapped run needs its map."""
+    from routezoo.training import config_check
+    src = base.get_config()
+    src.model.ffn, src.model.moe.num_experts, src.model.moe.expert_map = "moe", 4, "2,0,3,1"
+    os.makedirs(tmp_path / "run" / "checkpoints" / "4")
+    (tmp_path / "run" / "config.json").write_text(src.to_json_best_effort())
+    c = base.get_config()
+    c.model.ffn, c.model.moe.num_experts, c.init.from_workdir = "moe", 4, str(tmp_path / "run")
+    with pytest.raises(config_check.ConfigError, match="has model.moe.expert_map='2,0,3,1'"):
+        config_check.validate(c, num_devices=1)
+    c.model.moe.expert_map = "2,0,3,1"
+    config_check.validate(c, num_devices=1)
