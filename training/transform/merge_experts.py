@@ -291,7 +291,12 @@ def merge(source, opts, ctx) -> TransformResult:
 
     moe_cfg.num_experts = n
     if method == "prune":
-        width = next(iter(new_maps.values())).shape[0]
+        widths = {layer: int(m.shape[0]) for layer, m in new_maps.items()}
+        if len(set(widths.values())) > 1:
+            raise TransformError(f"merge_method=prune keeps the router outputs of the kept experts, "
+                                 f"{', '.join(f'{w} in layer {l}' for l, w in widths.items())}: every layer's router "
+                                 "needs one width; prune a source whose router outputs each have their own expert")
+        width = next(iter(widths.values()))
         moe_cfg.k = min(int(moe_cfg.k), width)
         if int(moe_cfg.get("top_p_max_k", 0)) > width:
             moe_cfg.top_p_max_k = width
