@@ -405,3 +405,11 @@ def test_bad_options_one_line_exit_2_nothing_written(moe_run, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_moe_blocks_outside_the_layers_are_refused(source):
+    from routezoo.training.transform import TransformError
+    extra = _with_params(source, {**source.params, "mtp1": {"block": {"moe": source.params["layer0"]["moe"]}}})
+    for name in ("merge", "compress", "add_null_experts"):
+        with pytest.raises(TransformError, match="outside its layers"):
+            _run(name, extra, **({"rank": 2} if name == "compress" else {}))

@@ -78,17 +78,22 @@ def set_path(tree: Any, path: tuple[str, ...], value: Any) -> Any:
     return out
 
 
-def moe_paths(params: Any) -> dict[int, tuple[str, ...]]:
+def moe_paths(params: Any, outside: list | None = None) -> dict[int, tuple[str, ...]]:
     """``{layer index: path}`` of every MoE block in an unscanned parameter tree: a subtree
-    holding ``experts`` (stacked ``wi``/``wo``) and ``router`` under a ``layer{i}`` key."""
+    holding ``experts`` (stacked ``wi``/``wo``) and ``router`` under a ``layer{i}`` key.
+    Blocks outside any ``layer{i}`` (multi-token prediction modules) are appended to
+    ``outside`` when given."""
     found: dict[int, tuple[str, ...]] = {}
 
     def walk(node, path, layer):
         if not hasattr(node, "keys"):
             return
-        if "experts" in node and "router" in node and hasattr(node["experts"], "keys") \
-                and "wi" in node["experts"] and layer is not None:
-            found[layer] = path
+        if "experts" in node and "router" in node and hasattr(node["experts"], "keys") and "wi" in node["experts"]:
+            if layer is None:
+                if outside is not None:
+                    outside.append(path)
+            else:
+                found[layer] = path
             return
         for key in node:
             k = str(key)
@@ -97,6 +102,21 @@ def moe_paths(params: Any) -> dict[int, tuple[str, ...]]:
 
     walk(params, (), None)
     return dict(sorted(found.items()))
+
+
+def source_moe_paths(source: Any, op: str) -> dict[int, tuple[str, ...]]:
+    """The MoE blocks of ``source`` by layer, or a one-line :class:`TransformError` when they
+    are not exactly the model's MoE layers (another block type) or some lie outside the layer
+    stack (multi-token prediction modules, which ``op`` does not handle)."""
+    outside: list = []
+    paths = moe_paths(source.params, outside)
+    if outside:
+        raise TransformError(f"{op}: the model has MoE blocks outside its layers ({'/'.join(map(str, outside[0]))}, "
+                             "multi-token prediction), which it does not handle")
+    if sorted(paths) != sorted(source.moe_layers):
+        raise TransformError(f"{op} found stacked experts with a router in layers {sorted(paths)}, but the model's "
+                             f"MoE layers are {source.moe_layers}; this block type is not handled")
+    return paths
 
 
 def expert_maps(moe_cfg: Any, layers: list[int]) -> dict[int, np.ndarray]:
@@ -239,10 +259,7 @@ def merge(source, opts, ctx) -> TransformResult:
     if not router_cls.makes_expert_choices or router_cls.expert_major:
         raise TransformError(f"merge needs a token-choice router that picks experts per token; moe.router="
                              f"{moe_cfg.router!r} does not")
-    paths = moe_paths(source.params)
-    if sorted(paths) != sorted(source.moe_layers):
-        raise TransformError(f"merge found stacked experts with a router in layers {sorted(paths)}, but the "
-                             f"model's MoE layers are {source.moe_layers}; this block type cannot be merged")
+    paths = source_moe_paths(source, "merge")
     maps = expert_maps(moe_cfg, list(paths))
     batches = ctx.batches(int(opts["calibration_batches"]))
     stats = calibrate(source.config, source.params, source.model_state, batches, _pad_id(source.config))
@@ -334,10 +351,7 @@ def compress(source, opts, ctx) -> TransformResult:
         raise TransformError("give rank or rate, not both (rate sets the rank)")
     if rate and density >= rate:
         raise TransformError(f"density={density} leaves nothing of rate={rate} for the low-rank part")
-    paths = moe_paths(source.params)
-    if sorted(paths) != sorted(source.moe_layers):
-        raise TransformError(f"compress found stacked experts in layers {sorted(paths)}, but the model's MoE "
-                             f"layers are {source.moe_layers}; this block type cannot be compressed")
+    paths = source_moe_paths(source, "compress")
     params = source.params
     dense = stored = 0
     sq_err = sq_norm = 0.0

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from routezoo.training.transform import TransformError, TransformResult, register
-from routezoo.training.transform.merge_experts import get_path, moe_paths, set_path
+from routezoo.training.transform.merge_experts import get_path, set_path, source_moe_paths
 from routezoo.zoo import expert_ops as ops
 
 OPTIONS = {
@@ -106,10 +106,7 @@ def add_null_experts(source, opts, ctx) -> TransformResult:
         if int(opts[key]) < 0:
             raise TransformError(f"{key}={opts[key]} must be >= 0")
 
-    paths = moe_paths(source.params)
-    if sorted(paths) != sorted(source.moe_layers):
-        raise TransformError(f"add_null_experts found routers with stacked experts in layers {sorted(paths)}, but "
-                             f"the model's MoE layers are {source.moe_layers}")
+    paths = source_moe_paths(source, "add_null_experts")
     params = source.params
     for layer, path in paths.items():
         router = get_path(params, path + ("router",))
