@@ -153,8 +153,8 @@ def test_expert_choice_runs_on_the_logical_experts():
     plain, _, variables = build(make_cfg(**cfg), x)
     mapped = build(make_cfg(**cfg, expert_map=",".join(map(str, PERM))), x)[0]
     moved = with_experts(variables, physical(variables["params"]["experts"], PERM, E))
-    y0, _ = plain.apply(variables, x, deterministic=True)
-    y1, _ = mapped.apply(moved, x, deterministic=True)
+    y0, _ = jax.jit(functools.partial(plain.apply, deterministic=True))(variables, x)
+    y1, _ = jax.jit(functools.partial(mapped.apply, deterministic=True))(moved, x)
     np.testing.assert_allclose(y1, y0, **TOL)
 
 
@@ -224,11 +224,11 @@ def test_per_layer_maps_in_a_decoder_run_unscanned_and_equal_the_unmapped_model(
     maps = [(2, 0, 3, 1), (1, 3, 0, 2)]
     cfg = _lm_config()
     model, variables, tokens = _lm(cfg)
-    want, _ = model.apply(variables, tokens)
+    want, _ = jax.jit(model.apply)(variables, tokens)
     mapped_cfg = _lm_config(expert_map=moe_lib.format_expert_maps(maps))
     assert stack.is_scanned(cfg) and not stack.is_scanned(mapped_cfg)
     params = _permuted_lm_params(stack.to_unscanned(variables["params"], cfg), maps)
-    got, _ = zoo.build(mapped_cfg).apply({"params": params}, tokens)
+    got, _ = jax.jit(zoo.build(mapped_cfg).apply)({"params": params}, tokens)
     np.testing.assert_allclose(got, want, **TOL)
 
 
@@ -241,12 +241,12 @@ def test_hf_export_of_a_mapped_model_round_trips_its_logits(tmp_path):
     maps = [(2, 0, 1, 1), (1, 2, 0, 0)]   # 4 router outputs over 3 physical experts
     cfg = _lm_config(num_experts=3, expert_map=moe_lib.format_expert_maps(maps))
     model, variables, tokens = _lm(cfg)
-    want, _ = model.apply(variables, tokens)
+    want, _ = jax.jit(model.apply)(variables, tokens)
     out = str(tmp_path / "hf")
     hf.to_hf(cfg, variables["params"], out)
     loaded, params = hf.from_hf(out)
     assert int(loaded.cfg.moe.num_experts) == 4 and not str(loaded.cfg.moe.expert_map)
-    got, _ = loaded.apply({"params": params}, tokens)
+    got, _ = jax.jit(loaded.apply)({"params": params}, tokens)
     np.testing.assert_allclose(got, want, **TOL)
     assert os.path.isfile(os.path.join(out, "config.json"))
     del stack, zoo
