@@ -38,7 +38,8 @@ here the target is the dense model's output distribution). With a workdir source
 
 The report gives the parameter counts (copied, made, fresh), the evaluation of the dense
 source and of the MoE before and after any training inside the transform, and for
-``readme`` the calibration-token count, the group sizes and the steps' losses.
+``readme`` the calibration-token count, the group sizes and, per phase, the mean loss and
+distillation KL of its first and last tenth of steps.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def distill_steps(ctx, config, params, model_state, teacher_cfg, teacher_params,
     """``steps`` updates of the one train step with a frozen teacher
     (:class:`~routezoo.training.distill.Distill`) on the training split of ``config`` (or
     ``batches``), updates multiplied by ``update_mask`` (0 freezes a parameter exactly).
+    The optimizer is ``config``'s, its schedule spanning these ``steps`` (warm-up at most a
+    tenth of them).
 
     Returns:
       ``(params, model_state, losses, kls)``: unscanned host trees, the loss and the
@@ -167,6 +170,7 @@ def distill_steps(ctx, config, params, model_state, teacher_cfg, teacher_params,
 
     import jax
     import jax.numpy as jnp
+    import ml_collections
     import optax
     from flax import linen as nn
     from jax.sharding import NamedSharding, PartitionSpec
@@ -178,6 +182,9 @@ def distill_steps(ctx, config, params, model_state, teacher_cfg, teacher_params,
     from routezoo.training.loop import to_global
     from routezoo.training.step import make_train_step, special_ids_of
     from routezoo.zoo import stack
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.steps = int(steps)
+    config.optimizer.warmup_steps = min(int(config.optimizer.warmup_steps), int(steps) // 10)
     mconfig, mesh, rules, model = ctx._setup(config)
     data_lib = ctx._data(config)
     tokenizer = data_lib.get_tokenizer(config.data)
@@ -305,9 +312,12 @@ def upcycle(source, opts, ctx) -> TransformResult:
                         ctx, config, params, model_state, source.config, source.params, source.model_state, n,
                         weight=float(opts["distill_weight"]), temperature=float(opts["distill_temperature"]),
                         update_mask=mask)
-                    steps_log.append({"phase": phase, "steps": n, "loss_first": losses[0], "loss_last": losses[-1],
-                                      "kl_first": kls[0], "kl_last": kls[-1]})
-                    ctx.log(f"upcycle readme: {phase} phase, {n} steps: distill KL {kls[0]:.4f} -> {kls[-1]:.4f}")
+                    w = max(1, n // 10)   # means over the first and the last tenth of the steps
+                    steps_log.append({"phase": phase, "steps": n, "loss_first": float(np.mean(losses[:w])),
+                                      "loss_last": float(np.mean(losses[-w:])), "kl_first": float(np.mean(kls[:w])),
+                                      "kl_last": float(np.mean(kls[-w:]))})
+                    ctx.log(f"upcycle readme: {phase} phase, {n} steps: distill KL {steps_log[-1]['kl_first']:.4f} "
+                            f"-> {steps_log[-1]['kl_last']:.4f} (means of the first and last {w} steps)")
             report["distill_phases"] = steps_log
             if bool(opts["evaluate"]):
                 report["eval_trained"] = _evaluate(ctx, config, params, model_state)
