@@ -24,6 +24,7 @@ commands:
   analyze   routing analytics of a trained MoE: routezoo analyze --workdir DIR [--steps N] (writes DIR/analysis/)
   merge     merge fine-tunes of one base without training: routezoo merge --method ties --base B --from W1,W2 --workdir OUT
   transform an operation on a trained model into a new workdir: routezoo transform NAME --from DIR --workdir OUT
+  compose   route between whole trained models: routezoo compose train-router --library W1,W2 --workdir OUT; routezoo compose eval --workdir OUT
   compile   will it fit? compile the train step for a TPU topology: routezoo compile [--config FILE|NAME] --topology v5p:4x4x8
 
 Run 'routezoo COMMAND --help' for the flags of a command.
@@ -344,7 +345,9 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "convert
                                                    "compile": lambda argv: __import__(
                                                        "routezoo.training.compile", fromlist=["main"]).main(argv),
                                                    "transform": lambda argv: __import__(
-                                                       "routezoo.training.transform", fromlist=["main"]).main(argv)}
+                                                       "routezoo.training.transform", fromlist=["main"]).main(argv),
+                                                   "compose": lambda argv: __import__(
+                                                       "routezoo.training.compose", fromlist=["main"]).main(argv)}
 
 
 def main(argv: list[str] | None = None) -> int:
