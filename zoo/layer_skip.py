@@ -82,9 +82,22 @@ def drop_layers(params: dict[str, Any], model_cfg: Any, skip: Sequence[int]) -> 
     return cfg, out
 
 
+def without_skipped(model_cfg: Any, params: dict[str, Any]) -> tuple[Any, dict]:
+    """A model with ``model.skip_layers`` as the same function without those layers
+    (:func:`drop_layers` of its unscanned ``params``, ``scan_layers=False``); any other
+    model as it is. How formats without a skip list (Hugging Face export) take it."""
+    from routezoo.zoo import stack
+    from routezoo.zoo.lm import skip_layers_of
+    skip = skip_layers_of(model_cfg)
+    if not skip:
+        return model_cfg, params
+    unscanned = stack.with_scan(model_cfg, False)
+    return drop_layers(dict(stack.to_unscanned(params, model_cfg)), unscanned, skip)
+
+
 def layer_fraction(num_layers: int, skip: Sequence[int]) -> float:
     """``N / n``: the speed-up in layers of skipping ``skip``."""
     return num_layers / max(num_layers - len(set(skip)), 1)
 
 
-__all__ = ["drop_layers", "kept_count", "layer_fraction", "skip_schedule", "with_skip"]
+__all__ = ["drop_layers", "kept_count", "layer_fraction", "skip_schedule", "with_skip", "without_skipped"]

@@ -334,3 +334,23 @@ def test_unlearn_npo_and_refusals(moe_source):
     with pytest.raises(T.TransformError, match="objective"):
         _run("unlearn", source, forget=forget, objective="rmu")
     assert T.get_transform("unlearn").needs_moe   # run_transform refuses dense sources before it runs
+
+
+def test_hf_export_of_a_skipping_model_leaves_the_skipped_layers_out(data_dir, tmp_path):
+    import json
+    import os
+    import re
+
+    from routezoo.zoo import hf
+    from routezoo.zoo.hf import safetensors_io
+    c = _dense_cfg(data_dir, **{"model.scale_tied_logits": False})   # a Llama layout
+    _, v = _init(c.model)
+    out = str(tmp_path / "hf")
+    hf.to_hf(ls.with_skip(c.model, (1, 2)), v["params"], out)
+    assert json.load(open(os.path.join(out, "config.json")))["num_hidden_layers"] == 2
+    names = safetensors_io.hf_tensor_names(out)
+    assert {int(m.group(1)) for n in names for m in [re.search(r"layers\.(\d+)\.", n)] if m} == {0, 1}
+    name = next(n for n in names if "layers.1." in n and "down_proj" in n)
+    with safetensors_io.hf_reader(out) as reader:   # layer 1 of the export is layer 3 of the model
+        got = reader.get(name, tuple(slice(None) for _ in reader.shape(name)))
+    np.testing.assert_array_equal(got.T, np.asarray(v["params"]["layer3"]["mlp"]["wo"]))

@@ -287,15 +287,15 @@ def unlearn(source, opts, ctx) -> TransformResult:
     if jax.tree.leaves(dict(source.model_state)):
         raise TransformError("unlearn: the source carries model state (a router's balancing bias, "
                              "moe.bias_update_rate > 0), which these unlearning steps do not apply")
-    ref = source.params
+    ref = jax.device_put(source.params)   # on the device once: every step reads it
 
     def run(mask_layer, anchor):
         init, step = make_unlearn_step(
             model, objective=objective, layer=layer, phys_of_output=maps[layer], expert=expert,
             anchor_weight=anchor, retain_weight=float(opts["retain_weight"]), npo_beta=float(opts["npo_beta"]),
             learning_rate=float(opts["learning_rate"]))
-        mask = update_mask(source.params, mask_layer, expert)
-        params, opt_state, history = source.params, init(source.params), []
+        mask = jax.device_put(update_mask(source.params, mask_layer, expert))
+        params, opt_state, history = ref, init(ref), []
         for _, fbatch, rbatch in zip(range(int(opts["steps"])), itertools.cycle(fb), itertools.cycle(rb)):
             params, opt_state, m = step(params, opt_state, mask, fbatch, rbatch, ref)
             history.append({k: float(v) for k, v in jax.device_get(m).items()})

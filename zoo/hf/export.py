@@ -112,6 +112,8 @@ def to_hf(model_cfg: Any, params: Mapping[str, Any], out_dir: str, *, architectu
       ``out_dir``.
     """
     model_cfg, params = expand_expert_maps(model_cfg, params)
+    from routezoo.zoo.layer_skip import without_skipped   # model.skip_layers: exported without those layers
+    model_cfg, params = without_skipped(model_cfg, params)
     arch = (architecture or str(model_cfg.get("hf_architecture", "") or "")
             or (base_config or {}).get("architectures", [None])[0] or infer_architecture(model_cfg))
     fam = family_named(arch)
