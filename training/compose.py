@@ -6,7 +6,8 @@
 The library (:func:`load_library`): each ``W`` is a training workdir, either a full model
 (a plain run, a merged or transformed workdir, or an adapter run whose method merges into
 the weights, served merged) or a LoRA run (``adapter.method=lora``) on a base workdir
-(``init.from_workdir``). LoRA runs on one base share one engine and are served together by
+(``init.from_workdir``; a LoRA on another base, ``init.from_hf``, is served merged as a full
+model). LoRA runs on one base share one engine and are served together by
 :class:`~routezoo.layers.adapters.multi_lora.MultiLoRA` (one forward, an adapter id per
 sequence); a full member that is that base is the engine's slot 0. The members and the
 routing rules are :mod:`routezoo.zoo.compose`.
@@ -44,8 +45,7 @@ router's FLOPs per routed prompt; ``OUT/eval.json`` (or ``--json``) holds every 
 Refused in one line with exit code 2, before anything is written: an unknown router; an
 ``OUT`` that exists and is not empty; a library of fewer than two members or naming a
 workdir twice; a workdir that is missing, not a workdir, without an intact checkpoint, or
-corrupt; an adapter run whose adapter does not load or acts on activations, or a LoRA run
-without a base workdir; members that disagree in vocabulary (``model.vocab_size`` or the
+corrupt; an adapter run whose adapter does not load or acts on activations; members that disagree in vocabulary (``model.vocab_size`` or the
 tokenizer); no domains; a domain that is not a task of the data.
 """
 
@@ -143,9 +143,12 @@ def _kind(config) -> str:
     method = str(config.adapter.get("method", ""))
     if not method:
         return "full"
-    if method == "lora":
+    if method == "lora" and str(config.init.get("from_workdir", "")):
         return "lora"
-    adapter = adapter_lib.from_config(adapter_config(config))
+    try:
+        adapter = adapter_lib.from_config(adapter_config(config))
+    except ValueError as e:
+        raise ComposeError(_line(e)) from None
     if adapter_hooks.is_activation_adapter(adapter) and not adapter.mergeable:
         raise ComposeError(f"adapter.method={method!r} acts on activations (it needs task ids or its own routing), "
                            "so it is not one model; compose LoRA runs, merged adapters or full models")
@@ -196,9 +199,6 @@ def load_library(workdirs: Sequence[str], *, seq_len: int | None = None, log: Ca
             kinds.append(_kind(c))
         except ComposeError as e:
             raise ComposeError(f"--library {w}: {e}") from None
-        if kinds[-1] == "lora" and not str(c.init.get("from_workdir", "")):
-            raise ComposeError(f"--library {w} is a LoRA run without a base workdir (init.from_workdir is empty); "
-                               "compose serves LoRA runs on a routezoo base workdir")
     seq_len = int(seq_len or configs[0].data.seq_len)
 
     engines: list[C.Engine] = []

@@ -349,6 +349,10 @@ def test_refusals(runs, data_dir, tmp_path, capsys):
     shutil.rmtree(os.path.join(adapterless, "adapter"))
     _refused(capsys, [*train, "--library", f"{runs['base']},{adapterless}"], "LoRA run without a readable adapter",
              out)
+    serving = _config_only(tmp_path / "serving", per_layer_config(data_dir, **{
+        "adapter.method": "multi_lora", "adapter.targets": ".*", "init.from_workdir": runs["base"]}))
+    _refused(capsys, [*train, "--library", f"{good},{serving}"], "adapter.method='multi_lora' acts on activations",
+             out)
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "x").write_text("x")
