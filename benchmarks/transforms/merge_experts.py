@@ -61,10 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune peak learning rate")
     p.add_argument("--calibration_batches", type=int, default=8)
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--seed", type=int, default=0, help="the source's init and batch order, and every fine-tune's")
     return p.parse_args(argv)
 
 
-def train_source(workdir: str, steps: int, log) -> str:
+def train_source(workdir: str, steps: int, log, seed: int = 0) -> str:
     """Trains the tiny MoE into ``workdir/source`` (kept if it already holds a finished run)."""
     from routezoo.configs import base
     from routezoo.training.train import train_and_evaluate
@@ -75,7 +76,7 @@ def train_source(workdir: str, steps: int, log) -> str:
         log(f"source: {out} (already trained)")
         return out
     c = base.get_config()
-    for key, value in {**TINY_SOURCE, "train.steps": steps, "train.eval_every": steps,
+    for key, value in {**TINY_SOURCE, "seed": seed, "train.steps": steps, "train.eval_every": steps,
                        "checkpoint.every": steps}.items():
         node = c
         *parents, leaf = key.split(".")
@@ -133,8 +134,8 @@ def run(args: Any) -> dict[str, Any]:
 
     quiet = lambda *_: None  # noqa: E731
     os.makedirs(args.workdir, exist_ok=True)
-    source_path = args.source or train_source(args.workdir, args.train_steps, log)
-    overrides = _finetune_overrides(args.finetune_steps, args.lr)
+    source_path = args.source or train_source(args.workdir, args.train_steps, log, args.seed)
+    overrides = {**_finetune_overrides(args.finetune_steps, args.lr), "seed": str(args.seed)}
     rows: list[dict[str, Any]] = []
     reports: dict[str, Any] = {}
 
