@@ -775,7 +775,7 @@ def train_router(library_dirs: Sequence[str], out: str, *, routers: Sequence[str
               "members": [{"name": m.name, "kind": m.kind, "domain": m.domain, "engine": m.engine, "slot": m.slot,
                            "flops_per_token": m.flops_per_token} for m in library.members],
               "domains": list(domains), "rows": rows, "seq_len": seq_len, "prefix": prefix, "pad_id": pad_id,
-              "fit_rows": int(len(fit["inputs"])), "seed": seed,
+              "fit_rows": int(len(fit["inputs"])), "batch": batch, "seed": seed,
               "encoder": {"source": enc_source, "model": enc_config.model.to_dict()},
               "routers": hyper, "final_training_loss": final,
               "seconds": round(time.perf_counter() - t0, 1)}
@@ -807,9 +807,11 @@ def _write(out: str, record: dict, enc_config, enc_vars, routers: dict) -> None:
 
 
 def eval_workdir(workdir: str, *, cost_weights: Sequence[float] = (), json_path: str | None = None,
-                 batch: int = 32, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """``routezoo compose eval``: the second half of each domain's rows, scored (module docstring)."""
+                 batch: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``routezoo compose eval``: the second half of each domain's rows, scored (module
+    docstring), in batches of ``batch`` rows (default: train-router's ``--batch``)."""
     record, library, _, routers = load_routers(workdir, log=log)
+    batch = int(batch or record.get("batch", 32))
     configs_data = _read_config(record["library"][0])
     _, ev = domain_data(configs_data, record["domains"], int(record["rows"]), int(record["seq_len"]),
                         int(record["prefix"]))

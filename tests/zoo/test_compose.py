@@ -176,36 +176,38 @@ def test_routers_choose_by_their_rules(library):
     c, enc_model = _model(d_model=16, vocab=259)
     enc = C.PromptEncoder(enc_model, _params(enc_model, 5), prefix=4)
     rng = np.random.default_rng(2)
-    batch = _batch(rng, b=5)
-    d = 16
+    batch = _batch(rng)   # the shapes of the tests above: their compiled member forwards are reused
+    b, d = 6, 16
     fixed = np.array([0.3, -0.2, 0.1, 0.5], np.float32)
     tryage = C.Tryage(enc, {"w": np.zeros((d, 4), np.float32), "b": fixed}, 2.0, 0.5, np.array([1.0, 1.2, 1.4, 1.0]))
-    np.testing.assert_allclose(tryage.predicted_losses(batch), np.broadcast_to(2.0 + 0.5 * fixed, (5, 4)), rtol=1e-6)
+    np.testing.assert_allclose(tryage.predicted_losses(batch), np.broadcast_to(2.0 + 0.5 * fixed, (b, 4)), rtol=1e-6)
     for w in (0.0, 0.5, 2.0):
         tryage.cost_weight = w
         np.testing.assert_array_equal(tryage.choose(lib, batch),
-                                      C.tryage_select(np.broadcast_to(2.0 + 0.5 * fixed, (5, 4)), tryage.costs, w))
+                                      C.tryage_select(np.broadcast_to(2.0 + 0.5 * fixed, (b, 4)), tryage.costs, w))
     coe = C.CoE(enc, {"w": np.zeros((d, 2), np.float32), "b": np.array([0.0, 1.0], np.float32)}, np.array([3, 2]),
                 ("a", "b"), fallback=0)
-    np.testing.assert_array_equal(coe.choose(lib, batch), [2] * 5)
+    np.testing.assert_array_equal(coe.choose(lib, batch), [2] * b)
     coe.entropy_threshold = 0.5    # softmax([0, 1]) has entropy 0.58 nats: every row falls back
-    np.testing.assert_array_equal(coe.choose(lib, batch), [0] * 5)
+    np.testing.assert_array_equal(coe.choose(lib, batch), [0] * b)
     pilots = enc.features(batch)
-    retriever = C.Retriever(enc, pilots, np.array([3, 1, 2, 0, 1]))
-    np.testing.assert_array_equal(retriever.choose(lib, batch), [3, 1, 2, 0, 1])
+    retriever = C.Retriever(enc, pilots, np.array([3, 1, 2, 0, 1, 3]))
+    np.testing.assert_array_equal(retriever.choose(lib, batch), [3, 1, 2, 0, 1, 3])
     oracle = C.Oracle()
     np.testing.assert_array_equal(oracle.choose(lib, batch), np.argmin(lib.member_scores(batch)["nll"], 1))
     composed = C.Composed(lib, retriever)
     got = composed.score(batch)
-    np.testing.assert_array_equal(got["nll"], lib.member_scores(batch)["nll"][np.arange(5), [3, 1, 2, 0, 1]])
-    tokens, choice = composed.generate(batch["inputs"][:, :6], jax.random.PRNGKey(0), num_tokens=2)
-    np.testing.assert_array_equal(choice, C.Composed(lib, retriever).choose({"inputs": batch["inputs"][:, :6]}))
+    np.testing.assert_array_equal(got["nll"], lib.member_scores(batch)["nll"][np.arange(b), [3, 1, 2, 0, 1, 3]])
+    prompt = batch["inputs"][:4, :5]
+    tokens, choice = composed.generate(prompt, jax.random.PRNGKey(0), num_tokens=4)
+    np.testing.assert_array_equal(choice, [3, 1, 2, 0])   # each prompt's own pilot
+    np.testing.assert_array_equal(tokens, lib.generate(prompt, choice, jax.random.PRNGKey(0), num_tokens=4))
     with pytest.raises(ValueError, match="router 'oracle' reads the sequence's targets"):
-        C.Composed(lib, oracle).generate(batch["inputs"][:, :6], jax.random.PRNGKey(0), num_tokens=2)
+        C.Composed(lib, oracle).generate(prompt, jax.random.PRNGKey(0), num_tokens=4)
     # the prompt is only the first `prefix` tokens: changing the rest changes no choice
     other = dict(batch, inputs=np.concatenate([batch["inputs"][:, :4], batch["inputs"][::-1, 4:]], 1))
     np.testing.assert_array_equal(retriever.choose(lib, other), retriever.choose(lib, batch))
-    assert retriever.flops_per_prompt(lib, 16) == enc.flops_per_prompt() + 2 * 5 * d
+    assert retriever.flops_per_prompt(lib, 16) == enc.flops_per_prompt() + 2 * b * d
     assert oracle.flops_per_prompt(lib, 16) == lib.flops.sum() * 16
 
 
