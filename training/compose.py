@@ -166,6 +166,16 @@ def _load_full(workdir: str, log):
     return config, model, host
 
 
+def _check_workdirs(workdirs: Sequence[str]) -> list[str]:
+    workdirs = [os.path.abspath(w) for w in workdirs]
+    if len(workdirs) < 2:
+        raise ComposeError(f"--library names {len(workdirs)} workdir(s); a composition needs at least two members")
+    twice = sorted({w for w in workdirs if workdirs.count(w) > 1})
+    if twice:
+        raise ComposeError(f"--library names {twice[0]} more than once")
+    return workdirs
+
+
 def load_library(workdirs: Sequence[str], *, seq_len: int | None = None, log: Callable[[str], None] = print):
     """The :class:`~routezoo.zoo.compose.Library` of ``workdirs`` (module docstring).
 
@@ -182,12 +192,7 @@ def load_library(workdirs: Sequence[str], *, seq_len: int | None = None, log: Ca
     from routezoo.zoo import compose as C
     from routezoo.zoo import stack
 
-    workdirs = [os.path.abspath(w) for w in workdirs]
-    if len(workdirs) < 2:
-        raise ComposeError(f"--library names {len(workdirs)} workdir(s); a composition needs at least two members")
-    twice = sorted({w for w in workdirs if workdirs.count(w) > 1})
-    if twice:
-        raise ComposeError(f"--library names {twice[0]} more than once")
+    workdirs = _check_workdirs(workdirs)
     configs = [_read_config(w) for w in workdirs]
     vocabs = [vocabulary_of(c) for c in configs]
     if len(set(vocabs)) > 1:
@@ -276,6 +281,20 @@ def concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def take(data: dict[str, np.ndarray], idx) -> dict[str, np.ndarray]:
     return {k: v[idx] for k, v in data.items()}
+
+
+def check_domains(config, domains: Sequence[str]) -> None:
+    """The domains are tasks of ``config``'s data (stdlib packages), each named once."""
+    import ml_collections
+
+    from routezoo.training import data as data_lib
+    c = ml_collections.ConfigDict(config.data.to_dict())
+    c.tasks = ",".join(domains)
+    try:
+        data_lib.ensure_dataset(c)
+        data_lib.task_names(c)
+    except ValueError as e:
+        raise ComposeError(f"--domains: {_line(e)}") from None
 
 
 def domain_data(config, domains: Sequence[str], rows: int, seq_len: int, prefix: int
@@ -407,7 +426,7 @@ def _head_optimizer(steps: int, lr: float):
 
 
 def fit_head(encoder, data: dict[str, np.ndarray], targets: np.ndarray, num_outputs: int, *, loss: str,
-             steps: int, batch: int, lr: float, seed: int, log: Callable[[str], None] = print):
+             steps: int, batch: int, lr: float, seed: int):
     """Fine-tunes ``encoder`` (a :class:`~routezoo.zoo.compose.PromptEncoder`) with a linear
     head of ``num_outputs`` on the prompts of ``data``: ``loss='mse'`` against float
     ``targets [N, K]``, ``'xent'`` against int ``targets [N]``. Minibatches drawn uniformly
@@ -457,7 +476,7 @@ def fit_tryage(library, encoder, data, losses: np.ndarray, *, costs=None, cost_w
     from routezoo.zoo import compose as C
     mean, std = float(losses.mean()), float(losses.std()) or 1.0
     tuned, head, final = fit_head(encoder, data, ((losses - mean) / std).astype(np.float32), losses.shape[1],
-                                  loss="mse", steps=steps, batch=batch, lr=lr, seed=seed, log=log)
+                                  loss="mse", steps=steps, batch=batch, lr=lr, seed=seed)
     log(f"tryage: {steps} steps, final mean squared error {final:.4f} (standardised losses)")
     costs = library.relative_costs() if costs is None else np.asarray(costs, np.float64)
     return C.Tryage(tuned, head, mean, std, costs, cost_weight), final
@@ -470,7 +489,7 @@ def fit_coe(library, encoder, data, losses: np.ndarray, categories: Sequence[str
     and the table of the best member per category on ``losses``."""
     from routezoo.zoo import compose as C
     tuned, head, final = fit_head(encoder, data, data["domain"].astype(np.int32), len(categories), loss="xent",
-                                  steps=steps, batch=batch, lr=lr, seed=seed, log=log)
+                                  steps=steps, batch=batch, lr=lr, seed=seed)
     table, fallback = C.coe_table(losses, data["domain"], len(categories))
     log(f"coe: {steps} steps, final cross-entropy {final:.4f}; table "
         + ", ".join(f"{c} -> {table[i]}" for i, c in enumerate(categories)))
@@ -707,9 +726,9 @@ def train_router(library_dirs: Sequence[str], out: str, *, routers: Sequence[str
     if encoder and not os.path.isdir(encoder):
         raise ComposeError(f"--encoder {encoder} is not a directory; give a trained encoder workdir")
     t0 = time.perf_counter()
-    library, configs = load_library(library_dirs, seq_len=seq_len, log=log)
-    if costs is not None and len(costs) != len(library):
-        raise ComposeError(f"--costs gives {len(costs)} value(s) for {len(library)} members")
+    configs = [_read_config(w) for w in _check_workdirs(library_dirs)]
+    if costs is not None and len(costs) != len(configs):
+        raise ComposeError(f"--costs gives {len(costs)} value(s) for {len(configs)} members")
     seq_len = int(seq_len or configs[0].data.seq_len)
     prefix = int(prefix or seq_len // 2)
     if not 1 <= prefix < seq_len:
@@ -721,6 +740,8 @@ def train_router(library_dirs: Sequence[str], out: str, *, routers: Sequence[str
     if not domains:
         raise ComposeError("no domains: the members have no data.tasks; name the router data's stdlib packages with "
                            "--domains D1,D2,...")
+    check_domains(configs[0], domains)
+    library, configs = load_library(library_dirs, seq_len=seq_len, log=log)
     fit, _ = domain_data(configs[0], domains, rows, seq_len, prefix)
     pad_id = int(data_lib.get_tokenizer(configs[0].data).pad_id)
     log(f"library: {len(library)} members in {len(library.engines)} engine(s); router data: {len(fit['inputs'])} "

@@ -2,7 +2,8 @@
 ``generate`` interface, and routers that choose one member per sequence.
 
 Einsum letters: ``B`` sequences, ``L`` length, ``P`` prompt (prefix) length, ``D`` embed,
-``M`` library members, ``C`` categories, ``N`` pilot examples, ``V`` vocab.
+``M`` library members, ``C`` categories, ``N`` pilot examples, ``V`` vocab, ``K`` a head's
+outputs (``M`` for tryage, ``C`` for coe).
 
 A :class:`Library` holds **engines** and **members**. An engine is one model with its
 variables and, optionally, a frozen stack of LoRA adapters served through

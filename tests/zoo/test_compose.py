@@ -336,6 +336,11 @@ def test_refusals(runs, data_dir, tmp_path, capsys):
     spm = _config_only(tmp_path / "spm", per_layer_config(data_dir, **{"data.tokenizer": "sentencepiece"}))
     _refused(capsys, [*train, "--library", f"{good},{spm}"], "sentencepiece tokenizer", out)
     _refused(capsys, [*train, "--library", runs["base"]], "a composition needs at least two members", out)
+    _refused(capsys, [*train, "--library", f"{good},{runs['base']}"], "more than once", out)
+    _refused(capsys, [*train, "--library", good, "--domains", "email,nosuchpackage"],
+             "--domains: unknown task(s) 'nosuchpackage' in data.tasks", out)
+    _refused(capsys, [*train, "--library", f"{runs['base']},{runs['full']}"], "no domains: the members have no "
+             "data.tasks", out)
     _refused(capsys, [*train, "--library", f"{good},{tmp_path / 'missing'}"], "is not a directory", out)
     (tmp_path / "empty").mkdir()
     _refused(capsys, [*train, "--library", f"{good},{tmp_path / 'empty'}"], "not a routezoo training workdir", out)
