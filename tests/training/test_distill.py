@@ -91,9 +91,9 @@ def test_step_adds_the_hand_computed_kl_and_leaves_the_teacher(setup):
     _, m = _run(s, Distill(s["tmodel"], weight, temp), s["tvars"], batch=batch)
     # the student's and the teacher's logits on the step's inputs, by hand
     with jax.set_mesh(s["mesh"]), nn.logical_axis_rules(s["rules"]):
-        t_logits, _ = s["tmodel"].apply(s["tvars"], batch["inputs"], deterministic=True)
-        s_logits, _ = s["model"].apply({"params": s["state"].params, **s["state"].model_state}, batch["inputs"],
-                                       deterministic=True)
+        t_logits, _ = jax.jit(s["tmodel"].apply)(s["tvars"], batch["inputs"])
+        s_logits, _ = jax.jit(s["model"].apply)({"params": s["state"].params, **s["state"].model_state},
+                                                batch["inputs"])
     want = _np_kl(np.asarray(s_logits, np.float64), np.asarray(t_logits, np.float64), batch["weights"], temp)
     assert float(m["distill_kl"]) == pytest.approx(want, rel=1e-4)
     assert float(m["distill"]) == pytest.approx(weight * want, rel=1e-4)

@@ -23,7 +23,12 @@ def _tokens(seed=0, b=2, l=16):
 
 def _init(model_cfg, seed=0, l=16):
     model = zoo.build(model_cfg)
-    return model, nn.unbox(model.init(jax.random.key(seed), _tokens(l=l)))
+    return model, nn.unbox(jax.jit(model.init)(jax.random.key(seed), _tokens(l=l)))
+
+
+def _apply(model, variables, tokens):
+    """``model.apply`` jitted (a scanned model run eagerly compiles every op on its own)."""
+    return jax.jit(model.apply)(variables, tokens)
 
 
 def _dense_cfg(data_dir, **kw):
@@ -65,10 +70,10 @@ def test_moe_of_copies_is_the_dense_mlp_times_its_routed_mass(data_dir, mlp_type
     for renorm in (True, False):
         mc = up.moe_config(c.model, num_experts=4, k=2, every=1, expert_dim=f, renormalize=renorm).moe
         block = _block(mc, d)
-        init = nn.unbox(block.init(jax.random.key(3), x, deterministic=True))["params"]
+        init = nn.unbox(jax.jit(lambda r: block.init(r, x, deterministic=True))(jax.random.key(3)))["params"]
         params, counts = up.upcycle_params({"layer0": {"mlp": mlp_params}}, {"layer0": {"moe": init}}, [0])
         assert counts["fresh"] == d * 4 and counts["copied"] == 0
-        y, _ = block.apply({"params": params["layer0"]["moe"]}, x, deterministic=True)
+        y, _ = jax.jit(lambda v: block.apply(v, x, deterministic=True))({"params": params["layer0"]["moe"]})
         if renorm:
             np.testing.assert_allclose(y, dense, rtol=1e-5, atol=1e-5)
         else:   # the top-2 probability mass of the router's softmax, by hand
@@ -83,12 +88,12 @@ def test_moe_of_copies_is_the_dense_mlp_times_its_routed_mass(data_dir, mlp_type
 def test_upcycled_lm_equals_the_dense_lm_at_init(data_dir):
     c = _dense_cfg(data_dir)
     model, v = _init(c.model)
-    dense, _ = model.apply(v, _tokens(5))
+    dense, _ = _apply(model, v, _tokens(5))
     mc = up.moe_config(c.model, num_experts=4, k=2, every=2, expert_dim=c.model.mlp_dim)
     assert up.moe_layer_indices(mc) == [1, 3]
     moe_model, mv = _init(mc, seed=9)
     params, counts = up.upcycle_params(v["params"], mv["params"], [1, 3], noise=0.0)
-    got, _ = moe_model.apply({"params": params}, _tokens(5))
+    got, _ = _apply(moe_model, {"params": params}, _tokens(5))
     np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5)
     # every leaf that exists in the dense model is copied bit for bit (dense layers, attention, embeddings)
     np.testing.assert_array_equal(params["layer0"]["mlp"]["wo"], v["params"]["layer0"]["mlp"]["wo"])
@@ -116,8 +121,8 @@ def test_upcycle_transform_on_a_workdir_round_trip(data_dir, tmp_path):
     assert rec["report"]["max_logit_diff"] < 1e-4
     config, moe_model, state = load_trained(out, log=lambda *_: None)
     assert config.model.ffn == "moe" and config.model.moe.num_experts == 4 and config.model.scan_layers
-    got, _ = moe_model.apply({"params": state.params, **state.model_state}, _tokens(3))
-    dense, _ = model.apply(v, _tokens(3))
+    got, _ = _apply(moe_model, {"params": state.params, **state.model_state}, _tokens(3))
+    dense, _ = _apply(model, v, _tokens(3))
     np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5)
     with pytest.raises(T.TransformError, match="needs a dense model"):
         T.run_transform("upcycle", out, str(tmp_path / "again"), log=lambda *_: None)
@@ -223,14 +228,14 @@ def test_skipped_layers_equal_the_model_without_them(data_dir, scan, ffn):
     c = _dense_cfg(data_dir, **kw)
     model, v = _init(c.model)
     tokens = _tokens(7)
-    full, full_aux = model.apply(v, tokens)
-    nothing, _ = zoo.build(ls.with_skip(c.model, ())).apply(v, tokens)
+    full, full_aux = _apply(model, v, tokens)
+    nothing, _ = _apply(zoo.build(ls.with_skip(c.model, ())), v, tokens)
     np.testing.assert_array_equal(nothing, full)
     skip = (1, 2)
-    got, aux = zoo.build(ls.with_skip(c.model, skip)).apply(v, tokens)
+    got, aux = _apply(zoo.build(ls.with_skip(c.model, skip)), v, tokens)
     small_cfg, small = ls.drop_layers(stack.to_unscanned(v["params"], c.model), stack.with_scan(c.model, False),
                                       skip)
-    ref, ref_aux = zoo.build(small_cfg).apply({"params": small}, tokens)
+    ref, ref_aux = _apply(zoo.build(small_cfg), {"params": small}, tokens)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(full) - np.asarray(ref)).max() > 1e-3
     # the skipped layers' statistics and losses are gone
