@@ -1,0 +1,249 @@
+"""Upcycling, unlearning and layer skipping on models trained by routezoo, end to end.
+
+    # tiny models on a 2-core CPU (the default; about 15 minutes)
+    python benchmarks/transforms/upcycle_unlearn_skip.py --size tiny \\
+        --root runs/bench_transforms_tiny --json benchmarks/results/transforms_upcycle_unlearn_skip_tiny_cpu.json
+    # larger models for one GPU
+    python benchmarks/transforms/upcycle_unlearn_skip.py --size small --root runs/bench_transforms_small
+
+Every model trains through ``routezoo train``'s :func:`~routezoo.training.train.train_and_evaluate`
+(the one train step, the default stdlib data) and every operation runs through ``routezoo
+transform``'s :func:`~routezoo.training.transform.run_transform`, each into its own workdir
+under ``--root``:
+
+1. ``dense``: a dense decoder trained ``dense_steps`` steps.
+2. **upcycle** (equal total tokens ``dense_steps + more_steps``):
+   ``dense+``: the dense model trained ``more_steps`` further (``init.from``);
+   ``sparse upcycled``: ``upcycle`` (copies of the MLP, ``E`` experts, top-2, every other
+   layer) then ``more_steps`` of training; ``MoE from scratch``: the same MoE trained
+   ``dense_steps + more_steps`` from random init; ``Read-ME``: ``upcycle
+   method=readme`` (``E`` experts carved by clustering, top-1 pre-gate, a shared quarter of
+   the neurons, ``router_steps`` of pre-gate distillation) then ``more_steps`` of training
+   distilled from the dense model (``distill.*``, kept by the transform).
+3. **unlearn** on the MoE from scratch: UOE on one stdlib package (``--forget``) against
+   unlearning the whole model, gradient ascent, ``unlearn_steps`` steps: validation loss on
+   the forget package and on the retain packages, and the share of forget tokens still
+   routed to the unlearned expert.
+4. **layer_skip** on the dense model and the MoE from scratch: validation loss and the
+   forward time of one batch at speed-ups 1, 1.25, 1.5, 2, 3 (the unified schedule).
+
+Printed as tables; ``--json`` gets every number with the device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# name: (layers, d_model, heads, kv heads, head dim, mlp_dim, seq_len, batch, dense_steps, more_steps,
+#        experts, router_steps, unlearn_steps, eval_steps)
+PRESETS = {
+    "tiny": (6, 64, 4, 2, 16, 256, 128, 16, 400, 200, 4, 50, 30, 8),        # a 2-core CPU
+    "small": (12, 512, 8, 4, 64, 2048, 512, 32, 3000, 1500, 8, 200, 100, 32),  # one GPU
+}
+
+
+def base_config(p, steps: int, seed: int = 0):
+    from routezoo.configs import base
+    layers, d, h, kv, hd, f, seq, batch, *_ , eval_steps = p
+    c = base.get_config()
+    m = c.model
+    m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = layers, d, h, kv, hd, f
+    c.data.seq_len, c.train.batch_size, c.train.steps = seq, batch, steps
+    c.train.eval_every, c.train.eval_steps, c.train.log_every, c.train.progress = steps, eval_steps, 50, False
+    c.checkpoint.every, c.checkpoint.keep = steps, 1
+    c.optimizer.warmup_steps = min(50, steps // 5)
+    c.seed = seed
+    return c
+
+
+def moe_overrides(p) -> dict:
+    experts = p[10]
+    return {"ffn": "moe", "moe.every": 2, "moe.num_experts": experts, "moe.k": 2, "moe.expert_dim": p[5]}
+
+
+def set_keys(config, overrides: dict) -> None:
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+
+
+def train(config, workdir: str, log) -> dict:
+    from routezoo.training import config_check
+    from routezoo.training.train import train_and_evaluate
+    config_check.validate(config)   # as the CLI does before training
+    t0 = time.time()
+    out = train_and_evaluate(config, workdir)
+    log(f"trained {workdir}: eval loss {out['eval_loss']:.4f} in {time.time() - t0:.0f} s")
+    return {"eval_loss": out["eval_loss"], "eval_bits_per_byte": out["eval_bits_per_byte"],
+            "seconds": time.time() - t0, "workdir": workdir, **param_counts(workdir)}
+
+
+def param_counts(workdir: str) -> dict:
+    """The parameter counts the run logged at step 0 (total and active per token)."""
+    from routezoo.training.metrics import read_metrics
+    first = [r for r in read_metrics(workdir) if "params_total" in r]
+    return {"params_total": first[0]["params_total"], "params_active": first[0]["params_active"]} if first else {}
+
+
+def step0_eval(workdir: str) -> dict:
+    from routezoo.training.metrics import read_metrics
+    first = [r for r in read_metrics(workdir) if r["step"] == 0 and "eval_loss" in r][0]
+    return {"eval_loss": first["eval_loss"], "eval_bits_per_byte": first["eval_bits_per_byte"]}
+
+
+def train_transformed(out: str, steps: int, overrides: dict, log) -> dict:
+    """``routezoo train --workdir OUT`` of a transformed workdir (its own config.json)."""
+    from routezoo.training.workdir import read_workdir_config
+    config = read_workdir_config(out)
+    set_keys(config, {"train.steps": steps, "train.eval_every": steps, "checkpoint.every": steps,
+                      "optimizer.warmup_steps": min(50, steps // 5), **overrides})
+    res = train(config, out, log)
+    res["step0"] = step0_eval(out)
+    return res
+
+
+def run(a) -> dict:
+    import jax
+
+    from routezoo.training import transform as T
+
+    p = PRESETS[a.size]
+    dense_steps, more_steps = a.dense_steps or p[8], a.more_steps or p[9]
+    experts, router_steps, unlearn_steps = p[10], p[11], a.unlearn_steps or p[12]
+    root = os.path.abspath(a.root)
+    os.makedirs(root, exist_ok=True)
+    log = print
+    wd = lambda name: os.path.join(root, name)
+    res: dict = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "size": a.size,
+                 "preset": dict(zip(("layers", "d_model", "heads", "kv_heads", "head_dim", "mlp_dim", "seq_len",
+                                     "batch", "dense_steps", "more_steps", "experts", "router_steps",
+                                     "unlearn_steps", "eval_steps"), p)),
+                 "dense_steps": dense_steps, "more_steps": more_steps}
+
+    def fresh(name):
+        path = wd(name)
+        if os.path.exists(path):
+            raise SystemExit(f"{path} exists; give another --root (every run writes a new workdir)")
+        return path
+
+    # 1. the dense model
+    res["dense"] = train(base_config(p, dense_steps), fresh("dense"), log)
+
+    # 2. upcycling at equal total tokens
+    up = {}
+    c = base_config(p, more_steps)
+    c.init.from_workdir = wd("dense")
+    up["dense+"] = train(c, fresh("dense_more"), log)
+    T.run_transform("upcycle", wd("dense"), fresh("sparse"), {"num_experts": str(experts), "every": "2",
+                                                               "evaluate": "false"}, log=log)
+    up["sparse upcycled"] = train_transformed(wd("sparse"), more_steps, {}, log)
+    c = base_config(p, dense_steps + more_steps)
+    set_keys(c.model, moe_overrides(p))
+    up["MoE from scratch"] = train(c, fresh("moe_scratch"), log)
+    rec = T.run_transform("upcycle", wd("dense"), fresh("readme"),
+                          {"method": "readme", "num_experts": str(experts), "shared_fraction": "0.25",
+                           "router_steps": str(router_steps), "calibration_batches": "4", "evaluate": "false"},
+                          log=log)
+    up["Read-ME"] = train_transformed(wd("readme"), more_steps, {}, log)
+    up["Read-ME"]["distill_phases"] = rec["report"].get("distill_phases")
+    res["upcycle"] = up
+
+    # 3. unlearning one package in the MoE trained from scratch
+    rec = T.run_transform("unlearn", wd("moe_scratch"), fresh("unlearned"),
+                          {"forget": a.forget, "steps": str(unlearn_steps), "learning_rate": str(a.unlearn_lr),
+                           "calibration_batches": "4"}, log=log)
+    res["unlearn"] = rec["report"]
+
+    # 4. layer skipping
+    res["layer_skip"] = {}
+    for name in ("dense", "moe_scratch"):
+        rec = T.run_transform("layer_skip", wd(name), fresh(f"skip_{name}"),
+                              {"speedup": "2", "speedups": "1,1.25,1.5,2,3"}, log=log)
+        res["layer_skip"][name] = rec["report"]["by_speedup"]
+    return res
+
+
+def _params(r: dict) -> str:
+    if "params_total" not in r:
+        return "-"
+    return f"{r['params_total'] / 1e6:.2f}M ({r['params_active'] / 1e6:.2f}M)"
+
+
+def tables(res: dict) -> str:
+    lines = [f"device: {res['device']}, jax {res['jax']}, size {res['size']} "
+             f"({res['preset']['layers']} layers, d_model {res['preset']['d_model']})", "",
+             f"Upcycling (dense trained {res['dense_steps']} steps, then {res['more_steps']} more):", "",
+             "| model | parameters (active) | eval loss at its start | eval loss | bits/byte |",
+             "| --- | --- | --- | --- | --- |",
+             f"| dense ({res['dense_steps']} steps) | {_params(res['dense'])} | - | {res['dense']['eval_loss']:.4f} | "
+             f"{res['dense']['eval_bits_per_byte']:.4f} |"]
+    for name, r in res["upcycle"].items():
+        start = f"{r['step0']['eval_loss']:.4f}" if "step0" in r else "-"
+        lines.append(f"| {name} | {_params(r)} | {start} | {r['eval_loss']:.4f} | {r['eval_bits_per_byte']:.4f} |")
+    u = res["unlearn"]
+    lines += ["", f"Unlearning {u['forget']!r} (expert {u['target']['expert']} of layer {u['target']['layer']}, "
+                  f"{u['objective']}):", "",
+              "| model | forget loss | retain loss | forget tokens routed to the expert | parameters changed |",
+              "| --- | --- | --- | --- | --- |",
+              f"| source | {u['source']['eval_forget']:.4f} | {u['source']['eval_retain']:.4f} | "
+              f"{u['source']['target_share']:.3f} | 0 |"]
+    for key, name in (("uoe", "UOE (one expert, router anchored)"), ("whole_model", "whole model")):
+        if key in u:
+            r = u[key]
+            lines.append(f"| {name} | {r['eval_forget']:.4f} | {r['eval_retain']:.4f} | {r['target_share']:.3f} | "
+                         f"{len(r['changed'])} tensors |")
+    lines += ["", "Layer skipping (unified schedule):", "",
+              "| model | speed-up | skipped layers | eval loss | forward ms |", "| --- | --- | --- | --- | --- |"]
+    for name, rows in res["layer_skip"].items():
+        for r in rows:
+            lines.append(f"| {name} | {r['speedup']:g} (layers {r['speedup_in_layers']:.2f}x) | "
+                         f"{','.join(map(str, r['skip_layers'])) or '-'} | {r['eval_loss']:.4f} | "
+                         f"{1000 * r['forward_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--root", default="runs/bench_transforms_tiny", help="directory for the workdirs (new)")
+    ap.add_argument("--json", default="", help="write every number here")
+    ap.add_argument("--forget", default="email", help="the stdlib package to unlearn")
+    ap.add_argument("--unlearn_lr", type=float, default=1e-3)
+    ap.add_argument("--dense_steps", type=int, default=0)
+    ap.add_argument("--more_steps", type=int, default=0)
+    ap.add_argument("--unlearn_steps", type=int, default=0)
+    ap.add_argument("--table_from", default="", help="print the tables of a finished run's JSON (workdirs in --root)")
+    a = ap.parse_args(argv)
+    if a.table_from:
+        res = json.load(open(a.table_from))
+        names = {"dense": "dense", "dense+": "dense_more", "sparse upcycled": "sparse",
+                 "MoE from scratch": "moe_scratch", "Read-ME": "readme"}
+        for name, r in [("dense", res["dense"]), *res["upcycle"].items()]:
+            if "params_total" not in r:
+                r.update(param_counts(os.path.join(os.path.abspath(a.root), names[name])))
+        print(tables(res))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1, default=float)
+        return 0
+    t0 = time.time()
+    res = run(a)
+    res["seconds"] = time.time() - t0
+    print(tables(res))
+    print(f"\ntotal {res['seconds']:.0f} s")
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
