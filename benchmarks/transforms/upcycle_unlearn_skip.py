@@ -115,6 +115,7 @@ def run(a) -> dict:
     from routezoo.training import transform as T
 
     p = PRESETS[a.size]
+    seed = getattr(a, "seed", 0)
     dense_steps, more_steps = a.dense_steps or p[8], a.more_steps or p[9]
     experts, router_steps, unlearn_steps = p[10], p[11], a.unlearn_steps or p[12]
     root = os.path.abspath(a.root)
@@ -125,7 +126,7 @@ def run(a) -> dict:
                  "preset": dict(zip(("layers", "d_model", "heads", "kv_heads", "head_dim", "mlp_dim", "seq_len",
                                      "batch", "dense_steps", "more_steps", "experts", "router_steps",
                                      "unlearn_steps", "eval_steps"), p)),
-                 "dense_steps": dense_steps, "more_steps": more_steps}
+                 "dense_steps": dense_steps, "more_steps": more_steps, "seed": seed}
 
     def fresh(name):
         path = wd(name)
@@ -134,17 +135,17 @@ def run(a) -> dict:
         return path
 
     # 1. the dense model
-    res["dense"] = train(base_config(p, dense_steps), fresh("dense"), log)
+    res["dense"] = train(base_config(p, dense_steps, seed), fresh("dense"), log)
 
     # 2. upcycling at equal total tokens
     up = {}
-    c = base_config(p, more_steps)
+    c = base_config(p, more_steps, seed)
     c.init.from_workdir = wd("dense")
     up["dense+"] = train(c, fresh("dense_more"), log)
     T.run_transform("upcycle", wd("dense"), fresh("sparse"), {"num_experts": str(experts), "every": "2",
                                                                "evaluate": "false"}, log=log)
     up["sparse upcycled"] = train_transformed(wd("sparse"), more_steps, {}, log)
-    c = base_config(p, dense_steps + more_steps)
+    c = base_config(p, dense_steps + more_steps, seed)
     set_keys(c.model, moe_overrides(p))
     up["MoE from scratch"] = train(c, fresh("moe_scratch"), log)
     rec = T.run_transform("upcycle", wd("dense"), fresh("readme"),
@@ -219,6 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dense_steps", type=int, default=0)
     ap.add_argument("--more_steps", type=int, default=0)
     ap.add_argument("--unlearn_steps", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="every model's init and batch order")
     ap.add_argument("--table_from", default="", help="print the tables of a finished run's JSON (workdirs in --root)")
     a = ap.parse_args(argv)
     if a.table_from:
