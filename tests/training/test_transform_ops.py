@@ -124,8 +124,9 @@ def test_upcycle_transform_on_a_workdir_round_trip(data_dir, tmp_path):
     got, _ = _apply(moe_model, {"params": state.params, **state.model_state}, _tokens(3))
     dense, _ = _apply(model, v, _tokens(3))
     np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-5)
-    with pytest.raises(T.TransformError, match="needs a dense model"):
-        T.run_transform("upcycle", out, str(tmp_path / "again"), log=lambda *_: None)
+    moe = _source(config, stack.to_unscanned(state.params, config.model))
+    with pytest.raises(T.TransformError, match="needs a dense model"):   # refused before anything is computed
+        _run("upcycle", moe)
 
 
 # ------------------------------------------------------------------ Read-ME refactorization
