@@ -10,29 +10,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Many tests compile the same programs (the tiny config's train and eval steps, one model
-# in several tests): a persistent compilation cache, one per test run and shared by the
-# xdist workers and the subprocesses they start (through the environment), compiles each
-# program once. The first process to import this file (pytest's, or the xdist
-# controller) makes it and removes it at the end; a JAX_COMPILATION_CACHE_DIR already set
-# is used as it is (and kept).
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE = tempfile.mkdtemp(prefix="routezoo-tests-jax-cache-")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
-else:
-    _OWN_CACHE = None
 
 import pytest  # noqa: E402
-
-
-def pytest_unconfigure(config):
-    if _OWN_CACHE:
-        import shutil
-
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
