@@ -10,8 +10,9 @@ width (task embeddings).
 - ``phatgoose``, stage 2: zero-shot top-k routing among ``a`` (LoRA, gate) pairs by
   ``LN(u)·LN(v_k)/√I``; nothing trains.
 - ``glider`` (Li et al., 2024, "Glider: Global and Local Instruction-Driven Expert Router",
-  arXiv 2410.10904): local logits ``LN(u) W_gate/√I`` plus ``λ·g`` with ``g [a]`` the task
-  similarities (global router, :func:`task_similarity`).
+  arXiv 2410.10904): local logits ``LN(u) W_gate/√I`` with ``W_gate``'s columns the
+  layer-normalised gates ``LN(v_k)``, plus ``λ·g`` with ``g [a]`` the task similarities
+  (global router, :func:`task_similarity`).
 
 The library is read, stored and frozen as for every library method
 (:mod:`routezoo.layers.adapters.library`).
@@ -44,7 +45,8 @@ def phatgoose_scores(x: jax.Array, gates: jax.Array) -> jax.Array:
 
 def glider_logits(x: jax.Array, router: jax.Array, similarity: jax.Array, lam: float) -> jax.Array:
     """GLIDER routing logits ``LN(u) W_gate/√I + λ·g``: x ``[B, L, I]``, W_gate ``[I, a]``,
-    g ``[a]`` -> ``[B, L, a]`` (LN on the input only, as GLIDER's code does)."""
+    g ``[a]`` -> ``[B, L, a]``. The forward normalises the input only; ``W_gate`` is used as
+    stored (:class:`Glider` stores it layer-normalised, ``LN(v_k)`` per column, once at init)."""
     local = jnp.einsum("BLI,Ia->BLa", layer_norm(x), router.astype(jnp.float32)) / math.sqrt(x.shape[-1])
     return local + lam * jnp.asarray(similarity, jnp.float32)
 
@@ -187,13 +189,19 @@ class Glider(_LibraryMethod):
     local routing plus a global, task-level bias::
 
         logits = LN(u) W_gate/√I + λ·g        # W_gate [I, a], g [a], LN without affine
+        W_gate[:, k] = LN(v_k)                 # at init, from entry k's trained gate v_k
         p = top-k(softmax(logits)), renormalised;    y += Σ_k p_k · s_k (u A_k) B_k
 
-    Local router: ``W_gate``'s column ``k`` is the gate vector of library entry ``k`` (a
-    ``phatgoose_gate`` run), as the authors' code builds its ``lora_gate`` rows from each
-    expert's trained sigmoid gate (UNITES-Lab/glider ``src/peft/tuners/molora/layers.py``);
-    a plain ``lora`` entry gets a zero column. Frozen by default (zero-shot, as the paper);
-    ``train_router`` (``adapter.glider_train_router``) trains it from that init. (The
+    Local router: ``W_gate``'s column ``k`` is the layer-normalised gate vector of library
+    entry ``k`` (a ``phatgoose_gate`` run): the authors' code builds its ``lora_gate`` rows
+    from each expert's trained sigmoid gate and layer-normalises every row, without affine
+    parameters, when it loads them (UNITES-Lab/glider ``src/utils/manipulation.py``
+    ``gather_lora_state_dicts_to_molora(norm_router_weight=True)``, and
+    ``apply_layer_norm_to_gate`` after each gate is trained); its forward then normalises
+    the input, ``lora_gate(LN(u))/√I`` (``src/peft/tuners/molora/layers.py``). So the local
+    logits are PHATGOOSE's scores ``LN(u)·LN(v_k)/√I``. A plain ``lora`` entry gets a zero
+    column (``LN(0) = 0``). Frozen by default (zero-shot, as the paper); ``train_router``
+    (``adapter.glider_train_router``) trains ``W_gate`` from that normalised init. (The
     authors' repository also has a script that sets an expert's gate to its mean absolute
     input activation instead of training it; not implemented here.)
 
@@ -238,11 +246,12 @@ class Glider(_LibraryMethod):
         return key in self.FROZEN or (key == "router" and not self.train_router)
 
     def init(self, rng: jax.Array, params: Params, library=None, library_configs=None, **_) -> Params:
-        """``{'library', 'library_scale', 'router': {path: W_gate [I, a]}}`` (boxed)."""
+        """``{'library', 'library_scale', 'router': {path: W_gate [I, a]}}`` (boxed);
+        ``W_gate = LN(gates)ᵀ``, each gate normalised over ``I``."""
         factors, scale, gates, _ = self._read(params, library, library_configs)
         out = _boxed_library(factors, scale)
         for path, g in gates.items():
-            out[f"router/{path}"] = _box(g.T, (None, None))
+            out[f"router/{path}"] = _box(layer_norm(jnp.asarray(g)).T, (None, None))
         return _nest(out)
 
     def count(self, params: Params) -> int:

@@ -2,8 +2,8 @@
 
 ScaLearn with one adapter and omega = 1 equals that LoRA merged into the base; ScaLearn
 counts against the paper's four formulas; PHATGOOSE and GLIDER routing weights against
-numpy references; the library frozen bit-identical and absent from the optimizer state
-in a real (tiny) training run; the errors."""
+numpy references (GLIDER's local router: the layer-normalised gates); the library frozen
+bit-identical and absent from the optimizer state in a real (tiny) training run; the errors."""
 
 import json
 import math
@@ -230,15 +230,26 @@ def test_glider_logits_reference_and_large_lambda_is_retrieval():
     gl = pg_lib.Glider("attn/q", num_library=k, task_similarity=sims, lam=3.0, top_k=2)
     ad = nn.unbox(gl.init(jax.random.PRNGKey(0), _Q, library=[p for p, _ in entries],
                           library_configs=[cf for _, cf in entries]))
+    # The authors' local router: lora_gate rows = LN(v_k) (normalised once, at load), the
+    # input normalised in the forward: logits_k = LN(u)·LN(v_k)/√I + λ g_k.
+    gates = np.stack([e["gate"]["layer0"]["attn"]["q"] for e, _ in entries])        # [a, I], raw
     router = np.asarray(ad["router"]["layer0"]["attn"]["q"])
-    np.testing.assert_array_equal(router.T, np.stack([e["gate"]["layer0"]["attn"]["q"] for e, _ in entries]))
+    np.testing.assert_allclose(router.T, _ln(gates), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(router.mean(0), 0.0, atol=1e-5)                      # each column zero-mean,
+    np.testing.assert_allclose(router.var(0), 1.0, rtol=1e-3)                       # unit variance
     assert gl.count(_Q) == 0 and set(jax.tree.leaves(gl.param_groups(ad))) == {"frozen"}
     trained = pg_lib.Glider("attn/q", num_library=k, task_similarity=sims, train_router=True)
     assert trained.count(_Q) == 16 * k and trained.param_groups(ad)["router"]["layer0"]["attn"]["q"] == "trained"
     x = np.random.default_rng(7).standard_normal((2, 5, 16)).astype(np.float32)
-    logits = _ln(x) @ router / np.sqrt(16) + 3.0 * np.asarray(sims)
+    logits = np.einsum("bsi,ki->bsk", _ln(x), _ln(gates)) / np.sqrt(16) + 3.0 * np.asarray(sims)
     w = np.asarray(gl.weights("layer0/attn/q", jnp.asarray(x), _ctx(ad)))
     np.testing.assert_allclose(w, _np_topk(logits, 2), rtol=1e-5, atol=1e-6)
+    # Scaling a gate does not change the routing (it is normalised); feeding it raw would.
+    big = [({**e, "gate": jax.tree.map(lambda g: 50.0 * g, e["gate"])} if i == 0 else e, cf)
+           for i, (e, cf) in enumerate(entries)]
+    ad_big = nn.unbox(gl.init(jax.random.PRNGKey(0), _Q, library=[p for p, _ in big],
+                              library_configs=[cf for _, cf in big]))
+    np.testing.assert_allclose(gl.weights("layer0/attn/q", jnp.asarray(x), _ctx(ad_big)), w, rtol=1e-5, atol=1e-6)
     # λ huge: every token's weight goes to argmax g (near-hard retrieval, the card's pitfall).
     hard = pg_lib.Glider("attn/q", num_library=k, task_similarity=sims, lam=1e4, top_k=2)
     w = np.asarray(hard.weights("layer0/attn/q", jnp.asarray(x), _ctx(ad)))
