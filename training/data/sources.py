@@ -5,6 +5,8 @@ TensorFlow):
 
 * ``stdlib`` (the default, offline): :mod:`routezoo.training.data.stdlib`, built on
   first use by :func:`ensure_dataset`.
+* ``shakespeare``: :mod:`routezoo.training.data.shakespeare`, built on first use from a
+  local copy of its archive (refused in one line without it).
 * ``files``: the user's own files (``data.files``), streamed rather than indexed: a
   :class:`DocumentStream` (:mod:`routezoo.training.data.files`).
 * any other ``data.name``: a TFDS dataset already prepared in array_record format in
@@ -27,10 +29,13 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from routezoo.training.data.shakespeare import SHAKESPEARE, build_shakespeare, shakespeare_tfds_name
 from routezoo.training.data.stdlib import STDLIB, build_stdlib, stdlib_tfds_name
 
 
 FILES = "files"   # data.name of the user's own files
+# The corpora routezoo builds itself: data.name -> (build(data_dir), TFDS name()).
+BUILT_IN = {STDLIB: (build_stdlib, stdlib_tfds_name), SHAKESPEARE: (build_shakespeare, shakespeare_tfds_name)}
 
 
 class DocumentStream:
@@ -106,8 +111,9 @@ def _registered_builders() -> set[str]:
 
 
 def known_dataset(name: str, data_dir: str | None = None) -> bool:
-    """'stdlib', a registered TFDS builder, or a dataset directory in ``data_dir``."""
-    if name in (STDLIB, FILES):
+    """A built-in corpus (:data:`BUILT_IN`), 'files', a registered TFDS builder, or a
+    dataset directory in ``data_dir``."""
+    if name in BUILT_IN or name == FILES:
         return True
     base = _dataset_base_name(name)
     if not base:
@@ -119,15 +125,15 @@ def known_dataset(name: str, data_dir: str | None = None) -> bool:
 
 def _unknown_dataset_error(name: str) -> ValueError:
     return ValueError(
-        f"data.name={name!r} is not a known dataset; allowed: 'stdlib', 'files' (data.files) or a TFDS "
+        f"data.name={name!r} is not a known dataset; allowed: 'stdlib', 'shakespeare', 'files' (data.files) or a TFDS "
         "dataset name prepared in array_record format in data.data_dir")
 
 
 def ensure_dataset(data_cfg: Any) -> str:
-    """Builds (stdlib) or checks (named) the dataset; returns the data dir."""
+    """Builds (stdlib, shakespeare) or checks (named, files) the dataset; returns the data dir."""
     data_dir = resolve_data_dir(data_cfg)
-    if data_cfg.name == STDLIB:
-        build_stdlib(data_dir)
+    if data_cfg.name in BUILT_IN:
+        BUILT_IN[data_cfg.name][0](data_dir)
     elif data_cfg.name == FILES:
         from routezoo.training.data.files import check_files
         check_files(data_cfg)
@@ -143,7 +149,7 @@ def get_source(data_cfg: Any, split: str) -> Sequence[Any] | DocumentStream:
     if data_cfg.name == FILES:
         return files_split(data_cfg, split)
     data_dir = ensure_dataset(data_cfg)
-    name = stdlib_tfds_name() if data_cfg.name == STDLIB else data_cfg.name
+    name = tfds_name_of(data_cfg)
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # noqa: BLE001 - TFDS raises many types; report one line
@@ -166,9 +172,15 @@ def _why_unreadable(name: str, data_dir: str, error: Exception) -> str:
     return f"{first_line} (data dir {data_dir})"
 
 
+def tfds_name_of(data_cfg: Any) -> str:
+    """The TFDS name ``data.name`` reads: a built-in corpus's builder, else ``data.name``."""
+    return BUILT_IN[data_cfg.name][1]() if data_cfg.name in BUILT_IN else data_cfg.name
+
+
 def text_key_of(data_cfg: Any) -> str:
-    """The record field that holds the text: ``text`` for stdlib, else ``data.text_key``."""
-    return "text" if data_cfg.name == STDLIB else data_cfg.text_key
+    """The record field that holds the text: ``text`` for a built-in corpus, else
+    ``data.text_key``."""
+    return "text" if data_cfg.name in BUILT_IN else data_cfg.text_key
 
 
 def text_of(record: Any, text_key: str) -> str:
