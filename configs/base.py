@@ -137,7 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     d = c.data = ml_collections.ConfigDict()
-    d.name = "stdlib"            # stdlib (offline, Python's own sources) | files (data.files) | any TFDS dataset name
+    d.name = "stdlib"            # stdlib (offline, Python's own sources) | shakespeare (docs/data.md) | files (data.files) | any TFDS dataset name
     d.data_dir = ""              # TFDS data dir; "" = $ROUTEZOO_DATA_DIR or ~/tensorflow_datasets
     d.text_key = "text"          # field holding the text (TFDS features, .jsonl keys, .parquet columns)
     # data.name=files: your own files, streamed (docs/data.md)
