@@ -23,6 +23,26 @@ routes at two levels: which experts serve a token, and which tokens an expert pr
   replaced by 1 (``gate_in_output=False``) this is exactly multi-head attention
   (:class:`routezoo.layers.attention.Attention` with ``num_kv_heads = num_heads``) with the
   same weights.
+
+  ``attention`` (``moe.uoe_attention``) says which tokens a head attends over.
+  ``'selected'`` (the default, and what the authors' ``SMHA_v3.py`` computes: queries,
+  keys and values of the compacted tokens only) is the above. ``'all'`` is the ablation
+  where the token selection applies to the outputs only: every head computes queries,
+  keys and values for all ``L`` tokens and attends causally over all of them, exactly as
+  dense multi-head attention, and only the outputs at the tokens that chose the head are
+  kept (times ``g[t, h]`` when ``gate_in_output``). No buffer, so no capacity and no
+  dropping (``uoe_capacity_factor`` is not read; ``dropped_fraction`` is 0); each head
+  costs a dense head's FLOPs. With ``k = H`` and ``gate_in_output=False`` it is exactly
+  multi-head attention too.
+
+  ``gate_in_output`` (``moe.uoe_gate_in_output``, shared with the UoME gate below):
+  ``True`` (default) multiplies each head's output by its raw ``g[t, h]``, which puts the
+  gate in the loss's gradient path. ``False`` is the authors' operator: the gate only
+  selects (their ``RowParallelMatmulWithMoE`` / ``ColumnParallelMatmulWithMoE`` ignore the
+  scores on this path), so the language-model loss gives the gate no gradient. What then
+  trains the gate is the load-balance and z losses on its logits (``moe.load_balance_coef``,
+  ``moe.z_loss_coef``); with both at 0 the gate stays at its initialisation, a fixed random
+  projection, which is what the authors' code trains (its gates return no auxiliary loss).
 * The union of MLP experts (UoME): the dense MLP of width ``E·F`` cut into ``E``
   column/row slices (slice ``e`` = columns ``e·F:(e+1)·F`` of ``W_in`` and ``W_gate``,
   rows of ``W_out``), so the sum of all slices is the dense MLP
@@ -30,7 +50,10 @@ routes at two levels: which experts serve a token, and which tokens an expert pr
   expert of :class:`routezoo.layers.moe.block.MoE`, so the UoME *is* that MoE block with
   :class:`UoERouter` (top-``k`` of a float32 softmax gate): both dispatchers and expert
   parallelism on the ``expert`` mesh axis come with it. ``UoERouter(gate_in_output=False)``
-  gives every selected slice weight 1, so ``k = E`` reproduces the dense MLP exactly.
+  (``moe.uoe_gate_in_output=False``, the authors' ``UoME_DS.py``, which sums the selected
+  slices' outputs unweighted) gives every selected slice weight 1, so ``k = E`` reproduces
+  the dense MLP exactly; the UoME gate then also trains through its balance and z losses
+  only.
 
 Packed documents (``segment_ids`` int ``[B, L]``, documents ``1, 2, ...`` of a row, ``0``
 padding): each head's buffer slot carries the segment id of its token (gathered with the
@@ -59,9 +82,11 @@ their language-modelling runs), on purpose:
   (``B·g·m / Σ_b g·m``), which couples the sequences of a batch and depends on the batch
   size; here the gate is a per-token softmax and buffers are per sequence.
 * Gate gradient. In the code the gate only selects indices and never multiplies an
-  output, so it gets no gradient. Here each head's output is multiplied by ``g[t, h]``
-  and each slice's output by its softmax probability, which puts both gates in the
-  gradient path (``gate_in_output=False`` restores the code's behaviour, for tests).
+  output, so it gets no gradient. By default each head's output is multiplied by
+  ``g[t, h]`` and each slice's output by its softmax probability, which puts both gates in
+  the gradient path; ``moe.uoe_gate_in_output=False`` is the code's operator for both
+  gates (they then learn from their balance and z losses alone, or not at all with both
+  coefficients 0, as in the code).
 * Rotary positions. The code applies RoPE at the compacted positions ``0..C-1``, so two
   tokens' relative position inside a head depends on which other tokens the head took.
   Here the rotary embedding uses each token's original position.
@@ -101,7 +126,7 @@ from routezoo.layers import sharding
 from routezoo.layers.attention import ATTN_OUT
 
 from routezoo.layers.routers import TopKRouter
-from routezoo.layers.routers.base import load_balance_loss, router_z_loss, top_k
+from routezoo.layers.routers.base import _check_choice, load_balance_loss, router_z_loss, top_k
 from routezoo.layers.sharding import default_kernel_init
 from routezoo.layers.routers.base import register
 
@@ -110,6 +135,8 @@ Dtype = Any
 
 # dense MLP type -> stacked expert type with the same maths (layers/moe/dropless.py)
 SLICE_TYPES = {"swiglu": "swiglu", "gelu": "gelu"}
+# what a head attends over: the tokens that chose it (the authors' code) | all tokens (ablation)
+UOE_ATTENTION = ("selected", "all")
 
 
 # ------------------------------------------------------------------ selective attention
@@ -193,10 +220,15 @@ class SelectiveAttention(nn.Module):
     Attributes:
       num_heads: ``H``. head_dim: ``A``.
       k: heads per token ``k_h``; 0 = ``max(1, H // 2)``.
-      capacity_factor: ``cf`` of :func:`attention_capacity` (training and evaluation).
+      capacity_factor: ``cf`` of :func:`attention_capacity` (training and evaluation;
+        ``'selected'`` only).
       gate_in_output: multiply each head's output by ``g[t, h]`` (True, the gate learns
-        through the loss); False: by 1 (the authors' code; with ``k = H`` and ``C = L``,
-        exactly multi-head attention).
+        through the loss); False: by 1 (the authors' operator: the gate only selects and
+        learns from the balance and z losses alone; with ``k = H`` and ``C = L``, exactly
+        multi-head attention).
+      attention: ``'selected'`` (a head attends among the tokens it took, the authors'
+        code) or ``'all'`` (a head attends over all tokens as dense attention does, and
+        only its outputs at the tokens that chose it are kept); see the module docstring.
     """
 
     num_heads: int
@@ -205,6 +237,7 @@ class SelectiveAttention(nn.Module):
     capacity_factor: float = 1.25
     rope_theta: float = 10000.0
     gate_in_output: bool = True
+    attention: str = "selected"
     load_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
     init_scale: float = 0.1
@@ -219,9 +252,11 @@ class SelectiveAttention(nn.Module):
         kh = heads_per_token(self.k, h)
         if not 1 <= kh <= h:
             raise ValueError(f"SelectiveAttention: k={self.k} heads per token, must be between 0 and {h}")
+        if self.attention not in UOE_ATTENTION:
+            raise ValueError(f"SelectiveAttention: attention={self.attention!r} is unknown; known: "
+                             f"{list(UOE_ATTENTION)}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(l), (b, l))
-        c = attention_capacity(l, h, kh, self.capacity_factor)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
         # gate, float32: g [B, L, H], top-k_h heads per token
@@ -234,8 +269,13 @@ class SelectiveAttention(nn.Module):
         _, top = top_k(g, kh)  # [B, L, k_h]
         mask = jnp.max(jax.nn.one_hot(top, h, dtype=jnp.float32), axis=2) > 0  # [B, L, H]
 
-        # compact each head's tokens in time order into C slots
-        idx, valid, kept = compact_in_time_order(mask, c)  # [B, H, C], [B, H, C], [B, L, H]
+        if self.attention == "selected":   # compact each head's tokens in time order into C slots
+            c = attention_capacity(l, h, kh, self.capacity_factor)
+            idx, valid, kept = compact_in_time_order(mask, c)  # [B, H, C], [B, H, C], [B, L, H]
+        else:   # 'all': every head's buffer is the whole sequence (C = L), nothing dropped
+            c = l
+            idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, h, l))  # [B, H, C]
+            valid, kept = jnp.ones((b, h, l), bool), mask  # [B, H, C], [B, L, H]
         xs = jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=0))(x.astype(self.dtype), idx)  # [B, H, C, D]
         xs = sharding.constrain(xs, ("batch", "act_heads", "capacity", "act_embed"))
         pos = jnp.take_along_axis(jnp.broadcast_to(positions[:, None, :], (b, h, l)), idx, axis=2)  # [B, H, C]
@@ -262,9 +302,11 @@ class SelectiveAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1)  # [B, H, C, M]; rows of empty slots: unused
         out = jnp.einsum("BHCM,BHMA->BHCA", probs.astype(self.dtype), v)  # [B, H, C, A]
 
-        # gate multiplier (0 in empty slots), then back to positions [B, L, H, A]
+        # gate multiplier (0 in empty slots and, with 'all', at tokens that did not choose the
+        # head), then back to positions [B, L, H, A]
         g_slot = jnp.take_along_axis(jnp.swapaxes(g, 1, 2), idx, axis=2)  # [B, H, C]
-        mult = jnp.where(valid, g_slot if self.gate_in_output else 1.0, 0.0)  # [B, H, C]
+        kept_slot = jnp.take_along_axis(jnp.swapaxes(kept, 1, 2), idx, axis=2)  # [B, H, C]
+        mult = jnp.where(valid & kept_slot, g_slot if self.gate_in_output else 1.0, 0.0)  # [B, H, C]
         out = (out.astype(jnp.float32) * mult[..., None]).astype(self.dtype)
         out = sharding.constrain(out, ("batch", "act_heads", "capacity", None))
 
@@ -313,7 +355,8 @@ def selective_attention_from_config(model_cfg: Any, *, dtype: Dtype, param_dtype
                                     name: str | None = None) -> SelectiveAttention:
     """:class:`SelectiveAttention` of an MoE layer from ``config.model`` (``num_heads``,
     ``head_dim``, ``rope_theta``, ``moe.uoe_attn_k``, ``moe.uoe_capacity_factor``,
-    ``moe.load_balance_coef``, ``moe.z_loss_coef``, ``moe.router_init_scale``).
+    ``moe.uoe_gate_in_output``, ``moe.uoe_attention``, ``moe.load_balance_coef``,
+    ``moe.z_loss_coef``, ``moe.router_init_scale``).
     ``model.num_kv_heads`` and ``model.attention_impl`` apply to dense layers only: every
     head expert has its own keys and values, and attention runs as einsums."""
     check_model_config(model_cfg)
@@ -321,7 +364,8 @@ def selective_attention_from_config(model_cfg: Any, *, dtype: Dtype, param_dtype
     return SelectiveAttention(
         num_heads=int(model_cfg.num_heads), head_dim=int(model_cfg.head_dim), k=int(moe.uoe_attn_k),
         capacity_factor=float(moe.uoe_capacity_factor), rope_theta=float(model_cfg.rope_theta),
-        load_balance_coef=float(moe.load_balance_coef), z_loss_coef=float(moe.z_loss_coef),
+        gate_in_output=bool(moe.get("uoe_gate_in_output", True)),
+        attention=str(moe.get("uoe_attention", "selected")), load_balance_coef=float(moe.load_balance_coef), z_loss_coef=float(moe.z_loss_coef),
         init_scale=float(moe.router_init_scale), dtype=dtype, param_dtype=param_dtype, name=name)
 
 
@@ -337,9 +381,11 @@ class UoERouter(TopKRouter):
     (weights: the selected probabilities, renormalised over the ``k`` when
     ``renormalize``, raw for ``k = 1``; Switch load balancing; z-loss). As a
     ``moe.router`` name, ``uoe`` also makes the LM's MoE layers use
-    :class:`SelectiveAttention`. ``gate_in_output=False``: every selected slice gets
-    weight 1 (the authors' code, where the gate only selects; with ``k = E`` the block is
-    then exactly the dense MLP of :func:`dense_from_slices`).
+    :class:`SelectiveAttention`. ``gate_in_output=False`` (``moe.uoe_gate_in_output``,
+    which sets the head gate's too): every selected slice gets weight 1 (the authors' code,
+    where the gate only selects and the selected slices' outputs are summed; with ``k = E``
+    the block is then exactly the dense MLP of :func:`dense_from_slices`); the gate then
+    learns from its balance and z losses alone.
     """
 
     gate_in_output: bool = True
@@ -351,7 +397,19 @@ class UoERouter(TopKRouter):
         # tokens per head and sequence C = min(L, ceil(cf * L * k_h / H)), filled in time order;
         # the rest dropped for that head
         "uoe_capacity_factor": 1.25,
+        # True: each head's output times its gate g[t, h] and each slice's by its probability (the
+        # gates learn from the loss); False: weight 1, the gates only select (the authors' code;
+        # they then learn from load_balance_coef / z_loss_coef alone)
+        "uoe_gate_in_output": True,
+        # selected: a head attends among the tokens that chose it (the authors' code) | all: a head
+        # attends over all tokens as dense attention, only the choosing tokens' outputs are kept
+        "uoe_attention": "selected",
     }
+
+    @classmethod
+    def from_config(cls, moe_cfg: Any, **kwargs) -> "UoERouter":
+        return super().from_config(moe_cfg, gate_in_output=bool(moe_cfg.get("uoe_gate_in_output", True)),
+                                   **kwargs)
 
     def __call__(self, x: Array, *, deterministic: bool, group_size: int | None = None):
         # x: [T, D]
@@ -369,6 +427,7 @@ class UoERouter(TopKRouter):
         if not float(moe_cfg.uoe_capacity_factor) > 0:
             raise ValueError(f"moe.uoe_capacity_factor={moe_cfg.uoe_capacity_factor} must be > 0 "
                              "with moe.router='uoe'")
+        _check_choice(moe_cfg, "uoe_attention", UOE_ATTENTION)
 
     @classmethod
     def check_model_config(cls, model_cfg: Any) -> None:

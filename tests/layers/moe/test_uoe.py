@@ -1,6 +1,8 @@
 """UoE (layers/moe/uoe.py): selective attention against multi-head attention and a loop
-reference, causality with dropping, gate gradients through the LM loss, the union of MLP
-slices against the dense MLP (both dispatchers, expert=4 mesh), config errors.
+reference (heads over their selected tokens, and over all tokens), causality with
+dropping, gate gradients through the LM loss or only through the auxiliary losses
+(``moe.uoe_gate_in_output=False``), the union of MLP slices against the dense MLP (both
+dispatchers, expert=4 mesh), config errors.
 
 Shapes are small: B=2, L=8, D=16, H=4 heads of K=8; MLP slices E=4 of F=8 (width 32).
 """
@@ -121,6 +123,26 @@ def np_selective_attention(params, x, pos, k, capacity):
     return y, chosen, kept
 
 
+def np_all_tokens_attention(params, x, pos, k, gate_in_output=True):
+    """``attention='all'``: every head attends causally over all tokens (dense multi-head
+    attention); its output is kept only at the tokens that chose it, times the gate."""
+    p = {n: np.asarray(v, np.float64) for n, v in params.items()}
+    g, chosen, _ = np_selection(params, x, k, L)
+    x, pos = np.asarray(x, np.float64), np.asarray(pos, np.float64)
+    y = np.zeros((B, L, D))
+    causal = np.triu(np.full((L, L), -np.inf), 1)
+    for b in range(B):
+        for h in range(H):
+            q = np_rope(x[b] @ p["q"][:, h], pos[b])
+            kk = np_rope(x[b] @ p["k"][:, h], pos[b])
+            s = q @ kk.T / np.sqrt(K) + causal
+            a = np.exp(s - s.max(-1, keepdims=True))
+            a /= a.sum(-1, keepdims=True)
+            mult = chosen[b, :, h] * (g[b, :, h] if gate_in_output else 1.0)  # [L]
+            y[b] += (mult[:, None] * (a @ (x[b] @ p["v"][:, h]))) @ p["o"][h]
+    return y, chosen
+
+
 # ------------------------------------------------------------------ selective attention
 
 
@@ -158,6 +180,36 @@ def test_matches_loop_reference_with_dropping(k, cf):
     if k == 1:
         assert gone.any()
     assert np.all(np.asarray(y)[gone] == 0.0) and np.all(np.abs(np.asarray(y)[~gone]).max(-1) > 0)
+
+
+@pytest.mark.parametrize("attention", ["selected", "all"])
+def test_every_head_without_gate_is_multi_head_attention(attention):
+    """k = H, gate_in_output=False: both attention modes are multi-head attention ('selected'
+    needs C = L, i.e. capacity_factor >= 1 here; 'all' has no buffer to size)."""
+    params, x = attn_params(), make_x(2)
+    mha = Attention(num_heads=H, num_kv_heads=H, head_dim=K, implementation="xla")
+    y_ref = jax.jit(mha.apply)({"params": {n: params[n] for n in "qkvo"}}, x, POS)
+    y, aux = run_attn(params, x, k=H, capacity_factor=1.0, gate_in_output=False, attention=attention)
+    np.testing.assert_allclose(y, y_ref, **TOL)
+    assert float(aux["stats"]["dropped_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("k,gate_in_output", [(2, True), (1, False)])
+def test_all_tokens_attention_matches_loop_reference(k, gate_in_output):
+    """attention='all' with k < H: per token, against attention over all tokens computed by
+    hand; it differs from 'selected' (a head there sees only the tokens that chose it), even
+    where 'selected' drops nothing (capacity_factor = H / k gives C = L)."""
+    params, x = attn_params(), make_x(4)
+    y, aux = run_attn(params, x, k=k, capacity_factor=0.5, gate_in_output=gate_in_output, attention="all")
+    y_ref, chosen = np_all_tokens_attention(params, x, POS, k, gate_in_output)
+    np.testing.assert_allclose(y, y_ref, **TOL)
+    assert float(aux["stats"]["dropped_fraction"]) == 0.0   # no buffer: capacity_factor is not read
+    np.testing.assert_allclose(aux["stats"]["load"], chosen.sum((0, 1)) / chosen.sum(), rtol=1e-6)
+    y_sel, aux_sel = run_attn(params, x, k=k, capacity_factor=H / k, gate_in_output=gate_in_output)
+    assert float(aux_sel["stats"]["dropped_fraction"]) == 0.0
+    diff = np.abs(np.asarray(y) - np.asarray(y_sel)).max(-1)   # [B, L]
+    assert diff[:, 0].max() < 1e-5   # the first token attends only to itself in both modes
+    assert (diff > 1e-3).mean() > 0.5
 
 
 def test_compaction_keeps_time_order():
@@ -200,6 +252,26 @@ def test_attention_gate_gradient_only_through_the_output():
     g0 = grads(False)  # the authors' code: the gate only selects and gets no gradient
     assert float(jnp.abs(g0["gate_kernel"]).max()) == 0.0
     assert float(jnp.abs(g0["q"]).max()) > 0
+
+
+@pytest.mark.parametrize("attention", ["selected", "all"])
+def test_without_gate_in_output_the_gate_learns_from_the_aux_losses_only(attention):
+    """gate_in_output=False with balance and z losses: the gate's gradient of output + losses
+    equals the losses' gradient alone (none comes through the output), and is not zero."""
+    params, x, cot = attn_params(), make_x(), make_x(9)
+    m = attn(k=2, capacity_factor=1.0, gate_in_output=False, attention=attention,
+             load_balance_coef=0.5, z_loss_coef=0.1)
+
+    def loss(p, through_output):
+        y, aux = m.apply({"params": p}, x, POS)
+        return jnp.sum(y * cot) * through_output + sum(aux["losses"].values())
+
+    # [0]: output and losses, [1]: losses only
+    g = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(params, jnp.asarray([1.0, 0.0]))
+    for name in ("gate_kernel", "gate_bias"):
+        np.testing.assert_allclose(g[name][0], g[name][1], rtol=1e-6, atol=1e-9)
+        assert float(jnp.abs(g[name][0]).max()) > 0
+    assert float(jnp.abs(g["q"][0]).max()) > 0 and float(jnp.abs(g["q"][1]).max()) == 0.0
 
 
 # ------------------------------------------------------------------ union of MLP experts
@@ -331,6 +403,41 @@ def test_lm_gates_receive_gradient_from_the_loss():
     assert {"attn_load_balance", "load_balance"} <= set(aux["losses"])
 
 
+def test_lm_keys_reach_both_gates_and_the_attention():
+    """``moe.uoe_gate_in_output=False`` and ``moe.uoe_attention='all'`` through the LM: the
+    built modules carry them; the cross-entropy gives neither gate a gradient (the authors'
+    operator), the balance loss does."""
+    tokens = jnp.asarray(np.random.default_rng(1).integers(2, 258, (2, 16)), jnp.int32)
+    keys = {"model.ffn": "moe", "model.num_layers": 1, "model.moe.uoe_gate_in_output": False,
+            "model.moe.uoe_attention": "all"}
+    cfg = lm_config(**keys)
+    config_check.validate(cfg)
+    sa = uoe.selective_attention_from_config(cfg.model, dtype=jnp.float32, param_dtype=jnp.float32)
+    assert sa.gate_in_output is False and sa.attention == "all"
+    assert moe_lib.router_from_config(cfg.model.moe).gate_in_output is False
+    default = lm_config(**{"model.ffn": "moe", "model.num_layers": 1})
+    sa = uoe.selective_attention_from_config(default.model, dtype=jnp.float32, param_dtype=jnp.float32)
+    assert sa.gate_in_output is True and sa.attention == "selected"
+    assert moe_lib.router_from_config(default.model.moe).gate_in_output is True
+
+    params = random_params(zoo.build(cfg.model), tokens, scale=0.2)
+
+    def grads(model):
+        def loss(p):
+            logits, aux = model.apply({"params": p}, tokens[:, :-1], deterministic=False)
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1)) + sum(aux["losses"].values())
+        return jax.jit(jax.grad(loss))(params)["layer0"]
+
+    g = grads(zoo.build(cfg.model))   # cross-entropy only (the coefficients are 0 in lm_config)
+    assert float(jnp.abs(g["attn"]["gate_kernel"]).max()) == 0.0
+    assert float(jnp.abs(g["moe"]["router"]["kernel"]).max()) == 0.0
+    assert float(jnp.abs(g["attn"]["q"]).max()) > 0
+    g = grads(zoo.build(lm_config(**keys, **{"model.moe.load_balance_coef": 0.01}).model))
+    assert float(jnp.abs(g["attn"]["gate_kernel"]).max()) > 0
+    assert float(jnp.abs(g["moe"]["router"]["kernel"]).max()) > 0
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -338,6 +445,7 @@ def test_lm_gates_receive_gradient_from_the_loss():
     ({"model.moe.uoe_attn_k": 5}, r"moe.uoe_attn_k=5 must be between 0 \(= model.num_heads // 2\) and model.num_heads=4"),
     ({"model.moe.uoe_attn_k": -1}, r"moe.uoe_attn_k=-1 must be >= 0"),
     ({"model.moe.uoe_capacity_factor": 0.0}, r"moe.uoe_capacity_factor=0.0 must be > 0"),
+    ({"model.moe.uoe_attention": "dense"}, r"moe.uoe_attention='dense' is unknown; known: \['all', 'selected'\]"),
     ({"model.moe.k": 5}, r"moe.k=5 must be between 1 and moe.num_experts=4"),
     ({"model.qkv_bias": True}, r"model.qkv_bias=True is not supported with moe.router='uoe'"),
     ({"model.qk_norm": "head"}, r"model.qk_norm='head' is not supported with moe.router='uoe'"),
