@@ -145,12 +145,28 @@ def test_every_subpackage_is_listed_for_the_wheel():
 def test_accelerator_extras_resolve(tmp_path):
     """``pip install routezoo[cuda]`` and ``routezoo[tpu]`` resolve against the package index
     to jax's CUDA plugin and libtpu at the version of the jax they come with (a dry run:
-    nothing is installed)."""
+    nothing is installed). Packages this environment already holds at versions that meet
+    the extras stay as they are (pip leaves them out of its report), so the resolved set is
+    the installed one updated by the report."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
     report = tmp_path / "report.json"
-    _run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+    _run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
           "--report", str(report), REPO_ROOT + "[cuda,tpu]"], cwd=str(tmp_path))
-    install = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+
+    def norm(name: str) -> str:
+        return name.lower().replace("_", "-")
+
+    install = {norm(i["metadata"]["name"]): i["metadata"]["version"]
                for i in json.loads(report.read_text())["install"]}
-    assert "libtpu" in install, sorted(install)
-    assert install.get("jax-cuda12-plugin") == install["jaxlib"], (install.get("jax-cuda12-plugin"), install["jaxlib"])
-    assert install.get("jax-cuda12-pjrt") == install["jaxlib"], sorted(install)
+    resolved = {norm(d.metadata["Name"]): d.version for d in metadata.distributions()} | install
+    assert "libtpu" in resolved, sorted(install)
+    if "jax" not in install:   # the installed jax stays: its own tpu extra pins libtpu
+        pins = [Requirement(r) for r in metadata.requires("jax") or ()]
+        pins = [r for r in pins if norm(r.name) == "libtpu" and r.marker and r.marker.evaluate({"extra": "tpu"})]
+        assert pins and all(r.specifier.contains(resolved["libtpu"], prereleases=True) for r in pins), \
+            (resolved["libtpu"], [str(r) for r in pins])
+    assert resolved.get("jax-cuda12-plugin") == resolved["jaxlib"], (resolved.get("jax-cuda12-plugin"), resolved["jaxlib"])
+    assert resolved.get("jax-cuda12-pjrt") == resolved["jaxlib"], sorted(install)
