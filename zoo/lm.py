@@ -281,14 +281,16 @@ class MTPModule(nn.Module):
 class DecoderLM(nn.Module):
     """Decoder-only LM: ``tokens [B, L] -> (logits [B, L, V] float32, aux)``.
 
-    Model-level loss terms come from the router class (``Router.model_losses``): with the
-    THOR router (``model.moe.router='thor'``, Zuo et al. 2022) and
-    ``moe.thor_consistency_coef > 0``, a training call runs the network twice with
-    independent expert draws and returns the first pass's logits plus the loss term
-    ``thor_consistency = α · mean_tokens ½ Σ_v (p1 − p2)(log p1 − log p2)``. The paper sums
-    the term over tokens and adds the second pass's cross-entropy too; here the loop's
-    cross-entropy is on the first pass and the term is a per-token mean, so its scale
-    does not grow with the batch.
+    Model-level loss terms come from the router class (``Router.model_losses``, which gets
+    the call's ``targets`` and ``loss_weights``): with the THOR router
+    (``model.moe.router='thor'``, Zuo et al. 2022) and ``moe.thor_consistency_coef > 0`` or
+    ``moe.thor_ce_both``, a training call runs the network twice with independent expert
+    draws and returns the first pass's logits plus the loss terms
+    ``thor_consistency = α · mean_tokens ½ Σ_v (p1 − p2)(log p1 − log p2)`` and, with
+    ``thor_ce_both``, ``thor_ce_both = ½ (CE2 − CE1)``, so that the loop's cross-entropy
+    (the first pass's) plus it is the mean of both passes' (see
+    :class:`~routezoo.layers.routers.stochastic.ThorRouter`). The means are over tokens
+    weighted by ``loss_weights``, so the scale does not grow with the batch.
 
     Padded batches: ``attention_mask`` int/bool ``[B, L]`` (1 = real token) keeps every
     query from attending to padded keys; outputs at padded positions are meaningless.
@@ -568,7 +570,8 @@ class DecoderLM(nn.Module):
 
         logits, losses, stats, mtp_logits = forward()
         if moe_layers and not self.is_initializing():   # model-level terms (THOR's consistency)
-            losses.update(router_cls.model_losses(c, logits, lambda: forward()[0], deterministic=deterministic))
+            losses.update(router_cls.model_losses(c, logits, lambda: forward()[0], deterministic=deterministic,
+                                                  targets=targets, loss_weights=loss_weights))
         aux_out = {"losses": losses, "stats": stats}
         if mtp_logits:
             aux_out["mtp_logits"] = mtp_logits

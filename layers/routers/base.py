@@ -398,7 +398,8 @@ class Router(nn.Module):
 
     @classmethod
     def model_losses(cls, model_cfg: Any, logits: Array, rerun: Callable[[], Array], *,
-                     deterministic: bool) -> dict[str, Array]:
+                     deterministic: bool, targets: Array | None = None,
+                     loss_weights: Array | None = None) -> dict[str, Array]:
         """Loss terms over the whole model (none by default).
 
         Args:
@@ -406,6 +407,9 @@ class Router(nn.Module):
           logits: float32 ``[B, L, V]`` of the forward pass.
           rerun: runs the forward pass again and returns its logits (fresh random draws).
           deterministic: evaluation mode.
+          targets: int ``[B, L]`` the loss's target ids, when the caller gave them (the
+            training step does).
+          loss_weights: ``[B, L]`` their weights (0 drops a token), or ``None``.
 
         Returns:
           ``{name: scalar}``, already scaled, added to the model's losses (THOR's

@@ -172,9 +172,32 @@ class ThorRouter(Router):
     """THOR (Zuo et al. 2022, "Taming Sparsely Activated Transformer with Stochastic
     Experts"): no router; each token uses one uniformly random expert, ``e ~ U{0..E-1}``,
     with weight 1: ``y = FFN_e(x)``. Routing depends only on the RNG, never on ``x``; no
-    parameters, no losses. The consistency loss
-    ``CE(p1, y) + CE(p2, y) + α · ½ Σ (p1 - p2)(log p1 - log p2)`` needs two passes of the
-    whole model with independent draws and lives in the model, not here.
+    parameters, no losses in the layer. The consistency loss needs two passes of the whole
+    model with independent draws; :meth:`model_losses` computes it from the model's two
+    passes (``DecoderLM`` runs the second one).
+
+    The loss. The authors' code (``thor/translation_thor.py``, ``train_step``) trains on
+    ``CE1 + CE2 + α · ½ Σ_v (p1 − p2)(log p1 − log p2)``, each term summed over non-padding
+    tokens and the gradient divided by the token count once, i.e. per token
+    ``CE1 + CE2 + α · symKL`` with ``α = 5`` in their IWSLT'14 script (config default 1).
+    Here the training loop's cross-entropy is the first pass's, and:
+
+    * ``thor_consistency = α · symKL`` (``moe.thor_consistency_coef`` = ``α``), the mean over
+      tokens weighted by the loss weights (padding out, as the authors' ``non_pad_mask``);
+    * with ``moe.thor_ce_both`` the term ``thor_ce_both = ½ (CE2 − CE1)``, so the loss is
+      ``½ (CE1 + CE2) + α · symKL``: the MEAN of both passes' cross-entropies, which keeps the
+      loss on the scale of one cross-entropy as for every other router. That is the
+      authors' loss divided by 2 when ``α`` here is half theirs: ``α = 2.5`` reproduces their
+      ``α = 5`` up to that overall factor (Adam's step is nearly invariant to it; gradient
+      clipping, ``optimizer.clip_norm``, sees the halved norm; their script clips nothing).
+      Without ``thor_ce_both`` (the default) only the first pass's cross-entropy trains.
+
+    The authors' settings: ``moe.num_experts = 2``, ``model.ffn = 'moe'`` with
+    ``moe.every = 2`` (experts in every other layer; they put them in the even-indexed
+    layers 0, 2, ..., ``moe.every = 2`` in the odd ones 1, 3, ...; a list such as
+    ``model.ffn = 'moe,mlp,moe,mlp'`` places them as theirs), ``moe.thor_train_level =
+    'batch'``, ``moe.thor_inference = 'sequence'``, ``moe.thor_consistency_coef = 2.5`` with
+    ``moe.thor_ce_both = True``.
 
     Granularity of the draw (one draw per token, per routing group of ``S`` tokens, or one
     for all ``T`` tokens of the call):
@@ -207,8 +230,11 @@ class ThorRouter(Router):
         # at eval one random expert per sequence (authors' script) | token
         "thor_inference": "sequence",
         # alpha of the symmetric-KL consistency between two passes (paper's config default 1.0;
-        # IWSLT script 5.0)
+        # IWSLT script 5.0 on CE1 + CE2, i.e. 2.5 here with thor_ce_both)
         "thor_consistency_coef": 1.0,
+        # True: the loss has the mean of both passes' cross-entropies, (CE1 + CE2) / 2 (the authors
+        # train on both); False: the first pass's only
+        "thor_ce_both": False,
         "thor_seed": 0,           # fixed eval draw when no 'router' rng is given
     }
 
@@ -243,17 +269,39 @@ class ThorRouter(Router):
                        stats=_load_stats(indices, num_experts))
 
     @classmethod
-    def model_losses(cls, model_cfg: Any, logits: Array, rerun, *, deterministic: bool) -> dict[str, Array]:
-        """THOR's consistency term (``moe.thor_consistency_coef`` = ``α`` > 0, training only):
-        a second forward pass with independent expert draws, then
-        ``thor_consistency = α · mean_tokens ½ Σ_v (p1 − p2)(log p1 − log p2)``."""
-        coef = float(model_cfg.moe.get("thor_consistency_coef", 0.0))
-        if coef <= 0 or deterministic:
+    def model_losses(cls, model_cfg: Any, logits: Array, rerun, *, deterministic: bool,
+                     targets: Array | None = None, loss_weights: Array | None = None) -> dict[str, Array]:
+        """THOR's two-pass terms (training only; see the class docstring): with
+        ``moe.thor_consistency_coef`` = ``α > 0`` or ``moe.thor_ce_both``, a second forward
+        pass with independent expert draws ``p2`` beside the first ``p1``, then
+
+        * ``thor_consistency = α · mean_t ½ Σ_v (p1 − p2)(log p1 − log p2)`` (``α > 0``);
+        * ``thor_ce_both = ½ (CE2 − CE1)`` (``thor_ce_both``), so that the loop's ``CE1`` plus
+          it is ``½ (CE1 + CE2)``; it needs ``targets``.
+
+        ``mean_t`` and the cross-entropies are means over tokens weighted by ``loss_weights``
+        (all 1 when ``None``), as the training step's cross-entropy."""
+        moe = model_cfg.moe
+        coef, ce_both = float(moe.get("thor_consistency_coef", 0.0)), bool(moe.get("thor_ce_both", False))
+        if deterministic or (coef <= 0 and not ce_both):
             return {}
+        if ce_both and targets is None:
+            raise ValueError("moe.thor_ce_both=True needs the targets: call the model with targets= "
+                             "(and loss_weights=), as the training step does")
         logits2 = rerun()             # a second, independent draw of experts
-        logp1, logp2 = jax.nn.log_softmax(logits, -1), jax.nn.log_softmax(logits2, -1)
-        sym_kl = 0.5 * jnp.sum((jnp.exp(logp1) - jnp.exp(logp2)) * (logp1 - logp2), axis=-1)
-        return {"thor_consistency": coef * jnp.mean(sym_kl)}
+        w = (jnp.ones(logits.shape[:-1], jnp.float32) if loss_weights is None
+             else jnp.asarray(loss_weights, jnp.float32))  # [B, L]
+        mean = lambda v: jnp.sum(w * v) / jnp.maximum(jnp.sum(w), 1.0)  # noqa: E731
+        logp1 = jax.nn.log_softmax(logits.astype(jnp.float32), -1)  # [B, L, V]
+        logp2 = jax.nn.log_softmax(logits2.astype(jnp.float32), -1)
+        losses = {}
+        if coef > 0:
+            sym_kl = 0.5 * jnp.sum((jnp.exp(logp1) - jnp.exp(logp2)) * (logp1 - logp2), axis=-1)  # [B, L]
+            losses["thor_consistency"] = coef * mean(sym_kl)
+        if ce_both:
+            nll = lambda logp: -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # noqa: E731
+            losses["thor_ce_both"] = 0.5 * (mean(nll(logp2)) - mean(nll(logp1)))
+        return losses
 
     @classmethod
     def from_config(cls, moe_cfg: Any, **kwargs) -> "ThorRouter":
