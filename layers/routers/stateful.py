@@ -83,6 +83,13 @@ def _topk_routing(logits: Array, k: int, num_experts: int, group_size: int | Non
 # ------------------------------------------------------------------ RMoE
 
 
+def _scaled(init, factor: float):
+    """The initialiser ``init`` times ``factor``."""
+    def scaled(key, shape, dtype=jnp.float32):
+        return factor * init(key, shape, dtype)
+    return scaled
+
+
 class RecurrentRouterCell(nn.Module):
     """The GRU cell that RMoE shares across all MoE layers: ``(x' [T, W], h [T, W]) -> h'``.
 
@@ -152,12 +159,39 @@ class RecurrentRouter(Router):
     per-layer Switch loss (minimum 1 for balanced top-1) rather than the HF-Mixtral copy
     over all layers concatenated (minimum ``k``). The paper has no z-loss; it is added
     only when ``moe.z_loss_coef > 0``. Jitter, if set, multiplies ``x`` as elsewhere.
+
+    The authors' settings (``configuration_llama_moe_rnn.py``): state width ``W = 256``
+    (``moe.recurrent_dim``), ``E = 8``, ``k = 2``, balance coefficient 0.001
+    (``router_aux_loss_coef``). Their 0.001 multiplies ONE balance loss over all layers'
+    tokens concatenated (HF Mixtral's, ``k`` at balance); here each MoE layer adds its own
+    (``k`` at balance) and the model sums them, so ``moe.load_balance_coef = 0.001 / Z``
+    (``Z`` MoE layers) gives the balance term the authors' total weight.
+
+    Initial logit scale (``logit_scale``, ``moe.recurrent_logit_scale``, default 1).
+    ``W2``'s initialiser (Switch's, as every router here) is multiplied by ``logit_scale``,
+    so the logits at initialisation, linear in ``W2``, are ``logit_scale`` times larger;
+    training then runs in the same parametrisation as with 1 (a multiplier on the logits
+    themselves would also raise the logits' step size under Adam for the whole run). With
+    the shared ``router_init_scale = 0.1`` the recurrent logits start smaller than
+    ``top_k``'s: both are ``√0.1`` times the RMS of what ``W2`` or the top-k kernel reads,
+    which is the RMS-normalised ``x`` (1) for ``top_k`` but the GRU output ``h`` (about
+    0.25-0.28, from ``h_0 = 0`` and a unit-scale ``x'``) here. Measured in the decoder LM at
+    initialisation (random tokens, ``E = 8``, ``k = 2``, ``W = 128``, ``router_init_scale =
+    0.1``, mean of 3 seeds), initial logit std ``top_k`` / ``recurrent``:
+
+    * ``d_model = 512``, 8 MoE layers: 0.316 / 0.088, ratio 3.6 (4.1 at the first MoE layer,
+      3.5-3.7 at the others, whose incoming state is not 0);
+    * ``d_model = 64``, 2 MoE layers: 0.317 / 0.083, ratio 3.8 (4.1, 3.6).
+
+    ``moe.recurrent_logit_scale = 3.6`` gives the recurrent router ``top_k``'s initial logit
+    scale at ``d_model = 512`` (and within 6% at 64).
     """
 
     k: int = 2
     recurrent_dim: int = 256
     renormalize: bool = True
     load_balance_coef: float = 0.0
+    logit_scale: float = 1.0
 
     supports_mtp: ClassVar[bool] = False      # the state is threaded by the model's trunk
     config_keys: ClassVar[dict[str, Any]] = {
@@ -165,6 +199,9 @@ class RecurrentRouter(Router):
         "recurrent_dim": 256,
         # gru | rnn (the paper's ablation: h' = tanh(W x' + U h + b))
         "recurrent_cell": "gru",
+        # multiplies the output router W2's init, so the initial logits (3.6: top_k's initial
+        # logit scale at d_model 512 with recurrent_dim 128, router_init_scale 0.1)
+        "recurrent_logit_scale": 1.0,
     }
 
     @nn.compact
@@ -187,9 +224,10 @@ class RecurrentRouter(Router):
         hp = jax.lax.Precision.HIGHEST
         w1 = self.param("proj", sharding.param(nn.initializers.lecun_normal(), ("embed", None)),
                         (x.shape[-1], r), jnp.float32)
-        w2 = self.param("out", sharding.param(
-            nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal"), (None, None)),
-            (r, self.num_experts), jnp.float32)
+        w2_init = nn.initializers.variance_scaling(self.init_scale, "fan_in", "truncated_normal")
+        if self.logit_scale != 1.0:   # the initial logits, linear in W2, times logit_scale
+            w2_init = _scaled(w2_init, self.logit_scale)
+        w2 = self.param("out", sharding.param(w2_init, (None, None)), (r, self.num_experts), jnp.float32)
         xp = jnp.einsum("TD,DW->TW", x, w1, precision=hp)  # [T, W]
         if isinstance(router_cell, nn.Module):
             h = router_cell(xp, router_state.astype(jnp.float32))  # [T, W]
@@ -217,7 +255,8 @@ class RecurrentRouter(Router):
     def from_config(cls, moe_cfg: Any, **kwargs) -> "RecurrentRouter":
         return cls(**cls.common_kwargs(moe_cfg), k=int(moe_cfg.k),
                    recurrent_dim=int(moe_cfg.recurrent_dim), renormalize=bool(moe_cfg.renormalize),
-                   load_balance_coef=float(moe_cfg.load_balance_coef), **kwargs)
+                   load_balance_coef=float(moe_cfg.load_balance_coef),
+                   logit_scale=float(moe_cfg.get("recurrent_logit_scale", 1.0)), **kwargs)
 
     @classmethod
     def check_config(cls, moe_cfg: Any, *, causal: bool) -> None:
@@ -225,6 +264,9 @@ class RecurrentRouter(Router):
         check_k(moe_cfg)
         if int(moe_cfg.recurrent_dim) < 1:
             raise ValueError(f"moe.recurrent_dim={moe_cfg.recurrent_dim} must be >= 1 with moe.router='recurrent'")
+        if not float(moe_cfg.recurrent_logit_scale) > 0:
+            raise ValueError(f"moe.recurrent_logit_scale={moe_cfg.recurrent_logit_scale} must be > 0 "
+                             "with moe.router='recurrent'")
         if moe_cfg.recurrent_cell not in RECURRENT_CELLS:
             raise ValueError(f"moe.recurrent_cell={moe_cfg.recurrent_cell!r} is unknown; known: "
                              f"{list(RECURRENT_CELLS)}")

@@ -9,6 +9,7 @@ from flax import linen as nn
 
 from conftest import tiny_config
 from routezoo import zoo
+from routezoo.layers.routers import TopKRouter, router_from_config
 from routezoo.layers.routers.stateful import RecurrentRouter, RecurrentRouterCell
 from routezoo.layers.moe import validate_moe_config
 
@@ -117,6 +118,57 @@ def test_recurrent_config_checks():
     c = tiny_config("/tmp/unused", **{"model.moe.router": "recurrent", "model.moe.recurrent_cell": "lstm"})
     with pytest.raises(ValueError, match="recurrent_cell"):
         validate_moe_config(c.model.moe, causal=True, mesh_shape={})
+    c = tiny_config("/tmp/unused", **{"model.moe.router": "recurrent", "model.moe.recurrent_logit_scale": 0.0})
+    with pytest.raises(ValueError, match=r"moe.recurrent_logit_scale=0.0 must be > 0"):
+        validate_moe_config(c.model.moe, causal=True, mesh_shape={})
+    c.model.moe.recurrent_logit_scale = 3.6
+    assert router_from_config(c.model.moe).logit_scale == 3.6
+    assert router_from_config(tiny_config("/tmp/unused", **{"model.moe.router": "recurrent"}).model.moe).logit_scale == 1.0
+
+
+class _RecurrentChain(nn.Module):
+    """Two MoE layers' recurrent routers (one shared cell) at the leaderboard's router sizes:
+    ``E = 8``, ``W = 128``, ``router_init_scale = 0.1``; returns both layers' logits."""
+
+    logit_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x0, x1):
+        cell = RecurrentRouterCell(128, name="cell")
+        state, out = None, []
+        for i, x in enumerate((x0, x1)):
+            router = RecurrentRouter(num_experts=8, k=2, recurrent_dim=128, init_scale=0.1,
+                                     logit_scale=self.logit_scale, name=f"router{i}")
+            routing, logits = router(x, deterministic=True, router_state=state, router_cell=cell, return_logits=True)
+            state = routing.state
+            out.append(logits)
+        return out
+
+
+@pytest.mark.parametrize("d", [64, 512])
+def test_recurrent_logit_scale_matches_top_k_initial_logits(d):
+    """Initial logit std of ``top_k`` and of the recurrent router on the same input (RMS 1, as
+    the RMS-normalised router input): the recurrent logits start 3.5-4.2 times smaller (first
+    layer from ``h_0 = 0``, second from the first's state); ``logit_scale`` multiplies them
+    exactly, and the docstring's 3.6 brings them to ``top_k``'s scale."""
+    x0, x1 = jax.random.normal(jax.random.key(10), (2, 2048, d))
+    top_k = TopKRouter(num_experts=8, k=2, init_scale=0.1)
+    kernel = nn.meta.unbox(top_k.init(jax.random.key(11), x0, deterministic=True))["params"]["kernel"]
+    std_top_k = float(jnp.std(jnp.concatenate([x0, x1]) @ kernel))
+    assert 0.29 < std_top_k < 0.34                      # √0.1 · RMS(x) for any d
+
+    def logits(scale):
+        chain = _RecurrentChain(logit_scale=scale)
+        variables = chain.init(jax.random.key(12), x0, x1)
+        return jax.jit(chain.apply)(variables, x0, x1)
+
+    plain, scaled = logits(1.0), logits(3.6)
+    for a, b in zip(plain, scaled):                     # the same draws, times 3.6
+        np.testing.assert_allclose(b, 3.6 * a, rtol=1e-5, atol=1e-6)
+    ratios = [std_top_k / float(jnp.std(a)) for a in plain]
+    assert 3.8 < ratios[0] < 4.5 and 3.2 < ratios[1] < 4.1, ratios
+    std_scaled = float(np.mean([jnp.std(b) for b in scaled]))
+    assert abs(std_scaled / std_top_k - 1) < 0.12, (std_scaled, std_top_k)
 
 
 # ------------------------------------------------------------------ pregate (Read-ME)
