@@ -18,8 +18,8 @@ tokens per second.
 generates the same number of tokens greedily with ``cache_implementation="static"``, its
 decoding forward compiled by transformers (``torch.compile``, on a GPU), per batch size and
 experts backend of ``--peer_experts``; each batch's ratio is routezoo's cached tokens/s over
-the fastest transformers row. Order in the process: every transformers row, PyTorch's
-memory released, then the routezoo rows (``peers/__init__.py``).
+the fastest transformers row. Order: the transformers rows, each backend in a child
+process of its own, then the routezoo rows in this process (``peers/__init__.py``).
 
 CPU smoke run (the default config's tiny model, PyTorch on the CPU, no compile there)::
 
@@ -74,10 +74,10 @@ def main():
     torch_rows = []
     if PEERS["on"]:
         from peers import hf_mixtral
-        torch_rows = hf_mixtral.generate_rows(
-            m, batches, a.prompt, a.new, iters=a.iters,
-            backends=hf_mixtral.parse_backends(a.peer_experts, hf_mixtral.GENERATE_BACKENDS),
-            compile=a.peer_compile, log=lambda r: print(json.dumps(r), flush=True))
+        for impl in hf_mixtral.parse_backends(a.peer_experts, hf_mixtral.GENERATE_BACKENDS):
+            torch_rows += peers.in_child("peers.hf_mixtral", "generate_rows", model_cfg=m, batches=batches,
+                                         prompt=a.prompt, new=a.new, iters=a.iters, backends=[impl],
+                                         compile=a.peer_compile)
 
     m.dtype = m.param_dtype = a.dtype
     m = ml_collections.FrozenConfigDict(m)

@@ -23,14 +23,14 @@ Prints a table and writes JSON. Timing: ``block_until_ready`` after 3 warm-up ca
 median of ``--iters`` calls. Parameters and compute in bf16 (no cast overhead).
 
 The ceiling: a queued bf16 ``n^3`` matmul (``--ceiling_n``, 8192), through XLA and through
-cuBLAS (PyTorch) in the same process; every rate is given as % of the higher of the two
+cuBLAS (PyTorch, in a child process); every rate is given as % of the higher of the two
 (``timing.ceilings``). ``--peers`` (default on when torch and a CUDA device are available)
 also times the block a PyTorch user writes (``peers/torch_moe.py``: float32 router, sort,
 ``torch._grouped_mm``, ``index_add``) at each shape, eager and under ``torch.compile``
 (``--no-peer_compile``: eager only), with the same FLOP count and ``--queue``, and prints
-routezoo's ratio to each (tokens/s over tokens/s). Order in the process (see
-``peers/__init__.py``): ceilings, every PyTorch row, PyTorch's memory released, then the
-routezoo rows.
+routezoo's ratio to each (tokens/s over tokens/s). Order (see ``peers/__init__.py``): the
+cuBLAS ceiling and every PyTorch row, each in a child process of its own, then jax in this
+process (its ceiling, then the routezoo rows), so each side has the whole card.
 
 CPU smoke run (tiny shapes, PyTorch on the CPU)::
 
@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timing import CEILING_N, CEILING_QUEUE, bench, ceilings, format_ceilings  # noqa: E402
+from timing import CEILING_N, CEILING_QUEUE, bench, ceilings, format_ceilings, torch_ceiling_in_child  # noqa: E402
 
 SHAPES = {
     # name: (E, k, D, F, shared experts)
@@ -246,17 +246,13 @@ def _moe_case(name, tokens, dispatch, backend, cf, iters, queue, profile=False):
 
 
 def peer_rows(shapes: list[str], tokens: int, iters: int, queue: int, compile: bool) -> list[dict]:
-    """The PyTorch block at every shape, eager then compiled (``peers/torch_moe.py``);
-    PyTorch's memory released after each."""
-    from peers import free_torch
-    from peers.torch_moe import block_row
-
+    """The PyTorch block at every shape, eager then compiled (``peers/torch_moe.py``), each
+    row in a child process of its own (``peers.in_child``)."""
     rows = []
     for shape in shapes:
         for compiled in (False, True) if compile else (False,):
-            r = block_row(shape, SHAPES[shape], tokens, compiled, iters=iters, queue=queue,
-                          seq=min(2048, tokens))
-            free_torch()
+            r = peers.in_child("peers.torch_moe", "block_row", name=shape, shape=list(SHAPES[shape]), tokens=tokens,
+                               compile=compiled, iters=iters, queue=queue, seq=min(2048, tokens))
             rows.append(r)
             print(json.dumps(r), flush=True)
     return rows
@@ -289,10 +285,12 @@ def main():
     HLO_DIR[0] = a.dump_hlo
     shapes = a.shapes.split(",")
     print(PEERS["note"], flush=True)
-    ceil = ceilings(a.ceiling_n, a.iters, a.ceiling_queue, torch_side=PEERS["on"])
+    # every PyTorch measurement first, each in a child process, then jax (peers/__init__.py)
+    torch_ceil = torch_ceiling_in_child(a.ceiling_n, a.iters, a.ceiling_queue) if PEERS["on"] else None
+    torch_rows = peer_rows(shapes, a.tokens, a.iters, a.queue, a.peer_compile) if PEERS["on"] else []
+    ceil = ceilings(a.ceiling_n, a.iters, a.ceiling_queue, torch_tflops=torch_ceil)
     ceiling = ceil["max"]
     print(format_ceilings(ceil), flush=True)
-    torch_rows = peer_rows(shapes, a.tokens, a.iters, a.queue, a.peer_compile) if PEERS["on"] else []
     for r in torch_rows:
         if "tflops" in r:
             r["pct_ceiling"] = 100 * r["tflops"] / ceiling

@@ -121,15 +121,22 @@ def torch_dense_ceiling(n: int = CEILING_N, iters: int = 10, queue: int = CEILIN
     return 2 * n ** 3 / t / 1e12
 
 
-def ceilings(n: int = CEILING_N, iters: int = 10, queue: int = CEILING_QUEUE, torch_side: bool = True) -> dict:
+def ceilings(n: int = CEILING_N, iters: int = 10, queue: int = CEILING_QUEUE,
+             torch_tflops: float | None = None) -> dict:
     """The dense bf16 ``n^3`` matmul rate on both sides, in TFLOP/s:
-    ``{'jax', 'torch', 'max', 'n', 'queue'}``; ``torch`` is ``None`` when ``torch_side`` is
-    off. ``max`` is the ceiling every ratio is taken against: the higher of the two.
-
-    Order: PyTorch first (its buffers freed and its cache emptied), then JAX."""
-    t = torch_dense_ceiling(n, iters, queue) if torch_side else None
+    ``{'jax', 'torch', 'max', 'n', 'queue'}``. ``torch`` is ``torch_tflops``, the PyTorch
+    side measured beforehand in a child process (:func:`torch_ceiling_in_child`), or ``None``
+    when the run has no PyTorch side. ``max`` is the ceiling every ratio is taken against:
+    the higher of the two. The JAX side runs here."""
     j = dense_ceiling(iters, n, queue)
-    return {"jax": j, "torch": t, "max": max(j, t or 0.0), "n": n, "queue": queue}
+    return {"jax": j, "torch": torch_tflops, "max": max(j, torch_tflops or 0.0), "n": n, "queue": queue}
+
+
+def torch_ceiling_in_child(n: int = CEILING_N, iters: int = 10, queue: int = CEILING_QUEUE) -> float:
+    """:func:`torch_dense_ceiling` in a process of its own (``peers.in_child``); call it
+    before jax starts its GPU client, like every PyTorch measurement of a script."""
+    import peers
+    return float(peers.in_child("timing", "torch_dense_ceiling", n=n, iters=iters, queue=queue))
 
 
 def format_ceilings(c: dict) -> str:

@@ -17,15 +17,16 @@ row, the cuDNN flash kernel without a mask); ``masked`` adds ``segment_ids`` and
 the document mask (on GPU: the mask through cuDNN's fused attention as a bias).
 
 The measured ceiling is the higher of a queued bf16 ``n^3`` matmul (``--ceiling_n``, 8192) through
-XLA and through cuBLAS (PyTorch), both in this process (``timing.ceilings``). ``--peers``
+XLA and through cuBLAS (PyTorch, in a child process) (``timing.ceilings``). ``--peers``
 (default on when torch and a CUDA device are available) first times transformers'
 ``MixtralForCausalLM`` of the same shape and batch (``peers/hf_mixtral.py``: random bf16
 weights, fused AdamW, load-balancing loss, the model under ``torch.compile``) with each
 experts backend of ``--peer_experts`` (``auto``: every one transformers registers), and
 reports each routezoo row's tokens/s over the fastest of them. The PyTorch side keeps bf16
 weights and optimizer state; routezoo keeps float32 master weights and AdamW state (more
-work). Order in the process: ceilings, the transformers steps, PyTorch's memory released,
-the routezoo steps (``peers/__init__.py``).
+work). Order: the cuBLAS ceiling and the transformers steps, each in a child process of its
+own, then jax in this process (its ceiling, the routezoo steps), so each side has the whole
+card (``peers/__init__.py``).
 
 CPU smoke run (the default config's tiny model, PyTorch on the CPU)::
 
@@ -49,7 +50,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from timing import CEILING_N, CEILING_QUEUE, ceilings, format_ceilings  # noqa: E402
+from timing import CEILING_N, CEILING_QUEUE, ceilings, format_ceilings, torch_ceiling_in_child  # noqa: E402
 
 
 def load_config(name: str):
@@ -132,18 +133,20 @@ def main():
     p.add_argument("--peer_batch", type=int, default=0, help="the transformers side's batch (0: the same)")
     a = p.parse_args()
     print(PEERS["note"], flush=True)
-    ceil = ceilings(a.ceiling_n, 10, a.ceiling_queue, torch_side=PEERS["on"])
-    ceiling = ceil["max"]
-    print(format_ceilings(ceil), flush=True)
     base_cfg = load_config(a.config)
     batch = a.batch or base_cfg.train.batch_size
+    # every PyTorch measurement first, each in a child process, then jax (peers/__init__.py)
+    torch_ceil = torch_ceiling_in_child(a.ceiling_n, 10, a.ceiling_queue) if PEERS["on"] else None
     torch_rows = []
     if PEERS["on"]:
         from peers import hf_mixtral
-        torch_rows = hf_mixtral.train_rows(
-            base_cfg.model, a.peer_batch or batch, base_cfg.data.seq_len, iters=a.iters,
-            backends=hf_mixtral.parse_backends(a.peer_experts, hf_mixtral.TRAIN_BACKENDS), compile=a.peer_compile,
-            log=lambda r: print(json.dumps(r), flush=True))
+        for impl in hf_mixtral.parse_backends(a.peer_experts, hf_mixtral.TRAIN_BACKENDS):
+            torch_rows += peers.in_child(
+                "peers.hf_mixtral", "train_rows", model_cfg=base_cfg.model, batch=a.peer_batch or batch,
+                seq=int(base_cfg.data.seq_len), iters=a.iters, backends=[impl], compile=a.peer_compile)
+    ceil = ceilings(a.ceiling_n, 10, a.ceiling_queue, torch_tflops=torch_ceil)
+    ceiling = ceil["max"]
+    print(format_ceilings(ceil), flush=True)
     best_t = max((r for r in torch_rows if "tokens_per_second" in r), key=lambda r: r["tokens_per_second"],
                  default=None)
     rows = []

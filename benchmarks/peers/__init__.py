@@ -11,11 +11,12 @@
 :func:`decide` reads them before jax is imported. Nothing here imports torch at import
 time.
 
-One process, two frameworks. With peers on, ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` is set
-before jax starts its GPU client (else XLA takes 75% of the card up front), and the scripts
-run in this order: the dense ceilings (PyTorch, then JAX), every PyTorch peer, PyTorch's
-buffers freed and its cache emptied (:func:`free_torch`), then every routezoo row. XLA's
-allocator keeps what it has grown to, so PyTorch never runs after a routezoo row.
+Two processes, two frameworks. Every PyTorch measurement (the cuBLAS ceiling, the block,
+the transformers model) runs in a child process of its own (:func:`in_child`), one after
+another and before jax starts its GPU client in the script's process. So each side has the
+whole card, PyTorch's caches (compiled graphs, CUDA-graph pools) end with its process, and
+routezoo runs with jax's own defaults (XLA preallocates 75% of the card); nothing in the
+script's process holds GPU memory for the other framework.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def decide(argv: list[str] | None = None) -> dict:
     """Whether this run times the PyTorch peers; call before jax is imported.
 
     ``--peers`` forces them on (PyTorch on the CPU if there is no GPU), ``--no-peers`` off;
-    neither: on when torch and a CUDA device are available, else off with a note. When on,
-    sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (unless already set).
+    neither: on when torch and a CUDA device are available, else off with a note. It looks
+    for the device without creating a CUDA context in this process.
 
     Returns:
       ``{'on': bool, 'note': str}``.
@@ -61,8 +62,50 @@ def decide(argv: list[str] | None = None) -> dict:
     usable, note = torch_gpu()
     if asked is None and not usable:
         return {"on": False, "note": f"peers off: {note} (--peers forces them on)"}
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     return {"on": True, "note": f"peers on: {note}" if usable else f"peers on, forced: {note}, PyTorch on the CPU"}
+
+
+def in_child(module: str, func: str, **kwargs):
+    """``module.func(**kwargs)`` in a fresh Python process; returns its result.
+
+    ``module`` is a module path importable from ``benchmarks/`` (``peers.torch_moe``,
+    ``timing``); keyword values must be JSON-serialisable, except ``model_cfg``, an
+    ``ml_collections`` config sent as a dict. The child's output streams through; its
+    result comes back as JSON (through a file, not its stdout), so a row logged by the child
+    is also printed here as it happens. A child that fails raises ``RuntimeError`` naming
+    the call and its exit status.
+    """
+    import json
+    import subprocess
+    import tempfile
+
+    if "model_cfg" in kwargs and hasattr(kwargs["model_cfg"], "to_dict"):
+        kwargs = {**kwargs, "model_cfg": kwargs["model_cfg"].to_dict()}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        code = _CHILD.format(here=here, module=module, func=func, out=out)
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], check=False)
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"{module}.{func} in a child process exited with status {proc.returncode}")
+        with open(out) as f:
+            return json.load(f)
+
+
+_CHILD = """
+import importlib, inspect, json, sys
+sys.path.insert(0, {here!r})
+kwargs = json.loads(sys.argv[1])
+if "model_cfg" in kwargs:
+    import ml_collections
+    kwargs["model_cfg"] = ml_collections.ConfigDict(kwargs["model_cfg"])
+fn = getattr(importlib.import_module({module!r}), {func!r})
+if "log" in inspect.signature(fn).parameters:
+    kwargs["log"] = lambda r: print(json.dumps(r, default=float), flush=True)
+result = fn(**kwargs)
+with open({out!r}, "w") as f:
+    json.dump(result, f, default=float)
+"""
 
 
 def free_torch() -> None:
