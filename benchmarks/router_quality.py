@@ -67,6 +67,32 @@ BASELINES = ("top_k", "dense", "dense_param_matched", "switch_top1", "top_k_mixt
              "switch_top1_thor_layout", "top_k_every2")
 
 
+# Each paper's claim as a comparison of two setups (the setup first): (paper, claim, setup,
+# comparator). The summary gives the paired difference in bits per byte for each.
+CLAIMS = (
+    ("GShard / Switch (Lepikhin et al. 2020; Fedus et al. 2021)", "top-2 MoE beats a dense MLP of the same active width",
+     "top_k", "dense"),
+    ("Switch Transformers (Fedus et al. 2021)", "top-1 beats a dense MLP of the same active width", "switch_top1", "dense"),
+    ("Hash layers (Roller et al. 2021)", "a fixed hash of the token id routes as well as Switch top-1", "hash", "switch_top1"),
+    ("THOR (Zuo et al. 2022)", "random experts with consistency match or beat Switch, in THOR's setting",
+     "thor_paper", "switch_top1_thor_layout"),
+    ("THOR (Zuo et al. 2022)", "the same in the shared setting", "thor", "switch_top1"),
+    ("SMoE-Dropout (Chen et al. 2023)", "all experts of the frozen-router MoE beat a parameter-matched dense model",
+     "smoe_dropout_paper", "dense_param_matched"),
+    ("AdaMoE (Zeng et al. 2024)", "null experts keep top-2's quality with fewer real experts per token",
+     "adamoe_paper", "top_k_mixtral"),
+    ("Top-p routing (Huang et al. 2024)", "beats top-2 with fewer experts per token, in its layout",
+     "top_p_paper", "top_k_every2"),
+    ("RMoE (Qiu et al. 2024)", "the recurrent router beats per-layer top-k (shallow)", "rmoe_paper_d8", "top_k_mixtral"),
+    ("RMoE (Qiu et al. 2024)", "the recurrent router beats per-layer top-k (3x deeper)", "rmoe_paper_d24",
+     "top_k_mixtral_d24"),
+    ("Read-ME (Cai et al. 2024)", "one pre-computed route for all layers keeps top-k's quality", "pregate", "top_k"),
+    ("UoE (Yang et al. 2025)", "beats the best MoE, the authors' operator", "uoe_authors", "top_k"),
+    ("UoE (Yang et al. 2025)", "beats the best MoE, gates multiplying outputs", "uoe", "top_k"),
+    ("UoE (Yang et al. 2025)", "selective attention against all heads (ablation)", "uoe_authors", "uoe_all_heads"),
+)
+
+
 def even_layers(n: int) -> str:
     """``model.ffn`` with MoE in layers 0, 2, 4, ... (THOR's and top-p's layout)."""
     return ",".join("moe" if i % 2 == 0 else "mlp" for i in range(n))
@@ -436,7 +462,7 @@ def summarize(rows: list[dict], size: str) -> dict:
     each setup's ``ref``, and how settled the ranking of each group is."""
     table = setups(size)
     out = {}
-    for corpus in sorted({r["info"]["corpus"] for r in rows}):
+    for corpus in sorted({r["info"]["corpus"] for r in rows}, key=lambda c: (c != "stdlib", c)):
         rs = [r for r in rows if r["info"]["corpus"] == corpus and r["info"]["size"] == size]
         info = next(r["info"] for r in rs)
         per = {}
@@ -481,6 +507,27 @@ def summarize(rows: list[dict], size: str) -> dict:
                 paired = [p["bpb"][p["seeds"].index(s)] - ref["bpb"][ref["seeds"].index(s)] for s in common]
                 p["delta_paired"] = paired
                 p["verdict"] = None if band is None else ("beyond" if abs(p["delta"]) > band else "within")
+        claims = []
+        for paper, claim, a_name, b_name in CLAIMS:
+            pa, pb = per.get(a_name, {}), per.get(b_name, {})
+            c = {"paper": paper, "claim": claim, "setup": a_name, "ref": b_name}
+            if pa.get("status") == "done" and pb.get("status") == "done":
+                common = [x for x in pa["seeds"] if x in pb["seeds"]]
+                c.update(delta=pa["bpb_mean"] - pb["bpb_mean"],
+                         paired=[pa["bpb"][pa["seeds"].index(x)] - pb["bpb"][pb["seeds"].index(x)] for x in common],
+                         experts=(pa["real_experts_per_token"], pb["real_experts_per_token"]))
+                c["verdict"] = None if band is None else ("beyond" if abs(c["delta"]) > band else "within")
+            claims.append(c)
+        growth = [c for c in claims if c["setup"] in ("rmoe_paper_d8", "rmoe_paper_d24") and "paired" in c]
+        if len(growth) == 2:   # RMoE: does the gain grow with depth (difference of the paired differences)
+            d8, d24 = growth
+            common = min(len(d8["paired"]), len(d24["paired"]))
+            claims.append({"paper": d8["paper"], "claim": "the gain grows with depth (deep minus shallow difference)",
+                           "setup": "rmoe_paper_d24 - top_k_mixtral_d24", "ref": "rmoe_paper_d8 - top_k_mixtral",
+                           "delta": d24["delta"] - d8["delta"],
+                           "paired": [d24["paired"][i] - d8["paired"][i] for i in range(common)], "experts": None,
+                           "verdict": None if band is None else
+                           ("beyond" if abs(d24["delta"] - d8["delta"]) > band else "within")})
         settle = {}
         for group in ("general", "papers"):
             done = [n for n, p in per.items() if p["group"] == group and p["status"] == "done"]
@@ -499,7 +546,7 @@ def summarize(rows: list[dict], size: str) -> dict:
                          and band is not None and abs(per[x]["curve_mean"][-1] - per[y]["curve_mean"][-1]) > band]
                 at[str(steps[j])] = {"kendall_tau": kendall_tau(mid, final), "swaps_beyond_noise": swaps}
             settle[group] = at
-        out[corpus] = {"info": info, "setups": per, "noise_band": band, "baseline_ranges": ranges,
+        out[corpus] = {"info": info, "setups": per, "noise_band": band, "baseline_ranges": ranges, "claims": claims,
                        "top_k_2std": None if top_std is None else 2 * top_std, "settle": settle}
     return out
 
@@ -555,6 +602,21 @@ def markdown(summary: dict, size: str) -> str:
             if extra:
                 lines.append("Extra evaluations of the same weights (bits/byte, mean over seeds): " + ", ".join(extra) + ".\n")
             st = s["settle"].get(group)
+            if group == "papers":
+                lines.append("**each paper's claim** (difference in bits per byte, setup minus comparator; "
+                             "negative: the setup is better)\n")
+                lines.append("| paper | claim | setup vs comparator | difference (paired per seed) | noise | "
+                             "real experts/token |")
+                lines.append("| --- | --- | --- | --- | --- | --- |")
+                for c in s["claims"]:
+                    if "delta" not in c:
+                        lines.append(f"| {c['paper']} | {c['claim']} | `{c['setup']}` vs `{c['ref']}` | pending | | |")
+                        continue
+                    ex = c.get("experts")
+                    ex = "-" if not ex else f"{fmt(ex[0], '.2f')} vs {fmt(ex[1], '.2f')}"
+                    lines.append(f"| {c['paper']} | {c['claim']} | `{c['setup']}` vs `{c['ref']}` | {c['delta']:+.3f} ("
+                                 + ", ".join(f"{x:+.3f}" for x in c["paired"]) + f") | {c['verdict'] or '-'} | {ex} |")
+                lines.append("")
             if st:
                 lines.append("Ranking against the end (mean over seeds): " + "; ".join(
                     f"at step {k}: Kendall tau {v['kendall_tau']:.2f}, pairs swapping with a final gap beyond noise: "
@@ -638,7 +700,7 @@ def main() -> None:
     pr = sub.add_parser("run")
     pr.add_argument("--data", default=".bench_data/rq_stdlib_512.npz")
     pr.add_argument("--group", default="all", choices=("general", "papers", "all"))
-    pr.add_argument("--setups", default="", help="comma-separated setups (instead of --group)")
+    pr.add_argument("--setups", "--routers", default="", help="comma-separated setups (instead of --group)")
     pr.add_argument("--seeds", default="0,1,2")
     pr.add_argument("--size", default="medium", choices=sorted(SIZES))
     pr.add_argument("--steps", type=int, default=0, help="0: 2000 (medium), 600 (tiny)")
