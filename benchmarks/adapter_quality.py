@@ -400,6 +400,26 @@ def magnitude_mask(params, compression: float):
 # --------------------------------------------------------------------------- bookkeeping
 
 
+def _short(x):
+    """Floats to 7 significant digits, in nested rows."""
+    if isinstance(x, float):
+        return float(f"{x:.7g}")
+    if isinstance(x, dict):
+        return {k: _short(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_short(v) for v in x]
+    return x
+
+
+def write_json(path: str, info: dict, rows: list[dict]) -> None:
+    """``{'info', 'rows'}`` with one row per line (atomically: a cut-off run keeps the last)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write('{"info": ' + json.dumps(info) + ',\n "rows": [\n')
+        f.write(",\n".join(json.dumps(_short(r)) for r in rows) + "\n]}\n")
+    os.replace(tmp, path)
+
+
 class Book:
     """The rows of one JSON, keyed by (method, lr, seed); written after every row."""
 
@@ -412,6 +432,9 @@ class Book:
             if diff:
                 raise SystemExit(f"--resume: {path} was run with other settings: {diff}")
             self.rows = [r for r in old["rows"] if "error" not in r]
+            grids = old["info"].get("lr_grids", {})   # the rates run so far, per family
+            info["lr_grids"] = {f: sorted(set(grids.get(f, [])) | set(info["lr_grids"].get(f, [])))
+                                for f in dict.fromkeys([*grids, *info["lr_grids"]])}
 
     @staticmethod
     def key(r) -> tuple:
@@ -422,9 +445,7 @@ class Book:
 
     def add(self, row) -> None:
         self.rows = [r for r in self.rows if self.key(r) != self.key(row)] + [row]
-        tmp = self.path + ".tmp"
-        json.dump({"info": self.info, "rows": self.rows}, open(tmp, "w"), indent=1)
-        os.replace(tmp, self.path)
+        write_json(self.path, self.info, self.rows)
 
 
 class Cache:
@@ -839,42 +860,46 @@ def summarize(rows) -> tuple[list[dict], float]:
     return out, float(np.median(spreads)) if spreads else float("nan")
 
 
-def claims(a) -> list[tuple[str, str, str, str]]:
-    """(paper, claim, method A, method B): A's test bits per byte below B's, paired by seed."""
+def claims(a) -> list[tuple[str, str, str, str, str]]:
+    """(paper, claim, kind, method A, method B), A and B paired by seed. ``beats``: A's test
+    bits per byte below B's; ``close``: A no worse than B beyond the noise."""
     r_eq, r_act, ft = a["r_eq"], a["r_active"], a["ft_task"]
     r_p = max(r_eq // 2, 1)
     hydra = f"hydra r_p={r_p} r_s={max(r_eq - r_p, 1)}"
     c = f"{a['rps_compression']:g}"
     return [
-        ("MoS", f"MoS beats LoRA at r_eq={r_eq}", f"mos r={r_act} r_eq={r_eq}", f"lora r={r_eq}"),
-        ("MoS", f"MoS approaches LoRA at r={r_act}", f"mos r={r_act} r_eq={r_eq}", f"lora r={r_act}"),
-        ("DoRA", "DoRA beats LoRA at the same rank", f"dora r={r_eq}", f"lora r={r_eq}"),
-        ("PiSSA", "PiSSA beats LoRA at the same rank", f"pissa r={r_eq}", f"lora r={r_eq}"),
-        ("Hydra", "Hydra beats LoRA at matched parameters", hydra, f"lora r={r_eq}"),
-        ("MHR", "MHR >= Poly (few-shot, held-out)", "mhr few-shot", "poly few-shot"),
-        ("Poly", "Poly >= multi-task LoRA (few-shot, held-out)", "poly few-shot", "lora few-shot (from multi-task)"),
-        ("MHR", "MHR-z close behind MHR (few-shot)", "mhr_z few-shot", "mhr few-shot"),
-        ("MHR", "MHR-mu close to MHR (few-shot)", "mhr_mu few-shot", "mhr few-shot"),
-        ("ScaLearn", f"ScaLearn beats the target-only adapter ({ft})", "scalearn", f"lora task={ft}"),
-        ("PHATGOOSE", "PHATGOOSE beats merging (library mean) zero-shot", "phatgoose (held-out)",
+        ("MoS", f"MoS beats LoRA at r_eq={r_eq}", "beats", f"mos r={r_act} r_eq={r_eq}", f"lora r={r_eq}"),
+        ("MoS", f"MoS approaches LoRA at r={r_act}", "close", f"mos r={r_act} r_eq={r_eq}", f"lora r={r_act}"),
+        ("DoRA", "DoRA beats LoRA at the same rank", "beats", f"dora r={r_eq}", f"lora r={r_eq}"),
+        ("PiSSA", "PiSSA beats LoRA at the same rank", "beats", f"pissa r={r_eq}", f"lora r={r_eq}"),
+        ("Hydra", "Hydra beats LoRA at matched parameters", "beats", hydra, f"lora r={r_eq}"),
+        ("MHR", "MHR beats Poly (few-shot, held-out)", "beats", "mhr few-shot", "poly few-shot"),
+        ("Poly", "Poly beats the multi-task LoRA (few-shot, held-out)", "beats", "poly few-shot",
+         "lora few-shot (from multi-task)"),
+        ("MHR", "MHR-z close behind MHR (few-shot)", "close", "mhr_z few-shot", "mhr few-shot"),
+        ("MHR", "MHR-mu close to MHR (few-shot)", "close", "mhr_mu few-shot", "mhr few-shot"),
+        ("ScaLearn", f"ScaLearn beats the target-only adapter ({ft})", "beats", "scalearn", f"lora task={ft}"),
+        ("PHATGOOSE", "PHATGOOSE beats merging (library mean), held-out", "beats", "phatgoose (held-out)",
          "library mean (held-out)"),
-        ("PHATGOOSE", "PHATGOOSE vs multi-task training zero-shot", "phatgoose (held-out)",
+        ("PHATGOOSE", "PHATGOOSE beats multi-task training, held-out", "beats", "phatgoose (held-out)",
          "lora (multi-task), zero-shot"),
-        ("GLIDER", "GLIDER beats PHATGOOSE held-in", "glider lambda=100 (held-in)", "phatgoose (held-in)"),
-        ("GLIDER", "GLIDER keeps PHATGOOSE's held-out quality", "glider lambda=3 (held-out)", "phatgoose (held-out)"),
-        ("RPS", f"RPS beats a dense model of equal size (c={c})", f"rps c={c}", None),
-        ("RPS", f"RPS beats magnitude pruning (c={c})", f"rps c={c}", f"magnitude-pruned c={c}"),
+        ("GLIDER", "GLIDER beats PHATGOOSE held-in", "beats", "glider lambda=100 (held-in)", "phatgoose (held-in)"),
+        ("GLIDER", "GLIDER keeps PHATGOOSE's held-out quality", "close", "glider lambda=3 (held-out)",
+         "phatgoose (held-out)"),
+        ("RPS", f"RPS beats a dense model of equal size (c={c})", "beats", f"rps c={c}", None),
+        ("RPS", f"RPS beats magnitude pruning (c={c})", "beats", f"rps c={c}", f"magnitude-pruned c={c}"),
     ]
 
 
 def verdicts(rows, info, band) -> list[dict]:
     """Each claim: per-seed paired differences A - B (negative: A better) at each method's
-    best learning rate; 'holds' when every seed has A better and the mean beats the noise
-    band, 'reversed' when every seed has B better by more than the band, else 'within the
-    noise'."""
+    best learning rate. ``beats``: 'holds' when every seed has A better and the mean beats
+    the noise band, 'reversed' when every seed has B better by a mean beyond the band, else
+    'within the noise'. ``close``: 'fails' when every seed has A worse by a mean beyond the
+    band, else 'holds'."""
     summ = {s["method"]: s for s in summarize(rows)[0]}
     out = []
-    for paper, claim, ma, mb in claims(info):
+    for paper, claim, kind, ma, mb in claims(info):
         if mb is None:   # the dense model of equal size: its name carries its width
             mb = next((m for m in summ if m.startswith("dense equal size")), None)
         if ma not in summ or mb not in summ:
@@ -884,14 +909,15 @@ def verdicts(rows, info, band) -> list[dict]:
         d = np.array([sa["test"][sa["seeds"].index(s)] - sb["test"][sb["seeds"].index(s)] for s in common])
         if len(d) == 0:
             continue
-        if np.all(d < 0) and -d.mean() > band:
+        worse = bool(np.all(d > 0) and d.mean() > band)
+        if kind == "close":
+            v = "fails" if worse else "holds"
+        elif np.all(d < 0) and -d.mean() > band:
             v = "holds"
-        elif np.all(d > 0) and d.mean() > band:
-            v = "reversed"
         else:
-            v = "within the noise"
-        out.append({"paper": paper, "claim": claim, "a": ma, "b": mb, "diff": d.tolist(), "mean": float(d.mean()),
-                    "verdict": v})
+            v = "reversed" if worse else "within the noise"
+        out.append({"paper": paper, "claim": claim, "kind": kind, "a": ma, "b": mb, "diff": d.tolist(),
+                    "mean": float(d.mean()), "verdict": v})
     return out
 
 
@@ -936,7 +962,7 @@ def merge(a) -> None:
         info["seeds"] = sorted(set(info["seeds"]) | set(d["info"]["seeds"]))
         keys = {Book.key(r) for r in rows}
         rows += [r for r in d["rows"] if Book.key(r) not in keys]
-    json.dump({"info": info, "rows": rows}, open(a.json, "w"), indent=1)
+    write_json(a.json, info, rows)
     print_summary(rows, a)
 
 
