@@ -15,7 +15,9 @@ leftovers 38,272 (embedding 258x128 = 33,024, routers 4x128x8 = 4,096, norms 9x1
 Measured (2-core CPU shared with other jobs, 250 of the 1,000 steps: ``--stop_after=250
 --config.train.eval_every=125``, about 4 min): validation bits per byte 8.59 at step 0,
 3.96 at step 125, 3.51 at step 250, against 3.10 at step 250 for the dense default run
-(README) with 9x the trainable parameters. The full 1,000 steps were not run.
+(README) with 9x the trainable parameters. The full 1,000 steps were not run. Against a
+dense model of its own size and a magnitude-pruned model at the same compression, at three
+seeds: ``benchmarks/adapter_quality.py`` (BENCHMARKS.md, "Adapter quality").
 ``--config.adapter.rps_mapping=roast`` for ROAST tiles (8x8),
 ``--config.adapter.rps_compression=1.0`` for the dense-size (injective) control,
 ``--config.adapter.rps_grad_scaler=False`` without the STABLE-RPS scaler (with AdamW it
