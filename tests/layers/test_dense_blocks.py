@@ -109,21 +109,29 @@ def test_every_parameter_has_logical_names():
     assert names <= {a for a, _ in shd.DEFAULT_RULES}
 
 
-@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 4, "tensor": 2}])
-def test_lm_sharded_equals_single_device(mesh_shape):
+@pytest.fixture(scope="module")
+def lm_single_device():
+    """``(config, model, loss, variables, tokens, ((loss, logits), grads))`` of the small LM
+    on one device (jitted), shared by the meshes it is compared on."""
     from routezoo import zoo
-    from routezoo.zoo import stack
     c = _lm_config()
     model = zoo.build(c.model)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 258, (8, 16)), jnp.int32)
-    variables = model.init(jax.random.key(0), tokens)
-    params = nn.unbox(variables)["params"]
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
 
     def loss(p, t):
         logits, _ = model.apply({"params": p}, t)
         return jnp.mean(jax.nn.logsumexp(logits, -1)), logits
 
-    (l0, lg0), g0 = jax.value_and_grad(loss, has_aux=True)(params, tokens)
+    ref = jax.jit(jax.value_and_grad(loss, has_aux=True))(nn.unbox(variables)["params"], tokens)
+    return c, model, loss, variables, tokens, ref
+
+
+@pytest.mark.parametrize("mesh_shape", [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 4, "tensor": 2}])
+def test_lm_sharded_equals_single_device(mesh_shape, lm_single_device):
+    from routezoo.zoo import stack
+    c, model, loss, variables, tokens, ((l0, lg0), g0) = lm_single_device
+    params = nn.unbox(variables)["params"]
     mesh = shd.make_mesh(mesh_shape)
     specs = nn.get_partition_spec(variables)["params"]
     with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
@@ -182,16 +190,21 @@ def test_padding_mask_makes_padded_rows_equal_unpadded(causal):
         c.name, c.vocab_size = "encoder_mlm", 259
     model = zoo.build(c)
     tokens = jax.random.randint(jax.random.key(0), (1, 7), 2, 258)
-    variables = model.init(jax.random.key(1), tokens)
-    ref, _ = model.apply(variables, tokens)
     pad = jnp.zeros((1, 3), tokens.dtype)
     padded = jnp.concatenate([pad, tokens] if causal else [tokens, pad], axis=1)
     mask = (jnp.arange(10) >= 3) if causal else (jnp.arange(10) < 7)
     mask = mask[None].astype(jnp.int32)
-    out, _ = model.apply(variables, padded, attention_mask=mask, positions=positions_from_mask(mask))
+
+    @jax.jit   # one program (run eagerly, every op compiles on its own)
+    def run(tokens, padded, mask):
+        variables = model.init(jax.random.key(1), tokens)
+        ref, _ = model.apply(variables, tokens)
+        out, _ = model.apply(variables, padded, attention_mask=mask, positions=positions_from_mask(mask))
+        unmasked, _ = model.apply(variables, padded, positions=positions_from_mask(mask))
+        return ref, out, unmasked
+    ref, out, unmasked = run(tokens, padded, mask)
     real = out[:, 3:] if causal else out[:, :7]
     np.testing.assert_allclose(real, ref, rtol=1e-5, atol=1e-5)
-    unmasked, _ = model.apply(variables, padded, positions=positions_from_mask(mask))
     assert not np.allclose(unmasked[:, 3:] if causal else unmasked[:, :7], ref, atol=1e-3)
 
 

@@ -146,11 +146,14 @@ def _hf_forward(model, tokens, mask, chosen=None):
 
 
 def _rz_forward(model, params, tokens, mask):
-    """(logits, each MoE layer's Routing) of the model as imported (scanned or not); the
-    routings are read per layer from the unscanned layout of the captured intermediates."""
-    (logits, _), state = model.apply({"params": params}, jnp.asarray(tokens), attention_mask=mask,
-                                     positions=positions_from_mask(mask), mutable=["intermediates"],
-                                     capture_intermediates=lambda mdl, method: isinstance(mdl, TopKRouter))
+    """(logits, each MoE layer's Routing) of the model as imported (scanned or not), jitted
+    (one compile; run eagerly, every op compiles on its own); the routings are read per
+    layer from the unscanned layout of the captured intermediates."""
+    def forward(params, tokens, mask):
+        return model.apply({"params": params}, tokens, attention_mask=mask, positions=positions_from_mask(mask),
+                           mutable=["intermediates"],
+                           capture_intermediates=lambda mdl, method: isinstance(mdl, TopKRouter))
+    (logits, _), state = jax.jit(forward)(params, jnp.asarray(tokens), jnp.asarray(mask))
     inter = stack.to_unscanned(dict(state.get("intermediates", {})), model.cfg)
     routers = [inter.get(f"layer{i}", {}).get("moe", {}).get("router", {}) for i in range(model.cfg.num_layers)]
     return np.asarray(logits), [r["__call__"][0] for r in routers if "__call__" in r]
@@ -231,12 +234,17 @@ def test_bfloat16_checkpoint(hf_dir, tmp_path):
 
 
 def _random_checkpoint(directory, hf_config, seed=0, max_shard_bytes=hf.DEFAULT_MAX_SHARD_BYTES):
-    """An HF checkpoint written by routezoo itself from a random init (needs no torch)."""
+    """An HF checkpoint written by routezoo itself (needs no torch) from random parameters
+    of the model's shapes, drawn with numpy: norm scales ``1 + 0.2 N(0, 1)``, every other
+    value ``0.2 N(0, 1)`` (an eager init would compile every op)."""
     m = hf.model_config_from_hf(hf_config)
     from routezoo import zoo
     model = zoo.build(m)
-    params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32)))["params"]
-    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), params)
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))))
+    rng = np.random.default_rng(seed)
+    params = jax.device_put(jax.tree_util.tree_map_with_path(
+        lambda path, x: (("norm" in jax.tree_util.keystr(path)) + 0.2 * rng.standard_normal(x.shape)).astype(x.dtype),
+        shapes["params"]))
     hf.to_hf(m, params, directory, max_shard_bytes=max_shard_bytes)
     return model, params
 
@@ -260,7 +268,7 @@ def test_sharded_import_matches_unsharded(hf_config, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tokens, mask = _tokens()
     tokens = np.concatenate([tokens, tokens[:1]])          # batch 4: divisible by data*expert
-    ref_logits, _ = model.apply({"params": ref_params}, tokens)
+    ref_logits, _ = jax.jit(model.apply)({"params": ref_params}, tokens)
     with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
         logits, _ = jax.jit(model.apply)({"params": params}, tokens)
     assert _rel_err(logits, ref_logits, np.ones(tokens.shape, bool)) <= RTOL
@@ -296,7 +304,7 @@ def test_sharded_import_reads_only_each_devices_slice(tmp_path, monkeypatch):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tokens, mask = _tokens()
-    ref_logits, _ = model.apply({"params": ref_params}, tokens)
+    ref_logits, _ = jax.jit(model.apply)({"params": ref_params}, tokens)
     with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
         logits, _ = jax.jit(model.apply)({"params": params}, tokens)
     assert _rel_err(logits, ref_logits, mask) <= RTOL
@@ -413,9 +421,10 @@ def test_train_from_hf_starts_from_the_checkpoint(tmp_path, data_dir):
 
     config, _, _ = cli.parse_train_flags(["--workdir", wd, *flags])
     model, params = hf.from_hf(src)
+    apply = jax.jit(model.apply)
     nll = count = 0.0
     for b in data.eval_batches(config):
-        logits = model.apply({"params": params}, jnp.asarray(b["inputs"]))[0]
+        logits = apply({"params": params}, jnp.asarray(b["inputs"]))[0]
         logp = jax.nn.log_softmax(logits, -1)
         tok = -jnp.take_along_axis(logp, jnp.asarray(b["targets"])[..., None], -1)[..., 0]
         nll += float((tok * b["weights"]).sum())

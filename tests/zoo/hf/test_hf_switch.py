@@ -103,10 +103,13 @@ class _Recorder:
 
 
 def _rz_forward(model, params, enc, dec, em, dm, adapter=None):
+    """(logits, aux, each stack's Routings), jitted (one compile; run eagerly, every op
+    compiles on its own); ``adapter``'s hooks are bound while it traces."""
+    def forward(params, enc, dec, em, dm):
+        return model.apply({"params": params}, enc, dec, encoder_mask=em, decoder_mask=dm, mutable=["intermediates"],
+                           capture_intermediates=lambda mdl, method: isinstance(mdl, TopKRouter))
     with adapter_hooks.bind(adapter, params, {}):
-        (logits, aux), state = model.apply(
-            {"params": params}, enc, dec, encoder_mask=em, decoder_mask=dm, mutable=["intermediates"],
-            capture_intermediates=lambda mdl, method: isinstance(mdl, TopKRouter))
+        (logits, aux), state = jax.jit(forward)(params, enc, dec, em, dm)
     inter = state["intermediates"]
     routings = {s: [inter[s][k]["moe"]["router"]["__call__"][0] for k in sorted(inter.get(s, {}))]
                 for s in ("encoder", "decoder")}
@@ -252,8 +255,10 @@ def test_span_corruption_loses_no_token_and_matches_t5_counts(eos_id):
     vocab, length = 300, 40
     rows = np.random.default_rng(0).integers(2, 258, (4, length)).astype(np.int32)
     rows[3, 30:] = 0                                    # a padded row
-    inputs, targets, weights = span_corruption_batch({"inputs": jnp.asarray(rows)}, jax.random.PRNGKey(1),
-                                                     vocab_size=vocab, eos_id=eos_id)
+    # jitted, as the train step runs it (eagerly, every op compiles on its own)
+    corrupt = jax.jit(span_corruption_batch, static_argnames=("vocab_size", "eos_id"))
+    inputs, targets, weights = corrupt({"inputs": jnp.asarray(rows)}, jax.random.PRNGKey(1),
+                                       vocab_size=vocab, eos_id=eos_id)
     noise, spans, enc_len, dec_len = span_lengths(length, 0.15, 3.0)
     assert (noise, spans, enc_len, dec_len) == (6, 2, 36, 8)
     enc, tgt, w = np.asarray(inputs["encoder_tokens"]), np.asarray(targets), np.asarray(weights)
@@ -281,8 +286,8 @@ def test_span_corruption_loses_no_token_and_matches_t5_counts(eos_id):
     assert np.all(w[pads] == 0) and np.all(w[~pads] == 1)
     enc_pad = (enc == 0)
     assert np.all(enc_mask[enc_pad] == 0) and enc_pad[3].any()
-    other, _, _ = span_corruption_batch({"inputs": jnp.asarray(rows)}, jax.random.PRNGKey(2), vocab_size=vocab)
-    assert not np.array_equal(np.asarray(other["encoder_tokens"]), enc)
+    other, _, _ = corrupt({"inputs": jnp.asarray(rows)}, jax.random.PRNGKey(2), vocab_size=vocab, eos_id=eos_id)
+    assert not np.array_equal(np.asarray(other["encoder_tokens"]), np.asarray(inputs["encoder_tokens"]))
 
 
 def test_span_corruption_training_and_config_errors(tmp_path, data_dir):
