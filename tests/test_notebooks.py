@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from conftest import COMPILE_FLAGS
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -58,7 +60,7 @@ def run_notebook(path: str, tmp_dir: str, data_dir: str) -> nbformat.NotebookNod
         "ROUTEZOO_NB_SMALL": "1",
         "ROUTEZOO_DATA_DIR": data_dir,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {COMPILE_FLAGS}",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }

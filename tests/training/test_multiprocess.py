@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from conftest import tiny_config
+from conftest import COMPILE_FLAGS, tiny_config
 from routezoo.training.metrics import read_metrics
 from routezoo.training.train import train_and_evaluate
 
@@ -32,7 +32,7 @@ def _launch_two(workdir: str, data_dir: str, *extra: str) -> None:
     exe = os.path.join(os.path.dirname(sys.executable), "routezoo")
     procs = []
     for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu",
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {COMPILE_FLAGS}", "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                "JAX_PROCESS_ID": str(pid)}
         procs.append(subprocess.Popen(

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_cli_usage_error, tiny_config
+from conftest import COMPILE_FLAGS, assert_cli_usage_error, tiny_config
 from routezoo.training import checkpoint as ckpt_lib
 from routezoo.training import config_check
 from routezoo.training.metrics import read_metrics
@@ -213,7 +213,7 @@ def test_cli_exit_code_and_help(tmp_path):
 
 def test_sigterm_saves_and_resumes(data_dir, tmp_path):
     wd = str(tmp_path / "run")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {COMPILE_FLAGS}"}
     p = _cli("train", "--workdir", wd, f"--config.data.data_dir={data_dir}", "--config.data.seq_len=32",
              "--config.model.d_model=32", "--config.model.mlp_dim=64", "--config.model.ffn=mlp",
              "--config.model.num_layers=1", "--config.train.steps=100000",
