@@ -283,8 +283,8 @@ def test_add_null_experts_keeps_the_outputs_at_init(source):
         new = result.params[f"layer{layer}"]["moe"]["router"]["kernel"]
         np.testing.assert_array_equal(new, np.concatenate([old, old], axis=1))
     batch = ctx.batches(1)[0]
-    np.testing.assert_allclose(_logits(ctx, result.config, result.params, result.model_state, batch),
-                               _logits(ctx, source.config, source.params, source.model_state, batch),
+    want = _logits(ctx, source.config, source.params, source.model_state, batch)
+    np.testing.assert_allclose(_logits(ctx, result.config, result.params, result.model_state, batch), want,
                                rtol=1e-5, atol=1e-5)
     assert result.report["real_experts_per_token"]["mean"] == pytest.approx(2.0)
     assert result.report["real_experts_per_token_source"]["mean"] == pytest.approx(2.0)
@@ -292,8 +292,7 @@ def test_add_null_experts_keeps_the_outputs_at_init(source):
     recipe, _ = _run("add_null_experts", source, num_null_experts=8, k=4, calibration_batches=0)
     assert recipe.report["routing_preserved_at_init"]
     assert recipe.report["balanced_real_experts_per_token"] == pytest.approx(4 * 4 / 12)
-    np.testing.assert_allclose(_logits(ctx, recipe.config, recipe.params, recipe.model_state, batch),
-                               _logits(ctx, source.config, source.params, source.model_state, batch),
+    np.testing.assert_allclose(_logits(ctx, recipe.config, recipe.params, recipe.model_state, batch), want,
                                rtol=1e-5, atol=1e-5)
 
 
