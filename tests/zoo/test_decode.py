@@ -43,7 +43,8 @@ def _model(**overrides):
         node[leaf] = value
     model = lm.DecoderLM(ml_collections.FrozenConfigDict(m))
     tokens = jax.random.randint(jax.random.key(0), (2, 9), 1, m.vocab_size)
-    return model, model.init(jax.random.key(1), tokens), tokens
+    # jitted, as is every forward pass here (eagerly, every op compiles on its own)
+    return model, jax.jit(model.init)(jax.random.key(1), tokens), tokens
 
 
 def _step(model):
@@ -69,7 +70,7 @@ def _decode(model, variables, chunks, max_len):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_decoding_equals_the_full_forward_pass(case):
     model, variables, tokens = _model(**CASES[case])
-    full, _ = model.apply(variables, tokens)
+    full, _ = jax.jit(model.apply)(variables, tokens)
     chunks = [tokens[:, :5]] + [tokens[:, t:t + 1] for t in range(5, 9)]   # prompt, then one at a time
     got = _decode(model, variables, chunks, max_len=12)                    # 3 slots never written
     np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
@@ -92,8 +93,9 @@ def test_left_padded_prompts():
                              positions=positions[:, lo:hi])
         outs.append(logits)
     got = np.asarray(jnp.concatenate(outs, axis=1))
+    forward = jax.jit(model.apply)
     for r, n in enumerate(lengths):
-        alone, _ = model.apply(variables, tokens[r:r + 1, :n])
+        alone, _ = forward(variables, tokens[r:r + 1, :n])
         np.testing.assert_allclose(got[r, total - n:], np.asarray(alone)[0], rtol=1e-5, atol=1e-5)
 
 
