@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -287,7 +288,7 @@ def test_finetune_hf_moe_on_jsonl_folder_and_export(tmp_path, capsys):
     with torch.no_grad():
         want = ref(torch.tensor([ids])).logits.numpy()
     model, params = hf.from_hf(str(export))
-    got, _ = model.apply({"params": params}, np.asarray([ids], np.int32))
+    got, _ = jax.jit(model.apply)({"params": params}, np.asarray([ids], np.int32))   # eagerly: a compile per op
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
     before = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     assert not torch.equal(before.model.embed_tokens.weight, ref.model.embed_tokens.weight)   # it trained
