@@ -181,10 +181,40 @@ def test_wrong_sha256_refused(tmp_path, capsys):
 
 
 def test_plain_text_only(fake_dir, tmp_path, capsys):
-    for flags, needle in ((["--config.data.tasks=email"], "data.name='shakespeare' has no tasks"),
-                          (["--config.data.format=chat"], "data.name='shakespeare' holds plain text")):
-        assert_cli_usage_error(tmp_path, capsys, ["--config.data.name=shakespeare",
-                                                  f"--config.data.data_dir={fake_dir}", *flags], needle)
+    assert_cli_usage_error(tmp_path, capsys, ["--config.data.name=shakespeare", f"--config.data.data_dir={fake_dir}",
+                                              "--config.data.format=chat"], "data.name='shakespeare' holds plain text")
+
+
+def test_genre_tasks(fake_dir, tmp_path, capsys):
+    """data.tasks names genres: every work has one, rows of a task come from its works only,
+    and a genre with no held-out work has no eval rows."""
+    genres = data.SHAKESPEARE_GENRES
+    assert sorted(genres) == ["comedy", "history", "poem", "romance", "tragedy"]
+    every = [w for works in genres.values() for w in works]
+    assert len(every) == len(set(every)) == 42          # the 37 plays and 5 poems, each once
+    assert (data.task_of_work("macbeth"), data.task_of_work("sonnets"), data.task_of_work("tempest"),
+            data.task_of_work("john"), data.task_of_work("comus")) == ("tragedy", "poem", "romance", "history", None)
+    c = _config(fake_dir, tasks="poem,tragedy")
+    data.ensure_dataset(c.data)
+    assert data.available_tasks(c.data) == {"poem": 1, "tragedy": 1}          # sonnets; hamlet
+    assert data.available_tasks(c.data, "validation") == {"tragedy": 1}       # macbeth
+    assert data.eval_task_names(c.data) == ["tragedy"]
+    works = dict(data.shakespeare_works(data.shakespeare_archive(fake_dir))["train"])
+    tok = data.get_tokenizer(c.data)
+    it = data.make_train_iterator(c)
+    seen = set()
+    for _ in range(4):
+        b = next(it)
+        for row, task in zip(np.concatenate([b["inputs"], b["targets"][:, -1:]], 1), b["task_id"]):
+            text = works[("sonnets", "hamlet")[int(task)]]
+            assert all(p in text for p in _pieces(tok, {"inputs": row[None, :-1], "targets": row[None, 1:]}))
+            seen.add(int(task))
+    assert seen == {0, 1}
+    macbeth = data.strip_gutenberg(RAW["macbeth"])
+    assert all(p in macbeth for e in data.eval_batches(c, task="tragedy") for p in _pieces(tok, e))
+    assert_cli_usage_error(tmp_path, capsys, ["--config.data.name=shakespeare", f"--config.data.data_dir={fake_dir}",
+                                              "--config.data.tasks=email"],
+                           "unknown task(s) 'email' in data.tasks; allowed (Shakespeare genres): poem, tragedy")
 
 
 def _fake_pip(archive):

@@ -19,7 +19,7 @@
 * :mod:`~routezoo.training.data.packing`: documents to packed rows (``data.packing``:
   ``masked`` with segment ids and per-document positions, or ``eos``) to batches.
 * :mod:`~routezoo.training.data.tasks`: ``data.tasks``, per-example task ids from the
-  stdlib's top-level packages.
+  stdlib's top-level packages or Shakespeare's genres.
 * :mod:`~routezoo.training.data.pipeline`: the per-process training iterator
   (:func:`make_train_iterator`), evaluation batches (:func:`eval_batches`) and the Orbax
   args that checkpoint the iterator.
@@ -52,8 +52,9 @@ from routezoo.training.data.sources import (BUILT_IN, FILES, DocumentStream, ens
 from routezoo.training.data.stdlib import (STDLIB, VALIDATION_PER_MILLE, RoutezooStdlib, build_stdlib,  # noqa: F401
                                            file_lock, stdlib_files, stdlib_root, stdlib_split_of,
                                            stdlib_tfds_name)
-from routezoo.training.data.tasks import (TASK_SAMPLING, Task, available_tasks, check_tasks,  # noqa: F401
-                                          eval_task_names, split_tasks, task_names, task_of_path)
+from routezoo.training.data.tasks import (SHAKESPEARE_GENRES, TASK_SAMPLING, Task,  # noqa: F401
+                                          available_tasks, check_tasks, eval_task_names, split_tasks,
+                                          task_names, task_of_path, task_of_work)
 from routezoo.training.data.tokenizers import (BYTE_OFFSET, EOS_ID, PAD_ID, TOKENIZERS,  # noqa: F401
                                                ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
                                                Tokenizer, get_tokenizer, hf_tokenizer_file,

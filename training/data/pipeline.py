@@ -153,7 +153,7 @@ def train_dataset(source: Sequence[Any], tokenizer: Tokenizer, *, text_key: str,
                              ).map(TakeRows(process_index, process_count))
     if tasks:
         if isinstance(source, DocumentStream):
-            raise ValueError("data.tasks needs a random-access source (stdlib); data.name='files' streams")
+            raise ValueError("data.tasks needs a random-access source (stdlib, shakespeare); data.name='files' streams")
         rows = _task_train_rows(source, tokenizer, tasks, seq_len=seq_len, seed=seed, shuffle=shuffle,
                                 process_index=process_index, process_count=process_count,
                                 packing=packing, encoder=encoder)
