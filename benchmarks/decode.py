@@ -11,7 +11,9 @@ and the recomputing one (the whole ``[B, P + N]`` buffer through the model per n
 ``--no-recompute`` leaves it out). Both produce the same tokens up to rounding: the first
 new token where they part is reported per row (in bfloat16 a near-tie of a random model's
 logits can flip). Median of ``--iters`` calls after a warm-up call (the compile); new
-tokens per second.
+tokens per second. ``--gmm`` times several grouped-matmul variants of the same model
+(e.g. ``pallas,pallas:train_tiles,dense``: the Pallas kernel with and without its decode-size
+tiling, and every expert on every row); the ratios use the first.
 
 ``--peers`` (default on when torch and a CUDA device are available): transformers'
 ``MixtralForCausalLM`` of the same shape (``peers/hf_mixtral.py``, random bf16 weights)
@@ -30,6 +32,7 @@ CPU smoke run (the default config's tiny model, PyTorch on the CPU, no compile t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 
@@ -46,6 +49,18 @@ import numpy as np  # noqa: E402
 from timing import bench  # noqa: E402
 
 
+@contextlib.contextmanager
+def _decode_tiles(on: bool):
+    """The Pallas kernel's decode-size tiling on (its default) or off, while a step is traced."""
+    from routezoo.layers.moe.kernels import gmm_pallas
+    saved = gmm_pallas.DECODE_GROUP_ROWS
+    gmm_pallas.DECODE_GROUP_ROWS = saved if on else 0
+    try:
+        yield
+    finally:
+        gmm_pallas.DECODE_GROUP_ROWS = saved
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="moe_1b")
@@ -58,6 +73,10 @@ def main():
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                    help="also time routezoo's sampler without the cache")
     p.add_argument("--out", default="decode.json")
+    p.add_argument("--gmm", default="config",
+                   help="routezoo variants, comma-separated: 'config' (the config's moe.gmm_backend), a "
+                        "moe.gmm_backend value, or 'pallas:train_tiles' (the Pallas kernel without its "
+                        "decode-size tiling); ratios use the first")
     peers.add_flag(p)
     p.add_argument("--peer_experts", default="grouped_mm",
                    help="transformers experts backends, comma-separated, or 'auto' (all registered)")
@@ -80,8 +99,15 @@ def main():
                                          compile=a.peer_compile)
 
     m.dtype = m.param_dtype = a.dtype
+    variants = a.gmm.split(",")
+    models = {}
+    for v in variants:   # the same parameters; only the grouped matmul differs
+        mv = ml_collections.ConfigDict(m.to_dict())
+        if v != "config" and "moe" in mv:
+            mv.moe.gmm_backend = v.split(":")[0]
+        models[v] = zoo.build(ml_collections.FrozenConfigDict(mv))
+    model = models[variants[0]]
     m = ml_collections.FrozenConfigDict(m)
-    model = zoo.build(m)
     rng = np.random.default_rng(0)
     variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, a.prompt), jnp.int32)))()
     params_m = sum(x.size for x in jax.tree.leaves(variables["params"])) / 1e6
@@ -89,13 +115,19 @@ def main():
     for b in batches:
         prompt = jnp.asarray(rng.integers(2, m.vocab_size, (b, a.prompt)), jnp.int32)
         outs = {}
-        for use_cache in (True, False) if a.recompute else (True,):
-            fn = jax.jit(lambda v, t, use_cache=use_cache: sample(
-                model, v, t, jax.random.key(1), num_tokens=a.new, temperature=0.0, use_cache=use_cache))
-            outs[use_cache] = np.asarray(fn(variables, prompt))
-            t = bench(fn, variables, prompt, iters=a.iters, warmup=1)
-            rows.append({"side": "routezoo", "batch": b, "use_cache": use_cache, "s": t,
+        runs = [(v, True) for v in variants] + ([(variants[0], False)] if a.recompute else [])
+        for v, use_cache in runs:
+            fn = jax.jit(lambda p_, t_, model=models[v], use_cache=use_cache: sample(
+                model, p_, t_, jax.random.key(1), num_tokens=a.new, temperature=0.0, use_cache=use_cache))
+            with _decode_tiles(v != "pallas:train_tiles"):   # read when the step is traced
+                out = np.asarray(fn(variables, prompt))
+                t = bench(fn, variables, prompt, iters=a.iters, warmup=1)
+            if v == variants[0]:
+                outs[use_cache] = out
+            rows.append({"side": "routezoo", "gmm": v, "batch": b, "use_cache": use_cache, "s": t,
                          "new_tokens_per_s": b * a.new / t})
+            if use_cache and v != variants[0]:   # greedy tokens against the first variant's
+                rows[-1]["same_tokens_as_first"] = bool(np.array_equal(out, outs[True]))
             print(json.dumps(rows[-1]), flush=True)
         if a.recompute:
             differ = outs[True][:, a.prompt:] != outs[False][:, a.prompt:]
@@ -105,15 +137,16 @@ def main():
                             "first_difference_per_row": [int(np.argmax(r)) if r.any() else -1 for r in differ]}
     ratios = {}
     for b in batches:
-        ours = next(r for r in rows if r["batch"] == b and r["use_cache"])
         best = max((t for t in torch_rows if t["batch"] == b and "new_tokens_per_s" in t),
                    key=lambda t: t["new_tokens_per_s"], default=None)
-        if best:
-            ratios[b] = ours["new_tokens_per_s"] / best["new_tokens_per_s"]
-            ours["vs_transformers"] = ratios[b]
+        for ours in (r for r in rows if r["batch"] == b and r["use_cache"]):
+            if best:
+                ours["vs_transformers"] = ours["new_tokens_per_s"] / best["new_tokens_per_s"]
+                if ours["gmm"] == variants[0]:
+                    ratios[b] = ours["vs_transformers"]
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "config": a.config,
             "dtype": a.dtype, "params_millions": params_m, "batch": batches, "prompt": a.prompt,
-            "new": a.new, "agreement": agreement, "peers": PEERS["note"], "vs_transformers": ratios}
+            "new": a.new, "gmm": variants, "agreement": agreement, "peers": PEERS["note"], "vs_transformers": ratios}
     if PEERS["on"]:
         info["torch_versions"] = peers.versions()
     with open(a.out, "w") as fh:
@@ -128,7 +161,8 @@ def main():
     print(f"{'batch':>5} {'sampler':40} {'seconds':>9} {'new tokens/s':>13} {'vs transformers':>16}")
     for b in batches:
         for r in (r for r in rows if r["batch"] == b):
-            name = "routezoo, key/value cache" if r["use_cache"] else "routezoo, recomputing"
+            name = (f"routezoo {r['gmm']}, key/value cache" if r["use_cache"]
+                    else f"routezoo {r['gmm']}, recomputing")
             ratio = f"{r['vs_transformers']:15.2f}x" if "vs_transformers" in r else f"{'':>16}"
             print(f"{b:5d} {name:40} {r['s']:9.3f} {r['new_tokens_per_s']:13.1f} {ratio}")
         for t in (t for t in torch_rows if t["batch"] == b):
@@ -137,9 +171,9 @@ def main():
                 print(f"{b:5d} {name:40} ERROR {t['error'][:80]}")
             else:
                 print(f"{b:5d} {name:40} {t['s']:9.3f} {t['new_tokens_per_s']:13.1f}")
-        cached = [r for r in rows if r["batch"] == b]
-        if len(cached) == 2:
-            print(f"{'':5} speed-up from the cache: {cached[1]['s'] / cached[0]['s']:.1f}x")
+        first = [r for r in rows if r["batch"] == b and r["gmm"] == variants[0]]
+        if len(first) == 2:
+            print(f"{'':5} speed-up from the cache: {first[1]['s'] / first[0]['s']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -522,11 +522,21 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
 
 
 SMALL_GROUP_ROWS = 512   # mean rows per group at or below which the small-group tilings apply
+# mean rows per group at or below which the decode tiling applies (0: never); a module
+# setting so that benchmarks/decode.py can time both rules in one process
+DECODE_GROUP_ROWS = 16
+DECODE_TILING = (16, 128, 64)   # (bm, bk, bn) of the forward and backward-data gmm at decode sizes
 
 
 def small_groups(m: int, num_groups: int) -> bool:
     """Whether ``m`` rows over ``num_groups`` groups average at most :data:`SMALL_GROUP_ROWS`."""
     return m <= SMALL_GROUP_ROWS * max(num_groups, 1)
+
+
+def decode_sized(m: int, num_groups: int) -> bool:
+    """Whether ``m`` rows over ``num_groups`` groups average at most
+    :data:`DECODE_GROUP_ROWS` (a decoding step's token copies: batch x k rows)."""
+    return m <= DECODE_GROUP_ROWS * max(num_groups, 1)
 
 
 def pipeline_smem_bytes(cfg: GmmConfig, itemsize: int) -> int:
@@ -556,8 +566,17 @@ def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = Fal
     * 4-byte inputs (``itemsize``; float32 models): ``128 x 128`` output tiles, 32-deep
       steps, 3 stages (the 16-bit tiles would ask an H200 for 352 KiB of shared memory;
       :func:`pipeline_smem_bytes`).
+    * Decode sizes (16-bit, at most :data:`DECODE_GROUP_ROWS` rows per group on average,
+      e.g. ``moe_1b`` decodes 2 token copies over 8 experts at batch 1):
+      :data:`DECODE_TILING`, ``16 x 64`` output tiles 128 deep. With ``128``-row tiles a
+      step of 2 rows runs 24 programs for an ``F = 1536`` matmul, each streaming a
+      ``2048 x 128`` weight slab; 16-row tiles waste no tensor-core rows on padding there,
+      and 64-wide columns (one 128-byte line per weight row) double the programs that read
+      the weights side by side. The weight-gradient tiling is unchanged.
     """
     small = small_groups(m, num_groups)
+    if itemsize < 4 and decode_sized(m, num_groups):
+        return GmmConfig(tiling=DECODE_TILING, dlhs_tiling=DECODE_TILING, num_stages=4, interpret=interpret)
     if itemsize >= 4:   # float32: half-depth steps and narrow tiles fit shared memory
         return GmmConfig(tiling=(128, 32, 128), tgmm_tiling=(32, 128, 128), num_stages=3,
                          half_tiles=small, interpret=interpret)
