@@ -12,8 +12,8 @@ and the recomputing one (the whole ``[B, P + N]`` buffer through the model per n
 new token where they part is reported per row (in bfloat16 a near-tie of a random model's
 logits can flip). Median of ``--iters`` calls after a warm-up call (the compile); new
 tokens per second. ``--gmm`` times several grouped-matmul variants of the same model
-(e.g. ``pallas,pallas:train_tiles,dense``: the Pallas kernel with and without its decode-size
-tiling, and every expert on every row); the ratios use the first.
+(e.g. ``pallas,pallas:decode_tiles,dense``: the Pallas kernel without and with its opt-in
+decode-size tiling, and every expert on every row); the ratios use the first.
 
 ``--peers`` (default on when torch and a CUDA device are available): transformers'
 ``MixtralForCausalLM`` of the same shape (``peers/hf_mixtral.py``, random bf16 weights)
@@ -51,10 +51,10 @@ from timing import bench  # noqa: E402
 
 @contextlib.contextmanager
 def _decode_tiles(on: bool):
-    """The Pallas kernel's decode-size tiling on (its default) or off, while a step is traced."""
+    """The Pallas kernel's opt-in decode-size tiling on or off while a step is traced."""
     from routezoo.layers.moe.kernels import gmm_pallas
     saved = gmm_pallas.DECODE_GROUP_ROWS
-    gmm_pallas.DECODE_GROUP_ROWS = saved if on else 0
+    gmm_pallas.DECODE_GROUP_ROWS = gmm_pallas.DECODE_TILING_ROWS if on else 0
     try:
         yield
     finally:
@@ -75,7 +75,7 @@ def main():
     p.add_argument("--out", default="decode.json")
     p.add_argument("--gmm", default="config",
                    help="routezoo variants, comma-separated: 'config' (the config's moe.gmm_backend), a "
-                        "moe.gmm_backend value, or 'pallas:train_tiles' (the Pallas kernel without its "
+                        "moe.gmm_backend value, or 'pallas:decode_tiles' (the Pallas kernel with its opt-in "
                         "decode-size tiling); ratios use the first")
     peers.add_flag(p)
     p.add_argument("--peer_experts", default="grouped_mm",
@@ -119,7 +119,7 @@ def main():
         for v, use_cache in runs:
             fn = jax.jit(lambda p_, t_, model=models[v], use_cache=use_cache: sample(
                 model, p_, t_, jax.random.key(1), num_tokens=a.new, temperature=0.0, use_cache=use_cache))
-            with _decode_tiles(v != "pallas:train_tiles"):   # read when the step is traced
+            with _decode_tiles(v == "pallas:decode_tiles"):   # read when the step is traced
                 out = np.asarray(fn(variables, prompt))
                 t = bench(fn, variables, prompt, iters=a.iters, warmup=1)
             if v == variants[0]:

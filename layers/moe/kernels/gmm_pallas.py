@@ -522,9 +522,11 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
 
 
 SMALL_GROUP_ROWS = 512   # mean rows per group at or below which the small-group tilings apply
-# mean rows per group at or below which the decode tiling applies (0: never); a module
-# setting so that benchmarks/decode.py can time both rules in one process
-DECODE_GROUP_ROWS = 16
+# mean rows per group at or below which the decode tiling applies; 0 (the default): never.
+# Opt-in until it is timed on a GPU: `benchmarks/decode.py --gmm pallas,pallas:decode_tiles`
+# times both rules on one model (it sets this to DECODE_TILING_ROWS while tracing).
+DECODE_GROUP_ROWS = 0
+DECODE_TILING_ROWS = 16
 DECODE_TILING = (16, 128, 64)   # (bm, bk, bn) of the forward and backward-data gmm at decode sizes
 
 
@@ -566,13 +568,14 @@ def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = Fal
     * 4-byte inputs (``itemsize``; float32 models): ``128 x 128`` output tiles, 32-deep
       steps, 3 stages (the 16-bit tiles would ask an H200 for 352 KiB of shared memory;
       :func:`pipeline_smem_bytes`).
-    * Decode sizes (16-bit, at most :data:`DECODE_GROUP_ROWS` rows per group on average,
-      e.g. ``moe_1b`` decodes 2 token copies over 8 experts at batch 1):
-      :data:`DECODE_TILING`, ``16 x 64`` output tiles 128 deep. With ``128``-row tiles a
-      step of 2 rows runs 24 programs for an ``F = 1536`` matmul, each streaming a
+    * Decode sizes, opt-in (16-bit, at most :data:`DECODE_GROUP_ROWS` rows per group on
+      average when that is set, e.g. ``moe_1b`` decodes 2 token copies over 8 experts at
+      batch 1): :data:`DECODE_TILING`, ``16 x 64`` output tiles 128 deep. With ``128``-row
+      tiles a step of 2 rows runs 24 programs for an ``F = 1536`` matmul, each streaming a
       ``2048 x 128`` weight slab; 16-row tiles waste no tensor-core rows on padding there,
       and 64-wide columns (one 128-byte line per weight row) double the programs that read
-      the weights side by side. The weight-gradient tiling is unchanged.
+      the weights side by side. The weight-gradient tiling is unchanged. Not yet timed on a
+      GPU, hence off by default.
     """
     small = small_groups(m, num_groups)
     if itemsize < 4 and decode_sized(m, num_groups):

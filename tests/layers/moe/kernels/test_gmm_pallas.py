@@ -186,11 +186,13 @@ def test_config_for_small_groups_forward_and_backward():
     assert np.all(np.asarray(dw)[1] == 0)
 
 
-def test_config_for_decode_sizes():
-    """At most ``DECODE_GROUP_ROWS`` rows per group (a decoding step) in 16 bits: the decode
-    tiling for both row-tiled passes, the weight gradient's unchanged; float32 and larger
-    steps keep their rules. Under it the backend equals the reference, gradients too, with
-    an empty group and rows past the groups."""
+def test_config_for_decode_sizes(monkeypatch):
+    """Opt-in (off by default): at most ``DECODE_GROUP_ROWS`` rows per group (a decoding
+    step) in 16 bits, the decode tiling for both row-tiled passes, the weight gradient's
+    unchanged; float32 and larger steps keep their rules. Under it the backend equals the
+    reference, gradients too, with an empty group and rows past the groups."""
+    assert gp.DECODE_GROUP_ROWS == 0 and gp.config_for(2, 8, 2048, 1536).tiling == (128, 64, 128)
+    monkeypatch.setattr(gp, "DECODE_GROUP_ROWS", gp.DECODE_TILING_ROWS)
     decode = gp.config_for(2, 8, 2048, 1536)           # moe_1b, batch 1: 2 token copies
     assert decode.tiling == decode.dlhs_tiling == gp.DECODE_TILING == (16, 128, 64)
     assert decode.tgmm_tiling == gp.DEFAULT_TGMM_TILING and not decode.half_tiles
