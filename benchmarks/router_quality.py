@@ -457,6 +457,11 @@ def kendall_tau(a: list[float], b: list[float]) -> float:
     return float(s / max(n * (n - 1) / 2, 1))
 
 
+def paired_by_seed(a: dict, b: dict) -> dict[int, float]:
+    """``{seed: a's bits per byte - b's}`` over the seeds both setups ran, in ``a``'s order."""
+    return {s: a["bpb"][a["seeds"].index(s)] - b["bpb"][b["seeds"].index(s)] for s in a["seeds"] if s in b["seeds"]}
+
+
 def summarize(rows: list[dict], size: str) -> dict:
     """Per corpus: per setup mean/spread over seeds, the noise band, differences against
     each setup's ``ref``, and how settled the ranking of each group is."""
@@ -499,35 +504,34 @@ def summarize(rows: list[dict], size: str) -> dict:
                   if per.get(n, {}).get("status") == "done" and len(per[n]["seeds"]) > 1}
         band = max(ranges.values()) if ranges else None
         top_std = per.get("top_k", {}).get("bpb_std")
+
+        def verdict(delta: float) -> str | None:
+            return None if band is None else ("beyond" if abs(delta) > band else "within")
+
         for name, p in per.items():
             ref = per.get(p["ref"]) if p["ref"] else None
             if p["status"] == "done" and ref and ref["status"] == "done":
                 p["delta"] = p["bpb_mean"] - ref["bpb_mean"]
-                common = [s for s in p["seeds"] if s in ref["seeds"]]
-                paired = [p["bpb"][p["seeds"].index(s)] - ref["bpb"][ref["seeds"].index(s)] for s in common]
-                p["delta_paired"] = paired
-                p["verdict"] = None if band is None else ("beyond" if abs(p["delta"]) > band else "within")
+                p["delta_paired"] = list(paired_by_seed(p, ref).values())
+                p["verdict"] = verdict(p["delta"])
         claims = []
         for paper, claim, a_name, b_name in CLAIMS:
             pa, pb = per.get(a_name, {}), per.get(b_name, {})
             c = {"paper": paper, "claim": claim, "setup": a_name, "ref": b_name}
             if pa.get("status") == "done" and pb.get("status") == "done":
-                common = [x for x in pa["seeds"] if x in pb["seeds"]]
-                c.update(delta=pa["bpb_mean"] - pb["bpb_mean"],
-                         paired=[pa["bpb"][pa["seeds"].index(x)] - pb["bpb"][pb["seeds"].index(x)] for x in common],
+                c.update(delta=pa["bpb_mean"] - pb["bpb_mean"], paired=list(paired_by_seed(pa, pb).values()),
                          experts=(pa["real_experts_per_token"], pb["real_experts_per_token"]))
-                c["verdict"] = None if band is None else ("beyond" if abs(c["delta"]) > band else "within")
+                c["verdict"] = verdict(c["delta"])
             claims.append(c)
         growth = [c for c in claims if c["setup"] in ("rmoe_paper_d8", "rmoe_paper_d24") and "paired" in c]
         if len(growth) == 2:   # RMoE: does the gain grow with depth (difference of the paired differences)
             d8, d24 = growth
-            common = min(len(d8["paired"]), len(d24["paired"]))
+            g8, g24 = (paired_by_seed(per[c["setup"]], per[c["ref"]]) for c in (d8, d24))
+            delta = d24["delta"] - d8["delta"]
             claims.append({"paper": d8["paper"], "claim": "the gain grows with depth (deep minus shallow difference)",
-                           "setup": "rmoe_paper_d24 - top_k_mixtral_d24", "ref": "rmoe_paper_d8 - top_k_mixtral",
-                           "delta": d24["delta"] - d8["delta"],
-                           "paired": [d24["paired"][i] - d8["paired"][i] for i in range(common)], "experts": None,
-                           "verdict": None if band is None else
-                           ("beyond" if abs(d24["delta"] - d8["delta"]) > band else "within")})
+                           "setup": f"{d24['setup']} - {d24['ref']}", "ref": f"{d8['setup']} - {d8['ref']}",
+                           "delta": delta, "paired": [g24[s] - g8[s] for s in g24 if s in g8],
+                           "experts": None, "verdict": verdict(delta)})
         settle = {}
         for group in ("general", "papers"):
             done = [n for n, p in per.items() if p["group"] == group and p["status"] == "done"]
