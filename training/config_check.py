@@ -216,14 +216,17 @@ def validate(config: Any, *, num_devices: int | None = None, process_count: int 
         raise ConfigError("data.format='chat' needs records with prompt/completion or messages fields; "
                           f"data.name={d.name!r} holds plain text; allowed: data.name='files' (.jsonl/.parquet) "
                           "or a TFDS dataset with those fields")
+    if d.tasks:   # the corpus has tasks at all; names are checked against the built dataset later
+        try:
+            data_lib.check_task_corpus(d)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if d.name == data_lib.SHAKESPEARE:
         try:   # built already, or its archive is in the data dir (nothing is written here)
             data_lib.check_shakespeare(data_lib.resolve_data_dir(d))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if d.name == data_lib.FILES:
-        if d.tasks:
-            raise ConfigError("data.tasks needs data.name='stdlib' or 'shakespeare'; data.name='files' has no tasks")
         try:
             data_lib.check_files(d)
         except ValueError as e:

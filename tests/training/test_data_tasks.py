@@ -293,6 +293,19 @@ def test_available_tasks_and_one_line_errors(data_dir):
         data.available_tasks(other.data)
 
 
+def test_cli_refuses_tasks_of_a_corpus_without_tasks(tmp_path, capsys):
+    """data.tasks with data.name='files' or a TFDS name: one line naming the corpora that have
+    tasks, exit 2, before any data is read or built (the files and the TFDS dir do not exist)."""
+    from conftest import assert_cli_usage_error
+    needle = ("data.tasks needs data.name='stdlib' (top-level stdlib packages) or 'shakespeare' "
+              "(Shakespeare genres), got data.name=")
+    for name, extra in (("files", [f"--config.data.files={tmp_path}/none/*.jsonl"]),
+                        ("lm1b", [f"--config.data.data_dir={tmp_path}/tfds"])):
+        assert_cli_usage_error(tmp_path, capsys, [f"--config.data.name={name}", "--config.data.tasks=email", *extra],
+                               needle + repr(name))
+    assert not (tmp_path / "tfds").exists()   # nothing built
+
+
 def test_cli_refuses_tasks_without_validation_files(data_dir, tmp_path, capsys):
     """``routezoo train`` checks data.tasks against the dataset before anything is
     written: tasks without any validation file cannot be evaluated (one line, exit 2)."""

@@ -53,8 +53,8 @@ from routezoo.training.data.stdlib import (STDLIB, VALIDATION_PER_MILLE, Routezo
                                            file_lock, stdlib_files, stdlib_root, stdlib_split_of,
                                            stdlib_tfds_name)
 from routezoo.training.data.tasks import (SHAKESPEARE_GENRES, TASK_SAMPLING, Task,  # noqa: F401
-                                          available_tasks, check_tasks, eval_task_names, split_tasks,
-                                          task_names, task_of_path, task_of_work)
+                                          available_tasks, check_task_corpus, check_tasks, eval_task_names,
+                                          split_tasks, task_names, task_of_path, task_of_work)
 from routezoo.training.data.tokenizers import (BYTE_OFFSET, EOS_ID, PAD_ID, TOKENIZERS,  # noqa: F401
                                                ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
                                                Tokenizer, get_tokenizer, hf_tokenizer_file,

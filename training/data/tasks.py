@@ -65,10 +65,10 @@ def task_of_work(work: str) -> str | None:
     return _GENRE_OF_WORK.get(work)
 
 
-# data.name -> (TFDS name, the record field a task is read from, field value -> task or None)
-_TASKED = {STDLIB: (stdlib_tfds_name, "path", task_of_path),
-           SHAKESPEARE: (shakespeare_tfds_name, "work", task_of_work)}
-_TASK_WHAT = {STDLIB: "top-level stdlib packages", SHAKESPEARE: "Shakespeare genres"}
+# data.name -> (what its tasks are, TFDS name, the record field a task is read from,
+# field value -> task or None)
+_TASKED = {STDLIB: ("top-level stdlib packages", stdlib_tfds_name, "path", task_of_path),
+           SHAKESPEARE: ("Shakespeare genres", shakespeare_tfds_name, "work", task_of_work)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ _SPLIT_FILES: dict[tuple[str, str, str], tuple[tuple[str | None, ...], tuple[int
 
 def _split_files(data_cfg: Any, split: str) -> tuple[tuple[str | None, ...], tuple[int, ...]]:
     """The task and text size of each record of a split, in source order (read once)."""
-    tfds_name, field, task_of = _TASKED[data_cfg.name]
+    _, tfds_name, field, task_of = _TASKED[data_cfg.name]
     key = (resolve_data_dir(data_cfg), tfds_name(), split)
     if key not in _SPLIT_FILES:
         source = get_source(data_cfg, split)
@@ -99,10 +99,11 @@ def _split_files(data_cfg: Any, split: str) -> tuple[tuple[str | None, ...], tup
     return _SPLIT_FILES[key]
 
 
-def _require_tasked(data_cfg: Any) -> None:
+def check_task_corpus(data_cfg: Any) -> None:
+    """``ValueError`` in one line unless ``data.name`` is a corpus with tasks (reads nothing)."""
     if data_cfg.name not in _TASKED:
-        raise ValueError(f"data.tasks needs data.name='stdlib' (tasks are its top-level packages) or "
-                         f"'shakespeare' (its genres), got data.name={data_cfg.name!r}")
+        allowed = " or ".join(f"{name!r} ({what})" for name, (what, *_) in _TASKED.items())
+        raise ValueError(f"data.tasks needs data.name={allowed}, got data.name={data_cfg.name!r}")
 
 
 def _task_records(tasks: Sequence[str | None]) -> dict[str, list[int]]:
@@ -118,7 +119,7 @@ def available_tasks(data_cfg: Any, split: str | None = None) -> dict[str, int]:
     """``{task name: number of files}`` in ``split`` (default ``data.train_split``), sorted
     by name: the names ``data.tasks`` accepts (stdlib packages or Shakespeare genres; a
     genre counts works)."""
-    _require_tasked(data_cfg)
+    check_task_corpus(data_cfg)
     tasks, _ = _split_files(data_cfg, split or data_cfg.train_split)
     return {name: len(idx) for name, idx in sorted(_task_records(tasks).items())}
 
@@ -128,7 +129,7 @@ def task_names(data_cfg: Any) -> list[str]:
     spec = data_cfg.tasks.strip()
     if not spec:
         return []
-    _require_tasked(data_cfg)
+    check_task_corpus(data_cfg)
     if data_cfg.task_sampling not in TASK_SAMPLING:
         raise ValueError(f"unknown data.task_sampling {data_cfg.task_sampling!r}; allowed: "
                          f"{', '.join(TASK_SAMPLING)}")
@@ -137,7 +138,7 @@ def task_names(data_cfg: Any) -> list[str]:
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))} in data.tasks; "
-                         f"allowed ({_TASK_WHAT[data_cfg.name]}): {', '.join(sorted(available))}")
+                         f"allowed ({_TASKED[data_cfg.name][0]}): {', '.join(sorted(available))}")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"data.tasks names {', '.join(repeated)} more than once; "
