@@ -537,8 +537,9 @@ def small_groups(m: int, num_groups: int) -> bool:
 
 def decode_sized(m: int, num_groups: int) -> bool:
     """Whether ``m`` rows over ``num_groups`` groups average at most
-    :data:`DECODE_GROUP_ROWS` (a decoding step's token copies: batch x k rows)."""
-    return m <= DECODE_GROUP_ROWS * max(num_groups, 1)
+    :data:`DECODE_GROUP_ROWS` (a decoding step's token copies: batch x k rows); never while
+    that is 0, an empty ``m`` included."""
+    return DECODE_GROUP_ROWS > 0 and m <= DECODE_GROUP_ROWS * max(num_groups, 1)
 
 
 def pipeline_smem_bytes(cfg: GmmConfig, itemsize: int) -> int:

@@ -191,7 +191,8 @@ def test_config_for_decode_sizes(monkeypatch):
     step) in 16 bits, the decode tiling for both row-tiled passes, the weight gradient's
     unchanged; float32 and larger steps keep their rules. Under it the backend equals the
     reference, gradients too, with an empty group and rows past the groups."""
-    assert gp.DECODE_GROUP_ROWS == 0 and gp.config_for(2, 8, 2048, 1536).tiling == (128, 64, 128)
+    assert gp.DECODE_GROUP_ROWS == 0
+    assert gp.config_for(2, 8, 2048, 1536).tiling == gp.config_for(0, 8, 2048, 1536).tiling == (128, 64, 128)
     monkeypatch.setattr(gp, "DECODE_GROUP_ROWS", gp.DECODE_TILING_ROWS)
     decode = gp.config_for(2, 8, 2048, 1536)           # moe_1b, batch 1: 2 token copies
     assert decode.tiling == decode.dlhs_tiling == gp.DECODE_TILING == (16, 128, 64)
