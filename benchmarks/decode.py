@@ -12,8 +12,8 @@ and the recomputing one (the whole ``[B, P + N]`` buffer through the model per n
 new token where they part is reported per row (in bfloat16 a near-tie of a random model's
 logits can flip). Median of ``--iters`` calls after a warm-up call (the compile); new
 tokens per second. ``--gmm`` times several grouped-matmul variants of the same model
-(e.g. ``pallas,pallas:decode_tiles,dense``: the Pallas kernel without and with its opt-in
-decode-size tiling, and every expert on every row); the ratios use the first.
+(e.g. ``pallas,dense``: the Pallas kernel, and every expert on every row), checks that
+their greedy tokens equal the first's, and takes the ratios from the first.
 
 ``--peers`` (default on when torch and a CUDA device are available): transformers'
 ``MixtralForCausalLM`` of the same shape (``peers/hf_mixtral.py``, random bf16 weights)
@@ -32,7 +32,6 @@ CPU smoke run (the default config's tiny model, PyTorch on the CPU, no compile t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 
@@ -49,18 +48,6 @@ import numpy as np  # noqa: E402
 from timing import bench  # noqa: E402
 
 
-@contextlib.contextmanager
-def _decode_tiles(on: bool):
-    """The Pallas kernel's opt-in decode-size tiling on or off while a step is traced."""
-    from routezoo.layers.moe.kernels import gmm_pallas
-    saved = gmm_pallas.DECODE_GROUP_ROWS
-    gmm_pallas.DECODE_GROUP_ROWS = gmm_pallas.DECODE_TILING_ROWS if on else 0
-    try:
-        yield
-    finally:
-        gmm_pallas.DECODE_GROUP_ROWS = saved
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="moe_1b")
@@ -74,9 +61,8 @@ def main():
                    help="also time routezoo's sampler without the cache")
     p.add_argument("--out", default="decode.json")
     p.add_argument("--gmm", default="config",
-                   help="routezoo variants, comma-separated: 'config' (the config's moe.gmm_backend), a "
-                        "moe.gmm_backend value, or 'pallas:decode_tiles' (the Pallas kernel with its opt-in "
-                        "decode-size tiling); ratios use the first")
+                   help="routezoo variants, comma-separated: 'config' (the config's moe.gmm_backend) or a "
+                        "moe.gmm_backend value; ratios use the first")
     peers.add_flag(p)
     p.add_argument("--peer_experts", default="grouped_mm",
                    help="transformers experts backends, comma-separated, or 'auto' (all registered)")
@@ -104,7 +90,7 @@ def main():
     for v in variants:   # the same parameters; only the grouped matmul differs
         mv = ml_collections.ConfigDict(m.to_dict())
         if v != "config" and "moe" in mv:
-            mv.moe.gmm_backend = v.split(":")[0]
+            mv.moe.gmm_backend = v
         models[v] = zoo.build(ml_collections.FrozenConfigDict(mv))
     model = models[variants[0]]
     m = ml_collections.FrozenConfigDict(m)
@@ -119,9 +105,8 @@ def main():
         for v, use_cache in runs:
             fn = jax.jit(lambda p_, t_, model=models[v], use_cache=use_cache: sample(
                 model, p_, t_, jax.random.key(1), num_tokens=a.new, temperature=0.0, use_cache=use_cache))
-            with _decode_tiles(v == "pallas:decode_tiles"):   # read when the step is traced
-                out = np.asarray(fn(variables, prompt))
-                t = bench(fn, variables, prompt, iters=a.iters, warmup=1)
+            out = np.asarray(fn(variables, prompt))
+            t = bench(fn, variables, prompt, iters=a.iters, warmup=1)
             if v == variants[0]:
                 outs[use_cache] = out
             rows.append({"side": "routezoo", "gmm": v, "batch": b, "use_cache": use_cache, "s": t,

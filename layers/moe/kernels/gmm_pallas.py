@@ -522,24 +522,11 @@ def tgmm(lhs: Array, dout: Array, group_sizes: Array, *,
 
 
 SMALL_GROUP_ROWS = 512   # mean rows per group at or below which the small-group tilings apply
-# mean rows per group at or below which the decode tiling applies; 0 (the default): never.
-# Opt-in until it is timed on a GPU: `benchmarks/decode.py --gmm pallas,pallas:decode_tiles`
-# times both rules on one model (it sets this to DECODE_TILING_ROWS while tracing).
-DECODE_GROUP_ROWS = 0
-DECODE_TILING_ROWS = 16
-DECODE_TILING = (16, 128, 64)   # (bm, bk, bn) of the forward and backward-data gmm at decode sizes
 
 
 def small_groups(m: int, num_groups: int) -> bool:
     """Whether ``m`` rows over ``num_groups`` groups average at most :data:`SMALL_GROUP_ROWS`."""
     return m <= SMALL_GROUP_ROWS * max(num_groups, 1)
-
-
-def decode_sized(m: int, num_groups: int) -> bool:
-    """Whether ``m`` rows over ``num_groups`` groups average at most
-    :data:`DECODE_GROUP_ROWS` (a decoding step's token copies: batch x k rows); never while
-    that is 0, an empty ``m`` included."""
-    return DECODE_GROUP_ROWS > 0 and m <= DECODE_GROUP_ROWS * max(num_groups, 1)
 
 
 def pipeline_smem_bytes(cfg: GmmConfig, itemsize: int) -> int:
@@ -569,18 +556,13 @@ def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = Fal
     * 4-byte inputs (``itemsize``; float32 models): ``128 x 128`` output tiles, 32-deep
       steps, 3 stages (the 16-bit tiles would ask an H200 for 352 KiB of shared memory;
       :func:`pipeline_smem_bytes`).
-    * Decode sizes, opt-in (16-bit, at most :data:`DECODE_GROUP_ROWS` rows per group on
-      average when that is set, e.g. ``moe_1b`` decodes 2 token copies over 8 experts at
-      batch 1): :data:`DECODE_TILING`, ``16 x 64`` output tiles 128 deep. With ``128``-row
-      tiles a step of 2 rows runs 24 programs for an ``F = 1536`` matmul, each streaming a
-      ``2048 x 128`` weight slab; 16-row tiles waste no tensor-core rows on padding there,
-      and 64-wide columns (one 128-byte line per weight row) double the programs that read
-      the weights side by side. The weight-gradient tiling is unchanged. Not yet timed on a
-      GPU, hence off by default.
+    * Decoding steps (a few rows per group) keep these rules: ``16 x 64`` output tiles at
+      <= 16 rows per group measured no faster for ``moe_1b`` on an H100 (batch 1: 280.9
+      against 280.1 tokens/s; batch 8: 1,840 against 1,848; batch 64: 9,021 against
+      8,987), whose decoding is bound by the step's many small kernels, not the grouped
+      matmul's padding rows (BENCHMARKS.md, decoding against transformers).
     """
     small = small_groups(m, num_groups)
-    if itemsize < 4 and decode_sized(m, num_groups):
-        return GmmConfig(tiling=DECODE_TILING, dlhs_tiling=DECODE_TILING, num_stages=4, interpret=interpret)
     if itemsize >= 4:   # float32: half-depth steps and narrow tiles fit shared memory
         return GmmConfig(tiling=(128, 32, 128), tgmm_tiling=(32, 128, 128), num_stages=3,
                          half_tiles=small, interpret=interpret)

@@ -186,32 +186,6 @@ def test_config_for_small_groups_forward_and_backward():
     assert np.all(np.asarray(dw)[1] == 0)
 
 
-def test_config_for_decode_sizes(monkeypatch):
-    """Opt-in (off by default): at most ``DECODE_GROUP_ROWS`` rows per group (a decoding
-    step) in 16 bits, the decode tiling for both row-tiled passes, the weight gradient's
-    unchanged; float32 and larger steps keep their rules. Under it the backend equals the
-    reference, gradients too, with an empty group and rows past the groups."""
-    assert gp.DECODE_GROUP_ROWS == 0
-    assert gp.config_for(2, 8, 2048, 1536).tiling == gp.config_for(0, 8, 2048, 1536).tiling == (128, 64, 128)
-    monkeypatch.setattr(gp, "DECODE_GROUP_ROWS", gp.DECODE_TILING_ROWS)
-    decode = gp.config_for(2, 8, 2048, 1536)           # moe_1b, batch 1: 2 token copies
-    assert decode.tiling == decode.dlhs_tiling == gp.DECODE_TILING == (16, 128, 64)
-    assert decode.tgmm_tiling == gp.DEFAULT_TGMM_TILING and not decode.half_tiles
-    assert gp.config_for(128, 8, 2048, 1536).tiling == gp.DECODE_TILING      # batch 64
-    assert gp.config_for(129, 8, 2048, 1536).tiling == (128, 64, 128)        # past 16 rows per group
-    assert gp.config_for(2, 8, 2048, 1536, itemsize=4).tiling == (128, 32, 128)
-    assert gp.pipeline_smem_bytes(decode, 2) <= 192 * 1024
-    x, w, gs, ct = _data(12, 256, 128, [3, 0, 5, 2], seed=7)        # 2 rows past the groups
-    cfg = gp.config_for(12, 4, 256, 128, interpret=True)
-    assert cfg.tiling == gp.DECODE_TILING
-    out, dx, dw = _fwd_and_grads(x, w, gs, ct, cfg)
-    assert_close(out, ref_gmm(x, w, gs))
-    ref_dx, ref_dw = ref_grads(x, w, gs, ct)
-    assert_close(dx, ref_dx)
-    assert_close(dw, ref_dw)
-    assert np.all(np.asarray(out)[10:] == 0) and np.all(np.asarray(dw)[1] == 0)
-
-
 def test_bfloat16_output_dtype_and_accuracy():
     x, w, gs, _ = _data(48, 32, 32, [20, 28], seed=3)
     y = gp.gmm(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), jnp.asarray(gs),
