@@ -3,8 +3,8 @@
     # tiny models on a 2-core CPU (the default; about 15 minutes)
     python benchmarks/transforms/upcycle_unlearn_skip.py --size tiny \\
         --root runs/bench_transforms_tiny --json benchmarks/results/transforms_upcycle_unlearn_skip_tiny_cpu.json
-    # larger models for one GPU
-    python benchmarks/transforms/upcycle_unlearn_skip.py --size small --root runs/bench_transforms_small
+    # larger models for one GPU (about 10 minutes; --resume continues a run that was cut off)
+    python benchmarks/transforms/upcycle_unlearn_skip.py --size small --root runs/bench_transforms_small --resume
 
 Every model trains through ``routezoo train``'s :func:`~routezoo.training.train.train_and_evaluate`
 (the one train step, the default stdlib data) and every operation runs through ``routezoo
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -42,7 +43,8 @@ import time
 #        experts, router_steps, unlearn_steps, eval_steps)
 PRESETS = {
     "tiny": (6, 64, 4, 2, 16, 256, 128, 16, 400, 200, 4, 50, 30, 8),        # a 2-core CPU
-    "small": (12, 512, 8, 4, 64, 2048, 512, 32, 3000, 1500, 8, 200, 100, 32),  # one GPU
+    # one GPU: a seed (six models, the transforms, every evaluation) in about 10 minutes
+    "small": (8, 512, 8, 4, 64, 2048, 512, 32, 1500, 750, 8, 200, 100, 16),
 }
 
 
@@ -128,46 +130,79 @@ def run(a) -> dict:
                                      "unlearn_steps", "eval_steps"), p)),
                  "dense_steps": dense_steps, "more_steps": more_steps, "seed": seed}
 
-    def fresh(name):
-        path = wd(name)
-        if os.path.exists(path):
-            raise SystemExit(f"{path} exists; give another --root (every run writes a new workdir)")
-        return path
+    # Every stage's result goes into ROOT/stages.json as soon as it is done. With --resume a
+    # stage found there is not run again, and a workdir left by a stage that was cut off is
+    # removed and redone; without it every workdir must be new.
+    stages_path = wd("stages.json")
+    resume = getattr(a, "resume", False)
+    stages: dict = {}
+    if resume and os.path.exists(stages_path):
+        with open(stages_path) as f:
+            stages = json.load(f)
+        log(f"resuming {root}: done {', '.join(stages) or 'nothing'}")
+
+    def stage(key: str, dirs: tuple[str, ...], fn):
+        if key in stages:
+            return stages[key]
+        for name in dirs:
+            path = wd(name)
+            if os.path.exists(path):
+                if not resume:
+                    raise SystemExit(f"{path} exists; give another --root (every run writes a new workdir) "
+                                     "or pass --resume")
+                shutil.rmtree(path)   # left by a stage that did not finish
+        stages[key] = fn(*[wd(name) for name in dirs])
+        with open(stages_path + ".tmp", "w") as f:
+            json.dump(stages, f, indent=1, default=float)
+        os.replace(stages_path + ".tmp", stages_path)
+        return stages[key]
 
     # 1. the dense model
-    res["dense"] = train(base_config(p, dense_steps, seed), fresh("dense"), log)
+    res["dense"] = stage("dense", ("dense",), lambda out: train(base_config(p, dense_steps, seed), out, log))
 
     # 2. upcycling at equal total tokens
+    def dense_more(out):
+        c = base_config(p, more_steps, seed)
+        c.init.from_workdir = wd("dense")
+        return train(c, out, log)
+
+    def sparse(out):
+        T.run_transform("upcycle", wd("dense"), out, {"num_experts": str(experts), "every": "2",
+                                                      "evaluate": "false"}, log=log)
+        return train_transformed(out, more_steps, {}, log)
+
+    def moe_scratch(out):
+        c = base_config(p, dense_steps + more_steps, seed)
+        set_keys(c.model, moe_overrides(p))
+        return train(c, out, log)
+
+    def readme(out):
+        rec = T.run_transform("upcycle", wd("dense"), out,
+                              {"method": "readme", "num_experts": str(experts), "shared_fraction": "0.25",
+                               "router_steps": str(router_steps), "calibration_batches": "4", "evaluate": "false"},
+                              log=log)
+        r = train_transformed(out, more_steps, {}, log)
+        r["distill_phases"] = rec["report"].get("distill_phases")
+        return r
+
     up = {}
-    c = base_config(p, more_steps, seed)
-    c.init.from_workdir = wd("dense")
-    up["dense+"] = train(c, fresh("dense_more"), log)
-    T.run_transform("upcycle", wd("dense"), fresh("sparse"), {"num_experts": str(experts), "every": "2",
-                                                               "evaluate": "false"}, log=log)
-    up["sparse upcycled"] = train_transformed(wd("sparse"), more_steps, {}, log)
-    c = base_config(p, dense_steps + more_steps, seed)
-    set_keys(c.model, moe_overrides(p))
-    up["MoE from scratch"] = train(c, fresh("moe_scratch"), log)
-    rec = T.run_transform("upcycle", wd("dense"), fresh("readme"),
-                          {"method": "readme", "num_experts": str(experts), "shared_fraction": "0.25",
-                           "router_steps": str(router_steps), "calibration_batches": "4", "evaluate": "false"},
-                          log=log)
-    up["Read-ME"] = train_transformed(wd("readme"), more_steps, {}, log)
-    up["Read-ME"]["distill_phases"] = rec["report"].get("distill_phases")
+    up["dense+"] = stage("dense+", ("dense_more",), dense_more)
+    up["sparse upcycled"] = stage("sparse upcycled", ("sparse",), sparse)
+    up["MoE from scratch"] = stage("MoE from scratch", ("moe_scratch",), moe_scratch)
+    up["Read-ME"] = stage("Read-ME", ("readme",), readme)
     res["upcycle"] = up
 
     # 3. unlearning one package in the MoE trained from scratch
-    rec = T.run_transform("unlearn", wd("moe_scratch"), fresh("unlearned"),
-                          {"forget": a.forget, "steps": str(unlearn_steps), "learning_rate": str(a.unlearn_lr),
-                           "calibration_batches": "4"}, log=log)
-    res["unlearn"] = rec["report"]
+    res["unlearn"] = stage("unlearn", ("unlearned",), lambda out: T.run_transform(
+        "unlearn", wd("moe_scratch"), out, {"forget": a.forget, "steps": str(unlearn_steps),
+                                            "learning_rate": str(a.unlearn_lr), "calibration_batches": "4"},
+        log=log)["report"])
 
     # 4. layer skipping
     res["layer_skip"] = {}
     for name in ("dense", "moe_scratch"):
-        rec = T.run_transform("layer_skip", wd(name), fresh(f"skip_{name}"),
-                              {"speedup": "2", "speedups": "1,1.25,1.5,2,3"}, log=log)
-        res["layer_skip"][name] = rec["report"]["by_speedup"]
+        res["layer_skip"][name] = stage(f"layer_skip {name}", (f"skip_{name}",), lambda out, name=name: T.run_transform(
+            "layer_skip", wd(name), out, {"speedup": "2", "speedups": "1,1.25,1.5,2,3"}, log=log)["report"]["by_speedup"])
     return res
 
 
@@ -221,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--more_steps", type=int, default=0)
     ap.add_argument("--unlearn_steps", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="every model's init and batch order")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a run in --root that was cut off: finished stages (ROOT/stages.json) are kept")
     ap.add_argument("--table_from", default="", help="print the tables of a finished run's JSON (workdirs in --root)")
     a = ap.parse_args(argv)
     if a.table_from:
