@@ -53,7 +53,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timing import CEILING_N, CEILING_QUEUE, bench, ceilings, format_ceilings, torch_ceiling_in_child  # noqa: E402
+from timing import (CEILING_N, CEILING_QUEUE, bench, ceilings, format_ceilings, format_kernel_times,  # noqa: E402
+                    torch_ceiling_in_child, traced_kernel_times)
 
 SHAPES = {
     # name: (E, k, D, F, shared experts)
@@ -179,41 +180,18 @@ def build_step(name: str, tokens: int, dispatch: str, backend: str, cf: float | 
 
 
 def device_kernel_table(step, args, calls: int = 3, top: int = 15) -> list[dict]:
-    """Device time per kernel (ms per call, summed over its launches), from a profiler
-    trace of ``calls`` calls: ``jax.profiler.trace(create_perfetto_trace=True)``, the
-    complete events of the processes whose name mentions a GPU."""
-    import glob
-    import gzip
-    import tempfile
-    from collections import defaultdict
-
+    """Device time per kernel of ``calls`` calls of ``step(*args)`` (``timing.traced_kernel_times``),
+    printed by category and busiest kernel; the sum first, then the ``top`` kernels."""
     jax.block_until_ready(step(*args))
-    logdir = tempfile.mkdtemp(prefix="moe_trace_")
-    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+
+    def run():
         for _ in range(calls):
             out = step(*args)
         jax.block_until_ready(out)
-    files = glob.glob(f"{logdir}/**/*perfetto_trace.json.gz", recursive=True)
-    if not files:
-        return [{"error": f"no perfetto trace under {logdir}: {glob.glob(logdir + '/**', recursive=True)[:10]}"}]
-    with gzip.open(files[0]) as fh:
-        events = json.load(fh)["traceEvents"]
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {pid for pid, n in names.items() if "GPU" in n or "gpu" in n}
-    total = defaultdict(float)
-    count = defaultdict(int)
-    for e in events:
-        if e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu:
-            total[e["name"]] += e["dur"] / 1e3 / calls
-            count[e["name"]] += 1
-    rows = [{"kernel": k, "ms": v, "launches": count[k] // calls}
-            for k, v in sorted(total.items(), key=lambda kv: -kv[1])]
-    s = sum(r["ms"] for r in rows)
-    print(f"  device time per call, summed over kernels: {s:.3f} ms ({len(rows)} kernels)")
-    for r in rows[:top]:
-        print(f"  {r['ms']:8.3f} ms {100 * r['ms'] / max(s, 1e-9):5.1f}%  x{r['launches']:<3} {r['kernel'][:90]}")
-    return [{"sum_ms": s}] + rows[:top]
+
+    rows = traced_kernel_times(run, calls)
+    print(format_kernel_times(rows, top))
+    return [{"sum_ms": sum(r["ms"] for r in rows)}] + rows[:top]
 
 
 def _moe_case(name, tokens, dispatch, backend, cf, iters, queue, profile=False):

@@ -147,3 +147,71 @@ def format_ceilings(c: dict) -> str:
         return f"{head}: XLA {f(c['jax'])} TFLOP/s (no PyTorch side: the ceiling is XLA's)"
     return (f"{head}: XLA {f(c['jax'])}, cuBLAS (torch) {f(c['torch'])} TFLOP/s; "
             f"ceiling = the higher: {f(c['max'])}")
+
+
+# kernel-name patterns -> category, first match wins (lower-case substrings)
+KERNEL_CATEGORIES = (
+    ("grouped matmul (Pallas/Mosaic)", ("gmm", "tgmm", "ragged", "mosaic")),
+    ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
+    ("dense matmuls (cuBLAS, XLA GEMM fusions)", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "matmul")),
+    ("collectives (NCCL)", ("nccl", "all_reduce", "all-reduce", "all_to_all", "collective")),
+    ("sort", ("sort", "radix", "cub::")),
+    ("XLA fusions and copies", ("fusion", "loop_", "input_", "copy", "transpose", "reduce",
+                                "convert", "broadcast", "dynamic", "scatter", "gather", "concatenate")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return category
+    return "other"
+
+
+def traced_kernel_times(run, calls: int) -> list[dict]:
+    """Device time per kernel (ms per call, summed over its launches) while ``run()`` makes
+    ``calls`` calls and waits for them, from a ``jax.profiler`` Perfetto trace: the complete
+    events of the processes whose name mentions a GPU, busiest first. Empty where the trace
+    has no GPU process (a CPU run)."""
+    import glob
+    import gzip
+    import json
+    import tempfile
+    from collections import defaultdict
+
+    logdir = tempfile.mkdtemp(prefix="rz_trace_")
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        run()
+    files = glob.glob(f"{logdir}/**/*perfetto_trace.json.gz", recursive=True)
+    if not files:
+        return []
+    with gzip.open(files[0]) as fh:
+        events = json.load(fh)["traceEvents"]
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, n in names.items() if "gpu" in n.lower()}
+    total, count = defaultdict(float), defaultdict(int)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu:
+            total[e["name"]] += e["dur"] / 1e3 / calls
+            count[e["name"]] += 1
+    return [{"kernel": k, "ms": v, "launches": count[k] // calls, "category": kernel_category(k)}
+            for k, v in sorted(total.items(), key=lambda kv: -kv[1])]
+
+
+def format_kernel_times(rows: list[dict], top: int = 15) -> str:
+    """The per-category sums and the ``top`` kernels of :func:`traced_kernel_times`."""
+    if not rows:
+        return "  no device kernels in the trace (no GPU process)"
+    from collections import defaultdict
+    s = sum(r["ms"] for r in rows)
+    by_cat = defaultdict(float)
+    for r in rows:
+        by_cat[r["category"]] += r["ms"]
+    lines = [f"  device time per call, summed over kernels: {s:.3f} ms ({len(rows)} kernels)"]
+    lines += [f"  {ms:8.3f} ms {100 * ms / s:5.1f}%  {cat}" for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+    lines.append("  busiest kernels:")
+    lines += [f"  {r['ms']:8.3f} ms {100 * r['ms'] / s:5.1f}%  x{r['launches']:<3} {r['kernel'][:90]}" for r in rows[:top]]
+    return "\n".join(lines)
+

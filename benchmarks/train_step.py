@@ -10,6 +10,10 @@ after 3 warm-up steps. MFU counts the model's training FLOPs per token (6·N_act
 attention, ``zoo.flops_per_token``) against two peaks: the dense bf16 matmul measured in
 the same process, and the datasheet peak given by ``--peak`` (H100 SXM: 989 TFLOP/s).
 
+``--profile N`` traces N more steps after the timed ones and prints where the device time
+goes: per category (grouped matmuls, cuDNN attention, dense GEMMs, collectives, the sort, XLA
+fusions) and per kernel (``timing.traced_kernel_times``).
+
 ``--packing``: ``eos`` feeds rows without document boundaries (attention over the whole
 row, the cuDNN flash kernel without a mask); ``masked`` adds ``segment_ids`` and
 ``positions`` of documents with lengths drawn from a geometric distribution of mean
@@ -50,7 +54,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from timing import CEILING_N, CEILING_QUEUE, ceilings, format_ceilings, torch_ceiling_in_child  # noqa: E402
+from timing import (CEILING_N, CEILING_QUEUE, ceilings, format_ceilings, format_kernel_times,  # noqa: E402
+                    torch_ceiling_in_child, traced_kernel_times)
 
 
 def load_config(name: str):
@@ -72,7 +77,7 @@ def packed_documents(b: int, l: int, doc_len: float, seed: int = 0) -> tuple[np.
     return seg, pos
 
 
-def run(config, iters: int, packing: str = "eos", doc_len: float = 600.0) -> dict:
+def run(config, iters: int, packing: str = "eos", doc_len: float = 600.0, profile: int = 0) -> dict:
     from routezoo import zoo
     from routezoo.training.optim import make_optimizer
     from routezoo.training.train import (create_state, describe_model, make_train_step, mesh_and_rules,
@@ -108,9 +113,21 @@ def run(config, iters: int, packing: str = "eos", doc_len: float = 600.0) -> dic
             jax.block_until_ready(metrics)
             ts.append(time.perf_counter() - t0)
         mem = jax.devices()[0].memory_stats() or {}
+        kernels = None
+        if profile:
+            box = [state]
+
+            def traced():
+                for _ in range(profile):
+                    box[0], m = step(box[0], batch)
+                jax.block_until_ready(m)
+
+            kernels = traced_kernel_times(traced, profile)
+            print(format_kernel_times(kernels, 25), flush=True)
     t = statistics.median(ts)
     return {**info, "step_s": t, "tokens_per_second": b * l / t, "loss": float(metrics["loss"]),
-            "peak_gib": mem.get("peak_bytes_in_use", 0) / 2 ** 30, "packing": packing, "docs_per_row": docs}
+            "peak_gib": mem.get("peak_bytes_in_use", 0) / 2 ** 30, "packing": packing, "docs_per_row": docs,
+            **({"kernels": kernels[:40], "kernel_ms": sum(k["ms"] for k in kernels)} if kernels is not None else {})}
 
 
 def main():
@@ -123,6 +140,9 @@ def main():
     p.add_argument("--packing", default="eos")
     p.add_argument("--doc_len", type=float, default=600.0)
     p.add_argument("--out", default="train_step.json")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after timing, trace this many steps and print the device time by kernel category "
+                        "and busiest kernel (stored under 'kernels' in each row)")
     p.add_argument("--ceiling_n", type=int, default=CEILING_N, help="side of the square ceiling matmul")
     p.add_argument("--ceiling_queue", type=int, default=CEILING_QUEUE, help="ceiling matmuls per timed sample")
     peers.add_flag(p)
@@ -162,7 +182,7 @@ def main():
         if a.batch:
             c.train.batch_size = a.batch
         try:
-            r = run(c, a.iters, packing, a.doc_len)
+            r = run(c, a.iters, packing, a.doc_len, a.profile)
         except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
             r = {"error": " ".join(str(e).split())[:300]}
         r.update(variant=f"{variant}/{packing}", config=a.config, batch=c.train.batch_size, seq_len=c.data.seq_len)
