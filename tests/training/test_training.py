@@ -229,3 +229,19 @@ def test_sigterm_saves_and_resumes(data_dir, tmp_path):
     assert "checkpoint saved" in out + err
     steps = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
     assert len(steps) == 1 and steps[0] >= 3
+
+
+def test_layout_hint_only_for_gpu_runs_scanned_without_remat():
+    """The startup note names both ways out; CPU/TPU runs, unscanned stacks and any remat
+    policy get none."""
+    from routezoo.configs import base
+    from routezoo.training.loop import layout_hint
+    m = base.get_config().model
+    assert m.scan_layers and m.remat == "none"
+    line = layout_hint(m, "gpu")
+    assert "model.scan_layers=false" in line and "model.remat" in line
+    assert layout_hint(m, "cpu") is None and layout_hint(m, "tpu") is None
+    m.remat = "full"
+    assert layout_hint(m, "gpu") is None
+    m.remat, m.scan_layers = "none", False
+    assert layout_hint(m, "gpu") is None
