@@ -207,11 +207,13 @@ def describe_model(params_boxed, config) -> dict[str, float]:
 
 
 def layout_hint(model_cfg, backend: str) -> str | None:
-    """One line for a GPU run whose layers are scanned without remat, or ``None``. Scanned,
+    """One line for a GPU run with a stack scanned without remat (``zoo.stack.is_scanned``:
+    ``model.scan_layers`` and a stack that can scan), or ``None``. Scanned,
     the backward pass keeps every layer's residuals in stacked buffers: ``moe_1b`` on an H100
     trained at 105k tokens/s with 68.8 GiB, against 141k with 46.8 GiB unscanned, while with
     ``dots_saveable`` the two layouts were within 4% (BENCHMARKS.md, depth)."""
-    if backend != "gpu" or not bool(model_cfg.get("scan_layers", False)) or str(model_cfg.get("remat", "none")) != "none":
+    from routezoo.zoo import stack
+    if backend != "gpu" or str(model_cfg.get("remat", "none")) != "none" or not stack.is_scanned(model_cfg):
         return None
     return ("note: layers scanned without remat; on a GPU this ran 25% slower and took 22 GiB more than "
             "unscanned for configs/moe_1b.py: set model.scan_layers=false, or a model.remat policy to keep the scan "
@@ -272,7 +274,7 @@ def _train(config, workdir: str, stop_after: int | None, is_main: bool) -> dict[
             f"{info['flops_per_token_train'] / 1e6:.1f} MFLOP/token (train); "
             f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, "
             f"{jax.process_count()} process(es)")
-        hint = layout_hint(config.model, jax.default_backend()) if adapter is None else None
+        hint = layout_hint(config.model, jax.default_backend())
         if hint:
             progress_log(hint)
         run.load(workdir, info, progress_log)   # an adapter run: its frozen base, passed to every step

@@ -232,8 +232,8 @@ def test_sigterm_saves_and_resumes(data_dir, tmp_path):
 
 
 def test_layout_hint_only_for_gpu_runs_scanned_without_remat():
-    """The startup note names both ways out; CPU/TPU runs, unscanned stacks and any remat
-    policy get none."""
+    """The startup note names both ways out; CPU/TPU runs, unscanned stacks (by the config,
+    or by a router that keeps the stack unscanned) and any remat policy get none."""
     from routezoo.configs import base
     from routezoo.training.loop import layout_hint
     m = base.get_config().model
@@ -243,5 +243,10 @@ def test_layout_hint_only_for_gpu_runs_scanned_without_remat():
     assert layout_hint(m, "cpu") is None and layout_hint(m, "tpu") is None
     m.remat = "full"
     assert layout_hint(m, "gpu") is None
-    m.remat, m.scan_layers = "none", False
+    m.remat = "none"
+    m.ffn, m.moe.router = "moe", "pregate"      # Read-ME's pre-gate keeps the stack unscanned
+    assert m.scan_layers and layout_hint(m, "gpu") is None
+    m.moe.router = "top_k"
+    assert layout_hint(m, "gpu") is not None
+    m.scan_layers = False
     assert layout_hint(m, "gpu") is None
