@@ -214,4 +214,3 @@ def format_kernel_times(rows: list[dict], top: int = 15) -> str:
     lines.append("  busiest kernels:")
     lines += [f"  {r['ms']:8.3f} ms {100 * r['ms'] / s:5.1f}%  x{r['launches']:<3} {r['kernel'][:90]}" for r in rows[:top]]
     return "\n".join(lines)
-

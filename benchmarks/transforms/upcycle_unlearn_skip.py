@@ -134,31 +134,30 @@ def run(a) -> dict:
     # stage found there is not run again, and a workdir left by a stage that was cut off is
     # removed and redone; without it every workdir must be new.
     stages_path = wd("stages.json")
-    resume = getattr(a, "resume", False)
     stages: dict = {}
-    if resume and os.path.exists(stages_path):
+    if a.resume and os.path.exists(stages_path):
         with open(stages_path) as f:
             stages = json.load(f)
         log(f"resuming {root}: done {', '.join(stages) or 'nothing'}")
 
-    def stage(key: str, dirs: tuple[str, ...], fn):
+    def stage(key: str, name: str, fn):
+        """``fn(workdir)`` into ``ROOT/name`` unless ``key`` is done; its result recorded."""
         if key in stages:
             return stages[key]
-        for name in dirs:
-            path = wd(name)
-            if os.path.exists(path):
-                if not resume:
-                    raise SystemExit(f"{path} exists; give another --root (every run writes a new workdir) "
-                                     "or pass --resume")
-                shutil.rmtree(path)   # left by a stage that did not finish
-        stages[key] = fn(*[wd(name) for name in dirs])
+        path = wd(name)
+        if os.path.exists(path):
+            if not a.resume:
+                raise SystemExit(f"{path} exists; give another --root (every run writes a new workdir) "
+                                 "or pass --resume")
+            shutil.rmtree(path)   # left by a stage that did not finish
+        stages[key] = fn(path)
         with open(stages_path + ".tmp", "w") as f:
             json.dump(stages, f, indent=1, default=float)
         os.replace(stages_path + ".tmp", stages_path)
         return stages[key]
 
     # 1. the dense model
-    res["dense"] = stage("dense", ("dense",), lambda out: train(base_config(p, dense_steps, seed), out, log))
+    res["dense"] = stage("dense", "dense", lambda out: train(base_config(p, dense_steps, seed), out, log))
 
     # 2. upcycling at equal total tokens
     def dense_more(out):
@@ -186,23 +185,28 @@ def run(a) -> dict:
         return r
 
     up = {}
-    up["dense+"] = stage("dense+", ("dense_more",), dense_more)
-    up["sparse upcycled"] = stage("sparse upcycled", ("sparse",), sparse)
-    up["MoE from scratch"] = stage("MoE from scratch", ("moe_scratch",), moe_scratch)
-    up["Read-ME"] = stage("Read-ME", ("readme",), readme)
+    up["dense+"] = stage("dense+", "dense_more", dense_more)
+    up["sparse upcycled"] = stage("sparse upcycled", "sparse", sparse)
+    up["MoE from scratch"] = stage("MoE from scratch", "moe_scratch", moe_scratch)
+    up["Read-ME"] = stage("Read-ME", "readme", readme)
     res["upcycle"] = up
 
     # 3. unlearning one package in the MoE trained from scratch
-    res["unlearn"] = stage("unlearn", ("unlearned",), lambda out: T.run_transform(
+    res["unlearn"] = stage("unlearn", "unlearned", lambda out: T.run_transform(
         "unlearn", wd("moe_scratch"), out, {"forget": a.forget, "steps": str(unlearn_steps),
                                             "learning_rate": str(a.unlearn_lr), "calibration_batches": "4"},
         log=log)["report"])
 
     # 4. layer skipping
-    res["layer_skip"] = {}
-    for name in ("dense", "moe_scratch"):
-        res["layer_skip"][name] = stage(f"layer_skip {name}", (f"skip_{name}",), lambda out, name=name: T.run_transform(
-            "layer_skip", wd(name), out, {"speedup": "2", "speedups": "1,1.25,1.5,2,3"}, log=log)["report"]["by_speedup"])
+    def skip(source):
+        def fn(out):
+            rec = T.run_transform("layer_skip", wd(source), out, {"speedup": "2", "speedups": "1,1.25,1.5,2,3"},
+                                  log=log)
+            return rec["report"]["by_speedup"]
+        return fn
+
+    res["layer_skip"] = {name: stage(f"layer_skip {name}", f"skip_{name}", skip(name))
+                         for name in ("dense", "moe_scratch")}
     return res
 
 
