@@ -2,7 +2,7 @@
 and of transformers' ``generate`` for the same model shape.
 
     python benchmarks/decode.py [--config moe_1b] [--batch 1,8,64] [--prompt 128] [--new 128]
-        [--iters 3] [--out decode.json] [--peers | --no-peers]
+        [--iters 3] [--out decode.json] [--peers | --no-peers] [--profile N]
 
 Builds the config's model with random bfloat16 parameters (compute in bfloat16), and
 times greedy generation of ``--new`` tokens after a ``--prompt``-token prompt for each
@@ -11,7 +11,9 @@ and the recomputing one (the whole ``[B, P + N]`` buffer through the model per n
 ``--no-recompute`` leaves it out). Both produce the same tokens up to rounding: the first
 new token where they part is reported per row (in bfloat16 a near-tie of a random model's
 logits can flip). Median of ``--iters`` calls after a warm-up call (the compile); new
-tokens per second. ``--gmm`` times several grouped-matmul variants of the same model
+tokens per second. ``--profile N`` traces N more cached calls per batch and prints the
+device time per call by kernel beside the wall time: where the device is idle most of the
+call, the loop is bound by kernel launches, not by the kernels. ``--gmm`` times several grouped-matmul variants of the same model
 (e.g. ``pallas,dense``: the Pallas kernel, and every expert on every row), checks that
 their greedy tokens equal the first's, and takes the ratios from the first.
 
@@ -45,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timing import bench  # noqa: E402
+from timing import bench, format_kernel_times, traced_kernel_times  # noqa: E402
 
 
 def main():
@@ -60,6 +62,9 @@ def main():
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                    help="also time routezoo's sampler without the cache")
     p.add_argument("--out", default="decode.json")
+    p.add_argument("--profile", type=int, default=0,
+                   help="trace N more cached calls of the first variant per batch and print the device "
+                        "time per call by kernel, against the call's wall time (a gap means launch-bound)")
     p.add_argument("--gmm", default="config",
                    help="routezoo variants, comma-separated: 'config' (the config's moe.gmm_backend) or a "
                         "moe.gmm_backend value; ratios use the first")
@@ -111,6 +116,15 @@ def main():
                 outs[use_cache] = out
             rows.append({"side": "routezoo", "gmm": v, "batch": b, "use_cache": use_cache, "s": t,
                          "new_tokens_per_s": b * a.new / t})
+            if a.profile and use_cache and v == variants[0]:
+                kernels = traced_kernel_times(
+                    lambda: [jax.block_until_ready(fn(variables, prompt)) for _ in range(a.profile)], a.profile)
+                busy = sum(k["ms"] for k in kernels)
+                rows[-1].update(device_ms_per_call=busy, launches_per_call=sum(k["launches"] for k in kernels),
+                                kernels=kernels[:40])
+                print(f"batch {b}, {v}: {t * 1e3:.2f} ms per call, device busy {busy:.2f} ms "
+                      f"({rows[-1]['launches_per_call']} kernel launches per call)")
+                print(format_kernel_times(kernels))
             if use_cache and v != variants[0]:   # greedy tokens against the first variant's
                 rows[-1]["same_tokens_as_first"] = bool(np.array_equal(out, outs[True]))
             print(json.dumps(rows[-1]), flush=True)
