@@ -13,6 +13,10 @@ several seeds, in one shared setting and in each paper's own setting.
     python benchmarks/router_quality.py merge benchmarks/results/router_quality_medium_* \
         --md router_quality_medium.md --json router_quality_medium.json --plot_dir benchmarks/results
 
+``--seed_batch S`` trains S seeds of a setup at a time as one vectorised program
+(``routezoo.training.seeds``; each seed computes what its own run would, to rounding): more
+of a GPU busy at this size, nothing gained on a CPU.
+
 A row is one (setup, seed). The seed sets the parameter initialisation, the router's and
 dropout's random streams (THOR's draws, jitter) and the training data: which batches of the
 prepared train rows are read and in what order (a permutation of the batches by the seed).
@@ -252,10 +256,15 @@ STAT_KEY = re.compile(r"^layer(\d+)/(load|experts_per_token|real_experts_per_tok
 
 
 def train_setup(config, data, seeds: list[int], steps: int, eval_every: int, on_row, log=print,
-                eval_batch: int = 64) -> None:
-    """Trains ``config`` once per seed (one compiled step for all seeds); ``on_row(seed,
-    result)`` after each seed. Validation runs on all prepared validation rows, ``eval_batch``
-    rows per call."""
+                eval_batch: int = 64, seed_batch: int = 1) -> None:
+    """Trains ``config`` once per seed; ``on_row(seed, result)`` after each group of seeds.
+
+    ``seed_batch`` seeds at a time train as one vectorised program
+    (:mod:`routezoo.training.seeds`: the state stacked on a seed axis, the step under
+    ``jax.vmap``; each seed computes what its own run would, to rounding), so a small model
+    fills more of the accelerator; groups of the same size share one compiled step.
+    Validation runs on all prepared validation rows, ``eval_batch`` rows per call.
+    """
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
@@ -265,8 +274,9 @@ def train_setup(config, data, seeds: list[int], steps: int, eval_every: int, on_
     from routezoo.layers import sharding as shd
     from routezoo.layers.moe import validate_moe_config
     from routezoo.training.optim import make_optimizer
-    from routezoo.training.train import (create_state, cross_entropy, describe_model, eval_variants,
-                                         make_train_step, mesh_and_rules, state_shardings)
+    from routezoo.training.seeds import create_stacked_state, stacked_shardings, stacked_step
+    from routezoo.training.train import (cross_entropy, describe_model, eval_variants, make_train_step,
+                                         mesh_and_rules, state_shardings)
 
     if "moe" in zoo.ffn_kinds(config.model):
         validate_moe_config(config.model.moe, causal=True, mesh_shape={})
@@ -279,6 +289,8 @@ def train_setup(config, data, seeds: list[int], steps: int, eval_every: int, on_
     eval_get, n_eval = batches(data["eval"], eb, pad_id)
     if n_eval * eb != data["eval"].shape[0]:
         raise ValueError(f"--eval_batch {eval_batch} does not divide the {data['eval'].shape[0]} validation rows")
+    if seed_batch < 1:
+        raise ValueError(f"--seed_batch must be at least 1, got {seed_batch}")
     table = jnp.asarray(data["token_bytes"], jnp.float32)
 
     def make_eval(m):
@@ -288,43 +300,56 @@ def train_setup(config, data, seeds: list[int], steps: int, eval_every: int, on_
             stats = {k: v for k, v in aux.get("stats", {}).items() if STAT_KEY.match(k)}
             return {"nll": nll.sum(), "tokens": batch["weights"].sum(),
                     "bytes": (table[batch["targets"]] * batch["weights"]).sum(), "stats": stats}
-        return ev
+        # every seed of the stack on the same validation batch
+        return lambda state, batch: jax.vmap(ev, in_axes=(0, None))(state, batch)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         _, shardings, boxed = state_shardings(model, tx, config, mesh, rules)
         info = describe_model(boxed, config)
-        bs = NamedSharding(mesh, shd.batch_spec(2))   # train and validation batches
-        step_fn = jax.jit(make_train_step(model, tx, config, schedule), in_shardings=(shardings, bs),
-                          out_shardings=(shardings, None), donate_argnums=0)
-        eval_fn = jax.jit(make_eval(model), in_shardings=(shardings, bs))
-        variant_fns = {s: jax.jit(make_eval(m), in_shardings=(shardings, bs))
-                       for s, m in eval_variants(config).items()}
+        bs = NamedSharding(mesh, shd.batch_spec(2))   # validation batches (shared by the seeds)
+        sbs, sst = stacked_shardings(bs), stacked_shardings(shardings)   # train batches and state, per seed
+        step_fn = jax.jit(stacked_step(make_train_step(model, tx, config, schedule)), in_shardings=(sst, sbs),
+                          out_shardings=(sst, None), donate_argnums=0)
+        eval_fn = jax.jit(make_eval(model), in_shardings=(sst, bs))
+        variant_fns = {s: jax.jit(make_eval(m), in_shardings=(sst, bs)) for s, m in eval_variants(config).items()}
 
-        def evaluate(state, fn, with_stats=False) -> dict:
-            s = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
-            layer_stats: dict[int, dict[str, list]] = {}
+        def evaluate(state, fn, n_seeds, with_stats=False) -> list[dict]:
+            s = [{"nll": 0.0, "tokens": 0.0, "bytes": 0.0} for _ in range(n_seeds)]
+            layer_stats: list[dict[int, dict[str, list]]] = [{} for _ in range(n_seeds)]
             for i in range(n_eval):
                 out = jax.device_get(fn(state, jax.device_put(eval_get(i), bs)))
-                for k in s:
-                    s[k] += float(out[k])
-                for k, v in out["stats"].items():
-                    layer, name = STAT_KEY.match(k).groups()
-                    layer_stats.setdefault(int(layer), {}).setdefault(name, []).append(np.asarray(v, np.float64))
-            res = {"eval_loss": s["nll"] / s["tokens"], "eval_bits_per_byte": s["nll"] / math.log(2) / s["bytes"]}
+                for j in range(n_seeds):
+                    for k in s[j]:
+                        s[j][k] += float(out[k][j])
+                    for k, v in out["stats"].items():
+                        layer, name = STAT_KEY.match(k).groups()
+                        layer_stats[j].setdefault(int(layer), {}).setdefault(name, []).append(
+                            np.asarray(v[j], np.float64))
+            res = [{"eval_loss": t["nll"] / t["tokens"], "eval_bits_per_byte": t["nll"] / math.log(2) / t["bytes"]}
+                   for t in s]
             if with_stats:
-                res.update(summarize_layer_stats(layer_stats))
+                for r, st in zip(res, layer_stats):
+                    r.update(summarize_layer_stats(st))
             return res
 
         t_compile = None
-        for seed in seeds:
-            config.seed = int(seed)
-            state = create_state(model, tx, config, shardings)
-            train_batch, n_train = batches(data["train"], b, pad_id,
-                                           np.random.default_rng(int(seed)).permutation(len(data["train"]) // b))
-            curve, t_eval, t0, i0, metrics = [], 0.0, None, 0, None
+        for g0 in range(0, len(seeds), seed_batch):
+            group = seeds[g0:g0 + seed_batch]
+            n = len(group)
+            state = create_stacked_state(model, tx, config, shardings, group)
+            readers = [batches(data["train"], b, pad_id,
+                               np.random.default_rng(int(seed)).permutation(len(data["train"]) // b))
+                       for seed in group]
+            n_train = readers[0][1]
+
+            def train_batch(i):   # seed j reads its own order of the train batches
+                parts = [get(i) for get, _ in readers]
+                return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+
+            curves, t_eval, t0, i0, metrics = [[] for _ in group], 0.0, None, 0, None
             tc = time.perf_counter()
             for i in range(steps):
-                state, metrics = step_fn(state, jax.device_put(train_batch(i), bs))
+                state, metrics = step_fn(state, jax.device_put(train_batch(i), sbs))
                 if i == 0 and t_compile is None:
                     jax.block_until_ready(metrics)
                     t_compile = time.perf_counter() - tc
@@ -334,21 +359,26 @@ def train_setup(config, data, seeds: list[int], steps: int, eval_every: int, on_
                 if (i + 1) % eval_every == 0 or i + 1 == steps:
                     jax.block_until_ready(metrics)   # the training steps' time stays out of t_eval
                     te = time.perf_counter()
-                    ev = evaluate(state, eval_fn, with_stats=i + 1 == steps)
+                    evs = evaluate(state, eval_fn, n, with_stats=i + 1 == steps)
                     if t0 is not None:
                         t_eval += time.perf_counter() - te
-                    curve.append({"step": i + 1, "loss": float(metrics["loss"]), "eval_loss": ev["eval_loss"],
-                                  "eval_bits_per_byte": ev["eval_bits_per_byte"]})
-                    log(f"  seed {seed} step {i + 1}: loss {float(metrics['loss']):.4f} "
-                        f"bpb {ev['eval_bits_per_byte']:.4f}")
+                    loss = np.asarray(jax.device_get(metrics["loss"]))
+                    for j, seed in enumerate(group):
+                        curves[j].append({"step": i + 1, "loss": float(loss[j]), "eval_loss": evs[j]["eval_loss"],
+                                          "eval_bits_per_byte": evs[j]["eval_bits_per_byte"]})
+                        log(f"  seed {seed} step {i + 1}: loss {float(loss[j]):.4f} "
+                            f"bpb {evs[j]['eval_bits_per_byte']:.4f}")
             jax.block_until_ready(state.params)
             elapsed = time.perf_counter() - t0 - t_eval
-            variants = {s: evaluate(state, fn) for s, fn in variant_fns.items()}
-            last = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-            on_row(seed, {**info, **ev, "curve": curve, "compile_s": t_compile,
-                          "tokens_per_second": b * int(config.data.seq_len) * (steps - 1 - i0) / max(elapsed, 1e-9),
-                          "train_batches_available": n_train, "eval_variants": variants,
-                          "last_train_metrics": last})
+            variants = {s: evaluate(state, fn, n) for s, fn in variant_fns.items()}
+            host = jax.device_get(metrics)
+            for j, seed in enumerate(group):
+                last = {k: float(np.mean(v[j])) for k, v in host.items() if np.ndim(v) == 1}
+                # each seed's share of the group's throughput (the group trains n x the tokens)
+                on_row(seed, {**info, **evs[j], "curve": curves[j], "compile_s": t_compile,
+                              "tokens_per_second": b * int(config.data.seq_len) * (steps - 1 - i0) / max(elapsed, 1e-9),
+                              "seeds_in_program": n, "train_batches_available": n_train,
+                              "eval_variants": {s: v[j] for s, v in variants.items()}, "last_train_metrics": last})
 
 
 def summarize_layer_stats(layer_stats: dict[int, dict[str, list]]) -> dict:
@@ -430,7 +460,7 @@ def run(a) -> None:
             c = setup_config(name, a.size, seq_len, batch, steps)
             c.model.dtype = a.dtype
             train_setup(c, data, todo, steps, eval_every, write, log=print if a.verbose else (lambda *_: None),
-                        eval_batch=a.eval_batch)
+                        eval_batch=a.eval_batch, seed_batch=a.seed_batch)
         except Exception as err:  # noqa: BLE001 - record the error and go on with the next setup
             msg = f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"
             print(f"  {name}: ERROR {msg}", flush=True)
@@ -711,6 +741,9 @@ def main() -> None:
     pr.add_argument("--eval_every", type=int, default=0, help="0: a tenth of the steps")
     pr.add_argument("--eval_batch", type=int, default=64, help="validation rows per call (must divide them)")
     pr.add_argument("--dtype", default="auto")
+    pr.add_argument("--seed_batch", type=int, default=1,
+                    help="seeds trained together as one vectorised program (each seed computes what its own "
+                         "run would, to rounding); more fills a GPU better at this size")
     pr.add_argument("--out_dir", default="", help="row JSONs; default benchmarks/results/router_quality_SIZE_CORPUS")
     pr.add_argument("--resume", action="store_true", help="skip rows already in --out_dir (rows with errors rerun)")
     pr.add_argument("--tag", default="", help="free text stored with every row (e.g. the commit)")
