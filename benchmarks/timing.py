@@ -150,9 +150,10 @@ def format_ceilings(c: dict) -> str:
 
 
 # kernel-name patterns -> category, first match wins (lower-case substrings)
+# (attention first: cuDNN's Hopper kernels are named "...wgmma...", which holds "gmm")
 KERNEL_CATEGORIES = (
-    ("grouped matmul (Pallas/Mosaic)", ("gmm", "tgmm", "ragged", "mosaic")),
     ("attention (cuDNN)", ("cudnn", "fmha", "flash", "sdpa")),
+    ("grouped matmul (Pallas/Mosaic)", ("gmm", "tgmm", "ragged", "mosaic")),
     ("dense matmuls (cuBLAS, XLA GEMM fusions)", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "matmul")),
     ("collectives (NCCL)", ("nccl", "all_reduce", "all-reduce", "all_to_all", "collective")),
     ("sort", ("sort", "radix", "cub::")),

@@ -118,3 +118,31 @@ def test_unsupported_decoding_is_refused():
     model, variables, tokens = _model()
     with pytest.raises(ValueError, match="decode=True needs a cache; make one with routezoo.zoo.lm.init_cache"):
         model.apply(variables, tokens, decode=True)
+
+
+def _scans(jaxpr) -> int:
+    """``scan`` equations in ``jaxpr`` and every sub-jaxpr."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "scan"
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            n += _scans(sub)
+    return n
+
+
+def test_scanned_model_decodes_through_its_unscanned_layout():
+    from routezoo.zoo import stack
+    model, variables, tokens = _model(ffn="mlp,moe,mlp,moe", scan_layers=True, num_layers=4)
+    assert stack.is_scanned(model.cfg)
+    flat, flat_vars = stack.as_unscanned(model, variables)
+    assert not stack.is_scanned(flat.cfg)
+    kw = dict(num_tokens=5, temperature=0.0, use_cache=True)
+    run = lambda m, v: sample.__wrapped__(m, v, tokens[:, :4], jax.random.key(5), **kw)  # noqa: E731
+    # the token loop holds no scan over the layers: as many scans as the unscanned model's
+    assert _scans(jax.make_jaxpr(run, static_argnums=0)(model, variables).jaxpr) == \
+        _scans(jax.make_jaxpr(run, static_argnums=0)(flat, flat_vars).jaxpr)
+    # and draws what the unscanned model draws, and what the scanned model draws without the cache
+    got = sample(model, variables, tokens[:, :4], jax.random.key(5), **kw)
+    np.testing.assert_array_equal(got, sample(flat, flat_vars, tokens[:, :4], jax.random.key(5), **kw))
+    np.testing.assert_array_equal(got, sample(model, variables, tokens[:, :4], jax.random.key(5),
+                                              num_tokens=5, temperature=0.0, use_cache=False))
