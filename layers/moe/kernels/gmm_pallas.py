@@ -557,10 +557,11 @@ def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = Fal
       steps, 3 stages (the 16-bit tiles would ask an H200 for 352 KiB of shared memory;
       :func:`pipeline_smem_bytes`).
     * Decoding steps (a few rows per group) keep these rules: ``16 x 64`` output tiles at
-      <= 16 rows per group measured no faster for ``moe_1b`` on an H100 (batch 1: 280.9
-      against 280.1 tokens/s; batch 8: 1,840 against 1,848; batch 64: 9,021 against
-      8,987), whose decoding is bound by the step's many small kernels, not the grouped
-      matmul's padding rows (BENCHMARKS.md, decoding against transformers).
+      <= 16 rows per group measured no faster for ``moe_1b`` with its layers scanned on an
+      H100 (batch 1: 280.9 against 280.1 tokens/s; batch 8: 1,840 against 1,848; batch
+      64: 9,021 against 8,987; BENCHMARKS.md, decoding against transformers). Unscanned,
+      as decoding now always runs, the grouped matmul is 28% of batch-1 device time, each
+      call reading its two experts' weights at 1-2 TB/s; the tiling is not re-measured there.
     """
     small = small_groups(m, num_groups)
     if itemsize >= 4:   # float32: half-depth steps and narrow tiles fit shared memory
