@@ -559,8 +559,8 @@ def config_for(m: int, num_groups: int, k: int, n: int, *, interpret: bool = Fal
     * Decoding steps (a few rows per group) keep these rules: ``16 x 64`` output tiles at
       <= 16 rows per group measured no faster for ``moe_1b`` with its layers scanned on an
       H100 (batch 1: 280.9 against 280.1 tokens/s; batch 8: 1,840 against 1,848; batch
-      64: 9,021 against 8,987; BENCHMARKS.md, decoding against transformers). Unscanned,
-      as decoding now always runs, the grouped matmul is 28% of batch-1 device time, each
+      64: 9,021 against 8,987; BENCHMARKS.md, decoding against transformers). In the unscanned
+      layout, which decoding always uses, the grouped matmul is 28% of batch-1 device time, each
       call reading its two experts' weights at 1-2 TB/s; the tiling is not re-measured there.
     """
     small = small_groups(m, num_groups)
