@@ -1,7 +1,7 @@
 """Training-step throughput and MFU of a MoE LM through routezoo's one ``train_step``.
 
     python benchmarks/train_step.py [--config moe_1b] [--dispatch dropless:auto,capacity:1.25]
-        [--packing eos,masked] [--doc_len 600] [--out FILE]
+        [--packing eos,masked] [--doc_len 600] [--param_dtype float32,bfloat16] [--out FILE]
 
 Builds the config's model, optimizer and sharded state exactly as ``routezoo train`` does
 (``training.train.state_shardings``/``create_state``/``make_train_step``), feeds random
@@ -28,7 +28,8 @@ weights, fused AdamW, load-balancing loss, the model under ``torch.compile``) wi
 experts backend of ``--peer_experts`` (``auto``: every one transformers registers), and
 reports each routezoo row's tokens/s over the fastest of them. The PyTorch side keeps bf16
 weights and optimizer state; routezoo keeps float32 master weights and AdamW state (more
-work). Order: the cuBLAS ceiling and the transformers steps, each in a child process of its
+work); ``--param_dtype float32,bfloat16`` times routezoo both ways, the second in the peer's
+precision recipe. Order: the cuBLAS ceiling and the transformers steps, each in a child process of its
 own, then jax in this process (its ceiling, the routezoo steps), so each side has the whole
 card (``peers/__init__.py``).
 
@@ -138,6 +139,9 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--peak", type=float, default=989.0)
     p.add_argument("--packing", default="eos")
+    p.add_argument("--param_dtype", default="float32",
+                   help="routezoo's parameters and AdamW state, comma-separated: float32 (the library's "
+                        "default, master weights) and/or bfloat16 (as the transformers side keeps them)")
     p.add_argument("--doc_len", type=float, default=600.0)
     p.add_argument("--out", default="train_step.json")
     p.add_argument("--profile", type=int, default=0,
@@ -170,10 +174,14 @@ def main():
     best_t = max((r for r in torch_rows if "tokens_per_second" in r), key=lambda r: r["tokens_per_second"],
                  default=None)
     rows = []
-    for variant, packing in [(v, k) for v in a.dispatch.split(",") for k in a.packing.split(",")]:
+    for variant, packing, pdt in [(v, k, d) for v in a.dispatch.split(",") for k in a.packing.split(",")
+                                  for d in a.param_dtype.split(",")]:
+        if pdt not in ("float32", "bfloat16"):
+            raise SystemExit(f"--param_dtype {pdt!r}: allowed float32, bfloat16")
         dispatch, opt = variant.split(":")
         c = load_config(a.config)
         c.model.dtype = "bfloat16"
+        c.model.param_dtype = pdt
         c.model.moe.dispatch = dispatch
         if dispatch == "capacity":
             c.model.moe.capacity_factor = float(opt)
@@ -185,7 +193,8 @@ def main():
             r = run(c, a.iters, packing, a.doc_len, a.profile)
         except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of memory)
             r = {"error": " ".join(str(e).split())[:300]}
-        r.update(variant=f"{variant}/{packing}", config=a.config, batch=c.train.batch_size, seq_len=c.data.seq_len)
+        name = f"{variant}/{packing}" + ("/bf16 params" if pdt == "bfloat16" else "")
+        r.update(variant=name, param_dtype=pdt, config=a.config, batch=c.train.batch_size, seq_len=c.data.seq_len)
         if "tokens_per_second" in r:
             achieved = r["flops_per_token_train"] * r["tokens_per_second"] / 1e12
             r.update(tflops=achieved, mfu_datasheet=achieved / a.peak, mfu_measured=achieved / ceiling)
