@@ -13,6 +13,7 @@ only).
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 
@@ -213,5 +214,49 @@ def format_kernel_times(rows: list[dict], top: int = 15) -> str:
     lines = [f"  device time per call, summed over kernels: {s:.3f} ms ({len(rows)} kernels)"]
     lines += [f"  {ms:8.3f} ms {100 * ms / s:5.1f}%  {cat}" for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1])]
     lines.append("  busiest kernels:")
-    lines += [f"  {r['ms']:8.3f} ms {100 * r['ms'] / s:5.1f}%  x{r['launches']:<3} {r['kernel'][:90]}" for r in rows[:top]]
+    for r in rows[:top]:
+        lines.append(f"  {r['ms']:8.3f} ms {100 * r['ms'] / s:5.1f}%  x{r['launches']:<3} {r['kernel'][:90]}")
+        if r.get("source"):
+            lines.append(f"  {'':27}<- {r['source']}")
     return "\n".join(lines)
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bmetadata=\{[^}]*?op_name=\"([^\"]*)\"")
+_WRAPPERS = re.compile(r"\b(?:jit|pjit|jvp|transpose|vmap|remat|checkpoint|closed_call|core_call|shard_map|"
+                       r"custom_vjp_call|custom_jvp_call)\(([^()]*)\)")
+
+
+def kernel_sources(hlo_text: str) -> dict[str, str]:
+    """Kernel name -> the JAX operation it comes from, read from a compiled program's HLO
+    text (``jitted.lower(...).compile().as_text()``): each instruction's ``op_name``
+    metadata under its name with ``.`` and ``-`` as ``_``, the form XLA gives the GPU
+    kernel it emits (``%loop_add_fusion.49`` runs as ``loop_add_fusion_49``). The op name is
+    shortened to its module path and primitive (``jit(...)``/``jvp(...)`` wrappers dropped,
+    a ``transpose(...)`` kept as a leading ``bwd:``)."""
+    out: dict[str, str] = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, op = m.group(1), m.group(2)
+        bwd = "transpose(" in op
+        while True:   # innermost wrapper first, until none is left
+            unwrapped = _WRAPPERS.sub(r"\1", op)
+            if unwrapped == op:
+                break
+            op = unwrapped
+        path = [p for p in op.split("/") if p]
+        short = "/".join(path[-6:])
+        out.setdefault(re.sub(r"[.\-]", "_", name), ("bwd: " if bwd else "") + short)
+    return out
+
+
+def attach_sources(rows: list[dict], sources: dict[str, str]) -> list[dict]:
+    """:func:`traced_kernel_times` rows with ``source`` (:func:`kernel_sources`) where the
+    kernel's name is an instruction of the program; Pallas and library kernels (named by
+    their own code) keep none."""
+    for r in rows:
+        src = sources.get(r["kernel"]) or sources.get(r["kernel"].split(" ")[0])
+        if src:
+            r["source"] = src
+    return rows

@@ -12,7 +12,9 @@ the same process, and the datasheet peak given by ``--peak`` (H100 SXM: 989 TFLO
 
 ``--profile N`` traces N more steps after the timed ones and prints where the device time
 goes: per category (grouped matmuls, cuDNN attention, dense GEMMs, collectives, the sort, XLA
-fusions) and per kernel (``timing.traced_kernel_times``).
+fusions) and per kernel (``timing.traced_kernel_times``), each XLA kernel with the JAX
+operation it runs (``timing.kernel_sources``: the module path and primitive from the compiled
+HLO's metadata, e.g. ``bwd: DecoderLM/layer3/moe/mul``).
 
 ``--packing``: ``eos`` feeds rows without document boundaries (attention over the whole
 row, the cuDNN flash kernel without a mask); ``masked`` adds ``segment_ids`` and
@@ -55,8 +57,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from timing import (CEILING_N, CEILING_QUEUE, ceilings, format_ceilings, format_kernel_times,  # noqa: E402
-                    torch_ceiling_in_child, traced_kernel_times)
+from timing import (CEILING_N, CEILING_QUEUE, attach_sources, ceilings, format_ceilings,  # noqa: E402
+                    format_kernel_times, kernel_sources, torch_ceiling_in_child, traced_kernel_times)
 
 
 def load_config(name: str):
@@ -124,6 +126,8 @@ def run(config, iters: int, packing: str = "eos", doc_len: float = 600.0, profil
                 jax.block_until_ready(m)
 
             kernels = traced_kernel_times(traced, profile)
+            # which JAX operation each XLA kernel runs (one more compile of the step, for its HLO)
+            attach_sources(kernels, kernel_sources(step.lower(box[0], batch).compile().as_text()))
             print(format_kernel_times(kernels, 25), flush=True)
     t = statistics.median(ts)
     return {**info, "step_s": t, "tokens_per_second": b * l / t, "loss": float(metrics["loss"]),
