@@ -21,7 +21,7 @@ commands:
             (and back: routezoo convert --workdir DIR --to-hf OUT [--dtype bfloat16]);
             a LoRA/DoRA run as a peft adapter: routezoo convert --workdir DIR --to-peft OUT;
             layer layout: routezoo convert --workdir DIR --layout scanned|unscanned --out NEW_DIR
-  sample    text from a trained decoder LM: routezoo sample --workdir DIR --prompt TEXT [--num-tokens N] [--temperature T]
+  sample    text from a trained run or a Hugging Face checkpoint: routezoo sample --workdir DIR --prompt TEXT [--num-tokens N]
   analyze   routing analytics of a trained MoE: routezoo analyze --workdir DIR [--steps N] (writes DIR/analysis/)
   merge     merge fine-tunes of one base without training: routezoo merge --method ties --base B --from W1,W2 --workdir OUT
   transform an operation on a trained model into a new workdir: routezoo transform NAME --from DIR --workdir OUT

@@ -67,6 +67,8 @@ def test_draws_follow_the_seed(run, capsys):
     (["--prompt", "x", "--num-tokens", "0"], "--num-tokens must be at least 1"),
     (["--prompt", "x", "--prompt-file", "y"], "not both"),
     (["--prompt", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--prompt-ids", "1,x"], "--prompt-ids takes comma-separated integers"),
+    (["--prompt-ids", "1,999"], "prompt token ids must be in [0, 258)"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(run, capsys, flags, needle):
     code, out, err = _cli(capsys, "--workdir", run, *flags)
