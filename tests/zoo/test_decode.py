@@ -8,6 +8,7 @@ models are refused in one line."""
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -125,7 +126,7 @@ def _scans(jaxpr) -> int:
     n = 0
     for eqn in jaxpr.eqns:
         n += eqn.primitive.name == "scan"
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             n += _scans(sub)
     return n
 
