@@ -69,7 +69,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--doc-start", dest="doc_start", action=argparse.BooleanOptionalAction, default=None)
     a = p.parse_args(argv)
     if sum(x is not None for x in (a.prompt, a.prompt_file, a.prompt_ids)) > 1:
-        raise SystemExit(_fail("give one of --prompt TEXT, --prompt-file FILE, --prompt-ids 1,2,3, not both"))
+        raise SystemExit(_fail("give only one of --prompt TEXT, --prompt-file FILE, --prompt-ids 1,2,3"))
     if a.prompt_ids is not None:
         try:
             a.prompt_ids = [int(t) for t in a.prompt_ids.replace(" ", ",").split(",") if t]
@@ -134,7 +134,7 @@ def generate(workdir: str, prompt: str | list[int], *, num_tokens: int, temperat
     model, variables, tok, is_run, max_len = load(workdir, step, log)
     if not getattr(model, "causal", False) or not hasattr(model, "cfg"):
         raise ValueError(f"{workdir} holds a {type(model).__name__}; the sampler continues decoder LMs "
-                         "(model.name=decoder) only")
+                         "(model.name=decoder_lm) only")
     as_ids = not isinstance(prompt, str)
     if as_ids:
         ids = [int(i) for i in prompt]

@@ -65,7 +65,7 @@ def test_draws_follow_the_seed(run, capsys):
     (["--prompt", "x", "--num-tokens", "100000"], "exceeds model.max_len"),
     (["--prompt", "x", "--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
     (["--prompt", "x", "--num-tokens", "0"], "--num-tokens must be at least 1"),
-    (["--prompt", "x", "--prompt-file", "y"], "not both"),
+    (["--prompt", "x", "--prompt-file", "y"], "give only one of --prompt TEXT"),
     (["--prompt", "x", "--bogus"], "unrecognized arguments: --bogus"),
     (["--prompt-ids", "1,x"], "--prompt-ids takes comma-separated integers"),
     (["--prompt-ids", "1,999"], "prompt token ids must be in [0, 258)"),
@@ -80,3 +80,17 @@ def test_not_a_run_is_refused(tmp_path, capsys):
     code, _, err = _cli(capsys, "--workdir", str(tmp_path / "nothing"), "--prompt", "x")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "not a routezoo training workdir" in err, err
+
+
+def test_a_model_without_a_sampler_is_refused(monkeypatch, capsys):
+    from routezoo import zoo
+    from routezoo.configs import base
+    from routezoo.training import generate
+
+    m = base.get_config().model
+    m.name = "encoder_mlm"
+    encoder = zoo.build(m)
+    monkeypatch.setattr(generate, "load", lambda *a, **k: (encoder, {}, ByteTokenizer(), True, 64))
+    code, out, err = _cli(capsys, "--workdir", "anything", "--prompt", "x")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "continues decoder LMs (model.name=decoder_lm) only" in err, err
