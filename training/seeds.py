@@ -33,10 +33,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from routezoo.training.state import TrainState, init_variables
+from routezoo.training.state import TrainState, fresh_state, init_variables
 
 
 def stacked_shardings(shardings: Any) -> Any:
@@ -68,14 +67,7 @@ def create_stacked_state(model, tx, config, shardings, seeds: Sequence[int]) -> 
     if not len(seeds):
         raise ValueError("create_stacked_state needs at least one seed")
     init_vars = init_variables(model, config)
-
-    def init(seed):   # create_state's init with the seed traced
-        rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
-        variables = nn.unbox(init_vars(init_rng))
-        params = variables.pop("params")
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          model_state=dict(variables), rng=rng)
-
+    init = lambda seed: fresh_state(init_vars, tx, seed)   # noqa: E731 - create_state's, the seed traced
     return jax.jit(jax.vmap(init), out_shardings=stacked_shardings(shardings))(
         jnp.asarray([int(s) for s in seeds], jnp.int32))
 

@@ -195,11 +195,19 @@ def create_state(model, tx, config, shardings) -> TrainState:
         loaded = workdir_params(config.init.from_workdir, want, shardings.params, *mesh_and_rules(config),
                                 config.model)
 
-    def init(seed, loaded):
-        rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
-        variables = nn.unbox(init_vars(init_rng))
-        fresh = variables.pop("params")
-        params = fresh if loaded is None else loaded
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          model_state=dict(variables), rng=rng)
-    return jax.jit(init, static_argnums=0, out_shardings=shardings)(config.seed, loaded)
+    return jax.jit(lambda seed, loaded: fresh_state(init_vars, tx, seed, loaded), static_argnums=0,
+                   out_shardings=shardings)(config.seed, loaded)
+
+
+def fresh_state(init_vars: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed,
+                loaded: Any = None) -> TrainState:
+    """The TrainState at step 0 from ``seed`` (a Python int or a traced one): the step's key
+    and the init key split from ``PRNGKey(seed)``, parameters from ``init_vars`` (or
+    ``loaded``), a fresh optimizer state. :func:`create_state` and the seed-stacked
+    :func:`routezoo.training.seeds.create_stacked_state` both start here."""
+    rng, init_rng = jax.random.split(jax.random.PRNGKey(seed))
+    variables = nn.unbox(init_vars(init_rng))
+    fresh = variables.pop("params")
+    params = fresh if loaded is None else loaded
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=dict(variables), rng=rng)
