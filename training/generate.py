@@ -107,7 +107,10 @@ def load(workdir: str, step: int | None = None, log=print):
     from routezoo.training.workdir import load_trained
 
     if not _is_checkpoint_dir(workdir):
-        config, model, state = load_trained(workdir, step=step, log=log)   # not a run: FileNotFoundError
+        if not os.path.isfile(os.path.join(workdir, "config.json")):
+            raise FileNotFoundError(f"{workdir} has no config.json: neither a routezoo training workdir nor a "
+                                    "Hugging Face checkpoint")
+        config, model, state = load_trained(workdir, step=step, log=log)   # no intact checkpoint: ValueError
         return model, {"params": state.params, **state.model_state}, get_tokenizer(config.data), True, \
             int(config.model.max_len)
     if step is not None:

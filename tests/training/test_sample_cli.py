@@ -79,7 +79,7 @@ def test_bad_flags_are_one_line_and_exit_2(run, capsys, flags, needle):
 def test_not_a_run_is_refused(tmp_path, capsys):
     code, _, err = _cli(capsys, "--workdir", str(tmp_path / "nothing"), "--prompt", "x")
     assert code == 2
-    assert len(err.strip().splitlines()) == 1 and "not a routezoo training workdir" in err, err
+    assert len(err.strip().splitlines()) == 1 and "neither a routezoo training workdir nor a Hugging Face" in err, err
 
 
 def test_a_model_without_a_sampler_is_refused(monkeypatch, capsys):
