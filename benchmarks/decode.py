@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timing import attach_sources, bench, format_kernel_times, kernel_sources, traced_kernel_times  # noqa: E402
+from timing import bench, format_kernel_times, traced_kernel_times  # noqa: E402
 
 
 def main():
@@ -117,9 +117,9 @@ def main():
             rows.append({"side": "routezoo", "gmm": v, "batch": b, "use_cache": use_cache, "s": t,
                          "new_tokens_per_s": b * a.new / t})
             if a.profile and use_cache and v == variants[0]:
-                kernels = attach_sources(traced_kernel_times(
-                    lambda: [jax.block_until_ready(fn(variables, prompt)) for _ in range(a.profile)], a.profile),
-                    kernel_sources(fn.lower(variables, prompt).compile().as_text()))
+                kernels = traced_kernel_times(
+                    lambda: [jax.block_until_ready(fn(variables, prompt)) for _ in range(a.profile)], a.profile,
+                    fn.lower(variables, prompt).compile().as_text())
                 busy = sum(k["ms"] for k in kernels)
                 rows[-1].update(device_ms_per_call=busy, launches_per_call=sum(k["launches"] for k in kernels),
                                 kernels=kernels[:40])

@@ -53,8 +53,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from timing import (CEILING_N, CEILING_QUEUE, attach_sources, bench, ceilings, format_ceilings,  # noqa: E402
-                    format_kernel_times, kernel_sources, torch_ceiling_in_child, traced_kernel_times)
+from timing import (CEILING_N, CEILING_QUEUE, bench, ceilings, format_ceilings, format_kernel_times,  # noqa: E402
+                    torch_ceiling_in_child, traced_kernel_times)
 
 SHAPES = {
     # name: (E, k, D, F, shared experts)
@@ -189,7 +189,7 @@ def device_kernel_table(step, args, calls: int = 3, top: int = 15) -> list[dict]
             out = step(*args)
         jax.block_until_ready(out)
 
-    rows = attach_sources(traced_kernel_times(run, calls), kernel_sources(step.lower(*args).compile().as_text()))
+    rows = traced_kernel_times(run, calls, step.lower(*args).compile().as_text())
     print(format_kernel_times(rows, top))
     return [{"sum_ms": sum(r["ms"] for r in rows)}] + rows[:top]
 

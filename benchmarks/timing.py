@@ -171,11 +171,14 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def traced_kernel_times(run, calls: int) -> list[dict]:
+def traced_kernel_times(run, calls: int, hlo_text: str | None = None) -> list[dict]:
     """Device time per kernel (ms per call, summed over its launches) while ``run()`` makes
     ``calls`` calls and waits for them, from a ``jax.profiler`` Perfetto trace: the complete
     events of the processes whose name mentions a GPU, busiest first. Empty where the trace
-    has no GPU process (a CPU run)."""
+    has no GPU process (a CPU run). With the traced program's compiled ``hlo_text``
+    (``jitted.lower(...).compile().as_text()``), each XLA kernel's row gets the JAX operation
+    it runs as ``source`` (:func:`kernel_sources`); Pallas and library kernels, named by
+    their own code, get none."""
     import glob
     import gzip
     import json
@@ -198,8 +201,13 @@ def traced_kernel_times(run, calls: int) -> list[dict]:
         if e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu:
             total[e["name"]] += e["dur"] / 1e3 / calls
             count[e["name"]] += 1
-    return [{"kernel": k, "ms": v, "launches": count[k] // calls, "category": kernel_category(k)}
+    sources = kernel_sources(hlo_text) if hlo_text else {}
+    rows = [{"kernel": k, "ms": v, "launches": count[k] // calls, "category": kernel_category(k)}
             for k, v in sorted(total.items(), key=lambda kv: -kv[1])]
+    for r in rows:
+        if r["kernel"] in sources:
+            r["source"] = sources[r["kernel"]]
+    return rows
 
 
 def format_kernel_times(rows: list[dict], top: int = 15) -> str:
@@ -250,13 +258,3 @@ def kernel_sources(hlo_text: str) -> dict[str, str]:
         out.setdefault(re.sub(r"[.\-]", "_", name), ("bwd: " if bwd else "") + short)
     return out
 
-
-def attach_sources(rows: list[dict], sources: dict[str, str]) -> list[dict]:
-    """:func:`traced_kernel_times` rows with ``source`` (:func:`kernel_sources`) where the
-    kernel's name is an instruction of the program; Pallas and library kernels (named by
-    their own code) keep none."""
-    for r in rows:
-        src = sources.get(r["kernel"]) or sources.get(r["kernel"].split(" ")[0])
-        if src:
-            r["source"] = src
-    return rows

@@ -57,8 +57,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from timing import (CEILING_N, CEILING_QUEUE, attach_sources, ceilings, format_ceilings,  # noqa: E402
-                    format_kernel_times, kernel_sources, torch_ceiling_in_child, traced_kernel_times)
+from timing import (CEILING_N, CEILING_QUEUE, ceilings, format_ceilings, format_kernel_times,  # noqa: E402
+                    torch_ceiling_in_child, traced_kernel_times)
 
 
 def load_config(name: str):
@@ -125,9 +125,8 @@ def run(config, iters: int, packing: str = "eos", doc_len: float = 600.0, profil
                     box[0], m = step(box[0], batch)
                 jax.block_until_ready(m)
 
-            kernels = traced_kernel_times(traced, profile)
-            # which JAX operation each XLA kernel runs (one more compile of the step, for its HLO)
-            attach_sources(kernels, kernel_sources(step.lower(box[0], batch).compile().as_text()))
+            # the step's HLO names the JAX operation of each XLA kernel (one more compile, profiling only)
+            kernels = traced_kernel_times(traced, profile, step.lower(box[0], batch).compile().as_text())
             print(format_kernel_times(kernels, 25), flush=True)
     t = statistics.median(ts)
     return {**info, "step_s": t, "tokens_per_second": b * l / t, "loss": float(metrics["loss"]),
