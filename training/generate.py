@@ -89,18 +89,20 @@ def _is_checkpoint_dir(path: str) -> bool:
     import json
     import os
 
-    if os.path.isfile(os.path.join(path, "hf_config.json")):
+    from routezoo.zoo.hf import HF_CONFIG, RZ_HF_CONFIG
+
+    if os.path.isfile(os.path.join(path, RZ_HF_CONFIG)):
         return True
     try:
-        with open(os.path.join(path, "config.json")) as f:
+        with open(os.path.join(path, HF_CONFIG)) as f:
             return "model_type" in json.load(f)
     except (OSError, ValueError):
         return False
 
 
 def load(workdir: str, step: int | None = None, log=print):
-    """``(model, variables, tokenizer or None, is_run, max_len)`` of ``workdir``: a training
-    run, or a Hugging Face checkpoint or converted directory."""
+    """``(model, variables, tokenizer or None, is_run)`` of ``workdir``: a training run, or a
+    Hugging Face checkpoint or converted directory."""
     import os
 
     from routezoo.training.data.tokenizers import get_tokenizer, hf_tokenizer_file, load_hf_tokenizer
@@ -111,14 +113,13 @@ def load(workdir: str, step: int | None = None, log=print):
             raise FileNotFoundError(f"{workdir} has no config.json: neither a routezoo training workdir nor a "
                                     "Hugging Face checkpoint")
         config, model, state = load_trained(workdir, step=step, log=log)   # no intact checkpoint: ValueError
-        return model, {"params": state.params, **state.model_state}, get_tokenizer(config.data), True, \
-            int(config.model.max_len)
+        return model, {"params": state.params, **state.model_state}, get_tokenizer(config.data), True
     if step is not None:
         raise ValueError(f"--step is for training runs; {workdir} is a checkpoint directory")
     from routezoo.zoo import hf
     model, params = hf.from_hf(workdir)
     tok = load_hf_tokenizer(workdir) if hf_tokenizer_file(workdir) is not None else None
-    return model, {"params": params}, tok, False, int(model.cfg.max_len)
+    return model, {"params": params}, tok, False
 
 
 def generate(workdir: str, prompt: str | list[int], *, num_tokens: int, temperature: float, top_k: int = 0,
@@ -134,7 +135,7 @@ def generate(workdir: str, prompt: str | list[int], *, num_tokens: int, temperat
 
     from routezoo.zoo.sampling import sample
 
-    model, variables, tok, is_run, max_len = load(workdir, step, log)
+    model, variables, tok, is_run = load(workdir, step, log)
     if not getattr(model, "causal", False) or not hasattr(model, "cfg"):
         raise ValueError(f"{workdir} holds a {type(model).__name__}; the sampler continues decoder LMs "
                          "(model.name=decoder_lm) only")
@@ -155,6 +156,7 @@ def generate(workdir: str, prompt: str | list[int], *, num_tokens: int, temperat
                          "--doc-start")
     if min(ids) < 0 or max(ids) >= vocab:
         raise ValueError(f"prompt token ids must be in [0, {vocab}) (model.vocab_size), got {min(ids)}..{max(ids)}")
+    max_len = int(model.cfg.max_len)
     if len(ids) + num_tokens > max_len:
         raise ValueError(f"prompt ({len(ids)} tokens) + --num-tokens {num_tokens} = {len(ids) + num_tokens} "
                          f"exceeds model.max_len {max_len}")

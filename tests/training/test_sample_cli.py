@@ -90,7 +90,7 @@ def test_a_model_without_a_sampler_is_refused(monkeypatch, capsys):
     m = base.get_config().model
     m.name = "encoder_mlm"
     encoder = zoo.build(m)
-    monkeypatch.setattr(generate, "load", lambda *a, **k: (encoder, {}, ByteTokenizer(), True, 64))
+    monkeypatch.setattr(generate, "load", lambda *a, **k: (encoder, {}, ByteTokenizer(), True))
     code, out, err = _cli(capsys, "--workdir", "anything", "--prompt", "x")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "continues decoder LMs (model.name=decoder_lm) only" in err, err
